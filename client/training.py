@@ -1,0 +1,68 @@
+"""Local training at a hospital: a few epochs of AdamW on the adapter and head."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from models.config import TrainConfig
+from models.lora import freeze_batchnorm
+
+
+def train_local(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainConfig,
+    seed: int,
+    logit_adjust: bool = False,
+) -> float:
+    """Train the model's trainable tensors in place; returns the mean training loss.
+
+    Args:
+        model: a LoRA-wrapped classifier (only adapter and head require grad).
+        images: ``(N, C, S, S)`` float images in [0, 1].
+        labels: ``(N,)`` int64 labels.
+        config: epochs, batch size, learning rate, weight decay.
+        seed: seeds the batch order and dropout, so a round can be replayed.
+    """
+    if len(labels) == 0:
+        raise ValueError("no training examples at this hospital")
+    torch.manual_seed(seed)
+    loader = DataLoader(
+        TensorDataset(images, labels),
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    model.train()
+    freeze_batchnorm(model)
+    # Logit adjustment (Menon et al. 2021; FedLC, Zhang et al. 2022): train on logits shifted by
+    # the log of the local class prior, so that a skewed hospital learns the class-balanced
+    # posterior instead of pulling the shared head towards its own label mix.
+    num_classes = int(model(images[:1]).shape[1]) if logit_adjust else 0
+    if logit_adjust:
+        counts = torch.bincount(labels, minlength=num_classes).float()
+        shift = torch.log((counts + 1.0) / (counts.sum() + num_classes))
+    else:
+        shift = torch.zeros(())
+    total, count = 0.0, 0
+    for _ in range(config.local_epochs):
+        for batch_images, batch_labels in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(batch_images) + shift, batch_labels)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch_labels)
+            count += len(batch_labels)
+    model.eval()
+    mean = total / count
+    if not math.isfinite(mean):
+        raise FloatingPointError(f"training loss is {mean}: lower the learning rate")
+    return mean

@@ -1,0 +1,120 @@
+"""``medfed`` command line. Each subcommand parses its arguments and calls one room."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+console = Console()
+
+
+def _simulate_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags that were given, nested like the TOML file."""
+    table = {
+        "seed": ("", "seed"), "run_dir": ("", "run_dir"),
+        "hospitals": ("data", "num_hospitals"), "dataset": ("data", "dataset"),
+        "partition": ("data", "partition"), "alpha": ("data", "alpha"),
+        "max_train_examples": ("data", "max_train_examples"),
+        "max_test_examples": ("data", "max_test_examples"),
+        "backbone": ("model", "backbone"), "image_size": ("model", "image_size"),
+        "lora_r": ("model", "lora_r"), "lora_alpha": ("model", "lora_alpha"),
+        "rounds": ("federation", "rounds"), "min_hospitals": ("federation", "min_hospitals"),
+        "local_epochs": ("train", "local_epochs"), "lr": ("train", "lr"),
+        "batch_size": ("train", "batch_size"),
+    }
+    overrides: dict[str, Any] = {}
+    for flag, (section, key) in table.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        (overrides.setdefault(section, {}) if section else overrides)[key] = value
+    if args.no_baselines:
+        overrides["baselines"] = []
+    return overrides
+
+
+def _print_summary(summary: dict[str, Any], run_dir: str) -> None:
+    table = Table(title=f"{summary['dataset']}: {summary['hospitals']} hospitals, "
+                        f"{summary['rounds']} rounds (test set)")
+    for column in ("", "AUC", "accuracy", "macro-F1"):
+        table.add_column(column, justify="right" if column else "left")
+    for name in ("federated", "pooled", "local"):
+        if name in summary:
+            m = summary[name]
+            table.add_row(name, *(f"{m[k]:.4f}" for k in ("auc", "accuracy", "macro_f1")))
+    console.print(table)
+    b = summary["bytes"]
+    console.print(f"uploaded per hospital per round: {b['upload_per_hospital_per_round']:,.0f} "
+                  f"bytes (full model {b['full_model']:,} bytes)")
+    console.print(f"run directory: {run_dir}")
+
+
+def _quiet_flower(verbose: bool) -> None:
+    """Flower logs every message at INFO through its own handler; medfed's progress says what
+    matters, so Flower shows warnings only unless ``--verbose``. Call after Flower is imported."""
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    flwr_logger.propagate = False
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from server.rounds import FederationError
+    from simulations.config import ConfigError, load_config
+    from simulations.runner import run_study
+
+    _quiet_flower(args.verbose)
+    try:
+        config = load_config(args.config, _simulate_overrides(args))
+        summary = run_study(config, console)
+    except (ConfigError, FederationError, FileNotFoundError, ValueError) as err:
+        console.print(f"[red]error:[/] {err}")
+        return 1
+    _print_summary(summary, str(Path(config.run_dir or "runs")))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medfed", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's own logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="federated LoRA fine-tuning of simulated hospitals")
+    sim.add_argument("--config", type=Path, help="TOML file (see README); flags override it")
+    sim.add_argument("--run-dir", help="where results go (default runs/<dataset>-<time>)")
+    sim.add_argument("--seed", type=int)
+    sim.add_argument("--dataset", help="MedMNIST-format .npz stem, e.g. pneumoniamnist")
+    sim.add_argument("--hospitals", type=int, help="number of simulated hospitals")
+    sim.add_argument("--partition", choices=["iid", "dirichlet"])
+    sim.add_argument("--alpha", type=float, help="Dirichlet label-skew concentration")
+    sim.add_argument("--max-train-examples", type=int, help="use a subset (quick checks)")
+    sim.add_argument("--max-test-examples", type=int, help="test on a subset (quick checks)")
+    sim.add_argument("--backbone", help="efficientnet-lite0-imagenet or hf:<dir-or-hub-id>")
+    sim.add_argument("--image-size", type=int, help="input side in pixels")
+    sim.add_argument("--lora-r", type=int)
+    sim.add_argument("--lora-alpha", type=int)
+    sim.add_argument("--rounds", type=int)
+    sim.add_argument("--min-hospitals", type=int)
+    sim.add_argument("--local-epochs", type=int)
+    sim.add_argument("--lr", type=float)
+    sim.add_argument("--batch-size", type=int)
+    sim.add_argument("--no-baselines", action="store_true", help="skip pooled/local baselines")
+    sim.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

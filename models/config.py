@@ -1,0 +1,86 @@
+"""Typed settings both sides need: which model the run adapts and how hospitals train it.
+
+The coordinator owns these and sends them to every hospital in each round's ConfigRecord, so a
+hospital never needs the coordinator's config file. Keys on the wire use Flower's dashed style.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import TypeVar
+
+from flwr.app import ConfigRecord
+
+T = TypeVar("T", "ModelConfig", "TrainConfig")
+
+DEFAULT_BACKBONE = "efficientnet-lite0-imagenet"
+
+
+@dataclass
+class ModelConfig:
+    """The foundation model and its LoRA adapter.
+
+    Attributes:
+        backbone: registry name (``efficientnet-lite0-imagenet``) or ``hf:<dir-or-hub-id>``.
+        image_size: side of the square input in pixels.
+        num_classes: output classes of the new task head.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (scale = alpha / r).
+        lora_dropout: dropout on the LoRA input.
+        lora_targets: module names LoRA wraps; empty means the backbone's default.
+        weights_sha256: pinned hash of the base weights; empty means "whatever the registry ships",
+            filled in by the coordinator before the run starts.
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    image_size: int = 64
+    num_classes: int = 2
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=list)
+    weights_sha256: str = ""
+
+
+@dataclass
+class TrainConfig:
+    """Local training at each hospital, per round.
+
+    Attributes:
+        local_epochs: passes over the hospital's training split per round.
+        batch_size: images per optimiser step.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        seed: base seed; each hospital and round derives its own from it.
+    """
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def to_config_record(*configs: ModelConfig | TrainConfig) -> ConfigRecord:
+    """Flatten configs into one ConfigRecord (``lora_r`` -> ``"lora-r"``)."""
+    record = ConfigRecord()
+    for config in configs:
+        for f in fields(config):
+            record[_key(f.name)] = getattr(config, f.name)
+    return record
+
+
+def from_config_record(cls: type[T], record: ConfigRecord) -> T:
+    """Read one config back from a ConfigRecord; a missing key is a protocol error."""
+    values = {}
+    for f in fields(cls):
+        key = _key(f.name)
+        if key not in record:
+            raise KeyError(f"the coordinator's message has no '{key}' in its config record")
+        value = record[key]
+        values[f.name] = list(value) if isinstance(value, list) else value
+    return cls(**values)

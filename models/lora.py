@@ -1,0 +1,64 @@
+"""LoRA on a registered backbone with peft: only the adapter and the task head train."""
+
+from __future__ import annotations
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from models.config import ModelConfig
+from models.registry import backbone_spec, build_base_model, verify_weights
+
+LORA_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def resolve_targets(model: nn.Module, names: list[str]) -> list[str]:
+    """Full names of the layers LoRA can wrap whose own name is one of ``names``.
+
+    Resolving names to layers ourselves skips same-named placeholders (MONAI's first block has an
+    ``nn.Identity`` as ``_expand_conv``) and turns a typo into an error instead of no adapter.
+    """
+    found = [
+        full
+        for full, module in model.named_modules()
+        if full.rsplit(".", 1)[-1] in names and isinstance(module, LORA_LAYER_TYPES)
+    ]
+    if not found:
+        raise ValueError(f"no Linear/Conv layer is named any of {names}: LoRA would wrap nothing")
+    return found
+
+
+def lora_config(config: ModelConfig, model: nn.Module) -> LoraConfig:
+    """peft's LoraConfig for a run: the run's targets, or the backbone's defaults."""
+    spec = backbone_spec(config.backbone)
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=resolve_targets(model, list(config.lora_targets or spec.default_targets)),
+        modules_to_save=[spec.head],
+    )
+
+
+def build_lora_model(config: ModelConfig, verify: bool = True) -> PeftModel:
+    """Pretrained backbone + new head, wrapped by peft; the frozen backbone never trains.
+
+    Args:
+        config: the run's model settings.
+        verify: check the local base weights against ``config.weights_sha256`` first.
+    """
+    if verify:
+        verify_weights(config)
+    base = build_base_model(config)
+    return get_peft_model(base, lora_config(config, base))
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Keep every BatchNorm on its pretrained running statistics, also while training.
+
+    Hospitals see different intensity distributions: statistics updated locally would drift apart
+    and the coordinator would evaluate with yet others. Frozen, every hospital and the coordinator
+    run the same normalisation, and only the exchanged adapter differs.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()

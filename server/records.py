@@ -1,0 +1,115 @@
+"""The run directory: what a run did, written so that it can be read and reproduced.
+
+``config.toml`` (resolved settings), ``metrics.csv`` (one row per round and hospital, plus a
+``global`` row per round with the test metrics), ``summary.json`` and ``adapter/`` (peft format).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from strategies.base import Reply
+
+logger = logging.getLogger(__name__)
+
+METRICS_COLUMNS = [
+    "round", "hospital", "node_id", "num_examples", "train_loss",
+    "val_loss", "val_auc", "val_accuracy", "val_macro_f1",
+    "test_loss", "test_auc", "test_accuracy", "test_macro_f1",
+    "upload_bytes", "error",
+]
+GLOBAL = "global"
+
+
+def _clean(value: Any) -> Any:
+    """JSON/TOML-safe value: NaN and infinities become None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
+@dataclass
+class RunRecords:
+    """Collects a run's rows in memory and writes them to ``run_dir``."""
+
+    run_dir: Path
+    rows: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _row(self, server_round: int, hospital: str) -> dict[str, Any]:
+        key = (server_round, hospital)
+        if key not in self.rows:
+            self.rows[key] = {"round": server_round, "hospital": hospital}
+        return self.rows[key]
+
+    def add_reply(self, reply: Reply) -> None:
+        """Record one hospital's train or evaluate reply (or why it was dropped)."""
+        hospital = str(int(reply.metrics.get("hospital-id", reply.node_id)))
+        row = self._row(reply.server_round, hospital)
+        row["node_id"] = reply.node_id
+        if reply.error:
+            row["error"] = f"{reply.phase}: {reply.error}"
+            return
+        metrics = reply.metrics
+        if reply.phase == "train":
+            row["num_examples"] = int(metrics["num-examples"])
+            row["train_loss"] = metrics.get("train-loss")
+            row["upload_bytes"] = reply.upload_bytes
+        else:
+            for name in ("loss", "auc", "accuracy", "macro_f1"):
+                row[f"val_{name}"] = metrics.get(f"val-{name.replace('_', '-')}")
+
+    def add_test(self, server_round: int, metrics: dict[str, float]) -> None:
+        """Record the central test metrics of the global adapter after ``server_round``."""
+        row = self._row(server_round, GLOBAL)
+        for name in ("loss", "auc", "accuracy", "macro_f1"):
+            row[f"test_{name}"] = metrics.get(f"test-{name.replace('_', '-')}")
+
+    def test_history(self) -> list[dict[str, Any]]:
+        """Global rows in round order."""
+        return [row for (_, h), row in sorted(self.rows.items()) if h == GLOBAL]
+
+    def train_rows(self) -> list[dict[str, Any]]:
+        return [r for (_, h), r in sorted(self.rows.items()) if h != GLOBAL]
+
+    def write_metrics(self) -> Path:
+        path = self.run_dir / "metrics.csv"
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=METRICS_COLUMNS)
+            writer.writeheader()
+            for _, row in sorted(self.rows.items(), key=lambda kv: (kv[0][0], kv[0][1] != GLOBAL,
+                                                                    kv[0][1].zfill(6))):
+                writer.writerow({c: row.get(c, "") for c in METRICS_COLUMNS})
+        tmp.replace(path)
+        return path
+
+    def write_config(self, config: dict[str, Any]) -> Path:
+        path = self.run_dir / "config.toml"
+        path.write_text(tomli_w.dumps(_drop_none(_clean(config))))
+        return path
+
+    def write_summary(self, summary: dict[str, Any]) -> Path:
+        path = self.run_dir / "summary.json"
+        path.write_text(json.dumps(_clean(summary), indent=2) + "\n")
+        return path

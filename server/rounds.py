@@ -1,0 +1,127 @@
+"""The coordinator's round loop: initial adapter, strategy, central evaluation, records."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
+from peft import PeftModel
+
+from models.adapters import adapter_state, load_adapter_state, save_adapter
+from models.config import ModelConfig, TrainConfig, to_config_record
+from models.data import ImageSet
+from models.lora import build_lora_model
+from server.config import FederationConfig
+from server.evaluation import central_evaluator
+from server.records import RunRecords
+from strategies import Reply, build_strategy
+
+logger = logging.getLogger(__name__)
+
+RoundCallback = Callable[[int, dict[str, float]], None]
+"""Called after each round's central evaluation with ``(round, test metrics)``."""
+ReplyCallback = Callable[[Reply], None]
+"""Called with each hospital's reply (or failure) as it is recorded."""
+
+
+class FederationError(RuntimeError):
+    """A run that did not complete the rounds it was asked for."""
+
+
+@dataclass
+class FederationOutcome:
+    """What the round loop produced.
+
+    Attributes:
+        model: the LoRA model holding the final global adapter.
+        wall_time_s: seconds from the first round's start to the last evaluation.
+    """
+
+    model: PeftModel
+    wall_time_s: float
+
+
+def initial_model(model_config: ModelConfig, seed: int) -> PeftModel:
+    """The run's starting point: pretrained backbone, seeded LoRA factors and head."""
+    torch.manual_seed(seed)
+    return build_lora_model(model_config, verify=True)
+
+
+def run_federation(
+    grid: Grid,
+    federation: FederationConfig,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    test_set: ImageSet,
+    records: RunRecords,
+    on_round: RoundCallback | None = None,
+    on_reply: ReplyCallback | None = None,
+) -> FederationOutcome:
+    """Run ``federation.rounds`` rounds and write metrics and the final adapter to ``records``.
+
+    Raises:
+        FederationError: a round ended with fewer than ``federation.min_hospitals`` valid updates.
+    """
+    model = initial_model(model_config, train_config.seed)
+    strategy = build_strategy(
+        federation.strategy,
+        fraction_train=federation.fraction_train,
+        fraction_evaluate=federation.fraction_evaluate,
+        min_train_nodes=federation.min_hospitals,
+        min_evaluate_nodes=min(federation.min_hospitals, 1) if federation.fraction_evaluate else 0,
+        min_available_nodes=federation.min_hospitals,
+        observer=lambda reply: _observe(reply, records, on_reply),
+    )
+    evaluator = central_evaluator(model, test_set)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord):
+        metrics = evaluator(server_round, arrays)
+        records.add_test(server_round, dict(metrics))
+        logger.info("round %d: test %s", server_round, dict(metrics))
+        if on_round is not None:
+            on_round(server_round, dict(metrics))
+        return metrics
+
+    wire_config = to_config_record(model_config, train_config)
+    start = time.monotonic()
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(adapter_state(model)),
+        num_rounds=federation.rounds,
+        timeout=federation.round_timeout_s,
+        train_config=wire_config,
+        evaluate_config=to_config_record(model_config, train_config),
+        evaluate_fn=evaluate_fn,
+    )
+    wall_time = time.monotonic() - start
+    records.write_metrics()
+    _check_rounds(records, federation)
+    load_adapter_state(model, result.arrays.to_torch_state_dict())
+    save_adapter(model, records.run_dir / "adapter")
+    return FederationOutcome(model=model, wall_time_s=wall_time)
+
+
+def _observe(reply: Reply, records: RunRecords, on_reply: ReplyCallback | None) -> None:
+    records.add_reply(reply)
+    if on_reply is not None:
+        on_reply(reply)
+
+
+def _check_rounds(records: RunRecords, federation: FederationConfig) -> None:
+    """Flower ends a run normally even when hospitals failed: check each round's updates."""
+    for server_round in range(1, federation.rounds + 1):
+        good = [r for r in records.train_rows()
+                if r["round"] == server_round and "train_loss" in r and not r.get("error")]
+        if len(good) < federation.min_hospitals:
+            errors = [f"hospital {r['hospital']}: {r['error']}" for r in records.train_rows()
+                      if r["round"] == server_round and r.get("error")]
+            raise FederationError(
+                f"round {server_round} got {len(good)} valid updates, needs "
+                f"{federation.min_hospitals}; {'; '.join(errors) or 'no hospital answered'}. "
+                f"See {records.run_dir / 'metrics.csv'}"
+            )

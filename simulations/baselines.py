@@ -1,0 +1,57 @@
+"""Where federation stands: the same LoRA trained on pooled data, and by each hospital alone.
+
+Both baselines start from the federated run's initial adapter and get its training budget:
+``rounds x local_epochs`` epochs over the data they hold.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import numpy as np
+
+from client.site import SiteData
+from client.training import train_local
+from models.adapters import adapter_state, load_adapter_state
+from models.config import ModelConfig, TrainConfig
+from models.data import ImageSet
+from models.metrics import evaluate
+from server.rounds import initial_model
+
+logger = logging.getLogger(__name__)
+
+METRIC_NAMES = ("loss", "auc", "accuracy", "macro_f1")
+
+
+def _budget(train: TrainConfig, rounds: int) -> TrainConfig:
+    return replace(train, local_epochs=train.local_epochs * rounds)
+
+
+def pooled_baseline(
+    sites: list[SiteData], test: ImageSet, model_config: ModelConfig, train: TrainConfig,
+    rounds: int,
+) -> dict[str, float]:
+    """All hospitals' training data in one place: test metrics of the adapter trained on it."""
+    model = initial_model(model_config, train.seed)
+    pooled = ImageSet.concat([s.train for s in sites])
+    train_local(model, pooled.images, pooled.labels, _budget(train, rounds), seed=train.seed)
+    return evaluate(model, test.images, test.labels)
+
+
+def local_baseline(
+    sites: list[SiteData], test: ImageSet, model_config: ModelConfig, train: TrainConfig,
+    rounds: int,
+) -> dict[str, object]:
+    """Each hospital alone: the mean of their test metrics, and each one's."""
+    model = initial_model(model_config, train.seed)
+    start = adapter_state(model)
+    per_hospital = []
+    for hospital, site in enumerate(sites):
+        load_adapter_state(model, start)
+        train_local(model, site.train.images, site.train.labels, _budget(train, rounds),
+                    seed=train.seed + hospital)
+        per_hospital.append(evaluate(model, test.images, test.labels))
+        logger.info("local baseline, hospital %d: %s", hospital, per_hospital[-1])
+    mean = {name: float(np.nanmean([m[name] for m in per_hospital])) for name in METRIC_NAMES}
+    return mean | {"per_hospital": per_hospital}

@@ -1,0 +1,21 @@
+"""``python -m simulations.bench {communication}``: run one benchmark and print its figures."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from simulations.bench import communication
+
+BENCHES = {"communication": communication.main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.bench")
+    parser.add_argument("name", choices=sorted(BENCHES))
+    args, rest = parser.parse_known_args(argv)
+    return BENCHES[args.name](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

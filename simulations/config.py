@@ -1,0 +1,115 @@
+"""A simulation study's settings: one typed config, read from TOML, resolved once.
+
+TOML sections mirror the dataclasses: ``[data]``, ``[model]``, ``[train]``, ``[federation]``
+and top-level ``seed``, ``run_dir``, ``baselines``, ``cpus_per_hospital``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from models.config import ModelConfig, TrainConfig
+from server.config import FederationConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, and how its training split is spread over hospitals.
+
+    Attributes:
+        dataset: MedMNIST-format file stem, e.g. ``pneumoniamnist``.
+        num_hospitals: simulated hospitals.
+        partition: ``iid`` or ``dirichlet`` (label skew).
+        alpha: Dirichlet concentration; smaller is more skewed.
+        val_fraction: share of each hospital's data kept for its own validation.
+        max_train_examples: use only this many training examples (0: all), for quick checks.
+        max_test_examples: evaluate on only this many test examples (0: all).
+    """
+
+    dataset: str = "pneumoniamnist"
+    num_hospitals: int = 5
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    val_fraction: float = 0.1
+    max_train_examples: int = 0
+    max_test_examples: int = 0
+
+
+@dataclass
+class SimulationConfig:
+    """A whole simulation study.
+
+    Attributes:
+        seed: seeds partitioning, initialisation and training.
+        run_dir: where results go; empty means ``runs/<dataset>-<timestamp>``.
+        baselines: which of ``pooled`` and ``local`` to run on the same split and budget.
+        cpus_per_hospital: CPU cores each simulated hospital's Ray actor gets.
+    """
+
+    seed: int = 0
+    run_dir: str = ""
+    baselines: list[str] = field(default_factory=lambda: ["pooled", "local"])
+    cpus_per_hospital: int = 1
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override that names an unknown setting or gives a wrong type."""
+
+
+def _merge(obj: Any, values: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(obj)}
+    changes = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"{where}: unknown setting '{key}'; known: {sorted(known)}")
+        current = getattr(obj, name)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: '{key}' must be a table")
+            changes[name] = _merge(current, value, f"{where}.{key}")
+        else:
+            changes[name] = _coerce(current, value, f"{where}.{key}")
+    return replace(obj, **changes)
+
+
+def _coerce(current: Any, value: Any, where: str) -> Any:
+    if isinstance(current, bool) or isinstance(value, bool):
+        if not isinstance(value, bool) or not isinstance(current, bool):
+            raise ConfigError(f"{where}: expected {type(current).__name__}, got {value!r}")
+        return value
+    if isinstance(current, float) and isinstance(value, int):
+        return float(value)
+    if isinstance(current, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return list(value)
+    if not isinstance(value, type(current)):
+        raise ConfigError(f"{where}: expected {type(current).__name__}, got {value!r}")
+    return value
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None):
+    """Defaults, then the TOML file, then ``overrides`` (same nesting as the file)."""
+    config = SimulationConfig()
+    if path is not None:
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read the config ({err})") from err
+        config = _merge(config, values, str(path))
+    if overrides:
+        config = _merge(config, overrides, "overrides")
+    return config
+
+
+def config_dict(config: SimulationConfig) -> dict[str, Any]:
+    """Plain nested dict (for ``config.toml`` in the run directory)."""
+    return asdict(config)

@@ -1,0 +1,76 @@
+"""Simulated hospitals: each one's share of a MedMNIST training split, loaded lazily per process.
+
+A Ray actor that serves several hospitals decodes the dataset once and keeps it; a hospital's
+share is recomputed from the seed (cheap) instead of being shipped around.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from flwr.app import Context
+
+from client.site import SiteData
+from models.data import ImageSet
+from simulations.config import DataConfig
+from simulations.datasets import MedMNIST, load_medmnist
+from simulations.partition import partition, train_val_split
+
+
+@lru_cache(maxsize=2)
+def cached_dataset(name: str, image_size: int) -> MedMNIST:
+    """The dataset at ``image_size`` px, decoded once per process."""
+    return load_medmnist(name, image_size)
+
+
+def training_pool(data: DataConfig, image_size: int, seed: int) -> ImageSet:
+    """The training examples the simulation spreads over hospitals (maybe a seeded subset)."""
+    train = cached_dataset(data.dataset, image_size).splits["train"]
+    if 0 < data.max_train_examples < len(train):
+        import numpy as np
+
+        keep = np.sort(np.random.default_rng(seed).permutation(len(train))[
+            : data.max_train_examples])
+        train = train.subset(keep)
+    return train
+
+
+def test_set(data: DataConfig, image_size: int, seed: int) -> ImageSet:
+    """The official test split (maybe a seeded subset): the coordinator's held-out set."""
+    test = cached_dataset(data.dataset, image_size).splits["test"]
+    if 0 < data.max_test_examples < len(test):
+        import numpy as np
+
+        keep = np.sort(np.random.default_rng(seed + 1).permutation(len(test))[
+            : data.max_test_examples])
+        test = test.subset(keep)
+    return test
+
+
+def hospital_sites(data: DataConfig, image_size: int, seed: int) -> list[SiteData]:
+    """Every simulated hospital's train/validation data, in hospital order."""
+    pool = training_pool(data, image_size, seed)
+    shares = partition(pool.labels.numpy(), data.num_hospitals, data.partition, data.alpha, seed)
+    sites = []
+    for hospital, indices in enumerate(shares):
+        train_idx, val_idx = train_val_split(indices, data.val_fraction, seed + 7919 * hospital)
+        sites.append(SiteData(train=pool.subset(train_idx), val=pool.subset(val_idx)))
+    return sites
+
+
+@dataclass(frozen=True)
+class SimulatedSiteLoader:
+    """``SiteLoader`` for the ClientApp: the hospital named by the node's ``partition-id``."""
+
+    data: DataConfig
+    seed: int
+
+    def __call__(self, context: Context, image_size: int) -> SiteData:
+        hospital = int(context.node_config["partition-id"])
+        return _sites(self.data, image_size, self.seed)[hospital]
+
+
+@lru_cache(maxsize=2)
+def _sites(data: DataConfig, image_size: int, seed: int) -> list[SiteData]:
+    return hospital_sites(data, image_size, seed)

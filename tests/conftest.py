@@ -1,0 +1,33 @@
+"""Shared fixtures: real MedMNIST data from ../shared/data, small model settings."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("FLWR_HOME", os.path.join(os.path.dirname(__file__), "..", ".flwr"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from models.config import ModelConfig  # noqa: E402
+from models.registry import weights_sha256  # noqa: E402
+
+SMALL_IMAGE = 32
+
+
+@pytest.fixture(scope="session")
+def pneumonia_small():
+    """PneumoniaMNIST at 32 px (real images, resized)."""
+    from simulations.datasets import load_medmnist
+
+    return load_medmnist("pneumoniamnist", SMALL_IMAGE)
+
+
+@pytest.fixture
+def small_model_config() -> ModelConfig:
+    """EfficientNet-Lite0 at 32 px, rank 4, pinned to the shipped weights."""
+    return ModelConfig(
+        image_size=SMALL_IMAGE, num_classes=2, lora_r=4, lora_alpha=8,
+        weights_sha256=weights_sha256("efficientnet-lite0-imagenet"),
+    )

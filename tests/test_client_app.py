@@ -1,0 +1,83 @@
+"""The hospital's ClientApp, called in-process with built Messages (no Flower runtime)."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app.message.message import make_message
+from flwr.app.metadata import Metadata
+
+from client.app import build_client_app
+from client.site import SiteData
+from models.adapters import adapter_state
+from models.config import ModelConfig, TrainConfig, to_config_record
+from models.lora import build_lora_model
+from models.registry import WeightsMismatchError
+
+
+def _message(kind: str, arrays: ArrayRecord, config) -> Message:
+    metadata = Metadata(
+        run_id=1, message_id=f"{kind}-1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
+        group_id="1", created_at=time.time(), ttl=600.0, message_type=kind,
+    )
+    return make_message(metadata, RecordDict({"arrays": arrays, "config": config}))
+
+
+@pytest.fixture(scope="module")
+def site(pneumonia_small):
+    train = pneumonia_small.splits["train"]
+    rng = np.random.default_rng(0)
+    return SiteData(train=train.subset(rng.choice(len(train), 64, replace=False)),
+                    val=train.subset(rng.choice(len(train), 32, replace=False)))
+
+
+@pytest.fixture
+def app(site):
+    return build_client_app(lambda context, image_size: site)
+
+
+def _context() -> Context:
+    return Context(run_id=1, node_id=7, node_config={"partition-id": 3}, state=RecordDict(),
+                   run_config={})
+
+
+def _wire(config: ModelConfig):
+    torch.manual_seed(0)
+    arrays = ArrayRecord(adapter_state(build_lora_model(config)))
+    record = to_config_record(config, TrainConfig(local_epochs=1, batch_size=16, lr=1e-3))
+    record["server-round"] = 1
+    return arrays, record
+
+
+def test_train_returns_a_changed_adapter_and_nothing_else(app, small_model_config, site):
+    arrays, config = _wire(small_model_config)
+    reply = app(_message("train", arrays, config), _context())
+    assert not reply.has_error()
+    assert set(reply.content.array_records) == {"arrays"}
+    assert set(reply.content.config_records) == set()
+    new = reply.content["arrays"]
+    assert set(new) == set(arrays)
+    changed = [k for k in arrays if not np.array_equal(arrays[k].numpy(), new[k].numpy())]
+    assert changed, "training changed no adapter tensor"
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == len(site.train)
+    assert metrics["hospital-id"] == 3
+    assert np.isfinite(metrics["train-loss"])
+
+
+def test_evaluate_reports_validation_metrics(app, small_model_config, site):
+    arrays, config = _wire(small_model_config)
+    reply = app(_message("evaluate", arrays, config), _context())
+    metrics = reply.content["metrics"]
+    assert set(reply.content.array_records) == set()
+    assert metrics["num-examples"] == len(site.val)
+    assert 0.0 <= metrics["val-accuracy"] <= 1.0 and np.isfinite(metrics["val-loss"])
+
+
+def test_hospital_refuses_other_base_weights(app, small_model_config):
+    arrays, config = _wire(small_model_config)
+    config["weights-sha256"] = "f" * 64
+    with pytest.raises(WeightsMismatchError, match="f" * 64):
+        app(_message("train", arrays, config), _context())

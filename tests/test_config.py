@@ -1,0 +1,22 @@
+"""Simulation configs from TOML."""
+
+import pytest
+
+from simulations.config import ConfigError, load_config
+
+
+def test_file_then_overrides(tmp_path):
+    path = tmp_path / "study.toml"
+    path.write_text('seed = 4\n[data]\nnum_hospitals = 7\nalpha = 1\n[model]\nlora_r = 2\n')
+    config = load_config(path, {"federation": {"rounds": 9}})
+    assert (config.seed, config.data.num_hospitals, config.data.alpha) == (4, 7, 1.0)
+    assert config.model.lora_r == 2 and config.federation.rounds == 9
+
+
+def test_unknown_and_mistyped_settings_name_the_key(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[data]\nnum_hospitls = 3\n")
+    with pytest.raises(ConfigError, match="num_hospitls"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="rounds"):
+        load_config(None, {"federation": {"rounds": "three"}})
