@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Context
 
+from client.data.config import SiteDataConfig
+from client.data.config import from_node_config as site_data_from_node_config
+from client.data.dataset import load_manifest_site as load_manifest_site_sets
 from models.data import ImageSet, to_image_tensor
 
 
 @dataclass
 class SiteData:
-    """Training and validation images of one hospital; never leaves the hospital."""
+    """Training and validation images of one hospital; never leaves the hospital.
+
+    ``info`` is what the hospital may tell the coordinator about its data: the dataset
+    fingerprint and counts (see ``client.data.SiteReport.shareable``), never ids or paths.
+    """
 
     train: ImageSet
     val: ImageSet
+    info: dict[str, int | str] = field(default_factory=dict)
 
 
 SiteLoader = Callable[[Context, int], SiteData]
@@ -44,8 +52,24 @@ def load_npz_site(path: Path, image_size: int) -> SiteData:
     return SiteData(train=sets["train"], val=sets["val"])
 
 
+def load_manifest_site(manifest: Path, config: SiteDataConfig, image_size: int) -> SiteData:
+    """A hospital's DICOM files listed in a CSV manifest, checked (see ``client.data``)."""
+    sets, report = load_manifest_site_sets(manifest, config, image_size)
+    return SiteData(train=sets["train"], val=sets["val"], info=report.shareable())
+
+
 def load_site_from_node_config(context: Context, image_size: int) -> SiteData:
-    """The hospital daemon's data, named by its node config (``data-npz = "/path/site.npz"``)."""
-    if "data-npz" not in context.node_config:
-        raise KeyError("this hospital's node config has no 'data-npz': set it to the site's data")
-    return load_npz_site(Path(str(context.node_config["data-npz"])), image_size)
+    """The hospital daemon's data, named by its node config.
+
+    ``manifest = "/path/manifest.csv"`` (DICOM files; settings from ``classes``, ``site-config``
+    and ``site-*`` keys, see ``client.data.config.from_node_config``), or
+    ``data-npz = "/path/site.npz"`` (MedMNIST-format arrays).
+    """
+    node_config = context.node_config
+    if "manifest" in node_config:
+        return load_manifest_site(Path(str(node_config["manifest"])),
+                                  site_data_from_node_config(node_config), image_size)
+    if "data-npz" not in node_config:
+        raise KeyError("this hospital's node config has neither 'manifest' nor 'data-npz': set "
+                       "one of them to the site's data")
+    return load_npz_site(Path(str(node_config["data-npz"])), image_size)

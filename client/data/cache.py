@@ -1,0 +1,86 @@
+"""Decoded, resized images on disk, so that round 2 does not decode DICOM again.
+
+An entry is keyed by the sha256 of the file's bytes and the transform settings: a changed file
+or a changed image size is a miss, never a stale hit. Entries are written to a temporary file
+and renamed (atomic on POSIX), so a crash leaves no half-written entry; an entry that cannot be
+read back or fails its checks is deleted and the image decoded again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, or of a series folder's file names and bytes (hex)."""
+    path = Path(path)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for child in sorted(p for p in path.iterdir() if p.is_file()
+                            and not p.name.startswith(".")):
+            digest.update(child.name.encode() + b"\0" + file_sha256(child).encode())
+        return digest.hexdigest()
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def cache_key(content_sha256: str, settings: dict[str, object]) -> str:
+    """Entry name for a file's content hash under the given transform settings."""
+    blob = content_sha256 + json.dumps(settings, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class DecodedCache:
+    """Folder of ``<key[:2]>/<key>.npz`` entries: ``image`` (F, C, S, S) float32 and ``uids``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.npz"
+
+    def get(self, key: str) -> tuple[np.ndarray, list[str]] | None:
+        """The stored image and SOP Instance UIDs, or None (missing, or corrupt and deleted)."""
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as entry:
+                image, uids = entry["image"], [str(u) for u in entry["uids"]]
+            if (image.dtype != np.float32 or image.ndim != 4 or not np.isfinite(image).all()
+                    or image.min() < 0.0 or image.max() > 1.0):
+                raise ValueError(f"unexpected content {image.dtype}{list(image.shape)}")
+            return image, uids
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            logger.warning("cache entry %s is corrupt (%s): deleted, decoding again", path, err)
+            path.unlink(missing_ok=True)
+            return None
+
+    def put(self, key: str, image: np.ndarray, uids: list[str]) -> None:
+        """Store an entry atomically; a full or read-only disk only costs a warning."""
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    np.savez(handle, image=image.astype(np.float32, copy=False),
+                             uids=np.array(uids, dtype=str))
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as err:
+            logger.warning("cannot write cache entry %s (%s): continuing without it", path, err)

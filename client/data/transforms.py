@@ -1,0 +1,58 @@
+"""Decoded pixel values to what the backbone expects: ``(C, S, S)`` float32 in [0, 1].
+
+MONAI transforms do the work: intensity scaling to [0, 1] (grayscale with a VOI window or LUT:
+its output range, as a viewer shows it; grayscale without one: the image's own minimum and
+maximum; colour: the stored bit depth), then a resize with antialiasing. The settings that change
+the output are in :func:`transform_settings`, which also keys the decoded-image cache.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from monai.transforms import Compose, Resize, ScaleIntensity, ScaleIntensityRange
+
+from client.data.dicom import DecodedImage, DicomReadError
+
+TRANSFORM_VERSION = 1
+"""Bump when the pipeline changes, so that old cache entries no longer match."""
+
+
+def transform_settings(image_size: int, frames: str) -> dict[str, object]:
+    """Everything that decides the transformed pixels besides the file's bytes."""
+    return {"version": TRANSFORM_VERSION, "image_size": image_size, "frames": frames,
+            "resize": "bilinear-antialias", "scale": "voi-range|minmax-gray/bits-rgb"}
+
+
+@lru_cache(maxsize=32)
+def _pipelines(image_size: int, value_range: tuple[float, float] | None) -> Compose:
+    resize = Resize(spatial_size=(image_size, image_size), mode="bilinear", anti_aliasing=True,
+                    dtype=np.float32)
+    if value_range is not None:
+        scale = ScaleIntensityRange(a_min=value_range[0], a_max=value_range[1], b_min=0.0,
+                                    b_max=1.0, clip=True)
+    else:
+        scale = ScaleIntensity(minv=0.0, maxv=1.0)
+    return Compose([scale, resize])
+
+
+def to_model_input(decoded: DecodedImage, image_size: int) -> np.ndarray:
+    """``(F, C, image_size, image_size)`` float32 in [0, 1], one entry per kept frame.
+
+    Raises:
+        DicomReadError: a grayscale frame holds a single value (nothing to learn from; usually
+            a broken Rescale Slope such as 0).
+    """
+    known_range = (0.0, decoded.rgb_max) if decoded.rgb_max else decoded.value_range
+    pipeline = _pipelines(image_size, known_range)
+    out = []
+    for frame in decoded.frames:
+        if not decoded.rgb_max and float(frame.max()) == float(frame.min()):
+            raise DicomReadError(
+                "bad-values", f"every pixel has the value {float(frame.min()):g} after Rescale "
+                "Slope/Intercept and the VOI window: check those attributes in the export")
+        image = np.asarray(pipeline(frame), dtype=np.float32)
+        np.clip(image, 0.0, 1.0, out=image)
+        out.append(1.0 - image if decoded.invert else image)
+    return np.stack(out).astype(np.float32, copy=False)
