@@ -80,6 +80,25 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hospital_check(args: argparse.Namespace) -> int:
+    from client.data.check import check_site
+    from client.data.config import SiteDataConfig, SiteDataConfigError, load_site_data_config
+    from client.data.config import site_data_config as with_settings
+    from client.data.problems import ManifestError
+
+    try:
+        config = load_site_data_config(args.config) if args.config else SiteDataConfig()
+        flags = {"classes": args.classes, "frames": args.frames,
+                 "max_error_fraction": args.max_error_fraction, "cache_dir": args.cache_dir}
+        config = with_settings({k: v for k, v in flags.items() if v is not None}, "flags", config)
+        text, ready = check_site(args.manifest, config, args.image_size)
+    except (SiteDataConfigError, ManifestError) as err:
+        console.print(f"[red]error:[/] {err}")
+        return 2
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    return 0 if ready else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medfed", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's own logs")
@@ -106,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--batch-size", type=int)
     sim.add_argument("--no-baselines", action="store_true", help="skip pooled/local baselines")
     sim.set_defaults(func=cmd_simulate)
+
+    hospital = sub.add_parser("hospital", help="commands a hospital runs next to its images")
+    hospital_sub = hospital.add_subparsers(dest="hospital_command", required=True)
+    check = hospital_sub.add_parser(
+        "check", help="read a manifest and its DICOM files once and report what is usable")
+    check.add_argument("--manifest", type=Path, required=True, help="the CSV manifest")
+    check.add_argument("--config", type=Path, help="site data TOML ([site_data] table)")
+    check.add_argument("--classes", nargs="+", help="class names in label order")
+    check.add_argument("--frames", choices=["middle", "all"])
+    check.add_argument("--max-error-fraction", type=float,
+                       help="fail above this share of unusable rows (default 0.1)")
+    check.add_argument("--image-size", type=int, default=64, help="model input side in pixels")
+    check.add_argument("--cache-dir", help="decoded-image cache folder")
+    check.set_defaults(func=cmd_hospital_check)
     return parser
 
 

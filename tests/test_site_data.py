@@ -1,0 +1,267 @@
+"""Hospital data: manifest + DICOM -> checked, split, cached, fingerprinted images.
+
+Real DICOM files shipped with pydicom (CT, MR, JPEG 2000, RLE, JPEG colour, a truncated file,
+an RT plan) and small generated files for each bad-input case.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from pydicom import examples
+from pydicom.data import get_testdata_file
+
+from client.data import ManifestError, SiteDataConfig, SiteDataError, prepare_site
+from client.data.cache import DecodedCache
+from client.data.dataset import load_manifest_site
+from client.data.dicom import DicomReadError, read_dicom, supported_transfer_syntaxes
+from client.data.split import assign_splits
+from client.data.transforms import to_model_input
+from simulations.dicom_export import dicom_dataset
+
+SIZE = 16
+
+
+def _write(path: Path, pixels: np.ndarray, patient: str = "P1", **attrs) -> Path:
+    ds = dicom_dataset(pixels, patient)
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _gradient(h: int = 24, w: int = 20, dtype=np.uint16, top: int = 4000) -> np.ndarray:
+    return np.linspace(0, top, h * w).reshape(h, w).astype(dtype)
+
+
+def _manifest(folder: Path, rows: list[dict], name: str = "manifest.csv") -> Path:
+    path = folder / name
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def _config(tmp_path: Path, **changes) -> SiteDataConfig:
+    return SiteDataConfig(classes=("normal", "pneumonia"), cache_dir=str(tmp_path / "cache"),
+                          **changes)
+
+
+def _site(tmp_path: Path, patients: int = 6, per_patient: int = 2) -> Path:
+    """A clean site: ``patients`` patients with ``per_patient`` images each, labels alternate."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(patients):
+        for i in range(per_patient):
+            name = f"img/p{p}_{i}.dcm"
+            _write(tmp_path / name, rng.integers(0, 4000, (24, 20)).astype(np.uint16), f"P{p}")
+            rows.append({"path": name, "label": ["normal", "pneumonia"][p % 2],
+                         "patient_id": f"P{p}"})
+    return _manifest(tmp_path, rows)
+
+
+# --- real files pydicom ships -------------------------------------------------------------
+
+
+def test_modality_lut_on_pydicom_ct_matches_rescale(tmp_path):
+    ds = examples.ct
+    decoded = read_dicom(get_testdata_file("CT_small.dcm"))
+    stored = ds.pixel_array.astype(np.float64)
+    expected = stored * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    np.testing.assert_allclose(decoded.frames[0, 0], expected, rtol=1e-6)
+    image = to_model_input(decoded, SIZE)
+    assert image.shape == (1, 1, SIZE, SIZE) and 0.0 <= image.min() and image.max() <= 1.0
+
+
+@pytest.mark.parametrize("compressed", ["MR_small_jp2klossless.dcm", "MR_small_RLE.dcm"])
+def test_lossless_compressed_files_decode_like_the_uncompressed_original(compressed):
+    reference = to_model_input(read_dicom(get_testdata_file("MR_small.dcm")), SIZE)
+    image = to_model_input(read_dicom(get_testdata_file(compressed)), SIZE)
+    np.testing.assert_allclose(image, reference, atol=1e-6)
+
+
+def test_jpeg2000_and_colour_jpeg_decode():
+    j2k = to_model_input(read_dicom(get_testdata_file("JPEG2000.dcm")), SIZE)
+    rgb = to_model_input(read_dicom(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")), SIZE)
+    assert j2k.shape == (1, 1, SIZE, SIZE) and j2k.std() > 0.01
+    assert rgb.shape == (1, 3, SIZE, SIZE)
+    # The test image has coloured bands: channels differ.
+    assert np.abs(rgb[0, 0] - rgb[0, 1]).max() > 0.2
+    names = supported_transfer_syntaxes()
+    assert "JPEG 2000 Image Compression" in names and "RLE Lossless" in names
+    assert "JPEG-LS Lossless Image Compression" in names
+
+
+@pytest.mark.parametrize("name,kind", [("MR_truncated.dcm", "unreadable"),
+                                       ("rtplan.dcm", "no-pixels")])
+def test_damaged_and_non_image_pydicom_files_are_named(name, kind):
+    with pytest.raises(DicomReadError) as err:
+        read_dicom(get_testdata_file(name))
+    assert err.value.kind == kind
+
+
+# --- generated files: pixel pipeline ---------------------------------------------------------
+
+
+def test_window_maps_to_unit_range_and_monochrome1_inverts(tmp_path):
+    pixels = _gradient()
+    plain = _write(tmp_path / "a.dcm", pixels, WindowCenter=2000, WindowWidth=1000)
+    mono1 = _write(tmp_path / "b.dcm", pixels, WindowCenter=2000, WindowWidth=1000,
+                   PhotometricInterpretation="MONOCHROME1")
+    image = read_dicom(plain)
+    frame = to_model_input(image, 24)[0, 0]
+    # Values below the window are black, above it white.
+    assert frame[:4].max() == 0.0 and frame[-4:].min() == 1.0
+    inverted = to_model_input(read_dicom(mono1), 24)[0, 0]
+    np.testing.assert_allclose(inverted, 1.0 - frame, atol=1e-6)
+
+
+def test_multiframe_middle_or_all_and_series_folder(tmp_path):
+    stack = np.stack([np.full((8, 8), v, np.uint16) for v in (0, 1, 2)])
+    stack[:, 0, 0] = 100  # not constant
+    path = _write(tmp_path / "mf.dcm", stack)
+    middle = read_dicom(path, "middle")
+    assert middle.frames.shape == (1, 1, 8, 8) and middle.frames[0, 0, 1, 1] == 1
+    assert read_dicom(path, "all").frames.shape == (3, 1, 8, 8)
+    series = tmp_path / "series"
+    for n, value in enumerate((5, 7, 9), 1):
+        slice_ = np.full((8, 8), value, np.uint16)
+        slice_[0, 0] = 100
+        _write(series / f"s{4 - n}.dcm", slice_, InstanceNumber=n)  # names in reverse order
+    assert read_dicom(series, "middle").frames[0, 0, 1, 1] == 7
+    assert read_dicom(series, "all").frames[:, 0, 1, 1].tolist() == [5, 7, 9]
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+def test_every_bad_row_is_reported_with_its_reason(tmp_path):
+    good = _site(tmp_path, patients=4, per_patient=1)
+    rows = pd.read_csv(good).to_dict("records")
+    (tmp_path / "fake.dcm").write_text("patient list, not an image")
+    whole = (tmp_path / "img" / "p0_0.dcm").read_bytes()
+    (tmp_path / "trunc.dcm").write_bytes(whole[: len(whole) // 2])
+    flat = _write(tmp_path / "flat.dcm", _gradient(), RescaleSlope=0, RescaleIntercept=7)
+    ds = dicom_dataset(_gradient(), "P9")
+    del ds.PixelData
+    ds.save_as(tmp_path / "nopix.dcm", enforce_file_format=True)
+    shutil.copy(tmp_path / "img" / "p1_0.dcm", tmp_path / "copy.dcm")
+    bad = [("missing.dcm", "normal", "missing"), ("fake.dcm", "normal", "not-dicom"),
+           ("trunc.dcm", "normal", "unreadable"), (flat.name, "normal", "bad-values"),
+           ("nopix.dcm", "normal", "no-pixels"), ("copy.dcm", "normal", "duplicate"),
+           ("img/p2_0.dcm", "pnuemonia", "label")]
+    rows += [{"path": p, "label": label, "patient_id": f"X{i}"} for i, (p, label, _) in
+             enumerate(bad)]
+    manifest = _manifest(tmp_path, rows)
+    sets, report = prepare_site(manifest, _config(tmp_path, max_error_fraction=0.5), SIZE)
+    found = {p.path: p for p in report.problems}
+    for path, _, kind in bad:
+        assert found[path].kind == kind, found[path]
+    assert "did you mean 'pneumonia'" in found["img/p2_0.dcm"].reason
+    assert found["copy.dcm"].reason.startswith("same SOP Instance UID as row 3")
+    assert report.usable_rows == 4 and len(sets["train"]) + len(sets["val"]) == 4
+    # Above the error fraction training refuses, naming the problems.
+    with pytest.raises(SiteDataError, match="unusable"):
+        load_manifest_site(manifest, _config(tmp_path, max_error_fraction=0.1), SIZE)
+
+
+@pytest.mark.parametrize("content,match", [
+    ("", "is empty"),
+    ("path,label,patient_id\n", "no rows"),
+    ("file,label,patient_id\na.dcm,normal,P1\n", r"lacks the column\(s\) \['path'\]"),
+])
+def test_bad_manifests_raise_clear_errors(tmp_path, content, match):
+    path = tmp_path / "manifest.csv"
+    path.write_text(content)
+    with pytest.raises(ManifestError, match=match):
+        prepare_site(path, _config(tmp_path), SIZE)
+
+
+def test_configurable_columns_and_label_indices(tmp_path):
+    _write(tmp_path / "a.dcm", _gradient(), "A")
+    _write(tmp_path / "b.dcm", _gradient(top=100), "B")
+    manifest = _manifest(tmp_path, [{"file": "a.dcm", "finding": "1", "mrn": "A"},
+                                    {"file": "b.dcm", "finding": "Normal", "mrn": "B"}])
+    config = _config(tmp_path, path_column="file", label_column="finding",
+                     patient_column="mrn", val_fraction=0.5)
+    sets, report = prepare_site(manifest, config, SIZE)
+    assert report.usable_rows == 2 and not report.problems
+    labels = sorted(sets["train"].labels.tolist() + sets["val"].labels.tolist())
+    assert labels == [0, 1]
+
+
+# --- split, cache, fingerprint ----------------------------------------------------------------
+
+
+def test_split_never_puts_a_patient_on_both_sides():
+    rng = np.random.default_rng(3)
+    patients = [f"P{rng.integers(0, 40)}" for _ in range(300)]
+    given = [["", "", "train", "val"][rng.integers(0, 4)] if i % 7 == 0 else ""
+             for i in range(300)]
+    splits, across = assign_splits(patients, given, 0.25, seed=1)
+    sides: dict[str, set[str]] = {}
+    for patient, split in zip(patients, splits, strict=True):
+        sides.setdefault(patient, set()).add(split)
+    assert all(len(s) == 1 for s in sides.values())
+    assert {"train", "val"} <= set(splits)
+    for patient in across:  # given on both sides: moved to train
+        assert sides[patient] == {"train"}
+
+
+def test_cache_serves_round_two_and_survives_a_corrupt_entry(tmp_path):
+    manifest = _site(tmp_path)
+    config = _config(tmp_path)
+    first, report = prepare_site(manifest, config, SIZE)
+    assert report.cache_hits == 0
+    second, report = prepare_site(manifest, config, SIZE)
+    assert report.cache_hits == report.usable_rows == 12
+    assert np.array_equal(first["train"].images, second["train"].images)
+    entries = sorted((tmp_path / "cache").rglob("*.npz"))
+    entries[0].write_bytes(b"not a zip")
+    entries[1].write_bytes(entries[1].read_bytes()[:100])
+    third, report = prepare_site(manifest, config, SIZE)
+    assert report.cache_hits == 10 and not report.problems
+    assert np.array_equal(first["train"].images, third["train"].images)
+    # A different image size is a miss, not a stale hit.
+    _, report = prepare_site(manifest, config, SIZE * 2)
+    assert report.cache_hits == 0
+    assert DecodedCache(tmp_path / "cache").get("0" * 64) is None
+
+
+def test_fingerprint_follows_data_not_row_order_and_shares_no_ids(tmp_path):
+    manifest = _site(tmp_path)
+    config = _config(tmp_path, use_cache=False)
+    _, report = prepare_site(manifest, config, SIZE)
+    table = pd.read_csv(manifest)
+    table.iloc[::-1].to_csv(manifest, index=False)
+    assert prepare_site(manifest, config, SIZE)[1].fingerprint == report.fingerprint
+    shared = report.shareable()
+    text = repr(shared)
+    assert "P1" not in text and ".dcm" not in text and shared["usable-rows"] == 12
+    ds = pydicom.dcmread(tmp_path / "img" / "p3_1.dcm")
+    ds.PixelData = bytes([ds.PixelData[0] ^ 1]) + ds.PixelData[1:]
+    ds.save_as(tmp_path / "img" / "p3_1.dcm")
+    assert prepare_site(manifest, config, SIZE)[1].fingerprint != report.fingerprint
+
+
+def test_hospital_check_command_exit_codes(tmp_path, capsys):
+    from medfed_cli.main import main
+
+    manifest = _site(tmp_path, patients=4, per_patient=1)
+    args = ["hospital", "check", "--manifest", str(manifest), "--classes", "normal", "pneumonia",
+            "--cache-dir", str(tmp_path / "cache"), "--image-size", str(SIZE)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "ready: all 4 rows usable" in out and "fingerprint: sha256:" in out
+    rows = pd.read_csv(manifest).to_dict("records")
+    rows.append({"path": "gone.dcm", "label": "normal", "patient_id": "Z"})
+    _manifest(tmp_path, rows)
+    assert main(args) == 1  # 1 of 5 rows bad > 10 %
+    out = capsys.readouterr().out
+    assert "gone.dcm" in out and "NOT READY" in out
+    assert main(args + ["--max-error-fraction", "0.3"]) == 0
+    assert "1 left out" in capsys.readouterr().out
