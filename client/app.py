@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.model_cache import lora_model_for
@@ -48,6 +48,10 @@ def handle_train(msg: Message, context: Context, load_site: SiteLoader) -> Messa
         {"num-examples": len(site.train), "train-loss": loss, "hospital-id": hospital}
     )
     content = RecordDict({"arrays": ArrayRecord(adapter_state(model)), "metrics": metrics})
+    # Issue 3: the site's dataset fingerprint and counts (never ids, UIDs or paths), for the
+    # run records; MetricRecord holds numbers only, so they travel as a ConfigRecord.
+    if site.info:
+        content["site"] = ConfigRecord(site.info)
     return Message(content=content, reply_to=msg)
 
 

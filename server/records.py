@@ -24,7 +24,7 @@ METRICS_COLUMNS = [
     "round", "hospital", "node_id", "num_examples", "train_loss",
     "val_loss", "val_auc", "val_accuracy", "val_macro_f1",
     "test_loss", "test_auc", "test_accuracy", "test_macro_f1",
-    "upload_bytes", "error",
+    "upload_bytes", "site_fingerprint", "error",
 ]
 GLOBAL = "global"
 
@@ -75,6 +75,8 @@ class RunRecords:
             row["num_examples"] = int(metrics["num-examples"])
             row["train_loss"] = metrics.get("train-loss")
             row["upload_bytes"] = reply.upload_bytes
+            # Which data trained this update (a hash; no ids or paths leave the hospital).
+            row["site_fingerprint"] = str(reply.site.get("fingerprint", ""))
         else:
             for name in ("loss", "auc", "accuracy", "macro_f1"):
                 row[f"val_{name}"] = metrics.get(f"val-{name.replace('_', '-')}")

@@ -24,6 +24,7 @@ class Reply:
         metrics: the reply's metric values (empty when it failed).
         upload_bytes: bytes of array data in the reply.
         error: why the reply was not used, or empty.
+        site: the hospital's ``site`` ConfigRecord (dataset fingerprint and counts), if sent.
     """
 
     server_round: int
@@ -32,6 +33,7 @@ class Reply:
     metrics: dict[str, float] = field(default_factory=dict)
     upload_bytes: int = 0
     error: str = ""
+    site: dict[str, int | str] = field(default_factory=dict)
 
 
 ReplyObserver = Callable[[Reply], None]
@@ -84,6 +86,8 @@ def split_valid_replies(
         else:
             metrics = msg.content.metric_records.get("metrics")
             reply.metrics = dict(metrics) if metrics is not None else {}
+            site = msg.content.config_records.get("site")
+            reply.site = dict(site) if site is not None else {}
             count = reply.metrics.get("num-examples", 0)
             if not isinstance(count, (int, float)) or not math.isfinite(count) or count <= 0:
                 reply.error = "reply has no positive 'num-examples'"
