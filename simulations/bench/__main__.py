@@ -1,13 +1,13 @@
-"""``python -m simulations.bench {communication}``: run one benchmark and print its figures."""
+"""``python -m simulations.bench <name>``: run one benchmark and print its figures."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from simulations.bench import communication
+from simulations.bench import communication, site_data
 
-BENCHES = {"communication": communication.main}
+BENCHES = {"communication": communication.main, "site-data": site_data.main}
 
 
 def main(argv: list[str] | None = None) -> int:
