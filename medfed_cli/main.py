@@ -37,6 +37,8 @@ def _simulate_overrides(args: argparse.Namespace) -> dict[str, Any]:
         (overrides.setdefault(section, {}) if section else overrides)[key] = value
     if args.no_baselines:
         overrides["baselines"] = []
+    if args.as_dicom:
+        overrides.setdefault("data", {})["as_dicom"] = True
     return overrides
 
 
@@ -124,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--lr", type=float)
     sim.add_argument("--batch-size", type=int)
     sim.add_argument("--no-baselines", action="store_true", help="skip pooled/local baselines")
+    sim.add_argument("--as-dicom", action="store_true",
+                     help="hospitals read their partition as DICOM files + manifest (issue 3)")
     sim.set_defaults(func=cmd_simulate)
 
     hospital = sub.add_parser("hospital", help="commands a hospital runs next to its images")

@@ -27,6 +27,9 @@ class DataConfig:
         val_fraction: share of each hospital's data kept for its own validation.
         max_train_examples: use only this many training examples (0: all), for quick checks.
         max_test_examples: evaluate on only this many test examples (0: all).
+        as_dicom: write each hospital's partition as DICOM files plus a manifest under
+            ``<run_dir>/dicom`` and have the hospitals read them through ``client.data``, as a
+            real site reads its PACS export (the baselines keep the in-memory arrays).
     """
 
     dataset: str = "pneumoniamnist"
@@ -36,6 +39,7 @@ class DataConfig:
     val_fraction: float = 0.1
     max_train_examples: int = 0
     max_test_examples: int = 0
+    as_dicom: bool = False
 
 
 @dataclass

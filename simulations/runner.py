@@ -24,7 +24,7 @@ from server.rounds import FederationError
 from simulations.baselines import local_baseline, pooled_baseline
 from simulations.config import SimulationConfig, config_dict
 from simulations.progress import RoundProgress
-from simulations.sites import SimulatedSiteLoader, cached_dataset, hospital_sites, test_set
+from simulations.sites import cached_dataset, hospital_sites, simulated_site_loader, test_set
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,9 @@ def backend_config(config: SimulationConfig) -> dict[str, Any]:
 def _run_flower(config: SimulationConfig, run: ServerRun) -> None:
     from flwr.simulation import run_simulation
 
-    client_app = build_client_app(SimulatedSiteLoader(config.data, config.seed))
+    loader = simulated_site_loader(config.data, config.model.image_size, config.seed,
+                                   config.run_dir)
+    client_app = build_client_app(loader)
     try:
         run_simulation(
             server_app=build_server_app(run),

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from flwr.app import Context
 
-from client.site import SiteData
+from client.data.config import SiteDataConfig
+from client.site import SiteData, load_manifest_site
 from models.data import ImageSet
 from simulations.config import DataConfig
 from simulations.datasets import MedMNIST, load_medmnist
@@ -61,16 +63,39 @@ def hospital_sites(data: DataConfig, image_size: int, seed: int) -> list[SiteDat
 
 @dataclass(frozen=True)
 class SimulatedSiteLoader:
-    """``SiteLoader`` for the ClientApp: the hospital named by the node's ``partition-id``."""
+    """``SiteLoader`` for the ClientApp: the hospital named by the node's ``partition-id``.
+
+    With ``dicom_root`` (``--as-dicom``) the hospital reads ``<dicom_root>/hospital-<k>/
+    manifest.csv`` and its DICOM files through ``client.data``, as a real site does.
+    """
 
     data: DataConfig
     seed: int
+    dicom_root: str = ""
 
     def __call__(self, context: Context, image_size: int) -> SiteData:
         hospital = int(context.node_config["partition-id"])
+        if self.dicom_root:
+            root = Path(self.dicom_root)
+            config = SiteDataConfig(cache_dir=str(root / "cache"), max_error_fraction=0.0)
+            return load_manifest_site(root / f"hospital-{hospital}" / "manifest.csv", config,
+                                      image_size)
         return _sites(self.data, image_size, self.seed)[hospital]
 
 
 @lru_cache(maxsize=2)
 def _sites(data: DataConfig, image_size: int, seed: int) -> list[SiteData]:
     return hospital_sites(data, image_size, seed)
+
+
+def simulated_site_loader(data: DataConfig, image_size: int, seed: int,
+                          run_dir: str) -> SimulatedSiteLoader:
+    """The simulation's ``SiteLoader``; with ``data.as_dicom`` it first writes every hospital's
+    partition as DICOM files plus a manifest under ``<run_dir>/dicom`` (issue 3)."""
+    if not data.as_dicom:
+        return SimulatedSiteLoader(data, seed)
+    from simulations.dicom_export import export_hospitals
+
+    root = (Path(run_dir) / "dicom").resolve()
+    export_hospitals(hospital_sites(data, image_size, seed), root)
+    return SimulatedSiteLoader(data, seed, str(root))

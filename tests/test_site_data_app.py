@@ -69,3 +69,23 @@ def test_dicom_site_trains_and_reports_only_fingerprint_and_counts(
     records.write_metrics()
     row = pd.read_csv(tmp_path / "run" / "metrics.csv", dtype={"hospital": str}).iloc[0]
     assert row["site_fingerprint"] == shared["fingerprint"]
+
+
+def test_simulated_hospitals_read_their_partition_as_dicom(tmp_path):
+    from simulations.config import DataConfig
+    from simulations.sites import hospital_sites, simulated_site_loader
+
+    data = DataConfig(num_hospitals=2, max_train_examples=60, as_dicom=True)
+    loader = simulated_site_loader(data, 32, 0, str(tmp_path))
+    assert (tmp_path / "dicom" / "hospital-1" / "manifest.csv").is_file()
+    in_memory = hospital_sites(data, 32, 0)
+    for hospital in (0, 1):
+        context = Context(run_id=1, node_id=hospital + 1,
+                          node_config={"partition-id": hospital}, state=RecordDict(),
+                          run_config={})
+        site = loader(context, 32)
+        for split in ("train", "val"):
+            ours, theirs = getattr(site, split), getattr(in_memory[hospital], split)
+            assert torch.equal(ours.labels, theirs.labels)
+            assert (ours.images - theirs.images).abs().max() <= 0.5 / 255 + 1e-6
+        assert site.info["train-images"] == len(in_memory[hospital].train)
