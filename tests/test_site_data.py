@@ -265,3 +265,34 @@ def test_hospital_check_command_exit_codes(tmp_path, capsys):
     assert "gone.dcm" in out and "NOT READY" in out
     assert main(args + ["--max-error-fraction", "0.3"]) == 0
     assert "1 left out" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("slope,intercept,ok", [(0, 7, False), (1e38, 0, False),
+                                                (-1.5, 32768.5, True)])
+def test_odd_16_bit_rescale_values(tmp_path, slope, intercept, ok):
+    path = _write(tmp_path / "r.dcm", _gradient(), RescaleSlope=slope, RescaleIntercept=intercept)
+    if not ok:
+        with pytest.raises(DicomReadError) as err:
+            to_model_input(read_dicom(path), SIZE)
+        assert err.value.kind == "bad-values" and "Rescale" in err.value.reason
+        return
+    # A negative slope is odd but valid: the image comes out reversed against slope 1.
+    plain = to_model_input(read_dicom(_write(tmp_path / "p.dcm", _gradient())), SIZE)
+    np.testing.assert_allclose(to_model_input(read_dicom(path), SIZE), 1.0 - plain, atol=1e-5)
+
+
+def test_site_data_config_from_toml_and_node_config(tmp_path):
+    from client.data.config import SiteDataConfigError, from_node_config
+
+    toml = tmp_path / "site.toml"
+    toml.write_text('[site_data]\nclasses = ["a", "b"]\nlabel_column = "finding"\n'
+                    'frames = "all"\n')
+    config = from_node_config({"site-config": str(toml), "site-val-fraction": "0.3",
+                               "manifest": "/x.csv", "partition-id": 1})
+    assert config.classes == ("a", "b") and config.label_column == "finding"
+    assert config.frames == "all" and config.val_fraction == 0.3
+    assert from_node_config({"classes": "x, y"}).classes == ("x", "y")
+    with pytest.raises(SiteDataConfigError, match="unknown setting 'colour'"):
+        from_node_config({"site-colour": "red"})
+    with pytest.raises(SiteDataConfigError, match="frames"):
+        from_node_config({"site-frames": "first"})

@@ -146,7 +146,8 @@ def _frames(ds: Dataset, arr: np.ndarray) -> tuple[np.ndarray, bool, float]:
                 raise DicomReadError("bad-values", f"the VOI LUT/window cannot be applied "
                                      f"({err}): fix Window Center/Width in the export") from err
             value_range = _voi_output_range(ds, values)
-        values = np.asarray(values, dtype=np.float32)[:, None]
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below
+            values = np.asarray(values, dtype=np.float32)[:, None]
         if not np.isfinite(values).all():
             raise DicomReadError(
                 "bad-values", "pixel values are not finite after Rescale Slope/Intercept "
