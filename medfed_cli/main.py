@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--frames", choices=["middle", "all"])
     check.add_argument("--max-error-fraction", type=float,
                        help="fail above this share of unusable rows (default 0.1)")
-    check.add_argument("--image-size", type=int, default=64, help="model input side in pixels")
+    check.add_argument("--image-size", type=int, default=64,
+                       help="model input side in pixels; the run's, so the check fills the cache")
     check.add_argument("--cache-dir", help="decoded-image cache folder")
     check.set_defaults(func=cmd_hospital_check)
     return parser
