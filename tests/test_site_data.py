@@ -296,3 +296,23 @@ def test_site_data_config_from_toml_and_node_config(tmp_path):
         from_node_config({"site-colour": "red"})
     with pytest.raises(SiteDataConfigError, match="frames"):
         from_node_config({"site-frames": "first"})
+
+
+def test_unsupported_transfer_syntax_and_bom_manifest(tmp_path):
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import MPEG2MPML
+
+    ds = dicom_dataset(_gradient(), "P1")
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + bytes(60)])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(tmp_path / "video.dcm", enforce_file_format=True)
+    _write(tmp_path / "ok.dcm", _gradient(), "P2")
+    manifest = tmp_path / "manifest.csv"
+    # As a spreadsheet saves it: byte-order mark, CRLF line ends.
+    manifest.write_bytes("\ufeffpath,label,patient_id\r\nvideo.dcm,normal,P1\r\n"
+                         "ok.dcm,normal,P2\r\n".encode())
+    _, report = prepare_site(manifest, _config(tmp_path, max_error_fraction=0.5), SIZE)
+    assert report.usable_rows == 1
+    (problem,) = report.problems
+    assert problem.kind == "unsupported" and "MPEG2" in problem.reason

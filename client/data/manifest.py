@@ -53,7 +53,9 @@ def read_manifest(path: Path, config: SiteDataConfig) -> tuple[list[Entry], list
     if not path.is_file():
         raise ManifestError(f"manifest {path} does not exist: give the path to the CSV file")
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark.
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True,
+                            encoding="utf-8-sig")
     except pd.errors.EmptyDataError as err:
         raise ManifestError(f"manifest {path} is empty: it needs a header row with the columns "
                             f"{_required(config)} and one row per image") from err
