@@ -316,3 +316,18 @@ def test_unsupported_transfer_syntax_and_bom_manifest(tmp_path):
     assert report.usable_rows == 1
     (problem,) = report.problems
     assert problem.kind == "unsupported" and "MPEG2" in problem.reason
+
+
+def test_patient_given_both_splits_is_reported_and_kept_in_train(tmp_path):
+    manifest = _site(tmp_path, patients=4, per_patient=2)
+    table = pd.read_csv(manifest)
+    table["split"] = ["train", "val", "val", "val", "train", "train", "train", "train"]
+    table.to_csv(manifest, index=False)
+    sets, report = prepare_site(manifest, _config(tmp_path), SIZE)
+    assert report.patients_across_splits == ["P0"]
+    assert report.patients == {"train": 3, "val": 1}
+    assert len(sets["val"]) == 2 and len(sets["train"]) == 6
+    from client.data.check import format_report
+
+    text = format_report(report, _config(tmp_path))
+    assert "patients in both train and val" in text and "  P0" in text
