@@ -9,15 +9,30 @@ from __future__ import annotations
 
 import logging
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from client.model_cache import lora_model_for
+from client.privacy_round import (  # issue 4: DP-SGD, update DP, site policy and ledger
+    REFUSAL_CODE,
+    PrivacyRefusal,
+    SitePrivacyLoader,
+    site_privacy_from_node_config,
+    train_round,
+)
 from client.site import SiteLoader, load_site_from_node_config
-from client.training import train_local
 from models.adapters import adapter_state, load_adapter_state
-from models.config import ModelConfig, TrainConfig, from_config_record
+from models.config import ModelConfig, TrainConfig, from_config_record, round_lr
 from models.metrics import evaluate
+from privacy.config import dp_config_from_record
 
 logger = logging.getLogger(__name__)
 
@@ -35,17 +50,35 @@ def _prepare(msg: Message, context: Context, load_site: SiteLoader):
     return model, config, load_site(context, model_config.image_size)
 
 
-def handle_train(msg: Message, context: Context, load_site: SiteLoader) -> Message:
-    """Local training on the global adapter; the reply carries the new adapter and two numbers."""
+def handle_train(
+    msg: Message,
+    context: Context,
+    load_site: SiteLoader,
+    load_privacy: SitePrivacyLoader = site_privacy_from_node_config,
+) -> Message:
+    """Local training on the global adapter; the reply carries the new adapter and two numbers.
+
+    With DP (issue 4) the metrics add ``dp-epsilon`` and ``dp-delta``; a round the site's privacy
+    policy refuses gets an error reply whose reason says why (nothing is released).
+    """
     model, config, site = _prepare(msg, context, load_site)
     train_config = from_config_record(TrainConfig, config)
     server_round = int(config["server-round"])
     hospital = hospital_id(context)
     # Distinct per hospital and round, same on replay.
     seed = train_config.seed * 1_000_003 + server_round * 1_009 + hospital
-    loss = train_local(model, site.train.images, site.train.labels, train_config, seed)
+    # Issue 4: plain train_local unless the run asks for DP or the site has a privacy policy.
+    try:
+        loss, dp_metrics = train_round(
+            model, site.train, train_config, dp_config_from_record(config), load_privacy(context),
+            context, server_round, seed, lr=round_lr(train_config, server_round),
+            data_fingerprint=str(site.info.get("fingerprint", "")),
+        )
+    except PrivacyRefusal as refusal:
+        return Message(Error(code=REFUSAL_CODE, reason=str(refusal)), reply_to=msg)
     metrics = MetricRecord(
         {"num-examples": len(site.train), "train-loss": loss, "hospital-id": hospital}
+        | dp_metrics
     )
     content = RecordDict({"arrays": ArrayRecord(adapter_state(model)), "metrics": metrics})
     # Issue 3: the site's dataset fingerprint and counts (never ids, UIDs or paths), for the
@@ -66,13 +99,17 @@ def handle_evaluate(msg: Message, context: Context, load_site: SiteLoader) -> Me
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-def build_client_app(load_site: SiteLoader = load_site_from_node_config) -> ClientApp:
-    """A ClientApp whose hospitals get their data from ``load_site``."""
+def build_client_app(
+    load_site: SiteLoader = load_site_from_node_config,
+    load_privacy: SitePrivacyLoader = site_privacy_from_node_config,
+) -> ClientApp:
+    """A ClientApp whose hospitals get their data from ``load_site`` and their privacy policy
+    and ledger from ``load_privacy``."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, load_site)
+        return handle_train(msg, context, load_site, load_privacy)
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:

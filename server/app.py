@@ -9,6 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from models.config import ModelConfig, TrainConfig
 from models.data import ImageSet
+from privacy.config import DPConfig
 from server.config import FederationConfig
 from server.records import RunRecords
 from server.rounds import FederationOutcome, ReplyCallback, RoundCallback, run_federation
@@ -25,6 +26,7 @@ class ServerRun:
     records: RunRecords
     on_round: RoundCallback | None = None
     on_reply: ReplyCallback | None = None
+    dp: DPConfig | None = None
     outcome: FederationOutcome | None = field(default=None, init=False)
     error: BaseException | None = field(default=None, init=False)
 
@@ -42,7 +44,7 @@ def build_server_app(run: ServerRun) -> ServerApp:
         try:
             run.outcome = run_federation(
                 grid, run.federation, run.model, run.train, run.test_set, run.records,
-                run.on_round, run.on_reply,
+                run.on_round, run.on_reply, run.dp,
             )
         except BaseException as err:
             run.error = err

@@ -24,7 +24,7 @@ METRICS_COLUMNS = [
     "round", "hospital", "node_id", "num_examples", "train_loss",
     "val_loss", "val_auc", "val_accuracy", "val_macro_f1",
     "test_loss", "test_auc", "test_accuracy", "test_macro_f1",
-    "upload_bytes", "site_fingerprint", "error",
+    "upload_bytes", "site_fingerprint", "epsilon", "delta", "error",
 ]
 GLOBAL = "global"
 
@@ -77,6 +77,9 @@ class RunRecords:
             row["upload_bytes"] = reply.upload_bytes
             # Which data trained this update (a hash; no ids or paths leave the hospital).
             row["site_fingerprint"] = str(reply.site.get("fingerprint", ""))
+            # Issue 4: the hospital's DP spend in this run so far (absent without DP).
+            row["epsilon"] = metrics.get("dp-epsilon")
+            row["delta"] = metrics.get("dp-delta")
         else:
             for name in ("loss", "auc", "accuracy", "macro_f1"):
                 row[f"val_{name}"] = metrics.get(f"val-{name.replace('_', '-')}")
@@ -93,6 +96,22 @@ class RunRecords:
 
     def train_rows(self) -> list[dict[str, Any]]:
         return [r for (_, h), r in sorted(self.rows.items()) if h != GLOBAL]
+
+    def privacy_summary(self) -> dict[str, Any]:
+        """Each hospital's last reported epsilon (this run, so far), the largest, and the rounds
+        hospitals refused on privacy grounds; empty when no hospital reported an epsilon."""
+        last: dict[str, float] = {}
+        delta = None
+        for row in self.train_rows():
+            if row.get("epsilon") is not None:
+                last[row["hospital"]] = row["epsilon"]
+                delta = row.get("delta")
+        refusals = [{"round": r["round"], "hospital": r["hospital"], "reason": r["error"]}
+                    for r in self.train_rows() if "privacy" in str(r.get("error", ""))]
+        if not last and not refusals:
+            return {}
+        return {"epsilon_per_hospital": last, "epsilon_max": max(last.values(), default=None),
+                "delta": delta, "refusals": refusals}
 
     def write_metrics(self) -> Path:
         path = self.run_dir / "metrics.csv"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from flwr.app import ArrayRecord
@@ -16,6 +16,7 @@ from models.adapters import adapter_state, load_adapter_state, save_adapter
 from models.config import ModelConfig, TrainConfig, to_config_record
 from models.data import ImageSet
 from models.lora import build_lora_model
+from privacy.config import DPConfig
 from server.config import FederationConfig
 from server.evaluation import central_evaluator
 from server.records import RunRecords
@@ -61,12 +62,18 @@ def run_federation(
     records: RunRecords,
     on_round: RoundCallback | None = None,
     on_reply: ReplyCallback | None = None,
+    dp: DPConfig | None = None,
 ) -> FederationOutcome:
     """Run ``federation.rounds`` rounds and write metrics and the final adapter to ``records``.
+
+    ``dp`` (issue 4) travels in each round's config; with client-level DP the strategy averages
+    updates uniformly (hospitals send ``update-weight`` = 1), as its sensitivity bound needs.
 
     Raises:
         FederationError: a round ended with fewer than ``federation.min_hospitals`` valid updates.
     """
+    if dp is not None:
+        dp = replace(dp, dp_run_rounds=dp.dp_run_rounds or federation.rounds)
     model = initial_model(model_config, train_config.seed)
     strategy = build_strategy(
         federation.strategy,
@@ -76,18 +83,19 @@ def run_federation(
         min_evaluate_nodes=min(federation.min_hospitals, 1) if federation.fraction_evaluate else 0,
         min_available_nodes=federation.min_hospitals,
         observer=lambda reply: _observe(reply, records, on_reply),
+        **({"weighted_by_key": "update-weight"} if dp is not None and dp.update_dp else {}),
     )
     evaluator = central_evaluator(model, test_set)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord):
         metrics = evaluator(server_round, arrays)
         records.add_test(server_round, dict(metrics))
-        logger.info("round %d: test %s", server_round, dict(metrics))
+        logger.debug("round %d: test %s", server_round, dict(metrics))
         if on_round is not None:
             on_round(server_round, dict(metrics))
         return metrics
 
-    wire_config = to_config_record(model_config, train_config)
+    wire_config = to_config_record(model_config, train_config, *([dp] if dp else []))
     start = time.monotonic()
     result = strategy.start(
         grid=grid,

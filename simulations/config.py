@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from models.config import ModelConfig, TrainConfig
+from privacy.config import DPConfig
 from server.config import FederationConfig
 
 
@@ -51,6 +52,10 @@ class SimulationConfig:
         run_dir: where results go; empty means ``runs/<dataset>-<timestamp>``.
         baselines: which of ``pooled`` and ``local`` to run on the same split and budget.
         cpus_per_hospital: CPU cores each simulated hospital's Ray actor gets.
+        privacy: the run's DP mechanisms (``[privacy]``; issue 4), proposed by the coordinator.
+        site_policy: a site privacy policy TOML every simulated hospital applies ("" : none).
+        ledger_dir: where simulated hospitals keep their privacy ledgers (one SQLite file each);
+            "" : ``runs/ledgers`` when ``site_policy`` is set, so budgets compose across runs.
     """
 
     seed: int = 0
@@ -61,6 +66,9 @@ class SimulationConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: DPConfig = field(default_factory=DPConfig)
+    site_policy: str = ""
+    ledger_dir: str = ""
 
 
 class ConfigError(ValueError):

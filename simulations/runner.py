@@ -24,6 +24,7 @@ from server.rounds import FederationError
 from simulations.baselines import local_baseline, pooled_baseline
 from simulations.config import SimulationConfig, config_dict
 from simulations.progress import RoundProgress
+from simulations.site_privacy import simulated_site_privacy
 from simulations.sites import cached_dataset, hospital_sites, simulated_site_loader, test_set
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,16 @@ def resolve(config: SimulationConfig) -> SimulationConfig:
             f"federation.min_hospitals={config.federation.min_hospitals} exceeds "
             f"data.num_hospitals={config.data.num_hospitals}"
         )
-    return replace(config, model=model, run_dir=run_dir)
+    # Issue 4: the run's length and the hospitals sampled per round (Flower's sampling rule)
+    # calibrate DP at the hospitals.
+    sampled = max(int(config.data.num_hospitals * config.federation.fraction_train),
+                  config.federation.min_hospitals)
+    privacy = replace(
+        config.privacy,
+        dp_run_rounds=config.privacy.dp_run_rounds or config.federation.rounds,
+        update_hospitals=config.privacy.update_hospitals or sampled,
+    )
+    return replace(config, model=model, run_dir=run_dir, privacy=privacy)
 
 
 def backend_config(config: SimulationConfig) -> dict[str, Any]:
@@ -62,7 +72,8 @@ def _run_flower(config: SimulationConfig, run: ServerRun) -> None:
 
     loader = simulated_site_loader(config.data, config.model.image_size, config.seed,
                                    config.run_dir)
-    client_app = build_client_app(loader)
+    client_app = build_client_app(loader,
+                                  simulated_site_privacy(config))
     try:
         run_simulation(
             server_app=build_server_app(run),
@@ -92,6 +103,7 @@ def run_study(config: SimulationConfig, console: Console | None = None) -> dict[
     run = ServerRun(
         federation=config.federation, model=config.model, train=config.train, test_set=test,
         records=records, on_round=progress.on_round, on_reply=progress.on_reply,
+        dp=config.privacy,
     )
     started = time.monotonic()
     with progress:
@@ -132,5 +144,7 @@ def run_study(config: SimulationConfig, console: Console | None = None) -> dict[
         "full_model": adapter_nbytes(build_base_model(config.model).state_dict()),
     }
     summary["wall_time_s"] = {"federated": federated_time} | baseline_time
+    if privacy := records.privacy_summary():
+        summary["privacy"] = privacy
     records.write_summary(summary)
     return summary

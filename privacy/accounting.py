@@ -1,0 +1,65 @@
+"""Privacy accounting with opacus' accountants, over a history that outlives any one process.
+
+A history is a list of :data:`Event` ``(noise_multiplier, sample_rate, steps)``: a subsampled
+Gaussian mechanism run ``steps`` times. That is exactly what opacus' RDP and PRV accountants keep
+in ``accountant.history``, so composing over rounds, runs and processes means keeping the events
+(in the ClientApp's ``context.state`` and in the ledger) and rebuilding the accountant from them.
+"""
+
+from __future__ import annotations
+
+import math
+
+from flwr.app import ConfigRecord
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+Event = tuple[float, float, int]
+"""``(noise_multiplier, sample_rate, steps)`` of one run of the subsampled Gaussian mechanism."""
+
+
+def epsilon(history: list[Event], delta: float, accountant: str = "rdp") -> float:
+    """Epsilon at ``delta`` of all events composed; 0 for an empty history.
+
+    Args:
+        history: events in any order (composition is commutative).
+        delta: target delta, in (0, 1).
+        accountant: ``rdp`` or ``prv``.
+    """
+    events = [(float(z), float(q), int(n)) for z, q, n in history if n > 0]
+    if not events:
+        return 0.0
+    if any(z <= 0 for z, _, _ in events):
+        return math.inf
+    acc = create_accountant(accountant)
+    acc.history = events
+    return float(acc.get_epsilon(delta))
+
+
+def noise_for_target(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
+) -> float:
+    """Smallest noise multiplier whose ``steps`` steps at ``sample_rate`` spend ``target_epsilon``.
+
+    opacus' ``get_noise_multiplier`` (bisection on the accountant, tolerance 0.005 in epsilon).
+    """
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                      sample_rate=sample_rate, steps=steps,
+                                      accountant=accountant, epsilon_tolerance=0.005))
+
+
+def history_to_record(history: list[Event]) -> ConfigRecord:
+    """Events as a ConfigRecord (three parallel lists), for the ClientApp's ``context.state``."""
+    return ConfigRecord({
+        "noise-multiplier": [float(z) for z, _, _ in history],
+        "sample-rate": [float(q) for _, q, _ in history],
+        "steps": [int(n) for _, _, n in history],
+    })
+
+
+def history_from_record(record: ConfigRecord | None) -> list[Event]:
+    """Inverse of :func:`history_to_record`; ``None`` gives an empty history."""
+    if record is None:
+        return []
+    return [(float(z), float(q), int(n)) for z, q, n in
+            zip(record["noise-multiplier"], record["sample-rate"], record["steps"], strict=True)]

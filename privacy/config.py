@@ -1,0 +1,106 @@
+"""The run's differential-privacy settings, sent by the coordinator like ``TrainConfig``.
+
+The coordinator proposes the mechanism; each hospital's own :class:`privacy.policy.SitePolicy`
+decides whether it takes part (see ``client.privacy_round``). Keys on the wire are the field names
+in Flower's dashed style (``dp_max_grad_norm`` -> ``"dp-max-grad-norm"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from flwr.app import ConfigRecord
+
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+
+
+@dataclass
+class DPConfig:
+    """Sample-level DP-SGD (opacus) and client-level DP on updates; both off by default.
+
+    Attributes:
+        dpsgd: train locally with DP-SGD (per-example clipping + Gaussian noise, Poisson sampling).
+        dp_noise_multiplier: noise std over ``dp_max_grad_norm``; 0 means "derive it from
+            ``dp_target_epsilon``".
+        dp_target_epsilon: epsilon the whole run may spend at each hospital (all rounds); used
+            only when ``dp_noise_multiplier`` is 0.
+        dp_delta: the delta epsilon is stated for (per example).
+        dp_max_grad_norm: per-example gradient L2 clipping bound.
+        dp_accountant: ``rdp`` (Renyi DP) or ``prv`` (privacy random variables, tighter).
+        dp_grad_sample_mode: opacus per-example gradient engine: ``hooks``, ``functorch`` or
+            ``ghost`` (fast gradient clipping: norms without materialised per-example grads).
+        dp_run_rounds: rounds the run plans; the coordinator fills it in, so a hospital can spread
+            ``dp_target_epsilon`` over the run.
+        update_clip_norm: client-level DP: L2 bound on each hospital's adapter update (new -
+            global); 0 turns client-level DP off.
+        update_noise_multiplier: client-level DP: noise std of the *sum* of updates over
+            ``update_clip_norm``; each hospital adds its share (see ``privacy.update_dp``).
+        update_hospitals: hospitals whose noise shares make up the sum (the number sampled per
+            round); 0: the coordinator fills it in.
+    """
+
+    dpsgd: bool = False
+    dp_noise_multiplier: float = 0.0
+    dp_target_epsilon: float = 0.0
+    dp_delta: float = 1e-5
+    dp_max_grad_norm: float = 1.0
+    dp_accountant: str = "rdp"
+    dp_grad_sample_mode: str = "hooks"
+    dp_run_rounds: int = 0
+    update_clip_norm: float = 0.0
+    update_noise_multiplier: float = 0.0
+    update_hospitals: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def update_dp(self) -> bool:
+        """Client-level DP on the update is on."""
+        return self.update_clip_norm > 0
+
+    def validate(self, where: str = "dp config") -> None:
+        """Raise ``ValueError`` naming the field when a setting is out of range."""
+        if self.dp_accountant not in ACCOUNTANTS:
+            raise ValueError(f"{where}: dp_accountant '{self.dp_accountant}' is not one of "
+                             f"{ACCOUNTANTS}")
+        if self.dp_grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"{where}: dp_grad_sample_mode '{self.dp_grad_sample_mode}' is not "
+                             f"one of {GRAD_SAMPLE_MODES}")
+        if not 0 < self.dp_delta < 1:
+            raise ValueError(f"{where}: dp_delta must be in (0, 1), got {self.dp_delta}")
+        if self.dp_max_grad_norm <= 0:
+            raise ValueError(f"{where}: dp_max_grad_norm must be > 0")
+        if self.dp_noise_multiplier < 0 or self.dp_target_epsilon < 0:
+            raise ValueError(f"{where}: dp_noise_multiplier and dp_target_epsilon must be >= 0")
+        if self.dpsgd and self.dp_noise_multiplier == 0 and self.dp_target_epsilon == 0:
+            raise ValueError(f"{where}: dpsgd needs dp_noise_multiplier > 0 or "
+                             "dp_target_epsilon > 0")
+        if self.update_clip_norm < 0 or self.update_noise_multiplier < 0:
+            raise ValueError(f"{where}: update_clip_norm and update_noise_multiplier must be >= 0")
+        if self.update_dp and self.update_noise_multiplier == 0:
+            raise ValueError(f"{where}: update_clip_norm > 0 needs update_noise_multiplier > 0 "
+                             "(clipping alone protects no one)")
+        if self.update_hospitals < 0:
+            raise ValueError(f"{where}: update_hospitals must be >= 0")
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def dp_config_from_record(record: ConfigRecord) -> DPConfig:
+    """The DP settings in a coordinator's ConfigRecord.
+
+    A record without any DP key comes from a run without DP (every mechanism off); a record with
+    some but not all keys is a protocol error.
+    """
+    keys = [_key(f.name) for f in fields(DPConfig)]
+    present = [k for k in keys if k in record]
+    if not present:
+        return DPConfig()
+    missing = sorted(set(keys) - set(present))
+    if missing:
+        raise KeyError(f"the coordinator's config record lacks DP settings {missing}")
+    return DPConfig(**{f.name: record[_key(f.name)] for f in fields(DPConfig)})

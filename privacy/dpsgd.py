@@ -1,0 +1,178 @@
+"""DP-SGD at a hospital with opacus: per-example clipping and Gaussian noise on the adapter.
+
+Only the trainable tensors (LoRA factors and the task head) get per-example gradients; the frozen
+backbone, BatchNorm included (kept in eval mode on its pretrained statistics by
+``models.lora.freeze_batchnorm``), never sees a gradient, so opacus' ``ModuleValidator`` has
+nothing to object to (BatchNorm mixes examples only when it trains).
+
+Privacy unit: one training example of this hospital. Batches are Poisson-sampled (each example
+joins each step independently with rate ``q = batch_size / N``) as the accountant assumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from models.config import TrainConfig
+from models.lora import freeze_batchnorm
+from privacy.config import DPConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one round of DP-SGD at a hospital will run.
+
+    Attributes:
+        sample_rate: Poisson sampling rate ``q`` (expected batch size over examples).
+        steps: optimiser steps in the round (``local_epochs * round(1 / q)``).
+    """
+
+    sample_rate: float
+    steps: int
+
+
+@dataclass(frozen=True)
+class DPTrainResult:
+    """Outcome of one round of DP-SGD.
+
+    Attributes:
+        loss: mean training loss over the round's examples (not private; stays at the hospital
+            unless the ClientApp reports it).
+        noise_multiplier: the noise std over the clipping norm that was used.
+        plan: the sample rate and steps the accountant must be charged with.
+    """
+
+    loss: float
+    noise_multiplier: float
+    plan: StepPlan
+
+
+def plan_round(num_examples: int, config: TrainConfig) -> StepPlan:
+    """Sample rate and steps of one round: ``config.local_steps`` steps, or ``local_epochs``
+    epochs of ``1/q`` steps each (an epoch of opacus' Poisson loader)."""
+    if num_examples <= 0:
+        raise ValueError("no training examples at this hospital")
+    q = min(1.0, config.batch_size / num_examples)
+    steps = config.local_steps or config.local_epochs * int(1 / q)
+    return StepPlan(sample_rate=q, steps=steps)
+
+
+def check_private_model(model: nn.Module) -> None:
+    """Raise when opacus cannot give per-example gradients for ``model``'s trainable modules.
+
+    Call with the model in training mode; frozen modules (the backbone, BatchNorm) are not
+    checked, as they get no gradient.
+    """
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ValueError(f"model is not DP-SGD compatible: {errors[:3]}")
+
+
+def train_dpsgd(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainConfig,
+    dp: DPConfig,
+    noise_multiplier: float,
+    seed: int,
+    lr: float | None = None,
+) -> DPTrainResult:
+    """Train the model's trainable tensors in place with DP-SGD for one round.
+
+    The model is wrapped by opacus only for the round: hooks and per-example gradients are removed
+    afterwards, so the same (cached) model serves non-private rounds unchanged.
+
+    Args:
+        model: a LoRA-wrapped classifier (only adapter and head require grad).
+        images: ``(N, C, S, S)`` float images in [0, 1].
+        labels: ``(N,)`` int64 labels.
+        config: epochs, expected batch size, learning rate, weight decay. Logit adjustment is not
+            used: the class prior it needs is a statistic of the private data that the accountant
+            does not cover.
+        dp: clipping norm and per-example gradient engine.
+        noise_multiplier: noise std over ``dp.dp_max_grad_norm`` (see
+            ``privacy.accounting.noise_for_target``).
+        seed: seeds Poisson sampling, noise and dropout, so a round can be replayed.
+        lr: learning rate for this round (default ``config.lr``).
+    """
+    plan = plan_round(len(labels), config)
+    model.train()
+    freeze_batchnorm(model)
+    check_private_model(model)
+    torch.manual_seed(seed)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=config.batch_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr if lr is None else lr,
+                                  weight_decay=config.weight_decay)
+    criterion = nn.CrossEntropyLoss()
+    ghost = dp.dp_grad_sample_mode == "ghost"
+    with warnings.catch_warnings():
+        # opacus warns that secure_mode is off and about full backward hooks; both are known.
+        # (Its accountant here is unused: privacy.accounting composes the events instead.)
+        warnings.simplefilter("ignore")
+        engine = PrivacyEngine(accountant=dp.dp_accountant, secure_mode=False)
+        made = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
+            noise_multiplier=noise_multiplier, max_grad_norm=dp.dp_max_grad_norm,
+            poisson_sampling=True, grad_sample_mode=dp.dp_grad_sample_mode,
+            noise_generator=torch.Generator().manual_seed(seed + 1),
+        )
+    if ghost:
+        private_model, private_optimizer, criterion, private_loader = made
+    else:
+        private_model, private_optimizer, private_loader = made
+    # Poisson batches drawn from a seeded generator: a replayed round samples the same batches.
+    private_loader.batch_sampler.generator = torch.Generator().manual_seed(seed)
+    total, count, steps = 0.0, 0, 0
+    try:
+        private_model.train()
+        freeze_batchnorm(private_model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            while steps < plan.steps:
+                for batch_images, batch_labels in private_loader:
+                    steps += 1
+                    if len(batch_labels) > 0:
+                        # An empty Poisson batch (probability (1-q)^N, about e^-batch_size) is
+                        # skipped; the accountant is charged for every planned step anyway.
+                        private_optimizer.zero_grad(set_to_none=True)
+                        loss = criterion(private_model(batch_images), batch_labels)
+                        loss.backward()
+                        private_optimizer.step()
+                        total += loss.item() * len(batch_labels)
+                        count += len(batch_labels)
+                    if steps == plan.steps:
+                        break
+    finally:
+        _unwrap(private_model, params)
+        model.eval()
+    logger.debug("DP-SGD round: %d steps at q=%.4f, z=%.3f", steps, plan.sample_rate,
+                 noise_multiplier)
+    mean = total / max(count, 1)
+    if not math.isfinite(mean):
+        raise FloatingPointError(f"training loss is {mean}: lower the learning rate")
+    return DPTrainResult(loss=mean, noise_multiplier=noise_multiplier, plan=plan)
+
+
+def _unwrap(private_model: nn.Module, params: list[torch.Tensor]) -> None:
+    """Remove opacus' hooks and per-example gradient buffers from the wrapped model."""
+    close = getattr(private_model, "_close", None)
+    if close is not None:
+        close()
+    for p in params:
+        for name in ("grad_sample", "_forward_counter", "_current_grad_sample", "summed_grad"):
+            if hasattr(p, name):
+                delattr(p, name)
+        p.grad = None

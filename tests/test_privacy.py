@@ -1,0 +1,300 @@
+"""Differential privacy: accounting against Google's dp-accounting, DP-SGD on real data, update DP,
+the hospital's ledger (atomic, budget-refusing) and the coordinator's records of epsilon."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import time
+
+import dp_accounting as dpa
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app.message.message import make_message
+from flwr.app.metadata import Metadata
+
+from client.app import build_client_app
+from client.privacy_round import REFUSAL_CODE, SitePrivacy
+from client.site import SiteData
+from models.adapters import adapter_state
+from models.config import TrainConfig, to_config_record
+from models.lora import build_lora_model
+from privacy.accounting import epsilon, noise_for_target
+from privacy.config import DPConfig, dp_config_from_record
+from privacy.dpsgd import plan_round, train_dpsgd
+from privacy.ledger import BudgetExceeded, Charge, Ledger
+from privacy.policy import SitePolicy, load_site_policy
+from privacy.update_dp import clip_and_noise, update_norm
+from server.records import RunRecords
+from strategies.base import Reply
+
+
+def reference_epsilon(events, delta: float, accountant: str) -> float:
+    """Google's dp-accounting on the same Poisson-subsampled Gaussian events (RDP; PLD for PRV)."""
+    acc = dpa.rdp.RdpAccountant() if accountant == "rdp" else dpa.pld.PLDAccountant()
+    for z, q, steps in events:
+        acc.compose(dpa.SelfComposedDpEvent(
+            dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)), steps))
+    return acc.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("events", [
+    [(1.1, 0.01, 1000)],
+    [(0.9, 0.05, 40), (0.9, 0.05, 40), (2.0, 1.0, 1)],
+])
+def test_epsilon_matches_dp_accounting(events, accountant):
+    ours = epsilon(events, 1e-5, accountant)
+    assert ours == pytest.approx(reference_epsilon(events, 1e-5, accountant), rel=0.01)
+
+
+def test_gaussian_mechanism_closed_form():
+    """One full-batch Gaussian release: the RDP curve is alpha / (2 z^2); epsilon is its
+    conversion min over alpha (opacus' improved conversion), checked against dp-accounting's
+    RDP and against the analytic Gaussian mechanism (Balle & Wang 2018) as a lower bound."""
+    z, delta = 2.0, 1e-5
+    eps = epsilon([(z, 1.0, 1)], delta, "rdp")
+    assert eps == pytest.approx(reference_epsilon([(z, 1.0, 1)], delta, "rdp"), rel=0.01)
+    exact = dpa.pld.PLDAccountant().compose(dpa.GaussianDpEvent(z)).get_epsilon(delta)
+    assert exact <= eps <= 1.5 * exact
+
+
+def test_noise_for_target_reaches_the_target():
+    q, steps = 32 / 1000, 300
+    z = noise_for_target(3.0, 1e-5, q, steps, "rdp")
+    assert reference_epsilon([(z, q, steps)], 1e-5, "rdp") == pytest.approx(3.0, rel=0.01)
+
+
+def test_dp_config_travels_in_the_config_record():
+    dp = DPConfig(dpsgd=True, dp_noise_multiplier=1.3, dp_accountant="prv", update_clip_norm=0.5,
+                  update_noise_multiplier=0.8, update_hospitals=4)
+    assert dp_config_from_record(to_config_record(TrainConfig(), dp)) == dp
+    assert dp_config_from_record(to_config_record(TrainConfig())) == DPConfig()
+    record = to_config_record(dp)
+    del record["dp-delta"]
+    with pytest.raises(KeyError, match="dp-delta"):
+        dp_config_from_record(record)
+    with pytest.raises(ValueError, match="dp_accountant"):
+        DPConfig(dp_accountant="moments")
+
+
+# --- DP-SGD on real data --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def site(pneumonia_small):
+    train = pneumonia_small.splits["train"]
+    rng = np.random.default_rng(1)
+    return SiteData(train=train.subset(rng.choice(len(train), 64, replace=False)),
+                    val=train.subset(rng.choice(len(train), 32, replace=False)))
+
+
+def test_dpsgd_trains_the_adapter_and_leaves_the_model_clean(site, small_model_config):
+    torch.manual_seed(0)
+    model = build_lora_model(small_model_config)
+    before = adapter_state(model)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    config = TrainConfig(local_epochs=1, batch_size=16, lr=1e-2)
+    result = train_dpsgd(model, site.train.images, site.train.labels, config,
+                         DPConfig(dpsgd=True, dp_noise_multiplier=1.0), 1.0, seed=3)
+    after = adapter_state(model)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed, "DP-SGD changed no adapter tensor"
+    assert all(torch.isfinite(t).all() for t in after.values())
+    assert result.plan == plan_round(len(site.train), config)
+    # The frozen backbone is untouched.
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    # opacus is gone afterwards: no hooks, no per-example gradients on the cached model.
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+
+
+def _message(arrays: ArrayRecord, config) -> Message:
+    metadata = Metadata(
+        run_id=5, message_id="train-1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
+        group_id="1", created_at=time.time(), ttl=600.0, message_type="train",
+    )
+    return make_message(metadata, RecordDict({"arrays": arrays, "config": config}))
+
+
+def _wire(model_config, train: TrainConfig, dp: DPConfig, server_round: int):
+    torch.manual_seed(0)
+    arrays = ArrayRecord(adapter_state(build_lora_model(model_config)))
+    record = to_config_record(model_config, train, dp)
+    record["server-round"] = server_round
+    return arrays, record
+
+
+def test_reported_epsilon_composes_over_rounds_and_matches_dp_accounting(
+    site, small_model_config, tmp_path
+):
+    """Two rounds through the ClientApp: the reply's epsilon is this run's spend so far, kept in
+    the hospital's context.state, and equals dp-accounting's on the same events within 1%."""
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    app = build_client_app(lambda context, image_size: site,
+                           lambda context: SitePrivacy(ledger=ledger, fingerprint="site-a"))
+    context = Context(run_id=5, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
+                      run_config={})
+    train = TrainConfig(local_epochs=1, batch_size=16, lr=1e-3)
+    dp = DPConfig(dpsgd=True, dp_noise_multiplier=0.9, dp_delta=1e-4)
+    q, steps = 16 / len(site.train), 1 * int(len(site.train) / 16)
+    reported = []
+    for server_round in (1, 2):
+        reply = app(_message(*_wire(small_model_config, train, dp, server_round)), context)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        reported.append(reply.content["metrics"]["dp-epsilon"])
+        assert reply.content["metrics"]["dp-delta"] == 1e-4
+    for rounds, eps in enumerate(reported, start=1):
+        expected = reference_epsilon([(0.9, q, steps)] * rounds, 1e-4, "rdp")
+        assert eps == pytest.approx(expected, rel=0.01)
+    assert reported[1] > reported[0]
+    rows = ledger.rows("site-a")
+    assert [(r.run_id, r.server_round, r.mechanism, r.steps) for r in rows] == [
+        ("5", 1, "dpsgd", steps), ("5", 2, "dpsgd", steps)]
+
+
+# --- the ledger and the site policy ---------------------------------------------------------
+
+
+def _charge(z=1.0, q=0.1, steps=50) -> Charge:
+    return Charge("dpsgd", z, q, steps, 1.0)
+
+
+def test_ledger_composes_across_runs(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    total1 = ledger.record_round("d1", "run-1", 1, [_charge()], 1e-5, "rdp", budget=100)
+    total2 = ledger.record_round("d1", "run-2", 1, [_charge(), Charge("client-gaussian", 2.0,
+                                                                      1.0, 1, 0.5)],
+                                 1e-5, "rdp", budget=100)
+    ledger.record_round("d2", "run-2", 1, [_charge(z=5.0)], 1e-5, "rdp", budget=100)
+    events = [(1.0, 0.1, 50), (1.0, 0.1, 50), (2.0, 1.0, 1)]
+    assert total1 == pytest.approx(reference_epsilon(events[:1], 1e-5, "rdp"), rel=0.01)
+    assert total2 == pytest.approx(reference_epsilon(events, 1e-5, "rdp"), rel=0.01)
+    assert [r.epsilon_total for r in ledger.rows("d1")][-1] == total2
+    assert len(ledger.rows()) == 4
+
+
+def test_ledger_refuses_past_the_budget_and_records_nothing(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    # A budget between one round's epsilon and two rounds' epsilon.
+    budget = (epsilon([(1.0, 0.1, 50)], 1e-5, "rdp") + epsilon([(1.0, 0.1, 50)] * 2, 1e-5)) / 2
+    ledger.record_round("d", "r", 1, [_charge()], 1e-5, "rdp", budget=budget)
+    with pytest.raises(BudgetExceeded, match="past the site budget"):
+        ledger.record_round("d", "r", 2, [_charge()], 1e-5, "rdp", budget=budget)
+    assert [r.server_round for r in ledger.rows("d")] == [1]
+
+
+def _crash_mid_round(path: str) -> None:
+    """Child process: die (no cleanup, no rollback) after the round's first row is written."""
+    import os
+
+    ledger = Ledger(path)
+    insert = Ledger._insert
+    calls = []
+
+    def insert_then_maybe_die(conn, values):
+        insert(conn, values)
+        calls.append(1)
+        if len(calls) == 2:
+            os._exit(17)
+
+    Ledger._insert = staticmethod(insert_then_maybe_die)
+    ledger.record_round("d", "run", 2, [_charge(), Charge("client-gaussian", 2.0, 1.0, 1, 1.0)],
+                        1e-5, "rdp", budget=100)
+
+
+def test_a_crash_mid_round_records_no_part_of_it(tmp_path):
+    path = tmp_path / "l.sqlite"
+    Ledger(path).record_round("d", "run", 1, [_charge()], 1e-5, "rdp", budget=100)
+    child = multiprocessing.get_context("spawn").Process(target=_crash_mid_round,
+                                                          args=(str(path),))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 17, "the child did not crash where the test meant it to"
+    rows = Ledger(path).rows("d")
+    assert [(r.server_round, r.mechanism) for r in rows] == [(1, "dpsgd")]
+    # The ledger is usable after the crash (the hot journal was rolled back).
+    Ledger(path).record_round("d", "run", 2, [_charge()], 1e-5, "rdp", budget=100)
+    assert len(Ledger(path).rows("d")) == 2
+
+
+def test_hospital_refuses_a_round_past_its_budget(site, small_model_config, tmp_path):
+    """The site's budget affords one round: the second gets an error reply with the reason, and
+    the ledger holds exactly the first."""
+    train = TrainConfig(local_epochs=1, batch_size=16, lr=1e-3)
+    dp = DPConfig(dpsgd=True, dp_noise_multiplier=1.0)
+    q, steps = 16 / len(site.train), int(len(site.train) / 16)
+    budget = (epsilon([(1.0, q, steps)], 1e-5) + epsilon([(1.0, q, steps)] * 2, 1e-5)) / 2
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    privacy = SitePrivacy(policy=SitePolicy(max_epsilon=budget), ledger=ledger,
+                          fingerprint="site-b")
+    app = build_client_app(lambda context, image_size: site, lambda context: privacy)
+    context = Context(run_id=5, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
+                      run_config={})
+    first = app(_message(*_wire(small_model_config, train, dp, 1)), context)
+    assert not first.has_error()
+    second = app(_message(*_wire(small_model_config, train, dp, 2)), context)
+    assert second.has_error() and second.error.code == REFUSAL_CODE
+    assert "past the site budget" in second.error.reason
+    assert [r.server_round for r in ledger.rows("site-b")] == [1]
+    # A round without DP is refused outright by a site with a budget.
+    plain = app(_message(*_wire(small_model_config, train, DPConfig(), 3)), context)
+    assert plain.has_error() and "without differential privacy" in plain.error.reason
+
+
+def test_site_policy_file_errors_name_the_setting(tmp_path):
+    good = tmp_path / "policy.toml"
+    good.write_text('max_epsilon = 8.0\ndelta = 1e-6\naccountant = "prv"\n')
+    assert load_site_policy(good) == SitePolicy(max_epsilon=8.0, delta=1e-6, accountant="prv")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("max_epsilon = 8.0\nmax_epsilom = 3\n")
+    with pytest.raises(ValueError, match="max_epsilom"):
+        load_site_policy(bad)
+    bad.write_text("delta = 1e-5\n")
+    with pytest.raises(ValueError, match="set max_epsilon"):
+        load_site_policy(bad)
+    bad.write_text('max_epsilon = "eight"\n')
+    with pytest.raises(ValueError, match="max_epsilon"):
+        load_site_policy(bad)
+
+
+# --- client-level DP on updates -------------------------------------------------------------
+
+
+def test_update_is_clipped_and_noise_shares_sum_to_the_calibrated_noise():
+    ref = {"a": torch.zeros(200, 50), "b": torch.zeros(10)}
+    new = {"a": torch.full((200, 50), 0.1), "b": torch.ones(10)}
+    clipped = clip_and_noise(new, ref, 1.0, 0.0, 4, torch.Generator().manual_seed(0))
+    assert update_norm(clipped, ref) == pytest.approx(1.0, rel=1e-5)
+    # Direction kept: clipping only scales.
+    assert torch.allclose(clipped["b"] / clipped["b"].norm(), new["b"] / new["b"].norm())
+    # n hospitals each add their share: the sum of the n noises has std z * C.
+    z, clip, n = 2.0, 0.5, 4
+    shares = [clip_and_noise(ref, ref, clip, z, n, torch.Generator().manual_seed(s))["a"]
+              for s in range(n)]
+    total = torch.stack(shares).sum(0)
+    assert float(total.std()) == pytest.approx(z * clip, rel=0.05)
+    assert float(shares[0].std()) == pytest.approx(z * clip / math.sqrt(n), rel=0.05)
+
+
+# --- the coordinator's records --------------------------------------------------------------
+
+
+def test_coordinator_records_epsilon_per_hospital_and_round(tmp_path):
+    records = RunRecords(tmp_path)
+    for server_round, eps in ((1, 0.8), (2, 1.2)):
+        records.add_reply(Reply(server_round, "train", node_id=11, metrics={
+            "num-examples": 10, "train-loss": 0.5, "hospital-id": 0,
+            "dp-epsilon": eps, "dp-delta": 1e-5}))
+    records.add_reply(Reply(2, "train", node_id=12, error="hospital error: privacy budget: "
+                            "this round would bring epsilon to 9, past the site budget 8"))
+    text = records.write_metrics().read_text().splitlines()
+    header = text[0].split(",")
+    assert "epsilon" in header and "delta" in header
+    rows = [dict(zip(header, line.split(","), strict=False)) for line in text[1:]]
+    assert [float(r["epsilon"]) for r in rows if r["hospital"] == "0"] == [0.8, 1.2]
+    summary = records.privacy_summary()
+    assert summary["epsilon_per_hospital"] == {"0": 1.2} and summary["delta"] == 1e-5
+    assert summary["refusals"][0]["round"] == 2
