@@ -331,3 +331,12 @@ def test_patient_given_both_splits_is_reported_and_kept_in_train(tmp_path):
 
     text = format_report(report, _config(tmp_path))
     assert "patients in both train and val" in text and "  P0" in text
+
+
+def test_unwritable_cache_only_costs_a_warning(tmp_path, caplog):
+    manifest = _site(tmp_path, patients=2, per_patient=1)
+    (tmp_path / "blocked").write_text("a file where the cache folder should be")
+    config = SiteDataConfig(classes=("normal", "pneumonia"), cache_dir=str(tmp_path / "blocked"))
+    sets, report = prepare_site(manifest, config, SIZE)
+    assert report.usable_rows == 2 and not report.problems
+    assert "cannot write cache entry" in caplog.text
