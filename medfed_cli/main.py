@@ -27,6 +27,7 @@ def _simulate_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "lora_r": ("model", "lora_r"), "lora_alpha": ("model", "lora_alpha"),
         "rounds": ("federation", "rounds"), "min_hospitals": ("federation", "min_hospitals"),
         "local_epochs": ("train", "local_epochs"), "lr": ("train", "lr"),
+        "lr_decay": ("train", "lr_decay"), "local_steps": ("train", "local_steps"),
         "batch_size": ("train", "batch_size"),
     }
     overrides: dict[str, Any] = {}
@@ -101,6 +102,26 @@ def cmd_hospital_check(args: argparse.Namespace) -> int:
     return 0 if ready else 1
 
 
+def cmd_hospital_ledger(args: argparse.Namespace) -> int:
+    from privacy.ledger import Ledger, run_spends
+
+    if not args.db.is_file():
+        console.print(f"[red]error:[/] no ledger at {args.db}: check --db")
+        return 1
+    spends = run_spends(Ledger(args.db))
+    table = Table(title=f"privacy ledger {args.db}")
+    for column in ("dataset", "run", "rounds", "mechanisms", "eps run", "eps total", "budget",
+                   "remaining", "delta"):
+        table.add_column(column, justify="left" if column in ("dataset", "run", "mechanisms")
+                         else "right")
+    for s in spends:
+        table.add_row(s.fingerprint[:16], s.run_id, str(s.rounds), s.mechanisms,
+                      f"{s.epsilon_run:.3f}", f"{s.epsilon_total:.3f}", f"{s.budget:g}",
+                      f"{s.remaining:.3f}", f"{s.delta:g}")
+    console.print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medfed", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's own logs")
@@ -123,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--rounds", type=int)
     sim.add_argument("--min-hospitals", type=int)
     sim.add_argument("--local-epochs", type=int)
+    sim.add_argument("--local-steps", type=int, help="optimiser steps per round (0: epochs)")
     sim.add_argument("--lr", type=float)
+    sim.add_argument("--lr-decay", type=float, help="learning-rate factor per round")
     sim.add_argument("--batch-size", type=int)
     sim.add_argument("--no-baselines", action="store_true", help="skip pooled/local baselines")
     sim.add_argument("--as-dicom", action="store_true",
@@ -144,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model input side in pixels; the run's, so the check fills the cache")
     check.add_argument("--cache-dir", help="decoded-image cache folder")
     check.set_defaults(func=cmd_hospital_check)
+
+    ledger = hospital_sub.add_parser(
+        "ledger", help="the hospital's privacy ledger: runs, rounds, epsilon spent, remaining")
+    ledger.add_argument("--db", type=Path, required=True, help="the ledger's SQLite file")
+    ledger.set_defaults(func=cmd_hospital_ledger)
     return parser
 
 

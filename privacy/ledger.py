@@ -183,3 +183,52 @@ def _events(conn: sqlite3.Connection, fingerprint: str) -> list[Event]:
         "SELECT noise_multiplier, sample_rate, steps FROM rounds WHERE fingerprint = ? "
         "ORDER BY id", (fingerprint,))
     return [(float(z), float(q), int(n)) for z, q, n in cursor]
+
+
+@dataclass(frozen=True)
+class RunSpend:
+    """One run's spend on one dataset, as the ledger table shows it.
+
+    Attributes:
+        fingerprint: the dataset.
+        run_id: the run.
+        rounds: rounds of the run recorded on the dataset.
+        mechanisms: the mechanisms the run used, comma-separated.
+        epsilon_run: the run's own epsilon (its events composed alone).
+        epsilon_total: the dataset's composed epsilon after the run's last round (all runs).
+        budget: the site budget in force at that round (``inf``: no policy).
+        delta: the delta of both epsilons.
+    """
+
+    fingerprint: str
+    run_id: str
+    rounds: int
+    mechanisms: str
+    epsilon_run: float
+    epsilon_total: float
+    budget: float
+    delta: float
+
+    @property
+    def remaining(self) -> float:
+        """Budget left on the dataset after the run's last round."""
+        return self.budget - self.epsilon_total
+
+
+def run_spends(ledger: Ledger) -> list[RunSpend]:
+    """Per dataset and run, in the order runs first touched the dataset."""
+    groups: dict[tuple[str, str], list[LedgerRow]] = {}
+    for row in ledger.rows():
+        groups.setdefault((row.fingerprint, row.run_id), []).append(row)
+    spends = []
+    for (fingerprint, run_id), rows in groups.items():
+        last = rows[-1]
+        spends.append(RunSpend(
+            fingerprint=fingerprint, run_id=run_id,
+            rounds=len({r.server_round for r in rows}),
+            mechanisms=", ".join(sorted({r.mechanism for r in rows})),
+            epsilon_run=epsilon([(r.noise_multiplier, r.sample_rate, r.steps) for r in rows],
+                                last.delta, last.accountant),
+            epsilon_total=last.epsilon_total, budget=last.budget, delta=last.delta,
+        ))
+    return spends

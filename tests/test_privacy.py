@@ -298,3 +298,18 @@ def test_coordinator_records_epsilon_per_hospital_and_round(tmp_path):
     summary = records.privacy_summary()
     assert summary["epsilon_per_hospital"] == {"0": 1.2} and summary["delta"] == 1e-5
     assert summary["refusals"][0]["round"] == 2
+
+
+def test_cli_shows_the_ledger(tmp_path, capsys):
+    from medfed_cli import main as cli
+
+    path = tmp_path / "ledger.sqlite"
+    ledger = Ledger(path)
+    for server_round in (1, 2):
+        ledger.record_round("dataset-x", "run-7", server_round, [_charge()], 1e-5, "rdp", 8.0)
+    total = epsilon([(1.0, 0.1, 50)] * 2, 1e-5)
+    cli.console.width = 200
+    assert cli.main(["hospital", "ledger", "--db", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "run-7" in out and f"{total:.3f}" in out and f"{8.0 - total:.3f}" in out
+    assert cli.main(["hospital", "ledger", "--db", str(tmp_path / "missing.sqlite")]) == 1
