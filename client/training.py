@@ -19,7 +19,7 @@ def train_local(
     labels: torch.Tensor,
     config: TrainConfig,
     seed: int,
-    logit_adjust: bool = False,
+    lr: float | None = None,
 ) -> float:
     """Train the model's trainable tensors in place; returns the mean training loss.
 
@@ -27,8 +27,9 @@ def train_local(
         model: a LoRA-wrapped classifier (only adapter and head require grad).
         images: ``(N, C, S, S)`` float images in [0, 1].
         labels: ``(N,)`` int64 labels.
-        config: epochs, batch size, learning rate, weight decay.
+        config: epochs, batch size, learning rate, weight decay, logit adjustment.
         seed: seeds the batch order and dropout, so a round can be replayed.
+        lr: learning rate for this call (default ``config.lr``), e.g. the round's decayed rate.
     """
     if len(labels) == 0:
         raise ValueError("no training examples at this hospital")
@@ -40,20 +41,23 @@ def train_local(
         generator=torch.Generator().manual_seed(seed),
     )
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=config.lr if lr is None else lr, weight_decay=config.weight_decay
+    )
     model.train()
     freeze_batchnorm(model)
     # Logit adjustment (Menon et al. 2021; FedLC, Zhang et al. 2022): train on logits shifted by
     # the log of the local class prior, so that a skewed hospital learns the class-balanced
     # posterior instead of pulling the shared head towards its own label mix.
-    num_classes = int(model(images[:1]).shape[1]) if logit_adjust else 0
-    if logit_adjust:
+    shift = torch.zeros(())
+    if config.logit_adjust:
+        with torch.no_grad():
+            num_classes = int(model(images[:1]).shape[1])
         counts = torch.bincount(labels, minlength=num_classes).float()
         shift = torch.log((counts + 1.0) / (counts.sum() + num_classes))
-    else:
-        shift = torch.zeros(())
-    total, count = 0.0, 0
-    for _ in range(config.local_epochs):
+    total, count, steps = 0.0, 0, 0
+    max_steps = config.local_steps or config.local_epochs * len(loader)
+    while steps < max_steps:
         for batch_images, batch_labels in loader:
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(batch_images) + shift, batch_labels)
@@ -61,6 +65,9 @@ def train_local(
             optimizer.step()
             total += loss.item() * len(batch_labels)
             count += len(batch_labels)
+            steps += 1
+            if steps == max_steps:
+                break
     model.eval()
     mean = total / count
     if not math.isfinite(mean):

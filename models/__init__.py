@@ -12,6 +12,8 @@ FLOWER_ENV_DEFAULTS = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    # Ray's future default, set now: silences a warning on every run (no GPUs are used).
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 for _name, _value in FLOWER_ENV_DEFAULTS.items():
     os.environ.setdefault(_name, _value)

@@ -16,11 +16,20 @@ class ImageClassifier(nn.Module):
         net: backbone + head mapping ``(B, 3, H, W)`` normalised images to ``(B, K)`` logits.
         mean: per-channel mean of the pretraining data, 3 values.
         std: per-channel standard deviation of the pretraining data, 3 values.
+        channels_last: run the backbone in channels-last memory format (about 1.5x faster for
+            convolutional nets on CPU; the backbone is converted here).
     """
 
-    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
-        self.net = net
+        self.channels_last = channels_last
+        self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -28,7 +37,10 @@ class ImageClassifier(nn.Module):
         """``(B, 1 or 3, H, W)`` float images in [0, 1] -> ``(B, K)`` logits."""
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        return self.net((images - self.mean) / self.std)
+        images = (images - self.mean) / self.std
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.net(images)
 
 
 class HFLogits(nn.Module):

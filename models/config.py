@@ -47,18 +47,34 @@ class TrainConfig:
     """Local training at each hospital, per round.
 
     Attributes:
-        local_epochs: passes over the hospital's training split per round.
+        local_epochs: passes over the hospital's training split per round (when
+            ``local_steps`` is 0).
+        local_steps: optimiser steps per round, cycling over the data (0: use ``local_epochs``).
+            Equal steps keep a large hospital from drifting further than the rest in a round.
         batch_size: images per optimiser step.
-        lr: AdamW learning rate.
+        lr: AdamW learning rate in round 1.
+        lr_decay: factor applied to the learning rate after each round (1.0: constant); later
+            rounds then move the shared adapter less, which steadies FedAvg under label skew.
         weight_decay: AdamW weight decay.
         seed: base seed; each hospital and round derives its own from it.
+        logit_adjust: train on logits shifted by the log of the hospital's own class prior
+            (FedLC-style logit adjustment), which keeps label-skewed hospitals from pulling the
+            shared head towards their label mix. Inference uses the plain logits.
     """
 
     local_epochs: int = 1
+    local_steps: int = 0
     batch_size: int = 32
     lr: float = 1e-3
+    lr_decay: float = 1.0
     weight_decay: float = 0.0
     seed: int = 0
+    logit_adjust: bool = True
+
+
+def round_lr(config: TrainConfig, server_round: int) -> float:
+    """Learning rate of round ``server_round`` (1-based) under the per-round decay."""
+    return config.lr * config.lr_decay ** max(0, server_round - 1)
 
 
 def _key(name: str) -> str:

@@ -132,7 +132,7 @@ def build_base_model(config: ModelConfig) -> ImageClassifier:
     if spec is EFFICIENTNET_SPEC:
         net = build_efficientnet_lite0(image_size=config.image_size, pretrained=True)
         net._fc = nn.Linear(net._fc.in_features, config.num_classes)
-        return ImageClassifier(net, IMAGENET_MEAN, IMAGENET_STD)
+        return ImageClassifier(net, IMAGENET_MEAN, IMAGENET_STD, channels_last=True)
 
     from transformers import AutoModelForImageClassification
 

@@ -1,20 +1,20 @@
 """Where federation stands: the same LoRA trained on pooled data, and by each hospital alone.
 
-Both baselines start from the federated run's initial adapter and get its training budget:
-``rounds x local_epochs`` epochs over the data they hold.
+Both baselines start from the federated run's initial adapter and get its training budget and
+schedule: ``rounds`` rounds of ``local_epochs`` epochs over the data they hold, with the round's
+learning rate and a fresh optimiser each round, as a hospital in the federation would.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 import numpy as np
 
 from client.site import SiteData
 from client.training import train_local
 from models.adapters import adapter_state, load_adapter_state
-from models.config import ModelConfig, TrainConfig
+from models.config import ModelConfig, TrainConfig, round_lr
 from models.data import ImageSet
 from models.metrics import evaluate
 from server.rounds import initial_model
@@ -24,8 +24,13 @@ logger = logging.getLogger(__name__)
 METRIC_NAMES = ("loss", "auc", "accuracy", "macro_f1")
 
 
-def _budget(train: TrainConfig, rounds: int) -> TrainConfig:
-    return replace(train, local_epochs=train.local_epochs * rounds)
+def train_like_federation(
+    model, data: ImageSet, train: TrainConfig, rounds: int, seed: int
+) -> None:
+    """``rounds`` rounds of local training on ``data``, with the federation's LR schedule."""
+    for server_round in range(1, rounds + 1):
+        train_local(model, data.images, data.labels, train, seed=seed * 1_009 + server_round,
+                    lr=round_lr(train, server_round))
 
 
 def pooled_baseline(
@@ -35,7 +40,7 @@ def pooled_baseline(
     """All hospitals' training data in one place: test metrics of the adapter trained on it."""
     model = initial_model(model_config, train.seed)
     pooled = ImageSet.concat([s.train for s in sites])
-    train_local(model, pooled.images, pooled.labels, _budget(train, rounds), seed=train.seed)
+    train_like_federation(model, pooled, train, rounds, seed=train.seed)
     return evaluate(model, test.images, test.labels)
 
 
@@ -49,9 +54,8 @@ def local_baseline(
     per_hospital = []
     for hospital, site in enumerate(sites):
         load_adapter_state(model, start)
-        train_local(model, site.train.images, site.train.labels, _budget(train, rounds),
-                    seed=train.seed + hospital)
+        train_like_federation(model, site.train, train, rounds, seed=train.seed + hospital)
         per_hospital.append(evaluate(model, test.images, test.labels))
-        logger.info("local baseline, hospital %d: %s", hospital, per_hospital[-1])
+        logger.debug("local baseline, hospital %d: %s", hospital, per_hospital[-1])
     mean = {name: float(np.nanmean([m[name] for m in per_hospital])) for name in METRIC_NAMES}
     return mean | {"per_hospital": per_hospital}

@@ -79,3 +79,11 @@ def test_hf_backbone_from_a_local_directory(tmp_path):
     logits = model(torch.rand(2, 1, 32, 32))
     assert logits.shape == (2, 3)
     assert len(weights_sha256(config.backbone)) == 64
+
+
+def test_round_learning_rate_schedule():
+    from models.config import round_lr
+
+    config = TrainConfig(lr=0.01, lr_decay=0.5)
+    assert [round_lr(config, r) for r in (1, 2, 3)] == [0.01, 0.005, 0.0025]
+    assert round_lr(TrainConfig(lr=0.01), 5) == 0.01
