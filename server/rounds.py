@@ -83,7 +83,7 @@ def run_federation(
         min_evaluate_nodes=min(federation.min_hospitals, 1) if federation.fraction_evaluate else 0,
         min_available_nodes=federation.min_hospitals,
         observer=lambda reply: _observe(reply, records, on_reply),
-        **({"weighted_by_key": "update-weight"} if dp is not None and dp.update_dp else {}),
+        train_weighted_by_key="update-weight" if dp is not None and dp.update_dp else None,
     )
     evaluator = central_evaluator(model, test_set)
 

@@ -21,9 +21,18 @@ class AdapterFedAvg(FedAvg):
 
     needs_only_sum = True
 
-    def __init__(self, *args, observer: ReplyObserver | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        observer: ReplyObserver | None = None,
+        train_weighted_by_key: str | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.observer = observer
+        # Issue 4: client-level DP averages updates uniformly (``update-weight`` = 1) while
+        # evaluation metrics stay weighted by example counts.
+        self.train_weighted_by_key = train_weighted_by_key or self.weighted_by_key
         self._global: ArrayRecord | None = None
 
     def configure_train(
@@ -36,7 +45,11 @@ class AdapterFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid = split_valid_replies(replies, server_round, "train", self._global, self.observer)
-        return super().aggregate_train(server_round, valid)
+        evaluate_key, self.weighted_by_key = self.weighted_by_key, self.train_weighted_by_key
+        try:
+            return super().aggregate_train(server_round, valid)
+        finally:
+            self.weighted_by_key = evaluate_key
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from simulations.bench import communication, site_data
+from simulations.bench import communication, dp_overhead, site_data
 
-BENCHES = {"communication": communication.main, "site-data": site_data.main}
+BENCHES = {"communication": communication.main, "site-data": site_data.main,
+           "dp-overhead": dp_overhead.main}
 
 
 def main(argv: list[str] | None = None) -> int:

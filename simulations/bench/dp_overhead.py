@@ -1,0 +1,109 @@
+"""DP-SGD step time over the non-private step time, on the default backbone with LoRA.
+
+One optimiser step = forward, backward, (per-example clipping and noise,) AdamW update, on a fixed
+batch of random images: the same work a hospital does per step, without data loading. Each opacus
+per-example gradient engine is timed against the same model without DP. The last line is the
+ratio of the fastest engine at the largest setting:
+``dp/non-dp step time: <number>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
+
+from models.config import ModelConfig
+from models.lora import build_lora_model, freeze_batchnorm
+from privacy.config import GRAD_SAMPLE_MODES
+
+
+def _setting(text: str) -> tuple[int, int]:
+    size, batch = text.lower().split("x")
+    return int(size), int(batch)
+
+
+def _time_steps(step, steps: int) -> float:
+    """Median seconds per call of ``step`` after one warm-up call."""
+    step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def step_time(config: ModelConfig, batch: int, mode: str | None, steps: int) -> float:
+    """Seconds per optimiser step; ``mode`` None is non-private, else an opacus engine."""
+    torch.manual_seed(0)
+    model = build_lora_model(config, verify=False)
+    images = torch.rand(batch, 1, config.image_size, config.image_size)
+    labels = torch.randint(0, config.num_classes, (batch,))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    criterion = torch.nn.CrossEntropyLoss()
+    if mode is not None:
+        loader = DataLoader(TensorDataset(images, labels), batch_size=batch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            made = PrivacyEngine().make_private(
+                module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
+                noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
+                grad_sample_mode=mode,
+            )
+        model, optimizer = made[0], made[1]
+        if mode == "ghost":
+            criterion = made[2]
+    model.train()
+    freeze_batchnorm(model)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(images), labels) if mode else F.cross_entropy(model(images),
+                                                                              labels)
+        loss.backward()
+        optimizer.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _time_steps(step, steps)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.bench dp-overhead")
+    parser.add_argument("--settings", default="64x32,96x256",
+                        help="comma-separated <image px>x<batch> settings (default 64x32,96x256)")
+    parser.add_argument("--modes", default="hooks,ghost",
+                        help=f"opacus engines among {','.join(GRAD_SAMPLE_MODES)}")
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(GRAD_SAMPLE_MODES))
+    if unknown:
+        parser.error(f"unknown --modes {unknown}; choose from {GRAD_SAMPLE_MODES}")
+    ratio = float("nan")
+    print(f"backbone {ModelConfig.backbone}, LoRA r={args.lora_r}, {args.threads} threads, "
+          f"median of {args.steps} steps")
+    for text in args.settings.split(","):
+        size, batch = _setting(text)
+        config = ModelConfig(image_size=size, lora_r=args.lora_r, lora_alpha=2 * args.lora_r)
+        base = step_time(config, batch, None, args.steps)
+        print(f"{size} px, batch {batch}: non-private {base * 1000:.0f} ms/step")
+        ratios = {}
+        for mode in modes:
+            seconds = step_time(config, batch, mode, args.steps)
+            ratios[mode] = seconds / base
+            print(f"  DP-SGD ({mode}): {seconds * 1000:.0f} ms/step, {ratios[mode]:.2f}x")
+        ratio = min(ratios.values())
+    print(f"dp/non-dp step time: {ratio:.2f}")
+    return 0
