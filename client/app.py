@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 
 from flwr.app import (
-    ArrayRecord,
     ConfigRecord,
     Context,
     Error,
@@ -20,6 +19,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from client.exchange import receive_adapter, send_adapter
 from client.model_cache import lora_model_for
 from client.privacy_round import (  # issue 4: DP-SGD, update DP, site policy and ledger
     REFUSAL_CODE,
@@ -29,7 +29,6 @@ from client.privacy_round import (  # issue 4: DP-SGD, update DP, site policy an
     train_round,
 )
 from client.site import SiteLoader, load_site_from_node_config
-from models.adapters import adapter_state, load_adapter_state
 from models.config import ModelConfig, TrainConfig, from_config_record, round_lr
 from models.metrics import evaluate
 from privacy.config import dp_config_from_record
@@ -46,7 +45,8 @@ def _prepare(msg: Message, context: Context, load_site: SiteLoader):
     config = msg.content["config"]
     model_config = from_config_record(ModelConfig, config)
     model = lora_model_for(model_config)
-    load_adapter_state(model, msg.content["arrays"].to_torch_state_dict())
+    # Issue 7: the round's adapter-exchange mode (FFA-LoRA freezes A, FedSA-LoRA adds own B).
+    receive_adapter(model, msg.content["arrays"], config, context)
     return model, config, load_site(context, model_config.image_size)
 
 
@@ -80,7 +80,8 @@ def handle_train(
         {"num-examples": len(site.train), "train-loss": loss, "hospital-id": hospital}
         | dp_metrics
     )
-    content = RecordDict({"arrays": ArrayRecord(adapter_state(model)), "metrics": metrics})
+    arrays = send_adapter(model, config, context)  # issue 7: only the exchanged tensors
+    content = RecordDict({"arrays": arrays, "metrics": metrics})
     # Issue 3: the site's dataset fingerprint and counts (never ids, UIDs or paths), for the
     # run records; MetricRecord holds numbers only, so they travel as a ConfigRecord.
     if site.info:

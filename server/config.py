@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from strategies.config import StrategyOptions
 
 
 @dataclass
@@ -17,6 +19,8 @@ class FederationConfig:
         min_hospitals: fewest hospitals a round needs; a round with fewer valid updates fails the
             run (it would not protect anyone's update in a sum, nor represent the consortium).
         round_timeout_s: seconds to wait for replies in a round.
+        options: the strategies' settings (issue 7; ``[federation.options]``), e.g. the server
+            learning rate of ``fedadam`` or the update norm bound every rule applies.
     """
 
     rounds: int = 3
@@ -25,3 +29,4 @@ class FederationConfig:
     fraction_evaluate: float = 1.0
     min_hospitals: int = 2
     round_timeout_s: float = 1800.0
+    options: StrategyOptions = field(default_factory=StrategyOptions)

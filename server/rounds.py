@@ -84,6 +84,7 @@ def run_federation(
         min_available_nodes=federation.min_hospitals,
         observer=lambda reply: _observe(reply, records, on_reply),
         train_weighted_by_key="update-weight" if dp is not None and dp.update_dp else None,
+        options=federation.options,  # issue 7: the strategies' settings
     )
     evaluator = central_evaluator(model, test_set)
 

@@ -1,17 +1,39 @@
-"""How adapter updates are combined at the coordinator, selected by name."""
+"""How adapter updates are combined at the coordinator, selected by name.
+
+Every rule is an :class:`~strategies.adapter.AdapterStrategy` over a Flower strategy and says
+whether it needs only the weighted sum of the updates (``needs_only_sum``: it can then run under
+secure aggregation).
+"""
 
 import models  # noqa: F401  (sets Flower environment defaults before Flower loads)
+from strategies.adapter import AdapterStrategy
 from strategies.base import Reply, ReplyObserver
+from strategies.config import StrategyOptions
 from strategies.fedavg import AdapterFedAvg
+from strategies.lora_rules import FedSALoRA, FFALoRA
+from strategies.optimizers import AdapterFedAdam, AdapterFedProx, AdapterFedYogi
+from strategies.robust import AdapterFedMedian, AdapterNormBound, AdapterTrimmedMean
 
-STRATEGIES = {"fedavg": AdapterFedAvg}
+STRATEGIES: dict[str, type[AdapterStrategy]] = {
+    "fedavg": AdapterFedAvg,
+    "fedprox": AdapterFedProx,
+    "fedadam": AdapterFedAdam,
+    "fedyogi": AdapterFedYogi,
+    "ffa-lora": FFALoRA,
+    "fedsa-lora": FedSALoRA,
+    "median": AdapterFedMedian,
+    "trimmed-mean": AdapterTrimmedMean,
+    "norm-bound": AdapterNormBound,
+}
 
 
-def build_strategy(name: str, **kwargs) -> AdapterFedAvg:
-    """The strategy registered as ``name``, constructed with Flower's FedAvg keyword arguments."""
+def build_strategy(name: str, **kwargs) -> AdapterStrategy:
+    """The strategy registered as ``name``, constructed with Flower's FedAvg keyword arguments
+    plus ``observer``, ``train_weighted_by_key`` and ``options`` (:class:`StrategyOptions`)."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy '{name}': choose one of {sorted(STRATEGIES)}")
     return STRATEGIES[name](**kwargs)
 
 
-__all__ = ["AdapterFedAvg", "Reply", "ReplyObserver", "STRATEGIES", "build_strategy"]
+__all__ = ["AdapterFedAvg", "AdapterStrategy", "Reply", "ReplyObserver", "STRATEGIES",
+           "StrategyOptions", "build_strategy"]

@@ -44,10 +44,23 @@ def arrayrecord_nbytes(record: ArrayRecord) -> int:
     return sum(len(array.data) for array in record.values())
 
 
-def check_update(update: ArrayRecord, expected: ArrayRecord) -> str:
+def update_norm(update: ArrayRecord, reference: ArrayRecord) -> float:
+    """L2 norm of ``update - reference`` over all tensors (the size of a hospital's step).
+
+    Both records must hold the same names and shapes (see :func:`check_update`).
+    """
+    total = 0.0
+    for name, array in update.items():
+        delta = array.numpy().astype(np.float64) - reference[name].numpy().astype(np.float64)
+        total += float(np.sum(delta * delta))
+    return math.sqrt(total)
+
+
+def check_update(update: ArrayRecord, expected: ArrayRecord, max_norm: float = 0.0) -> str:
     """Why an update cannot be aggregated with ``expected``'s layout, or "" when it can.
 
-    Checks the tensor names, shapes and dtypes, and that every value is finite.
+    Checks the tensor names, shapes and dtypes, that every value is finite and, when
+    ``max_norm`` > 0, that the step ``||update - expected||`` (L2) is at most ``max_norm``.
     """
     if set(update) != set(expected):
         missing = sorted(set(expected) - set(update))[:3]
@@ -62,6 +75,10 @@ def check_update(update: ArrayRecord, expected: ArrayRecord) -> str:
             )
         if not np.isfinite(array.numpy()).all():
             return f"tensor '{name}' holds non-finite values"
+    if max_norm > 0:
+        norm = update_norm(update, expected)
+        if norm > max_norm:
+            return f"update norm {norm:.4g} exceeds the bound {max_norm:.4g} (max_update_norm)"
     return ""
 
 
@@ -71,11 +88,13 @@ def split_valid_replies(
     phase: str,
     expected: ArrayRecord | None,
     observer: ReplyObserver | None,
+    max_norm: float = 0.0,
 ) -> list[Message]:
     """Replies fit for aggregation; each one, used or not, is reported to ``observer``.
 
     A reply is dropped (with a logged reason) when it is an error, lacks metrics or example
-    count, or, for training, carries an update that fails :func:`check_update`.
+    count, or, for training, carries an update that fails :func:`check_update` (``max_norm``:
+    its bound on the update's norm, 0 for none).
     """
     valid = []
     for msg in replies:
@@ -98,7 +117,7 @@ def split_valid_replies(
                 else:
                     reply.upload_bytes = arrayrecord_nbytes(arrays)
                     if expected is not None:
-                        reply.error = check_update(arrays, expected)
+                        reply.error = check_update(arrays, expected, max_norm)
         if reply.error:
             logger.warning("round %d: %s reply of node %d dropped: %s",
                            server_round, phase, node, reply.error)

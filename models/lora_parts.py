@@ -1,0 +1,64 @@
+"""Which LoRA factors a hospital trains, sends and keeps, per adapter-exchange mode.
+
+LoRA adapts a layer by ``W + B @ A``. Averaging A and B separately is not the average of the
+products ``B @ A``; two rules avoid that by never averaging one of the factors:
+
+- ``ffa`` (FFA-LoRA, Sun et al., ICLR 2024): A stays frozen at the shared seeded initialisation;
+  hospitals train and send only B (and the head), so averaging B averages ``B @ A`` exactly.
+- ``fedsa`` (FedSA-LoRA, Guo et al., ICLR 2025): A (general knowledge) is shared and averaged;
+  B (site-specific) stays at each hospital, which keeps a personalised adapter.
+
+``all`` exchanges every adapter tensor (FedAvg and the rules built on it).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+EXCHANGES = ("all", "ffa", "fedsa")
+"""Adapter-exchange modes, as sent in the round config under ``adapter-exchange``."""
+
+_NOT_SENT = {"all": None, "ffa": "lora_A", "fedsa": "lora_B"}
+
+
+def _factor(key: str) -> str | None:
+    for factor in ("lora_A", "lora_B"):
+        if f".{factor}." in key or key.endswith(f".{factor}"):
+            return factor
+    return None
+
+
+def check_exchange(mode: str) -> str:
+    """``mode`` if it is one of :data:`EXCHANGES`, else a ValueError naming the choices."""
+    if mode not in EXCHANGES:
+        raise ValueError(f"unknown adapter-exchange '{mode}': choose one of {list(EXCHANGES)}")
+    return mode
+
+
+def exchanged_keys(keys, mode: str) -> list[str]:
+    """The adapter tensor names (peft names) that cross the wire under ``mode``, in order."""
+    skipped = _NOT_SENT[check_exchange(mode)]
+    return [k for k in keys if skipped is None or _factor(k) != skipped]
+
+
+def kept_keys(keys, mode: str) -> list[str]:
+    """The names a hospital keeps to itself under ``mode`` (FedSA-LoRA's B; else none)."""
+    sent = set(exchanged_keys(keys, mode))
+    return [k for k in keys if k not in sent] if mode == "fedsa" else []
+
+
+def select(state: dict[str, torch.Tensor], keys) -> OrderedDict[str, torch.Tensor]:
+    """The tensors of ``state`` named in ``keys``, in ``state``'s order."""
+    wanted = set(keys)
+    return OrderedDict((k, v) for k, v in state.items() if k in wanted)
+
+
+def freeze_lora_a(model: nn.Module, frozen: bool) -> None:
+    """Freeze (or unfreeze) every LoRA A factor of ``model`` (FFA-LoRA trains only B and the
+    head). Cached models are reused across rounds and runs, so this is set on every message."""
+    for name, param in model.named_parameters():
+        if _factor(name) == "lora_A":
+            param.requires_grad_(not frozen)

@@ -1,0 +1,106 @@
+"""The strategy interface every medfed rule shares, as a mixin over a Flower strategy.
+
+A rule is ``class Rule(AdapterStrategy, FlowerStrategy)``: the mixin checks every update against
+the global adapter (names, shapes, dtypes, finite values, optional norm bound), reports every
+reply to the run records' observer, tells the hospitals which adapter tensors to send
+(``adapter-exchange``) and puts the tensors that were not exchanged back into the new global
+adapter; the Flower strategy does the arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+
+from models.lora_parts import check_exchange, exchanged_keys
+from strategies.base import ReplyObserver, split_valid_replies
+from strategies.config import StrategyOptions
+
+
+class AdapterStrategy:
+    """Mixin for a Flower ``FedAvg`` subclass (put it first in the bases).
+
+    Class attributes a rule sets:
+        needs_only_sum: True when the rule uses only the weighted sum of the updates, so it can
+            run under secure aggregation (the coordinator never sees one hospital's update).
+        exchange: which adapter tensors hospitals train and send (see ``models.lora_parts``).
+
+    Args:
+        observer: called with every reply (used or not), for the run records.
+        train_weighted_by_key: metric that weights training updates (default: the strategy's
+            ``weighted_by_key``); client-level DP uses ``update-weight`` = 1 for all.
+        options: the rules' settings; ``max_update_norm`` applies to every rule.
+    """
+
+    needs_only_sum: bool = True
+    exchange: str = "all"
+
+    def __init__(
+        self,
+        *args,
+        observer: ReplyObserver | None = None,
+        train_weighted_by_key: str | None = None,
+        options: StrategyOptions | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        check_exchange(self.exchange)
+        self.observer = observer
+        self.options = options or StrategyOptions()
+        # Issue 4: client-level DP averages updates uniformly (``update-weight`` = 1) while
+        # evaluation metrics stay weighted by example counts.
+        self.train_weighted_by_key = train_weighted_by_key or self.weighted_by_key
+        self._global: ArrayRecord | None = None
+
+    def exchanged(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The part of ``arrays`` hospitals send back under this rule's exchange."""
+        if self.exchange == "all":
+            return arrays
+        return ArrayRecord({k: arrays[k] for k in exchanged_keys(list(arrays), self.exchange)})
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._global = arrays
+        config["adapter-exchange"] = self.exchange
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        # FedSA-LoRA hospitals evaluate with their own B: they need to know the mode.
+        config["adapter-exchange"] = self.exchange
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def prepare_updates(self, server_round: int, valid: list[Message]) -> list[Message]:
+        """Hook for rules that change the valid updates before the Flower arithmetic
+        (e.g. norm bounding); the default passes them through."""
+        return valid
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        expected = self.exchanged(self._global) if self._global is not None else None
+        valid = split_valid_replies(replies, server_round, "train", expected, self.observer,
+                                    self.options.max_update_norm)
+        valid = self.prepare_updates(server_round, valid)
+        evaluate_key, self.weighted_by_key = self.weighted_by_key, self.train_weighted_by_key
+        try:
+            arrays, metrics = super().aggregate_train(server_round, valid)
+        finally:
+            self.weighted_by_key = evaluate_key
+        if arrays is not None and self.exchange != "all" and self._global is not None:
+            # Tensors nobody sent (FFA's frozen A, FedSA's server-side B) keep their value.
+            merged = ArrayRecord()
+            for key, value in self._global.items():
+                merged[key] = arrays[key] if key in arrays else Array(value.numpy().copy())
+            arrays = merged
+        return arrays, metrics
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        valid = split_valid_replies(replies, server_round, "evaluate", None, self.observer)
+        return super().aggregate_evaluate(server_round, valid)

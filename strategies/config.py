@@ -1,0 +1,35 @@
+"""Settings of the aggregation rules (``[federation.options]`` in a simulation TOML)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class StrategyOptions:
+    """Knobs of the strategies in :data:`strategies.STRATEGIES`; each rule reads its own.
+
+    Attributes:
+        server_lr: server learning rate (eta) of ``fedadam`` / ``fedyogi``, applied to the
+            averaged adapter delta. Adapter values are small (LoRA B starts at 0), so it is far
+            below Flower's default of 0.1.
+        server_tau: adaptivity floor (tau) of ``fedadam`` / ``fedyogi``.
+        beta_1: first-moment decay of ``fedadam`` / ``fedyogi``.
+        beta_2: second-moment decay of ``fedadam`` / ``fedyogi``.
+        proximal_mu: weight of FedProx's proximal term ``mu/2 * ||w - w_global||^2`` at the
+            hospitals (``fedprox``).
+        trim_fraction: share of updates cut at each end, per coordinate (``trimmed-mean``).
+        clip_norm: ``norm-bound``: each update ``new - global`` is scaled down to this L2 norm;
+            0 uses the median norm of the round's updates (no tuning, robust to a minority).
+        max_update_norm: every strategy drops an update whose L2 norm ``||new - global||``
+            exceeds this (logged with the hospital); 0 means no bound.
+    """
+
+    server_lr: float = 0.01
+    server_tau: float = 1e-3
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    proximal_mu: float = 0.01
+    trim_fraction: float = 0.2
+    clip_norm: float = 0.0
+    max_update_norm: float = 0.0
