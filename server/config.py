@@ -23,7 +23,7 @@ class FederationConfig:
             learning rate of ``fedadam`` or the update norm bound every rule applies.
     """
 
-    rounds: int = 3
+    rounds: int = 4
     strategy: str = "fedavg"
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
