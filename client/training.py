@@ -27,7 +27,8 @@ def train_local(
         model: a LoRA-wrapped classifier (only adapter and head require grad).
         images: ``(N, C, S, S)`` float images in [0, 1].
         labels: ``(N,)`` int64 labels.
-        config: epochs, batch size, learning rate, weight decay, logit adjustment.
+        config: epochs, batch size, learning rate, weight decay, logit adjustment,
+            FedProx's ``proximal_mu``.
         seed: seeds the batch order and dropout, so a round can be replayed.
         lr: learning rate for this call (default ``config.lr``), e.g. the round's decayed rate.
     """
@@ -55,15 +56,21 @@ def train_local(
             num_classes = int(model(images[:1]).shape[1])
         counts = torch.bincount(labels, minlength=num_classes).float()
         shift = torch.log((counts + 1.0) / (counts.sum() + num_classes))
+    # Issue 7, FedProx (Li et al. 2020): a proximal term keeps the local adapter near the
+    # round's starting point, limiting client drift under label skew.
+    anchor = [p.detach().clone() for p in params] if config.proximal_mu > 0 else []
     total, count, steps = 0.0, 0, 0
     max_steps = config.local_steps or config.local_epochs * len(loader)
     while steps < max_steps:
         for batch_images, batch_labels in loader:
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(batch_images) + shift, batch_labels)
+            total += loss.item() * len(batch_labels)
+            if anchor:
+                loss = loss + config.proximal_mu / 2 * sum(
+                    (p - a).pow(2).sum() for p, a in zip(params, anchor, strict=True))
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(batch_labels)
             count += len(batch_labels)
             steps += 1
             if steps == max_steps:

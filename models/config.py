@@ -60,6 +60,9 @@ class TrainConfig:
         logit_adjust: train on logits shifted by the log of the hospital's own class prior
             (FedLC-style logit adjustment), which keeps label-skewed hospitals from pulling the
             shared head towards their label mix. Inference uses the plain logits.
+        proximal_mu: FedProx's proximal weight: the local loss adds
+            ``mu/2 * ||w - w_round_start||^2`` over the trained tensors (0: off). Named as
+            Flower's FedProx sends it (``proximal-mu``), which sets it per round (issue 7).
     """
 
     local_epochs: int = 1
@@ -70,6 +73,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     logit_adjust: bool = True
+    proximal_mu: float = 0.0
 
 
 def round_lr(config: TrainConfig, server_round: int) -> float:
