@@ -1,0 +1,202 @@
+"""Aggregation rules on hand-built updates, and the LoRA-aware exchanges at a real hospital."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
+from flwr.app.metadata import Metadata
+
+from client.app import build_client_app
+from client.exchange import PERSONAL_STATE_KEY
+from client.site import SiteData
+from models.adapters import adapter_state
+from models.config import TrainConfig, to_config_record
+from models.lora import build_lora_model
+from strategies import STRATEGIES, StrategyOptions, build_strategy
+from strategies.base import update_norm
+
+SHAPES = {"layer.lora_A.weight": (2, 3), "layer.lora_B.weight": (3, 2), "head.weight": (4,)}
+
+
+@pytest.fixture(autouse=True)
+def _server_identity(monkeypatch):
+    """Flower's coordinator process sets its run id before a strategy builds messages."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+class _Grid:
+    """Just enough of a Grid for a strategy's configure_train: a fixed set of nodes."""
+
+    def __init__(self, nodes: int) -> None:
+        self.nodes = list(range(1, nodes + 1))
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def _record(value: float) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.full(s, value, np.float32)) for k, s in SHAPES.items()})
+
+
+def _reply(node: int, arrays: ArrayRecord, examples: int = 10) -> Message:
+    metadata = Metadata(
+        run_id=1, message_id=f"r{node}", src_node_id=node, dst_node_id=0,
+        reply_to_message_id="", group_id="1", created_at=time.time(), ttl=600.0,
+        message_type="train",
+    )
+    metrics = MetricRecord({"num-examples": examples, "train-loss": 0.5})
+    return make_message(metadata, RecordDict({"arrays": arrays, "metrics": metrics}))
+
+
+def _aggregate(name: str, values: list[float], global_value: float = 0.0, **options):
+    """One round of ``name`` on updates that fill every tensor with one value each."""
+    seen = []
+    strategy = build_strategy(name, observer=seen.append, min_train_nodes=1,
+                              min_available_nodes=1, options=StrategyOptions(**options))
+    global_arrays = _record(global_value)
+    list(strategy.configure_train(1, global_arrays, ConfigRecord(), _Grid(len(values))))
+    exchanged = strategy.exchanged(global_arrays)
+    replies = [_reply(i + 1, ArrayRecord({k: Array(np.full(SHAPES[k], v, np.float32))
+                                          for k in exchanged}))
+               for i, v in enumerate(values)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    return arrays, seen
+
+
+HONEST = [0.9, 1.0, 1.0, 1.1]
+ATTACKS = {"sign-flipped x10": -10.0, "scaled x50": 50.0}
+
+
+def test_median_and_trimmed_mean_of_known_values():
+    arrays, _ = _aggregate("median", [1.0, 2.0, 3.0, 4.0, 100.0])
+    assert np.allclose(arrays["head.weight"].numpy(), 3.0)
+    arrays, _ = _aggregate("trimmed-mean", [1.0, 2.0, 3.0, 4.0, 100.0], trim_fraction=0.2)
+    assert np.allclose(arrays["head.weight"].numpy(), 3.0)  # mean of 2, 3, 4
+
+
+def test_fedavg_is_the_example_weighted_mean():
+    arrays, _ = _aggregate("fedavg", [1.0, 3.0])
+    assert np.allclose(arrays["head.weight"].numpy(), 2.0)
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_robust_rules_survive_one_hostile_hospital_fedavg_does_not(attack):
+    honest_mean = float(np.mean(HONEST))
+    values = HONEST + [ATTACKS[attack]]
+    fedavg, _ = _aggregate("fedavg", values)
+    assert abs(fedavg["head.weight"].numpy()[0] - honest_mean) > 1.0
+    for rule in ("median", "trimmed-mean", "norm-bound"):
+        arrays, _ = _aggregate(rule, values)
+        got = arrays["head.weight"].numpy()
+        # Same direction as the honest hospitals, and no further from them than they spread.
+        assert np.all(got > 0.5) and np.all(got < 1.2), (rule, got)
+
+
+def test_fedadam_and_fedyogi_step_along_the_averaged_delta_by_about_eta():
+    for name in ("fedadam", "fedyogi"):
+        arrays, _ = _aggregate(name, [1.0, 1.0], global_value=0.0, server_lr=0.01)
+        step = arrays["head.weight"].numpy()
+        assert np.all(step > 0) and np.all(step <= 0.0101), (name, step)
+        arrays, _ = _aggregate(name, [-1.0, -1.0], global_value=0.0, server_lr=0.01)
+        assert np.all(arrays["head.weight"].numpy() < 0)
+
+
+def test_update_beyond_the_norm_bound_is_dropped_with_a_reason():
+    arrays, seen = _aggregate("fedavg", [1.0, 1.0, 30.0], max_update_norm=10.0)
+    assert np.allclose(arrays["head.weight"].numpy(), 1.0)
+    dropped = [r for r in seen if r.error]
+    assert len(dropped) == 1 and dropped[0].node_id == 3
+    assert "exceeds the bound" in dropped[0].error
+    assert update_norm(_record(1.0), _record(0.0)) == pytest.approx(np.sqrt(6 + 6 + 4))
+
+
+def test_ffa_and_fedsa_aggregate_only_their_shared_factor():
+    arrays, seen = _aggregate("ffa-lora", [1.0, 3.0], global_value=0.5)
+    assert np.allclose(arrays["layer.lora_A.weight"].numpy(), 0.5)  # frozen: global value
+    assert np.allclose(arrays["layer.lora_B.weight"].numpy(), 2.0)
+    assert not any(r.error for r in seen)
+    arrays, _ = _aggregate("fedsa-lora", [1.0, 3.0], global_value=0.5)
+    assert np.allclose(arrays["layer.lora_A.weight"].numpy(), 2.0)
+    assert np.allclose(arrays["layer.lora_B.weight"].numpy(), 0.5)  # never sent: unchanged
+
+
+def test_sum_only_flags_and_unknown_names():
+    sum_only = {n for n, cls in STRATEGIES.items() if cls.needs_only_sum}
+    assert {"fedavg", "fedprox", "fedadam", "fedyogi", "ffa-lora", "fedsa-lora"} <= sum_only
+    assert not sum_only & {"median", "trimmed-mean", "norm-bound"}
+    with pytest.raises(ValueError, match="unknown strategy 'krum'"):
+        build_strategy("krum")
+
+
+# --- the exchanges at a hospital (real model, real images, one short round) ---------------
+
+@pytest.fixture(scope="module")
+def site(pneumonia_small):
+    train = pneumonia_small.splits["train"]
+    rng = np.random.default_rng(0)
+    return SiteData(train=train.subset(rng.choice(len(train), 32, replace=False)),
+                    val=train.subset(rng.choice(len(train), 16, replace=False)))
+
+
+def _message(kind: str, arrays: ArrayRecord, config) -> Message:
+    metadata = Metadata(
+        run_id=1, message_id=f"{kind}-1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
+        group_id="1", created_at=time.time(), ttl=600.0, message_type=kind,
+    )
+    return make_message(metadata, RecordDict({"arrays": arrays, "config": config}))
+
+
+def _round(small_model_config, mode: str):
+    torch.manual_seed(0)
+    arrays = ArrayRecord(adapter_state(build_lora_model(small_model_config)))
+    config = to_config_record(small_model_config, TrainConfig(local_steps=2, batch_size=16))
+    config["server-round"] = 1
+    config["adapter-exchange"] = mode
+    return arrays, config
+
+
+def _nbytes(record, part: str) -> int:
+    return sum(len(a.data) for k, a in record.items() if part in k)
+
+
+def test_ffa_lora_hospital_trains_and_sends_only_b_and_head(site, small_model_config):
+    app = build_client_app(lambda context, image_size: site)
+    arrays, config = _round(small_model_config, "ffa")
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
+                      run_config={})
+    sent = app(_message("train", arrays, config), context).content["arrays"]
+    assert not [k for k in sent if "lora_A" in k]
+    assert set(sent) == {k for k in arrays if "lora_A" not in k}
+    changed = [k for k in sent if "lora_B" in k
+               and not np.array_equal(sent[k].numpy(), arrays[k].numpy())]
+    assert changed, "B did not train"
+    # Upload: the B half of the LoRA bytes plus the head, never A.
+    lora = _nbytes(arrays, "lora_")
+    assert _nbytes(sent, "lora_") == _nbytes(arrays, "lora_B") < lora
+    assert 0.4 < _nbytes(sent, "lora_") / lora < 0.6
+
+
+def test_fedsa_lora_hospital_keeps_its_b_between_rounds(site, small_model_config):
+    app = build_client_app(lambda context, image_size: site)
+    arrays, config = _round(small_model_config, "fedsa")
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
+                      run_config={})
+    sent = app(_message("train", arrays, config), context).content["arrays"]
+    assert not [k for k in sent if "lora_B" in k] and [k for k in sent if "lora_A" in k]
+    kept = context.state[PERSONAL_STATE_KEY]
+    assert set(kept) == {k for k in arrays if "lora_B" in k}
+    assert any(not np.array_equal(kept[k].numpy(), arrays[k].numpy()) for k in kept)
+    # Evaluating with the coordinator's adapter uses the hospital's own B, not the global one.
+    config["adapter-exchange"] = "fedsa"
+    personal = app(_message("evaluate", arrays, config), context).content["metrics"]
+    fresh = Context(run_id=1, node_id=8, node_config={"partition-id": 1}, state=RecordDict(),
+                    run_config={})
+    shared = app(_message("evaluate", arrays, config), fresh).content["metrics"]
+    assert personal["val-loss"] != shared["val-loss"]
