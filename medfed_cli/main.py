@@ -122,6 +122,76 @@ def cmd_hospital_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_coordinator_init(args: argparse.Namespace) -> int:
+    from server.consortium import ConsortiumError, init_consortium
+
+    try:
+        config = init_consortium(args.dir, args.consortium, args.hostname, args.fleet_address)
+    except ConsortiumError as err:
+        console.print(f"[red]error:[/] {err}")
+        return 1
+    console.print(f"consortium '{config.consortium}' in {args.dir}: CA {config.ca_cert} (give "
+                  f"it to every hospital), TLS {config.server_cert}, enrolment list "
+                  f"{config.enrolment} (empty)")
+    return 0
+
+
+def cmd_coordinator_enroll(args: argparse.Namespace) -> int:
+    from privacy.pki import KeyFileError
+    from server.consortium import ConsortiumError, enrol
+
+    try:
+        entry = enrol(args.dir, args.name, args.hospital_key)
+    except (ConsortiumError, KeyFileError) as err:
+        console.print(f"[red]error:[/] {err}")
+        return 1
+    console.print(f"enrolled hospital '{entry.name}' ({entry.fingerprint})")
+    return 0
+
+
+def cmd_coordinator_revoke(args: argparse.Namespace) -> int:
+    from server.consortium import ConsortiumError, revoke
+
+    try:
+        entry = revoke(args.dir, args.name)
+    except ConsortiumError as err:
+        console.print(f"[red]error:[/] {err}")
+        return 1
+    console.print(f"revoked hospital '{entry.name}' ({entry.fingerprint}) at {entry.revoked_at}")
+    return 0
+
+
+def cmd_coordinator_hospitals(args: argparse.Namespace) -> int:
+    from server.consortium import ConsortiumError, load_enrolments
+
+    try:
+        entries = load_enrolments(args.dir)
+    except ConsortiumError as err:
+        console.print(f"[red]error:[/] {err}")
+        return 1
+    table = Table(title=f"hospitals of {args.dir}")
+    for column in ("name", "fingerprint", "enrolled", "revoked"):
+        table.add_column(column)
+    for e in entries:
+        table.add_row(e.name, e.fingerprint[:23] + "...", e.enrolled_at, e.revoked_at or "-")
+    console.print(table)
+    return 0
+
+
+def cmd_hospital_init(args: argparse.Namespace) -> int:
+    from client.site_folder import SiteFolderError, init_site_folder
+
+    try:
+        config = init_site_folder(args.dir, args.name, args.superlink, args.manifest or "")
+    except (SiteFolderError, FileExistsError) as err:
+        console.print(f"[red]error:[/] {err}")
+        return 1
+    console.print(f"hospital '{config.name}' in {args.dir}: send {args.dir / config.node_pub} to "
+                  f"the coordinator; put the consortium's CA certificate at "
+                  f"{args.dir / config.ca_cert}; review {args.dir / config.privacy_policy}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medfed", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's own logs")
@@ -172,6 +242,40 @@ def build_parser() -> argparse.ArgumentParser:
         "ledger", help="the hospital's privacy ledger: runs, rounds, epsilon spent, remaining")
     ledger.add_argument("--db", type=Path, required=True, help="the ledger's SQLite file")
     ledger.set_defaults(func=cmd_hospital_ledger)
+    # Issue 6: deployment (consortium PKI, enrolment, the hospital's site folder).
+    site_init = hospital_sub.add_parser(
+        "init", help="make a hospital's site folder: node key pair, privacy policy, config")
+    site_init.add_argument("name", help="the hospital's name, as the coordinator enrols it")
+    site_init.add_argument("--dir", type=Path, required=True, help="the site folder to create")
+    site_init.add_argument("--superlink", default="localhost:9092",
+                           help="the coordinator's Fleet API host:port")
+    site_init.add_argument("--manifest", help="the CSV data manifest (can be set later)")
+    site_init.set_defaults(func=cmd_hospital_init)
+
+    coordinator = sub.add_parser("coordinator", help="commands the consortium's coordinator runs")
+    coordinator_sub = coordinator.add_subparsers(dest="coordinator_command", required=True)
+    c_init = coordinator_sub.add_parser(
+        "init", help="make a consortium folder: CA, TLS certificate, config, enrolment list")
+    c_init.add_argument("dir", type=Path, help="the consortium folder to create")
+    c_init.add_argument("--consortium", default="medfed", help="the consortium's name")
+    c_init.add_argument("--hostname", action="append", default=[],
+                        help="a name or IP hospitals reach the coordinator by (repeatable)")
+    c_init.add_argument("--fleet-address", default="0.0.0.0:9092",
+                        help="host:port the hospitals connect to")
+    c_init.set_defaults(func=cmd_coordinator_init)
+    c_enroll = coordinator_sub.add_parser("enroll", help="enrol a hospital's public key")
+    c_enroll.add_argument("dir", type=Path, help="the consortium folder")
+    c_enroll.add_argument("--hospital-key", type=Path, required=True,
+                          help="the hospital's node.pub (from 'medfed hospital init')")
+    c_enroll.add_argument("--name", required=True, help="the hospital's name")
+    c_enroll.set_defaults(func=cmd_coordinator_enroll)
+    c_revoke = coordinator_sub.add_parser("revoke", help="revoke a hospital's enrolment")
+    c_revoke.add_argument("dir", type=Path, help="the consortium folder")
+    c_revoke.add_argument("--name", required=True, help="the hospital's name")
+    c_revoke.set_defaults(func=cmd_coordinator_revoke)
+    c_list = coordinator_sub.add_parser("hospitals", help="list enrolled and revoked hospitals")
+    c_list.add_argument("dir", type=Path, help="the consortium folder")
+    c_list.set_defaults(func=cmd_coordinator_hospitals)
     return parser
 
 

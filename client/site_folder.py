@@ -1,0 +1,127 @@
+"""A hospital's site folder: its node key pair, its own policy, ledger, audit log and config.
+
+``medfed hospital init NAME --dir DIR`` lays it out::
+
+    DIR/hospital.toml           the daemon's config (HospitalConfig)
+    DIR/node.key                node-authentication private key, OpenSSH format (0600); never
+                                leaves the hospital
+    DIR/node.pub                the public key (one OpenSSH line): send it to the coordinator,
+                                who enrols it
+    DIR/privacy-policy.toml     the hospital's privacy policy (privacy.policy.SitePolicy); edit it
+    DIR/privacy-ledger.sqlite   privacy ledger (created at the first DP round)
+    DIR/egress-audit.jsonl      egress audit log: one JSON line per message sent (client.audit)
+    DIR/ca.pem                  put the consortium's CA certificate here (from the coordinator)
+
+The data manifest stays where the hospital keeps its images; ``hospital.toml`` names its path.
+:func:`node_config` turns the config into the SuperNode's ``--node-config`` keys that the
+ClientApp reads (``manifest``, ``privacy-policy``, ``privacy-ledger``, ``audit-log``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import tomli_w
+
+from privacy.pki import make_node_key, node_private_openssh, node_public_openssh, write_private
+
+CONFIG_FILE = "hospital.toml"
+
+POLICY_TEMPLATE = """\
+# This hospital's privacy policy (medfed, privacy.policy.SitePolicy). The hospital owns this
+# file: the coordinator never sees or changes it. A round that breaks it is refused, and the
+# reason goes back to the coordinator.
+
+max_epsilon = 8.0       # total epsilon budget per dataset, over every run and round
+delta = 1e-5            # the delta every epsilon is stated for; runs asking more are refused
+accountant = "prv"      # how the ledger composes rounds: "rdp" or "prv"
+require_dp = true       # refuse any round that is not differentially private
+"""
+
+
+class SiteFolderError(ValueError):
+    """A site folder or hospital config that cannot be used as is."""
+
+
+@dataclass(frozen=True)
+class HospitalConfig:
+    """The hospital daemon's settings (``hospital.toml``); relative paths are from the folder.
+
+    Attributes:
+        name: the hospital's name, as the coordinator enrols it.
+        superlink: ``host:port`` of the coordinator's Fleet API.
+        ca_cert: the consortium CA certificate (trust anchor for TLS).
+        node_key, node_pub: the node-authentication key pair.
+        manifest: the CSV data manifest (``""`` until the hospital sets it).
+        privacy_policy, privacy_ledger, audit_log: the hospital's own files.
+    """
+
+    name: str
+    superlink: str = "localhost:9092"
+    ca_cert: str = "ca.pem"
+    node_key: str = "node.key"
+    node_pub: str = "node.pub"
+    manifest: str = ""
+    privacy_policy: str = "privacy-policy.toml"
+    privacy_ledger: str = "privacy-ledger.sqlite"
+    audit_log: str = "egress-audit.jsonl"
+
+
+def init_site_folder(folder: Path, name: str, superlink: str = "localhost:9092",
+                     manifest: str = "") -> HospitalConfig:
+    """Create the site folder with a new key pair and a policy template.
+
+    Raises:
+        SiteFolderError: ``folder`` already holds a ``hospital.toml`` (a new key would need a
+            new enrolment).
+    """
+    folder = Path(folder)
+    if (folder / CONFIG_FILE).exists():
+        raise SiteFolderError(f"{folder / CONFIG_FILE} exists: this folder is already a "
+                              f"hospital's site folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    config = HospitalConfig(name=name, superlink=superlink, manifest=manifest)
+    key = make_node_key()
+    write_private(folder / config.node_key, node_private_openssh(key))
+    (folder / config.node_pub).write_bytes(node_public_openssh(key.public_key(), comment=name))
+    policy = folder / config.privacy_policy
+    if not policy.exists():
+        policy.write_text(POLICY_TEMPLATE)
+    (folder / CONFIG_FILE).write_text(tomli_w.dumps({"hospital": asdict(config)}))
+    return config
+
+
+def load_hospital_config(folder: Path) -> HospitalConfig:
+    """Read ``DIR/hospital.toml``; errors name the file and the setting."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        values = tomllib.loads(path.read_text()).get("hospital", {})
+    except OSError as err:
+        raise SiteFolderError(f"{path}: cannot read it ({err}); run 'medfed hospital init "
+                              f"NAME --dir {folder}' first") from err
+    except tomllib.TOMLDecodeError as err:
+        raise SiteFolderError(f"{path}: not valid TOML ({err})") from err
+    known = {f.name for f in fields(HospitalConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SiteFolderError(f"{path}: unknown settings {unknown} in [hospital]; known: "
+                              f"{sorted(known)}")
+    if "name" not in values:
+        raise SiteFolderError(f"{path}: set 'name' in [hospital]")
+    return HospitalConfig(**values)
+
+
+def node_config(folder: Path, config: HospitalConfig) -> dict[str, str]:
+    """The ClientApp's node-config keys, with absolute paths (the daemon's working directory
+    is not the site folder). ``manifest`` is left out while unset."""
+    folder = Path(folder).resolve()
+    values = {
+        "privacy-policy": str(folder / config.privacy_policy),
+        "privacy-ledger": str(folder / config.privacy_ledger),
+        "audit-log": str(folder / config.audit_log),
+    }
+    if config.manifest:
+        values["manifest"] = str(folder / config.manifest)
+    return values

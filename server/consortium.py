@@ -1,0 +1,234 @@
+"""The coordinator's consortium folder: CA, TLS certificate, config and the enrolment list.
+
+``medfed coordinator init DIR`` lays it out::
+
+    DIR/coordinator.toml        the coordinator's config (CoordinatorConfig)
+    DIR/ca/ca.pem               consortium CA certificate: give it to every hospital
+    DIR/ca/ca.key               CA private key (0600): keep offline once certificates are made
+    DIR/tls/server.pem          the SuperLink's TLS certificate, signed by the CA
+    DIR/tls/server.key          its private key (0600)
+    DIR/enrolment.toml          hospitals enrolled (public key, fingerprint, dates, revoked)
+    DIR/hospitals/NAME.pub      each enrolled hospital's OpenSSH public key, as received
+
+Enrolling records a hospital's node-authentication public key; revoking marks it revoked (the
+entry stays, for the audit trail). ``active_keys`` is what the coordinator registers with the
+SuperLink (``flwr supernode register``) so that an unenrolled or revoked hospital is refused at
+connection by Flower's node authentication.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import tomli_w
+
+from privacy.pki import (
+    certificate_pem,
+    load_ca,
+    load_certificate,
+    load_node_public_key,
+    make_ca,
+    make_server_certificate,
+    node_public_openssh,
+    private_key_pem,
+    public_key_fingerprint,
+    verify_signed_by,
+    write_ca,
+    write_private,
+)
+
+CONFIG_FILE = "coordinator.toml"
+ENROLMENT_FILE = "enrolment.toml"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConsortiumError(ValueError):
+    """A consortium folder, config or enrolment request that cannot be used as is."""
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """The coordinator's settings (``coordinator.toml``); paths are relative to the folder.
+
+    Attributes:
+        consortium: the consortium's name (in the CA subject).
+        fleet_address: ``host:port`` the SuperLink's Fleet API listens on (hospitals connect).
+        control_address: ``host:port`` of the SuperLink's Control API (runs, node registry).
+        hostnames: names and IPs in the TLS certificate besides localhost/127.0.0.1.
+        ca_cert, ca_key, server_cert, server_key: the PKI files.
+        enrolment: the enrolment list.
+        run_dir: where runs write records and per-round checkpoints.
+    """
+
+    consortium: str
+    fleet_address: str = "0.0.0.0:9092"
+    control_address: str = "127.0.0.1:9093"
+    hostnames: list[str] = field(default_factory=list)
+    ca_cert: str = "ca/ca.pem"
+    ca_key: str = "ca/ca.key"
+    server_cert: str = "tls/server.pem"
+    server_key: str = "tls/server.key"
+    enrolment: str = ENROLMENT_FILE
+    run_dir: str = "runs"
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """One hospital on the enrolment list.
+
+    Attributes:
+        name: the hospital's name (``[A-Za-z0-9_.-]``, up to 64 characters).
+        public_key: its OpenSSH public key line.
+        fingerprint: ``SHA256:<hex>`` of the key (see ``privacy.pki.public_key_fingerprint``).
+        enrolled_at: ISO 8601 UTC time of enrolment.
+        revoked_at: ISO 8601 UTC time of revocation, ``""`` while active.
+    """
+
+    name: str
+    public_key: str
+    fingerprint: str
+    enrolled_at: str
+    revoked_at: str = ""
+
+    @property
+    def active(self) -> bool:
+        return not self.revoked_at
+
+
+def _utc_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def init_consortium(folder: Path, consortium: str, hostnames: list[str] | None = None,
+                    fleet_address: str = "0.0.0.0:9092") -> CoordinatorConfig:
+    """Create the consortium folder: CA, TLS certificate, config and an empty enrolment list.
+
+    Raises:
+        ConsortiumError: ``folder`` already holds a ``coordinator.toml`` (never overwritten:
+            a new CA would lock out every enrolled hospital).
+    """
+    folder = Path(folder)
+    if (folder / CONFIG_FILE).exists():
+        raise ConsortiumError(f"{folder / CONFIG_FILE} exists: this folder is already a "
+                              f"consortium; choose another folder")
+    config = CoordinatorConfig(consortium=consortium, fleet_address=fleet_address,
+                               hostnames=list(hostnames or []))
+    (folder / "ca").mkdir(parents=True, exist_ok=True)
+    (folder / "tls").mkdir(parents=True, exist_ok=True)
+    (folder / "hospitals").mkdir(parents=True, exist_ok=True)
+    (folder / config.run_dir).mkdir(parents=True, exist_ok=True)
+    ca = make_ca(consortium)
+    write_ca(ca, folder / config.ca_cert, folder / config.ca_key)
+    cert, key = make_server_certificate(ca, config.hostnames)
+    (folder / config.server_cert).write_bytes(certificate_pem(cert))
+    write_private(folder / config.server_key, private_key_pem(key))
+    _write_enrolments(folder / config.enrolment, [])
+    (folder / CONFIG_FILE).write_text(tomli_w.dumps({"coordinator": asdict(config)}))
+    return config
+
+
+def load_coordinator_config(folder: Path) -> CoordinatorConfig:
+    """Read ``DIR/coordinator.toml``; errors name the file and the setting."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        values = tomllib.loads(path.read_text()).get("coordinator", {})
+    except OSError as err:
+        raise ConsortiumError(f"{path}: cannot read it ({err}); run 'medfed coordinator init "
+                              f"{folder}' first") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConsortiumError(f"{path}: not valid TOML ({err})") from err
+    known = {f.name for f in fields(CoordinatorConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConsortiumError(f"{path}: unknown settings {unknown} in [coordinator]; known: "
+                              f"{sorted(known)}")
+    if "consortium" not in values:
+        raise ConsortiumError(f"{path}: set 'consortium' in [coordinator]")
+    return CoordinatorConfig(**values)
+
+
+def check_consortium(folder: Path) -> CoordinatorConfig:
+    """Load the config and check that the TLS certificate is signed by the CA and valid now."""
+    config = load_coordinator_config(folder)
+    ca = load_ca(Path(folder) / config.ca_cert, Path(folder) / config.ca_key)
+    verify_signed_by(load_certificate(Path(folder) / config.server_cert), ca.certificate)
+    return config
+
+
+def load_enrolments(folder: Path) -> list[Enrolment]:
+    """The enrolment list, in enrolment order."""
+    path = Path(folder) / load_coordinator_config(folder).enrolment
+    try:
+        entries = tomllib.loads(path.read_text()).get("hospital", [])
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConsortiumError(f"{path}: cannot read the enrolment list ({err})") from err
+    return [Enrolment(**entry) for entry in entries]
+
+
+def _write_enrolments(path: Path, entries: list[Enrolment]) -> None:
+    # Written to a temporary file and renamed, so a crash never leaves a half list.
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(tomli_w.dumps({"hospital": [asdict(e) for e in entries]}))
+    tmp.replace(path)
+
+
+def enrol(folder: Path, name: str, public_key_file: Path) -> Enrolment:
+    """Enrol hospital ``name`` with the public key in ``public_key_file``.
+
+    Raises:
+        ConsortiumError: bad name, the name is taken by an active hospital, or the key is
+            enrolled already (under any name); re-enrolling a revoked name with a new key works.
+        privacy.pki.KeyFileError: the key file is not an OpenSSH EC public key.
+    """
+    folder = Path(folder)
+    if not NAME_PATTERN.match(name):
+        raise ConsortiumError(f"hospital name '{name}': use letters, digits, '_', '.', '-' "
+                              f"(up to 64, starting with a letter or digit)")
+    key = load_node_public_key(public_key_file)
+    fingerprint = public_key_fingerprint(key)
+    entries = load_enrolments(folder)
+    for entry in entries:
+        if entry.fingerprint == fingerprint:
+            if entry.revoked_at:
+                raise ConsortiumError(f"this key ({fingerprint}) was revoked (hospital "
+                                      f"'{entry.name}'); a revoked key is never re-enrolled: "
+                                      f"the hospital makes a new one with 'medfed hospital init'")
+            raise ConsortiumError(f"this key ({fingerprint}) is already enrolled as hospital "
+                                  f"'{entry.name}'")
+        if entry.name == name and entry.active:
+            raise ConsortiumError(f"hospital '{name}' is enrolled already; revoke it first to "
+                                  f"replace its key")
+    line = node_public_openssh(key, comment=name).decode().strip()
+    entry = Enrolment(name=name, public_key=line, fingerprint=fingerprint,
+                      enrolled_at=_utc_now())
+    (folder / "hospitals").mkdir(exist_ok=True)
+    (folder / "hospitals" / f"{name}.pub").write_text(line + "\n")
+    _write_enrolments(folder / load_coordinator_config(folder).enrolment, [*entries, entry])
+    return entry
+
+
+def revoke(folder: Path, name: str) -> Enrolment:
+    """Mark hospital ``name``'s active enrolment revoked.
+
+    Raises:
+        ConsortiumError: no active hospital by that name.
+    """
+    folder = Path(folder)
+    entries = load_enrolments(folder)
+    for i, entry in enumerate(entries):
+        if entry.name == name and entry.active:
+            entries[i] = Enrolment(**{**asdict(entry), "revoked_at": _utc_now()})
+            (folder / "hospitals" / f"{name}.pub").unlink(missing_ok=True)
+            _write_enrolments(folder / load_coordinator_config(folder).enrolment, entries)
+            return entries[i]
+    known = sorted(e.name for e in entries if e.active)
+    raise ConsortiumError(f"no enrolled hospital '{name}'; enrolled: {known or 'none'}")
+
+
+def active_keys(folder: Path) -> dict[str, str]:
+    """Hospital name -> OpenSSH public key line, for every active (not revoked) enrolment."""
+    return {e.name: e.public_key for e in load_enrolments(folder) if e.active}
