@@ -67,14 +67,69 @@ def _quiet_flower(verbose: bool) -> None:
     flwr_logger.propagate = False
 
 
+def _base_config(args: argparse.Namespace, overrides: dict[str, Any]):
+    """``--scenario`` or ``--config`` (not both), then ``overrides``."""
+    from simulations.config import ConfigError, load_config
+    from simulations.scenarios import load_scenario
+
+    if args.scenario and args.config:
+        raise ConfigError("give --scenario or --config, not both")
+    if args.scenario:
+        return load_scenario(args.scenario, overrides)
+    return load_config(args.config, overrides)
+
+
+def cmd_scenarios(args: argparse.Namespace) -> int:
+    from simulations.scenarios import scenario_description, scenario_names, scenario_path
+
+    table = Table(title="named scenarios (medfed simulate --scenario NAME)")
+    table.add_column("name")
+    table.add_column("what it simulates")
+    for name in scenario_names():
+        table.add_row(name, scenario_description(scenario_path(name)))
+    console.print(table)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from simulations.report import ReportError, build_report, default_out_dir
+
+    try:
+        path = build_report(args.run_dirs, args.out or default_out_dir(args.run_dirs),
+                            score_model=not args.no_model)
+    except ReportError as err:
+        console.print(f"[red]error:[/] {err}")
+        return 1
+    console.print(f"report: {path} (figures in {path.parent / 'figures'})")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from server.rounds import FederationError
+    from simulations.config import ConfigError
+    from simulations.sweep import parse_grid, run_sweep
+
+    _quiet_flower(args.verbose)
+    try:
+        base = _base_config(args, {"baselines": []} if args.no_baselines else {})
+        table = run_sweep(base, parse_grid(args.grid), args.out, console)
+    except (ConfigError, FederationError, FileNotFoundError, ValueError) as err:
+        console.print(f"[red]error:[/] {err}")
+        return 1
+    console.print(table.to_string(index=False))
+    console.print(f"sweep results: {args.out / 'sweep.csv'}; "
+                  f"compare with: medfed report {args.out}/*/ --out {args.out / 'report'}")
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from server.rounds import FederationError
-    from simulations.config import ConfigError, load_config
+    from simulations.config import ConfigError
     from simulations.runner import run_study
 
     _quiet_flower(args.verbose)
     try:
-        config = load_config(args.config, _simulate_overrides(args))
+        config = _base_config(args, _simulate_overrides(args))
         summary = run_study(config, console)
     except (ConfigError, FederationError, FileNotFoundError, ValueError) as err:
         console.print(f"[red]error:[/] {err}")
@@ -199,11 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="federated LoRA fine-tuning of simulated hospitals")
     sim.add_argument("--config", type=Path, help="TOML file (see README); flags override it")
+    sim.add_argument("--scenario", help="a named study (medfed scenarios) or a scenario .toml")
     sim.add_argument("--run-dir", help="where results go (default runs/<dataset>-<time>)")
     sim.add_argument("--seed", type=int)
     sim.add_argument("--dataset", help="MedMNIST-format .npz stem, e.g. pneumoniamnist")
     sim.add_argument("--hospitals", type=int, help="number of simulated hospitals")
-    sim.add_argument("--partition", choices=["iid", "dirichlet"])
+    sim.add_argument("--partition", choices=["iid", "dirichlet", "quantity"])
     sim.add_argument("--alpha", type=float, help="Dirichlet label-skew concentration")
     sim.add_argument("--max-train-examples", type=int, help="use a subset (quick checks)")
     sim.add_argument("--max-test-examples", type=int, help="test on a subset (quick checks)")
@@ -222,6 +278,28 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--as-dicom", action="store_true",
                      help="hospitals read their partition as DICOM files + manifest (issue 3)")
     sim.set_defaults(func=cmd_simulate)
+
+    scen = sub.add_parser("scenarios", help="list the named simulation scenarios")
+    scen.set_defaults(func=cmd_scenarios)
+
+    rep = sub.add_parser("report", help="HTML report (and PNG figures) of one or more runs")
+    rep.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR",
+                     help="run directories written by medfed simulate / sweep")
+    rep.add_argument("--out", type=Path,
+                     help="output folder (default RUN_DIR/report, or reports/compare-<time>)")
+    rep.add_argument("--no-model", action="store_true",
+                     help="skip reloading the adapter (no ROC, confusion matrix, calibration)")
+    rep.set_defaults(func=cmd_report)
+
+    swp = sub.add_parser("sweep", help="one simulation per point of a grid, each in its own "
+                                       "folder")
+    swp.add_argument("--scenario", help="base study: a named scenario or a .toml file")
+    swp.add_argument("--config", type=Path, help="base study: a TOML config file")
+    swp.add_argument("--grid", action="append", required=True, metavar="SECTION.KEY=V1,V2",
+                     help="a setting and its values, e.g. data.num_hospitals=3,5 (repeatable)")
+    swp.add_argument("--out", type=Path, required=True, help="sweep folder")
+    swp.add_argument("--no-baselines", action="store_true", help="skip pooled/local baselines")
+    swp.set_defaults(func=cmd_sweep)
 
     hospital = sub.add_parser("hospital", help="commands a hospital runs next to its images")
     hospital_sub = hospital.add_subparsers(dest="hospital_command", required=True)
@@ -242,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ledger", help="the hospital's privacy ledger: runs, rounds, epsilon spent, remaining")
     ledger.add_argument("--db", type=Path, required=True, help="the ledger's SQLite file")
     ledger.set_defaults(func=cmd_hospital_ledger)
+
     # Issue 6: deployment (consortium PKI, enrolment, the hospital's site folder).
     site_init = hospital_sub.add_parser(
         "init", help="make a hospital's site folder: node key pair, privacy policy, config")

@@ -23,8 +23,15 @@ class DataConfig:
     Attributes:
         dataset: MedMNIST-format file stem, e.g. ``pneumoniamnist``.
         num_hospitals: simulated hospitals.
-        partition: ``iid`` or ``dirichlet`` (label skew).
+        partition: ``iid``, ``dirichlet`` (label skew) or ``quantity`` (hospitals of different
+            sizes, labels as drawn).
         alpha: Dirichlet concentration; smaller is more skewed.
+        size_distribution: quantity skew's hospital sizes: ``lognormal`` or ``powerlaw``.
+        size_skew: lognormal sigma, or power-law exponent (0: equal sizes).
+        shift: acquisition shift: ``none`` or ``scanners`` (each hospital's train/validation
+            images through its own seeded contrast/intensity/blur/noise profile, MONAI
+            transforms; the test set stays as acquired).
+        shift_strength: scales the scanner differences (0: none, 1: typical, 2: severe).
         val_fraction: share of each hospital's data kept for its own validation.
         max_train_examples: use only this many training examples (0: all), for quick checks.
         max_test_examples: evaluate on only this many test examples (0: all).
@@ -37,10 +44,27 @@ class DataConfig:
     num_hospitals: int = 5
     partition: str = "dirichlet"
     alpha: float = 0.5
+    size_distribution: str = "lognormal"
+    size_skew: float = 1.0
+    shift: str = "none"
+    shift_strength: float = 1.0
     val_fraction: float = 0.1
     max_train_examples: int = 0
     max_test_examples: int = 0
     as_dicom: bool = False
+
+
+@dataclass(frozen=True)
+class FailureConfig:
+    """Simulated hospital failures (``[failures]``).
+
+    Attributes:
+        dropout_probability: chance that a sampled hospital fails in a round (its reply is an
+            error the coordinator records; the round goes on when ``min_hospitals`` remain).
+            Drawn from (seed, round, hospital): the same hospitals fail on a rerun.
+    """
+
+    dropout_probability: float = 0.0
 
 
 @dataclass
@@ -53,6 +77,7 @@ class SimulationConfig:
         baselines: which of ``pooled`` and ``local`` to run on the same split and budget.
         cpus_per_hospital: CPU cores each simulated hospital's Ray actor gets.
         privacy: the run's DP mechanisms (``[privacy]``; issue 4), proposed by the coordinator.
+        failures: simulated hospital dropouts (``[failures]``; issue 8).
         site_policy: a site privacy policy TOML every simulated hospital applies ("" : none).
         ledger_dir: where simulated hospitals keep their privacy ledgers (one SQLite file each);
             "" : ``runs/ledgers`` when ``site_policy`` is set, so budgets compose across runs.
@@ -67,6 +92,7 @@ class SimulationConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: DPConfig = field(default_factory=DPConfig)
+    failures: FailureConfig = field(default_factory=FailureConfig)
     site_policy: str = ""
     ledger_dir: str = ""
 
@@ -120,6 +146,12 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
     if overrides:
         config = _merge(config, overrides, "overrides")
     return config
+
+
+def with_overrides(config: SimulationConfig, overrides: dict[str, Any],
+                   where: str = "overrides") -> SimulationConfig:
+    """``config`` with ``overrides`` (same nesting as the TOML file) applied and checked."""
+    return _merge(config, overrides, where)
 
 
 def config_dict(config: SimulationConfig) -> dict[str, Any]:

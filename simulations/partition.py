@@ -1,4 +1,5 @@
-"""Split one training set over simulated hospitals: IID or Dirichlet label skew, seeded."""
+"""Split one training set over simulated hospitals: IID, Dirichlet label skew or quantity skew,
+seeded."""
 
 from __future__ import annotations
 
@@ -45,17 +46,64 @@ def dirichlet_partition(
     )
 
 
+SIZE_DISTRIBUTIONS = ("lognormal", "powerlaw")
+
+
+def hospital_sizes(num_examples: int, num_hospitals: int, distribution: str, skew: float,
+                   seed: int) -> np.ndarray:
+    """How many examples each hospital holds under quantity skew (sums to ``num_examples``).
+
+    ``lognormal``: shares proportional to LogNormal(0, ``skew``) draws (``skew`` 0 is equal
+    sizes; 1.5 gives a few large hospitals and many small ones, as in real consortia).
+    ``powerlaw``: the k-th largest hospital's share is proportional to ``(k + 1) ** -skew``
+    (Zipf-like), in a seeded random order. Every hospital gets at least ``MIN_PER_HOSPITAL``.
+    """
+    if skew < 0:
+        raise ValueError(f"quantity skew must be >= 0, got {skew}")
+    if num_examples < num_hospitals * MIN_PER_HOSPITAL:
+        raise ValueError(
+            f"{num_examples} examples cannot give {num_hospitals} hospitals "
+            f"{MIN_PER_HOSPITAL} each: use fewer hospitals or more data"
+        )
+    rng = np.random.default_rng(seed)
+    if distribution == "lognormal":
+        weights = rng.lognormal(0.0, skew, num_hospitals)
+    elif distribution == "powerlaw":
+        weights = rng.permutation((np.arange(num_hospitals) + 1.0) ** -skew)
+    else:
+        raise ValueError(f"unknown size distribution '{distribution}': use one of "
+                         f"{', '.join(SIZE_DISTRIBUTIONS)}")
+    spare = num_examples - num_hospitals * MIN_PER_HOSPITAL
+    sizes = MIN_PER_HOSPITAL + np.floor(weights / weights.sum() * spare).astype(np.int64)
+    # Hand the examples lost to rounding down to the largest hospitals, one each.
+    for k in np.argsort(-weights)[: num_examples - sizes.sum()]:
+        sizes[k] += 1
+    return sizes
+
+
+def quantity_partition(num_examples: int, num_hospitals: int, distribution: str, skew: float,
+                       seed: int) -> list[np.ndarray]:
+    """Quantity skew: hospitals of different sizes (:func:`hospital_sizes`), labels as drawn."""
+    sizes = hospital_sizes(num_examples, num_hospitals, distribution, skew, seed)
+    order = np.random.default_rng(seed + 1).permutation(num_examples)
+    return [np.sort(part) for part in np.split(order, np.cumsum(sizes)[:-1])]
+
+
 def partition(
-    labels: np.ndarray, num_hospitals: int, scheme: str, alpha: float, seed: int
+    labels: np.ndarray, num_hospitals: int, scheme: str, alpha: float, seed: int,
+    size_distribution: str = "lognormal", size_skew: float = 1.0,
 ) -> list[np.ndarray]:
-    """Indices into the training set for each hospital, by ``scheme`` (``iid`` or ``dirichlet``)."""
+    """Indices into the training set for each hospital, by ``scheme``: ``iid``, ``dirichlet``
+    (label skew, ``alpha``) or ``quantity`` (size skew, ``size_distribution``/``size_skew``)."""
     if num_hospitals < 1:
         raise ValueError(f"need at least one hospital, got {num_hospitals}")
     if scheme == "iid":
         return iid_partition(len(labels), num_hospitals, seed)
     if scheme == "dirichlet":
         return dirichlet_partition(labels, num_hospitals, alpha, seed)
-    raise ValueError(f"unknown partition '{scheme}': use 'iid' or 'dirichlet'")
+    if scheme == "quantity":
+        return quantity_partition(len(labels), num_hospitals, size_distribution, size_skew, seed)
+    raise ValueError(f"unknown partition '{scheme}': use 'iid', 'dirichlet' or 'quantity'")
 
 
 def train_val_split(

@@ -72,8 +72,14 @@ def _run_flower(config: SimulationConfig, run: ServerRun) -> None:
 
     loader = simulated_site_loader(config.data, config.model.image_size, config.seed,
                                    config.run_dir)
-    client_app = build_client_app(loader,
-                                  simulated_site_privacy(config))
+    if config.failures.dropout_probability > 0:
+        # Issue 8: hospitals that fail rounds (seeded), recorded as error replies.
+        from simulations.dropouts import build_dropout_client_app
+
+        client_app = build_dropout_client_app(loader, config.failures.dropout_probability,
+                                              config.seed, simulated_site_privacy(config))
+    else:
+        client_app = build_client_app(loader, simulated_site_privacy(config))
     try:
         run_simulation(
             server_app=build_server_app(run),

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 from flwr.app import Context
 
 from client.data.config import SiteDataConfig
@@ -18,6 +19,7 @@ from models.data import ImageSet
 from simulations.config import DataConfig
 from simulations.datasets import MedMNIST, load_medmnist
 from simulations.partition import partition, train_val_split
+from simulations.shift import shift_site
 
 
 @lru_cache(maxsize=2)
@@ -28,12 +30,14 @@ def cached_dataset(name: str, image_size: int) -> MedMNIST:
 
 def training_pool(data: DataConfig, image_size: int, seed: int) -> ImageSet:
     """The training examples the simulation spreads over hospitals (maybe a seeded subset)."""
-    train = cached_dataset(data.dataset, image_size).splits["train"]
-    if 0 < data.max_train_examples < len(train):
-        import numpy as np
+    return _training_pool(data.dataset, image_size, data.max_train_examples, seed)
 
-        keep = np.sort(np.random.default_rng(seed).permutation(len(train))[
-            : data.max_train_examples])
+
+@lru_cache(maxsize=2)
+def _training_pool(dataset: str, image_size: int, max_train_examples: int, seed: int) -> ImageSet:
+    train = cached_dataset(dataset, image_size).splits["train"]
+    if 0 < max_train_examples < len(train):
+        keep = np.sort(np.random.default_rng(seed).permutation(len(train))[:max_train_examples])
         train = train.subset(keep)
     return train
 
@@ -50,15 +54,31 @@ def test_set(data: DataConfig, image_size: int, seed: int) -> ImageSet:
     return test
 
 
+@lru_cache(maxsize=4)
+def _shares(data: DataConfig, image_size: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each hospital's (train, validation) indices into the training pool (cheap: indices)."""
+    pool = training_pool(data, image_size, seed)
+    shares = partition(pool.labels.numpy(), data.num_hospitals, data.partition, data.alpha, seed,
+                       data.size_distribution, data.size_skew)
+    return [train_val_split(indices, data.val_fraction, seed + 7919 * hospital)
+            for hospital, indices in enumerate(shares)]
+
+
+def hospital_site(data: DataConfig, image_size: int, seed: int, hospital: int) -> SiteData:
+    """One simulated hospital's train/validation data, built on its own (nothing for the others).
+    """
+    pool = training_pool(data, image_size, seed)
+    train_idx, val_idx = _shares(data, image_size, seed)[hospital]
+    train, val = pool.subset(train_idx), pool.subset(val_idx)
+    # Issue 8: this hospital's scanner (seeded); the coordinator's test set is left as is.
+    train = shift_site(train, data.shift, hospital, seed, data.shift_strength)
+    val = shift_site(val, data.shift, hospital, seed + 1, data.shift_strength)
+    return SiteData(train=train, val=val)
+
+
 def hospital_sites(data: DataConfig, image_size: int, seed: int) -> list[SiteData]:
     """Every simulated hospital's train/validation data, in hospital order."""
-    pool = training_pool(data, image_size, seed)
-    shares = partition(pool.labels.numpy(), data.num_hospitals, data.partition, data.alpha, seed)
-    sites = []
-    for hospital, indices in enumerate(shares):
-        train_idx, val_idx = train_val_split(indices, data.val_fraction, seed + 7919 * hospital)
-        sites.append(SiteData(train=pool.subset(train_idx), val=pool.subset(val_idx)))
-    return sites
+    return [hospital_site(data, image_size, seed, k) for k in range(data.num_hospitals)]
 
 
 @dataclass(frozen=True)
@@ -80,12 +100,14 @@ class SimulatedSiteLoader:
             config = SiteDataConfig(cache_dir=str(root / "cache"), max_error_fraction=0.0)
             return load_manifest_site(root / f"hospital-{hospital}" / "manifest.csv", config,
                                       image_size)
-        return _sites(self.data, image_size, self.seed)[hospital]
+        return _site(self.data, image_size, self.seed, hospital)
 
 
-@lru_cache(maxsize=2)
-def _sites(data: DataConfig, image_size: int, seed: int) -> list[SiteData]:
-    return hospital_sites(data, image_size, seed)
+# A Ray actor serves many hospitals in turn: it keeps the ones it has built (each a slice of
+# the one decoded dataset, so memory stays bounded by the dataset) and builds the others lazily.
+@lru_cache(maxsize=64)
+def _site(data: DataConfig, image_size: int, seed: int, hospital: int) -> SiteData:
+    return hospital_site(data, image_size, seed, hospital)
 
 
 def simulated_site_loader(data: DataConfig, image_size: int, seed: int,
