@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from simulations.bench import communication, dp_overhead, site_data
+from simulations.bench import communication, dp_overhead, site_data, strategies
 
 BENCHES = {"communication": communication.main, "site-data": site_data.main,
-           "dp-overhead": dp_overhead.main}
+           "dp-overhead": dp_overhead.main, "strategies": strategies.main}
 
 
 def main(argv: list[str] | None = None) -> int:
