@@ -353,12 +353,15 @@ def fig_calibration(scores: TestScores) -> Figure:
     used = count > 0
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
     ax.plot(mean_conf[used], accuracy[used], marker="o", label=f"model (ECE {scores.ece:.3f})")
+    for x, y, n in zip(mean_conf[used], accuracy[used], count[used], strict=True):
+        ax.annotate(f"{int(n)}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
     # The top class's probability is never below 1/K (0.5 for two classes).
     floor = 1.0 / scores.probs.shape[1]
     ax.set(title="Reliability: stated confidence vs how often right",
            xlabel="model's confidence in its prediction", ylabel="share of predictions correct",
            xlim=(floor - 0.02, 1.0), ylim=(0, 1.02))
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="lower right", title="numbers: test images per bin",
+              title_fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
@@ -448,6 +451,43 @@ def failures_table(run: Run) -> str:
                    f"<td>{html.escape(str(r['error']))}</td></tr>" for _, r in rows.iterrows())
     return ("<p>Replies the coordinator did not use (the round went on with the others):</p>"
             "<table><tr><th>round</th><th>hospital</th><th>reason</th></tr>" + body + "</table>")
+
+
+def hospital_table(run: Run) -> str:
+    """Per hospital: training images, last validation scores, rounds failed, training alone."""
+    sizes = run.summary.get("examples_per_hospital", [])
+    alone = run.summary.get("local", {}).get("per_hospital", [])
+    rows = []
+    hospitals = run.hospitals
+    for k in range(len(sizes)):
+        mine = hospitals[hospitals.hospital == str(k)]
+        val = mine.dropna(subset=["val_auc"]).sort_values("round")
+        last = val.iloc[-1] if len(val) else None
+        rows.append({
+            "hospital": k,
+            "training images": sizes[k],
+            "validation AUC (last round)": None if last is None else last["val_auc"],
+            "validation accuracy (last round)": None if last is None else last["val_accuracy"],
+            "test AUC trained alone": alone[k]["auc"] if k < len(alone) else None,
+            "rounds failed": int(mine["error"].notna().sum()),
+        })
+    if not rows:
+        return ""
+    return "<h3>Hospitals</h3>" + _table(rows)
+
+
+def _threshold_line(scores: TestScores, names: list[str]) -> str:
+    """Binary: sensitivity and specificity at the most-probable-class decision."""
+    if scores.probs.shape[1] != 2:
+        return ""
+    tn, fp, fn, tp = confusion_matrix(scores.labels, scores.probs.argmax(axis=1),
+                                      labels=[0, 1]).ravel()
+    sens = tp / (tp + fn) if tp + fn else math.nan
+    spec = tn / (tn + fp) if tn + fp else math.nan
+    return (f"<p>Deciding '{html.escape(names[1])}' when the model gives it over 50%: "
+            f"sensitivity {_fmt(sens)} ({tp} of {tp + fn} {html.escape(names[1])} images found), "
+            f"specificity {_fmt(spec)} ({tn} of {tn + fp} {html.escape(names[0])} images "
+            f"cleared). Expected calibration error {scores.ece:.3f}.</p>")
 
 
 def comparison_rows(runs: list[Run], scores: dict[str, TestScores | None]) -> list[dict]:
@@ -587,10 +627,15 @@ def build_report(run_dirs: list[Path], out_dir: Path, score_model: bool = True) 
         scores[run.name] = score
         prefix = f"{name}-" if len(runs) > 1 else ""
         stems = run_figures(run, score, figures, prefix)
-        ece = f"<p>Expected calibration error: {score.ece:.3f}.</p>" if score else ""
+        ece = ""
+        if score is not None:
+            ece = _threshold_line(score, class_names(
+                str(run.config.get("data", {}).get("dataset")), score.probs.shape[1]))
+            if score.probs.shape[1] != 2:
+                ece = f"<p>Expected calibration error {score.ece:.3f}.</p>"
         sections.append(
             f"<section><h2>Run {html.escape(name)}</h2><p>{html.escape(study_line(run))}.</p>"
-            + _key_finding(run, score) + ece + failures_table(run)
+            + _key_finding(run, score) + ece + hospital_table(run) + failures_table(run)
             + "".join(_figure_html(s, figures) for s in stems) + "</section>")
     comparison = ""
     rows = comparison_rows(runs, scores)
