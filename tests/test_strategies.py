@@ -200,3 +200,20 @@ def test_fedsa_lora_hospital_keeps_its_b_between_rounds(site, small_model_config
                     run_config={})
     shared = app(_message("evaluate", arrays, config), fresh).content["metrics"]
     assert personal["val-loss"] != shared["val-loss"]
+
+
+def test_fedprox_term_keeps_the_adapter_nearer_the_round_start(site, small_model_config):
+    from client.training import train_local
+    from models.adapters import load_adapter_state
+
+    torch.manual_seed(0)
+    model = build_lora_model(small_model_config)
+    start = adapter_state(model)
+    moved = {}
+    for mu in (0.0, 50.0):
+        load_adapter_state(model, start)
+        train_local(model, site.train.images, site.train.labels,
+                    TrainConfig(local_steps=6, batch_size=16, lr=1e-2, proximal_mu=mu), seed=1)
+        after = adapter_state(model)
+        moved[mu] = float(sum(((after[k] - start[k]) ** 2).sum() for k in start)) ** 0.5
+    assert 0 < moved[50.0] < moved[0.0]
