@@ -30,3 +30,11 @@ class FederationConfig:
     min_hospitals: int = 2
     round_timeout_s: float = 1800.0
     options: StrategyOptions = field(default_factory=StrategyOptions)
+
+    def __post_init__(self) -> None:
+        # Issue 7: refuse an unknown strategy when the config is read, not rounds later.
+        from strategies import STRATEGIES
+
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"federation.strategy: unknown strategy '{self.strategy}': "
+                             f"choose one of {sorted(STRATEGIES)}")

@@ -217,3 +217,13 @@ def test_fedprox_term_keeps_the_adapter_nearer_the_round_start(site, small_model
         after = adapter_state(model)
         moved[mu] = float(sum(((after[k] - start[k]) ** 2).sum() for k in start)) ** 0.5
     assert 0 < moved[50.0] < moved[0.0]
+
+
+def test_unknown_strategy_is_refused_when_the_config_is_read():
+    from simulations.config import load_config
+
+    with pytest.raises(ValueError, match="federation.strategy: unknown strategy 'fedx'"):
+        load_config(None, {"federation": {"strategy": "fedx"}})
+    config = load_config(None, {"federation": {"strategy": "fedadam",
+                                               "options": {"server-lr": 0.003}}})
+    assert config.federation.options.server_lr == 0.003

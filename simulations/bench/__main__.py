@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from simulations.bench import communication, dp_overhead, site_data, strategies
+from simulations.bench import communication, dp_overhead, scale, site_data, strategies
 
-BENCHES = {"communication": communication.main, "site-data": site_data.main,
+BENCHES = {"communication": communication.main, "scale": scale.main, "site-data": site_data.main,
            "dp-overhead": dp_overhead.main, "strategies": strategies.main}
 
 
