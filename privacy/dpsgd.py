@@ -6,7 +6,7 @@ backbone, BatchNorm included (kept in eval mode on its pretrained statistics by
 nothing to object to (BatchNorm mixes examples only when it trains).
 
 Privacy unit: one training example of this hospital. Batches are Poisson-sampled (each example
-joins each step independently with rate ``q = batch_size / N``) as the accountant assumes.
+joins each step independently with rate ``q``, about ``batch_size / N``) as the accountant assumes.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ class StepPlan:
     """What one round of DP-SGD at a hospital will run.
 
     Attributes:
-        sample_rate: Poisson sampling rate ``q`` (expected batch size over examples).
-        steps: optimiser steps in the round (``local_epochs * round(1 / q)``).
+        sample_rate: Poisson sampling rate ``q`` of each example at each step.
+        steps: optimiser steps in the round.
     """
 
     sample_rate: float
@@ -59,13 +59,16 @@ class DPTrainResult:
 
 
 def plan_round(num_examples: int, config: TrainConfig) -> StepPlan:
-    """Sample rate and steps of one round: ``config.local_steps`` steps, or ``local_epochs``
-    epochs of ``1/q`` steps each (an epoch of opacus' Poisson loader)."""
+    """Sample rate and steps of one round, exactly as opacus' Poisson loader runs them.
+
+    opacus samples at ``q = 1 / ceil(N / batch_size)`` and an epoch is ``ceil(N / batch_size)``
+    steps; a round is ``config.local_steps`` steps, or ``local_epochs`` such epochs.
+    """
     if num_examples <= 0:
         raise ValueError("no training examples at this hospital")
-    q = min(1.0, config.batch_size / num_examples)
-    steps = config.local_steps or config.local_epochs * int(1 / q)
-    return StepPlan(sample_rate=q, steps=steps)
+    batches = math.ceil(num_examples / config.batch_size)
+    return StepPlan(sample_rate=1.0 / batches,
+                    steps=config.local_steps or config.local_epochs * batches)
 
 
 def check_private_model(model: nn.Module) -> None:

@@ -52,6 +52,9 @@ class RunRecords:
 
     run_dir: Path
     rows: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)
+    # node id -> hospital id seen in an earlier reply: an error reply (a privacy refusal, say)
+    # carries no metrics, and its row should still land on the hospital's line.
+    hospital_of: dict[int, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -64,7 +67,9 @@ class RunRecords:
 
     def add_reply(self, reply: Reply) -> None:
         """Record one hospital's train or evaluate reply (or why it was dropped)."""
-        hospital = str(int(reply.metrics.get("hospital-id", reply.node_id)))
+        if "hospital-id" in reply.metrics:
+            self.hospital_of[reply.node_id] = str(int(reply.metrics["hospital-id"]))
+        hospital = self.hospital_of.get(reply.node_id, str(reply.node_id))
         row = self._row(reply.server_round, hospital)
         row["node_id"] = reply.node_id
         if reply.error:

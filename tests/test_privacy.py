@@ -4,8 +4,10 @@ the hospital's ledger (atomic, budget-refusing) and the coordinator's records of
 from __future__ import annotations
 
 import math
-import multiprocessing
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import dp_accounting as dpa
 import numpy as np
@@ -16,7 +18,7 @@ from flwr.app.message.message import make_message
 from flwr.app.metadata import Metadata
 
 from client.app import build_client_app
-from client.privacy_round import REFUSAL_CODE, SitePrivacy
+from client.privacy_round import REFUSAL_CODE, SitePrivacy, plan_charges
 from client.site import SiteData
 from models.adapters import adapter_state
 from models.config import TrainConfig, to_config_record
@@ -78,6 +80,19 @@ def test_dp_config_travels_in_the_config_record():
         dp_config_from_record(record)
     with pytest.raises(ValueError, match="dp_accountant"):
         DPConfig(dp_accountant="moments")
+
+
+def test_target_epsilon_sets_the_noise_for_the_whole_run():
+    """With a target per run, the noise is derived so that all planned rounds together spend
+    it (checked with dp-accounting), and a run that does not say its length is an error."""
+    train = TrainConfig(local_epochs=2, batch_size=20)
+    dp = DPConfig(dpsgd=True, dp_target_epsilon=3.0, dp_run_rounds=5)
+    (charge,) = plan_charges(dp, 400, train)
+    assert (charge.sample_rate, charge.steps) == (0.05, 40)
+    run = [charge.event] * 5
+    assert reference_epsilon(run, 1e-5, "rdp") == pytest.approx(3.0, rel=0.01)
+    with pytest.raises(ValueError, match="dp_run_rounds"):
+        plan_charges(DPConfig(dpsgd=True, dp_target_epsilon=3.0), 400, train)
 
 
 # --- DP-SGD on real data --------------------------------------------------------------------
@@ -155,6 +170,30 @@ def test_reported_epsilon_composes_over_rounds_and_matches_dp_accounting(
         ("5", 1, "dpsgd", steps), ("5", 2, "dpsgd", steps)]
 
 
+def test_update_dp_reply_is_clipped_and_accounted(site, small_model_config):
+    """Client-level DP through the ClientApp: the released adapter is within the clip bound of
+    the global one (noise negligible here), asks for uniform averaging, and its epsilon is the
+    Gaussian mechanism at the hospital's own noise share z / sqrt(n)."""
+    app = build_client_app(lambda context, image_size: site, lambda context: SitePrivacy())
+    context = Context(run_id=5, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
+                      run_config={})
+    train = TrainConfig(local_epochs=1, batch_size=16, lr=1e-2)
+    dp = DPConfig(update_clip_norm=0.01, update_noise_multiplier=1e-7, update_hospitals=4)
+    arrays, config = _wire(small_model_config, train, dp, 1)
+    reply = app(_message(arrays, config), context)
+    assert not reply.has_error()
+    new = reply.content["arrays"].to_torch_state_dict()
+    assert update_norm(new, arrays.to_torch_state_dict()) == pytest.approx(0.01, rel=1e-3)
+    metrics = reply.content["metrics"]
+    assert metrics["update-weight"] == 1.0
+    z = 3.0
+    dp_big = DPConfig(update_clip_norm=0.01, update_noise_multiplier=z, update_hospitals=4)
+    reply = app(_message(*_wire(small_model_config, train, dp_big, 2)), Context(
+        run_id=6, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={}))
+    expected = reference_epsilon([(z / 2, 1.0, 1)], 1e-5, "rdp")
+    assert reply.content["metrics"]["dp-epsilon"] == pytest.approx(expected, rel=0.01)
+
+
 # --- the ledger and the site policy ---------------------------------------------------------
 
 
@@ -186,33 +225,35 @@ def test_ledger_refuses_past_the_budget_and_records_nothing(tmp_path):
     assert [r.server_round for r in ledger.rows("d")] == [1]
 
 
-def _crash_mid_round(path: str) -> None:
-    """Child process: die (no cleanup, no rollback) after the round's first row is written."""
-    import os
+CRASH_MID_ROUND = """
+import os, sys
+from privacy.ledger import Charge, Ledger
 
-    ledger = Ledger(path)
-    insert = Ledger._insert
-    calls = []
+insert, calls = Ledger._insert, []
 
-    def insert_then_maybe_die(conn, values):
-        insert(conn, values)
-        calls.append(1)
-        if len(calls) == 2:
-            os._exit(17)
+def insert_then_maybe_die(conn, values):
+    insert(conn, values)
+    calls.append(1)
+    if len(calls) == 2:
+        os._exit(17)  # the process dies: no cleanup, no rollback
 
-    Ledger._insert = staticmethod(insert_then_maybe_die)
-    ledger.record_round("d", "run", 2, [_charge(), Charge("client-gaussian", 2.0, 1.0, 1, 1.0)],
-                        1e-5, "rdp", budget=100)
+Ledger._insert = staticmethod(insert_then_maybe_die)
+Ledger(sys.argv[1]).record_round(
+    "d", "run", 2,
+    [Charge("dpsgd", 1.0, 0.1, 50, 1.0), Charge("client-gaussian", 2.0, 1.0, 1, 1.0)],
+    1e-5, "rdp", budget=100)
+"""
 
 
 def test_a_crash_mid_round_records_no_part_of_it(tmp_path):
+    """A process that dies after writing the first of a round's two rows leaves no trace of the
+    round; the ledger stays usable."""
     path = tmp_path / "l.sqlite"
     Ledger(path).record_round("d", "run", 1, [_charge()], 1e-5, "rdp", budget=100)
-    child = multiprocessing.get_context("spawn").Process(target=_crash_mid_round,
-                                                          args=(str(path),))
-    child.start()
-    child.join(60)
-    assert child.exitcode == 17, "the child did not crash where the test meant it to"
+    child = subprocess.run([sys.executable, "-c", CRASH_MID_ROUND, str(path)],
+                           cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                           timeout=600)
+    assert child.returncode == 17, f"the child did not crash where meant to: {child.stderr}"
     rows = Ledger(path).rows("d")
     assert [(r.server_round, r.mechanism) for r in rows] == [(1, "dpsgd")]
     # The ledger is usable after the crash (the hot journal was rolled back).
@@ -288,16 +329,19 @@ def test_coordinator_records_epsilon_per_hospital_and_round(tmp_path):
         records.add_reply(Reply(server_round, "train", node_id=11, metrics={
             "num-examples": 10, "train-loss": 0.5, "hospital-id": 0,
             "dp-epsilon": eps, "dp-delta": 1e-5}))
-    records.add_reply(Reply(2, "train", node_id=12, error="hospital error: privacy budget: "
+    records.add_reply(Reply(3, "train", node_id=11, error="hospital error: privacy budget: "
                             "this round would bring epsilon to 9, past the site budget 8"))
     text = records.write_metrics().read_text().splitlines()
     header = text[0].split(",")
     assert "epsilon" in header and "delta" in header
     rows = [dict(zip(header, line.split(","), strict=False)) for line in text[1:]]
-    assert [float(r["epsilon"]) for r in rows if r["hospital"] == "0"] == [0.8, 1.2]
+    assert [r["epsilon"] for r in rows if r["hospital"] == "0"] == ["0.8", "1.2", ""]
     summary = records.privacy_summary()
     assert summary["epsilon_per_hospital"] == {"0": 1.2} and summary["delta"] == 1e-5
-    assert summary["refusals"][0]["round"] == 2
+    # The refusal carries no metrics, yet lands on the hospital's line.
+    assert summary["refusals"] == [{"round": 3, "hospital": "0", "reason": "train: hospital "
+                                    "error: privacy budget: this round would bring epsilon to "
+                                    "9, past the site budget 8"}]
 
 
 def test_cli_shows_the_ledger(tmp_path, capsys):

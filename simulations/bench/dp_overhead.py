@@ -13,6 +13,7 @@ import argparse
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,19 +30,8 @@ def _setting(text: str) -> tuple[int, int]:
     return int(size), int(batch)
 
 
-def _time_steps(step, steps: int) -> float:
-    """Median seconds per call of ``step`` after one warm-up call."""
-    step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def step_time(config: ModelConfig, batch: int, mode: str | None, steps: int) -> float:
-    """Seconds per optimiser step; ``mode`` None is non-private, else an opacus engine."""
+def make_step(config: ModelConfig, batch: int, mode: str | None) -> Callable[[], None]:
+    """One optimiser step on a fixed batch; ``mode`` None is non-private, else an opacus engine."""
     torch.manual_seed(0)
     model = build_lora_model(config, verify=False)
     images = torch.rand(batch, 1, config.image_size, config.image_size)
@@ -71,9 +61,23 @@ def step_time(config: ModelConfig, batch: int, mode: str | None, steps: int) -> 
         loss.backward()
         optimizer.step()
 
+    return step
+
+
+def interleaved_times(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds per step of each callable, timed in turns (A B C A B C ...) after one
+    warm-up each, so that load from other processes hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _time_steps(step, steps)
+        for step in steps.values():
+            step()
+        for _ in range(repeats):
+            for name, step in steps.items():
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="hooks,ghost",
                         help=f"opacus engines among {','.join(GRAD_SAMPLE_MODES)}")
     parser.add_argument("--lora-r", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per engine")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -93,17 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown --modes {unknown}; choose from {GRAD_SAMPLE_MODES}")
     ratio = float("nan")
     print(f"backbone {ModelConfig.backbone}, LoRA r={args.lora_r}, {args.threads} threads, "
-          f"median of {args.steps} steps")
+          f"median of {args.steps} interleaved steps")
     for text in args.settings.split(","):
         size, batch = _setting(text)
         config = ModelConfig(image_size=size, lora_r=args.lora_r, lora_alpha=2 * args.lora_r)
-        base = step_time(config, batch, None, args.steps)
+        steps = {"non-private": make_step(config, batch, None)}
+        steps |= {mode: make_step(config, batch, mode) for mode in modes}
+        times = interleaved_times(steps, args.steps)
+        base = times.pop("non-private")
         print(f"{size} px, batch {batch}: non-private {base * 1000:.0f} ms/step")
-        ratios = {}
-        for mode in modes:
-            seconds = step_time(config, batch, mode, args.steps)
-            ratios[mode] = seconds / base
-            print(f"  DP-SGD ({mode}): {seconds * 1000:.0f} ms/step, {ratios[mode]:.2f}x")
-        ratio = min(ratios.values())
+        for mode, seconds in times.items():
+            print(f"  DP-SGD ({mode}): {seconds * 1000:.0f} ms/step, {seconds / base:.2f}x")
+        ratio = min(times.values()) / base
     print(f"dp/non-dp step time: {ratio:.2f}")
     return 0
