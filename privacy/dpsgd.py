@@ -110,6 +110,11 @@ def train_dpsgd(
         seed: seeds Poisson sampling, noise and dropout, so a round can be replayed.
         lr: learning rate for this round (default ``config.lr``).
     """
+    if getattr(config, "proximal_mu", 0) > 0:
+        # opacus replaces each gradient by its clipped, noised per-example sum: a proximal term
+        # on the parameters would be dropped silently. Say so instead.
+        raise ValueError("train.proximal_mu > 0 (FedProx) is not supported with DP-SGD yet: "
+                         "set proximal_mu = 0 or turn dpsgd off")
     plan = plan_round(len(labels), config)
     model.train()
     freeze_batchnorm(model)
