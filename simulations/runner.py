@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -94,8 +95,24 @@ def _run_flower(config: SimulationConfig, run: ServerRun) -> None:
             ray.shutdown()
 
 
-def run_study(config: SimulationConfig, console: Console | None = None) -> dict[str, Any]:
+def _both(first: Callable[[int, dict[str, float]], None],
+          second: Callable[[int, dict[str, float]], None] | None):
+    if second is None:
+        return first
+
+    def call(server_round: int, metrics: dict[str, float]) -> None:
+        first(server_round, metrics)
+        second(server_round, metrics)
+
+    return call
+
+
+def run_study(config: SimulationConfig, console: Console | None = None,
+              on_round: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Run the federated simulation and the baselines; write and return ``summary.json``'s data.
+
+    ``on_round(round, test metrics)`` is called after each round's central evaluation (as the
+    progress display is; benchmarks time rounds with it).
 
     Raises:
         FederationError: the federated run did not complete every round with enough hospitals.
@@ -108,7 +125,7 @@ def run_study(config: SimulationConfig, console: Console | None = None) -> dict[
     progress = RoundProgress(config.federation.rounds, config.data.num_hospitals, console)
     run = ServerRun(
         federation=config.federation, model=config.model, train=config.train, test_set=test,
-        records=records, on_round=progress.on_round, on_reply=progress.on_reply,
+        records=records, on_round=_both(progress.on_round, on_round), on_reply=progress.on_reply,
         dp=config.privacy,
     )
     started = time.monotonic()
