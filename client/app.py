@@ -19,6 +19,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from client.audit import audit_reply
 from client.exchange import receive_adapter, send_adapter
 from client.model_cache import lora_model_for
 from client.privacy_round import (  # issue 4: DP-SGD, update DP, site policy and ledger
@@ -110,11 +111,15 @@ def build_client_app(
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, load_site, load_privacy)
+        reply = handle_train(msg, context, load_site, load_privacy)
+        audit_reply(msg, reply, context)  # issue 6: egress audit log (node config 'audit-log')
+        return reply
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, context, load_site)
+        reply = handle_evaluate(msg, context, load_site)
+        audit_reply(msg, reply, context)  # issue 6: egress audit log
+        return reply
 
     return app
 

@@ -17,6 +17,13 @@ from models.config import ModelConfig, TrainConfig, to_config_record
 from models.data import ImageSet
 from models.lora import build_lora_model
 from privacy.config import DPConfig
+from server.checkpoint import (
+    CHECKPOINT_FILE,
+    RoundOffset,
+    load_checkpoint,
+    save_checkpoint,
+    settings_fingerprint,
+)
 from server.config import FederationConfig
 from server.evaluation import central_evaluator
 from server.records import RunRecords
@@ -87,11 +94,28 @@ def run_federation(
         options=federation.options,  # issue 7: the strategies' settings
     )
     evaluator = central_evaluator(model, test_set)
+    # Issue 6: a checkpoint after every round; a run dir holding one (a crashed run with the same
+    # settings) resumes after its round, with its arrays, RNG states and records.
+    fingerprint = settings_fingerprint(federation, model_config, train_config, dp)
+    resumed = load_checkpoint(records.run_dir, fingerprint)
+    done = resumed.server_round if resumed is not None else 0
+    initial_arrays = ArrayRecord(adapter_state(model))
+    if resumed is not None:
+        initial_arrays = ArrayRecord({k: resumed.arrays[k] for k in initial_arrays})
+        records.rows.update({(r["round"], r["hospital"]): r for r in resumed.rows})
+        logger.info("resuming %s after round %d of %d", records.run_dir, done, federation.rounds)
+        strategy = RoundOffset(strategy, done)  # Flower counts from 1: shift to done + 1
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord):
+        server_round += done
+        if resumed is not None and server_round == done:
+            return None  # evaluated and recorded before the crash
         metrics = evaluator(server_round, arrays)
         records.add_test(server_round, dict(metrics))
         logger.debug("round %d: test %s", server_round, dict(metrics))
+        if server_round > 0:
+            save_checkpoint(records.run_dir, server_round, arrays, fingerprint,
+                            records.rows.values())
         if on_round is not None:
             on_round(server_round, dict(metrics))
         return metrics
@@ -100,8 +124,8 @@ def run_federation(
     start = time.monotonic()
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(adapter_state(model)),
-        num_rounds=federation.rounds,
+        initial_arrays=initial_arrays,
+        num_rounds=federation.rounds - done,
         timeout=federation.round_timeout_s,
         train_config=wire_config,
         evaluate_config=to_config_record(model_config, train_config),
@@ -112,6 +136,8 @@ def run_federation(
     _check_rounds(records, federation)
     load_adapter_state(model, result.arrays.to_torch_state_dict())
     save_adapter(model, records.run_dir / "adapter")
+    # Issue 6: a finished run starts afresh when run again (the checkpoint is for crashes).
+    (records.run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     return FederationOutcome(model=model, wall_time_s=wall_time)
 
 

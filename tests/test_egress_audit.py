@@ -1,0 +1,83 @@
+"""The hospital's egress audit log lists exactly what each reply carries (issue 6)."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app.message.message import make_message
+from flwr.app.metadata import Metadata
+
+from client.app import build_client_app
+from client.audit import payload_sha256, read_audit_log
+from client.site import SiteData
+from models.adapters import adapter_state
+from models.config import TrainConfig, to_config_record
+from models.lora import build_lora_model
+
+
+def _message(kind: str, arrays: ArrayRecord, config) -> Message:
+    metadata = Metadata(
+        run_id=5, message_id=f"{kind}-1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
+        group_id="2", created_at=time.time(), ttl=600.0, message_type=kind,
+    )
+    return make_message(metadata, RecordDict({"arrays": arrays, "config": config}))
+
+
+@pytest.fixture(scope="module")
+def site(pneumonia_small):
+    train = pneumonia_small.splits["train"]
+    rng = np.random.default_rng(0)
+    return SiteData(train=train.subset(rng.choice(len(train), 48, replace=False)),
+                    val=train.subset(rng.choice(len(train), 24, replace=False)))
+
+
+def _context(node_config) -> Context:
+    return Context(run_id=5, node_id=7, node_config=node_config, state=RecordDict(),
+                   run_config={})
+
+
+def test_audit_log_lists_exactly_what_left(tmp_path, site, small_model_config):
+    log = tmp_path / "audit" / "egress.jsonl"
+    app = build_client_app(lambda context, image_size: site)
+    context = _context({"partition-id": 2, "audit-log": str(log)})
+    torch.manual_seed(0)
+    arrays = ArrayRecord(adapter_state(build_lora_model(small_model_config)))
+    config = to_config_record(small_model_config, TrainConfig(local_steps=2, batch_size=16))
+    config["server-round"] = 2
+    replies = [app(_message("train", arrays, config), context),
+               app(_message("evaluate", arrays, config), context)]
+    entries = read_audit_log(log)
+    assert len(entries) == 2
+    for reply, entry in zip(replies, entries, strict=True):
+        assert not reply.has_error()
+        assert entry["run_id"] == 5 and entry["round"] == 2
+        assert entry["message_type"] == reply.metadata.message_type
+        sent = [(r, k, a) for r, rec in reply.content.array_records.items()
+                for k, a in rec.items()]
+        assert [(t["record"], t["name"], tuple(t["shape"]), t["dtype"], t["bytes"])
+                for t in entry["tensors"]] == [(r, k, tuple(a.shape), a.dtype, len(a.data))
+                                               for r, k, a in sent]
+        assert entry["tensor_bytes"] == sum(len(a.data) for _, _, a in sent)
+        assert entry["payload_sha256"] == payload_sha256(reply)
+        assert entry["metrics"] == {name: dict(rec.items())
+                                    for name, rec in reply.content.metric_records.items()}
+        assert set(entry["configs"]) == set(reply.content.config_records)
+    train, evaluate = entries
+    assert {t["name"] for t in train["tensors"]} == set(arrays)  # the adapter, nothing else
+    assert evaluate["tensors"] == [] and "val-auc" in evaluate["metrics"]["metrics"]
+    assert train["privacy"] == {}  # no DP in this run
+    # The hash changes with any byte of the payload.
+    assert train["payload_sha256"] != payload_sha256(_message("train", arrays, config))
+
+
+def test_no_audit_log_unless_configured(tmp_path, site, small_model_config, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    app = build_client_app(lambda context, image_size: site)
+    torch.manual_seed(0)
+    arrays = ArrayRecord(adapter_state(build_lora_model(small_model_config)))
+    config = to_config_record(small_model_config, TrainConfig())
+    config["server-round"] = 1
+    app(_message("evaluate", arrays, config), _context({"partition-id": 0}))
+    assert list(tmp_path.iterdir()) == []
