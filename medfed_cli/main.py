@@ -18,7 +18,7 @@ console = Console()
 def _simulate_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Flags that were given, nested like the TOML file."""
     table = {
-        "seed": ("", "seed"), "run_dir": ("", "run_dir"),
+        "seed": ("", "seed"), "run_dir": ("", "run_dir"), "ray_address": ("", "ray_address"),
         "hospitals": ("data", "num_hospitals"), "dataset": ("data", "dataset"),
         "partition": ("data", "partition"), "alpha": ("data", "alpha"),
         "max_train_examples": ("data", "max_train_examples"),
@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--scenario", help="a named study (medfed scenarios) or a scenario .toml")
     sim.add_argument("--run-dir", help="where results go (default runs/<dataset>-<time>)")
     sim.add_argument("--seed", type=int)
+    sim.add_argument("--ray-address",
+                     help="attach to a running Ray cluster (HOST:PORT of its head, or auto)")
     sim.add_argument("--dataset", help="MedMNIST-format .npz stem, e.g. pneumoniamnist")
     sim.add_argument("--hospitals", type=int, help="number of simulated hospitals")
     sim.add_argument("--partition", choices=["iid", "dirichlet", "quantity"])

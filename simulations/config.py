@@ -81,6 +81,9 @@ class SimulationConfig:
         site_policy: a site privacy policy TOML every simulated hospital applies ("" : none).
         ledger_dir: where simulated hospitals keep their privacy ledgers (one SQLite file each);
             "" : ``runs/ledgers`` when ``site_policy`` is set, so budgets compose across runs.
+        ray_address: run the simulated hospitals on an existing Ray cluster, e.g.
+            ``10.0.0.5:6379`` (the head's GCS address from ``ray start --head``) or ``auto``;
+            "" starts a private Ray instance on this machine for the run.
     """
 
     seed: int = 0
@@ -95,6 +98,7 @@ class SimulationConfig:
     failures: FailureConfig = field(default_factory=FailureConfig)
     site_policy: str = ""
     ledger_dir: str = ""
+    ray_address: str = ""
 
 
 class ConfigError(ValueError):

@@ -60,11 +60,16 @@ def resolve(config: SimulationConfig) -> SimulationConfig:
 
 
 def backend_config(config: SimulationConfig) -> dict[str, Any]:
-    """Flower's Ray backend: one actor per ``cpus_per_hospital`` cores, quiet, no dashboard."""
+    """Flower's Ray backend: one actor per ``cpus_per_hospital`` cores, quiet, no dashboard;
+    with ``ray_address`` (issue 8) Flower attaches to that running Ray cluster instead of
+    starting one, and the hospitals' actors spread over its nodes."""
+    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": "ERROR",
+                                 "log_to_driver": False}
+    if config.ray_address:
+        init_args["address"] = config.ray_address
     return {
         "client_resources": {"num_cpus": config.cpus_per_hospital, "num_gpus": 0.0},
-        "init_args": {"include_dashboard": False, "logging_level": "ERROR",
-                      "log_to_driver": False},
+        "init_args": init_args,
     }
 
 
