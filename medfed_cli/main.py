@@ -116,7 +116,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except (ConfigError, FederationError, FileNotFoundError, ValueError) as err:
         console.print(f"[red]error:[/] {err}")
         return 1
-    console.print(table.to_string(index=False))
+    console.print(table.to_string(index=False), soft_wrap=True, markup=False)
     console.print(f"sweep results: {args.out / 'sweep.csv'}; "
                   f"compare with: medfed report {args.out}/*/ --out {args.out / 'report'}")
     return 0
@@ -181,7 +181,7 @@ def cmd_coordinator_init(args: argparse.Namespace) -> int:
     from server.consortium import ConsortiumError, init_consortium
 
     try:
-        config = init_consortium(args.dir, args.consortium, args.hostname, args.fleet_address)
+        config = init_consortium(args.dir, args.consortium, args.hostname, args.host, args.port)
     except ConsortiumError as err:
         console.print(f"[red]error:[/] {err}")
         return 1
@@ -245,6 +245,47 @@ def cmd_hospital_init(args: argparse.Namespace) -> int:
                   f"the coordinator; put the consortium's CA certificate at "
                   f"{args.dir / config.ca_cert}; review {args.dir / config.privacy_policy}")
     return 0
+
+
+def _exec_daemon(argv: list[str], print_only: bool) -> int:
+    """Print the daemon's command, or replace this process with it (so that systemd supervises
+    Flower's daemon directly and signals reach it)."""
+    import os
+    import shlex
+
+    console.print(shlex.join(argv), markup=False, highlight=False, soft_wrap=True)
+    if print_only:
+        return 0
+    # Flower's daemons start helpers (flower-superexec) by name: find them beside the daemon.
+    env = dict(os.environ, PATH=os.pathsep.join([str(Path(argv[0]).parent),
+                                                 os.environ.get("PATH", "")]))
+    os.execve(argv[0], argv, env)
+    return 1  # not reached
+
+
+def cmd_coordinator_start(args: argparse.Namespace) -> int:
+    from privacy.pki import KeyFileError
+    from server.consortium import ConsortiumError
+    from server.daemon import superlink_command
+
+    try:
+        argv = superlink_command(args.dir, insecure=args.insecure)
+    except (ConsortiumError, KeyFileError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/] {err}")
+        return 1
+    return _exec_daemon(argv, args.print_command)
+
+
+def cmd_hospital_start(args: argparse.Namespace) -> int:
+    from client.daemon import supernode_command
+    from client.site_folder import SiteFolderError
+
+    try:
+        argv = supernode_command(args.dir, insecure=args.insecure)
+    except (SiteFolderError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/] {err}")
+        return 1
+    return _exec_daemon(argv, args.print_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         "init", help="make a hospital's site folder: node key pair, privacy policy, config")
     site_init.add_argument("name", help="the hospital's name, as the coordinator enrols it")
     site_init.add_argument("--dir", type=Path, required=True, help="the site folder to create")
-    site_init.add_argument("--superlink", default="localhost:9092",
+    site_init.add_argument("--superlink", default="localhost:8000",
                            help="the coordinator's Fleet API host:port")
     site_init.add_argument("--manifest", help="the CSV data manifest (can be set later)")
     site_init.set_defaults(func=cmd_hospital_init)
@@ -341,8 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     c_init.add_argument("--consortium", default="medfed", help="the consortium's name")
     c_init.add_argument("--hostname", action="append", default=[],
                         help="a name or IP hospitals reach the coordinator by (repeatable)")
-    c_init.add_argument("--fleet-address", default="0.0.0.0:9092",
-                        help="host:port the hospitals connect to")
+    c_init.add_argument("--host", default="0.0.0.0", help="address the SuperLink listens on")
+    c_init.add_argument("--port", type=int, default=8000,
+                        help="the SuperLink's port (Flower 1.42: one port for all its APIs)")
     c_init.set_defaults(func=cmd_coordinator_init)
     c_enroll = coordinator_sub.add_parser("enroll", help="enrol a hospital's public key")
     c_enroll.add_argument("dir", type=Path, help="the consortium folder")
@@ -357,6 +399,22 @@ def build_parser() -> argparse.ArgumentParser:
     c_list = coordinator_sub.add_parser("hospitals", help="list enrolled and revoked hospitals")
     c_list.add_argument("dir", type=Path, help="the consortium folder")
     c_list.set_defaults(func=cmd_coordinator_hospitals)
+    c_start = coordinator_sub.add_parser(
+        "start", help="run the SuperLink with the consortium's TLS files and node authentication")
+    c_start.add_argument("dir", type=Path, help="the consortium folder")
+    c_start.add_argument("--insecure", action="store_true",
+                         help="plaintext, no authentication: loopback tests only")
+    c_start.add_argument("--print-command", action="store_true",
+                         help="print the flower-superlink command instead of running it")
+    c_start.set_defaults(func=cmd_coordinator_start)
+    h_start = hospital_sub.add_parser(
+        "start", help="run the hospital's SuperNode (TLS, node key, its node config)")
+    h_start.add_argument("--dir", type=Path, required=True, help="the site folder")
+    h_start.add_argument("--insecure", action="store_true",
+                         help="plaintext, no authentication: loopback tests only")
+    h_start.add_argument("--print-command", action="store_true",
+                         help="print the flower-supernode command instead of running it")
+    h_start.set_defaults(func=cmd_hospital_start)
     return parser
 
 

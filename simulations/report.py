@@ -373,6 +373,10 @@ def fig_epsilon(run: Run) -> Figure:
     for hospital, group in rows.groupby("hospital"):
         ax.plot(group["round"], group["epsilon"], marker="o", label=f"hospital {hospital}")
     delta = rows["delta"].dropna()
+    target = run.config.get("privacy", {}).get("dp_target_epsilon") or 0.0
+    if target > 0:
+        ax.axhline(target, color="firebrick", linestyle="--", label=f"run's budget ({target:g})")
+    ax.set_ylim(0, max(target, float(rows["epsilon"].max())) * 1.15)
     ax.set(title="Privacy spent at each hospital (differential privacy)", xlabel="round",
            ylabel="epsilon spent so far (lower = more private)"
                   + (f"\n(delta = {delta.iloc[0]:g})" if len(delta) else ""))
@@ -490,14 +494,17 @@ def _threshold_line(scores: TestScores, names: list[str]) -> str:
             f"cleared). Expected calibration error {scores.ece:.3f}.</p>")
 
 
-def comparison_rows(runs: list[Run], scores: dict[str, TestScores | None]) -> list[dict]:
+def comparison_rows(runs: list[Run], scores: dict[str, TestScores | None],
+                    names: list[str]) -> list[dict]:
     """One row per run for the comparison table (also written as ``comparison.csv``)."""
     rows = []
-    for run in runs:
+    differs = differing_settings(runs) if len(runs) > 1 else [""] * len(runs)
+    for run, name, differ in zip(runs, names, differs, strict=True):
         s = run.summary
-        sc = scores.get(run.name)
+        sc = scores.get(name)
         row = {
-            "run": run.name,
+            "run": name,
+            "settings that differ": differ,
             "hospitals": s.get("hospitals"),
             "partition": run.config.get("data", {}).get("partition"),
             "rounds": s.get("rounds"),
@@ -513,6 +520,25 @@ def comparison_rows(runs: list[Run], scores: dict[str, TestScores | None]) -> li
         }
         rows.append(row)
     return rows
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def differing_settings(runs: list[Run]) -> list[str]:
+    """Per run, ``key=value`` for each setting that is not the same in every run (e.g. the
+    swept ones); the run directory itself is left out."""
+    flats = [_flat(run.config) for run in runs]
+    keys = sorted(set().union(*flats) - {"run_dir"})
+    differ = [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
+    return [", ".join(f"{k.split('.')[-1]}={f.get(k)}" for k in differ) for f in flats]
 
 
 def _table(rows: list[dict]) -> str:
@@ -624,7 +650,7 @@ def build_report(run_dirs: list[Path], out_dir: Path, score_model: bool = True) 
     sections = []
     for run, name in zip(runs, names, strict=True):
         score = score_final_model(run) if score_model else None
-        scores[run.name] = score
+        scores[name] = score
         prefix = f"{name}-" if len(runs) > 1 else ""
         stems = run_figures(run, score, figures, prefix)
         ece = ""
@@ -638,7 +664,7 @@ def build_report(run_dirs: list[Path], out_dir: Path, score_model: bool = True) 
             + _key_finding(run, score) + ece + hospital_table(run) + failures_table(run)
             + "".join(_figure_html(s, figures) for s in stems) + "</section>")
     comparison = ""
-    rows = comparison_rows(runs, scores)
+    rows = comparison_rows(runs, scores, names)
     if len(runs) > 1:
         figures.add("compare-test-curves", "Test AUC and loss per round, all runs",
                     "the runs' global models on the test set after each round, overlaid.",

@@ -66,7 +66,10 @@ def point_overrides(point: dict[str, Any]) -> dict[str, Any]:
 
 def point_name(point: dict[str, Any]) -> str:
     """Folder name of one grid point, e.g. ``num_hospitals=3_alpha=0.3``."""
-    return "_".join(f"{k.split('.')[-1]}={v}" for k, v in point.items()) or "base"
+    def text(value: Any) -> str:
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    return "_".join(f"{k.split('.')[-1]}={text(v)}" for k, v in point.items()) or "base"
 
 
 def sweep_configs(base: SimulationConfig, grid: dict[str, list[Any]], out_dir: Path

@@ -241,8 +241,23 @@ def test_report_of_two_runs_compares_them(tiny_run, tmp_path):
     assert "Comparison" in page and "tiny-run" in page and "other-run" in page
     table = pd.read_csv(tmp_path / "compare" / "comparison.csv")
     assert list(table["run"]) == ["tiny-run", "other-run"]
+    assert table["settings that differ"].isna().all()  # same config: nothing differs
     assert (tmp_path / "compare" / "figures" / "compare-test-curves.png").is_file()
     assert (tmp_path / "compare" / "figures" / "tiny-run-baselines.png").is_file()
+
+
+def test_report_plots_epsilon_when_the_run_has_dp_columns(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    dp_run = tmp_path / "dp-run"
+    shutil.copytree(run_dir, dp_run)
+    metrics = pd.read_csv(dp_run / "metrics.csv", dtype={"hospital": str})
+    trained = metrics["train_loss"].notna()
+    metrics.loc[trained, "epsilon"] = 1.5
+    metrics.loc[trained, "delta"] = 1e-5
+    metrics.to_csv(dp_run / "metrics.csv", index=False)
+    page = build_report([dp_run], tmp_path / "dp-report", score_model=False).read_text()
+    assert "Privacy budget spent per hospital" in page
+    assert (tmp_path / "dp-report" / "figures" / "epsilon.png").is_file()
 
 
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
