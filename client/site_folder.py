@@ -59,7 +59,7 @@ class HospitalConfig:
     """
 
     name: str
-    superlink: str = "localhost:9092"
+    superlink: str = "localhost:8000"
     ca_cert: str = "ca.pem"
     node_key: str = "node.key"
     node_pub: str = "node.pub"
@@ -69,7 +69,7 @@ class HospitalConfig:
     audit_log: str = "egress-audit.jsonl"
 
 
-def init_site_folder(folder: Path, name: str, superlink: str = "localhost:9092",
+def init_site_folder(folder: Path, name: str, superlink: str = "localhost:8000",
                      manifest: str = "") -> HospitalConfig:
     """Create the site folder with a new key pair and a policy template.
 

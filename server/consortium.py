@@ -56,8 +56,8 @@ class CoordinatorConfig:
 
     Attributes:
         consortium: the consortium's name (in the CA subject).
-        fleet_address: ``host:port`` the SuperLink's Fleet API listens on (hospitals connect).
-        control_address: ``host:port`` of the SuperLink's Control API (runs, node registry).
+        host, port: where the SuperLink's HTTP APIs listen (Flower 1.42 serves the Fleet,
+            Control and Runtime APIs on one port; hospitals connect to ``hostname:port``).
         hostnames: names and IPs in the TLS certificate besides localhost/127.0.0.1.
         ca_cert, ca_key, server_cert, server_key: the PKI files.
         enrolment: the enrolment list.
@@ -65,8 +65,8 @@ class CoordinatorConfig:
     """
 
     consortium: str
-    fleet_address: str = "0.0.0.0:9092"
-    control_address: str = "127.0.0.1:9093"
+    host: str = "0.0.0.0"
+    port: int = 8000
     hostnames: list[str] = field(default_factory=list)
     ca_cert: str = "ca/ca.pem"
     ca_key: str = "ca/ca.key"
@@ -104,7 +104,7 @@ def _utc_now() -> str:
 
 
 def init_consortium(folder: Path, consortium: str, hostnames: list[str] | None = None,
-                    fleet_address: str = "0.0.0.0:9092") -> CoordinatorConfig:
+                    host: str = "0.0.0.0", port: int = 8000) -> CoordinatorConfig:
     """Create the consortium folder: CA, TLS certificate, config and an empty enrolment list.
 
     Raises:
@@ -115,7 +115,7 @@ def init_consortium(folder: Path, consortium: str, hostnames: list[str] | None =
     if (folder / CONFIG_FILE).exists():
         raise ConsortiumError(f"{folder / CONFIG_FILE} exists: this folder is already a "
                               f"consortium; choose another folder")
-    config = CoordinatorConfig(consortium=consortium, fleet_address=fleet_address,
+    config = CoordinatorConfig(consortium=consortium, host=host, port=port,
                                hostnames=list(hostnames or []))
     (folder / "ca").mkdir(parents=True, exist_ok=True)
     (folder / "tls").mkdir(parents=True, exist_ok=True)

@@ -103,7 +103,7 @@ def test_tls_handshake_on_loopback_trusts_only_the_consortium_ca(consortium, tmp
 
 def test_hospital_keys_load_with_flowers_own_loaders(tmp_path):
     site = tmp_path / "st-mary"
-    config = init_site_folder(site, "st-mary", superlink="coord.example.org:9092")
+    config = init_site_folder(site, "st-mary", superlink="coord.example.org:8000")
     assert _mode(site / config.node_key) == 0o600
     private, public = _try_setup_client_authentication(
         argparse.Namespace(auth_supernode_private_key=str(site / config.node_key),

@@ -1,0 +1,107 @@
+"""Flower's deployment engine on loopback with the consortium's PKI (issue 6): a SuperLink with
+TLS and node authentication admits an enrolled hospital's SuperNode and refuses an unenrolled
+one. Real processes (flower-superlink, flwr, flower-supernode); about 30 s."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from client.daemon import supernode_command
+from client.site_folder import init_site_folder
+from server.consortium import enrol, init_consortium
+from server.daemon import flwr_cli_home, register_commands, superlink_command
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(path: Path, text: str, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a daemon started in its own session, and the helpers it started."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_tls_superlink_admits_only_enrolled_hospitals(tmp_path):
+    port = _free_port()
+    consortium = tmp_path / "consortium"
+    init_consortium(consortium, "loopback", host="127.0.0.1", port=port)
+    sites = {}
+    for name in ("enrolled", "stranger"):
+        sites[name] = tmp_path / name
+        init_site_folder(sites[name], name, superlink=f"localhost:{port}")
+        shutil.copy(consortium / "ca" / "ca.pem", sites[name] / "ca.pem")
+    enrol(consortium, "enrolled", sites["enrolled"] / "node.pub")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    link_log = tmp_path / "superlink.log"
+    with open(link_log, "w") as out:
+        link = subprocess.Popen(superlink_command(consortium), stdout=out, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+    node = None
+    try:
+        assert _wait_for(link_log, "Uvicorn running on https://", 60), link_log.read_text()
+        cli_env = dict(env, FLWR_HOME=str(flwr_cli_home(consortium)))
+        for argv in register_commands(consortium):
+            done = subprocess.run(argv, env=cli_env, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stdout + done.stderr
+        # Output to a file, not a pipe: the SuperNode's helper processes inherit it.
+        stranger_log = tmp_path / "stranger.log"
+        with open(stranger_log, "w") as out:
+            stranger = subprocess.Popen(supernode_command(sites["stranger"]), stdout=out,
+                                        stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+        try:
+            assert stranger.wait(timeout=120) != 0
+        finally:
+            _stop(stranger)
+        assert "Failed to activate SuperNode" in stranger_log.read_text()
+        assert "No SuperNode found with the given public key" in link_log.read_text()
+        node_log = tmp_path / "supernode.log"
+        with open(node_log, "w") as out:
+            node = subprocess.Popen(supernode_command(sites["enrolled"]), stdout=out,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        assert _wait_for(link_log, "Activated node_id", 60), node_log.read_text()
+        assert node.poll() is None  # connected and waiting for work
+    finally:
+        if node is not None:
+            _stop(node)
+        _stop(link)
+
+
+@pytest.mark.parametrize("side", ["coordinator", "hospital"])
+def test_insecure_is_explicit_and_warns(tmp_path, side, caplog):
+    if side == "coordinator":
+        init_consortium(tmp_path, "t")
+        argv = superlink_command(tmp_path, insecure=True)
+        secure = superlink_command(tmp_path)
+        assert "--enable-supernode-auth" in secure and "--ssl-certfile" in secure
+    else:
+        init_site_folder(tmp_path, "h")
+        argv = supernode_command(tmp_path, insecure=True)
+    assert "--insecure" in argv
+    assert any("plaintext" in r.message for r in caplog.records)
