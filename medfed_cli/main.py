@@ -288,6 +288,34 @@ def cmd_hospital_start(args: argparse.Namespace) -> int:
     return _exec_daemon(argv, args.print_command)
 
 
+def cmd_coordinator_register(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from privacy.pki import KeyFileError
+    from server.consortium import ConsortiumError
+    from server.daemon import flwr_cli_home, register_commands
+
+    try:
+        env = dict(os.environ, FLWR_HOME=str(flwr_cli_home(args.dir)))
+        commands = register_commands(args.dir)
+    except (ConsortiumError, KeyFileError) as err:
+        console.print(f"[red]error:[/] {err}")
+        return 1
+    failed = 0
+    for argv in commands:
+        done = subprocess.run(argv, env=env, capture_output=True, text=True)
+        name = argv[-1]
+        if done.returncode == 0:
+            console.print(f"registered {name}")
+        elif "already" in (done.stdout + done.stderr).lower():
+            console.print(f"{name}: registered already")
+        else:
+            failed += 1
+            console.print(f"[red]error:[/] {name}: {(done.stdout + done.stderr).strip()}")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medfed", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's own logs")
@@ -407,6 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     c_start.add_argument("--print-command", action="store_true",
                          help="print the flower-superlink command instead of running it")
     c_start.set_defaults(func=cmd_coordinator_start)
+    c_register = coordinator_sub.add_parser(
+        "register", help="register every enrolled hospital's key with the running SuperLink")
+    c_register.add_argument("dir", type=Path, help="the consortium folder")
+    c_register.set_defaults(func=cmd_coordinator_register)
     h_start = hospital_sub.add_parser(
         "start", help="run the hospital's SuperNode (TLS, node key, its node config)")
     h_start.add_argument("--dir", type=Path, required=True, help="the site folder")

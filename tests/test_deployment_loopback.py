@@ -15,8 +15,9 @@ import pytest
 
 from client.daemon import supernode_command
 from client.site_folder import init_site_folder
+from medfed_cli.main import main as medfed
 from server.consortium import enrol, init_consortium
-from server.daemon import flwr_cli_home, register_commands, superlink_command
+from server.daemon import register_commands, superlink_command
 
 
 def _free_port() -> int:
@@ -65,10 +66,8 @@ def test_tls_superlink_admits_only_enrolled_hospitals(tmp_path):
     node = None
     try:
         assert _wait_for(link_log, "Uvicorn running on https://", 60), link_log.read_text()
-        cli_env = dict(env, FLWR_HOME=str(flwr_cli_home(consortium)))
-        for argv in register_commands(consortium):
-            done = subprocess.run(argv, env=cli_env, capture_output=True, text=True, timeout=60)
-            assert done.returncode == 0, done.stdout + done.stderr
+        assert len(register_commands(consortium)) == 1  # the enrolled hospital only
+        assert medfed(["coordinator", "register", str(consortium)]) == 0
         # Output to a file, not a pipe: the SuperNode's helper processes inherit it.
         stranger_log = tmp_path / "stranger.log"
         with open(stranger_log, "w") as out:
