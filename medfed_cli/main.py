@@ -289,31 +289,24 @@ def cmd_hospital_start(args: argparse.Namespace) -> int:
 
 
 def cmd_coordinator_register(args: argparse.Namespace) -> int:
-    import os
     import subprocess
 
     from privacy.pki import KeyFileError
     from server.consortium import ConsortiumError
-    from server.daemon import flwr_cli_home, register_commands
+    from server.daemon import sync_registry
+
+    def run(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+        done = subprocess.run(argv, env=env, capture_output=True, text=True)
+        return done.returncode, done.stdout + done.stderr
 
     try:
-        env = dict(os.environ, FLWR_HOME=str(flwr_cli_home(args.dir)))
-        commands = register_commands(args.dir)
+        lines = sync_registry(args.dir, run)
     except (ConsortiumError, KeyFileError) as err:
         console.print(f"[red]error:[/] {err}")
         return 1
-    failed = 0
-    for argv in commands:
-        done = subprocess.run(argv, env=env, capture_output=True, text=True)
-        name = argv[-1]
-        if done.returncode == 0:
-            console.print(f"registered {name}")
-        elif "already" in (done.stdout + done.stderr).lower():
-            console.print(f"{name}: registered already")
-        else:
-            failed += 1
-            console.print(f"[red]error:[/] {name}: {(done.stdout + done.stderr).strip()}")
-    return 1 if failed else 0
+    for line in lines or ["the SuperLink's registry matches the enrolment list"]:
+        console.print(line, markup=False)
+    return 1 if any(line.startswith("error:") for line in lines) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -436,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="print the flower-superlink command instead of running it")
     c_start.set_defaults(func=cmd_coordinator_start)
     c_register = coordinator_sub.add_parser(
-        "register", help="register every enrolled hospital's key with the running SuperLink")
+        "register", help="sync the running SuperLink's registry with the enrolment list "
+                         "(register enrolled keys, unregister revoked ones)")
     c_register.add_argument("dir", type=Path, help="the consortium folder")
     c_register.set_defaults(func=cmd_coordinator_register)
     h_start = hospital_sub.add_parser(

@@ -86,6 +86,8 @@ class Enrolment:
         fingerprint: ``SHA256:<hex>`` of the key (see ``privacy.pki.public_key_fingerprint``).
         enrolled_at: ISO 8601 UTC time of enrolment.
         revoked_at: ISO 8601 UTC time of revocation, ``""`` while active.
+        node_id: the SuperLink's node id while the key is registered with it (``""``: not
+            registered); see ``server.daemon.sync_registry``.
     """
 
     name: str
@@ -93,6 +95,7 @@ class Enrolment:
     fingerprint: str
     enrolled_at: str
     revoked_at: str = ""
+    node_id: str = ""
 
     @property
     def active(self) -> bool:
@@ -232,3 +235,11 @@ def revoke(folder: Path, name: str) -> Enrolment:
 def active_keys(folder: Path) -> dict[str, str]:
     """Hospital name -> OpenSSH public key line, for every active (not revoked) enrolment."""
     return {e.name: e.public_key for e in load_enrolments(folder) if e.active}
+
+
+def set_node_id(folder: Path, fingerprint: str, node_id: str) -> None:
+    """Record (or clear, with ``""``) the SuperLink node id of the enrolment with this key."""
+    folder = Path(folder)
+    entries = [Enrolment(**{**asdict(e), "node_id": node_id}) if e.fingerprint == fingerprint
+               else e for e in load_enrolments(folder)]
+    _write_enrolments(folder / load_coordinator_config(folder).enrolment, entries)

@@ -11,13 +11,21 @@ SuperNode whose key is not registered.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import tomli_w
 
-from server.consortium import CoordinatorConfig, active_keys, check_consortium
+from server.consortium import (
+    CoordinatorConfig,
+    check_consortium,
+    load_enrolments,
+    set_node_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +84,38 @@ def flwr_cli_home(folder: Path, config: CoordinatorConfig | None = None) -> Path
     return home
 
 
-def register_commands(folder: Path) -> list[list[str]]:
-    """``flwr supernode register`` argv for every active enrolment (run each with
-    ``FLWR_HOME=flwr_cli_home(folder)`` once the SuperLink is up); Flower's node registry then
-    admits exactly the enrolled hospitals."""
+def sync_registry(folder: Path, run: Callable[[list[str], dict[str, str]], tuple[int, str]]
+                  ) -> list[str]:
+    """Make the running SuperLink's node registry match the enrolment list.
+
+    Registers every active enrolment not registered yet (``flwr supernode register``, node id
+    kept in the list) and unregisters every revoked one still registered (``flwr supernode
+    unregister``), so that Flower refuses a revoked hospital at its next connection.
+    ``run(argv, env) -> (returncode, output)`` runs one ``flwr`` command.
+
+    Returns:
+        One line per action, for the operator; failures start with ``error:``.
+    """
     folder = Path(folder).resolve()
+    env = dict(os.environ, FLWR_HOME=str(flwr_cli_home(folder)))
     exe = _flower_executable("flwr") or "flwr"
-    return [[exe, "supernode", "register", str(folder / "hospitals" / f"{name}.pub"),
-             "consortium", "--name", name] for name in active_keys(folder)]
+    lines = []
+    for entry in load_enrolments(folder):
+        if entry.active and not entry.node_id:
+            argv = [exe, "supernode", "register", str(folder / "hospitals" / f"{entry.name}.pub"),
+                    "consortium", "--name", entry.name]
+            code, output = run(argv, env)
+            found = re.search(r"SuperNode (\d+) registered", output)
+            if code == 0 and found:
+                set_node_id(folder, entry.fingerprint, found.group(1))
+                lines.append(f"registered {entry.name} (node {found.group(1)})")
+            else:
+                lines.append(f"error: registering {entry.name}: {output.strip()}")
+        elif not entry.active and entry.node_id:
+            code, output = run([exe, "supernode", "unregister", entry.node_id, "consortium"], env)
+            if code == 0:
+                set_node_id(folder, entry.fingerprint, "")
+                lines.append(f"unregistered revoked {entry.name} (node {entry.node_id})")
+            else:
+                lines.append(f"error: unregistering {entry.name}: {output.strip()}")
+    return lines

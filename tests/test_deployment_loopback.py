@@ -16,8 +16,8 @@ import pytest
 from client.daemon import supernode_command
 from client.site_folder import init_site_folder
 from medfed_cli.main import main as medfed
-from server.consortium import enrol, init_consortium
-from server.daemon import register_commands, superlink_command
+from server.consortium import enrol, init_consortium, load_enrolments, revoke
+from server.daemon import superlink_command
 
 
 def _free_port() -> int:
@@ -48,6 +48,19 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def _refused(site: Path, env: dict, log: Path) -> bool:
+    """Run the hospital's SuperNode; True if the SuperLink refused it."""
+    # Output to a file, not a pipe: the SuperNode's helper processes inherit it.
+    with open(log, "w") as out:
+        proc = subprocess.Popen(supernode_command(site), stdout=out, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+    try:
+        code = proc.wait(timeout=120)
+    finally:
+        _stop(proc)
+    return code != 0 and "Failed to activate SuperNode" in log.read_text()
+
+
 def test_tls_superlink_admits_only_enrolled_hospitals(tmp_path):
     port = _free_port()
     consortium = tmp_path / "consortium"
@@ -66,19 +79,9 @@ def test_tls_superlink_admits_only_enrolled_hospitals(tmp_path):
     node = None
     try:
         assert _wait_for(link_log, "Uvicorn running on https://", 60), link_log.read_text()
-        assert len(register_commands(consortium)) == 1  # the enrolled hospital only
         assert medfed(["coordinator", "register", str(consortium)]) == 0
-        # Output to a file, not a pipe: the SuperNode's helper processes inherit it.
-        stranger_log = tmp_path / "stranger.log"
-        with open(stranger_log, "w") as out:
-            stranger = subprocess.Popen(supernode_command(sites["stranger"]), stdout=out,
-                                        stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
-        try:
-            assert stranger.wait(timeout=120) != 0
-        finally:
-            _stop(stranger)
-        assert "Failed to activate SuperNode" in stranger_log.read_text()
+        assert [bool(e.node_id) for e in load_enrolments(consortium)] == [True]
+        assert _refused(sites["stranger"], env, tmp_path / "stranger.log")
         assert "No SuperNode found with the given public key" in link_log.read_text()
         node_log = tmp_path / "supernode.log"
         with open(node_log, "w") as out:
@@ -86,6 +89,12 @@ def test_tls_superlink_admits_only_enrolled_hospitals(tmp_path):
                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
         assert _wait_for(link_log, "Activated node_id", 60), node_log.read_text()
         assert node.poll() is None  # connected and waiting for work
+        _stop(node)
+        # Revoked and synced: the same hospital is refused at its next connection.
+        revoke(consortium, "enrolled")
+        assert medfed(["coordinator", "register", str(consortium)]) == 0
+        assert load_enrolments(consortium)[0].node_id == ""
+        assert _refused(sites["enrolled"], env, tmp_path / "revoked.log")
     finally:
         if node is not None:
             _stop(node)
