@@ -91,11 +91,13 @@ class AdapterStrategy:
             arrays, metrics = super().aggregate_train(server_round, valid)
         finally:
             self.weighted_by_key = evaluate_key
-        if arrays is not None and self.exchange != "all" and self._global is not None:
-            # Tensors nobody sent (FFA's frozen A, FedSA's server-side B) keep their value.
+        if arrays is not None and self._global is not None:
+            # Tensors nobody sent (FFA's frozen A, FedSA's server-side B) keep their value, and
+            # every tensor keeps the global dtype (Flower's FedOpt arithmetic yields float64).
             merged = ArrayRecord()
             for key, value in self._global.items():
-                merged[key] = arrays[key] if key in arrays else Array(value.numpy().copy())
+                new = arrays[key].numpy() if key in arrays else value.numpy().copy()
+                merged[key] = Array(new.astype(value.numpy().dtype, copy=False))
             arrays = merged
         return arrays, metrics
 

@@ -104,6 +104,7 @@ def test_fedadam_and_fedyogi_step_along_the_averaged_delta_by_about_eta():
         arrays, _ = _aggregate(name, [1.0, 1.0], global_value=0.0, server_lr=0.01)
         step = arrays["head.weight"].numpy()
         assert np.all(step > 0) and np.all(step <= 0.0101), (name, step)
+        assert step.dtype == np.float32  # the next round checks updates against this dtype
         arrays, _ = _aggregate(name, [-1.0, -1.0], global_value=0.0, server_lr=0.01)
         assert np.all(arrays["head.weight"].numpy() < 0)
 

@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attack-factors", default="-1,-10,20",
                         help="update factors of the hostile hospital (''; none)")
     parser.add_argument("--attack-strategies", default=",".join(ROBUST))
+    parser.add_argument("--baselines", default="pooled,local",
+                        help="baselines run once with the first strategy ('' for none)")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="keep the runs here (default: a temporary directory)")
     args = parser.parse_args(argv)
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         baseline = {}
         for i, name in enumerate(names):
-            summary = _run(args, name, ["pooled", "local"] if i == 0 else [], root)
+            baselines = [b for b in args.baselines.split(",") if b] if i == 0 else []
+            summary = _run(args, name, baselines, root)
             results[name] = summary
             baseline = baseline or {k: summary[k] for k in ("pooled", "local") if k in summary}
             print(f"  ran {name}: test auc {summary['federated']['auc']:.4f}", flush=True)
