@@ -309,6 +309,37 @@ def cmd_coordinator_register(args: argparse.Namespace) -> int:
     return 1 if any(line.startswith("error:") for line in lines) else 0
 
 
+def cmd_coordinator_status(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from server.consortium import ConsortiumError
+    from server.daemon import registry_listing_command
+    from server.status import hospital_statuses, run_statuses
+
+    try:
+        argv, env = registry_listing_command(args.dir)
+        listing = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+        hospitals = hospital_statuses(args.dir, listing.stdout)
+        runs = run_statuses(args.dir)
+    except (ConsortiumError, ValueError, subprocess.TimeoutExpired) as err:
+        console.print(f"[red]error:[/] {err}")
+        return 1
+    table = Table(title="hospitals")
+    for column in ("name", "node", "status", "online since", "revoked"):
+        table.add_column(column)
+    for h in hospitals:
+        table.add_row(h.name, h.node_id, h.status, h.online_since, "yes" if h.revoked else "")
+    console.print(table)
+    runs_table = Table(title="runs")
+    for column in ("run", "state", "last round", "last error"):
+        runs_table.add_column(column)
+    for r in runs:
+        runs_table.add_row(r.run_dir, r.state, "" if r.last_round is None else str(r.last_round),
+                           r.last_error)
+    console.print(runs_table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medfed", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's own logs")
@@ -433,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(register enrolled keys, unregister revoked ones)")
     c_register.add_argument("dir", type=Path, help="the consortium folder")
     c_register.set_defaults(func=cmd_coordinator_register)
+    c_status = coordinator_sub.add_parser(
+        "status", help="hospitals connected (from the running SuperLink) and runs' last rounds")
+    c_status.add_argument("dir", type=Path, help="the consortium folder")
+    c_status.set_defaults(func=cmd_coordinator_status)
     h_start = hospital_sub.add_parser(
         "start", help="run the hospital's SuperNode (TLS, node key, its node config)")
     h_start.add_argument("--dir", type=Path, required=True, help="the site folder")

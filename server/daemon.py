@@ -119,3 +119,11 @@ def sync_registry(folder: Path, run: Callable[[list[str], dict[str, str]], tuple
             else:
                 lines.append(f"error: unregistering {entry.name}: {output.strip()}")
     return lines
+
+
+def registry_listing_command(folder: Path) -> tuple[list[str], dict[str, str]]:
+    """``flwr supernode ls --format json`` for this consortium's SuperLink: argv and env."""
+    folder = Path(folder).resolve()
+    env = dict(os.environ, FLWR_HOME=str(flwr_cli_home(folder)))
+    exe = _flower_executable("flwr") or "flwr"
+    return [exe, "supernode", "ls", "consortium", "--format", "json"], env

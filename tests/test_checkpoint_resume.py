@@ -72,3 +72,20 @@ def test_killed_after_round_one_resumes_to_the_same_adapter(tmp_path, sites, tes
     trained = metrics[metrics.hospital != "global"]
     assert sorted(trained["round"].unique()) == [1, 2] and len(trained) == 4
 
+
+
+def test_status_reports_runs_and_their_last_round(tmp_path):
+    from flwr.app import ArrayRecord
+
+    from server.checkpoint import save_checkpoint
+    from server.consortium import init_consortium
+    from server.status import run_statuses
+
+    init_consortium(tmp_path, "t")
+    crashed, done = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    crashed.mkdir()
+    save_checkpoint(crashed, 3, ArrayRecord({"w": torch.ones(2)}), "f", [])
+    (crashed / "metrics.csv").write_text("round,hospital,error\n1,0,\n2,1,train: timeout\n")
+    (done / "adapter").mkdir(parents=True)
+    assert [(r.state, r.last_round, r.last_error) for r in run_statuses(tmp_path)] == [
+        ("running or crashed", 3, "round 2 hospital 1: train: timeout"), ("finished", None, "")]

@@ -17,7 +17,8 @@ from client.daemon import supernode_command
 from client.site_folder import init_site_folder
 from medfed_cli.main import main as medfed
 from server.consortium import enrol, init_consortium, load_enrolments, revoke
-from server.daemon import superlink_command
+from server.daemon import registry_listing_command, superlink_command
+from server.status import hospital_statuses
 
 
 def _free_port() -> int:
@@ -89,6 +90,11 @@ def test_tls_superlink_admits_only_enrolled_hospitals(tmp_path):
                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
         assert _wait_for(link_log, "Activated node_id", 60), node_log.read_text()
         assert node.poll() is None  # connected and waiting for work
+        argv, cli_env = registry_listing_command(consortium)
+        listing = subprocess.run(argv, env=cli_env, capture_output=True, text=True, timeout=60)
+        assert [(h.name, h.status) for h in hospital_statuses(consortium, listing.stdout)] == [
+            ("enrolled", "online")]
+        assert medfed(["coordinator", "status", str(consortium)]) == 0
         _stop(node)
         # Revoked and synced: the same hospital is refused at its next connection.
         revoke(consortium, "enrolled")
