@@ -29,6 +29,7 @@ from client.privacy_round import (  # issue 4: DP-SGD, update DP, site policy an
     site_privacy_from_node_config,
     train_round,
 )
+from client.run_policy import refuse_run
 from client.site import SiteLoader, load_site_from_node_config
 from models.config import ModelConfig, TrainConfig, from_config_record, round_lr
 from models.metrics import evaluate
@@ -111,13 +112,14 @@ def build_client_app(
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        reply = handle_train(msg, context, load_site, load_privacy)
+        # Issue 6: the hospital's run policy first (node config 'run-policy'), then the work.
+        reply = refuse_run(msg, context) or handle_train(msg, context, load_site, load_privacy)
         audit_reply(msg, reply, context)  # issue 6: egress audit log (node config 'audit-log')
         return reply
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        reply = handle_evaluate(msg, context, load_site)
+        reply = refuse_run(msg, context) or handle_evaluate(msg, context, load_site)
         audit_reply(msg, reply, context)  # issue 6: egress audit log
         return reply
 

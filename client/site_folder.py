@@ -8,6 +8,7 @@
     DIR/node.pub                the public key (one OpenSSH line): send it to the coordinator,
                                 who enrols it
     DIR/privacy-policy.toml     the hospital's privacy policy (privacy.policy.SitePolicy); edit it
+    DIR/run-policy.toml         which runs it takes part in (client.run_policy.RunPolicy)
     DIR/privacy-ledger.sqlite   privacy ledger (created at the first DP round)
     DIR/egress-audit.jsonl      egress audit log: one JSON line per message sent (client.audit)
     DIR/ca.pem                  put the consortium's CA certificate here (from the coordinator)
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import tomli_w
 
+from client.run_policy import RUN_POLICY_TEMPLATE
 from privacy.pki import make_node_key, node_private_openssh, node_public_openssh, write_private
 
 CONFIG_FILE = "hospital.toml"
@@ -55,7 +57,7 @@ class HospitalConfig:
         ca_cert: the consortium CA certificate (trust anchor for TLS).
         node_key, node_pub: the node-authentication key pair.
         manifest: the CSV data manifest (``""`` until the hospital sets it).
-        privacy_policy, privacy_ledger, audit_log: the hospital's own files.
+        privacy_policy, run_policy, privacy_ledger, audit_log: the hospital's own files.
     """
 
     name: str
@@ -65,6 +67,7 @@ class HospitalConfig:
     node_pub: str = "node.pub"
     manifest: str = ""
     privacy_policy: str = "privacy-policy.toml"
+    run_policy: str = "run-policy.toml"
     privacy_ledger: str = "privacy-ledger.sqlite"
     audit_log: str = "egress-audit.jsonl"
 
@@ -89,6 +92,8 @@ def init_site_folder(folder: Path, name: str, superlink: str = "localhost:8000",
     policy = folder / config.privacy_policy
     if not policy.exists():
         policy.write_text(POLICY_TEMPLATE)
+    if not (folder / config.run_policy).exists():
+        (folder / config.run_policy).write_text(RUN_POLICY_TEMPLATE)
     (folder / CONFIG_FILE).write_text(tomli_w.dumps({"hospital": asdict(config)}))
     return config
 
@@ -119,6 +124,7 @@ def node_config(folder: Path, config: HospitalConfig) -> dict[str, str]:
     folder = Path(folder).resolve()
     values = {
         "privacy-policy": str(folder / config.privacy_policy),
+        "run-policy": str(folder / config.run_policy),
         "privacy-ledger": str(folder / config.privacy_ledger),
         "audit-log": str(folder / config.audit_log),
     }

@@ -121,6 +121,8 @@ def run_federation(
         return metrics
 
     wire_config = to_config_record(model_config, train_config, *([dp] if dp else []))
+    # Issue 6: declared so that a hospital's run policy can refuse too small aggregates.
+    wire_config["min-hospitals"] = federation.min_hospitals
     start = time.monotonic()
     result = strategy.start(
         grid=grid,

@@ -125,7 +125,8 @@ def test_site_folder_policy_template_and_node_config(tmp_path):
     keys = node_config(site, config)
     assert keys["manifest"] == str((site / "data/manifest.csv").resolve())
     assert keys["audit-log"].endswith("egress-audit.jsonl")
-    assert set(keys) == {"manifest", "privacy-policy", "privacy-ledger", "audit-log"}
+    assert set(keys) == {"manifest", "privacy-policy", "run-policy", "privacy-ledger",
+                         "audit-log"}
     (site / "hospital.toml").write_text('[hospital]\nname = "x"\nsuperlnk = "typo"\n')
     with pytest.raises(SiteFolderError, match="superlnk"):
         load_hospital_config(site)

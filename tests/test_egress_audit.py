@@ -81,3 +81,43 @@ def test_no_audit_log_unless_configured(tmp_path, site, small_model_config, monk
     config["server-round"] = 1
     app(_message("evaluate", arrays, config), _context({"partition-id": 0}))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("policy, reason", [
+    ('allowed_weights_sha256 = ["' + "0" * 64 + '"]\n', "allow-list"),
+    ('allowed_backbones = ["resnet-50"]\n', "backbone"),
+    ("min_hospitals = 3\n", "requires 3"),
+])
+def test_run_policy_refuses_before_any_work_and_the_refusal_is_audited(
+        tmp_path, site, small_model_config, policy, reason):
+    (tmp_path / "run-policy.toml").write_text(policy)
+    log = tmp_path / "egress.jsonl"
+    trained = []
+    app = build_client_app(lambda context, image_size: trained.append(1) or site)
+    context = _context({"partition-id": 0, "run-policy": str(tmp_path / "run-policy.toml"),
+                        "audit-log": str(log)})
+    torch.manual_seed(0)
+    arrays = ArrayRecord(adapter_state(build_lora_model(small_model_config)))
+    config = to_config_record(small_model_config, TrainConfig())
+    config["server-round"] = 1
+    config["min-hospitals"] = 2
+    reply = app(_message("train", arrays, config), context)
+    assert reply.has_error() and reason in reply.error.reason
+    assert trained == []  # the site's data was never loaded
+    (entry,) = read_audit_log(log)
+    assert entry["tensors"] == [] and entry["metrics"] == {}
+    assert reason in entry["error"]["reason"]
+
+
+def test_run_policy_allows_a_matching_run(tmp_path, site, small_model_config):
+    (tmp_path / "run-policy.toml").write_text(
+        f'allowed_weights_sha256 = ["{small_model_config.weights_sha256}"]\nmin_hospitals = 2\n')
+    app = build_client_app(lambda context, image_size: site)
+    torch.manual_seed(0)
+    arrays = ArrayRecord(adapter_state(build_lora_model(small_model_config)))
+    config = to_config_record(small_model_config, TrainConfig())
+    config["server-round"] = 1
+    config["min-hospitals"] = 2
+    reply = app(_message("evaluate", arrays, config),
+                _context({"partition-id": 0, "run-policy": str(tmp_path / "run-policy.toml")}))
+    assert not reply.has_error()

@@ -1,0 +1,102 @@
+"""The hospital's run policy: which runs it takes part in at all, checked before any work.
+
+A TOML file the hospital owns (node config ``run-policy``; ``medfed hospital init`` writes a
+template). A message for a run the policy does not allow gets an error reply whose reason names
+the rule, so the refusal reaches the coordinator's records (``metrics.csv`` error column)::
+
+    allowed_backbones = ["efficientnet-lite0-imagenet"]    # empty: any backbone
+    allowed_weights_sha256 = ["579344...77db"]             # empty: any pinned weights
+    min_hospitals = 3      # refuse runs whose coordinator declares fewer (0: no rule)
+
+The coordinator declares ``min-hospitals`` in each round's config; a hospital cannot verify the
+count itself (that needs secure aggregation, not implemented), so this rule holds the coordinator
+to what it declared.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from flwr.app import Context, Error, Message
+
+RUN_POLICY_KEY = "run-policy"
+"""Node-config key with the run policy's path."""
+RUN_REFUSAL_CODE = 451
+"""Flower error code of a message the hospital's run policy refused."""
+
+RUN_POLICY_TEMPLATE = """\
+# Which runs this hospital takes part in (medfed, client.run_policy.RunPolicy). Empty lists allow
+# any value. A refused run gets an error reply naming the rule.
+
+allowed_backbones = []          # e.g. ["efficientnet-lite0-imagenet"]
+allowed_weights_sha256 = []     # sha256 of the pretrained weights the run may use
+min_hospitals = 0               # refuse runs that declare fewer hospitals per aggregate
+"""
+
+
+class RunPolicyError(ValueError):
+    """A run policy file that cannot be used."""
+
+
+@dataclass(frozen=True)
+class RunPolicy:
+    """Attributes:
+        allowed_backbones: backbone names allowed (empty: any).
+        allowed_weights_sha256: pretrained weights hashes allowed (empty: any).
+        min_hospitals: least hospitals per aggregate the run must declare (0: no rule).
+    """
+
+    allowed_backbones: list[str] = field(default_factory=list)
+    allowed_weights_sha256: list[str] = field(default_factory=list)
+    min_hospitals: int = 0
+
+
+def load_run_policy(path: Path) -> RunPolicy:
+    """Read and check a run policy; errors name the file and the setting."""
+    try:
+        values = tomllib.loads(Path(path).read_text())
+    except OSError as err:
+        raise RunPolicyError(f"run policy {path}: cannot read it ({err})") from err
+    except tomllib.TOMLDecodeError as err:
+        raise RunPolicyError(f"run policy {path}: not valid TOML ({err})") from err
+    known = {f.name for f in fields(RunPolicy)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise RunPolicyError(f"run policy {path}: unknown settings {unknown}; known: "
+                             f"{sorted(known)}")
+    for name in ("allowed_backbones", "allowed_weights_sha256"):
+        if not all(isinstance(v, str) for v in values.get(name, [])):
+            raise RunPolicyError(f"run policy {path}: '{name}' must be a list of strings")
+    if not isinstance(values.get("min_hospitals", 0), int):
+        raise RunPolicyError(f"run policy {path}: 'min_hospitals' must be an integer")
+    return RunPolicy(**values)
+
+
+def run_refusal(policy: RunPolicy, config) -> str:
+    """Why ``policy`` refuses a run with this round config (``""``: allowed)."""
+    backbone = str(config.get("backbone", ""))
+    weights = str(config.get("weights-sha256", ""))
+    if policy.allowed_backbones and backbone not in policy.allowed_backbones:
+        return (f"run policy: backbone '{backbone}' is not allowed (allowed: "
+                f"{policy.allowed_backbones})")
+    if policy.allowed_weights_sha256 and weights not in policy.allowed_weights_sha256:
+        return (f"run policy: base model weights {weights[:16] or '(not pinned)'}... are not in "
+                f"the allow-list")
+    declared = int(config.get("min-hospitals", 0))
+    if declared < policy.min_hospitals:
+        return (f"run policy: the run declares at least {declared} hospitals per aggregate, the "
+                f"hospital requires {policy.min_hospitals}")
+    return ""
+
+
+def refuse_run(msg: Message, context: Context) -> Message | None:
+    """An error reply if the node config's run policy refuses ``msg``'s run, else None."""
+    path = context.node_config.get(RUN_POLICY_KEY)
+    if not path or not msg.has_content() or "config" not in msg.content.config_records:
+        return None
+    reason = run_refusal(load_run_policy(Path(str(path))), msg.content.config_records["config"])
+    if not reason:
+        return None
+    return Message(Error(code=RUN_REFUSAL_CODE, reason=reason), reply_to=msg)
