@@ -97,6 +97,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         path = build_report(args.run_dirs, args.out or default_out_dir(args.run_dirs),
                             score_model=not args.no_model)
+        if args.tensorboard:
+            from simulations.report import load_run
+            from simulations.tracking import write_tensorboard
+
+            for run_dir in args.run_dirs:
+                write_tensorboard(load_run(run_dir), args.tensorboard)
+            console.print(f"TensorBoard: tensorboard --logdir {args.tensorboard}")
     except ReportError as err:
         console.print(f"[red]error:[/] {err}")
         return 1
@@ -384,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output folder (default RUN_DIR/report, or reports/compare-<time>)")
     rep.add_argument("--no-model", action="store_true",
                      help="skip reloading the adapter (no ROC, confusion matrix, calibration)")
+    rep.add_argument("--tensorboard", type=Path, metavar="DIR",
+                     help="also write TensorBoard event files there (needs tensorboard)")
     rep.set_defaults(func=cmd_report)
 
     swp = sub.add_parser("sweep", help="one simulation per point of a grid, each in its own "

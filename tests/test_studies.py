@@ -279,6 +279,21 @@ def test_report_plots_epsilon_when_the_run_has_dp_columns(tiny_run, tmp_path):
     assert (tmp_path / "dp-report" / "figures" / "epsilon.png").is_file()
 
 
+def test_tensorboard_events_hold_the_run_metrics(tiny_run, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from simulations.tracking import write_tensorboard
+
+    run_dir, _ = tiny_run
+    run = load_run(run_dir)
+    events = EventAccumulator(str(write_tensorboard(run, tmp_path / "tb"))).Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("test/auc")]
+    expected = list(zip(run.test_rows["round"], run.test_rows["test_auc"], strict=True))
+    assert [s for s, _ in logged] == [s for s, _ in expected]
+    np.testing.assert_allclose([v for _, v in logged], [v for _, v in expected], rtol=1e-6)
+    assert "communication/upload_mb" in events.Tags()["scalars"]
+
+
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
     from simulations.report import ReportError
 
