@@ -141,10 +141,12 @@ def main(argv: list[str] | None = None) -> int:
             for name in [n for n in args.attack_strategies.split(",") if n]:
                 aucs = [_run(args, name, [], root, UpdateAttack(0, f))["federated"]["auc"]
                         for f in factors]
-                survives = all(a >= clean_auc.get(name, max(aucs)) - 0.05 for a in aucs)
-                print(f"{name:<14}" + "".join(f"{a:>10.4f}" for a in aucs)
-                      + f"   {'survives' if survives else 'degraded'}"
-                      + ("" if name in clean_auc else " (no clean run to compare)"))
+                if name in clean_auc:  # survives: within 0.05 AUC of its clean run
+                    survives = all(a >= clean_auc[name] - 0.05 for a in aucs)
+                    verdict = "survives" if survives else "degraded"
+                else:
+                    verdict = "(no clean run in this bench to compare)"
+                print(f"{name:<14}" + "".join(f"{a:>10.4f}" for a in aucs) + f"   {verdict}")
 
         if results and "pooled" in baseline:
             best = max(s["federated"]["auc"] for s in results.values())
