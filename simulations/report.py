@@ -418,6 +418,10 @@ def _setting(run: Run, section: str, key: str) -> Any:
     return run.config.get(section, {}).get(key)
 
 
+def _plural(count: Any, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def study_line(run: Run) -> str:
     """One sentence describing the study a run simulated."""
     data = run.config.get("data", {})
@@ -441,7 +445,7 @@ def study_line(run: Run) -> str:
         extras.append("differential privacy on")
     model = run.config.get("model", {})
     return (f"{data.get('num_hospitals')} hospitals, {data.get('dataset')}, {partition}; "
-            f"{_setting(run, 'federation', 'rounds')} rounds of "
+            f"{_plural(_setting(run, 'federation', 'rounds'), 'round')} of "
             f"{_setting(run, 'federation', 'strategy')}; {model.get('backbone')} at "
             f"{model.get('image_size')} px, LoRA rank {model.get('lora_r')}; seed "
             f"{run.config.get('seed')}" + ("; " + ", ".join(extras) if extras else ""))
@@ -477,6 +481,9 @@ def hospital_table(run: Run) -> str:
         })
     if not rows:
         return ""
+    # Leave out columns with nothing in them (no local baseline, no validation replies).
+    empty = [k for k in rows[0] if all(r[k] is None for r in rows)]
+    rows = [{k: v for k, v in r.items() if k not in empty} for r in rows]
     return "<h3>Hospitals</h3>" + _table(rows)
 
 
@@ -594,10 +601,12 @@ def run_figures(run: Run, scores: TestScores | None, figures: Figures, prefix: s
         figures.add(prefix + stem, title, caption, fig)
         stems.append(prefix + stem)
 
+    baselines = [n for n in ("pooled", "local") if n in run.summary]
     add("test-curves", "Test AUC and loss per round",
         "how well the shared model separates the classes on held-out test images after each "
-        "round of federated training; dashed/dotted lines are the pooled and single-hospital "
-        "results after the same training.", fig_test_curves([run]))
+        "round of federated training (round 0: the starting model)"
+        + ("; dashed/dotted lines are the pooled and single-hospital results after the same "
+           "training." if baselines else "."), fig_test_curves([run]))
     if run.hospitals["val_auc"].notna().any():
         add("hospital-validation", "Validation metrics at each hospital",
             "the shared model scored on each hospital's own held-out images; hospitals whose "
