@@ -65,6 +65,8 @@ def _quiet_flower(verbose: bool) -> None:
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
     flwr_logger.propagate = False
+    # Flower's SuperLink state database migrates its schema with alembic, which logs every step.
+    logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _base_config(args: argparse.Namespace, overrides: dict[str, Any]):
