@@ -15,11 +15,12 @@ to what it declared.
 
 from __future__ import annotations
 
-import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import Context, Error, Message
+
+from models.settings import read_settings
 
 RUN_POLICY_KEY = "run-policy"
 """Node-config key with the run policy's path."""
@@ -55,17 +56,7 @@ class RunPolicy:
 
 def load_run_policy(path: Path) -> RunPolicy:
     """Read and check a run policy; errors name the file and the setting."""
-    try:
-        values = tomllib.loads(Path(path).read_text())
-    except OSError as err:
-        raise RunPolicyError(f"run policy {path}: cannot read it ({err})") from err
-    except tomllib.TOMLDecodeError as err:
-        raise RunPolicyError(f"run policy {path}: not valid TOML ({err})") from err
-    known = {f.name for f in fields(RunPolicy)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise RunPolicyError(f"run policy {path}: unknown settings {unknown}; known: "
-                             f"{sorted(known)}")
+    values = read_settings(path, RunPolicy, RunPolicyError, f"run policy {path}")
     for name in ("allowed_backbones", "allowed_weights_sha256"):
         if not all(isinstance(v, str) for v in values.get(name, [])):
             raise RunPolicyError(f"run policy {path}: '{name}' must be a list of strings")

@@ -20,13 +20,13 @@ ClientApp reads (``manifest``, ``privacy-policy``, ``privacy-ledger``, ``audit-l
 
 from __future__ import annotations
 
-import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import tomli_w
 
 from client.run_policy import RUN_POLICY_TEMPLATE
+from models.settings import read_settings
 from privacy.pki import make_node_key, node_private_openssh, node_public_openssh, write_private
 
 CONFIG_FILE = "hospital.toml"
@@ -101,18 +101,10 @@ def init_site_folder(folder: Path, name: str, superlink: str = "localhost:8000",
 def load_hospital_config(folder: Path) -> HospitalConfig:
     """Read ``DIR/hospital.toml``; errors name the file and the setting."""
     path = Path(folder) / CONFIG_FILE
-    try:
-        values = tomllib.loads(path.read_text()).get("hospital", {})
-    except OSError as err:
-        raise SiteFolderError(f"{path}: cannot read it ({err}); run 'medfed hospital init "
-                              f"NAME --dir {folder}' first") from err
-    except tomllib.TOMLDecodeError as err:
-        raise SiteFolderError(f"{path}: not valid TOML ({err})") from err
-    known = {f.name for f in fields(HospitalConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise SiteFolderError(f"{path}: unknown settings {unknown} in [hospital]; known: "
-                              f"{sorted(known)}")
+    values = read_settings(
+        path, HospitalConfig, SiteFolderError, str(path), table="hospital",
+        unreadable_hint=f"; run 'medfed hospital init NAME --dir {folder}' first",
+    )
     if "name" not in values:
         raise SiteFolderError(f"{path}: set 'name' in [hospital]")
     return HospitalConfig(**values)

@@ -10,10 +10,10 @@ Example ``privacy-policy.toml``::
 
 from __future__ import annotations
 
-import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
+from models.settings import read_settings
 from privacy.config import ACCOUNTANTS
 
 
@@ -46,16 +46,8 @@ class SitePolicy:
 
 def load_site_policy(path: Path) -> SitePolicy:
     """Read and check a site policy file; errors name the file and the setting to fix."""
-    try:
-        values = tomllib.loads(Path(path).read_text())
-    except OSError as err:
-        raise FileNotFoundError(f"site policy {path}: cannot read it ({err})") from err
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"site policy {path}: not valid TOML ({err})") from err
-    known = {f.name: f for f in fields(SitePolicy)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"site policy {path}: unknown settings {unknown}; known: {sorted(known)}")
+    values = read_settings(path, SitePolicy, ValueError, f"site policy {path}",
+                           unreadable_error=FileNotFoundError)
     if "max_epsilon" not in values:
         raise ValueError(f"site policy {path}: set max_epsilon (the total budget per dataset)")
     for name, value in values.items():

@@ -21,11 +21,12 @@ from __future__ import annotations
 import datetime as dt
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import tomli_w
 
+from models.settings import read_settings
 from privacy.pki import (
     certificate_pem,
     load_ca,
@@ -137,18 +138,10 @@ def init_consortium(folder: Path, consortium: str, hostnames: list[str] | None =
 def load_coordinator_config(folder: Path) -> CoordinatorConfig:
     """Read ``DIR/coordinator.toml``; errors name the file and the setting."""
     path = Path(folder) / CONFIG_FILE
-    try:
-        values = tomllib.loads(path.read_text()).get("coordinator", {})
-    except OSError as err:
-        raise ConsortiumError(f"{path}: cannot read it ({err}); run 'medfed coordinator init "
-                              f"{folder}' first") from err
-    except tomllib.TOMLDecodeError as err:
-        raise ConsortiumError(f"{path}: not valid TOML ({err})") from err
-    known = {f.name for f in fields(CoordinatorConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConsortiumError(f"{path}: unknown settings {unknown} in [coordinator]; known: "
-                              f"{sorted(known)}")
+    values = read_settings(
+        path, CoordinatorConfig, ConsortiumError, str(path), table="coordinator",
+        unreadable_hint=f"; run 'medfed coordinator init {folder}' first",
+    )
     if "consortium" not in values:
         raise ConsortiumError(f"{path}: set 'consortium' in [coordinator]")
     return CoordinatorConfig(**values)
