@@ -1,13 +1,10 @@
 """The hospital's ClientApp, called in-process with built Messages (no Flower runtime)."""
 
-import time
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
-from flwr.app.message.message import make_message
-from flwr.app.metadata import Metadata
 
 from client.app import build_client_app
 from client.site import SiteData
@@ -15,14 +12,11 @@ from models.adapters import adapter_state
 from models.config import ModelConfig, TrainConfig, to_config_record
 from models.lora import build_lora_model
 from models.registry import WeightsMismatchError
+from simulations.inprocess import coordinator_message
 
 
 def _message(kind: str, arrays: ArrayRecord, config) -> Message:
-    metadata = Metadata(
-        run_id=1, message_id=f"{kind}-1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
-        group_id="1", created_at=time.time(), ttl=600.0, message_type=kind,
-    )
-    return make_message(metadata, RecordDict({"arrays": arrays, "config": config}))
+    return coordinator_message(kind, arrays, config)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import dp_accounting as dpa
@@ -14,8 +13,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
-from flwr.app.message.message import make_message
-from flwr.app.metadata import Metadata
 
 from client.app import build_client_app
 from client.privacy_round import REFUSAL_CODE, SitePrivacy, plan_charges
@@ -30,6 +27,7 @@ from privacy.ledger import BudgetExceeded, Charge, Ledger
 from privacy.policy import SitePolicy, load_site_policy
 from privacy.update_dp import clip_and_noise, update_norm
 from server.records import RunRecords
+from simulations.inprocess import coordinator_message
 from strategies.base import Reply
 
 
@@ -127,11 +125,7 @@ def test_dpsgd_trains_the_adapter_and_leaves_the_model_clean(site, small_model_c
 
 
 def _message(arrays: ArrayRecord, config) -> Message:
-    metadata = Metadata(
-        run_id=5, message_id="train-1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
-        group_id="1", created_at=time.time(), ttl=600.0, message_type="train",
-    )
-    return make_message(metadata, RecordDict({"arrays": arrays, "config": config}))
+    return coordinator_message("train", arrays, config, run_id=5)
 
 
 def _wire(model_config, train: TrainConfig, dp: DPConfig, server_round: int):

@@ -4,14 +4,10 @@ dataset fingerprint and counts (no ids or paths), and the run records keep the f
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pandas as pd
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
-from flwr.app.message.message import make_message
-from flwr.app.metadata import Metadata
 
 from client.app import build_client_app
 from client.site import SiteData, load_site_from_node_config
@@ -20,15 +16,12 @@ from models.config import TrainConfig, to_config_record
 from models.lora import build_lora_model
 from server.records import RunRecords
 from simulations.dicom_export import export_site
+from simulations.inprocess import coordinator_message
 from strategies.base import split_valid_replies
 
 
 def _message(arrays: ArrayRecord, config) -> Message:
-    metadata = Metadata(
-        run_id=1, message_id="train-1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
-        group_id="1", created_at=time.time(), ttl=600.0, message_type="train",
-    )
-    return make_message(metadata, RecordDict({"arrays": arrays, "config": config}))
+    return coordinator_message("train", arrays, config)
 
 
 def test_dicom_site_trains_and_reports_only_fingerprint_and_counts(

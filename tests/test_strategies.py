@@ -1,13 +1,10 @@
 """Aggregation rules on hand-built updates, and the LoRA-aware exchanges at a real hospital."""
 
-import time
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.app.message.message import make_message
-from flwr.app.metadata import Metadata
 
 from client.app import build_client_app
 from client.exchange import PERSONAL_STATE_KEY
@@ -15,6 +12,7 @@ from client.site import SiteData
 from models.adapters import adapter_state
 from models.config import TrainConfig, to_config_record
 from models.lora import build_lora_model
+from simulations.inprocess import coordinator_message, message_with_metadata
 from strategies import STRATEGIES, StrategyOptions, build_strategy
 from strategies.base import update_norm
 
@@ -46,13 +44,9 @@ def _record(value: float) -> ArrayRecord:
 
 
 def _reply(node: int, arrays: ArrayRecord, examples: int = 10) -> Message:
-    metadata = Metadata(
-        run_id=1, message_id=f"r{node}", src_node_id=node, dst_node_id=0,
-        reply_to_message_id="", group_id="1", created_at=time.time(), ttl=600.0,
-        message_type="train",
-    )
     metrics = MetricRecord({"num-examples": examples, "train-loss": 0.5})
-    return make_message(metadata, RecordDict({"arrays": arrays, "metrics": metrics}))
+    return message_with_metadata("train", RecordDict({"arrays": arrays, "metrics": metrics}),
+                                 src_node_id=node, dst_node_id=0, message_id=f"r{node}")
 
 
 def _aggregate(name: str, values: list[float], global_value: float = 0.0, **options):
@@ -147,11 +141,7 @@ def site(pneumonia_small):
 
 
 def _message(kind: str, arrays: ArrayRecord, config) -> Message:
-    metadata = Metadata(
-        run_id=1, message_id=f"{kind}-1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
-        group_id="1", created_at=time.time(), ttl=600.0, message_type=kind,
-    )
-    return make_message(metadata, RecordDict({"arrays": arrays, "config": config}))
+    return coordinator_message(kind, arrays, config)
 
 
 def _round(small_model_config, mode: str):

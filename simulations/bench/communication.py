@@ -7,13 +7,10 @@ measures the serialised arrays in each reply (what Flower puts on the wire, befo
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import replace
 
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
-from flwr.app.message.message import make_message
-from flwr.app.metadata import Metadata
 
 from client.app import build_client_app
 from models.adapters import adapter_state
@@ -21,17 +18,9 @@ from models.config import ModelConfig, TrainConfig, to_config_record
 from models.registry import build_base_model, weights_sha256
 from server.rounds import initial_model
 from simulations.config import DataConfig
+from simulations.inprocess import coordinator_message
 from simulations.sites import SimulatedSiteLoader
 from strategies.base import arrayrecord_nbytes
-
-
-def _train_message(arrays: ArrayRecord, config, hospital: int):
-    metadata = Metadata(
-        run_id=1, message_id=f"bench-{hospital}", src_node_id=0, dst_node_id=hospital + 1,
-        reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600.0,
-        message_type="train",
-    )
-    return make_message(metadata, RecordDict({"arrays": arrays, "config": config}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         context = Context(run_id=1, node_id=hospital + 1,
                           node_config={"partition-id": hospital}, state=RecordDict(),
                           run_config={})
-        reply = app(_train_message(arrays, config, hospital), context)
+        reply = app(coordinator_message("train", arrays, config, dst_node_id=hospital + 1),
+                    context)
         if reply.has_error():
             raise RuntimeError(f"hospital {hospital} failed: {reply.error.reason}")
         uploads.append(arrayrecord_nbytes(reply.content["arrays"]))
