@@ -20,7 +20,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from client.audit import audit_reply
-from client.exchange import receive_adapter, send_adapter
+from client.exchange import hospital_model_config, receive_adapter, send_adapter
 from client.model_cache import lora_model_for
 from client.privacy_round import (  # issue 4: DP-SGD, update DP, site policy and ledger
     REFUSAL_CODE,
@@ -30,10 +30,12 @@ from client.privacy_round import (  # issue 4: DP-SGD, update DP, site policy an
     train_round,
 )
 from client.run_policy import refuse_run
+from client.secure_aggregation import handle_secagg
 from client.site import SiteLoader, load_site_from_node_config
 from models.config import ModelConfig, TrainConfig, from_config_record, round_lr
 from models.metrics import evaluate
 from privacy.config import dp_config_from_record
+from privacy.secagg.config import ACTION as SECAGG_ACTION
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,8 @@ def hospital_id(context: Context) -> int:
 
 def _prepare(msg: Message, context: Context, load_site: SiteLoader):
     config = msg.content["config"]
-    model_config = from_config_record(ModelConfig, config)
+    # Issue 7: a hetlora hospital builds its model at its own LoRA rank.
+    model_config = hospital_model_config(from_config_record(ModelConfig, config), config, context)
     model = lora_model_for(model_config)
     # Issue 7: the round's adapter-exchange mode (FFA-LoRA freezes A, FedSA-LoRA adds own B).
     receive_adapter(model, msg.content["arrays"], config, context)
@@ -102,6 +105,18 @@ def handle_evaluate(msg: Message, context: Context, load_site: SiteLoader) -> Me
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
+def declared_weight(msg: Message, context: Context, key: str, load_site: SiteLoader) -> float:
+    """The averaging weight a hospital declares before a securely aggregated round: the
+    value its training reply's metric ``key`` will hold (``num-examples``: its training-split
+    size; ``update-weight``: 1 under client-level DP)."""
+    if key == "update-weight":
+        return 1.0
+    if key == "num-examples":
+        image_size = from_config_record(ModelConfig, msg.content["config"]).image_size
+        return float(len(load_site(context, image_size).train))
+    raise ValueError(f"cannot declare a weight for metric '{key}'")
+
+
 def build_client_app(
     load_site: SiteLoader = load_site_from_node_config,
     load_privacy: SitePrivacyLoader = site_privacy_from_node_config,
@@ -110,11 +125,27 @@ def build_client_app(
     and ledger from ``load_privacy``."""
     app = ClientApp()
 
+    def train_plain(msg: Message, context: Context) -> Message:
+        # The hospital's run policy first (node config 'run-policy'), then the work.
+        return refuse_run(msg, context) or handle_train(msg, context, load_site, load_privacy)
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        # Issue 6: the hospital's run policy first (node config 'run-policy'), then the work.
-        reply = refuse_run(msg, context) or handle_train(msg, context, load_site, load_privacy)
-        audit_reply(msg, reply, context)  # issue 6: egress audit log (node config 'audit-log')
+        reply = train_plain(msg, context)
+        audit_reply(msg, reply, context)  # egress audit log (node config 'audit-log')
+        return reply
+
+    def weight_of(msg: Message, context: Context, key: str) -> float:
+        return declared_weight(msg, context, key, load_site)
+
+    @app.train(SECAGG_ACTION)
+    def train_secagg(msg: Message, context: Context) -> Message:
+        # Secure aggregation's stages; the masked-input stage trains as ``train`` does. The
+        # run policy is checked at setup, before any key is made.
+        setup = msg.content.config_records.get("secagg", {}).get("stage") == "setup"
+        reply = (setup and refuse_run(msg, context)) or handle_secagg(
+            msg, context, train_plain, weight_of)
+        audit_reply(msg, reply, context)  # what leaves is the masked vector, logged as such
         return reply
 
     @app.evaluate()

@@ -9,6 +9,11 @@ products ``B @ A``; two rules avoid that by never averaging one of the factors:
   B (site-specific) stays at each hospital, which keeps a personalised adapter.
 
 ``all`` exchanges every adapter tensor (FedAvg and the rules built on it).
+
+Heterogeneous ranks (``hetlora``, Cho et al. 2024): a hospital of rank ``r`` keeps the first
+``r`` rank components of the global adapter (:func:`truncate_rank`) and pads its trained factors
+with zeros back to the global rank (:func:`pad_rank`). peft stores A as ``[r, in, ...]`` and B
+as ``[out, r, ...]`` (Linear and Conv alike), so the rank is dim 0 of A and dim 1 of B.
 """
 
 from __future__ import annotations
@@ -54,6 +59,44 @@ def select(state: dict[str, torch.Tensor], keys) -> OrderedDict[str, torch.Tenso
     """The tensors of ``state`` named in ``keys``, in ``state``'s order."""
     wanted = set(keys)
     return OrderedDict((k, v) for k, v in state.items() if k in wanted)
+
+
+def _rank_dim(key: str) -> int | None:
+    """The rank dimension of an adapter tensor (0 for A, 1 for B), None for the head."""
+    return {"lora_A": 0, "lora_B": 1}.get(_factor(key) or "")
+
+
+def truncate_rank(state: dict[str, torch.Tensor], rank: int) -> OrderedDict[str, torch.Tensor]:
+    """The first ``rank`` components of every LoRA factor (A's rows, B's columns); the head is
+    unchanged. ``rank`` larger than a factor's rank is a ValueError."""
+    out = OrderedDict()
+    for key, tensor in state.items():
+        dim = _rank_dim(key)
+        if dim is not None:
+            if rank > tensor.shape[dim]:
+                raise ValueError(f"cannot truncate '{key}' of rank {tensor.shape[dim]} to "
+                                 f"rank {rank}")
+            tensor = tensor.narrow(dim, 0, rank).clone()
+        out[key] = tensor
+    return out
+
+
+def pad_rank(state: dict[str, torch.Tensor], rank: int) -> OrderedDict[str, torch.Tensor]:
+    """Every LoRA factor zero-padded to ``rank`` components (the inverse of
+    :func:`truncate_rank` on the kept part); the head is unchanged."""
+    out = OrderedDict()
+    for key, tensor in state.items():
+        dim = _rank_dim(key)
+        if dim is not None and tensor.shape[dim] != rank:
+            if tensor.shape[dim] > rank:
+                raise ValueError(f"cannot pad '{key}' of rank {tensor.shape[dim]} to rank {rank}")
+            shape = list(tensor.shape)
+            shape[dim] = rank
+            padded = torch.zeros(shape, dtype=tensor.dtype)
+            padded.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
+            tensor = padded
+        out[key] = tensor
+    return out
 
 
 def freeze_lora_a(model: nn.Module, frozen: bool) -> None:

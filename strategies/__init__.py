@@ -10,7 +10,7 @@ from strategies.adapter import AdapterStrategy
 from strategies.base import Reply, ReplyObserver
 from strategies.config import StrategyOptions
 from strategies.fedavg import AdapterFedAvg
-from strategies.lora_rules import FedSALoRA, FFALoRA
+from strategies.lora_rules import FedSALoRA, FFALoRA, HetLoRA
 from strategies.optimizers import AdapterFedAdam, AdapterFedProx, AdapterFedYogi
 from strategies.robust import AdapterFedMedian, AdapterNormBound, AdapterTrimmedMean
 
@@ -21,6 +21,7 @@ STRATEGIES: dict[str, type[AdapterStrategy]] = {
     "fedyogi": AdapterFedYogi,
     "ffa-lora": FFALoRA,
     "fedsa-lora": FedSALoRA,
+    "hetlora": HetLoRA,
     "median": AdapterFedMedian,
     "trimmed-mean": AdapterTrimmedMean,
     "norm-bound": AdapterNormBound,

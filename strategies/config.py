@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -23,6 +23,10 @@ class StrategyOptions:
             0 uses the median norm of the round's updates (no tuning, robust to a minority).
         max_update_norm: every strategy drops an update whose L2 norm ``||new - global||``
             exceeds this (logged with the hospital); 0 means no bound.
+        hetlora_ranks: ``hetlora``: LoRA rank of each hospital, hospital ``k`` (partition id)
+            taking ``hetlora_ranks[k % len]``; a hospital's node config ``lora-rank`` takes
+            precedence; empty: every hospital at the global ``lora_r``. Each must be at most
+            the global rank.
     """
 
     server_lr: float = 0.01
@@ -33,3 +37,4 @@ class StrategyOptions:
     trim_fraction: float = 0.2
     clip_norm: float = 0.0
     max_update_norm: float = 0.0
+    hetlora_ranks: list[int] = field(default_factory=list)

@@ -124,7 +124,8 @@ def test_ffa_and_fedsa_aggregate_only_their_shared_factor():
 
 def test_sum_only_flags_and_unknown_names():
     sum_only = {n for n, cls in STRATEGIES.items() if cls.needs_only_sum}
-    assert {"fedavg", "fedprox", "fedadam", "fedyogi", "ffa-lora", "fedsa-lora"} <= sum_only
+    assert {"fedavg", "fedprox", "fedadam", "fedyogi", "ffa-lora", "fedsa-lora",
+            "hetlora"} <= sum_only
     assert not sum_only & {"median", "trimmed-mean", "norm-bound"}
     with pytest.raises(ValueError, match="unknown strategy 'krum'"):
         build_strategy("krum")
@@ -218,3 +219,77 @@ def test_unknown_strategy_is_refused_when_the_config_is_read():
     config = load_config(None, {"federation": {"strategy": "fedadam",
                                                "options": {"server-lr": 0.003}}})
     assert config.federation.options.server_lr == 0.003
+
+
+def test_hetlora_truncate_and_pad_keep_the_low_rank_update():
+    from models.lora_parts import pad_rank, truncate_rank
+
+    rng = np.random.default_rng(0)
+    state = {"conv.lora_A.weight": torch.tensor(rng.normal(size=(4, 3, 3, 3)), dtype=torch.float32),
+             "conv.lora_B.weight": torch.tensor(rng.normal(size=(5, 4, 1, 1)), dtype=torch.float32),
+             "head.weight": torch.ones(2, 5)}
+    low = truncate_rank(state, 2)
+    assert low["conv.lora_A.weight"].shape == (2, 3, 3, 3)
+    assert low["conv.lora_B.weight"].shape == (5, 2, 1, 1)
+    back = pad_rank(low, 4)
+    assert torch.equal(back["conv.lora_A.weight"][:2], state["conv.lora_A.weight"][:2])
+    assert not back["conv.lora_A.weight"][2:].any() and not back["conv.lora_B.weight"][:, 2:].any()
+    assert torch.equal(back["head.weight"], state["head.weight"])
+    with pytest.raises(ValueError, match="cannot truncate"):
+        truncate_rank(state, 5)
+
+
+def test_hetlora_hospitals_train_their_rank_and_reply_at_the_global_rank(site,
+                                                                         small_model_config):
+    """Global rank 4; hospital 0 trains rank 1, hospital 1 rank 4 (``hetlora-ranks``)."""
+    from client.exchange import hospital_model_config
+
+    seen = []
+    strategy = build_strategy("hetlora", observer=seen.append, min_train_nodes=1,
+                              min_available_nodes=1, options=StrategyOptions(hetlora_ranks=[1, 4]))
+    arrays, config = _round(small_model_config, "all")
+    messages = list(strategy.configure_train(1, arrays, config, _Grid(2)))
+    sent_config = messages[0].content["config"]
+    assert sent_config["hetlora"] and list(sent_config["hetlora-ranks"]) == [1, 4]
+
+    app = build_client_app(lambda context, image_size: site)
+    replies = []
+    for partition, node in ((0, 1), (1, 2)):
+        context = Context(run_id=1, node_id=node, node_config={"partition-id": partition},
+                          state=RecordDict(), run_config={})
+        reply = app(_message("train", arrays, sent_config), context)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        replies.append(message_with_metadata("train", reply.content, src_node_id=node,
+                                             dst_node_id=0, message_id=f"h{node}"))
+        rank = hospital_model_config(small_model_config, sent_config, context)
+        assert rank.lora_r == [1, 4][partition]
+        # Same scale alpha/r as the global adapter: truncation keeps scale * B @ A's low part.
+        assert rank.lora_alpha / rank.lora_r == small_model_config.lora_alpha / 4
+    low = replies[0].content["arrays"]
+    assert {k: tuple(a.shape) for k, a in low.items()} == {k: tuple(a.shape)
+                                                           for k, a in arrays.items()}
+    for key in (k for k in low if "lora_A" in k):
+        assert not low[key].numpy()[1:].any(), key  # rows beyond rank 1: zero padding
+    full_rows = [k for k in replies[1].content["arrays"] if "lora_A" in k]
+    assert any(replies[1].content["arrays"][k].numpy()[1:].any() for k in full_rows)
+    key = full_rows[0]
+
+    merged, _ = strategy.aggregate_train(1, replies)
+    assert not [r for r in seen if r.error]
+    assert {k: tuple(a.shape) for k, a in merged.items()} == {k: tuple(a.shape)
+                                                              for k, a in arrays.items()}
+    # Components 2..4 of A: only hospital 1 trained them, averaged with hospital 0's zeros.
+    weights = [r.content["metrics"]["num-examples"] for r in replies]
+    share = weights[1] / sum(weights)
+    expected = share * replies[1].content["arrays"][key].numpy()[1:]
+    assert np.allclose(merged[key].numpy()[1:], expected, atol=1e-6)
+
+
+def test_hetlora_rank_above_the_global_rank_is_refused(site, small_model_config):
+    arrays, config = _round(small_model_config, "all")
+    config["hetlora"] = True
+    context = Context(run_id=1, node_id=3, node_config={"partition-id": 0, "lora-rank": 8},
+                      state=RecordDict(), run_config={})
+    app = build_client_app(lambda context, image_size: site)
+    with pytest.raises(ValueError, match="node config 'lora-rank': LoRA rank 8"):
+        app(_message("train", arrays, config), context)
