@@ -40,6 +40,9 @@ def _simulate_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["baselines"] = []
     if args.as_dicom:
         overrides.setdefault("data", {})["as_dicom"] = True
+    if args.secure_aggregation:
+        overrides.setdefault("federation", {}).setdefault("secure_aggregation", {})[
+            "enabled"] = True
     return overrides
 
 
@@ -256,33 +259,39 @@ def cmd_hospital_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exec_daemon(argv: list[str], print_only: bool) -> int:
+def _exec_daemon(argv: list[str], print_only: bool, flwr_home: Path) -> int:
     """Print the daemon's command, or replace this process with it (so that systemd supervises
-    Flower's daemon directly and signals reach it)."""
+    Flower's daemon directly and signals reach it). Flower's state goes to ``flwr_home``."""
     import os
     import shlex
+
+    from server.daemon import daemon_env
 
     console.print(shlex.join(argv), markup=False, highlight=False, soft_wrap=True)
     if print_only:
         return 0
-    # Flower's daemons start helpers (flower-superexec) by name: find them beside the daemon.
-    env = dict(os.environ, PATH=os.pathsep.join([str(Path(argv[0]).parent),
-                                                 os.environ.get("PATH", "")]))
-    os.execve(argv[0], argv, env)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    os.execve(argv[0], argv, daemon_env(flwr_home, argv[0]))
     return 1  # not reached
 
 
 def cmd_coordinator_start(args: argparse.Namespace) -> int:
     from privacy.pki import KeyFileError
     from server.consortium import ConsortiumError
-    from server.daemon import superlink_command
+    from server.daemon import flwr_cli_home, run_coordinator, superlink_command
 
     try:
+        if args.study is not None and not args.print_command:
+            if not args.study.is_file():
+                console.print(f"[red]error:[/] study file {args.study} does not exist")
+                return 1
+            return run_coordinator(args.dir, args.study, args.run_dir, insecure=args.insecure)
         argv = superlink_command(args.dir, insecure=args.insecure)
-    except (ConsortiumError, KeyFileError, FileNotFoundError) as err:
+        home = flwr_cli_home(args.dir, insecure=args.insecure)
+    except (ConsortiumError, KeyFileError, FileNotFoundError, RuntimeError) as err:
         console.print(f"[red]error:[/] {err}")
         return 1
-    return _exec_daemon(argv, args.print_command)
+    return _exec_daemon(argv, args.print_command, home)
 
 
 def cmd_hospital_start(args: argparse.Namespace) -> int:
@@ -381,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--no-baselines", action="store_true", help="skip pooled/local baselines")
     sim.add_argument("--as-dicom", action="store_true",
                      help="hospitals read their partition as DICOM files + manifest (issue 3)")
+    sim.add_argument("--secure-aggregation", action="store_true",
+                     help="SecAgg+: the coordinator sees only the sum of the hospitals' updates "
+                          "(settings: [federation.secure_aggregation] in the TOML)")
     sim.set_defaults(func=cmd_simulate)
 
     scen = sub.add_parser("scenarios", help="list the named simulation scenarios")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from privacy.secagg import SecAggConfig
 from strategies.config import StrategyOptions
 
 
@@ -21,6 +22,8 @@ class FederationConfig:
         round_timeout_s: seconds to wait for replies in a round.
         options: the strategies' settings (issue 7; ``[federation.options]``), e.g. the server
             learning rate of ``fedadam`` or the update norm bound every rule applies.
+        secure_aggregation: SecAgg+ settings (``[federation.secure_aggregation]``); with
+            ``enabled`` the coordinator only ever sees the sum of the hospitals' updates.
     """
 
     rounds: int = 4
@@ -30,6 +33,7 @@ class FederationConfig:
     min_hospitals: int = 2
     round_timeout_s: float = 1800.0
     options: StrategyOptions = field(default_factory=StrategyOptions)
+    secure_aggregation: SecAggConfig = field(default_factory=SecAggConfig)
 
     def __post_init__(self) -> None:
         # Issue 7: refuse an unknown strategy when the config is read, not rounds later.
@@ -38,3 +42,10 @@ class FederationConfig:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"federation.strategy: unknown strategy '{self.strategy}': "
                              f"choose one of {sorted(STRATEGIES)}")
+        if self.secure_aggregation.enabled and not STRATEGIES[self.strategy].needs_only_sum:
+            # Refused, not degraded: this rule must see each hospital's update, which secure
+            # aggregation exists to hide.
+            names = sorted(n for n, s in STRATEGIES.items() if s.needs_only_sum)
+            raise ValueError(
+                f"federation.strategy '{self.strategy}' needs each hospital's update and cannot "
+                f"run under secure aggregation; use one that needs only the sum: {names}")

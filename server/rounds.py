@@ -27,7 +27,9 @@ from server.checkpoint import (
 from server.config import FederationConfig
 from server.evaluation import central_evaluator
 from server.records import RunRecords
+from server.secure_aggregation import secure_grid
 from strategies import Reply, build_strategy
+from strategies.adapter import TooFewUpdates
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,9 @@ def run_federation(
         train_weighted_by_key="update-weight" if dp is not None and dp.update_dp else None,
         options=federation.options,  # issue 7: the strategies' settings
     )
+    if federation.secure_aggregation.enabled:
+        # Training rounds then run SecAgg+: the strategy only ever receives the sum.
+        grid = secure_grid(grid, federation.secure_aggregation, strategy, dp)
     evaluator = central_evaluator(model, test_set)
     # Issue 6: a checkpoint after every round; a run dir holding one (a crashed run with the same
     # settings) resumes after its round, with its arrays, RNG states and records.
@@ -104,7 +109,8 @@ def run_federation(
         initial_arrays = ArrayRecord({k: resumed.arrays[k] for k in initial_arrays})
         records.rows.update({(r["round"], r["hospital"]): r for r in resumed.rows})
         logger.info("resuming %s after round %d of %d", records.run_dir, done, federation.rounds)
-        strategy = RoundOffset(strategy, done)  # Flower counts from 1: shift to done + 1
+        # Flower counts from 1: shift to done + 1; FedOpt's moments come back (issue 6).
+        strategy = RoundOffset(strategy, done, resumed.strategy_state)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord):
         server_round += done
@@ -115,7 +121,7 @@ def run_federation(
         logger.debug("round %d: test %s", server_round, dict(metrics))
         if server_round > 0:
             save_checkpoint(records.run_dir, server_round, arrays, fingerprint,
-                            records.rows.values())
+                            records.rows.values(), strategy)
         if on_round is not None:
             on_round(server_round, dict(metrics))
         return metrics
@@ -124,15 +130,19 @@ def run_federation(
     # Issue 6: declared so that a hospital's run policy can refuse too small aggregates.
     wire_config["min-hospitals"] = federation.min_hospitals
     start = time.monotonic()
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial_arrays,
-        num_rounds=federation.rounds - done,
-        timeout=federation.round_timeout_s,
-        train_config=wire_config,
-        evaluate_config=to_config_record(model_config, train_config),
-        evaluate_fn=evaluate_fn,
-    )
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial_arrays,
+            num_rounds=federation.rounds - done,
+            timeout=federation.round_timeout_s,
+            train_config=wire_config,
+            evaluate_config=to_config_record(model_config, train_config),
+            evaluate_fn=evaluate_fn,
+        )
+    except TooFewUpdates as err:  # issue 4: end at the round that failed, saying why
+        records.write_metrics()
+        raise FederationError(f"{err}. See {records.run_dir / 'metrics.csv'}") from err
     wall_time = time.monotonic() - start
     records.write_metrics()
     _check_rounds(records, federation)

@@ -115,7 +115,10 @@ def split_valid_replies(
                 if arrays is None:
                     reply.error = "training reply carries no 'arrays'"
                 else:
-                    reply.upload_bytes = arrayrecord_nbytes(arrays)
+                    # Under secure aggregation the coordinator counts what the hospital sent
+                    # over all stages (masked vector, keys, shares) in this metric.
+                    reply.upload_bytes = int(reply.metrics.get("secagg-upload-bytes",
+                                                               arrayrecord_nbytes(arrays)))
                     if expected is not None:
                         reply.error = check_update(arrays, expected, max_norm)
         if reply.error:

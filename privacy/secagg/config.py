@@ -1,0 +1,103 @@
+"""Settings of secure aggregation (``[federation.secure_aggregation]`` in a study TOML)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+STAGES = ("setup", "share", "mask", "unmask")
+"""The protocol's message exchanges, in order (one round trip each)."""
+ACTION = "secagg"
+"""Flower message action of the stages: messages are of type ``train.secagg``."""
+
+
+class SecAggError(RuntimeError):
+    """A secure-aggregation round that cannot complete (too few hospitals, failed unmasking)."""
+
+
+@dataclass
+class SecAggConfig:
+    """How updates are masked, shared and quantised.
+
+    Attributes:
+        enabled: run every training round under secure aggregation.
+        shares: into how many Shamir shares each hospital splits its secrets: itself plus its
+            neighbours in the SecAgg+ graph. A value <= 1 is a fraction of the hospitals sampled
+            in the round (1.0: everyone is everyone's neighbour, the original SecAgg).
+        threshold: shares needed to reconstruct a secret; a value <= 1 is a fraction of
+            ``shares``. Must be more than half of ``shares``, so that the coordinator can never
+            hold both a hospital's self-mask and its masking key. It is also the fewest
+            hospitals whose updates the coordinator can ever see summed.
+        clipping_range: each coordinate of a hospital's (weighted) update ``new - global`` is
+            clipped to ``[-clipping_range, clipping_range]`` before quantisation. Adapter steps
+            are small (about 1e-2 per round); with client-level DP the range is widened to hold
+            the hospitals' noise (see ``server.secure_aggregation``).
+        quantization_bits: levels per coordinate are ``2**quantization_bits``; the step is
+            ``2 * clipping_range / (2**quantization_bits - 1)``.
+        modulus_bits: masked values live in ``Z / 2**modulus_bits`` (at most 32: uint32 on the
+            wire, the size of float32 updates). The sum of all hospitals' quantised values must
+            fit: ``hospitals * (2**quantization_bits - 1) < 2**modulus_bits``.
+        max_weight: cap on a hospital's averaging weight (its example count, or 1 under
+            client-level DP); 0 uses the largest weight the round's hospitals declared.
+        stage_timeout_s: seconds to wait for the replies of each key-exchange stage (the
+            masked-input stage, where hospitals train, uses the round timeout).
+    """
+
+    enabled: bool = False
+    shares: float = 1.0
+    threshold: float = 0.6
+    clipping_range: float = 1.0
+    quantization_bits: int = 20
+    modulus_bits: int = 32
+    max_weight: float = 0.0
+    stage_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.shares <= 0 or (self.shares > 1 and self.shares != int(self.shares)):
+            raise ValueError(f"secure_aggregation.shares={self.shares}: use a count > 1 or a "
+                             "fraction in (0, 1]")
+        if self.threshold <= 0 or (self.threshold > 1 and self.threshold != int(self.threshold)):
+            raise ValueError(f"secure_aggregation.threshold={self.threshold}: use a count > 1 "
+                             "or a fraction in (0, 1]")
+        if self.clipping_range <= 0:
+            raise ValueError("secure_aggregation.clipping_range must be > 0")
+        if not 2 <= self.quantization_bits < self.modulus_bits <= 32:
+            raise ValueError(
+                f"secure_aggregation: need 2 <= quantization_bits ({self.quantization_bits}) "
+                f"< modulus_bits ({self.modulus_bits}) <= 32")
+        if self.max_weight < 0:
+            raise ValueError("secure_aggregation.max_weight must be >= 0 (0: automatic)")
+
+    def share_count(self, hospitals: int) -> int:
+        """Shares per secret (the hospital and its neighbours) among ``hospitals``."""
+        count = (math.ceil(self.shares * hospitals) if self.shares <= 1 else int(self.shares))
+        count = max(2, min(count, hospitals))
+        if count < hospitals and count % 2 == 0:
+            count += 1  # the ring graph gives each hospital an even number of neighbours
+        return count
+
+    def threshold_count(self, hospitals: int) -> int:
+        """Shares needed to reconstruct a secret, among ``hospitals``."""
+        shares = self.share_count(hospitals)
+        count = (math.ceil(self.threshold * shares) if self.threshold <= 1
+                 else int(self.threshold))
+        return max(count, shares // 2 + 1)
+
+    def check(self, hospitals: int) -> None:
+        """Refuse settings that cannot protect or cannot fit ``hospitals`` hospitals.
+
+        Raises:
+            SecAggError: too few hospitals, a threshold above the shares, or a sum that
+                overflows the modulus.
+        """
+        if hospitals < 2:
+            raise SecAggError(f"secure aggregation needs at least 2 hospitals, got {hospitals}")
+        shares, threshold = self.share_count(hospitals), self.threshold_count(hospitals)
+        if threshold > shares:
+            raise SecAggError(f"secure_aggregation.threshold={self.threshold} asks for "
+                              f"{threshold} shares, but each secret has only {shares}")
+        levels = 2**self.quantization_bits - 1
+        if hospitals * levels >= 2**self.modulus_bits:
+            raise SecAggError(
+                f"{hospitals} hospitals x {levels} quantisation levels overflow the modulus "
+                f"2**{self.modulus_bits}: lower secure_aggregation.quantization_bits")

@@ -1,0 +1,272 @@
+"""Secure aggregation (SecAgg+) on the message API: the sum is right, nobody's update is seen.
+
+Protocol tests drive the real hospital handler (``client.secure_aggregation``) and the real
+coordinator (``server.secure_aggregation``) through an in-process Grid, with hospitals whose
+"training" returns known updates, so the aggregate can be checked exactly. The last tests run
+real hospitals (real PneumoniaMNIST, real LoRA training) through the whole round loop.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.secure_aggregation import handle_secagg
+from privacy.secagg import SecAggConfig, SecAggError
+from privacy.secagg.config import ACTION
+from privacy.secagg.encoding import dequantize_sum, quantize
+from privacy.secagg.graph import neighbour_graph
+from privacy.secagg.wire import RECORD
+from server.secure_aggregation import SecureAggregationGrid, secure_grid
+from simulations.inprocess import InProcessGrid
+
+# Flower node ids are unsigned 64-bit: use ids above 2**63 to exercise their encoding.
+NODES = [2**63 + 11 * k + 3 for k in range(5)]
+SHAPES = {"body.lora_A.weight": (8, 400), "body.lora_B.weight": (240, 8), "head.weight": (2, 240)}
+
+
+def _global() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return {k: rng.normal(0, 0.1, s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def _updates(nodes: list[int]) -> dict[int, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(2)
+    return {n: {k: rng.normal(0, 0.02, s) for k, s in SHAPES.items()} for n in nodes}
+
+
+class Hospitals:
+    """Hospitals whose training adds a known update; each may misbehave at one stage."""
+
+    def __init__(self, nodes: list[int], weights: dict[int, float] | None = None) -> None:
+        self.updates = _updates(nodes)
+        self.weights = weights or {n: 50.0 + 30 * i for i, n in enumerate(nodes)}
+        self.fail_at: dict[int, str] = {}
+        self.tamper: dict[int, str] = {}
+
+    def train(self, msg: Message, context: Context) -> Message:
+        arrays = msg.content.array_records["arrays"]
+        update = self.updates[context.node_id]
+        new = ArrayRecord({k: Array((arrays[k].numpy() + update[k]).astype(np.float32))
+                           for k in arrays})
+        metrics = MetricRecord({"num-examples": self.weights[context.node_id],
+                                "train-loss": 0.5})
+        return Message(RecordDict({"arrays": new, "metrics": metrics}), reply_to=msg)
+
+    def app(self) -> ClientApp:
+        app = ClientApp()
+
+        @app.train(ACTION)
+        def secagg(msg: Message, context: Context) -> Message:
+            stage = str(msg.content.config_records[RECORD]["stage"])
+            if self.fail_at.get(context.node_id) == stage:
+                raise ConnectionError("hospital went offline")
+            reply = handle_secagg(msg, context, self.train,
+                                  lambda m, c, key: self.weights[c.node_id])
+            return _tampered(reply, self.tamper.get(context.node_id), stage)
+
+        return app
+
+
+def _tampered(reply: Message, how: str | None, stage: str) -> Message:
+    if how == "garbage-shares" and stage == "share":
+        record = reply.content.config_records[RECORD]
+        record["ciphertexts"] = [bytes(len(c)) for c in record["ciphertexts"]]
+    if how == "wrong-recipients" and stage == "share":
+        record = reply.content.config_records[RECORD]
+        record["destinations"] = record["destinations"][:-1]
+    if how == "short-vector" and stage == "mask":
+        vector = reply.content.array_records["masked"]["vector"].numpy()
+        reply.content.array_records["masked"]["vector"] = Array(vector[:-3].copy())
+    return reply
+
+
+class RecordingGrid(InProcessGrid):
+    """Keeps every array the coordinator side receives."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.received: list[np.ndarray] = []
+
+    def pull_messages(self, message_ids):
+        replies = super().pull_messages(message_ids)
+        for reply in replies:
+            if reply.has_content():
+                for record in reply.content.array_records.values():
+                    self.received.extend(a.numpy() for a in record.values())
+        return replies
+
+
+def _round(hospitals: Hospitals, nodes: list[int], config: SecAggConfig | None = None,
+           grid_cls=InProcessGrid):
+    inner = grid_cls(hospitals.app(), {n: {} for n in nodes})
+    grid = SecureAggregationGrid(inner, config or SecAggConfig(enabled=True))
+    arrays = ArrayRecord({k: Array(v) for k, v in _global().items()})
+    train_config = ConfigRecord({"server-round": 1, "seed": 0})
+    messages = [Message(RecordDict({"arrays": arrays, "config": train_config}), dst_node_id=n,
+                        message_type="train") for n in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=30))
+    return replies, grid.reports[-1], inner
+
+
+def _aggregate(replies: list[Message]) -> dict[str, np.ndarray]:
+    arrays = [r.content.array_records["arrays"] for r in replies if r.has_content()]
+    first = {k: a.numpy() for k, a in arrays[0].items()}
+    for other in arrays[1:]:  # every survivor's reply carries the same aggregate
+        assert all(np.array_equal(first[k], other[k].numpy()) for k in first)
+    return first
+
+
+def _plain_mean(hospitals: Hospitals, nodes: list[int]) -> dict[str, np.ndarray]:
+    total = sum(hospitals.weights[n] for n in nodes)
+    g = _global()
+    return {k: g[k] + sum(hospitals.weights[n] * hospitals.updates[n][k] for n in nodes) / total
+            for k in g}
+
+
+def _assert_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    # float32 storage (~1e-8 here) plus quantisation (step 2/(2**20 - 1) ~ 1.9e-6 per hospital).
+    for key in want:
+        assert np.max(np.abs(got[key] - want[key])) < 2e-5, key
+
+
+def test_secure_sum_equals_plain_weighted_mean():
+    hospitals = Hospitals(NODES)
+    replies, report, _ = _round(hospitals, NODES)
+    assert sorted(report.survivors) == NODES and not report.excluded
+    _assert_close(_aggregate(replies), _plain_mean(hospitals, NODES))
+    # Each reply keeps its hospital's plain metrics and what it sent over all stages.
+    for reply in replies:
+        metrics = reply.content.metric_records["metrics"]
+        assert metrics["num-examples"] == hospitals.weights[reply.metadata.src_node_id]
+        assert metrics["secagg-upload-bytes"] > 4 * sum(np.prod(s) for s in SHAPES.values())
+
+
+def test_coordinator_never_holds_an_individual_update():
+    hospitals = Hospitals(NODES)
+    _, _, grid = _round(hospitals, NODES, grid_cls=RecordingGrid)
+    assert grid.received, "the coordinator received no arrays at all"
+    updates = [np.concatenate([u[k].ravel() for k in sorted(u)]) for u in
+               hospitals.updates.values()]
+    bound = 5 / np.sqrt(updates[0].size)  # 5 standard errors of an independent pair's corr
+    for update in updates:  # the check can see an unmasked update
+        codes, _ = quantize(update, 1.0, 20, np.random.default_rng(0))
+        assert np.corrcoef(codes.astype(np.float64), update)[0, 1] > 0.99
+    for array in grid.received:
+        values = array.astype(np.float64).ravel()
+        assert array.dtype == np.uint32  # only masked vectors arrive
+        for update in updates:
+            assert values.size == update.size
+            assert abs(np.corrcoef(values, update)[0, 1]) < bound
+            codes, _ = quantize(update, 1.0, 20, np.random.default_rng(0))
+            assert not np.array_equal(array, codes)
+
+
+@pytest.mark.parametrize("stage", ["share", "mask"])
+def test_hospital_dropping_after_sharing_keys_is_left_out(stage):
+    """'share': gone before sending shares; 'mask': shared keys, never sent its input."""
+    hospitals = Hospitals(NODES)
+    hospitals.fail_at[NODES[2]] = stage
+    replies, report, _ = _round(hospitals, NODES)
+    survivors = [n for n in NODES if n != NODES[2]]
+    assert sorted(report.survivors) == survivors and NODES[2] in report.excluded
+    _assert_close(_aggregate(replies), _plain_mean(hospitals, survivors))
+    failed = [r for r in replies if r.has_error()]
+    assert [r.metadata.src_node_id for r in failed] == [NODES[2]]
+    assert "offline" in failed[0].error.reason
+
+
+def test_hospital_dropping_after_its_masked_input_stays_in_the_sum():
+    hospitals = Hospitals(NODES)
+    hospitals.fail_at[NODES[0]] = "unmask"
+    replies, report, _ = _round(hospitals, NODES)
+    assert sorted(report.survivors) == NODES
+    _assert_close(_aggregate(replies), _plain_mean(hospitals, NODES))
+
+
+def test_sparse_neighbour_graph_with_dropout():
+    nodes = [100 + k for k in range(9)]
+    config = SecAggConfig(enabled=True, shares=5, threshold=3)
+    graph = neighbour_graph(nodes, config.share_count(9), seed=1)
+    assert all(len(v) == 4 for v in graph.values())  # SecAgg+: not everyone's neighbour
+    hospitals = Hospitals(nodes)
+    hospitals.fail_at[nodes[4]] = "mask"
+    replies, report, _ = _round(hospitals, nodes, config)
+    survivors = [n for n in nodes if n != nodes[4]]
+    _assert_close(_aggregate(replies), _plain_mean(hospitals, survivors))
+
+
+def test_too_few_hospitals_fail_the_round_cleanly():
+    hospitals = Hospitals(NODES)
+    for node in NODES[:3]:
+        hospitals.fail_at[node] = "mask"
+    replies, report, _ = _round(hospitals, NODES)
+    assert not report.survivors
+    assert all(r.has_error() for r in replies) and len(replies) == len(NODES)
+    assert any("threshold" in r.error.reason for r in replies)
+
+
+@pytest.mark.parametrize("how", ["garbage-shares", "wrong-recipients", "short-vector"])
+def test_tampering_hospital_is_excluded_with_a_reason(how):
+    hospitals = Hospitals(NODES)
+    hospitals.tamper[NODES[1]] = how
+    replies, report, _ = _round(hospitals, NODES)
+    survivors = [n for n in NODES if n != NODES[1]]
+    assert sorted(report.survivors) == survivors
+    reason = report.excluded[NODES[1]]
+    assert {"garbage-shares": "decrypt", "wrong-recipients": "malformed shares",
+            "short-vector": "expected uint32"}[how] in reason
+    _assert_close(_aggregate(replies), _plain_mean(hospitals, survivors))
+
+
+def test_hospital_refuses_to_reveal_both_shares_of_one_hospital():
+    hospitals = Hospitals(NODES[:3])
+    app = hospitals.app()
+    grid = InProcessGrid(app, {n: {} for n in NODES[:3]})
+    node = NODES[0]
+    context = grid.contexts[node]
+    context.state["secagg-state"] = ConfigRecord({"round": 1, "node": str(node), "threshold": 2,
+                                                  "held-from": [], "held-seed": [],
+                                                  "held-key": [], "own-seed-share": b"",
+                                                  "own-key-share": b""})
+    request = Message(RecordDict({RECORD: ConfigRecord({
+        "stage": "unmask", "round": 1, "dropped": [str(NODES[1])],
+        "survivors": [str(NODES[1]), str(node)]})}), dst_node_id=node,
+        message_type=f"train.{ACTION}")
+    (reply,) = grid.send_and_receive([request])
+    assert reply.has_error() and "both shares" in reply.error.reason
+
+
+def test_quantisation_is_unbiased_and_within_a_step():
+    rng = np.random.default_rng(0)
+    values = rng.normal(0, 0.3, 20_000)
+    codes, clipped = quantize(values, 1.0, 12, rng)
+    assert clipped == int(np.sum(np.abs(values) > 1.0))
+    decoded = dequantize_sum(codes.astype(np.int64), 1, 1.0, 12)
+    step = 2.0 / (2**12 - 1)
+    inside = np.abs(values) <= 1.0
+    assert np.max(np.abs(decoded - values)[inside]) <= step
+    assert abs(np.mean((decoded - values)[inside])) < step / 20
+
+
+def test_settings_that_cannot_protect_are_refused():
+    with pytest.raises(SecAggError, match="overflow"):
+        SecAggConfig(quantization_bits=30).check(8)
+    with pytest.raises(SecAggError, match="at least 2"):
+        SecAggConfig().check(1)
+    assert SecAggConfig(threshold=0.1).threshold_count(5) == 3  # always a majority of shares
+    with pytest.raises(ValueError, match="modulus_bits"):
+        SecAggConfig(quantization_bits=20, modulus_bits=40)
+
+
+def test_strategies_needing_individual_updates_are_refused():
+    from server.config import FederationConfig
+    from strategies import build_strategy
+
+    with pytest.raises(ValueError, match="cannot run under secure aggregation"):
+        FederationConfig(strategy="median", secure_aggregation=SecAggConfig(enabled=True))
+    FederationConfig(strategy="fedadam", secure_aggregation=SecAggConfig(enabled=True))
+    with pytest.raises(SecAggError, match="needs each hospital's update"):
+        secure_grid(None, SecAggConfig(enabled=True), build_strategy("trimmed-mean"))
