@@ -8,6 +8,7 @@ the site's validation split, metrics only.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from flwr.app import (
     ConfigRecord,
@@ -19,7 +20,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from client.audit import audit_reply
+from client.audit import audit_reply, failure_reply
 from client.exchange import hospital_model_config, receive_adapter, send_adapter
 from client.model_cache import lora_model_for
 from client.privacy_round import (  # issue 4: DP-SGD, update DP, site policy and ledger
@@ -34,7 +35,7 @@ from client.secure_aggregation import handle_secagg
 from client.site import SiteLoader, load_site_from_node_config
 from models.config import ModelConfig, TrainConfig, from_config_record, round_lr
 from models.metrics import evaluate
-from privacy.config import dp_config_from_record
+from privacy.config import DPConfig, dp_config_from_record
 from privacy.secagg.config import ACTION as SECAGG_ACTION
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,15 @@ def _prepare(msg: Message, context: Context, load_site: SiteLoader):
     # Issue 7: the round's adapter-exchange mode (FFA-LoRA freezes A, FedSA-LoRA adds own B).
     receive_adapter(model, msg.content["arrays"], config, context)
     return model, config, load_site(context, model_config.image_size)
+
+
+def _round_dp(msg: Message) -> DPConfig:
+    """The round's DP settings; ``update_secure_sum`` only counts in a securely aggregated
+    round, where the hospital's own secure-aggregation handler set it."""
+    dp = dp_config_from_record(msg.content["config"])
+    if msg.metadata.message_type != f"train.{SECAGG_ACTION}" and dp.update_secure_sum:
+        dp = replace(dp, update_secure_sum=0)
+    return dp
 
 
 def handle_train(
@@ -75,7 +85,7 @@ def handle_train(
     # Issue 4: plain train_local unless the run asks for DP or the site has a privacy policy.
     try:
         loss, dp_metrics = train_round(
-            model, site.train, train_config, dp_config_from_record(config), load_privacy(context),
+            model, site.train, train_config, _round_dp(msg), load_privacy(context),
             context, server_round, seed, lr=round_lr(train_config, server_round),
             data_fingerprint=str(site.info.get("fingerprint", "")),
         )
@@ -131,7 +141,10 @@ def build_client_app(
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        reply = train_plain(msg, context)
+        try:
+            reply = train_plain(msg, context)
+        except Exception as err:  # issue 6: a local failure is answered and audited
+            reply = failure_reply(msg, err)
         audit_reply(msg, reply, context)  # egress audit log (node config 'audit-log')
         return reply
 
@@ -150,7 +163,10 @@ def build_client_app(
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        reply = refuse_run(msg, context) or handle_evaluate(msg, context, load_site)
+        try:
+            reply = refuse_run(msg, context) or handle_evaluate(msg, context, load_site)
+        except Exception as err:  # issue 6: a local failure is answered and audited
+            reply = failure_reply(msg, err)
         audit_reply(msg, reply, context)  # issue 6: egress audit log
         return reply
 

@@ -150,7 +150,7 @@ def _mask(msg: Message, request: ConfigRecord, context: Context, train: TrainHan
     state["held-from"], state["held-seed"], state["held-key"] = (
         ids_out(held_from), held_seed, held_key)
 
-    reply = train(_train_message(msg), context)
+    reply = train(_train_message(msg, state), context)
     if reply.has_error():
         return Message(Error(code=reply.error.code, reason=reply.error.reason), reply_to=msg)
 
@@ -194,14 +194,17 @@ def _mask(msg: Message, request: ConfigRecord, context: Context, train: TrainHan
     return Message(content, reply_to=msg)
 
 
-def _train_message(msg: Message) -> Message:
+def _train_message(msg: Message, state: ConfigRecord) -> Message:
     """The plain ``train`` message inside a masked-input request (same metadata)."""
     from flwr.app.message.message import make_message
 
+    config = ConfigRecord(dict(msg.content.config_records["config"]))
+    if "update-clip-norm" in config:
+        # Client-level DP: the ledger charges the noise of the smallest sum this hospital will
+        # let the coordinator unmask - its own threshold, not a number the coordinator sent.
+        config["update-secure-sum"] = int(state["threshold"])
     return make_message(msg.metadata, RecordDict({
-        "arrays": msg.content.array_records["arrays"],
-        "config": msg.content.config_records["config"],
-    }))
+        "arrays": msg.content.array_records["arrays"], "config": config}))
 
 
 def _unmask(request: ConfigRecord, context: Context) -> ConfigRecord:

@@ -28,8 +28,13 @@ class DPConfig:
         dp_delta: the delta epsilon is stated for (per example).
         dp_max_grad_norm: per-example gradient L2 clipping bound.
         dp_accountant: ``rdp`` (Renyi DP) or ``prv`` (privacy random variables, tighter).
-        dp_grad_sample_mode: opacus per-example gradient engine: ``hooks``, ``functorch`` or
-            ``ghost`` (fast gradient clipping: norms without materialised per-example grads).
+        dp_grad_sample_mode: opacus per-example gradient engine: ``functorch`` (default: the
+            only one whose clipped gradients match a per-example loop on the default backbone's
+            peft Conv LoRA, see ``tests/test_privacy.py``), ``hooks`` or ``ghost`` (fast gradient
+            clipping; opacus 1.6 has no ghost norm for Conv2d). Measured on EfficientNet-Lite0
+            with LoRA: ``hooks`` gets ``lora_B``'s per-example gradients wrong (about 100%
+            relative error), ``ghost`` the clipped sum by about 5%, so their clipping does not
+            bound what the accountant assumes.
         dp_run_rounds: rounds the run plans; the coordinator fills it in, so a hospital can spread
             ``dp_target_epsilon`` over the run.
         update_clip_norm: client-level DP: L2 bound on each hospital's adapter update (new -
@@ -38,6 +43,10 @@ class DPConfig:
             ``update_clip_norm``; each hospital adds its share (see ``privacy.update_dp``).
         update_hospitals: hospitals whose noise shares make up the sum (the number sampled per
             round); 0: the coordinator fills it in.
+        update_secure_sum: set by the *hospital* in a securely aggregated round: its
+            reconstruction threshold, the fewest hospitals' updates in any sum the coordinator
+            can unmask (the hospital refuses to unmask fewer). 0: the coordinator sees each
+            update. Never taken from the coordinator (see ``client.app.handle_train``).
     """
 
     dpsgd: bool = False
@@ -46,11 +55,12 @@ class DPConfig:
     dp_delta: float = 1e-5
     dp_max_grad_norm: float = 1.0
     dp_accountant: str = "rdp"
-    dp_grad_sample_mode: str = "hooks"
+    dp_grad_sample_mode: str = "functorch"
     dp_run_rounds: int = 0
     update_clip_norm: float = 0.0
     update_noise_multiplier: float = 0.0
     update_hospitals: int = 0
+    update_secure_sum: int = 0
 
     def __post_init__(self) -> None:
         self.validate()

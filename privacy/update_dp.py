@@ -13,9 +13,10 @@ coordinator with raw clipped updates and cannot run under secure aggregation; it
 global NumPy RNG (not replayable), and it only warns when fewer hospitals reply than were sampled.
 
 Limits (stated, not hidden):
-- Until secure aggregation is in place the coordinator sees each update with only its own share
-  ``z / sqrt(n)`` of noise. The ledger charges that share (see :func:`charge_noise_multiplier`),
-  which is what protects a hospital against the coordinator today.
+- Without secure aggregation the coordinator sees each update with only its own share
+  ``z / sqrt(n)`` of noise, and the ledger charges that share. Under secure aggregation it
+  charges ``z * sqrt(m / n)``, ``m`` the reconstruction threshold the hospital enforces (see
+  :func:`charge_noise_multiplier`).
 - If fewer than ``n`` hospitals reply (refusals, failures), the sum carries less noise
   (``z * sqrt(m / n)``); the guarantee on the sum holds only with all ``n`` shares.
 - Accounting is per hospital, with sampling rate 1: a hospital cannot verify the coordinator's
@@ -69,16 +70,24 @@ def clip_and_noise(
     return out
 
 
-def charge_noise_multiplier(noise_multiplier: float, hospitals: int) -> float:
+def charge_noise_multiplier(noise_multiplier: float, hospitals: int,
+                            secure_sum: int = 0) -> float:
     """The noise multiplier that protects one hospital's update as the coordinator sees it.
 
-    Without secure aggregation that is the hospital's own share, ``z / sqrt(n)``.
+    Without secure aggregation that is the hospital's own share, ``z / sqrt(n)``. Under secure
+    aggregation the coordinator only decodes sums of at least ``m = secure_sum`` updates, each
+    carrying its share of noise, so one hospital's update is covered by ``z * sqrt(m / n)``
+    (assuming the other hospitals in the sum do not collude with the coordinator).
     """
+    if secure_sum > 0:
+        return noise_multiplier * math.sqrt(min(secure_sum, hospitals) / hospitals)
     return noise_multiplier / math.sqrt(hospitals)
 
 
-def update_charge(clip_norm: float, noise_multiplier: float, hospitals: int) -> Charge:
+def update_charge(clip_norm: float, noise_multiplier: float, hospitals: int,
+                  secure_sum: int = 0) -> Charge:
     """The ledger charge of one round of client-level DP (one release, sampling rate 1)."""
-    return Charge(mechanism="client-gaussian",
-                  noise_multiplier=charge_noise_multiplier(noise_multiplier, hospitals),
+    return Charge(mechanism="client-gaussian-secagg" if secure_sum else "client-gaussian",
+                  noise_multiplier=charge_noise_multiplier(noise_multiplier, hospitals,
+                                                           secure_sum),
                   sample_rate=1.0, steps=1, clip_norm=clip_norm)
