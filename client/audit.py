@@ -26,14 +26,32 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
+
+logger = logging.getLogger(__name__)
 
 AUDIT_LOG_KEY = "audit-log"
 """Node-config key with the audit log's path."""
+LOCAL_FAILURE_CODE = 500
+"""Flower error code of a reply whose local work raised (see :func:`failure_reply`)."""
+
+
+def failure_reply(request: Message, err: Exception) -> Message:
+    """The error reply to ``request`` when the hospital's local work raised ``err``.
+
+    The hospital answers (instead of letting the exception end its ClientApp) so that the
+    failure reaches the coordinator's records and, through :func:`audit_reply`, the egress
+    audit log as an error entry; the reason is the exception's type and message (no
+    traceback, no tensors). The traceback stays in the hospital's own log.
+    """
+    logger.exception("local %s failed", request.metadata.message_type)
+    reason = f"{type(err).__name__}: {err}"[:1000]
+    return Message(Error(code=LOCAL_FAILURE_CODE, reason=reason), reply_to=request)
 
 
 def payload_sha256(message: Message) -> str:

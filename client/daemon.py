@@ -38,7 +38,8 @@ def supernode_command(folder: Path, insecure: bool = False) -> list[str]:
                                 "-e .) in the environment that runs the hospital daemon")
     node_config_file = folder / NODE_CONFIG_FILE
     node_config_file.write_text(tomli_w.dumps(node_config(folder, config)))
-    argv = [exe, "--superlink", config.superlink, "--node-config", str(node_config_file)]
+    argv = [exe, "--superlink", config.superlink, "--node-config", str(node_config_file),
+            "--port", str(config.runtime_port)]
     if insecure:
         logger.warning("hospital %s: plaintext (--insecure) and no node authentication: for "
                        "loopback tests only, never with patient data", config.name)

@@ -57,7 +57,12 @@ class HospitalConfig:
         ca_cert: the consortium CA certificate (trust anchor for TLS).
         node_key, node_pub: the node-authentication key pair.
         manifest: the CSV data manifest (``""`` until the hospital sets it).
-        privacy_policy, run_policy, privacy_ledger, audit_log: the hospital's own files.
+        data_npz: MedMNIST-format arrays instead of a manifest (``train_*``/``val_*``; tests,
+            benchmarks and demos); ``""``: none.
+        privacy_policy, run_policy, privacy_ledger, audit_log: the hospital's own files
+            (``privacy_policy = ""``: no privacy policy, then rounds need not be private).
+        runtime_port: the SuperNode's local Runtime API port (127.0.0.1), where its ClientApp
+            processes fetch their messages; change it when several SuperNodes share a machine.
     """
 
     name: str
@@ -66,10 +71,12 @@ class HospitalConfig:
     node_key: str = "node.key"
     node_pub: str = "node.pub"
     manifest: str = ""
+    data_npz: str = ""
     privacy_policy: str = "privacy-policy.toml"
     run_policy: str = "run-policy.toml"
     privacy_ledger: str = "privacy-ledger.sqlite"
     audit_log: str = "egress-audit.jsonl"
+    runtime_port: int = 9094
 
 
 def init_site_folder(folder: Path, name: str, superlink: str = "localhost:8000",
@@ -112,14 +119,18 @@ def load_hospital_config(folder: Path) -> HospitalConfig:
 
 def node_config(folder: Path, config: HospitalConfig) -> dict[str, str]:
     """The ClientApp's node-config keys, with absolute paths (the daemon's working directory
-    is not the site folder). ``manifest`` is left out while unset."""
+    is not the site folder). ``manifest``, ``data-npz`` and ``privacy-policy`` are left out
+    while unset."""
     folder = Path(folder).resolve()
     values = {
-        "privacy-policy": str(folder / config.privacy_policy),
         "run-policy": str(folder / config.run_policy),
         "privacy-ledger": str(folder / config.privacy_ledger),
         "audit-log": str(folder / config.audit_log),
     }
+    if config.privacy_policy:
+        values["privacy-policy"] = str(folder / config.privacy_policy)
     if config.manifest:
         values["manifest"] = str(folder / config.manifest)
+    if config.data_npz:
+        values["data-npz"] = str(folder / config.data_npz)
     return values

@@ -303,7 +303,7 @@ def cmd_hospital_start(args: argparse.Namespace) -> int:
     except (SiteFolderError, FileNotFoundError) as err:
         console.print(f"[red]error:[/] {err}")
         return 1
-    return _exec_daemon(argv, args.print_command)
+    return _exec_daemon(argv, args.print_command, args.dir.resolve() / "flwr-home")
 
 
 def cmd_coordinator_register(args: argparse.Namespace) -> int:
@@ -481,6 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="plaintext, no authentication: loopback tests only")
     c_start.add_argument("--print-command", action="store_true",
                          help="print the flower-superlink command instead of running it")
+    c_start.add_argument("--study", type=Path,
+                         help="run this study (TOML: [model], [train], [federation], [privacy], "
+                              "[data] for the test set) on the enrolled hospitals, then stop; "
+                              "the same command after a crash resumes the run")
+    c_start.add_argument("--run-dir", type=Path,
+                         help="the run's records (default: DIR/runs/<study file stem>)")
     c_start.set_defaults(func=cmd_coordinator_start)
     c_register = coordinator_sub.add_parser(
         "register", help="sync the running SuperLink's registry with the enrolment list "

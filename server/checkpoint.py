@@ -11,8 +11,11 @@ round: Flower's ``Strategy.start`` always counts rounds from 1, so :class:`Round
 the round numbers the strategy, the hospitals (``server-round`` in the round's config, which
 sets their seeds and learning rate) and the records see.
 
-Not in the checkpoint yet: a server optimiser's state (FedAdam/FedYogi moments); resuming those
-strategies restarts their moments (logged as a warning).
+A server optimiser's state is in the checkpoint too: Flower's FedOpt family (FedAdam, FedYogi,
+FedAdagrad) keeps its first and second moments ``m_t`` and ``v_t`` (adapter tensor name ->
+array) in memory; they are saved as ``__strategy.m_t/<name>`` and ``__strategy.v_t/<name>``
+tensors and put back on the resumed strategy, so a resumed FedAdam run steps exactly as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import logging
 import os
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,9 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.safetensors"
 _RNG_TORCH = "__rng.torch"
 _RNG_NUMPY = "__rng.numpy"
+_STRATEGY = "__strategy."
+_STRATEGY_STATE = ("m_t", "v_t")
+"""Strategy attributes saved: FedOpt's moments (dicts of name -> array, or None)."""
 
 
 class CheckpointError(RuntimeError):
@@ -54,12 +60,50 @@ class Checkpoint:
         arrays: the global adapter after that round, name -> tensor.
         settings_fingerprint: sha256 of the run's settings (see :func:`settings_fingerprint`).
         rows: the run records' rows so far (``RunRecords.rows`` values).
+        strategy_state: the strategy's saved state, ``"m_t/<name>"`` -> tensor (empty for
+            strategies without one); see :func:`strategy_state`.
     """
 
     server_round: int
     arrays: dict[str, torch.Tensor]
     settings_fingerprint: str
     rows: list[dict[str, Any]]
+    strategy_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _unwrap(strategy: Any) -> Any:
+    while isinstance(strategy, RoundOffset):
+        strategy = strategy.inner
+    return strategy
+
+
+def strategy_state(strategy: Any) -> dict[str, torch.Tensor]:
+    """The strategy's optimiser state as ``"m_t/<name>"``/``"v_t/<name>"`` -> tensor (FedOpt's
+    moments; empty for strategies without them or before their first aggregation)."""
+    strategy = _unwrap(strategy)
+    state = {}
+    for attr in _STRATEGY_STATE:
+        for name, value in (getattr(strategy, attr, None) or {}).items():
+            state[f"{attr}/{name}"] = torch.from_numpy(np.array(value, copy=True))
+    return state
+
+
+def restore_strategy_state(strategy: Any, state: dict[str, torch.Tensor]) -> None:
+    """Put :func:`strategy_state`'s output back on ``strategy``.
+
+    Raises:
+        CheckpointError: the state has moments the strategy does not keep.
+    """
+    strategy = _unwrap(strategy)
+    values: dict[str, dict[str, np.ndarray]] = {}
+    for key, tensor in state.items():
+        attr, _, name = key.partition("/")
+        if attr not in _STRATEGY_STATE or not hasattr(strategy, attr):
+            raise CheckpointError(f"the checkpoint holds strategy state '{attr}' that "
+                                  f"{type(strategy).__name__} does not keep")
+        values.setdefault(attr, {})[name] = tensor.numpy()
+    for attr, arrays in values.items():
+        setattr(strategy, attr, arrays)
 
 
 def settings_fingerprint(*settings: Any) -> str:
@@ -68,11 +112,15 @@ def settings_fingerprint(*settings: Any) -> str:
 
 
 def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, fingerprint: str,
-                    rows: Iterable[dict[str, Any]]) -> Path:
-    """Write the checkpoint after ``server_round`` atomically, with the current RNG states."""
+                    rows: Iterable[dict[str, Any]], strategy: Any = None) -> Path:
+    """Write the checkpoint after ``server_round`` atomically, with the current RNG states and
+    ``strategy``'s optimiser state (see :func:`strategy_state`)."""
     path = Path(run_dir) / CHECKPOINT_FILE
     tensors = {name: t.detach().cpu().contiguous()
                for name, t in arrays.to_torch_state_dict().items()}
+    if strategy is not None:
+        tensors |= {_STRATEGY + key: t.contiguous()
+                    for key, t in strategy_state(strategy).items()}
     np_state = np.random.get_state()
     tensors[_RNG_TORCH] = torch.get_rng_state()
     tensors[_RNG_NUMPY] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
@@ -118,20 +166,26 @@ def load_checkpoint(run_dir: Path, fingerprint: str) -> Checkpoint | None:
     np.random.set_state((np_name, tensors.pop(_RNG_NUMPY).numpy().astype(np.uint32),
                          int(pos), int(has_gauss), cached))
     torch.set_rng_state(tensors.pop(_RNG_TORCH))
+    state = {key[len(_STRATEGY):]: tensors.pop(key) for key in list(tensors)
+             if key.startswith(_STRATEGY)}
     return Checkpoint(server_round=int(metadata["server_round"]), arrays=tensors,
-                      settings_fingerprint=fingerprint, rows=json.loads(metadata["rows"]))
+                      settings_fingerprint=fingerprint, rows=json.loads(metadata["rows"]),
+                      strategy_state=state)
 
 
 class RoundOffset(Strategy):
     """``inner`` seen through rounds shifted by ``offset``: round 1 of a resumed ``start`` is
     round ``offset + 1`` for the strategy, the hospitals and the records."""
 
-    def __init__(self, inner: Strategy, offset: int) -> None:
+    def __init__(self, inner: Strategy, offset: int,
+                 state: dict[str, torch.Tensor] | None = None) -> None:
         self.inner = inner
         self.offset = offset
-        if hasattr(inner, "m_t"):  # Flower's FedOpt family keeps server moments in memory
-            logger.warning("resuming %s: its server optimiser moments are not checkpointed "
-                           "and restart from zero at round %d", type(inner).__name__, offset + 1)
+        if state:
+            restore_strategy_state(inner, state)
+        elif offset and getattr(inner, "m_t", None) is None and hasattr(inner, "m_t"):
+            logger.warning("resuming %s from a checkpoint without its server optimiser moments: "
+                           "they restart from zero at round %d", type(inner).__name__, offset + 1)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

@@ -14,7 +14,10 @@ import logging
 import os
 import re
 import shutil
+import socket
+import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +26,7 @@ import tomli_w
 from server.consortium import (
     CoordinatorConfig,
     check_consortium,
+    load_coordinator_config,
     load_enrolments,
     set_node_id,
 )
@@ -49,8 +53,10 @@ def superlink_command(folder: Path, insecure: bool = False,
     if exe is None:
         raise FileNotFoundError("flower-superlink is not on PATH: install flwr (pip install "
                                 "-e .) in the environment that runs the coordinator")
+    # Flower would otherwise 'uv sync' the app's dependencies at run start (a network install,
+    # and a CUDA torch): the ServerApp runs with the medfed installed here.
     argv = [exe, "--host", config.host, "--port", str(config.port),
-            "--database", str(folder / STATE_DB)]
+            "--database", str(folder / STATE_DB), "--disable-runtime-dependency-installation"]
     if insecure:
         logger.warning("coordinator: plaintext (--insecure) and no hospital authentication: "
                        "for loopback tests only, never with patient data")
@@ -68,20 +74,28 @@ def _flower_executable(name: str) -> str | None:
     return str(beside) if beside.is_file() else shutil.which(name)
 
 
-def flwr_cli_home(folder: Path, config: CoordinatorConfig | None = None) -> Path:
+def flwr_cli_home(folder: Path, config: CoordinatorConfig | None = None,
+                  insecure: bool = False) -> Path:
     """Write ``DIR/flwr-home/config.toml``: the ``flwr`` CLI's connection to this consortium's
-    SuperLink over TLS (run ``flwr`` with ``FLWR_HOME`` set to the returned folder)."""
+    SuperLink over TLS (run ``flwr`` with ``FLWR_HOME`` set to the returned folder). The
+    SuperLink keeps its Flower state (installed apps) there too, out of the user's home."""
     folder = Path(folder).resolve()
     config = config or check_consortium(folder)
     home = folder / "flwr-home"
     home.mkdir(exist_ok=True)
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    connection: dict[str, object] = {"address": f"{_local_host(config)}:{config.port}"}
+    if insecure:
+        connection["insecure"] = True
+    else:
+        connection["root-certificates"] = str(folder / config.ca_cert)
     (home / "config.toml").write_text(tomli_w.dumps({"superlink": {
-        "default": "consortium",
-        "consortium": {"address": f"{host}:{config.port}",
-                       "root-certificates": str(folder / config.ca_cert)},
-    }}))
+        "default": "consortium", "consortium": connection}}))
     return home
+
+
+def _local_host(config: CoordinatorConfig) -> str:
+    """Where this machine reaches its own SuperLink."""
+    return "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
 
 
 def sync_registry(folder: Path, run: Callable[[list[str], dict[str, str]], tuple[int, str]]
@@ -127,3 +141,92 @@ def registry_listing_command(folder: Path) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ, FLWR_HOME=str(flwr_cli_home(folder)))
     exe = _flower_executable("flwr") or "flwr"
     return [exe, "supernode", "ls", "consortium", "--format", "json"], env
+
+
+def _run_flwr(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    return done.returncode, done.stdout + done.stderr
+
+
+def daemon_env(flwr_home: Path, exe: str) -> dict[str, str]:
+    """The environment Flower's daemons run in: their state under ``flwr_home`` (not ``~``),
+    and the helpers they start by name (``flower-superexec``, ``flwr-serverapp``) found beside
+    them."""
+    return dict(os.environ, FLWR_HOME=str(flwr_home),
+                PATH=os.pathsep.join([str(Path(exe).parent), os.environ.get("PATH", "")]))
+
+
+def wait_listening(host: str, port: int, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Wait until ``host:port`` accepts connections.
+
+    Raises:
+        RuntimeError: ``proc`` exited first, or ``timeout_s`` passed.
+    """
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the SuperLink exited with code {proc.returncode} before "
+                               f"listening on {host}:{port}; see its log above")
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"the SuperLink did not listen on {host}:{port} within {timeout_s:g} s")
+
+
+def default_run_dir(folder: Path, study: Path) -> Path:
+    """``DIR/runs/<study file stem>``: fixed per study, so a restart resumes the same run."""
+    folder = Path(folder).resolve()
+    return folder / load_coordinator_config(folder).run_dir / Path(study).stem
+
+
+def submit_run(folder: Path, study: Path, run_dir: Path, insecure: bool = False) -> int:
+    """``flwr run`` the consortium's app on its running SuperLink with ``study``; stream the
+    run's logs here until it ends. Returns ``flwr run``'s exit code (the run's outcome is in
+    ``run_dir``: ``adapter/`` when it finished)."""
+    from server.flower_app import run_config_args, write_app_dir
+
+    folder = Path(folder).resolve()
+    app_dir = write_app_dir(folder)
+    env = dict(os.environ, FLWR_HOME=str(flwr_cli_home(folder, insecure=insecure)))
+    exe = _flower_executable("flwr") or "flwr"
+    argv = [exe, "run", str(app_dir), "consortium", *run_config_args(study, run_dir), "--stream"]
+    logger.info("submitting %s (records in %s)", study, run_dir)
+    return subprocess.run(argv, env=env, cwd=folder).returncode
+
+
+def run_coordinator(folder: Path, study: Path, run_dir: Path | None = None,
+                    insecure: bool = False, startup_timeout_s: float = 120.0) -> int:
+    """``medfed coordinator start DIR --study FILE``: start the SuperLink, register the enrolled
+    hospitals, run the study to its end, stop the SuperLink.
+
+    Started again after a crash with the same study and run directory, the run resumes after
+    its last checkpointed round. Returns 0 when the run finished (its final adapter written).
+    """
+    folder = Path(folder).resolve()
+    config = check_consortium(folder)
+    run_dir = Path(run_dir).resolve() if run_dir else default_run_dir(folder, study)
+    argv = superlink_command(folder, insecure, config)
+    link = subprocess.Popen(argv, env=daemon_env(flwr_cli_home(folder, config, insecure),
+                                                 argv[0]))
+    try:
+        wait_listening(_local_host(config), config.port, link, startup_timeout_s)
+        if not insecure:
+            for line in sync_registry(folder, _run_flwr):
+                (logger.error if line.startswith("error:") else logger.info)(line)
+        submit_run(folder, study, run_dir, insecure)
+    finally:
+        link.terminate()
+        try:
+            link.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            link.kill()
+            link.wait()
+    from server.checkpoint import CHECKPOINT_FILE
+
+    finished = (run_dir / "adapter").is_dir() and not (run_dir / CHECKPOINT_FILE).exists()
+    (logger.info if finished else logger.error)(
+        "run %s: %s", run_dir, "finished" if finished else "did not finish; run the same "
+        "command again to resume from its last completed round")
+    return 0 if finished else 1

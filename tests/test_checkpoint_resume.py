@@ -33,19 +33,23 @@ def test_set(pneumonia_small):
     return pneumonia_small.splits["test"].subset(np.arange(48))
 
 
-def _run(run_dir, sites, test_set, model_config, on_round=None):
+def _run(run_dir, sites, test_set, model_config, on_round=None, strategy="fedavg"):
     app = build_client_app(lambda context, size: sites[int(context.node_config["partition-id"])])
     grid = LoopbackGrid(app, [{"partition-id": 0}, {"partition-id": 1}])
     with server_identity():
         return run_federation(
-            grid, FederationConfig(rounds=2, min_hospitals=2, round_timeout_s=60),
+            grid, FederationConfig(rounds=2, min_hospitals=2, round_timeout_s=60,
+                                   strategy=strategy),
             model_config, TrainConfig(batch_size=16, local_steps=3, lr=3e-3, lr_decay=0.5, seed=3),
             test_set, RunRecords(run_dir), on_round=on_round)
 
 
+# fedadam: the server optimiser's moments (Flower's FedOpt m_t, v_t) are in the checkpoint.
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
 def test_killed_after_round_one_resumes_to_the_same_adapter(tmp_path, sites, test_set,
-                                                            small_model_config):
-    whole = adapter_state(_run(tmp_path / "whole", sites, test_set, small_model_config).model)
+                                                            small_model_config, strategy):
+    whole = adapter_state(_run(tmp_path / "whole", sites, test_set, small_model_config,
+                               strategy=strategy).model)
     assert not (tmp_path / "whole" / CHECKPOINT_FILE).exists()  # a finished run keeps none
 
     def kill_after_round_one(server_round, metrics):
@@ -53,13 +57,17 @@ def test_killed_after_round_one_resumes_to_the_same_adapter(tmp_path, sites, tes
             raise Crash()
 
     with pytest.raises(Crash):
-        _run(tmp_path / "crashed", sites, test_set, small_model_config, kill_after_round_one)
+        _run(tmp_path / "crashed", sites, test_set, small_model_config, kill_after_round_one,
+             strategy)
     assert (tmp_path / "crashed" / CHECKPOINT_FILE).exists()
+    if strategy == "fedadam":
+        state = load_checkpoint(tmp_path / "crashed", _fingerprint_of(tmp_path / "crashed"))
+        assert {k.split("/")[0] for k in state.strategy_state} == {"m_t", "v_t"}
     with pytest.raises(CheckpointError, match="other settings"):
         load_checkpoint(tmp_path / "crashed", "a run with other settings")
     seen = []
     resumed = _run(tmp_path / "crashed", sites, test_set, small_model_config,
-                   lambda r, m: seen.append(r))
+                   lambda r, m: seen.append(r), strategy)
     assert seen == [2]  # only round 2 ran again
     final = adapter_state(resumed.model)
     assert set(final) == set(whole)
@@ -72,6 +80,13 @@ def test_killed_after_round_one_resumes_to_the_same_adapter(tmp_path, sites, tes
     trained = metrics[metrics.hospital != "global"]
     assert sorted(trained["round"].unique()) == [1, 2] and len(trained) == 4
 
+
+
+def _fingerprint_of(run_dir):
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / CHECKPOINT_FILE), framework="pt") as handle:
+        return handle.metadata()["settings_fingerprint"]
 
 
 def test_status_reports_runs_and_their_last_round(tmp_path):

@@ -115,3 +115,25 @@ def test_run_policy_allows_a_matching_run(tmp_path, site, small_model_config):
     reply = app(_message("evaluate", arrays, config),
                 _context({"partition-id": 0, "run-policy": str(tmp_path / "run-policy.toml")}))
     assert not reply.has_error()
+
+
+def test_a_failure_in_local_training_is_an_audited_error_reply(tmp_path, small_model_config):
+    log = tmp_path / "egress.jsonl"
+
+    def unreachable_data(context, image_size):
+        raise OSError("site data volume not mounted")
+
+    app = build_client_app(unreachable_data)
+    context = _context({"partition-id": 0, "audit-log": str(log)})
+    arrays = ArrayRecord(adapter_state(build_lora_model(small_model_config)))
+    config = to_config_record(small_model_config, TrainConfig(local_steps=1, batch_size=16))
+    config["server-round"] = 3
+    reply = app(_message("train", arrays, config), context)  # answers instead of raising
+    assert reply.has_error() and "site data volume not mounted" in reply.error.reason
+    [entry] = read_audit_log(log)
+    assert entry["round"] == 3 and entry["message_type"] == "train"
+    assert entry["error"] == {"code": reply.error.code, "reason": reply.error.reason}
+    assert entry["tensors"] == [] and entry["tensor_bytes"] == 0
+    # The same ClientApp serves the next message (the daemon is not brought down).
+    assert app(_message("evaluate", arrays, config), context).has_error()
+    assert len(read_audit_log(log)) == 2

@@ -1,0 +1,163 @@
+"""The consortium's Flower App for the deployment engine (``flwr run`` on a running SuperLink).
+
+The coordinator submits a *study* (a TOML file in the simulation's format: ``[model]``,
+``[train]``, ``[federation]``, ``[privacy]``, ``seed``; ``[data]`` names the dataset whose test
+split is the coordinator's held-out set) and a run directory. The SuperLink starts the ServerApp
+(:data:`server_app`), which runs :func:`server.rounds.run_federation` exactly as the simulation
+does; each hospital's SuperNode runs medfed's ClientApp (``client.app.app``), which reads the
+hospital's data, policies, ledger and audit log from the SuperNode's node config.
+
+The app folder :func:`write_app_dir` writes (``DIR/app``) is what ``flwr run`` packages (the
+FAB): a ``pyproject.toml`` and two two-line modules that import the ServerApp and the ClientApp
+from the medfed *installed* at each end. A hospital thus runs the medfed version it installed and
+reviewed, not code the coordinator ships. Flower's runtime dependency install (``uv sync``) stays
+off at both ends (``--disable-runtime-dependency-installation`` on the SuperLink; off by default
+on SuperNodes).
+
+The run directory is fixed per study (not timestamped), so the same command after a coordinator
+crash resumes from the last checkpointed round (``server.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import tomli_w
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+if TYPE_CHECKING:
+    from server.app import ServerRun
+
+logger = logging.getLogger(__name__)
+
+APP_DIR = "app"
+"""The Flower App folder inside the consortium folder."""
+STUDY_KEY = "study"
+"""Run-config key: absolute path of the study TOML."""
+RUN_DIR_KEY = "run-dir"
+"""Run-config key: absolute path of the run directory (records, checkpoint, final adapter)."""
+
+_APP_PYPROJECT = {
+    "project": {
+        "name": "medfed-app",
+        "version": "1.0.0",
+        "description": "medfed's federated LoRA study on Flower's deployment engine",
+        "license": "Apache-2.0",
+    },
+    "tool": {"flwr": {"app": {
+        "publisher": "medfed",
+        "components": {"serverapp": "medfed_app.server_app:app",
+                       "clientapp": "medfed_app.client_app:app"},
+        "config": {STUDY_KEY: "", RUN_DIR_KEY: ""},
+    }}},
+}
+_APP_MODULES = {
+    "__init__.py": '"""medfed\'s Flower App: imports from the installed medfed."""\n',
+    # Flower checks the components by reading the module (an assignment, not an import).
+    "server_app.py": '"""The coordinator\'s ServerApp."""\n\n'
+                     "from server.flower_app import server_app\n\napp = server_app\n",
+    "client_app.py": '"""The hospital\'s ClientApp (its installed medfed)."""\n\n'
+                     "from client.app import app as client_app\n\napp = client_app\n",
+}
+
+
+def write_app_dir(folder: Path) -> Path:
+    """Write (or refresh) the Flower App folder ``folder/app``; return its path."""
+    app_dir = Path(folder).resolve() / APP_DIR
+    package = app_dir / "medfed_app"
+    package.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(_APP_PYPROJECT))
+    for name, text in _APP_MODULES.items():
+        (package / name).write_text(text)
+    return app_dir
+
+
+def run_config_args(study: Path, run_dir: Path) -> list[str]:
+    """``flwr run``'s ``--run-config`` argument for this study and run directory."""
+    values = {STUDY_KEY: str(Path(study).resolve()), RUN_DIR_KEY: str(Path(run_dir).resolve())}
+    return ["--run-config", " ".join(f'{k}="{v}"' for k, v in values.items())]
+
+
+def load_study(study: Path, run_dir: Path):  # -> SimulationConfig (imported lazily)
+    """The study's resolved settings (``simulations.config.SimulationConfig``) with ``run_dir``.
+
+    Raises:
+        simulations.config.ConfigError: the study file is unreadable or names unknown settings.
+    """
+    from simulations.config import load_config
+    from simulations.runner import resolve
+
+    return resolve(replace(load_config(Path(study)), run_dir=str(run_dir)))
+
+
+def deployment_server_run(context: Context) -> ServerRun:
+    """The :class:`ServerRun` named by the run config's ``study`` and ``run-dir``.
+
+    Raises:
+        ValueError: a run-config key is missing or empty.
+    """
+    from server.app import ServerRun
+    from server.records import RunRecords
+    from simulations.config import config_dict
+    from simulations.sites import test_set
+
+    paths = {}
+    for key in (STUDY_KEY, RUN_DIR_KEY):
+        value = str(context.run_config.get(key, ""))
+        if not value:
+            raise ValueError(f"the run config lacks '{key}': submit the run with "
+                             f"'medfed coordinator start DIR --study FILE'")
+        paths[key] = Path(value)
+    config = load_study(paths[STUDY_KEY], paths[RUN_DIR_KEY])
+    records = RunRecords(paths[RUN_DIR_KEY])
+    records.write_config(config_dict(config))
+    test = test_set(config.data, config.model.image_size, config.seed)
+
+    def on_round(server_round: int, metrics: dict[str, float]) -> None:
+        logger.info("round %d of %d: test %s", server_round, config.federation.rounds,
+                    {k: round(float(v), 4) for k, v in metrics.items()})
+
+    return ServerRun(federation=config.federation, model=config.model, train=config.train,
+                     test_set=test, records=records, on_round=on_round, dp=config.privacy)
+
+
+def _log_to_stderr() -> None:
+    """medfed's INFO logs on stderr (the coordinator's log); flwr-serverapp sets up only
+    Flower's logger, and the root logger would repeat Flower's and httpx's lines."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("server", "strategies", "simulations"):
+        named = logging.getLogger(name)
+        if not named.handlers:
+            named.addHandler(handler)
+            named.setLevel(logging.INFO)
+            named.propagate = False
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _main(grid: Grid, context: Context) -> None:
+    from server.rounds import run_federation
+
+    _log_to_stderr()
+    run = deployment_server_run(context)
+    logger.info("study %s: %d rounds with at least %d hospitals, records in %s",
+                context.run_config[STUDY_KEY], run.federation.rounds, run.federation.min_hospitals,
+                run.records.run_dir)
+    started = time.monotonic()
+    outcome = run_federation(grid, run.federation, run.model, run.train, run.test_set,
+                             run.records, run.on_round, run.on_reply, run.dp)
+    history = run.records.test_history()
+    summary = {"rounds": run.federation.rounds, "strategy": run.federation.strategy,
+               "final_test": history[-1] if history else {},
+               "wall_time_s": {"federated": time.monotonic() - started,
+                               "rounds": outcome.wall_time_s}}
+    run.records.write_summary(summary)
+    logger.info("finished: adapter in %s", run.records.run_dir / "adapter")

@@ -1,0 +1,234 @@
+"""The same small study in simulation and on Flower's deployment engine on loopback.
+
+``python -m simulations.bench deploy`` runs the study with ``medfed simulate``'s engine, then as a
+real deployment on this machine: a consortium (CA, TLS, enrolled hospital keys), one
+``medfed coordinator start --study`` process (SuperLink + ServerApp) and one
+``medfed hospital start`` process per hospital (SuperNode with TLS and node authentication),
+each hospital holding the very partition the simulation gives it (as a MedMNIST-format ``.npz``
+in its site folder). It prints both wall times and ends with
+``deployment/simulation wall time: <ratio>``.
+
+:class:`LoopbackConsortium` is the deployment half; the multi-process tests
+(``tests/test_deployment_run.py``) use it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import tomli_w
+
+from client.site_folder import CONFIG_FILE as HOSPITAL_CONFIG
+from client.site_folder import init_site_folder, load_hospital_config
+from server.consortium import enrol, init_consortium
+from simulations.config import SimulationConfig, config_dict, load_config
+
+STUDY_FILE = "study.toml"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _uint8(images) -> np.ndarray:
+    """float ``(N, C, H, W)`` in [0, 1] -> uint8 ``(N, H, W)`` (C = 1) or ``(N, H, W, 3)``."""
+    array = (images.numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+    return array[:, 0] if array.shape[1] == 1 else array.transpose(0, 2, 3, 1)
+
+
+def study_toml(config: SimulationConfig) -> str:
+    """The study as the coordinator reads it (``run_dir`` left to the coordinator)."""
+    values = config_dict(replace(config, run_dir=""))
+    del values["run_dir"]
+    return tomli_w.dumps(_drop_empty(values))
+
+
+def _drop_empty(value):
+    if isinstance(value, dict):
+        return {k: _drop_empty(v) for k, v in value.items() if v is not None}
+    return value
+
+
+class LoopbackConsortium:
+    """A consortium, its study and ``config.data.num_hospitals`` enrolled hospitals under
+    ``root``, with helpers to start and kill their daemons (each in its own session, output to
+    ``root/logs/NAME.log``).
+
+    Hospital ``k`` is named ``hospital-k`` and holds simulated hospital ``k``'s train and
+    validation split (``simulations.sites.hospital_site``). Without ``config.site_policy`` the
+    hospitals keep no privacy policy (the template requires DP for every round).
+    """
+
+    def __init__(self, root: Path, config: SimulationConfig, insecure: bool = False) -> None:
+        from simulations.sites import hospital_site
+
+        self.root = Path(root).resolve()
+        self.insecure = insecure
+        self.port = free_port()
+        self.folder = self.root / "consortium"
+        init_consortium(self.folder, "loopback", host="127.0.0.1", port=self.port)
+        self.study = self.folder / STUDY_FILE
+        self.study.write_text(study_toml(config))
+        self.run_dir = self.folder / "runs" / self.study.stem
+        (self.root / "logs").mkdir(parents=True, exist_ok=True)
+        self.sites: list[Path] = []
+        self.procs: dict[str, subprocess.Popen] = {}
+        for k in range(config.data.num_hospitals):
+            site = self.root / f"hospital-{k}"
+            init_site_folder(site, f"hospital-{k}", superlink=f"localhost:{self.port}")
+            shutil.copy(self.folder / "ca" / "ca.pem", site / "ca.pem")
+            data = hospital_site(config.data, config.model.image_size, config.seed, k)
+            np.savez(site / "site.npz", train_images=_uint8(data.train.images),
+                     train_labels=data.train.labels.numpy(), val_images=_uint8(data.val.images),
+                     val_labels=data.val.labels.numpy())
+            hospital = load_hospital_config(site).__dict__ | {
+                "data_npz": "site.npz", "runtime_port": free_port()}
+            if config.site_policy:
+                shutil.copy(config.site_policy, site / "privacy-policy.toml")
+            else:
+                hospital["privacy_policy"] = ""
+            (site / HOSPITAL_CONFIG).write_text(tomli_w.dumps({"hospital": hospital}))
+            enrol(self.folder, f"hospital-{k}", site / "node.pub")
+            self.sites.append(site)
+
+    def log(self, name: str) -> Path:
+        return self.root / "logs" / f"{name}.log"
+
+    def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(self.log(name), "a") as out:  # a file, not a pipe: helpers inherit it
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True, cwd=self.root)
+        self.procs[name] = proc
+        return proc
+
+    def start_coordinator(self) -> subprocess.Popen:
+        """``medfed coordinator start DIR --study study.toml`` (returns when it ends)."""
+        return self._start("coordinator", [
+            sys.executable, "-m", "medfed_cli.main", "coordinator", "start", str(self.folder),
+            "--study", str(self.study), *(["--insecure"] if self.insecure else [])])
+
+    def start_hospital(self, k: int) -> subprocess.Popen:
+        """``medfed hospital start --dir hospital-k`` (a SuperNode; runs until stopped)."""
+        return self._start(f"hospital-{k}", [
+            sys.executable, "-m", "medfed_cli.main", "hospital", "start", "--dir",
+            str(self.sites[k]), *(["--insecure"] if self.insecure else [])])
+
+    def wait_for_log(self, name: str, text: str, timeout_s: float) -> bool:
+        """Wait until ``text`` appears in daemon ``name``'s log."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            path = self.log(name)
+            if path.exists() and text in path.read_text(errors="replace"):
+                return True
+            time.sleep(0.3)
+        return False
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to daemon ``name`` and every process it started; wait for it."""
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def stop_all(self) -> None:
+        """Stop every daemon still running (SIGTERM, then SIGKILL)."""
+        for name in list(self.procs):
+            self.kill(name, signal.SIGTERM)
+
+    def run(self, timeout_s: float) -> int:
+        """Start the coordinator and every hospital; wait for the coordinator to end.
+
+        Returns:
+            The coordinator's exit code (the results are in :attr:`run_dir`).
+        """
+        coordinator = self.start_coordinator()
+        if not self.wait_for_log("coordinator", "registered hospital-", 120):
+            raise RuntimeError(f"the coordinator did not register the hospitals; see "
+                               f"{self.log('coordinator')}")
+        for k in range(len(self.sites)):
+            self.start_hospital(k)
+        try:
+            return coordinator.wait(timeout=timeout_s)
+        finally:
+            self.procs.pop("coordinator", None)
+
+
+def default_study() -> SimulationConfig:
+    """The benchmark's small study: 3 hospitals, 32 px, 300 training examples, 2 rounds."""
+    return load_config(overrides={
+        "seed": 0, "baselines": [],
+        "data": {"dataset": "pneumoniamnist", "num_hospitals": 3, "partition": "iid",
+                 "max_train_examples": 300, "max_test_examples": 200},
+        "model": {"image_size": 32, "lora_r": 4, "lora_alpha": 8},
+        "train": {"batch_size": 16, "local_steps": 5},
+        "federation": {"rounds": 2, "min_hospitals": 2, "round_timeout_s": 300.0},
+    })
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.bench deploy")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--hospitals", type=int, default=3)
+    parser.add_argument("--keep", type=Path, help="keep the folders here (default: temporary)")
+    args = parser.parse_args(argv)
+    from rich.console import Console
+
+    from simulations.runner import run_study
+
+    config = default_study()
+    config = replace(config, data=replace(config.data, num_hospitals=args.hospitals),
+                     federation=replace(config.federation, rounds=args.rounds))
+    root = Path(args.keep or tempfile.mkdtemp(prefix="medfed-deploy-"))
+    root.mkdir(parents=True, exist_ok=True)
+    console = Console()
+
+    started = time.monotonic()
+    summary = run_study(replace(config, run_dir=str(root / "simulation")), console)
+    simulation_s = time.monotonic() - started
+    console.print(f"simulation: {args.hospitals} hospitals, {args.rounds} rounds, test AUC "
+                  f"{summary['federated']['auc']:.3f}, wall time {simulation_s:.1f} s")
+
+    consortium = LoopbackConsortium(root / "deployment", config)
+    started = time.monotonic()
+    try:
+        code = consortium.run(timeout_s=900)
+    finally:
+        consortium.stop_all()
+    deployment_s = time.monotonic() - started
+    import json
+
+    summary_file = consortium.run_dir / "summary.json"
+    if code != 0 or not summary_file.exists():
+        console.print(f"[red]deployment did not finish (exit {code}); logs in "
+                      f"{root / 'deployment' / 'logs'}")
+        return 1
+    final = json.loads(summary_file.read_text())["final_test"]
+    console.print(f"deployment (TLS, node authentication, one process per daemon): test AUC "
+                  f"{final['test_auc']:.3f}, wall time {deployment_s:.1f} s")
+    console.print(f"deployment/simulation wall time: {deployment_s / simulation_s:.2f}")
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0

@@ -1,0 +1,100 @@
+"""A study on Flower's deployment engine on loopback, with separate processes (issue 6): one
+``medfed coordinator start --study`` (SuperLink with TLS and node authentication, ServerApp) and
+three ``medfed hospital start`` (SuperNodes, each with its own key, data and audit log).
+
+One scenario proves the three failure stories, judged from the run directory and the hospitals'
+audit logs rather than exit codes: hospital 2 is killed while round 1 is under way and round 1
+completes with the other two (``min_hospitals = 2``); the coordinator is killed after round 1's
+checkpoint and the same command resumes the run, which finishes round 2; hospital 2, started
+again, is back in the consortium. Slow (minutes on a busy 2-core machine): real processes, each
+ClientApp a fresh Python process.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+
+import pandas as pd
+import pytest
+
+from client.audit import read_audit_log
+from server.checkpoint import CHECKPOINT_FILE
+from simulations.bench.deploy import LoopbackConsortium, default_study
+
+
+def _wait(condition, timeout_s: float, what: str) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def consortium(tmp_path):
+    config = default_study()
+    config = replace(
+        config,
+        data=replace(config.data, num_hospitals=3, max_train_examples=150, max_test_examples=64),
+        train=replace(config.train, local_steps=2),
+        federation=replace(config.federation, rounds=2, min_hospitals=2, fraction_evaluate=0.0,
+                           round_timeout_s=600.0),
+    )
+    loopback = LoopbackConsortium(tmp_path, config)
+    yield loopback
+    loopback.stop_all()
+
+
+def test_hospital_and_coordinator_crashes_do_not_stop_the_study(consortium):
+    lc = consortium
+    lc.start_coordinator()
+    assert lc.wait_for_log("coordinator", "registered hospital-2", 180), \
+        lc.log("coordinator").read_text()
+    for k in range(3):
+        lc.start_hospital(k)
+
+    # Hospital 2 dies while its round-1 ClientApp is running: nothing of it left the hospital.
+    assert lc.wait_for_log("hospital-2", "Start `flwr-clientapp` process", 300), \
+        lc.log("hospital-2").read_text()
+    lc.kill("hospital-2")
+    audit_2 = lc.sites[2] / "egress-audit.jsonl"
+    assert not audit_2.exists()
+
+    # Round 1 completes with hospitals 0 and 1; the coordinator dies after its checkpoint.
+    checkpoint = lc.run_dir / CHECKPOINT_FILE
+    _wait(checkpoint.exists, 600, "round 1's checkpoint")
+    lc.kill("coordinator")
+    assert not (lc.run_dir / "adapter").exists()
+
+    # The same command resumes; hospital 2 comes back.
+    lc.start_hospital(2)
+    coordinator = lc.start_coordinator()
+    code = coordinator.wait(timeout=900)
+    log = lc.log("coordinator").read_text(errors="replace")
+    assert code == 0, log[-4000:]
+    assert "resuming" in log and "after round 1 of 2" in log
+
+    assert (lc.run_dir / "adapter" / "adapter_config.json").exists()
+    assert not checkpoint.exists()
+    metrics = pd.read_csv(lc.run_dir / "metrics.csv", dtype={"hospital": str})
+    tested = metrics[metrics.hospital == "global"]
+    assert sorted(tested["round"]) == [0, 1, 2] and tested["test_auc"].notna().all()
+    trained = metrics[(metrics.hospital != "global") & metrics.train_loss.notna()]
+    per_round = trained.groupby("round")["hospital"].apply(set).to_dict()
+    assert len(per_round[1]) == 2 and len(per_round[2]) >= 2, per_round
+    summary = json.loads((lc.run_dir / "summary.json").read_text())
+    assert summary["final_test"]["round"] == 2
+
+    # Each hospital's egress audit log: one train reply per round it took part in, adapter
+    # tensors only; the killed hospital logged nothing for round 1.
+    for k in (0, 1):
+        entries = read_audit_log(lc.sites[k] / "egress-audit.jsonl")
+        train = [e for e in entries if e["message_type"] == "train"]
+        assert [e["round"] for e in train] == [1, 2]
+        assert all(e["error"] is None and e["tensor_bytes"] > 0 for e in train)
+        assert {t["record"] for e in train for t in e["tensors"]} == {"arrays"}
+    if audit_2.exists():
+        assert 1 not in [e["round"] for e in read_audit_log(audit_2)]
