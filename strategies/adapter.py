@@ -15,8 +15,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from models.lora_parts import check_exchange, exchanged_keys
-from strategies.base import ReplyObserver, split_valid_replies
+from strategies.base import Reply, ReplyObserver, split_valid_replies
 from strategies.config import StrategyOptions
+
+
+class TooFewUpdates(RuntimeError):
+    """A training round left with fewer valid updates than ``min_train_nodes`` (issue 4: e.g.
+    hospitals' privacy-budget refusals); the message names every dropped reply's reason."""
 
 
 class AdapterStrategy:
@@ -83,8 +88,21 @@ class AdapterStrategy:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         expected = self.exchanged(self._global) if self._global is not None else None
-        valid = split_valid_replies(replies, server_round, "train", expected, self.observer,
+        dropped: list[str] = []
+
+        def observe(reply: Reply) -> None:
+            if reply.error:
+                dropped.append(f"node {reply.node_id}: {reply.error}")
+            if self.observer is not None:
+                self.observer(reply)
+
+        valid = split_valid_replies(replies, server_round, "train", expected, observe,
                                     self.options.max_update_norm)
+        if len(valid) < self.min_train_nodes:
+            # Issue 4: end the run now, naming why (e.g. privacy refusals), not rounds later.
+            raise TooFewUpdates(
+                f"round {server_round} got {len(valid)} valid updates, needs "
+                f"{self.min_train_nodes}; {'; '.join(dropped) or 'no hospital answered'}")
         valid = self.prepare_updates(server_round, valid)
         evaluate_key, self.weighted_by_key = self.weighted_by_key, self.train_weighted_by_key
         try:

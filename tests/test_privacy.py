@@ -6,28 +6,34 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import dp_accounting as dpa
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from flwr.app import ArrayRecord, Context, Message, RecordDict
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
 
 from client.app import build_client_app
 from client.privacy_round import REFUSAL_CODE, SitePrivacy, plan_charges
 from client.site import SiteData
 from models.adapters import adapter_state
 from models.config import TrainConfig, to_config_record
-from models.lora import build_lora_model
+from models.lora import build_lora_model, freeze_batchnorm
 from privacy.accounting import epsilon, noise_for_target
 from privacy.config import DPConfig, dp_config_from_record
 from privacy.dpsgd import plan_round, train_dpsgd
 from privacy.ledger import BudgetExceeded, Charge, Ledger
 from privacy.policy import SitePolicy, load_site_policy
 from privacy.update_dp import clip_and_noise, update_norm
+from server.config import FederationConfig
 from server.records import RunRecords
-from simulations.inprocess import coordinator_message
+from server.rounds import FederationError, run_federation
+from simulations.inprocess import InProcessGrid, coordinator_message
 from strategies.base import Reply
 
 
@@ -122,6 +128,58 @@ def test_dpsgd_trains_the_adapter_and_leaves_the_model_clean(site, small_model_c
     # opacus is gone afterwards: no hooks, no per-example gradients on the cached model.
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+
+
+def test_default_engine_clips_exact_per_example_gradients(site, small_model_config):
+    """With zero noise, one step of the default opacus engine yields the mean of per-example
+    gradients each clipped to C, as computed here one example at a time (dropout and drop-connect
+    off so both see the same network). Checked because opacus' ``hooks`` engine gets peft's Conv
+    ``lora_B`` per-example gradients wrong on this backbone (and ``ghost`` the clipped sum)."""
+    images, labels, clip = site.train.images[:8], site.train.labels[:8], 0.05
+
+    def model():
+        torch.manual_seed(0)
+        net = build_lora_model(small_model_config)
+        for module in net.modules():
+            if hasattr(module, "drop_connect_rate"):
+                module.drop_connect_rate = 0.0
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        net.train()
+        freeze_batchnorm(net)
+        return net
+
+    net = model()
+    params = [p for p in net.parameters() if p.requires_grad]
+    # Move lora_B off zero so that lora_A has gradients too.
+    torch.nn.init.normal_(params[1], std=0.1)
+    start = [p.detach().clone() for p in params]
+    reference = torch.zeros(sum(p.numel() for p in params))
+    for i in range(len(labels)):
+        grads = torch.autograd.grad(F.cross_entropy(net(images[i:i + 1]), labels[i:i + 1]),
+                                    params)
+        flat = torch.cat([g.flatten() for g in grads])
+        reference += flat * min(1.0, clip / float(flat.norm()))
+    reference /= len(labels)
+
+    net = model()
+    params = [p for p in net.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p, value in zip(params, start, strict=True):
+            p.copy_(value)
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        private, optimizer, _ = PrivacyEngine().make_private(
+            module=net, optimizer=optimizer, noise_multiplier=0.0, max_grad_norm=clip,
+            data_loader=DataLoader(TensorDataset(images, labels), batch_size=len(labels)),
+            poisson_sampling=False, grad_sample_mode=DPConfig().dp_grad_sample_mode)
+        private.train()
+        freeze_batchnorm(private)
+        F.cross_entropy(private(images), labels).backward()
+        optimizer.step()
+    got = torch.cat([p.grad.flatten() for p in params])
+    assert float((got - reference).norm() / reference.norm()) < 1e-4
 
 
 def _message(arrays: ArrayRecord, config) -> Message:
@@ -277,6 +335,31 @@ def test_hospital_refuses_a_round_past_its_budget(site, small_model_config, tmp_
     # A round without DP is refused outright by a site with a budget.
     plain = app(_message(*_wire(small_model_config, train, DPConfig(), 3)), context)
     assert plain.has_error() and "without differential privacy" in plain.error.reason
+
+
+def test_run_ends_at_the_round_refusals_leave_too_few_updates(site, small_model_config,
+                                                              tmp_path):
+    """Both hospitals' budgets afford one round: the run ends in round 2 with an error naming
+    the refusals (not after round 3), and metrics.csv keeps what happened."""
+    train = TrainConfig(local_epochs=1, batch_size=16, lr=1e-3)
+    dp = DPConfig(dpsgd=True, dp_noise_multiplier=1.0)
+    q, steps = 16 / len(site.train), int(len(site.train) / 16)
+    budget = (epsilon([(1.0, q, steps)], 1e-5) + epsilon([(1.0, q, steps)] * 2, 1e-5)) / 2
+
+    def privacy(context: Context) -> SitePrivacy:
+        return SitePrivacy(policy=SitePolicy(max_epsilon=budget), fingerprint="site",
+                           ledger=Ledger(tmp_path / f"ledger-{context.node_id}.sqlite"))
+
+    app = build_client_app(lambda context, image_size: site, privacy)
+    grid = InProcessGrid(app, {1: {"partition-id": 0}, 2: {"partition-id": 1}})
+    records = RunRecords(tmp_path / "run")
+    federation = FederationConfig(rounds=3, min_hospitals=2, fraction_evaluate=0.0)
+    with pytest.raises(FederationError, match=r"round 2 got 0 valid updates, needs 2;"
+                                              r".*past the site budget") as caught:
+        run_federation(grid, federation, small_model_config, train, site.val, records, dp=dp)
+    assert caught.value.args[0].count("privacy budget") == 2
+    assert {r["round"] for r in records.train_rows()} == {1, 2}
+    assert (tmp_path / "run" / "metrics.csv").exists()
 
 
 def test_site_policy_file_errors_name_the_setting(tmp_path):

@@ -5,10 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from simulations.bench import communication, dp_overhead, scale, site_data, strategies
+from simulations.bench import (
+    communication,
+    dp_overhead,
+    dp_utility,  # issue 4
+    scale,
+    site_data,
+    strategies,
+)
 
 BENCHES = {"communication": communication.main, "scale": scale.main, "site-data": site_data.main,
            "dp-overhead": dp_overhead.main, "strategies": strategies.main}
+BENCHES["dp-utility"] = dp_utility.main  # issue 4
 
 
 def main(argv: list[str] | None = None) -> int:

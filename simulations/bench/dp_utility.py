@@ -1,0 +1,158 @@
+"""What DP-SGD at the hospitals costs in test AUC, and what it buys against membership inference.
+
+Runs the default simulation (``SimulationConfig()``: 5 hospitals, Dirichlet 0.5, 64 px, 4 rounds;
+baselines skipped) without DP and with DP-SGD at each hospital for each target epsilon (the whole
+run's epsilon per hospital, ``delta`` from the config), and prints the final test AUC of each.
+The non-private run uses the default training settings; the private runs use the bench's DP
+training settings (``--dp-*``; larger Poisson batches and a larger learning rate than the
+non-private default, the levers DP-SGD needs). After each run a loss-threshold
+membership-inference attack (``privacy.membership``) scores the final global adapter on the
+hospitals' training examples against the unused MedMNIST validation split (same distribution,
+matched label counts). Ends with ``auc drop at eps=<largest>: <number>`` (non-DP AUC minus DP AUC).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from models.adapters import load_adapter_state
+from models.data import ImageSet
+from models.lora import build_lora_model
+from privacy.membership import MembershipResult, loss_threshold_attack, matched_non_members
+from server.records import RunRecords
+from simulations import runner
+from simulations.config import SimulationConfig, config_dict, load_config
+from simulations.sites import cached_dataset, hospital_sites
+
+
+def _overrides(args: argparse.Namespace, epsilon: float | None, run_dir: Path) -> dict[str, Any]:
+    values: dict[str, Any] = {"seed": args.seed, "run_dir": str(run_dir), "baselines": []}
+    if args.max_train or args.max_test:
+        values["data"] = {"max_train_examples": args.max_train,
+                          "max_test_examples": args.max_test}
+    if args.rounds:
+        values["federation"] = {"rounds": args.rounds}
+    if epsilon is not None:
+        values["privacy"] = {"dpsgd": True, "dp_target_epsilon": epsilon,
+                             "dp_noise_multiplier": 0.0, "dp_accountant": args.accountant,
+                             "dp_max_grad_norm": args.dp_max_grad_norm,
+                             "dp_grad_sample_mode": args.dp_grad_sample_mode}
+        values["train"] = {"batch_size": args.dp_batch_size, "lr": args.dp_lr,
+                           "local_epochs": args.dp_local_epochs}
+        values.setdefault("federation", {})["strategy"] = args.dp_strategy
+        if args.dp_lora_r:
+            values["model"] = {"lora_r": args.dp_lora_r, "lora_alpha": 2 * args.dp_lora_r}
+    return values
+
+
+def membership(config: SimulationConfig, limit: int) -> MembershipResult:
+    """Loss-threshold attack on a finished run's global adapter (``<run_dir>/adapter``)."""
+    config = runner.resolve(config)
+    model = build_lora_model(config.model, verify=False)
+    state = load_file(str(Path(config.run_dir) / "adapter" / "adapter_model.safetensors"))
+    load_adapter_state(model, state)
+    sites = hospital_sites(config.data, config.model.image_size, config.seed)
+    members = ImageSet.concat([s.train for s in sites])
+    pool = cached_dataset(config.data.dataset, config.model.image_size).splits["val"]
+    members, non_members = matched_non_members(members, pool, config.seed, limit)
+    return loss_threshold_attack(model, members, non_members)
+
+
+def _reused(config: SimulationConfig) -> dict[str, Any] | None:
+    """A finished run's summary in ``config.run_dir`` when its config.toml is this config's."""
+    run_dir = Path(config.run_dir)
+    if not (run_dir / "summary.json").exists():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:  # this config, written as a run writes it
+        expected = RunRecords(Path(tmp)).write_config(config_dict(runner.resolve(config)))
+        if expected.read_text() != (run_dir / "config.toml").read_text():
+            return None
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.bench dp-utility")
+    parser.add_argument("--epsilons", default="1,3,8", help="target epsilons per run")
+    parser.add_argument("--no-dp", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run without DP (the reference of the AUC drop)")
+    parser.add_argument("--accountant", default="prv", choices=["rdp", "prv"])
+    parser.add_argument("--dp-batch-size", type=int, default=256,
+                        help="expected Poisson batch of the private runs")
+    parser.add_argument("--dp-lr", type=float, default=5e-3)
+    parser.add_argument("--dp-local-epochs", type=int, default=1)
+    parser.add_argument("--dp-strategy", default="fedavg")
+    parser.add_argument("--dp-lora-r", type=int, default=0, help="LoRA rank (0: the default)")
+    parser.add_argument("--dp-max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--dp-grad-sample-mode", default="functorch",
+                        help="opacus per-example gradient engine (see privacy.config)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take a run whose summary.json is already in --run-dir (same "
+                             "config.toml) instead of running it again")
+    parser.add_argument("--rounds", type=int, default=0, help="0: the default")
+    parser.add_argument("--max-train", type=int, default=0, help="training examples (0: all)")
+    parser.add_argument("--max-test", type=int, default=0, help="test examples (0: all)")
+    parser.add_argument("--mia-examples", type=int, default=500,
+                        help="members (and as many non-members) the attack scores; 0: skip it")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="simulation TOML the bench's settings override")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="keep the runs here (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    epsilons = [float(e) for e in args.epsilons.split(",") if e]
+    # The reference and the largest epsilon first: the headline figure arrives soonest.
+    settings: list[float | None] = ([None] if args.no_dp else []) + sorted(epsilons,
+                                                                          reverse=True)
+
+    print(f"default simulation, DP-SGD at the hospitals: batch {args.dp_batch_size} (Poisson), "
+          f"lr {args.dp_lr:g}, {args.dp_local_epochs} local epochs, strategy {args.dp_strategy}, "
+          f"clip {args.dp_max_grad_norm:g}, {args.accountant} accountant, opacus "
+          f"{args.dp_grad_sample_mode}; membership attack on "
+          f"{args.mia_examples or 'no'} members vs as many unseen examples")
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.run_dir or Path(tmp)
+        for epsilon in settings:
+            name = "no DP" if epsilon is None else f"eps={epsilon:g}"
+            run_dir = root / ("nodp" if epsilon is None else f"eps{epsilon:g}")
+            config = load_config(args.config, _overrides(args, epsilon, run_dir))
+            summary = _reused(config) if args.reuse else None
+            if summary is None:
+                summary = runner.run_study(config, Console(quiet=True))
+            row: dict[str, Any] = {"auc": summary["federated"]["auc"],
+                                   "accuracy": summary["federated"]["accuracy"],
+                                   "time": summary["wall_time_s"]["federated"]}
+            spent = summary.get("privacy", {}).get("epsilon_max")
+            row["epsilon"] = float("nan") if spent is None else float(spent)
+            if args.mia_examples:
+                row["mia"] = membership(config, args.mia_examples)
+            results[name] = row
+            mia = row.get("mia")
+            print(f"  {name:<8} test auc {row['auc']:.4f}  acc {row['accuracy']:.4f}  "
+                  f"federated {row['time']:.0f} s"
+                  + (f"  attack auc {mia.auc:.3f} adv {mia.advantage:.3f}" if mia else ""),
+                  flush=True)
+
+    print()
+    print(f"{'run':<10}{'test auc':>10}{'test acc':>10}{'eps spent':>11}{'attack auc':>12}"
+          f"{'advantage':>11}")
+    for name, row in results.items():
+        mia = row.get("mia")
+        print(f"{name:<10}{row['auc']:>10.4f}{row['accuracy']:>10.4f}{row['epsilon']:>11.3f}"
+              + (f"{mia.auc:>12.3f}{mia.advantage:>11.3f}" if mia else ""))
+    if "no DP" in results and epsilons:
+        top = max(epsilons)
+        drop = results["no DP"]["auc"] - results[f"eps={top:g}"]["auc"]
+        print(f"auc drop at eps={top:g}: {drop:.4f}")
+    return 0
