@@ -213,7 +213,7 @@ class _SecAggRound:
             RECORD: self._stage_record(
                 "setup", node=str(u), neighbours=ids_out(graph[u]), threshold=threshold,
                 **{"weight-key": self.weight_key}),
-            "config": self.train_config}) for u in nodes}, key_timeout)
+            "config": self.train_config}) for u in nodes}, self.timeout)
         keys: dict[int, tuple[bytes, bytes, bytes, float]] = {}
         for u, reply in replies.items():
             record = reply.content.config_records.get(RECORD, ConfigRecord())

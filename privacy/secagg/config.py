@@ -39,8 +39,10 @@ class SecAggConfig:
             fit: ``hospitals * (2**quantization_bits - 1) < 2**modulus_bits``.
         max_weight: cap on a hospital's averaging weight (its example count, or 1 under
             client-level DP); 0 uses the largest weight the round's hospitals declared.
-        stage_timeout_s: seconds to wait for the replies of each key-exchange stage (the
-            masked-input stage, where hospitals train, uses the round timeout).
+        stage_timeout_s: seconds to wait for the replies of the share and unmask stages (pure
+            cryptography: a hospital silent this long has dropped out); setup (where a
+            hospital may first load its data) and masked input (where it trains) wait for the
+            round timeout.
     """
 
     enabled: bool = False
@@ -50,7 +52,7 @@ class SecAggConfig:
     quantization_bits: int = 20
     modulus_bits: int = 32
     max_weight: float = 0.0
-    stage_timeout_s: float = 120.0
+    stage_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.shares <= 0 or (self.shares > 1 and self.shares != int(self.shares)):
