@@ -7,10 +7,12 @@ the rule, so the refusal reaches the coordinator's records (``metrics.csv`` erro
     allowed_backbones = ["efficientnet-lite0-imagenet"]    # empty: any backbone
     allowed_weights_sha256 = ["579344...77db"]             # empty: any pinned weights
     min_hospitals = 3      # refuse runs whose coordinator declares fewer (0: no rule)
+    require_secure_aggregation = true   # train only in securely aggregated rounds
 
-The coordinator declares ``min-hospitals`` in each round's config; a hospital cannot verify the
-count itself (that needs secure aggregation, not implemented), so this rule holds the coordinator
-to what it declared.
+The coordinator declares ``min-hospitals`` in each round's config. Without secure aggregation a
+hospital cannot verify the count, so the rule holds the coordinator to what it declared; under
+secure aggregation the hospital enforces it itself: it refuses to help unmask a sum of fewer
+hospitals (``client.secure_aggregation``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ RUN_POLICY_TEMPLATE = """\
 allowed_backbones = []          # e.g. ["efficientnet-lite0-imagenet"]
 allowed_weights_sha256 = []     # sha256 of the pretrained weights the run may use
 min_hospitals = 0               # refuse runs that declare fewer hospitals per aggregate
+require_secure_aggregation = false   # true: train only in securely aggregated rounds
 """
 
 
@@ -46,12 +49,15 @@ class RunPolicy:
     """Attributes:
         allowed_backbones: backbone names allowed (empty: any).
         allowed_weights_sha256: pretrained weights hashes allowed (empty: any).
-        min_hospitals: least hospitals per aggregate the run must declare (0: no rule).
+        min_hospitals: least hospitals per aggregate the run must declare (0: no rule);
+            under secure aggregation also the fewest the hospital lets be unmasked.
+        require_secure_aggregation: refuse to train in rounds without secure aggregation.
     """
 
     allowed_backbones: list[str] = field(default_factory=list)
     allowed_weights_sha256: list[str] = field(default_factory=list)
     min_hospitals: int = 0
+    require_secure_aggregation: bool = False
 
 
 def load_run_policy(path: Path) -> RunPolicy:
@@ -62,11 +68,18 @@ def load_run_policy(path: Path) -> RunPolicy:
             raise RunPolicyError(f"run policy {path}: '{name}' must be a list of strings")
     if not isinstance(values.get("min_hospitals", 0), int):
         raise RunPolicyError(f"run policy {path}: 'min_hospitals' must be an integer")
+    if not isinstance(values.get("require_secure_aggregation", False), bool):
+        raise RunPolicyError(f"run policy {path}: 'require_secure_aggregation' must be true or "
+                             "false")
     return RunPolicy(**values)
 
 
-def run_refusal(policy: RunPolicy, config) -> str:
-    """Why ``policy`` refuses a run with this round config (``""``: allowed)."""
+def run_refusal(policy: RunPolicy, config, message_type: str = "") -> str:
+    """Why ``policy`` refuses a run with this round config (``""``: allowed); a plain
+    ``train`` message is refused when the policy requires secure aggregation."""
+    if policy.require_secure_aggregation and message_type == "train":
+        return ("run policy: this hospital trains only under secure aggregation (the run "
+                "sends plain training rounds)")
     backbone = str(config.get("backbone", ""))
     weights = str(config.get("weights-sha256", ""))
     if policy.allowed_backbones and backbone not in policy.allowed_backbones:
@@ -82,12 +95,19 @@ def run_refusal(policy: RunPolicy, config) -> str:
     return ""
 
 
+def policy_min_hospitals(context: Context) -> int:
+    """The node's run-policy ``min_hospitals`` (0 without a policy)."""
+    path = context.node_config.get(RUN_POLICY_KEY)
+    return load_run_policy(Path(str(path))).min_hospitals if path else 0
+
+
 def refuse_run(msg: Message, context: Context) -> Message | None:
     """An error reply if the node config's run policy refuses ``msg``'s run, else None."""
     path = context.node_config.get(RUN_POLICY_KEY)
     if not path or not msg.has_content() or "config" not in msg.content.config_records:
         return None
-    reason = run_refusal(load_run_policy(Path(str(path))), msg.content.config_records["config"])
+    reason = run_refusal(load_run_policy(Path(str(path))), msg.content.config_records["config"],
+                         msg.metadata.message_type)
     if not reason:
         return None
     return Message(Error(code=RUN_REFUSAL_CODE, reason=reason), reply_to=msg)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
+from client.run_policy import policy_min_hospitals
 from privacy.secagg import SecAggError, crypto
 from privacy.secagg.encoding import flatten, quantize
 from privacy.secagg.wire import MASKED, RECORD, VECTOR, ids_in, ids_out
@@ -80,9 +81,13 @@ def _setup(msg: Message, request: ConfigRecord, context: Context,
     s_private, s_public = crypto.generate_keypair()
     seed = crypto.random_seed()
     weight = float(weight_of(msg, context, str(request["weight-key"])))
+    threshold = int(request["threshold"])
     context.state[STATE_KEY] = ConfigRecord({
         "round": int(request["round"]), "node": str(request["node"]),
-        "threshold": int(request["threshold"]),
+        "threshold": threshold,
+        # The fewest hospitals whose sum this hospital helps unmask: the protocol's threshold
+        # or its own run policy's minimum, whichever is larger.
+        "min-sum": max(threshold, policy_min_hospitals(context)),
         "neighbours": list(request["neighbours"]),
         "c-private": c_private, "s-private": s_private, "seed": seed, "weight": weight,
         "peers": [], "peer-c": [], "peer-s": [],
@@ -202,7 +207,7 @@ def _train_message(msg: Message, state: ConfigRecord) -> Message:
     if "update-clip-norm" in config:
         # Client-level DP: the ledger charges the noise of the smallest sum this hospital will
         # let the coordinator unmask - its own threshold, not a number the coordinator sent.
-        config["update-secure-sum"] = int(state["threshold"])
+        config["update-secure-sum"] = int(state["min-sum"])
     return make_message(msg.metadata, RecordDict({
         "arrays": msg.content.array_records["arrays"], "config": config}))
 
@@ -214,9 +219,9 @@ def _unmask(request: ConfigRecord, context: Context) -> ConfigRecord:
     if set(dropped) & set(survivors):
         # Both shares of one hospital would let the coordinator unmask its single update.
         raise SecAggError("asked for both shares of the same hospital")
-    if len(survivors) < int(state["threshold"]):
-        raise SecAggError(f"only {len(survivors)} hospitals would be summed, the threshold "
-                          f"is {state['threshold']}")
+    if len(survivors) < int(state["min-sum"]):
+        raise SecAggError(f"only {len(survivors)} hospitals would be summed; this hospital "
+                          f"unmasks sums of at least {state['min-sum']}")
     held = dict(zip(ids_in(state["held-from"]), zip(state["held-seed"], state["held-key"],
                                                     strict=True), strict=True))
     held[me] = (state["own-seed-share"], state["own-key-share"])

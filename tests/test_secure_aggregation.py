@@ -100,8 +100,8 @@ class RecordingGrid(InProcessGrid):
 
 
 def _round(hospitals: Hospitals, nodes: list[int], config: SecAggConfig | None = None,
-           grid_cls=InProcessGrid):
-    inner = grid_cls(hospitals.app(), {n: {} for n in nodes})
+           grid_cls=InProcessGrid, node_config: dict | None = None):
+    inner = grid_cls(hospitals.app(), {n: dict(node_config or {}) for n in nodes})
     grid = SecureAggregationGrid(inner, config or SecAggConfig(enabled=True))
     arrays = ArrayRecord({k: Array(v) for k, v in _global().items()})
     train_config = ConfigRecord({"server-round": 1, "seed": 0})
@@ -221,6 +221,27 @@ def test_tampering_hospital_is_excluded_with_a_reason(how):
     _assert_close(_aggregate(replies), _plain_mean(hospitals, survivors))
 
 
+def test_hospitals_enforce_their_own_minimum_sum(tmp_path):
+    """A run policy's ``min_hospitals`` holds under secure aggregation without trusting the
+    coordinator: with 4 of 5 left, hospitals requiring 5 refuse to unmask."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text("min_hospitals = 5\n")
+    hospitals = Hospitals(NODES)
+    hospitals.fail_at[NODES[3]] = "mask"
+    replies, report, _ = _round(hospitals, NODES, node_config={"run-policy": str(policy)})
+    assert not report.survivors and all(r.has_error() for r in replies)
+    assert any("at least 5" in reason for reason in report.excluded.values())
+
+
+def test_policy_requiring_secure_aggregation_refuses_plain_training(tmp_path):
+    from client.run_policy import RunPolicy, run_refusal
+
+    policy = RunPolicy(require_secure_aggregation=True)
+    assert "only under secure aggregation" in run_refusal(policy, ConfigRecord(), "train")
+    assert run_refusal(policy, ConfigRecord(), f"train.{ACTION}") == ""
+    assert run_refusal(policy, ConfigRecord(), "evaluate") == ""
+
+
 def test_hospital_refuses_to_reveal_both_shares_of_one_hospital():
     hospitals = Hospitals(NODES[:3])
     app = hospitals.app()
@@ -228,6 +249,7 @@ def test_hospital_refuses_to_reveal_both_shares_of_one_hospital():
     node = NODES[0]
     context = grid.contexts[node]
     context.state["secagg-state"] = ConfigRecord({"round": 1, "node": str(node), "threshold": 2,
+                                                  "min-sum": 2,
                                                   "held-from": [], "held-seed": [],
                                                   "held-key": [], "own-seed-share": b"",
                                                   "own-key-share": b""})
