@@ -15,20 +15,15 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
-import time
 from pathlib import Path
-from statistics import median
 
-from rich.console import Console
-
+from simulations.bench.timing import steady_round_s, timed_study
 from simulations.config import load_config
 
 
 def run_setting(hospitals: int, secure: bool, args: argparse.Namespace, out: Path
                 ) -> dict[str, float]:
     """One study; its median round time (s), bytes per hospital per round and test AUC."""
-    from simulations.runner import run_study
-
     name = f"{'secure' if secure else 'plain'}-{hospitals}"
     config = load_config(None, {
         "seed": 0, "run_dir": str(out / name), "baselines": [], "cpus_per_hospital": 1,
@@ -38,12 +33,8 @@ def run_setting(hospitals: int, secure: bool, args: argparse.Namespace, out: Pat
         "federation": {"rounds": args.rounds, "min_hospitals": 2,
                        "secure_aggregation": {"enabled": secure}},
     })
-    marks: list[float] = []
-    summary = run_study(config, Console(quiet=True),
-                        on_round=lambda r, _m: marks.append(time.monotonic()))
-    # marks[0]: round 0's evaluation of the initial adapter; marks[k]: end of round k.
-    rounds = [b - a for a, b in zip(marks, marks[1:], strict=False)]
-    return {"round_s": median(rounds[1:]) if len(rounds) > 1 else rounds[0],
+    summary, rounds = timed_study(config)
+    return {"round_s": steady_round_s(rounds),
             "bytes": summary["bytes"]["upload_per_hospital_per_round"],
             "auc": summary["federated"]["auc"]}
 
