@@ -62,9 +62,32 @@ class FailureConfig:
         dropout_probability: chance that a sampled hospital fails in a round (its reply is an
             error the coordinator records; the round goes on when ``min_hospitals`` remain).
             Drawn from (seed, round, hospital): the same hospitals fail on a rerun.
+        straggler_probability: chance that a sampled hospital is slow in a round's training:
+            it replies ``straggler_delay_s`` seconds late (drawn like dropouts). With
+            ``federation.round_timeout_s`` below the delay the round goes on without it and
+            ``metrics.csv`` records it as late.
+        straggler_delay_s: extra seconds a straggling hospital takes to reply.
     """
 
     dropout_probability: float = 0.0
+    straggler_probability: float = 0.0
+    straggler_delay_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Optional experiment tracking of a study (``[tracking]``; issue 8), off by default.
+
+    Attributes:
+        mlflow: after the run, log its settings, per-round metrics and summary to an MLflow
+            store inside the run directory (``<run_dir>/mlflow.db``; needs the optional
+            ``mlflow`` package, skipped with a warning without it). See
+            ``simulations.tracking``.
+        mlflow_experiment: the MLflow experiment name.
+    """
+
+    mlflow: bool = False
+    mlflow_experiment: str = "medfed"
 
 
 @dataclass
@@ -77,7 +100,8 @@ class SimulationConfig:
         baselines: which of ``pooled`` and ``local`` to run on the same split and budget.
         cpus_per_hospital: CPU cores each simulated hospital's Ray actor gets.
         privacy: the run's DP mechanisms (``[privacy]``; issue 4), proposed by the coordinator.
-        failures: simulated hospital dropouts (``[failures]``; issue 8).
+        failures: simulated hospital dropouts and stragglers (``[failures]``; issue 8).
+        tracking: optional MLflow tracking (``[tracking]``; issue 8).
         site_policy: a site privacy policy TOML every simulated hospital applies ("" : none).
         ledger_dir: where simulated hospitals keep their privacy ledgers (one SQLite file each);
             "" : ``runs/ledgers`` when ``site_policy`` is set, so budgets compose across runs.
@@ -96,6 +120,7 @@ class SimulationConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: DPConfig = field(default_factory=DPConfig)
     failures: FailureConfig = field(default_factory=FailureConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     site_policy: str = ""
     ledger_dir: str = ""
     ray_address: str = ""

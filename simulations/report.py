@@ -462,13 +462,16 @@ def failures_table(run: Run) -> str:
 
 
 def hospital_table(run: Run) -> str:
-    """Per hospital: training images, last validation scores, rounds failed, training alone."""
+    """Per hospital: training images, last validation scores, rounds failed or late (issue 8),
+    training alone."""
     sizes = run.summary.get("examples_per_hospital", [])
     alone = run.summary.get("local", {}).get("per_hospital", [])
     rows = []
     hospitals = run.hospitals
     for k in range(len(sizes)):
         mine = hospitals[hospitals.hospital == str(k)]
+        errors = mine["error"]
+        late = errors.fillna("").str.contains(": late: ", regex=False)
         val = mine.dropna(subset=["val_auc"]).sort_values("round")
         last = val.iloc[-1] if len(val) else None
         rows.append({
@@ -477,7 +480,9 @@ def hospital_table(run: Run) -> str:
             "validation AUC (last round)": None if last is None else last["val_auc"],
             "validation accuracy (last round)": None if last is None else last["val_accuracy"],
             "test AUC trained alone": alone[k]["auc"] if k < len(alone) else None,
-            "rounds failed": int(mine["error"].notna().sum()),
+            "rounds failed": int((errors.notna() & ~late).sum()),
+            # Issue 8: stragglers past the round timeout are late, not failed.
+            "rounds late": int(late.sum()) or None,
         })
     if not rows:
         return ""

@@ -78,12 +78,14 @@ def _run_flower(config: SimulationConfig, run: ServerRun) -> None:
 
     loader = simulated_site_loader(config.data, config.model.image_size, config.seed,
                                    config.run_dir)
-    if config.failures.dropout_probability > 0:
-        # Issue 8: hospitals that fail rounds (seeded), recorded as error replies.
+    failures = config.failures
+    if failures.dropout_probability > 0 or failures.straggler_probability > 0:
+        # Issue 8: hospitals that fail rounds or reply late (seeded), recorded as such.
         from simulations.dropouts import build_dropout_client_app
 
-        client_app = build_dropout_client_app(loader, config.failures.dropout_probability,
-                                              config.seed, simulated_site_privacy(config))
+        client_app = build_dropout_client_app(
+            loader, failures.dropout_probability, config.seed, simulated_site_privacy(config),
+            failures.straggler_probability, failures.straggler_delay_s)
     else:
         client_app = build_client_app(loader, simulated_site_privacy(config))
     try:
@@ -175,4 +177,8 @@ def run_study(config: SimulationConfig, console: Console | None = None,
     if privacy := records.privacy_summary():
         summary["privacy"] = privacy
     records.write_summary(summary)
+    if config.tracking.mlflow:  # issue 8: optional MLflow tracking, off by default
+        from simulations.tracking import track_run
+
+        track_run(Path(config.run_dir), True, config.tracking.mlflow_experiment)
     return summary

@@ -9,6 +9,7 @@ adapter; the Flower strategy does the arithmetic.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -17,6 +18,11 @@ from flwr.serverapp import Grid
 from models.lora_parts import check_exchange, exchanged_keys
 from strategies.base import Reply, ReplyObserver, split_valid_replies
 from strategies.config import StrategyOptions
+
+logger = logging.getLogger(__name__)
+
+LATE = "late: no reply within the round timeout"
+"""Why a hospital that was asked but did not answer in time has no update (issue 8)."""
 
 
 class TooFewUpdates(RuntimeError):
@@ -58,6 +64,7 @@ class AdapterStrategy:
         # evaluation metrics stay weighted by example counts.
         self.train_weighted_by_key = train_weighted_by_key or self.weighted_by_key
         self._global: ArrayRecord | None = None
+        self._asked: dict[str, list[int]] = {}
 
     def exchanged(self, arrays: ArrayRecord) -> ArrayRecord:
         """The part of ``arrays`` hospitals send back under this rule's exchange."""
@@ -70,14 +77,38 @@ class AdapterStrategy:
     ) -> Iterable[Message]:
         self._global = arrays
         config["adapter-exchange"] = self.exchange
-        return super().configure_train(server_round, arrays, config, grid)
+        return self._remember("train", super().configure_train(server_round, arrays, config,
+                                                                grid))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         # FedSA-LoRA hospitals evaluate with their own B: they need to know the mode.
         config["adapter-exchange"] = self.exchange
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        return self._remember("evaluate", super().configure_evaluate(server_round, arrays,
+                                                                      config, grid))
+
+    def _remember(self, phase: str, messages: Iterable[Message]) -> list[Message]:
+        """Keep which hospitals were asked in ``phase``, to record those who do not answer."""
+        messages = list(messages)
+        self._asked[phase] = [m.metadata.dst_node_id for m in messages]
+        return messages
+
+    def record_late(self, server_round: int, phase: str, replies: Iterable[Message]
+                    ) -> list[Message]:
+        """``replies`` as a list; every hospital asked in ``phase`` without a reply among them
+        (a straggler past the round timeout) is logged and reported to the observer as late,
+        which the run records keep apart from failures."""
+        replies = list(replies)
+        answered = {m.metadata.src_node_id for m in replies}
+        for node in self._asked.pop(phase, []):
+            if node not in answered:
+                logger.warning("round %d: %s reply of node %d: %s", server_round, phase, node,
+                               LATE)
+                if self.observer is not None:
+                    self.observer(Reply(server_round=server_round, phase=phase, node_id=node,
+                                        error=LATE))
+        return replies
 
     def prepare_updates(self, server_round: int, valid: list[Message]) -> list[Message]:
         """Hook for rules that change the valid updates before the Flower arithmetic
@@ -87,6 +118,7 @@ class AdapterStrategy:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = self.record_late(server_round, "train", replies)  # issue 8: stragglers
         expected = self.exchanged(self._global) if self._global is not None else None
         dropped: list[str] = []
 
@@ -122,5 +154,6 @@ class AdapterStrategy:
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        replies = self.record_late(server_round, "evaluate", replies)  # issue 8: stragglers
         valid = split_valid_replies(replies, server_round, "evaluate", None, self.observer)
         return super().aggregate_evaluate(server_round, valid)

@@ -62,13 +62,15 @@ def tiny_run(tmp_path_factory):
 def test_every_named_scenario_loads():
     names = scenario_names()
     assert {"quick", "label-skew", "quantity-skew", "scanner-shift", "unreliable-hospitals",
-            "private", "many-hospitals"} <= set(names)
+            "private", "many-hospitals", "slow-hospitals"} <= set(names)
     for name in names:
         config = load_scenario(name)
         assert config.federation.min_hospitals <= config.data.num_hospitals, name
     assert load_scenario("quantity-skew").data.partition == "quantity"
     assert load_scenario("scanner-shift").data.shift == "scanners"
     assert load_scenario("unreliable-hospitals").failures.dropout_probability > 0
+    slow = load_scenario("slow-hospitals")
+    assert 0 < slow.federation.round_timeout_s < slow.failures.straggler_delay_s
 
 
 def test_unknown_scenario_names_the_known_ones():
@@ -299,3 +301,31 @@ def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
 
     with pytest.raises(ReportError, match="summary.json"):
         build_report([tmp_path], tmp_path / "out")
+
+
+def test_mlflow_run_holds_the_settings_round_metrics_and_summary(tiny_run, tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from simulations.config import config_dict
+    from simulations.tracking import mlflow_uri, track_run
+
+    run_dir, summary = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    assert track_run(copy, False) is None and not (copy / "mlflow.db").exists()  # off: nothing
+    assert load_config(None, {}).tracking.mlflow is False
+    assert config_dict(load_config(None, {"tracking": {"mlflow": True}}))["tracking"]["mlflow"]
+    run_id = track_run(copy, True, "study")
+    client = MlflowClient(tracking_uri=mlflow_uri(copy))
+    logged = client.get_run(run_id)
+    assert logged.data.params["data.num_hospitals"] == "3"
+    assert logged.data.params["failures.dropout_probability"] == str(DROPOUT)
+    run = load_run(copy)
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "test/auc"))
+    expected = list(zip(run.test_rows["round"], run.test_rows["test_auc"], strict=True))
+    assert [s for s, _ in history] == [s for s, _ in expected]
+    np.testing.assert_allclose([v for _, v in history], [v for _, v in expected], rtol=1e-6)
+    assert logged.data.metrics["final/federated/auc"] == pytest.approx(summary["federated"]["auc"])
+    assert [a.path for a in client.list_artifacts(run_id)] == ["summary.json"]
+    assert (copy / "mlartifacts").is_dir()
