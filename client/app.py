@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 from client.audit import audit_reply, failure_reply
 from client.exchange import hospital_model_config, receive_adapter, send_adapter
 from client.model_cache import lora_model_for
-from client.privacy_round import (  # issue 4: DP-SGD, update DP, site policy and ledger
+from client.privacy_round import (  # DP-SGD, update DP, site policy and ledger
     REFUSAL_CODE,
     PrivacyRefusal,
     SitePrivacyLoader,
@@ -48,10 +48,10 @@ def hospital_id(context: Context) -> int:
 
 def _prepare(msg: Message, context: Context, load_site: SiteLoader):
     config = msg.content["config"]
-    # Issue 7: a hetlora hospital builds its model at its own LoRA rank.
+    # A hetlora hospital builds its model at its own LoRA rank.
     model_config = hospital_model_config(from_config_record(ModelConfig, config), config, context)
     model = lora_model_for(model_config)
-    # Issue 7: the round's adapter-exchange mode (FFA-LoRA freezes A, FedSA-LoRA adds own B).
+    # The round's adapter-exchange mode (FFA-LoRA freezes A, FedSA-LoRA adds own B).
     receive_adapter(model, msg.content["arrays"], config, context)
     return model, config, load_site(context, model_config.image_size)
 
@@ -73,7 +73,7 @@ def handle_train(
 ) -> Message:
     """Local training on the global adapter; the reply carries the new adapter and two numbers.
 
-    With DP (issue 4) the metrics add ``dp-epsilon`` and ``dp-delta``; a round the site's privacy
+    With DP the metrics add ``dp-epsilon`` and ``dp-delta``; a round the site's privacy
     policy refuses gets an error reply whose reason says why (nothing is released).
     """
     model, config, site = _prepare(msg, context, load_site)
@@ -82,7 +82,7 @@ def handle_train(
     hospital = hospital_id(context)
     # Distinct per hospital and round, same on replay.
     seed = train_config.seed * 1_000_003 + server_round * 1_009 + hospital
-    # Issue 4: plain train_local unless the run asks for DP or the site has a privacy policy.
+    # Plain train_local unless the run asks for DP or the site has a privacy policy.
     try:
         loss, dp_metrics = train_round(
             model, site.train, train_config, _round_dp(msg), load_privacy(context),
@@ -95,9 +95,9 @@ def handle_train(
         {"num-examples": len(site.train), "train-loss": loss, "hospital-id": hospital}
         | dp_metrics
     )
-    arrays = send_adapter(model, config, context)  # issue 7: only the exchanged tensors
+    arrays = send_adapter(model, config, context)  # only the exchanged tensors
     content = RecordDict({"arrays": arrays, "metrics": metrics})
-    # Issue 3: the site's dataset fingerprint and counts (never ids, UIDs or paths), for the
+    # The site's dataset fingerprint and counts (never ids, UIDs or paths), for the
     # run records; MetricRecord holds numbers only, so they travel as a ConfigRecord.
     if site.info:
         content["site"] = ConfigRecord(site.info)
@@ -143,7 +143,7 @@ def build_client_app(
     def train(msg: Message, context: Context) -> Message:
         try:
             reply = train_plain(msg, context)
-        except Exception as err:  # issue 6: a local failure is answered and audited
+        except Exception as err:  # a local failure is answered and audited
             reply = failure_reply(msg, err)
         audit_reply(msg, reply, context)  # egress audit log (node config 'audit-log')
         return reply
@@ -165,9 +165,9 @@ def build_client_app(
     def evaluate_(msg: Message, context: Context) -> Message:
         try:
             reply = refuse_run(msg, context) or handle_evaluate(msg, context, load_site)
-        except Exception as err:  # issue 6: a local failure is answered and audited
+        except Exception as err:  # a local failure is answered and audited
             reply = failure_reply(msg, err)
-        audit_reply(msg, reply, context)  # issue 6: egress audit log
+        audit_reply(msg, reply, context)  # egress audit log
         return reply
 
     return app

@@ -75,7 +75,7 @@ def run_federation(
 ) -> FederationOutcome:
     """Run ``federation.rounds`` rounds and write metrics and the final adapter to ``records``.
 
-    ``dp`` (issue 4) travels in each round's config; with client-level DP the strategy averages
+    ``dp`` travels in each round's config; with client-level DP the strategy averages
     updates uniformly (hospitals send ``update-weight`` = 1), as its sensitivity bound needs.
 
     Raises:
@@ -93,13 +93,13 @@ def run_federation(
         min_available_nodes=federation.min_hospitals,
         observer=lambda reply: _observe(reply, records, on_reply),
         train_weighted_by_key="update-weight" if dp is not None and dp.update_dp else None,
-        options=federation.options,  # issue 7: the strategies' settings
+        options=federation.options,  # the strategies' settings
     )
     if federation.secure_aggregation.enabled:
         # Training rounds then run SecAgg+: the strategy only ever receives the sum.
         grid = secure_grid(grid, federation.secure_aggregation, strategy, dp)
     evaluator = central_evaluator(model, test_set)
-    # Issue 6: a checkpoint after every round; a run dir holding one (a crashed run with the same
+    # A checkpoint after every round; a run dir holding one (a crashed run with the same
     # settings) resumes after its round, with its arrays, RNG states and records.
     fingerprint = settings_fingerprint(federation, model_config, train_config, dp)
     resumed = load_checkpoint(records.run_dir, fingerprint)
@@ -109,7 +109,7 @@ def run_federation(
         initial_arrays = ArrayRecord({k: resumed.arrays[k] for k in initial_arrays})
         records.rows.update({(r["round"], r["hospital"]): r for r in resumed.rows})
         logger.info("resuming %s after round %d of %d", records.run_dir, done, federation.rounds)
-        # Flower counts from 1: shift to done + 1; FedOpt's moments come back (issue 6).
+        # Flower counts from 1: shift to done + 1; FedOpt's moments come back.
         strategy = RoundOffset(strategy, done, resumed.strategy_state)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord):
@@ -127,7 +127,7 @@ def run_federation(
         return metrics
 
     wire_config = to_config_record(model_config, train_config, *([dp] if dp else []))
-    # Issue 6: declared so that a hospital's run policy can refuse too small aggregates.
+    # Declared so that a hospital's run policy can refuse too small aggregates.
     wire_config["min-hospitals"] = federation.min_hospitals
     start = time.monotonic()
     try:
@@ -140,7 +140,7 @@ def run_federation(
             evaluate_config=to_config_record(model_config, train_config),
             evaluate_fn=evaluate_fn,
         )
-    except TooFewUpdates as err:  # issue 4: end at the round that failed, saying why
+    except TooFewUpdates as err:  # end at the round that failed, saying why
         records.write_metrics()
         raise FederationError(f"{err}. See {records.run_dir / 'metrics.csv'}") from err
     wall_time = time.monotonic() - start
@@ -148,7 +148,7 @@ def run_federation(
     _check_rounds(records, federation)
     load_adapter_state(model, result.arrays.to_torch_state_dict())
     save_adapter(model, records.run_dir / "adapter")
-    # Issue 6: a finished run starts afresh when run again (the checkpoint is for crashes).
+    # A finished run starts afresh when run again (the checkpoint is for crashes).
     (records.run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     return FederationOutcome(model=model, wall_time_s=wall_time)
 
