@@ -7,6 +7,7 @@ import sys
 
 from simulations.bench import (
     communication,
+    deploy,  # issue 6
     dp_overhead,
     dp_utility,  # issue 4
     scale,
@@ -17,6 +18,7 @@ from simulations.bench import (
 BENCHES = {"communication": communication.main, "scale": scale.main, "site-data": site_data.main,
            "dp-overhead": dp_overhead.main, "strategies": strategies.main}
 BENCHES["dp-utility"] = dp_utility.main  # issue 4
+BENCHES["deploy"] = deploy.main  # issue 6
 
 
 def main(argv: list[str] | None = None) -> int:
