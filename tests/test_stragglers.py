@@ -3,8 +3,8 @@ coordinator aggregates those that answered in time and records the straggler as 
 
 In-process (no Flower runtime, no waiting): the straggler ClientApp's delay, and the strategy's
 bookkeeping of who was asked and who answered. A Flower simulation with a round timeout must
-wait the timeout out, which on a loaded 2-core machine has to cover Ray actors starting in
-round 1 (minutes), so it is not a unit test; see README "Stragglers" for a run.
+wait the timeout out, and the timeout has to cover Ray actors starting within round 1 (minutes
+on a loaded 2-core machine), so that is not a unit test (scenario ``slow-hospitals``).
 """
 
 from __future__ import annotations
