@@ -277,7 +277,6 @@ def _exec_daemon(argv: list[str], print_only: bool, flwr_home: Path) -> int:
 
 def cmd_coordinator_start(args: argparse.Namespace) -> int:
     from privacy.pki import KeyFileError
-    from server.consortium import ConsortiumError
     from server.daemon import flwr_cli_home, run_coordinator, superlink_command
 
     try:
@@ -288,7 +287,8 @@ def cmd_coordinator_start(args: argparse.Namespace) -> int:
             return run_coordinator(args.dir, args.study, args.run_dir, insecure=args.insecure)
         argv = superlink_command(args.dir, insecure=args.insecure)
         home = flwr_cli_home(args.dir, insecure=args.insecure)
-    except (ConsortiumError, KeyFileError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, KeyFileError, FileNotFoundError, RuntimeError) as err:
+        # ValueError: ConsortiumError, or the study's ConfigError (both name the file).
         console.print(f"[red]error:[/] {err}")
         return 1
     return _exec_daemon(argv, args.print_command, home)

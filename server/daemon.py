@@ -203,9 +203,15 @@ def run_coordinator(folder: Path, study: Path, run_dir: Path | None = None,
 
     Started again after a crash with the same study and run directory, the run resumes after
     its last checkpointed round. Returns 0 when the run finished (its final adapter written).
+
+    Raises:
+        simulations.config.ConfigError: the study file is unreadable or names unknown settings.
     """
+    from simulations.config import load_config
+
     folder = Path(folder).resolve()
     config = check_consortium(folder)
+    load_config(Path(study))  # unknown settings and wrong types fail here, naming the file
     run_dir = Path(run_dir).resolve() if run_dir else default_run_dir(folder, study)
     argv = superlink_command(folder, insecure, config)
     link = subprocess.Popen(argv, env=daemon_env(flwr_cli_home(folder, config, insecure),

@@ -187,3 +187,22 @@ def test_cli_init_enroll_revoke(tmp_path, capsys):
     assert medfed(["coordinator", "revoke", str(folder), "--name", "h1"]) == 1
     assert medfed(["coordinator", "hospitals", str(folder)]) == 0
     assert medfed(["coordinator", "init", str(folder)]) == 1
+
+
+def test_app_folder_and_a_bad_study_is_refused_before_anything_starts(tmp_path, capsys):
+    import tomllib
+
+    from server.flower_app import write_app_dir
+
+    init_consortium(tmp_path / "c", "t")
+    (tmp_path / "bad.toml").write_text("[federation]\nroundz = 2\n")
+    assert medfed(["coordinator", "start", str(tmp_path / "c"), "--study",
+                   str(tmp_path / "bad.toml")]) == 1
+    assert "roundz" in capsys.readouterr().out
+    assert not (tmp_path / "c" / "superlink-state.db").exists()
+    # The Flower App: components from the installed medfed; no dependencies to install.
+    app = write_app_dir(tmp_path / "c")
+    project = tomllib.loads((app / "pyproject.toml").read_text())
+    assert project["tool"]["flwr"]["app"]["components"] == {
+        "serverapp": "medfed_app.server_app:app", "clientapp": "medfed_app.client_app:app"}
+    assert "dependencies" not in project["project"]
