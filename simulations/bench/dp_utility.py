@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import tempfile
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +69,20 @@ def membership(config: SimulationConfig, limit: int) -> MembershipResult:
 
 
 def _reused(config: SimulationConfig) -> dict[str, Any] | None:
-    """A finished run's summary in ``config.run_dir`` when its config.toml is this config's."""
+    """A finished run's summary in ``config.run_dir`` when its config.toml is this config's
+    (DP-SGD's engine setting aside in a run without DP-SGD)."""
     run_dir = Path(config.run_dir)
     if not (run_dir / "summary.json").exists():
         return None
     with tempfile.TemporaryDirectory() as tmp:  # this config, written as a run writes it
-        expected = RunRecords(Path(tmp)).write_config(config_dict(runner.resolve(config)))
-        if expected.read_text() != (run_dir / "config.toml").read_text():
-            return None
+        path = RunRecords(Path(tmp)).write_config(config_dict(runner.resolve(config)))
+        expected = tomllib.loads(path.read_text())
+    written = tomllib.loads((run_dir / "config.toml").read_text())
+    for values in (expected, written):
+        if not values.get("privacy", {}).get("dpsgd"):
+            values.get("privacy", {}).pop("dp_grad_sample_mode", None)
+    if expected != written:
+        return None
     return json.loads((run_dir / "summary.json").read_text())
 
 
