@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -185,6 +186,7 @@ class _SecAggRound:
                             f"{ACTION}", group_id=str(self.server_round))
                     for node, content in contents.items()]
         replies: dict[int, Message] = {}
+        started = time.monotonic()
         for reply in self.grid.send_and_receive(messages, timeout=timeout):
             node = reply.metadata.src_node_id
             if node not in contents:
@@ -197,6 +199,9 @@ class _SecAggRound:
         for node in contents:
             if node not in replies:
                 self._exclude(node, f"{stage}: no reply within the timeout")
+        logger.info("round %d: secure aggregation %s stage: %d of %d replies in %.1f s",
+                    self.server_round, stage, len(replies), len(contents),
+                    time.monotonic() - started)
         return replies
 
     def _stage_record(self, stage: str, **values) -> ConfigRecord:
