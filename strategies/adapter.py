@@ -65,6 +65,7 @@ class AdapterStrategy:
         self.train_weighted_by_key = train_weighted_by_key or self.weighted_by_key
         self._global: ArrayRecord | None = None
         self._asked: dict[str, list[int]] = {}
+        self._sent: dict[str, list[Message]] = {}
 
     def exchanged(self, arrays: ArrayRecord) -> ArrayRecord:
         """The part of ``arrays`` hospitals send back under this rule's exchange."""
@@ -92,6 +93,9 @@ class AdapterStrategy:
         """Keep which hospitals were asked in ``phase``, to record those who do not answer."""
         messages = list(messages)
         self._asked[phase] = [m.metadata.dst_node_id for m in messages]
+        # The grid gives each message its id in place when it pushes it; kept to name the node
+        # behind an error the SuperLink answers on a dead node's behalf.
+        self._sent[phase] = messages
         return messages
 
     def record_late(self, server_round: int, phase: str, replies: Iterable[Message]
@@ -100,6 +104,14 @@ class AdapterStrategy:
         (a straggler past the round timeout) is logged and reported to the observer as late,
         which the run records keep apart from failures."""
         replies = list(replies)
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id
+                   for m in self._sent.pop(phase, [])}
+        for reply in replies:
+            # "Node Unavailable" errors come from the SuperLink (src node 1): record them
+            # under the hospital that was asked.
+            asked = node_of.get(reply.metadata.reply_to_message_id)
+            if asked is not None and reply.metadata.src_node_id != asked:
+                reply.metadata.__dict__["_src_node_id"] = asked
         answered = {m.metadata.src_node_id for m in replies}
         for node in self._asked.pop(phase, []):
             if node not in answered:

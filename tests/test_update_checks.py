@@ -23,3 +23,32 @@ def test_each_defect_is_named():
     nan = np.zeros((2, 3), np.float32)
     nan[0, 0] = np.nan
     assert "non-finite" in check_update(_record(a=nan), ref)
+
+
+def test_superlink_error_for_a_dead_hospital_is_recorded_under_that_hospital():
+    """Flower's SuperLink answers for a node whose heartbeat stopped, from its own node id
+    (1): the records must name the hospital that was asked, not node 1."""
+    import pytest
+    from flwr.app import ConfigRecord, Error, Message
+
+    from simulations.inprocess import InProcessGrid
+    from strategies import build_strategy
+    from strategies.adapter import TooFewUpdates
+
+    seen = []
+    strategy = build_strategy("fedavg", min_train_nodes=2, min_available_nodes=2,
+                              observer=seen.append)
+    grid = InProcessGrid(None, {101: {}, 202: {}})
+    arrays = _record(a=np.zeros((2, 3), np.float32))
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+    for k, msg in enumerate(messages):
+        msg.metadata.__dict__["_message_id"] = f"sent-{k}"
+    replies = []
+    for msg in messages:
+        reply = Message(Error(code=0, reason="Error: Node Unavailable"), reply_to=msg)
+        reply.metadata.__dict__["_src_node_id"] = 1  # as the SuperLink sends it
+        replies.append(reply)
+    with pytest.raises(TooFewUpdates):
+        strategy.aggregate_train(1, replies)
+    assert sorted(r.node_id for r in seen) == [101, 202]
+    assert all("Node Unavailable" in r.error for r in seen)
