@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--hospitals", type=int, default=3)
     parser.add_argument("--keep", type=Path, help="keep the folders here (default: temporary)")
+    parser.add_argument("--secure-aggregation", action="store_true",
+                        help="both runs under secure aggregation (SecAgg+)")
     args = parser.parse_args(argv)
     from rich.console import Console
 
@@ -200,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
 
     config = default_study()
     config = replace(config, data=replace(config.data, num_hospitals=args.hospitals),
-                     federation=replace(config.federation, rounds=args.rounds))
+                     federation=replace(config.federation, rounds=args.rounds,
+                                        secure_aggregation=replace(
+                                            config.federation.secure_aggregation,
+                                            enabled=args.secure_aggregation)))
     root = Path(args.keep or tempfile.mkdtemp(prefix="medfed-deploy-"))
     root.mkdir(parents=True, exist_ok=True)
     console = Console()
