@@ -105,7 +105,7 @@ class AdapterStrategy:
         which the run records keep apart from failures."""
         replies = list(replies)
         node_of = {m.metadata.message_id: m.metadata.dst_node_id
-                   for m in self._sent.pop(phase, [])}
+                   for m in self._sent.pop(phase, []) if m.metadata.message_id}
         for reply in replies:
             # "Node Unavailable" errors come from the SuperLink (src node 1): record them
             # under the hospital that was asked.

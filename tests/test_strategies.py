@@ -291,5 +291,7 @@ def test_hetlora_rank_above_the_global_rank_is_refused(site, small_model_config)
     context = Context(run_id=1, node_id=3, node_config={"partition-id": 0, "lora-rank": 8},
                       state=RecordDict(), run_config={})
     app = build_client_app(lambda context, image_size: site)
-    with pytest.raises(ValueError, match="node config 'lora-rank': LoRA rank 8"):
-        app(_message("train", arrays, config), context)
+    reply = app(_message("train", arrays, config), context)  # a local failure is answered
+    assert reply.has_error()
+    assert "node config 'lora-rank': LoRA rank 8 must be between 1 and the global rank 4" \
+        in reply.error.reason
