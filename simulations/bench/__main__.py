@@ -11,6 +11,7 @@ from simulations.bench import (
     dp_overhead,
     dp_utility,  # issue 4
     scale,
+    secagg,
     site_data,
     strategies,
 )
@@ -19,6 +20,7 @@ BENCHES = {"communication": communication.main, "scale": scale.main, "site-data"
            "dp-overhead": dp_overhead.main, "strategies": strategies.main}
 BENCHES["dp-utility"] = dp_utility.main  # issue 4
 BENCHES["deploy"] = deploy.main  # issue 6
+BENCHES["secagg"] = secagg.main  # issue 5
 
 
 def main(argv: list[str] | None = None) -> int:
