@@ -2,12 +2,16 @@
 the hospital's node key and its node config (manifest, policy, ledger, audit log).
 
 ``medfed hospital start --dir DIR`` runs it. TLS is always on, except with ``insecure=True``
-(loopback tests only; logged as a warning).
+(loopback tests only; logged as a warning). With ``clientapp_executor = "warm"`` (the default)
+the SuperNode runs with ``--isolation process`` and :func:`warm_exec_command` is its SuperExec,
+authenticated to it by a fresh shared secret at each start.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -18,6 +22,8 @@ from client.site_folder import SiteFolderError, load_hospital_config, node_confi
 
 logger = logging.getLogger(__name__)
 
+SUPEREXEC_SECRET_FILE = "superexec.secret"
+"""Written (0600) at each start: the SuperNode and the warm SuperExec share it."""
 NODE_CONFIG_FILE = "node-config.toml"
 """Written at each start from ``hospital.toml``; ``flower-supernode --node-config`` reads a TOML
 file whole, so paths with spaces need no quoting."""
@@ -40,6 +46,9 @@ def supernode_command(folder: Path, insecure: bool = False) -> list[str]:
     node_config_file.write_text(tomli_w.dumps(node_config(folder, config)))
     argv = [exe, "--superlink", config.superlink, "--node-config", str(node_config_file),
             "--port", str(config.runtime_port)]
+    if config.clientapp_executor == "warm":
+        argv += ["--isolation", "process",
+                 "--superexec-auth-secret-file", str(_fresh_secret(folder))]
     if insecure:
         logger.warning("hospital %s: plaintext (--insecure) and no node authentication: for "
                        "loopback tests only, never with patient data", config.name)
@@ -51,6 +60,39 @@ def supernode_command(folder: Path, insecure: bool = False) -> list[str]:
                                      if name == "ca_cert" else ""))
     return [*argv, "--root-certificates", str(folder / config.ca_cert),
             "--auth-supernode-private-key", str(folder / config.node_key)]
+
+
+def warm_exec_command(folder: Path, supernode_pid: int) -> list[str] | None:
+    """The warm SuperExec's argv for the SuperNode of ``folder`` (process ``supernode_pid``),
+    or ``None`` when the hospital uses Flower's own subprocess executor. Call it after
+    :func:`supernode_command`, which writes the shared secret."""
+    folder = Path(folder).resolve()
+    config = load_hospital_config(folder)
+    if config.clientapp_executor != "warm":
+        return None
+    return [sys.executable, "-m", "client.warm_exec",
+            "--runtime-api-address", f"127.0.0.1:{config.runtime_port}",
+            "--superexec-auth-secret-file", str(folder / SUPEREXEC_SECRET_FILE),
+            "--parent-pid", str(supernode_pid)]
+
+
+def thread_env(folder: Path) -> dict[str, str]:
+    """Environment variables that hold the daemon's ClientApp processes to ``cpu_threads``
+    threads (none when it is 0: all cores)."""
+    threads = load_hospital_config(Path(folder)).cpu_threads
+    if not threads:
+        return {}
+    return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def _fresh_secret(folder: Path) -> Path:
+    """A new random SuperExec secret in ``folder`` (0600, created with that mode)."""
+    path = folder / SUPEREXEC_SECRET_FILE
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secrets.token_bytes(32))
+    return path
 
 
 def _flower_executable(name: str) -> str | None:

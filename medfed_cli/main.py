@@ -259,9 +259,11 @@ def cmd_hospital_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exec_daemon(argv: list[str], print_only: bool, flwr_home: Path) -> int:
+def _exec_daemon(argv: list[str], print_only: bool, flwr_home: Path,
+                 extra_env: dict[str, str] | None = None) -> int:
     """Print the daemon's command, or replace this process with it (so that systemd supervises
-    Flower's daemon directly and signals reach it). Flower's state goes to ``flwr_home``."""
+    Flower's daemon directly and signals reach it). Flower's state goes to ``flwr_home``;
+    ``extra_env`` is added to its environment."""
     import os
     import shlex
 
@@ -271,7 +273,7 @@ def _exec_daemon(argv: list[str], print_only: bool, flwr_home: Path) -> int:
     if print_only:
         return 0
     flwr_home.mkdir(parents=True, exist_ok=True)
-    os.execve(argv[0], argv, daemon_env(flwr_home, argv[0]))
+    os.execve(argv[0], argv, daemon_env(flwr_home, argv[0]) | (extra_env or {}))
     return 1  # not reached
 
 
@@ -295,15 +297,31 @@ def cmd_coordinator_start(args: argparse.Namespace) -> int:
 
 
 def cmd_hospital_start(args: argparse.Namespace) -> int:
-    from client.daemon import supernode_command
+    import os
+    import shlex
+    import subprocess
+
+    from client.daemon import supernode_command, thread_env, warm_exec_command
     from client.site_folder import SiteFolderError
+    from server.daemon import daemon_env
 
     try:
         argv = supernode_command(args.dir, insecure=args.insecure)
+        # This process becomes the SuperNode (execve keeps the pid): the warm SuperExec
+        # watches that pid and stops with it.
+        warm = warm_exec_command(args.dir, os.getpid())
+        threads = thread_env(args.dir)
     except (SiteFolderError, FileNotFoundError) as err:
         console.print(f"[red]error:[/] {err}")
         return 1
-    return _exec_daemon(argv, args.print_command, args.dir.resolve() / "flwr-home")
+    home = args.dir.resolve() / "flwr-home"
+    if warm is not None:
+        shown = warm[:-1] + ["SUPERNODE_PID"] if args.print_command else warm
+        console.print(shlex.join(shown), markup=False, highlight=False, soft_wrap=True)
+        if not args.print_command:
+            home.mkdir(parents=True, exist_ok=True)
+            subprocess.Popen(warm, env=daemon_env(home, argv[0]) | threads)  # noqa: S603
+    return _exec_daemon(argv, args.print_command, home, threads)
 
 
 def cmd_coordinator_register(args: argparse.Namespace) -> int:

@@ -148,12 +148,21 @@ def _run_flwr(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
     return done.returncode, done.stdout + done.stderr
 
 
+OBJECT_TRANSFERS = 16
+"""Concurrent object pulls/pushes per message in Flower's daemons (Flower's default: 2). An
+adapter travels as ~100 small tensors, each its own object and HTTP request; 16 at a time cut
+the loopback deploy benchmark from 140 s to 118 s. An operator's own setting wins."""
+
+
 def daemon_env(flwr_home: Path, exe: str) -> dict[str, str]:
     """The environment Flower's daemons run in: their state under ``flwr_home`` (not ``~``),
     and the helpers they start by name (``flower-superexec``, ``flwr-serverapp``) found beside
     them."""
     return dict(os.environ, FLWR_HOME=str(flwr_home),
-                PATH=os.pathsep.join([str(Path(exe).parent), os.environ.get("PATH", "")]))
+                PATH=os.pathsep.join([str(Path(exe).parent), os.environ.get("PATH", "")]),
+                **{name: os.environ.get(name, str(OBJECT_TRANSFERS)) for name in (
+                    "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS",
+                    "FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES")})
 
 
 def wait_listening(host: str, port: int, proc: subprocess.Popen, timeout_s: float) -> None:

@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 
 from client.audit import read_audit_log
+from client.warm_exec import TASK_STARTED
 from server.checkpoint import CHECKPOINT_FILE
 from simulations.bench.deploy import LoopbackConsortium, default_study
 
@@ -57,7 +58,7 @@ def test_hospital_and_coordinator_crashes_do_not_stop_the_study(consortium):
         lc.start_hospital(k)
 
     # Hospital 2 dies while its round-1 ClientApp is running: nothing of it left the hospital.
-    assert lc.wait_for_log("hospital-2", "Start `flwr-clientapp` process", 300), \
+    assert lc.wait_for_log("hospital-2", TASK_STARTED, 300), \
         lc.log("hospital-2").read_text()
     lc.kill("hospital-2")
     audit_2 = lc.sites[2] / "egress-audit.jsonl"

@@ -96,7 +96,10 @@ class LoopbackConsortium:
                      train_labels=data.train.labels.numpy(), val_images=_uint8(data.val.images),
                      val_labels=data.val.labels.numpy())
             hospital = load_hospital_config(site).__dict__ | {
-                "data_npz": "site.npz", "runtime_port": free_port()}
+                "data_npz": "site.npz", "runtime_port": free_port(),
+                # All daemons share this machine: one thread each, as the simulation gives
+                # each hospital one CPU (cpus_per_hospital).
+                "cpu_threads": config.cpus_per_hospital}
             if config.site_policy:
                 shutil.copy(config.site_policy, site / "privacy-policy.toml")
             else:

@@ -1,0 +1,71 @@
+"""The hospital daemon's warm SuperExec: commands, secrets, threads, and pre-imported tasks."""
+
+import multiprocessing
+import stat
+import sys
+
+import pytest
+import tomli_w
+
+from client.daemon import SUPEREXEC_SECRET_FILE, supernode_command, thread_env, warm_exec_command
+from client.site_folder import SiteFolderError, init_site_folder, load_hospital_config
+from client.warm_exec import WarmClientAppExecutor
+
+
+def _site(tmp_path, **settings):
+    site = tmp_path / "site"
+    init_site_folder(site, "general")
+    (site / "ca.pem").write_text("placeholder: the command only checks that it exists")
+    values = load_hospital_config(site).__dict__ | settings
+    (site / "hospital.toml").write_text(tomli_w.dumps({"hospital": values}))
+    return site
+
+
+def test_warm_by_default_with_a_fresh_private_secret_per_start(tmp_path):
+    site = _site(tmp_path, runtime_port=9123)
+    argv = supernode_command(site)
+    assert argv[argv.index("--isolation") + 1] == "process"
+    secret = site / SUPEREXEC_SECRET_FILE
+    assert argv[argv.index("--superexec-auth-secret-file") + 1] == str(secret.resolve())
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and len(secret.read_bytes()) == 32
+    first = secret.read_bytes()
+    supernode_command(site)
+    assert secret.read_bytes() != first  # a new secret at each start
+
+    warm = warm_exec_command(site, 4242)
+    assert warm[:3] == [sys.executable, "-m", "client.warm_exec"]
+    assert warm[warm.index("--runtime-api-address") + 1] == "127.0.0.1:9123"
+    assert warm[warm.index("--superexec-auth-secret-file") + 1] == str(secret.resolve())
+    assert warm[warm.index("--parent-pid") + 1] == "4242"
+
+
+def test_flowers_subprocess_executor_and_thread_limits(tmp_path):
+    site = _site(tmp_path, clientapp_executor="subprocess", cpu_threads=1)
+    assert "--isolation" not in supernode_command(site)
+    assert warm_exec_command(site, 1) is None
+    assert thread_env(site) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert thread_env(_site(tmp_path / "other")) == {}
+
+
+@pytest.mark.parametrize("settings, field", [({"clientapp_executor": "cold"}, "clientapp_executor"),
+                                             ({"cpu_threads": -1}, "cpu_threads")])
+def test_bad_executor_settings_name_the_field(tmp_path, settings, field):
+    site = _site(tmp_path, **settings)
+    with pytest.raises(SiteFolderError, match=field):
+        load_hospital_config(site)
+
+
+def _imported(queue) -> None:
+    queue.put(sorted(m for m in ("client.app", "torch", "peft", "monai") if m in sys.modules))
+
+
+def test_task_processes_fork_from_a_server_that_imported_the_clientapp():
+    executor = WarmClientAppExecutor()
+    try:
+        queue = multiprocessing.get_context("forkserver").Queue()
+        task = executor._context.Process(target=_imported, args=(queue,))
+        task.start()
+        task.join(timeout=60)
+        assert queue.get(timeout=5) == ["client.app", "monai", "peft", "torch"]
+    finally:
+        executor.close()
