@@ -363,6 +363,24 @@ def test_real_hospitals_with_client_dp_under_secure_aggregation(tmp_path):
         assert 0 < secure_row["epsilon"] < plain_row["epsilon"]
 
 
+def test_real_hospitals_with_dpsgd_under_secure_aggregation(tmp_path):
+    """DP-SGD at the hospitals works unchanged under secure aggregation: the same seeded
+    private training, so the secure round's adapter is the plain round's, and each hospital
+    reports the epsilon its own accountant spent."""
+    from privacy.config import DPConfig
+
+    dp = DPConfig(dpsgd=True, dp_noise_multiplier=1.0, dp_max_grad_norm=1.0)
+    plain, plain_rows = _federate(tmp_path, "plain-dpsgd", secure=False, dp=dp)
+    secure, secure_rows = _federate(tmp_path, "secure-dpsgd", secure=True, dp=dp)
+    assert len(secure_rows) == 3 and not any(r.get("error") for r in secure_rows)
+    assert any(np.max(np.abs(secure[k] - _federate_start(k))) > 1e-3 for k in secure)
+    for key in plain:
+        assert np.max(np.abs(secure[key] - plain[key])) < 1e-4, key
+    for plain_row, secure_row in zip(plain_rows, secure_rows, strict=True):
+        assert secure_row["epsilon"] > 0
+        assert secure_row["epsilon"] == pytest.approx(plain_row["epsilon"])
+
+
 def test_flower_simulation_runs_under_secure_aggregation(tmp_path):
     """``medfed simulate --secure-aggregation``'s path: Flower's simulation engine (Ray), the
     four stages as ``train.secagg`` messages to real ClientApps."""
