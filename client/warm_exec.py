@@ -98,7 +98,9 @@ class WarmClientAppExecutor(SubprocessExecutor):
             task = self._context.Process(target=_run_task, args=(spec,),
                                          name=f"medfed-clientapp-{spec.task_id}")
             task.start()
-        except OSError as err:  # e.g. out of processes or memory: Flower retries the task
+        except Exception as err:  # noqa: BLE001 - e.g. out of processes or memory: report
+            # it to Flower (the task then expires) rather than stop the daemon's SuperExec.
+            logger.error("task %d: could not start a ClientApp process: %s", spec.task_id, err)
             return LaunchResult.failed(f"could not fork a ClientApp process: {err}")
         self._tasks.append(task)
         logger.info("task %d: %s %d", spec.task_id, TASK_STARTED, task.pid)
