@@ -2,7 +2,8 @@
 
 :class:`UpdateAttack` is a Flower ClientApp mod: after the hospital trains, it replaces the
 reply's adapter by ``global + factor * (new - global)`` (``factor`` < 0 flips the update's sign,
-a large ``factor`` scales it), as a broken or malicious site might.
+a large ``factor`` scales it), as a broken or malicious site might. It may also lie about its
+``num-examples``: the count is self-reported, so a weighted mean gives a liar the weight it claims.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ class UpdateAttack:
     Attributes:
         hospital: partition id of the attacking hospital.
         factor: multiplies the hospital's update ``new - global`` (-1: sign flip).
+        claimed_examples: ``num-examples`` the reply claims (0: the true count).
     """
 
     hospital: int
     factor: float
+    claimed_examples: int = 0
 
     def __call__(self, msg: Message, context: Context, call_next) -> Message:
         reply = call_next(msg, context)
@@ -45,6 +48,8 @@ class UpdateAttack:
             value = base + self.factor * (array.numpy() - base)
             distorted[name] = Array(np.asarray(value, dtype=array.numpy().dtype))
         reply.content["arrays"] = distorted
+        if self.claimed_examples > 0:
+            reply.content["metrics"]["num-examples"] = self.claimed_examples
         return reply
 
 

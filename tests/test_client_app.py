@@ -7,11 +7,13 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from client.app import build_client_app
+from client.privacy_round import site_privacy_from_node_config
 from client.site import SiteData
 from models.adapters import adapter_state
 from models.config import ModelConfig, TrainConfig, to_config_record
 from models.lora import build_lora_model
 from models.registry import WeightsMismatchError
+from simulations.attack import UpdateAttack, attacked_client_app
 from simulations.inprocess import coordinator_message
 
 
@@ -77,3 +79,22 @@ def test_hospital_refuses_other_base_weights(app, small_model_config):
     reply = app(_message("train", arrays, config), _context())
     assert reply.has_error() and WeightsMismatchError.__name__ in reply.error.reason
     assert "f" * 64 in reply.error.reason
+
+
+def test_hostile_hospital_flips_its_update_and_inflates_its_weight(app, small_model_config,
+                                                                    site):
+    arrays, config = _wire(small_model_config)
+    honest = app(_message("train", arrays, config), _context()).content
+    attack = UpdateAttack(hospital=3, factor=-1, claimed_examples=5000)
+    hostile_app = attacked_client_app(lambda context, image_size: site,
+                                      site_privacy_from_node_config, attack)
+    hostile = hostile_app(_message("train", arrays, config), _context()).content
+    assert hostile["metrics"]["num-examples"] == 5000
+    for name in arrays:
+        start, update = arrays[name].numpy(), honest["arrays"][name].numpy() - arrays[name].numpy()
+        np.testing.assert_allclose(hostile["arrays"][name].numpy(), start - update, atol=1e-6)
+    # Every other hospital is left alone.
+    other = Context(run_id=1, node_id=8, node_config={"partition-id": 0}, state=RecordDict(),
+                    run_config={})
+    bystander = hostile_app(_message("train", arrays, config), other).content
+    assert bystander["metrics"]["num-examples"] == len(site.train)

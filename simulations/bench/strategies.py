@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attack-factors", default="-1,-10,20",
                         help="update factors of the hostile hospital (''; none)")
     parser.add_argument("--attack-strategies", default=",".join(ROBUST))
+    parser.add_argument("--attack-claimed-examples", type=int, default=0,
+                        help="num-examples the hostile hospital claims (0: its true count); "
+                             "a weighted mean gives it the weight it claims")
     parser.add_argument("--baselines", default="pooled,local",
                         help="baselines run once with the first strategy ('' for none)")
     parser.add_argument("--run-dir", type=Path, default=None,
@@ -148,13 +151,17 @@ def main(argv: list[str] | None = None) -> int:
         factors = [float(f) for f in args.attack_factors.split(",") if f]
         if factors:
             print()
-            print("one hostile hospital (partition 0) sends global + factor * its update:")
+            claim = (f", claiming {args.attack_claimed_examples} examples"
+                     if args.attack_claimed_examples else "")
+            print(f"one hostile hospital (partition 0{claim}) sends global + factor * its "
+                  "update:")
             print(f"{'strategy':<14}" + "".join(f"{'x' + format(f, 'g'):>10}" for f in factors)
                   + "   (test auc)")
             clean_auc = {n: results[n]["federated"]["auc"] for n in results}
             for name in [n for n in args.attack_strategies.split(",") if n]:
-                aucs = [_run(args, name, [], root, UpdateAttack(0, f))["federated"]["auc"]
-                        for f in factors]
+                attacks = [UpdateAttack(0, f, args.attack_claimed_examples) for f in factors]
+                aucs = [_run(args, name, [], root, attack)["federated"]["auc"]
+                        for attack in attacks]
                 if name in clean_auc:  # survives: within 0.05 AUC of its clean run
                     survives = all(a >= clean_auc[name] - 0.05 for a in aucs)
                     verdict = "survives" if survives else "degraded"
