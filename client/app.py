@@ -33,6 +33,7 @@ from client.privacy_round import (  # DP-SGD, update DP, site policy and ledger
 from client.run_policy import refuse_run
 from client.secure_aggregation import handle_secagg
 from client.site import SiteLoader, load_site_from_node_config
+from client.wire import packed_wire_mod
 from models.config import ModelConfig, TrainConfig, from_config_record, round_lr
 from models.metrics import evaluate
 from privacy.config import DPConfig, dp_config_from_record
@@ -133,7 +134,7 @@ def build_client_app(
 ) -> ClientApp:
     """A ClientApp whose hospitals get their data from ``load_site`` and their privacy policy
     and ledger from ``load_privacy``."""
-    app = ClientApp()
+    app = ClientApp(mods=[packed_wire_mod])  # a coordinator may pack the adapter
 
     def train_plain(msg: Message, context: Context) -> Message:
         # The hospital's run policy first (node config 'run-policy'), then the work.

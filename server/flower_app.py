@@ -145,6 +145,7 @@ server_app = ServerApp()
 @server_app.main()
 def _main(grid: Grid, context: Context) -> None:
     from server.rounds import run_federation
+    from server.wire_grid import PackedWireGrid
 
     _log_to_stderr()
     run = deployment_server_run(context)
@@ -152,8 +153,9 @@ def _main(grid: Grid, context: Context) -> None:
                 context.run_config[STUDY_KEY], run.federation.rounds, run.federation.min_hospitals,
                 run.records.run_dir)
     started = time.monotonic()
-    outcome = run_federation(grid, run.federation, run.model, run.train, run.test_set,
-                             run.records, run.on_round, run.on_reply, run.dp)
+    # Deployment only: packed adapters and prompt polling (server.wire_grid).
+    outcome = run_federation(PackedWireGrid(grid), run.federation, run.model, run.train,
+                             run.test_set, run.records, run.on_round, run.on_reply, run.dp)
     history = run.records.test_history()
     summary = {"rounds": run.federation.rounds, "strategy": run.federation.strategy,
                "final_test": history[-1] if history else {},

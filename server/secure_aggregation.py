@@ -37,6 +37,7 @@ from privacy.secagg.config import ACTION
 from privacy.secagg.encoding import dequantize_sum, unflatten, vector_length
 from privacy.secagg.graph import neighbour_graph
 from privacy.secagg.wire import MASKED, RECORD, VECTOR, ids_in, ids_out
+from server.delegating_grid import DelegatingGrid
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class RoundReport:
     clipping_range: float = 0.0
 
 
-class SecureAggregationGrid(Grid):
+class SecureAggregationGrid(DelegatingGrid):
     """A Grid whose training rounds run SecAgg+; everything else passes to ``grid``.
 
     Args:
@@ -79,35 +80,11 @@ class SecureAggregationGrid(Grid):
 
     def __init__(self, grid: Grid, config: SecAggConfig, weight_key: str = "num-examples",
                  clipping_range: float | None = None) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.config = config
         self.weight_key = weight_key
         self.clipping_range = clipping_range or config.clipping_range
         self.reports: list[RoundReport] = []
-
-    # --- plain delegation -------------------------------------------------------------
-    def set_run(self, run) -> None:  # noqa: ANN001 (Flower's Run)
-        self._grid.set_run(run)
-
-    @property
-    def run(self):  # noqa: ANN201
-        return self._grid.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: float | None = None) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def get_nodes(self):  # noqa: ANN201
-        return self._grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
 
     # --- the protocol -----------------------------------------------------------------
     def send_and_receive(self, messages: Iterable[Message], *,

@@ -89,12 +89,19 @@ def test_hospital_and_coordinator_crashes_do_not_stop_the_study(consortium):
     summary = json.loads((lc.run_dir / "summary.json").read_text())
     assert summary["final_test"]["round"] == 2
 
-    # Each hospital's egress audit log: one train reply per round it took part in, adapter
-    # tensors only; the killed hospital logged nothing for round 1.
+    # Each hospital's egress audit log: one train reply per round of each run it took part in,
+    # adapter tensors only; the killed hospital logged nothing for round 1. The first
+    # coordinator sends round 2 as soon as its checkpoint is written, so a hospital may have
+    # answered it before the kill: that reply left the hospital and is logged under that run.
     for k in (0, 1):
         entries = read_audit_log(lc.sites[k] / "egress-audit.jsonl")
         train = [e for e in entries if e["message_type"] == "train"]
-        assert [e["round"] for e in train] == [1, 2]
+        rounds_by_run: dict[int, list[int]] = {}
+        for e in train:
+            rounds_by_run.setdefault(e["run_id"], []).append(e["round"])
+        assert list(rounds_by_run.values())[0] in ([1], [1, 2]), rounds_by_run
+        assert list(rounds_by_run.values())[-1] == [2], rounds_by_run
+        assert len(rounds_by_run) == 2, rounds_by_run
         assert all(e["error"] is None and e["tensor_bytes"] > 0 for e in train)
         assert {t["record"] for e in train for t in e["tensors"]} == {"arrays"}
     if audit_2.exists():

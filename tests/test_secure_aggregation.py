@@ -297,7 +297,7 @@ def test_strategies_needing_individual_updates_are_refused():
 # --- real hospitals through the whole round loop ------------------------------------------
 
 
-def _federate(tmp_path, name: str, secure: bool, dp=None):
+def _federate(tmp_path, name: str, secure: bool, dp=None, packed: bool = False):
     from dataclasses import replace
 
     from client.app import build_client_app
@@ -315,6 +315,10 @@ def _federate(tmp_path, name: str, secure: bool, dp=None):
     train = TrainConfig(local_steps=3, batch_size=16)
     grid = InProcessGrid(build_client_app(SimulatedSiteLoader(data, 0)),
                          {NODES[k]: {"partition-id": k} for k in range(3)})
+    if packed:  # the deployment's wire: one packed array per adapter (server.wire_grid)
+        from server.wire_grid import PackedWireGrid
+
+        grid = PackedWireGrid(grid, poll_interval_s=0.01)
     federation = FederationConfig(rounds=1, min_hospitals=3, fraction_evaluate=0.0,
                                   secure_aggregation=SecAggConfig(enabled=secure))
     records = RunRecords(tmp_path / name)
@@ -405,3 +409,14 @@ def test_flower_simulation_runs_under_secure_aggregation(tmp_path):
     adapter = summary["bytes"]["adapter"]
     assert (hospitals["upload_bytes"] > adapter).all()  # masked vector + keys and shares
     assert np.isfinite(summary["federated"]["auc"])
+
+
+def test_secure_round_over_the_packed_deployment_wire(tmp_path):
+    """The deployment packs adapters into one array each way; SecAgg+'s stages pass through it
+    and the unmasked sum is the one the unpacked wire gives."""
+    unpacked, _ = _federate(tmp_path, "secure", secure=True)
+    packed, rows = _federate(tmp_path, "secure-packed", secure=True, packed=True)
+    assert len(rows) == 3 and not any(r.get("error") for r in rows)
+    assert list(packed) == list(unpacked)
+    for key in unpacked:
+        assert np.max(np.abs(packed[key] - unpacked[key])) < 1e-4, key

@@ -1,0 +1,73 @@
+"""The coordinator's Grid for the deployment engine: packed adapters and prompt replies.
+
+Two costs of Flower 1.42's deployment transport that a LoRA round does not need:
+
+- every tensor of a message is its own object and HTTP request at each hop; the adapter goes
+  packed into one array (``models.wire``; the hospital's ``client.wire.packed_wire_mod``
+  unpacks it and packs its reply);
+- ``send_and_receive`` polls the SuperLink for replies every 3 s; here every
+  ``poll_interval_s`` (one small request to the SuperLink on loopback or the consortium link).
+
+Replies are unpacked before the strategy sees them, so update checks, strategies and records
+work on named tensors exactly as in simulation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from models.wire import pack_content, unpack_content
+from server.delegating_grid import DelegatingGrid
+
+logger = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.25
+
+
+class PackedWireGrid(DelegatingGrid):
+    """Delegates to ``grid``; packs outgoing adapters, unpacks replies, polls every
+    ``poll_interval_s`` seconds."""
+
+    def __init__(self, grid: Grid, poll_interval_s: float = POLL_INTERVAL_S) -> None:
+        super().__init__(grid)
+        self.poll_interval_s = poll_interval_s
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        for message in messages:
+            if not message.has_error():
+                pack_content(message.content)
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self._grid.pull_messages(message_ids))
+        for reply in replies:
+            if not reply.has_error():
+                try:
+                    unpack_content(reply.content)
+                except ValueError as err:
+                    # Left packed: the strategy's update check drops it (wrong tensor names).
+                    logger.warning("node %s sent a malformed packed adapter: %s",
+                                   reply.metadata.src_node_id, err)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        """Flower's ``send_and_receive`` with this grid's poll interval."""
+        pending = set(self.push_messages(messages))
+        pending.discard(None)  # a message the SuperLink did not take gets no reply
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending and (deadline is None or time.monotonic() < deadline):
+            got = list(self.pull_messages(pending))
+            replies += got
+            pending -= {reply.metadata.reply_to_message_id for reply in got}
+            if pending:
+                time.sleep(self.poll_interval_s)
+        return replies
+
