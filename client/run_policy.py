@@ -6,10 +6,12 @@ the rule, so the refusal reaches the coordinator's records (``metrics.csv`` erro
 
     allowed_backbones = ["efficientnet-lite0-imagenet"]    # empty: any backbone
     allowed_weights_sha256 = ["579344...77db"]             # empty: any pinned weights
+    allowed_tasks = ["pneumonia-cxr"]   # empty: any task, declared or not
     min_hospitals = 3      # refuse runs whose coordinator declares fewer (0: no rule)
     require_secure_aggregation = true   # train only in securely aggregated rounds
 
-The coordinator declares ``min-hospitals`` in each round's config. Without secure aggregation a
+The coordinator declares ``task`` (``federation.task`` of the study) and ``min-hospitals`` in
+every message's config. Without secure aggregation a
 hospital cannot verify the count, so the rule holds the coordinator to what it declared; under
 secure aggregation the hospital enforces it itself: it refuses to help unmask a sum of fewer
 hospitals (``client.secure_aggregation``).
@@ -35,6 +37,7 @@ RUN_POLICY_TEMPLATE = """\
 
 allowed_backbones = []          # e.g. ["efficientnet-lite0-imagenet"]
 allowed_weights_sha256 = []     # sha256 of the pretrained weights the run may use
+allowed_tasks = []              # study tasks approved here, e.g. ["pneumonia-cxr"]
 min_hospitals = 0               # refuse runs that declare fewer hospitals per aggregate
 require_secure_aggregation = false   # true: train only in securely aggregated rounds
 """
@@ -49,6 +52,8 @@ class RunPolicy:
     """Attributes:
         allowed_backbones: backbone names allowed (empty: any).
         allowed_weights_sha256: pretrained weights hashes allowed (empty: any).
+        allowed_tasks: study tasks allowed (the study's ``federation.task``; empty: any); a run
+            that declares no task is refused when the list is not empty.
         min_hospitals: least hospitals per aggregate the run must declare (0: no rule);
             under secure aggregation also the fewest the hospital lets be unmasked.
         require_secure_aggregation: refuse to train in rounds without secure aggregation.
@@ -56,6 +61,7 @@ class RunPolicy:
 
     allowed_backbones: list[str] = field(default_factory=list)
     allowed_weights_sha256: list[str] = field(default_factory=list)
+    allowed_tasks: list[str] = field(default_factory=list)
     min_hospitals: int = 0
     require_secure_aggregation: bool = False
 
@@ -63,7 +69,7 @@ class RunPolicy:
 def load_run_policy(path: Path) -> RunPolicy:
     """Read and check a run policy; errors name the file and the setting."""
     values = read_settings(path, RunPolicy, RunPolicyError, f"run policy {path}")
-    for name in ("allowed_backbones", "allowed_weights_sha256"):
+    for name in ("allowed_backbones", "allowed_weights_sha256", "allowed_tasks"):
         if not all(isinstance(v, str) for v in values.get(name, [])):
             raise RunPolicyError(f"run policy {path}: '{name}' must be a list of strings")
     if not isinstance(values.get("min_hospitals", 0), int):
@@ -88,6 +94,10 @@ def run_refusal(policy: RunPolicy, config, message_type: str = "") -> str:
     if policy.allowed_weights_sha256 and weights not in policy.allowed_weights_sha256:
         return (f"run policy: base model weights {weights[:16] or '(not pinned)'}... are not in "
                 f"the allow-list")
+    task = str(config.get("task", ""))
+    if policy.allowed_tasks and task not in policy.allowed_tasks:
+        return (f"run policy: task '{task or '(undeclared)'}' is not allowed (allowed: "
+                f"{policy.allowed_tasks}; the study declares it as federation.task)")
     declared = int(config.get("min-hospitals", 0))
     if declared < policy.min_hospitals:
         return (f"run policy: the run declares at least {declared} hospitals per aggregate, the "

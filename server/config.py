@@ -24,6 +24,9 @@ class FederationConfig:
             learning rate of ``fedadam`` or the update norm bound every rule applies.
         secure_aggregation: SecAgg+ settings (``[federation.secure_aggregation]``); with
             ``enabled`` the coordinator only ever sees the sum of the hospitals' updates.
+        task: what the study is for, as the consortium names it (e.g. ``"pneumonia-cxr"``);
+            declared to the hospitals in every message (``task``) so that a hospital's run
+            policy can allow only the tasks its approvals cover. Empty: undeclared.
     """
 
     rounds: int = 4
@@ -34,6 +37,7 @@ class FederationConfig:
     round_timeout_s: float = 1800.0
     options: StrategyOptions = field(default_factory=StrategyOptions)
     secure_aggregation: SecAggConfig = field(default_factory=SecAggConfig)
+    task: str = ""
 
     def __post_init__(self) -> None:
         # Issue 7: refuse an unknown strategy when the config is read, not rounds later.

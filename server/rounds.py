@@ -127,8 +127,12 @@ def run_federation(
         return metrics
 
     wire_config = to_config_record(model_config, train_config, *([dp] if dp else []))
-    # Declared so that a hospital's run policy can refuse too small aggregates.
-    wire_config["min-hospitals"] = federation.min_hospitals
+    evaluate_config = to_config_record(model_config, train_config)
+    # Declared in every message so that a hospital's run policy can refuse too small
+    # aggregates and tasks it has not agreed to.
+    for config in (wire_config, evaluate_config):
+        config["min-hospitals"] = federation.min_hospitals
+        config["task"] = federation.task
     start = time.monotonic()
     try:
         result = strategy.start(
@@ -137,7 +141,7 @@ def run_federation(
             num_rounds=federation.rounds - done,
             timeout=federation.round_timeout_s,
             train_config=wire_config,
-            evaluate_config=to_config_record(model_config, train_config),
+            evaluate_config=evaluate_config,
             evaluate_fn=evaluate_fn,
         )
     except TooFewUpdates as err:  # end at the round that failed, saying why

@@ -81,6 +81,7 @@ def test_no_audit_log_unless_configured(tmp_path, site, small_model_config, monk
     ('allowed_weights_sha256 = ["' + "0" * 64 + '"]\n', "allow-list"),
     ('allowed_backbones = ["resnet-50"]\n', "backbone"),
     ("min_hospitals = 3\n", "requires 3"),
+    ('allowed_tasks = ["pneumonia-cxr"]\n', "task '(undeclared)' is not allowed"),
 ])
 def test_run_policy_refuses_before_any_work_and_the_refusal_is_audited(
         tmp_path, site, small_model_config, policy, reason):
@@ -105,13 +106,15 @@ def test_run_policy_refuses_before_any_work_and_the_refusal_is_audited(
 
 def test_run_policy_allows_a_matching_run(tmp_path, site, small_model_config):
     (tmp_path / "run-policy.toml").write_text(
-        f'allowed_weights_sha256 = ["{small_model_config.weights_sha256}"]\nmin_hospitals = 2\n')
+        f'allowed_weights_sha256 = ["{small_model_config.weights_sha256}"]\nmin_hospitals = 2\n'
+        'allowed_tasks = ["pneumonia-cxr"]\n')
     app = build_client_app(lambda context, image_size: site)
     torch.manual_seed(0)
     arrays = ArrayRecord(adapter_state(build_lora_model(small_model_config)))
     config = to_config_record(small_model_config, TrainConfig())
     config["server-round"] = 1
     config["min-hospitals"] = 2
+    config["task"] = "pneumonia-cxr"
     reply = app(_message("evaluate", arrays, config),
                 _context({"partition-id": 0, "run-policy": str(tmp_path / "run-policy.toml")}))
     assert not reply.has_error()
