@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flwr.app import Context
@@ -27,6 +28,9 @@ class ServerRun:
     on_round: RoundCallback | None = None
     on_reply: ReplyCallback | None = None
     dp: DPConfig | None = None
+    wrap_grid: Callable[[Grid], Grid] | None = None
+    """Simulation only: wraps Flower's grid before the round loop sees it (simulated
+    stragglers hold replies back there)."""
     outcome: FederationOutcome | None = field(default=None, init=False)
     error: BaseException | None = field(default=None, init=False)
 
@@ -41,6 +45,8 @@ def build_server_app(run: ServerRun) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if run.wrap_grid is not None:
+            grid = run.wrap_grid(grid)
         try:
             run.outcome = run_federation(
                 grid, run.federation, run.model, run.train, run.test_set, run.records,

@@ -1,8 +1,11 @@
-"""A Flower ``Grid`` that passes every call to another grid: the base of the coordinator's grid
-wrappers (secure aggregation, the packed deployment wire), which override what they change."""
+"""Flower ``Grid`` wrappers' bases: one that passes every call to another grid, and one that
+also waits for replies through its own push and pull. The coordinator's wrappers (secure
+aggregation, the packed deployment wire) and the simulation's (stragglers) override what they
+change."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 from flwr.app import Message, RecordDict
@@ -41,3 +44,29 @@ class DelegatingGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class PollingGrid(DelegatingGrid):
+    """A :class:`DelegatingGrid` whose ``send_and_receive`` goes through this grid's own
+    ``push_messages`` and ``pull_messages`` (so a subclass's overrides of those apply), looking
+    for replies every ``poll_interval_s`` seconds (Flower's grids: every 3 s on the deployment
+    engine)."""
+
+    def __init__(self, grid: Grid, poll_interval_s: float) -> None:
+        super().__init__(grid)
+        self.poll_interval_s = poll_interval_s
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        """Push ``messages``; return the replies that came within ``timeout`` seconds."""
+        pending = set(self.push_messages(messages))
+        pending.discard(None)  # a message the SuperLink did not take gets no reply
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending and (deadline is None or time.monotonic() < deadline):
+            got = list(self.pull_messages(pending))
+            replies += got
+            pending -= {reply.metadata.reply_to_message_id for reply in got}
+            if pending:
+                time.sleep(self.poll_interval_s)
+        return replies

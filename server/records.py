@@ -68,7 +68,10 @@ class RunRecords:
     def add_reply(self, reply: Reply) -> None:
         """Record one hospital's train or evaluate reply (or why it was dropped)."""
         if "hospital-id" in reply.metrics:
-            self.hospital_of[reply.node_id] = str(int(reply.metrics["hospital-id"]))
+            named = str(int(reply.metrics["hospital-id"]))
+            if self.hospital_of.get(reply.node_id) != named:
+                self.hospital_of[reply.node_id] = named
+                self._rename(str(reply.node_id), named)
         hospital = self.hospital_of.get(reply.node_id, str(reply.node_id))
         row = self._row(reply.server_round, hospital)
         row["node_id"] = reply.node_id
@@ -88,6 +91,14 @@ class RunRecords:
         else:
             for name in ("loss", "auc", "accuracy", "macro_f1"):
                 row[f"val_{name}"] = metrics.get(f"val-{name.replace('_', '-')}")
+
+    def _rename(self, old: str, new: str) -> None:
+        """Move rows filed under ``old`` (a node id, before its first reply named the
+        hospital: a straggler's or a refusing hospital's earlier rounds) to ``new``."""
+        for (server_round, hospital) in [key for key in self.rows if key[1] == old]:
+            row = self.rows.pop((server_round, hospital))
+            row["hospital"] = new
+            self.rows[(server_round, new)] = {**row, **self.rows.get((server_round, new), {})}
 
     def add_test(self, server_round: int, metrics: dict[str, float]) -> None:
         """Record the central test metrics of the global adapter after ``server_round``."""

@@ -15,27 +15,25 @@ work on named tensors exactly as in simulation.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from models.wire import pack_content, unpack_content
-from server.delegating_grid import DelegatingGrid
+from server.delegating_grid import PollingGrid
 
 logger = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.25
 
 
-class PackedWireGrid(DelegatingGrid):
+class PackedWireGrid(PollingGrid):
     """Delegates to ``grid``; packs outgoing adapters, unpacks replies, polls every
     ``poll_interval_s`` seconds."""
 
     def __init__(self, grid: Grid, poll_interval_s: float = POLL_INTERVAL_S) -> None:
-        super().__init__(grid)
-        self.poll_interval_s = poll_interval_s
+        super().__init__(grid, poll_interval_s)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
@@ -55,19 +53,3 @@ class PackedWireGrid(DelegatingGrid):
                     logger.warning("node %s sent a malformed packed adapter: %s",
                                    reply.metadata.src_node_id, err)
         return replies
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        """Flower's ``send_and_receive`` with this grid's poll interval."""
-        pending = set(self.push_messages(messages))
-        pending.discard(None)  # a message the SuperLink did not take gets no reply
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while pending and (deadline is None or time.monotonic() < deadline):
-            got = list(self.pull_messages(pending))
-            replies += got
-            pending -= {reply.metadata.reply_to_message_id for reply in got}
-            if pending:
-                time.sleep(self.poll_interval_s)
-        return replies
-

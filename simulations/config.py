@@ -63,15 +63,25 @@ class FailureConfig:
             error the coordinator records; the round goes on when ``min_hospitals`` remain).
             Drawn from (seed, round, hospital): the same hospitals fail on a rerun.
         straggler_probability: chance that a sampled hospital is slow in a round's training:
-            it replies ``straggler_delay_s`` seconds late (drawn like dropouts). With
+            its reply reaches the coordinator ``straggler_delay_s`` seconds after the round's
+            messages went out (drawn like dropouts; ``simulations.stragglers``). With
             ``federation.round_timeout_s`` below the delay the round goes on without it and
             ``metrics.csv`` records it as late.
-        straggler_delay_s: extra seconds a straggling hospital takes to reply.
+        straggler_delay_s: seconds from a round's start to a straggler's reply.
     """
 
     dropout_probability: float = 0.0
     straggler_probability: float = 0.0
     straggler_delay_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        # Refused when the study is read, not rounds into the run.
+        for name in ("dropout_probability", "straggler_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"failures.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.straggler_delay_s < 0:
+            raise ValueError(f"failures.straggler_delay_s must be >= 0, got "
+                             f"{self.straggler_delay_s}")
 
 
 @dataclass(frozen=True)

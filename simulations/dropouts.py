@@ -1,21 +1,13 @@
-"""Simulated hospital dropouts and stragglers.
+"""Simulated hospital dropouts (stragglers: ``simulations.stragglers``).
 
 Dropouts: a sampled hospital fails a round with a given probability. The failure is an error
 reply, as a real hospital's crash or lost connection reaches the coordinator; the coordinator
 records it and the round goes on when ``min_hospitals`` valid updates remain.
 
-Stragglers (issue 8): a sampled hospital is slow in a round with a given probability: it trains
-as usual but replies ``straggler_delay_s`` seconds later. With ``federation.round_timeout_s``
-below that delay the coordinator proceeds with the hospitals that answered in time, and the
-strategy records the straggler as late (``strategies.adapter.LATE``), not as a failure.
-
-Who fails or straggles is drawn from (seed, round, hospital), so a rerun does the same.
+Who fails is drawn from (seed, round, hospital), so a rerun does the same.
 """
 
 from __future__ import annotations
-
-import logging
-import time
 
 import numpy as np
 from flwr.app import Context, Error, Message
@@ -24,8 +16,6 @@ from flwr.clientapp import ClientApp
 from client.app import handle_evaluate, handle_train, hospital_id
 from client.privacy_round import SitePrivacyLoader, site_privacy_from_node_config
 from client.site import SiteLoader
-
-logger = logging.getLogger(__name__)
 
 DROPOUT_CODE = 8001
 """Flower error code of a simulated dropout (distinct from privacy refusals)."""
@@ -41,17 +31,6 @@ def drops_out(probability: float, seed: int, server_round: int, hospital: int) -
                 < probability)
 
 
-def straggles(probability: float, seed: int, server_round: int, hospital: int) -> bool:
-    """Whether ``hospital`` is slow in ``server_round``'s training (a draw independent of
-    :func:`drops_out`)."""
-    if not 0.0 <= probability <= 1.0:
-        raise ValueError(f"failures.straggler_probability must be in [0, 1], got {probability}")
-    if probability == 0.0:
-        return False
-    return bool(np.random.default_rng([seed, server_round, hospital, 0x51A]).random()
-                < probability)
-
-
 def _dropped(msg: Message, context: Context, probability: float, seed: int) -> Message | None:
     server_round = int(msg.content["config"].get("server-round", 0))
     hospital = hospital_id(context)
@@ -62,35 +41,17 @@ def _dropped(msg: Message, context: Context, probability: float, seed: int) -> M
                                 f"{server_round}"), reply_to=msg)
 
 
-def _delayed(reply: Message, msg: Message, context: Context, probability: float,
-             delay_s: float, seed: int) -> Message:
-    """``reply``, after ``delay_s`` seconds when this hospital straggles in this round."""
-    server_round = int(msg.content["config"].get("server-round", 0))
-    hospital = hospital_id(context)
-    if delay_s > 0 and straggles(probability, seed, server_round, hospital):
-        logger.info("hospital %d straggles in round %d: replying %.1f s late", hospital,
-                    server_round, delay_s)
-        time.sleep(delay_s)
-    return reply
-
-
 def build_dropout_client_app(
     load_site: SiteLoader, probability: float, seed: int,
     load_privacy: SitePrivacyLoader = site_privacy_from_node_config,
-    straggler_probability: float = 0.0, straggler_delay_s: float = 0.0,
 ) -> ClientApp:
-    """``client.app``'s hospital, failing rounds with ``probability`` and replying to training
-    ``straggler_delay_s`` seconds late with ``straggler_probability`` (both seeded by ``seed``).
-    """
-    if straggler_delay_s < 0:
-        raise ValueError(f"failures.straggler_delay_s must be >= 0, got {straggler_delay_s}")
+    """``client.app``'s hospital, failing rounds with ``probability`` (seeded by ``seed``)."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        reply = (_dropped(msg, context, probability, seed)
-                 or handle_train(msg, context, load_site, load_privacy))
-        return _delayed(reply, msg, context, straggler_probability, straggler_delay_s, seed)
+        return (_dropped(msg, context, probability, seed)
+                or handle_train(msg, context, load_site, load_privacy))
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.serverapp import Grid
 from rich.console import Console
 
 from client.app import build_client_app
@@ -73,19 +74,33 @@ def backend_config(config: SimulationConfig) -> dict[str, Any]:
     }
 
 
+def _straggler_grid(config: SimulationConfig) -> Callable[[Grid], Grid] | None:
+    """Issue 8: hospitals whose replies come late (seeded), held back at the coordinator's end
+    of the wire (``simulations.stragglers``); None without stragglers."""
+    failures = config.failures
+    if failures.straggler_probability == 0 or failures.straggler_delay_s == 0:
+        return None
+    from simulations.stragglers import StragglerGrid
+
+    def wrap(grid: Grid) -> Grid:
+        return StragglerGrid(grid, failures.straggler_probability, failures.straggler_delay_s,
+                             config.seed)
+
+    return wrap
+
+
 def _run_flower(config: SimulationConfig, run: ServerRun) -> None:
     from flwr.simulation import run_simulation
 
     loader = simulated_site_loader(config.data, config.model.image_size, config.seed,
                                    config.run_dir)
     failures = config.failures
-    if failures.dropout_probability > 0 or failures.straggler_probability > 0:
-        # Issue 8: hospitals that fail rounds or reply late (seeded), recorded as such.
+    if failures.dropout_probability > 0:
+        # Issue 8: hospitals that fail rounds (seeded), recorded as such.
         from simulations.dropouts import build_dropout_client_app
 
         client_app = build_dropout_client_app(
-            loader, failures.dropout_probability, config.seed, simulated_site_privacy(config),
-            failures.straggler_probability, failures.straggler_delay_s)
+            loader, failures.dropout_probability, config.seed, simulated_site_privacy(config))
     else:
         client_app = build_client_app(loader, simulated_site_privacy(config))
     try:
@@ -133,7 +148,7 @@ def run_study(config: SimulationConfig, console: Console | None = None,
     run = ServerRun(
         federation=config.federation, model=config.model, train=config.train, test_set=test,
         records=records, on_round=_both(progress.on_round, on_round), on_reply=progress.on_reply,
-        dp=config.privacy,
+        dp=config.privacy, wrap_grid=_straggler_grid(config),
     )
     started = time.monotonic()
     with progress:

@@ -1,22 +1,25 @@
 """Issue 8: slow (not failing) hospitals. A straggler's reply comes after the round timeout; the
 coordinator aggregates those that answered in time and records the straggler as late.
 
-In-process (no Flower runtime, no waiting): the straggler ClientApp's delay, and the strategy's
-bookkeeping of who was asked and who answered. A Flower simulation with a round timeout must
-wait the timeout out, and the timeout has to cover Ray actors starting within round 1 (minutes
-on a loaded 2-core machine), so that is not a unit test (scenario ``slow-hospitals``).
+In-process (no Flower runtime; sub-second delays): the coordinator-side hold-back of a
+straggler's reply, and the strategy's bookkeeping of who was asked and who answered. A Flower
+simulation with a round timeout must wait the timeout out, and the timeout has to cover Ray
+actors starting within round 1 (minutes on a loaded 2-core machine), so that is not a unit test
+(scenario ``slow-hospitals``; README "Scenarios" has a measured run).
 """
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
-from simulations.dropouts import drops_out, straggles
+from simulations.dropouts import drops_out
+from simulations.stragglers import straggles
 
 SEED = 1
 PROBABILITY = 0.34
-DELAY_S = 160.0
 
 
 def test_stragglers_are_seeded_at_the_asked_rate_and_independent_of_dropouts():
@@ -67,34 +70,60 @@ def test_strategy_aggregates_the_replies_in_time_and_records_the_missing_as_late
     assert strategy.record_late(2, "train", []) == []
 
 
-def test_a_straggling_hospital_replies_after_its_delay(monkeypatch):
-    """The straggler ClientApp trains as usual, then waits ``straggler_delay_s`` (time.sleep is
-    recorded here, not waited)."""
-    from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+def test_a_stragglers_reply_is_held_back_past_the_timeout_and_released_after_its_delay():
+    """Hospital 1 straggles in round 1 (seed 1): a round whose timeout is shorter than the
+    delay gets the other two replies; one that waits longer gets all three, the straggler's no
+    sooner than the delay. The hospitals answered at once: nothing slept on their side."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
 
-    from simulations import dropouts
-    from simulations.inprocess import message_with_metadata
+    from simulations.inprocess import InProcessGrid, coordinator_message
+    from simulations.stragglers import StragglerGrid
 
-    slept = []
-    monkeypatch.setattr(dropouts.time, "sleep", slept.append)
+    app = ClientApp()
 
-    def handle_train(msg, context, load_site, load_privacy):
-        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}),
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        hospital = int(context.node_config["partition-id"])
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1,
+                                                             "hospital-id": hospital})}),
                        reply_to=msg)
 
-    monkeypatch.setattr(dropouts, "handle_train", handle_train)
-    app = dropouts.build_dropout_client_app(lambda context, size: None, 0.0, SEED,
-                                            straggler_probability=PROBABILITY,
-                                            straggler_delay_s=DELAY_S)
-    for hospital in (0, 1):
-        msg = message_with_metadata("train", RecordDict({"config": ConfigRecord(
-            {"server-round": 1})}), dst_node_id=hospital + 1)
-        context = Context(run_id=1, node_id=hospital + 1,
-                          node_config={"partition-id": hospital}, state=RecordDict(),
-                          run_config={})
-        reply = app(msg, context)
-        assert not reply.has_error()
-    assert slept == [DELAY_S]  # hospital 1 only (seed 1, round 1)
+    nodes = {100 + k: {"partition-id": k} for k in range(3)}
+    delay_s = 0.6
+    grid = StragglerGrid(InProcessGrid(app, nodes), PROBABILITY, delay_s, SEED,
+                         poll_interval_s=0.02)
+
+    def round_one(timeout: float) -> tuple[list[int], float]:
+        messages = [coordinator_message("train", ArrayRecord(), ConfigRecord({"server-round": 1}),
+                                        dst_node_id=node) for node in nodes]
+        start = time.monotonic()
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        return (sorted(int(r.content["metrics"]["hospital-id"]) for r in replies),
+                time.monotonic() - start)
+
+    in_time, _ = round_one(timeout=0.2)
+    assert in_time == [0, 2]
+    everyone, waited = round_one(timeout=5.0)
+    assert everyone == [0, 1, 2] and waited >= delay_s
     with pytest.raises(ValueError, match="straggler_delay_s"):
-        dropouts.build_dropout_client_app(lambda context, size: None, 0.0, SEED,
-                                          straggler_delay_s=-1.0)
+        StragglerGrid(InProcessGrid(app, nodes), PROBABILITY, -1.0, SEED)
+
+
+def test_a_hospital_late_before_its_first_reply_is_filed_under_its_name(tmp_path):
+    """Late in round 1, the coordinator knows only the node id; the hospital's first reply
+    (round 2) names it, and the round-1 row moves to that hospital's line."""
+    from server.records import RunRecords
+    from strategies.adapter import LATE
+    from strategies.base import Reply
+
+    records = RunRecords(tmp_path)
+    records.add_reply(Reply(1, "train", node_id=12, error=LATE))
+    records.add_reply(Reply(1, "train", node_id=11, metrics={"num-examples": 5,
+                                                             "hospital-id": 0}))
+    records.add_reply(Reply(2, "train", node_id=12, metrics={"num-examples": 7,
+                                                             "hospital-id": 1}))
+    rows = {(r["round"], r["hospital"]): r for r in records.train_rows()}
+    assert sorted(rows) == [(1, "0"), (1, "1"), (2, "1")]
+    assert rows[(1, "1")]["error"] == f"train: {LATE}" and rows[(1, "1")]["node_id"] == 12
+    assert rows[(2, "1")]["num_examples"] == 7
