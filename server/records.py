@@ -71,7 +71,7 @@ class RunRecords:
             named = str(int(reply.metrics["hospital-id"]))
             if self.hospital_of.get(reply.node_id) != named:
                 self.hospital_of[reply.node_id] = named
-                self._rename(str(reply.node_id), named)
+                self._rename(reply.node_id, named)
         hospital = self.hospital_of.get(reply.node_id, str(reply.node_id))
         row = self._row(reply.server_round, hospital)
         row["node_id"] = reply.node_id
@@ -92,11 +92,15 @@ class RunRecords:
             for name in ("loss", "auc", "accuracy", "macro_f1"):
                 row[f"val_{name}"] = metrics.get(f"val-{name.replace('_', '-')}")
 
-    def _rename(self, old: str, new: str) -> None:
-        """Move rows filed under ``old`` (a node id, before its first reply named the
-        hospital: a straggler's or a refusing hospital's earlier rounds) to ``new``."""
-        for (server_round, hospital) in [key for key in self.rows if key[1] == old]:
-            row = self.rows.pop((server_round, hospital))
+    def _rename(self, node_id: int, new: str) -> None:
+        """Move rows filed under ``node_id`` (before its first reply named the hospital: a
+        straggler's or a refusing hospital's earlier rounds) to ``new``. A hospital whose name
+        happens to equal a node id keeps its rows: they carry another ``node_id``."""
+        old = str(node_id)
+        for key in [k for k, row in self.rows.items()
+                    if k[1] == old and row.get("node_id") == node_id]:
+            server_round = key[0]
+            row = self.rows.pop(key)
             row["hospital"] = new
             self.rows[(server_round, new)] = {**row, **self.rows.get((server_round, new), {})}
 
