@@ -9,13 +9,13 @@ Who fails is drawn from (seed, round, hospital), so a rerun does the same.
 
 from __future__ import annotations
 
-import numpy as np
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from client.app import handle_evaluate, handle_train, hospital_id
 from client.privacy_round import SitePrivacyLoader, site_privacy_from_node_config
 from client.site import SiteLoader
+from simulations.draws import seeded_draw
 
 DROPOUT_CODE = 8001
 """Flower error code of a simulated dropout (distinct from privacy refusals)."""
@@ -23,12 +23,7 @@ DROPOUT_CODE = 8001
 
 def drops_out(probability: float, seed: int, server_round: int, hospital: int) -> bool:
     """Whether ``hospital`` fails in ``server_round`` (train and evaluate alike)."""
-    if not 0.0 <= probability <= 1.0:
-        raise ValueError(f"failures.dropout_probability must be in [0, 1], got {probability}")
-    if probability == 0.0:
-        return False
-    return bool(np.random.default_rng([seed, server_round, hospital, 0xD20]).random()
-                < probability)
+    return seeded_draw(probability, "dropout_probability", seed, server_round, hospital, 0xD20)
 
 
 def _dropped(msg: Message, context: Context, probability: float, seed: int) -> Message | None:

@@ -21,12 +21,12 @@ import logging
 import time
 from collections.abc import Iterable
 
-import numpy as np
 from flwr.app import Message
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 
 from server.delegating_grid import PollingGrid
+from simulations.draws import seeded_draw
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +36,8 @@ POLL_INTERVAL_S = 0.25
 def straggles(probability: float, seed: int, server_round: int, hospital: int) -> bool:
     """Whether ``hospital`` is slow in ``server_round``'s training (a draw independent of
     ``simulations.dropouts.drops_out``)."""
-    if not 0.0 <= probability <= 1.0:
-        raise ValueError(f"failures.straggler_probability must be in [0, 1], got {probability}")
-    if probability == 0.0:
-        return False
-    return bool(np.random.default_rng([seed, server_round, hospital, 0x51A]).random()
-                < probability)
+    return seeded_draw(probability, "straggler_probability", seed, server_round, hospital,
+                       0x51A)
 
 
 class StragglerGrid(PollingGrid):
@@ -71,6 +67,9 @@ class StragglerGrid(PollingGrid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
+        # What is still held or unanswered now came too late for its exchange: forget it.
+        self._held.clear()
+        self._sent.clear()
         ids = list(self._grid.push_messages(messages))
         now = time.monotonic()
         for message, message_id in zip(messages, ids, strict=True):
