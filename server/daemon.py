@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,9 @@ from server.consortium import (
 logger = logging.getLogger(__name__)
 
 STATE_DB = "superlink-state.db"
+COORDINATOR_PID_ENV = "MEDFED_COORDINATOR_PID"
+"""Environment variable with the pid of ``medfed coordinator start``; its ServerApp (started by
+Flower's SuperExec, outside the coordinator's process group) stops when that process is gone."""
 """The SuperLink's SQLite state (runs, registered nodes) in the consortium folder: it survives a
 restart, so registered hospitals stay registered."""
 
@@ -223,8 +227,9 @@ def run_coordinator(folder: Path, study: Path, run_dir: Path | None = None,
     load_config(Path(study))  # unknown settings and wrong types fail here, naming the file
     run_dir = Path(run_dir).resolve() if run_dir else default_run_dir(folder, study)
     argv = superlink_command(folder, insecure, config)
-    link = subprocess.Popen(argv, env=daemon_env(flwr_cli_home(folder, config, insecure),
-                                                 argv[0]))
+    # The ServerApp inherits this pid through the SuperLink and SuperExec (see below).
+    env = daemon_env(flwr_cli_home(folder, config, insecure), argv[0])
+    link = subprocess.Popen(argv, env=env | {COORDINATOR_PID_ENV: str(os.getpid())})
     try:
         wait_listening(_local_host(config), config.port, link, startup_timeout_s)
         if not insecure:
@@ -245,3 +250,33 @@ def run_coordinator(folder: Path, study: Path, run_dir: Path | None = None,
         "run %s: %s", run_dir, "finished" if finished else "did not finish; run the same "
         "command again to resume from its last completed round")
     return 0 if finished else 1
+
+
+def stop_with_coordinator(poll_s: float = 1.0) -> threading.Thread | None:
+    """In the ServerApp process: exit as soon as the ``medfed coordinator start`` process that
+    started the run is gone (killed, crashed).
+
+    Flower's SuperExec starts the ServerApp in a session of its own, so killing the coordinator
+    leaves it running; it would reconnect to the restarted coordinator's SuperLink (the state
+    is on disk) and go on with the old run beside the resumed one, in the same run directory.
+    Returns the watching thread, or None outside a coordinator (no ``MEDFED_COORDINATOR_PID``).
+    """
+    pid = int(os.environ.get(COORDINATOR_PID_ENV, "0") or 0)
+    if pid <= 0:
+        return None
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                logger.error("the coordinator (pid %d) is gone: this ServerApp stops; the "
+                             "restarted coordinator resumes from the last checkpoint", pid)
+                os._exit(1)
+            except PermissionError:  # alive, another user's
+                pass
+            time.sleep(poll_s)
+
+    thread = threading.Thread(target=watch, name="stop-with-coordinator", daemon=True)
+    thread.start()
+    return thread

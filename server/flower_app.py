@@ -144,10 +144,12 @@ server_app = ServerApp()
 
 @server_app.main()
 def _main(grid: Grid, context: Context) -> None:
+    from server.daemon import stop_with_coordinator
     from server.rounds import run_federation
     from server.wire_grid import PackedWireGrid
 
     _log_to_stderr()
+    stop_with_coordinator()
     run = deployment_server_run(context)
     logger.info("study %s: %d rounds with at least %d hospitals, records in %s",
                 context.run_config[STUDY_KEY], run.federation.rounds, run.federation.min_hospitals,

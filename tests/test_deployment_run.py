@@ -13,6 +13,10 @@ ClientApp a fresh Python process.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -22,6 +26,7 @@ import pytest
 from client.audit import read_audit_log
 from client.warm_exec import TASK_STARTED
 from server.checkpoint import CHECKPOINT_FILE
+from server.daemon import COORDINATOR_PID_ENV
 from simulations.bench.deploy import LoopbackConsortium, default_study
 
 
@@ -106,3 +111,20 @@ def test_hospital_and_coordinator_crashes_do_not_stop_the_study(consortium):
         assert {t["record"] for e in train for t in e["tensors"]} == {"arrays"}
     if audit_2.exists():
         assert 1 not in [e["round"] for e in read_audit_log(audit_2)]
+
+
+def test_the_serverapp_stops_when_its_coordinator_is_gone(tmp_path):
+    """Flower starts the ServerApp outside the coordinator's process group: killed, the
+    coordinator must not leave it running the old study beside the resumed one."""
+    coordinator = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    serverapp = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom server.daemon import stop_with_coordinator\n"
+         "assert stop_with_coordinator(poll_s=0.05) is not None\ntime.sleep(60)"],
+        env=dict(os.environ, **{COORDINATOR_PID_ENV: str(coordinator.pid)}),
+        stderr=subprocess.PIPE, text=True)
+    time.sleep(3)  # imported and watching
+    assert serverapp.poll() is None
+    coordinator.send_signal(signal.SIGKILL)
+    coordinator.wait()
+    assert serverapp.wait(timeout=20) == 1
+    assert f"the coordinator (pid {coordinator.pid}) is gone" in serverapp.stderr.read()
