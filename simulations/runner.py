@@ -89,6 +89,13 @@ def _straggler_grid(config: SimulationConfig) -> Callable[[Grid], Grid] | None:
     return wrap
 
 
+def _hide_run_simulation_notice(record: logging.LogRecord) -> bool:
+    """Flower 1.42 warns that ``run_simulation`` is deprecated in favour of ``flwr run``; medfed
+    calls it on purpose (one process, no SuperLink), so the notice would only alarm users."""
+    message = record.getMessage()
+    return not ("DEPRECATED FEATURE" in message and "run_simulation" in message)
+
+
 def _run_flower(config: SimulationConfig, run: ServerRun) -> None:
     from flwr.simulation import run_simulation
 
@@ -103,6 +110,8 @@ def _run_flower(config: SimulationConfig, run: ServerRun) -> None:
             loader, failures.dropout_probability, config.seed, simulated_site_privacy(config))
     else:
         client_app = build_client_app(loader, simulated_site_privacy(config))
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.addFilter(_hide_run_simulation_notice)
     try:
         run_simulation(
             server_app=build_server_app(run),
@@ -111,6 +120,7 @@ def _run_flower(config: SimulationConfig, run: ServerRun) -> None:
             backend_config=backend_config(config),
         )
     finally:
+        flwr_logger.removeFilter(_hide_run_simulation_notice)
         import ray
 
         if ray.is_initialized():

@@ -24,7 +24,7 @@ from client.site import SiteData
 from models.adapters import adapter_state
 from models.config import TrainConfig, to_config_record
 from models.lora import build_lora_model, freeze_batchnorm
-from privacy.accounting import epsilon, noise_for_target
+from privacy.accounting import PRV_MIN_NOISE, epsilon, noise_for_target
 from privacy.config import DPConfig, dp_config_from_record
 from privacy.dpsgd import plan_round, train_dpsgd
 from privacy.ledger import BudgetExceeded, Charge, Ledger
@@ -71,6 +71,18 @@ def test_noise_for_target_reaches_the_target():
     q, steps = 32 / 1000, 300
     z = noise_for_target(3.0, 1e-5, q, steps, "rdp")
     assert reference_epsilon([(z, q, steps)], 1e-5, "rdp") == pytest.approx(3.0, rel=0.01)
+
+
+def test_prv_below_its_noise_floor_answers_with_rdp_bounds():
+    """A nearly noiseless round once took PRV past 23 GB (the hospital was killed); now the RDP
+    accountant answers (an upper bound of PRV's epsilon), checked against dp-accounting's RDP."""
+    events = [(0.05, 0.023, 352)]
+    eps = epsilon(events, 1e-5, "prv")
+    assert eps == pytest.approx(reference_epsilon(events, 1e-5, "rdp"), rel=0.01)
+    q, steps = 64 / 2775, 352
+    z = noise_for_target(1000.0, 1e-5, q, steps, "prv")
+    assert z < 2 * PRV_MIN_NOISE
+    assert reference_epsilon([(z, q, steps)], 1e-5, "rdp") <= 1000.0 * 1.01
 
 
 def test_dp_config_travels_in_the_config_record():

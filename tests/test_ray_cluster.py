@@ -98,7 +98,7 @@ def test_study_runs_on_an_existing_ray_head(ray_head, tmp_path):
                  "max_test_examples": 80},
         "model": {"image_size": 32, "lora_r": 4, "lora_alpha": 8},
         "federation": {"rounds": 1, "min_hospitals": 2},
-        "train": {"batch_size": 16},
+        "train": {"batch_size": 16, "local_epochs": 1, "lr": 1e-3},
     })
     summary = run_study(config)
     assert math.isfinite(summary["federated"]["auc"])

@@ -26,7 +26,7 @@ def study(tmp_path_factory):
                  "max_test_examples": 120},
         "model": {"image_size": 32, "lora_r": 4, "lora_alpha": 8},
         "federation": {"rounds": 2, "min_hospitals": 2},
-        "train": {"batch_size": 16},
+        "train": {"batch_size": 16, "local_epochs": 1, "lr": 1e-3},
     })
     children_before = {p.pid for p in psutil.Process().children(recursive=True)}
     summary = run_study(config)
@@ -59,6 +59,8 @@ def test_metrics_are_complete_and_finite(study):
     assert np.isfinite(test_rows[["test_loss", "test_auc", "test_accuracy"]].to_numpy()).all()
     for name in ("federated", "pooled", "local"):
         assert all(math.isfinite(summary[name][k]) for k in ("auc", "accuracy", "macro_f1"))
+    per_round = summary["pooled"]["test_auc_per_round"]
+    assert len(per_round) == 2 and per_round[-1] == pytest.approx(summary["pooled"]["auc"])
     assert summary["bytes"]["full_model"] > 10 * summary["bytes"]["adapter"]
     assert json.loads((run_dir / "summary.json").read_text())["federated"] == summary["federated"]
     assert (run_dir / "config.toml").read_text().count("weights_sha256") == 1

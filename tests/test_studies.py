@@ -42,7 +42,7 @@ def tiny_config(run_dir, baselines=("pooled", "local")):
                  "shift": "scanners", "max_train_examples": 200, "max_test_examples": 120},
         "model": {"image_size": 32, "lora_r": 4, "lora_alpha": 8},
         "federation": {"rounds": 1, "min_hospitals": 2},
-        "train": {"batch_size": 16},
+        "train": {"batch_size": 16, "local_epochs": 1, "lr": 1e-3},
         "failures": {"dropout_probability": DROPOUT},
     })
 

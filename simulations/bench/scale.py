@@ -74,7 +74,7 @@ def run_setting(hospitals: int, args: argparse.Namespace, out: Path) -> dict[str
         "data": {"dataset": args.dataset, "num_hospitals": hospitals, "partition": "iid",
                  "max_train_examples": args.examples, "max_test_examples": args.test_examples},
         "model": {"image_size": args.image_size, "lora_r": 4, "lora_alpha": 8},
-        "train": {"batch_size": args.batch_size},
+        "train": {"batch_size": args.batch_size, "local_epochs": 1},
         "federation": {"rounds": args.rounds, "min_hospitals": 2},
     })
     marks: list[float] = []
