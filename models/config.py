@@ -58,7 +58,6 @@ class TrainConfig:
             Equal steps keep a large hospital from drifting further than the rest in a round.
         batch_size: images per optimiser step.
         lr: AdamW learning rate in round 1.
-
         lr_decay: factor applied to the learning rate after each round (1.0: constant); later
             rounds then move the shared adapter less, which steadies FedAvg under label skew.
         weight_decay: AdamW weight decay.

@@ -43,6 +43,8 @@ class FederationConfig:
         # Issue 7: refuse an unknown strategy when the config is read, not rounds later.
         from strategies import STRATEGIES
 
+        if self.rounds < 1:
+            raise ValueError(f"federation.rounds must be at least 1, got {self.rounds}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"federation.strategy: unknown strategy '{self.strategy}': "
                              f"choose one of {sorted(STRATEGIES)}")

@@ -295,3 +295,10 @@ def test_hetlora_rank_above_the_global_rank_is_refused(site, small_model_config)
     assert reply.has_error()
     assert "node config 'lora-rank': LoRA rank 8 must be between 1 and the global rank 4" \
         in reply.error.reason
+
+
+def test_a_run_without_rounds_is_refused_when_the_config_is_read():
+    from simulations.config import load_config
+
+    with pytest.raises(ValueError, match="federation.rounds must be at least 1, got 0"):
+        load_config(None, {"federation": {"rounds": 0}})
