@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from models.config import TrainConfig
 from models.lora import freeze_batchnorm
 from privacy.config import DPConfig
+from privacy.grad_samplers import engine_module
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,22 @@ def check_private_model(model: nn.Module) -> None:
         raise ValueError(f"model is not DP-SGD compatible: {errors[:3]}")
 
 
+def make_optimizer(params: list[torch.Tensor], config: TrainConfig, dp: DPConfig,
+                   lr: float | None = None) -> torch.optim.Optimizer:
+    """The optimiser DP-SGD steps with: ``dp.dp_optimizer`` at ``dp.dp_lr`` (or the train lr).
+
+    ``lr`` is this round's training rate (``models.config.round_lr``); a separate ``dp_lr``
+    follows the same per-round decay.
+    """
+    round_lr = config.lr if lr is None else lr
+    if dp.dp_lr > 0:
+        round_lr = dp.dp_lr * round_lr / config.lr
+    if dp.dp_optimizer == "sgd":
+        return torch.optim.SGD(params, lr=round_lr, momentum=dp.dp_momentum,
+                               weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=round_lr, weight_decay=config.weight_decay)
+
+
 def train_dpsgd(
     model: nn.Module,
     images: torch.Tensor,
@@ -122,8 +139,7 @@ def train_dpsgd(
     torch.manual_seed(seed)
     loader = DataLoader(TensorDataset(images, labels), batch_size=config.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr if lr is None else lr,
-                                  weight_decay=config.weight_decay)
+    optimizer = make_optimizer(params, config, dp, lr)
     criterion = nn.CrossEntropyLoss()
     ghost = dp.dp_grad_sample_mode == "ghost"
     with warnings.catch_warnings():
@@ -131,10 +147,11 @@ def train_dpsgd(
         # (Its accountant here is unused: privacy.accounting composes the events instead.)
         warnings.simplefilter("ignore")
         engine = PrivacyEngine(accountant=dp.dp_accountant, secure_mode=False)
+        module, opacus_mode = engine_module(model, dp.dp_grad_sample_mode)
         made = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
+            module=module, optimizer=optimizer, data_loader=loader, criterion=criterion,
             noise_multiplier=noise_multiplier, max_grad_norm=dp.dp_max_grad_norm,
-            poisson_sampling=True, grad_sample_mode=dp.dp_grad_sample_mode,
+            poisson_sampling=True, grad_sample_mode=opacus_mode,
             noise_generator=torch.Generator().manual_seed(seed + 1),
         )
     if ghost:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from opacus import PrivacyEngine
+from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.app import build_client_app
@@ -26,7 +27,8 @@ from models.config import TrainConfig, to_config_record
 from models.lora import build_lora_model, freeze_batchnorm
 from privacy.accounting import PRV_MIN_NOISE, epsilon, noise_for_target
 from privacy.config import DPConfig, dp_config_from_record
-from privacy.dpsgd import plan_round, train_dpsgd
+from privacy.dpsgd import make_optimizer, plan_round, train_dpsgd
+from privacy.grad_samplers import conv2d_grad_sample, engine_module
 from privacy.ledger import BudgetExceeded, Charge, Ledger
 from privacy.policy import SitePolicy, load_site_policy
 from privacy.update_dp import clip_and_noise, update_norm
@@ -98,6 +100,26 @@ def test_dp_config_travels_in_the_config_record():
         DPConfig(dp_accountant="moments")
 
 
+def test_dp_optimizer_takes_its_own_rate_with_the_runs_decay():
+    """``dp_optimizer = "sgd"`` at ``dp_lr`` follows the run's per-round decay (round 2 at decay
+    0.5 halves it); without ``dp_lr`` DP-SGD steps with AdamW at the round's train rate."""
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    train = TrainConfig(lr=2e-3, lr_decay=0.5)
+    round_two = 1e-3
+    sgd = make_optimizer(params, train, DPConfig(dp_optimizer="sgd", dp_lr=0.4, dp_momentum=0.8),
+                         lr=round_two)
+    assert isinstance(sgd, torch.optim.SGD)
+    assert sgd.param_groups[0]["lr"] == pytest.approx(0.2)
+    assert sgd.param_groups[0]["momentum"] == 0.8
+    adam = make_optimizer(params, train, DPConfig(), lr=round_two)
+    assert isinstance(adam, torch.optim.AdamW)
+    assert adam.param_groups[0]["lr"] == pytest.approx(round_two)
+    with pytest.raises(ValueError, match="dp_optimizer"):
+        DPConfig(dp_optimizer="lbfgs")
+    with pytest.raises(ValueError, match="dp_momentum"):
+        DPConfig(dp_optimizer="sgd", dp_momentum=1.0)
+
+
 def test_target_epsilon_sets_the_noise_for_the_whole_run():
     """With a target per run, the noise is derived so that all planned rounds together spend
     it (checked with dp-accounting), and a run that does not say its length is an error."""
@@ -140,58 +162,6 @@ def test_dpsgd_trains_the_adapter_and_leaves_the_model_clean(site, small_model_c
     # opacus is gone afterwards: no hooks, no per-example gradients on the cached model.
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
-
-
-def test_default_engine_clips_exact_per_example_gradients(site, small_model_config):
-    """With zero noise, one step of the default opacus engine yields the mean of per-example
-    gradients each clipped to C, as computed here one example at a time (dropout and drop-connect
-    off so both see the same network). Checked because opacus' ``hooks`` engine gets peft's Conv
-    ``lora_B`` per-example gradients wrong on this backbone (and ``ghost`` the clipped sum)."""
-    images, labels, clip = site.train.images[:8], site.train.labels[:8], 0.05
-
-    def model():
-        torch.manual_seed(0)
-        net = build_lora_model(small_model_config)
-        for module in net.modules():
-            if hasattr(module, "drop_connect_rate"):
-                module.drop_connect_rate = 0.0
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-        net.train()
-        freeze_batchnorm(net)
-        return net
-
-    net = model()
-    params = [p for p in net.parameters() if p.requires_grad]
-    # Move lora_B off zero so that lora_A has gradients too.
-    torch.nn.init.normal_(params[1], std=0.1)
-    start = [p.detach().clone() for p in params]
-    reference = torch.zeros(sum(p.numel() for p in params))
-    for i in range(len(labels)):
-        grads = torch.autograd.grad(F.cross_entropy(net(images[i:i + 1]), labels[i:i + 1]),
-                                    params)
-        flat = torch.cat([g.flatten() for g in grads])
-        reference += flat * min(1.0, clip / float(flat.norm()))
-    reference /= len(labels)
-
-    net = model()
-    params = [p for p in net.parameters() if p.requires_grad]
-    with torch.no_grad():
-        for p, value in zip(params, start, strict=True):
-            p.copy_(value)
-    optimizer = torch.optim.SGD(params, lr=0.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        private, optimizer, _ = PrivacyEngine().make_private(
-            module=net, optimizer=optimizer, noise_multiplier=0.0, max_grad_norm=clip,
-            data_loader=DataLoader(TensorDataset(images, labels), batch_size=len(labels)),
-            poisson_sampling=False, grad_sample_mode=DPConfig().dp_grad_sample_mode)
-        private.train()
-        freeze_batchnorm(private)
-        F.cross_entropy(private(images), labels).backward()
-        optimizer.step()
-    got = torch.cat([p.grad.flatten() for p in params])
-    assert float((got - reference).norm() / reference.norm()) < 1e-4
 
 
 def _message(arrays: ArrayRecord, config) -> Message:
@@ -446,3 +416,103 @@ def test_cli_shows_the_ledger(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "run-7" in out and f"{total:.3f}" in out and f"{8.0 - total:.3f}" in out
     assert cli.main(["hospital", "ledger", "--db", str(tmp_path / "missing.sqlite")]) == 1
+
+
+def _per_example_conv_grads(conv: torch.nn.Conv2d,
+                            x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's gradient ``(B, *conv.weight.shape)`` of ``sum(conv(x_b) * w_b)``, one at a
+    time, and the fixed random output weighting ``w`` (the backprops), seeded."""
+    weights = torch.randn(conv(x).shape, generator=torch.Generator().manual_seed(1))
+    return torch.stack([
+        torch.autograd.grad((conv(x[b:b + 1]) * weights[b:b + 1]).sum(), conv.weight)[0]
+        for b in range(len(x))
+    ]), weights
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"kernel_size": 1},  # LoRA's lora_A / lora_B on a pointwise conv: the bmm path
+    {"kernel_size": 3, "stride": 2, "padding": 1, "groups": 2},  # opacus' unfold, made contiguous
+])
+def test_einsum_conv_sampler_is_exact_in_channels_last(kwargs):
+    """The backbone runs channels-last; opacus 1.6's own Conv2d sampler (``unfold2d``'s
+    ``as_strided`` assumes NCHW strides) is then wrong, ``privacy.grad_samplers``' is exact."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 6, bias=False, **kwargs)
+    x = torch.randn(5, 8, 7, 7).contiguous(memory_format=torch.channels_last)
+    reference, backprops = _per_example_conv_grads(conv, x)
+    backprops = backprops.contiguous(memory_format=torch.channels_last)
+
+    def rel(got):
+        return float((got - reference).norm() / reference.norm())
+
+    assert rel(conv2d_grad_sample(conv, [x], backprops)[conv.weight]) < 1e-6
+    assert rel(compute_conv_grad_sample(conv, [x], backprops)[conv.weight]) > 0.1
+
+
+@pytest.mark.parametrize("mode, exact", [("einsum", True), ("functorch", True),
+                                         ("hooks", False)])
+def test_exact_engines_clip_per_example_gradients(site, small_model_config, mode, exact):
+    """With zero noise, one DP-SGD step of an exact engine (the default ``einsum``,
+    ``privacy.grad_samplers``; ``functorch``) yields the mean of per-example gradients each
+    clipped as opacus clips (factor ``min(1, C / (norm + 1e-6))``), computed here one example
+    at a time on real images with ``lora_B`` off zero (so every LoRA factor has a gradient),
+    some examples clipped and some not. In float64, so that float32 rounding (batched and
+    single-example convolutions sum in different orders, about 1e-7 to 1e-6 relative here)
+    cannot hide an error: they agree to 1e-10. opacus' own ``hooks`` engine is far off on this
+    channels-last backbone (why ``einsum`` exists), and medfed refuses to run it there."""
+    images, labels, clip = site.train.images[:8].double(), site.train.labels[:8], 7.0
+
+    def model():
+        torch.manual_seed(0)
+        net = build_lora_model(small_model_config)
+        for module in net.modules():
+            if hasattr(module, "drop_connect_rate"):
+                module.drop_connect_rate = 0.0
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.1, generator=torch.Generator().manual_seed(2))
+        net.double().train()
+        freeze_batchnorm(net)
+        return net
+
+    net = model()
+    params = [p for p in net.parameters() if p.requires_grad]
+    reference = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    clipped = 0
+    for i in range(len(labels)):
+        grads = torch.autograd.grad(F.cross_entropy(net(images[i:i + 1]), labels[i:i + 1]),
+                                    params)
+        flat = torch.cat([g.flatten() for g in grads])
+        norm = float(flat.norm())
+        clipped += norm > clip
+        reference += flat * min(1.0, clip / (norm + 1e-6))
+    reference /= len(labels)
+    # Per-example norms here are about 3.7 to 10: both branches of the clipping are taken.
+    assert 0 < clipped < len(labels)
+
+    net = model()
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exact:
+            module, opacus_mode = engine_module(net, mode)
+        else:  # medfed refuses it (below); opacus itself runs it
+            module, opacus_mode = net, mode
+            with pytest.raises(ValueError, match="channels-last"):
+                engine_module(net, mode)
+        private, optimizer, _ = PrivacyEngine().make_private(
+            module=module, optimizer=optimizer, noise_multiplier=0.0, max_grad_norm=clip,
+            data_loader=DataLoader(TensorDataset(images, labels), batch_size=len(labels)),
+            poisson_sampling=False, grad_sample_mode=opacus_mode)
+        private.train()
+        freeze_batchnorm(private)
+        F.cross_entropy(private(images), labels).backward()
+        optimizer.step()
+    got = torch.cat([p.grad.flatten() for p in params])
+    error = float((got - reference).norm() / reference.norm())
+    assert error < 1e-10 if exact else error > 0.1
+    private._close()

@@ -3,9 +3,11 @@
 One optimiser step = forward, backward, (per-example clipping and noise,) AdamW update, on a fixed
 batch of random images: the same work a hospital does per step, without data loading. Each opacus
 per-example gradient engine is timed against the same model without DP. The last line is the
-ratio of the run's engine (``DPConfig().dp_grad_sample_mode``, ``functorch``: the only one whose
-clipping is exact on this backbone's Conv LoRA, see ``privacy.config``) at the largest setting:
-``dp/non-dp step time: <number>``; ``hooks`` and ``ghost`` can be timed for comparison.
+ratio of the run's engine (``DPConfig().dp_grad_sample_mode``, ``einsum``: opacus' hooks engine
+with ``privacy.grad_samplers``' exact Conv2d sampler) at the largest setting:
+``dp/non-dp step time: <number>``; ``functorch`` (also exact), ``hooks`` and ``ghost`` (wrong on
+this channels-last backbone and refused by DP-SGD training, see ``privacy.config``) can be timed
+for comparison.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from models.config import ModelConfig
 from models.lora import build_lora_model, freeze_batchnorm
 from privacy.config import GRAD_SAMPLE_MODES, DPConfig
+from privacy.grad_samplers import engine_module
 
 
 def _setting(text: str) -> tuple[int, int]:
@@ -32,7 +35,8 @@ def _setting(text: str) -> tuple[int, int]:
 
 
 def make_step(config: ModelConfig, batch: int, mode: str | None) -> Callable[[], None]:
-    """One optimiser step on a fixed batch; ``mode`` None is non-private, else an opacus engine."""
+    """One optimiser step on a fixed batch; ``mode`` None is non-private, else an engine among
+    ``GRAD_SAMPLE_MODES``."""
     torch.manual_seed(0)
     model = build_lora_model(config, verify=False)
     images = torch.rand(batch, 1, config.image_size, config.image_size)
@@ -44,10 +48,14 @@ def make_step(config: ModelConfig, batch: int, mode: str | None) -> Callable[[],
         loader = DataLoader(TensorDataset(images, labels), batch_size=batch)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if mode in ("hooks", "ghost"):  # timed for comparison; training refuses them here
+                opacus_mode = mode
+            else:
+                model, opacus_mode = engine_module(model, mode)
             made = PrivacyEngine().make_private(
                 module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
                 noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
-                grad_sample_mode=mode,
+                grad_sample_mode=opacus_mode,
             )
         model, optimizer = made[0], made[1]
         if mode == "ghost":
@@ -86,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default="64x32,96x256",
                         help="comma-separated <image px>x<batch> settings (default 64x32,96x256)")
     parser.add_argument("--modes", default=DPConfig().dp_grad_sample_mode,
-                        help=f"opacus engines among {','.join(GRAD_SAMPLE_MODES)}")
+                        help=f"comma-separated engines among {','.join(GRAD_SAMPLE_MODES)} "
+                             "(default: the configured one)")
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per engine")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

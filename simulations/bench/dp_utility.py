@@ -30,6 +30,7 @@ from models.adapters import load_adapter_state
 from models.config import TrainConfig
 from models.data import ImageSet
 from models.lora import build_lora_model
+from privacy.config import OPTIMIZERS, DPConfig
 from privacy.membership import MembershipResult, loss_threshold_attack, matched_non_members
 from server.records import RunRecords
 from simulations import runner
@@ -51,7 +52,9 @@ def _overrides(args: argparse.Namespace, epsilon: float | None, run_dir: Path) -
                              "dp_noise_multiplier": args.dp_noise_multiplier,
                              "dp_accountant": args.accountant,
                              "dp_max_grad_norm": args.dp_max_grad_norm,
-                             "dp_grad_sample_mode": args.dp_grad_sample_mode}
+                             "dp_grad_sample_mode": args.dp_grad_sample_mode,
+                             "dp_optimizer": args.dp_optimizer, "dp_lr": args.dp_lr,
+                             "dp_momentum": args.dp_momentum}
         values.setdefault("federation", {})["strategy"] = args.dp_strategy
         if args.dp_lora_r:
             values["model"] = {"lora_r": args.dp_lora_r, "lora_alpha": 2 * args.dp_lora_r}
@@ -110,7 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dp-noise-multiplier", type=float, default=0.0,
                         help="fixed noise multiplier (0: derived from each target epsilon)")
     parser.add_argument("--dp-max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--dp-grad-sample-mode", default="functorch",
+    parser.add_argument("--dp-optimizer", default=DPConfig.dp_optimizer,
+                        choices=list(OPTIMIZERS), help="optimiser of the DP-SGD runs")
+    parser.add_argument("--dp-lr", type=float, default=DPConfig.dp_lr,
+                        help="learning rate of the DP-SGD runs (0: --lr)")
+    parser.add_argument("--dp-momentum", type=float, default=DPConfig.dp_momentum,
+                        help="SGD momentum of the DP-SGD runs")
+    parser.add_argument("--dp-grad-sample-mode", default=DPConfig.dp_grad_sample_mode,
                         help="opacus per-example gradient engine (see privacy.config)")
     parser.add_argument("--reuse", action="store_true",
                         help="take a run whose summary.json is already in --run-dir (same "
@@ -136,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"default simulation, every run at batch {args.batch_size} (Poisson under DP), "
           f"lr {args.lr:g}, {args.local_epochs} local epochs; DP-SGD at the hospitals with "
           f"strategy {args.dp_strategy}, "
+          f"{args.dp_optimizer} (lr {args.dp_lr or args.lr:g}), "
           f"clip {args.dp_max_grad_norm:g}, {args.accountant} accountant, opacus "
           f"{args.dp_grad_sample_mode}; membership attack on "
           f"{args.mia_examples or 'no'} members vs as many unseen examples")
