@@ -31,13 +31,13 @@ class DPConfig:
         dp_accountant: ``rdp`` (Renyi DP) or ``prv`` (privacy random variables, tighter).
         dp_grad_sample_mode: per-example gradient engine: ``einsum`` (default: opacus' hooks
             engine with ``privacy.grad_samplers``' layout-independent Conv2d sampler; exact and
-            1.0-1.3x a non-private step), ``functorch`` (exact, 1.3-1.9x), ``hooks`` or
-            ``ghost`` (opacus' own, wrong on channels-last backbones such as the default one:
-            opacus 1.6 unfolds Conv2d inputs assuming contiguous NCHW strides, which gets
-            the clipped mean 27% wrong on 8 real images and ``ghost``'s
-            clipped sum 2%, so their clipping would not bound what the accountant assumes;
+            1.1-1.3x a non-private step), ``functorch`` (exact, 1.6-1.9x), ``hooks`` or
+            ``ghost``. The last two are opacus' own Conv2d samplers, which assume contiguous
+            NCHW strides and so are wrong on channels-last backbones such as the default one
+            (the clipped mean 27% off on 8 real images, ``ghost``'s clipped sum 2%): their
+            clipping would not bound what the accountant assumes, and
             ``privacy.grad_samplers.engine_module`` refuses them on a model with a trainable
-            Conv2d). See ``tests/test_privacy.py``.
+            Conv2d. See ``tests/test_privacy.py``.
         dp_optimizer: the optimiser that takes DP-SGD's noised gradients: ``adamw`` (the
             non-private default) or ``sgd`` (with ``dp_momentum``, the usual DP-SGD choice). On
             the default run at eps 8 (``simulations.bench dp-utility``) AdamW gave test AUC

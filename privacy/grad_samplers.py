@@ -30,6 +30,8 @@ from torch import nn
 GRAD_SAMPLE_MODE = "einsum"
 # What opacus' make_private is told: the wrapped model is the hooks engine's GradSampleModule.
 OPACUS_MODE = "hooks"
+# opacus' own engines whose Conv2d per-example gradients go through unfold2d.
+LAYOUT_UNSAFE_MODES = ("hooks", "ghost")
 
 
 def is_pointwise(layer: nn.Conv2d) -> bool:
@@ -73,16 +75,15 @@ def conv2d_grad_sample(
     return out
 
 
-def make_grad_sample_module(model: nn.Module, *, loss_reduction: str = "mean",
-                            batch_first: bool = True) -> GradSampleModule:
+def make_grad_sample_module(model: nn.Module) -> GradSampleModule:
     """``model`` wrapped by opacus' hooks engine, with :func:`conv2d_grad_sample` for Conv2d.
 
     Pass the result to ``PrivacyEngine.make_private(module=..., grad_sample_mode=OPACUS_MODE)``
-    with the same ``loss_reduction`` and ``batch_first`` (make_private's defaults are these):
-    opacus then keeps this wrapper instead of wrapping again. Call ``_close()`` on it (as
+    with make_private's default ``loss_reduction="mean"`` and ``batch_first=True``, which the
+    wrapper shares: opacus then keeps it instead of wrapping again. Call ``_close()`` on it (as
     ``privacy.dpsgd._unwrap`` does) to remove the hooks.
     """
-    wrapped = GradSampleModule(model, batch_first=batch_first, loss_reduction=loss_reduction)
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     # GradSampleHooks looks samplers up as self.GRAD_SAMPLERS at backward time: an instance
     # attribute overrides the class-wide registry for this wrapper only.
     wrapped.GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, nn.Conv2d: conv2d_grad_sample}
@@ -102,7 +103,7 @@ def engine_module(model: nn.Module, mode: str) -> tuple[nn.Module, str]:
     """
     if mode == GRAD_SAMPLE_MODE:
         return make_grad_sample_module(model), OPACUS_MODE
-    if mode in ("hooks", "ghost") and any(
+    if mode in LAYOUT_UNSAFE_MODES and any(
         isinstance(m, nn.Conv2d) and any(p.requires_grad for p in m.parameters(recurse=False))
         for m in model.modules()
     ):

@@ -500,7 +500,7 @@ def test_exact_engines_clip_per_example_gradients(site, small_model_config, mode
         warnings.simplefilter("ignore")
         if exact:
             module, opacus_mode = engine_module(net, mode)
-        else:  # medfed refuses it (below); opacus itself runs it
+        else:  # medfed refuses it; opacus itself runs it
             module, opacus_mode = net, mode
             with pytest.raises(ValueError, match="channels-last"):
                 engine_module(net, mode)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from models.config import ModelConfig
 from models.lora import build_lora_model, freeze_batchnorm
 from privacy.config import GRAD_SAMPLE_MODES, DPConfig
-from privacy.grad_samplers import engine_module
+from privacy.grad_samplers import LAYOUT_UNSAFE_MODES, engine_module
 
 
 def _setting(text: str) -> tuple[int, int]:
@@ -48,7 +48,7 @@ def make_step(config: ModelConfig, batch: int, mode: str | None) -> Callable[[],
         loader = DataLoader(TensorDataset(images, labels), batch_size=batch)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if mode in ("hooks", "ghost"):  # timed for comparison; training refuses them here
+            if mode in LAYOUT_UNSAFE_MODES:  # timed for comparison; training refuses them here
                 opacus_mode = mode
             else:
                 model, opacus_mode = engine_module(model, mode)
