@@ -26,9 +26,9 @@ from client.training import train_local
 from models.adapters import adapter_state, load_adapter_state
 from models.config import TrainConfig
 from models.data import ImageSet
-from privacy.accounting import epsilon, history_from_record, history_to_record, noise_for_target
+from privacy.accounting import epsilon, history_from_record, history_to_record
 from privacy.config import DPConfig
-from privacy.dpsgd import plan_round, train_dpsgd
+from privacy.dpsgd import plan_round, round_noise_multiplier, train_dpsgd
 from privacy.ledger import BudgetExceeded, Charge, Ledger
 from privacy.policy import SitePolicy, load_site_policy
 from privacy.update_dp import clip_and_noise, update_charge
@@ -95,13 +95,7 @@ def plan_charges(dp: DPConfig, num_examples: int, train_config: TrainConfig) -> 
     charges = []
     if dp.dpsgd:
         plan = plan_round(num_examples, train_config)
-        z = dp.dp_noise_multiplier
-        if z == 0:
-            if dp.dp_run_rounds < 1:
-                raise ValueError("dp_target_epsilon needs dp_run_rounds (the coordinator sets "
-                                 "it to the run's rounds)")
-            z = noise_for_target(dp.dp_target_epsilon, dp.dp_delta, plan.sample_rate,
-                                 plan.steps * dp.dp_run_rounds, dp.dp_accountant)
+        z = round_noise_multiplier(dp, plan, dp.dp_run_rounds)
         charges.append(Charge("dpsgd", z, plan.sample_rate, plan.steps, dp.dp_max_grad_norm))
     if dp.update_dp:
         if dp.update_hospitals < 1:

@@ -54,7 +54,9 @@ def _print_summary(summary: dict[str, Any], run_dir: str) -> None:
     for name in ("federated", "pooled", "local"):
         if name in summary:
             m = summary[name]
-            table.add_row(name, *(f"{m[k]:.4f}" for k in ("auc", "accuracy", "macro_f1")))
+            # Under DP-SGD the baselines are private too: say at what epsilon.
+            label = f"{name} (DP-SGD, eps {m['dp_epsilon']:.2f})" if "dp_epsilon" in m else name
+            table.add_row(label, *(f"{m[k]:.4f}" for k in ("auc", "accuracy", "macro_f1")))
     console.print(table)
     b = summary["bytes"]
     console.print(f"uploaded per hospital per round: {b['upload_per_hospital_per_round']:,.0f} "

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from models.config import TrainConfig
 from models.lora import freeze_batchnorm
+from privacy.accounting import noise_for_target
 from privacy.config import DPConfig
 from privacy.grad_samplers import engine_module
 
@@ -70,6 +71,18 @@ def plan_round(num_examples: int, config: TrainConfig) -> StepPlan:
     batches = math.ceil(num_examples / config.batch_size)
     return StepPlan(sample_rate=1.0 / batches,
                     steps=config.local_steps or config.local_epochs * batches)
+
+
+def round_noise_multiplier(dp: DPConfig, plan: StepPlan, rounds: int) -> float:
+    """Noise multiplier of a round planned as ``plan``: ``dp.dp_noise_multiplier`` when set,
+    else the one at which ``rounds`` such rounds together spend ``dp.dp_target_epsilon``."""
+    if dp.dp_noise_multiplier > 0:
+        return dp.dp_noise_multiplier
+    if rounds < 1:
+        raise ValueError("dp_target_epsilon needs dp_run_rounds (the coordinator sets it to the "
+                         "run's rounds)")
+    return noise_for_target(dp.dp_target_epsilon, dp.dp_delta, plan.sample_rate,
+                            plan.steps * rounds, dp.dp_accountant)
 
 
 def check_private_model(model: nn.Module) -> None:

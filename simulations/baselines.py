@@ -3,6 +3,11 @@
 Both baselines start from the federated run's initial adapter and get its training budget and
 schedule: ``rounds`` rounds of ``local_epochs`` epochs over the data they hold, with the round's
 learning rate and a fresh optimiser each round, as a hospital in the federation would.
+
+In a run with DP-SGD the baselines train with the same DP-SGD settings and the same epsilon per
+data holder (the pooled data as one holder, each hospital alone as itself), so that
+federated-vs-pooled measures federation, not privacy. Client-level DP on updates has no
+counterpart without a federation and is left out of them.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from models.adapters import adapter_state, load_adapter_state
 from models.config import ModelConfig, TrainConfig, round_lr
 from models.data import ImageSet
 from models.metrics import evaluate
+from privacy.accounting import Event, epsilon
+from privacy.config import DPConfig
+from privacy.dpsgd import plan_round, round_noise_multiplier, train_dpsgd
 from server.rounds import initial_model
 
 logger = logging.getLogger(__name__)
@@ -27,46 +35,77 @@ METRIC_NAMES = ("loss", "auc", "accuracy", "macro_f1")
 
 def train_like_federation(
     model, data: ImageSet, train: TrainConfig, rounds: int, seed: int,
-    after_round: Callable[[int], None] | None = None,
-) -> None:
+    after_round: Callable[[int], None] | None = None, dp: DPConfig | None = None,
+) -> list[Event]:
     """``rounds`` rounds of local training on ``data``, with the federation's LR schedule;
-    ``after_round(server_round)`` is called after each."""
+    ``after_round(server_round)`` is called after each.
+
+    With ``dp.dpsgd`` each round is a round of DP-SGD whose noise spends
+    ``dp.dp_target_epsilon`` over the ``rounds`` rounds (or uses ``dp.dp_noise_multiplier``).
+
+    Returns:
+        The accounting events of the DP-SGD rounds (empty without DP-SGD).
+    """
+    events: list[Event] = []
     for server_round in range(1, rounds + 1):
-        train_local(model, data.images, data.labels, train, seed=seed * 1_009 + server_round,
-                    lr=round_lr(train, server_round))
+        round_seed = seed * 1_009 + server_round
+        lr = round_lr(train, server_round)
+        if dp is not None and dp.dpsgd:
+            plan = plan_round(len(data), train)
+            noise = round_noise_multiplier(dp, plan, rounds)
+            train_dpsgd(model, data.images, data.labels, train, dp, noise, round_seed, lr=lr)
+            events.append((noise, plan.sample_rate, plan.steps))
+        else:
+            train_local(model, data.images, data.labels, train, seed=round_seed, lr=lr)
         if after_round is not None:
             after_round(server_round)
+    return events
+
+
+def _privacy(events: list[Event], dp: DPConfig | None) -> dict[str, float]:
+    """``dp_epsilon`` and ``dp_delta`` spent by a baseline's DP-SGD (nothing without it)."""
+    if dp is None or not events:
+        return {}
+    return {"dp_epsilon": epsilon(events, dp.dp_delta, dp.dp_accountant),
+            "dp_delta": dp.dp_delta}
 
 
 def pooled_baseline(
     sites: list[SiteData], test: ImageSet, model_config: ModelConfig, train: TrainConfig,
-    rounds: int,
+    rounds: int, dp: DPConfig | None = None,
 ) -> dict[str, float]:
     """All hospitals' training data in one place: test metrics of the adapter trained on it,
     and its test AUC after each round (``test_auc_per_round``): on PneumoniaMNIST, whose test
-    split is shifted from its training split, the last round can swing far from the others."""
+    split is shifted from its training split, the last round can swing far from the others.
+    Under ``dp.dpsgd`` also the epsilon it spent (``dp_epsilon``, ``dp_delta``)."""
     model = initial_model(model_config, train.seed)
     pooled = ImageSet.concat([s.train for s in sites])
     per_round: list[dict[str, float]] = []
-    train_like_federation(
+    events = train_like_federation(
         model, pooled, train, rounds, seed=train.seed,
-        after_round=lambda _: per_round.append(evaluate(model, test.images, test.labels)))
+        after_round=lambda _: per_round.append(evaluate(model, test.images, test.labels)),
+        dp=dp)
     # The last round's evaluation is the final one: the model does not change after it.
-    return per_round[-1] | {"test_auc_per_round": [m["auc"] for m in per_round]}
+    return (per_round[-1] | {"test_auc_per_round": [m["auc"] for m in per_round]}
+            | _privacy(events, dp))
 
 
 def local_baseline(
     sites: list[SiteData], test: ImageSet, model_config: ModelConfig, train: TrainConfig,
-    rounds: int,
+    rounds: int, dp: DPConfig | None = None,
 ) -> dict[str, object]:
-    """Each hospital alone: the mean of their test metrics, and each one's."""
+    """Each hospital alone: the mean of their test metrics, and each one's; under ``dp.dpsgd``
+    the epsilon each spent, and the largest as ``dp_epsilon``."""
     model = initial_model(model_config, train.seed)
     start = adapter_state(model)
     per_hospital = []
     for hospital, site in enumerate(sites):
         load_adapter_state(model, start)
-        train_like_federation(model, site.train, train, rounds, seed=train.seed + hospital)
-        per_hospital.append(evaluate(model, test.images, test.labels))
+        events = train_like_federation(model, site.train, train, rounds,
+                                       seed=train.seed + hospital, dp=dp)
+        per_hospital.append(evaluate(model, test.images, test.labels) | _privacy(events, dp))
         logger.debug("local baseline, hospital %d: %s", hospital, per_hospital[-1])
     mean = {name: float(np.nanmean([m[name] for m in per_hospital])) for name in METRIC_NAMES}
+    if dp is not None and dp.dpsgd:  # the most any hospital alone spent
+        mean["dp_epsilon"] = max(m["dp_epsilon"] for m in per_hospital)
     return mean | {"per_hospital": per_hospital}

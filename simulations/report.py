@@ -591,7 +591,10 @@ def _key_finding(run: Run, scores: TestScores | None) -> str:
         parts.append(f" (95% CI {scores.auc_ci[0]:.3f} to {scores.auc_ci[1]:.3f}, "
                      f"{len(scores.labels)} test images)")
     if "pooled" in run.summary:
-        parts.append(f"; pooling all data in one place gave {_fmt(run.summary['pooled']['auc'])}")
+        pooled = run.summary["pooled"]
+        private = (f" (under DP-SGD at epsilon {pooled['dp_epsilon']:.2f}, as each hospital)"
+                   if "dp_epsilon" in pooled else "")
+        parts.append(f"; pooling all data in one place{private} gave {_fmt(pooled['auc'])}")
     if "local" in run.summary:
         parts.append(f"; a hospital training alone gave {_fmt(run.summary['local']['auc'])} "
                      "on average")

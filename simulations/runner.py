@@ -189,7 +189,7 @@ def run_study(config: SimulationConfig, console: Console | None = None,
             with console.status(f"baseline: {name}"):
                 t0 = time.monotonic()
                 summary[name] = fn(sites, test, config.model, config.train,
-                                   config.federation.rounds)
+                                   config.federation.rounds, dp=config.privacy)
                 baseline_time[name] = time.monotonic() - t0
 
     uploads = [r["upload_bytes"] for r in records.train_rows() if r.get("upload_bytes")]

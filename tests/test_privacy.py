@@ -35,6 +35,7 @@ from privacy.update_dp import clip_and_noise, update_norm
 from server.config import FederationConfig
 from server.records import RunRecords
 from server.rounds import FederationError, run_federation
+from simulations.baselines import local_baseline, pooled_baseline
 from simulations.inprocess import InProcessGrid, coordinator_message
 from strategies.base import Reply
 
@@ -162,6 +163,37 @@ def test_dpsgd_trains_the_adapter_and_leaves_the_model_clean(site, small_model_c
     # opacus is gone afterwards: no hooks, no per-example gradients on the cached model.
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+
+
+def test_baselines_of_a_dpsgd_run_train_with_dpsgd_at_its_epsilon(pneumonia_small,
+                                                                    small_model_config):
+    """In a DP-SGD run the pooled and local baselines run DP-SGD too, each data holder (the
+    pooled data; each hospital alone) spending the run's target epsilon (checked with
+    dp-accounting), so federated-vs-pooled compares like with like."""
+    train_split, test_split = pneumonia_small.splits["train"], pneumonia_small.splits["test"]
+    rng = np.random.default_rng(4)
+    picks = rng.choice(len(train_split), 200, replace=False)
+    sites = [SiteData(train=train_split.subset(picks[:130]), val=train_split.subset(picks[:8])),
+             SiteData(train=train_split.subset(picks[130:]), val=train_split.subset(picks[:8]))]
+    test = test_split.subset(rng.choice(len(test_split), 100, replace=False))
+    train = TrainConfig(local_epochs=1, batch_size=16, lr=1e-3)
+    dp = DPConfig(dpsgd=True, dp_target_epsilon=2.0, dp_accountant="rdp")
+    rounds = 2
+
+    plain = pooled_baseline(sites, test, small_model_config, train, rounds)
+    private = pooled_baseline(sites, test, small_model_config, train, rounds, dp=dp)
+    assert "dp_epsilon" not in plain
+    assert private["auc"] != plain["auc"]
+    plan = plan_round(200, train)
+    noise = noise_for_target(2.0, dp.dp_delta, plan.sample_rate, plan.steps * rounds, "rdp")
+    run = [(noise, plan.sample_rate, plan.steps)] * rounds
+    assert private["dp_epsilon"] == pytest.approx(reference_epsilon(run, dp.dp_delta, "rdp"),
+                                                  rel=0.01)
+    assert private["dp_epsilon"] == pytest.approx(2.0, rel=0.01)
+
+    local = local_baseline(sites, test, small_model_config, train, rounds, dp=dp)
+    assert [h["dp_epsilon"] for h in local["per_hospital"]] == pytest.approx([2.0, 2.0], rel=0.01)
+    assert local["dp_epsilon"] == max(h["dp_epsilon"] for h in local["per_hospital"])
 
 
 def _message(arrays: ArrayRecord, config) -> Message:

@@ -1,15 +1,18 @@
 """What DP-SGD at the hospitals costs in test AUC, and what it buys against membership inference.
 
 Runs the default simulation (``SimulationConfig()``: 5 hospitals, Dirichlet 0.5, 64 px, 4 rounds;
-baselines skipped) without DP and with DP-SGD at each hospital for each target epsilon (the whole
-run's epsilon per hospital, ``delta`` from the config), and prints the final test AUC of each.
+baselines skipped unless ``--pooled``) without DP and with DP-SGD at each hospital for each
+target epsilon (the whole run's epsilon per hospital, ``delta`` from the config), and prints the
+final test AUC of each.
 Every run, the non-private reference included, trains with the bench's settings
 (``--batch-size --lr --local-epochs``, by default the simulation's: 64, 2e-3, 2; under DP,
 Poisson batches of that expected size), so the drop measures DP alone.
 After each run a loss-threshold membership-inference attack (``privacy.membership``) scores
 the final global adapter on the hospitals' training examples against the unused MedMNIST
 validation split (same distribution, matched label counts). Ends with
-``auc drop at eps=<largest>: <number>`` (non-DP AUC minus DP AUC).
+``auc drop at eps=<largest>: <number>`` (non-DP AUC minus DP AUC). With ``--pooled`` each run
+also trains the pooled baseline (all hospitals' data in one place, under DP-SGD at the same
+epsilon), and the pooled drop is printed before that last line.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from simulations.sites import cached_dataset, hospital_sites
 
 
 def _overrides(args: argparse.Namespace, epsilon: float | None, run_dir: Path) -> dict[str, Any]:
-    values: dict[str, Any] = {"seed": args.seed, "run_dir": str(run_dir), "baselines": []}
+    values: dict[str, Any] = {"seed": args.seed, "run_dir": str(run_dir),
+                              "baselines": ["pooled"] if args.pooled else []}
     if args.max_train or args.max_test:
         values["data"] = {"max_train_examples": args.max_train,
                           "max_test_examples": args.max_test}
@@ -129,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-test", type=int, default=0, help="test examples (0: all)")
     parser.add_argument("--mia-examples", type=int, default=500,
                         help="members (and as many non-members) the attack scores; 0: skip it")
+    parser.add_argument("--pooled", action="store_true",
+                        help="also train the pooled baseline of each run (all hospitals' data in "
+                             "one place; under DP-SGD at the same epsilon): how much of the drop "
+                             "is privacy and how much is federation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", type=Path, default=None,
                         help="simulation TOML the bench's settings override")
@@ -164,24 +172,31 @@ def main(argv: list[str] | None = None) -> int:
                                    "time": summary["wall_time_s"]["federated"]}
             spent = summary.get("privacy", {}).get("epsilon_max")
             row["epsilon"] = float("nan") if spent is None else float(spent)
+            if "pooled" in summary:
+                row["pooled"] = summary["pooled"]["auc"]
             if args.mia_examples:
                 row["mia"] = membership(config, args.mia_examples)
             results[name] = row
             mia = row.get("mia")
             print(f"  {name:<8} test auc {row['auc']:.4f}  acc {row['accuracy']:.4f}  "
                   f"federated {row['time']:.0f} s"
-                  + (f"  attack auc {mia.auc:.3f} adv {mia.advantage:.3f}" if mia else ""),
+                  + (f"  attack auc {mia.auc:.3f} adv {mia.advantage:.3f}" if mia else "")
+                  + (f"  pooled auc {row['pooled']:.4f}" if "pooled" in row else ""),
                   flush=True)
 
     print()
     print(f"{'run':<10}{'test auc':>10}{'test acc':>10}{'eps spent':>11}{'attack auc':>12}"
-          f"{'advantage':>11}")
+          f"{'advantage':>11}{'pooled auc':>12}")
     for name, row in results.items():
         mia = row.get("mia")
         print(f"{name:<10}{row['auc']:>10.4f}{row['accuracy']:>10.4f}{row['epsilon']:>11.3f}"
-              + (f"{mia.auc:>12.3f}{mia.advantage:>11.3f}" if mia else ""))
+              + (f"{mia.auc:>12.3f}{mia.advantage:>11.3f}" if mia else f"{'':>23}")
+              + (f"{row['pooled']:>12.4f}" if "pooled" in row else ""))
     if "no DP" in results and epsilons:
         top = max(epsilons)
+        if args.pooled:
+            pooled_drop = results["no DP"]["pooled"] - results[f"eps={top:g}"]["pooled"]
+            print(f"pooled baseline's auc drop at eps={top:g}: {pooled_drop:.4f}")
         drop = results["no DP"]["auc"] - results[f"eps={top:g}"]["auc"]
         print(f"auc drop at eps={top:g}: {drop:.4f}")
     return 0
