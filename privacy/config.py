@@ -27,7 +27,10 @@ class DPConfig:
         dp_target_epsilon: epsilon the whole run may spend at each hospital (all rounds); used
             only when ``dp_noise_multiplier`` is 0.
         dp_delta: the delta epsilon is stated for (per example).
-        dp_max_grad_norm: per-example gradient L2 clipping bound.
+        dp_max_grad_norm: per-example gradient L2 clipping bound. On the default run at eps 8
+            (``simulations.bench dp-utility``) norms from 0.03 to 1.0 ended within the spread
+            between seeds (test AUC 0.900-0.917): with AdamW it barely matters once most
+            examples are clipped.
         dp_accountant: ``rdp`` (Renyi DP) or ``prv`` (privacy random variables, tighter).
         dp_grad_sample_mode: per-example gradient engine: ``einsum`` (default: opacus' hooks
             engine with ``privacy.grad_samplers``' layout-independent Conv2d sampler; exact and

@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in results.items():
         mia = row.get("mia")
         print(f"{name:<10}{row['auc']:>10.4f}{row['accuracy']:>10.4f}{row['epsilon']:>11.3f}"
-              + (f"{mia.auc:>12.3f}{mia.advantage:>11.3f}" if mia else f"{'':>23}")
+              + (f"{mia.auc:>12.3f}{mia.advantage:>11.3f}" if mia
+                 else f"{'':>23}" if "pooled" in row else "")
               + (f"{row['pooled']:>12.4f}" if "pooled" in row else ""))
     if "no DP" in results and epsilons:
         top = max(epsilons)
