@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"{'run':<10}{'test auc':>10}{'test acc':>10}{'eps spent':>11}{'attack auc':>12}"
-          f"{'advantage':>11}{'pooled auc':>12}")
+          f"{'advantage':>11}" + (f"{'pooled auc':>12}" if args.pooled else ""))
     for name, row in results.items():
         mia = row.get("mia")
         print(f"{name:<10}{row['auc']:>10.4f}{row['accuracy']:>10.4f}{row['epsilon']:>11.3f}"
