@@ -47,12 +47,14 @@ def train_like_federation(
         The accounting events of the DP-SGD rounds (empty without DP-SGD).
     """
     events: list[Event] = []
+    private = dp is not None and dp.dpsgd
+    if private:  # every round is planned alike: derive the noise once (a bisection)
+        plan = plan_round(len(data), train)
+        noise = round_noise_multiplier(dp, plan, rounds)
     for server_round in range(1, rounds + 1):
         round_seed = seed * 1_009 + server_round
         lr = round_lr(train, server_round)
-        if dp is not None and dp.dpsgd:
-            plan = plan_round(len(data), train)
-            noise = round_noise_multiplier(dp, plan, rounds)
+        if private:
             train_dpsgd(model, data.images, data.labels, train, dp, noise, round_seed, lr=lr)
             events.append((noise, plan.sample_rate, plan.steps))
         else:
