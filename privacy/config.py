@@ -48,6 +48,12 @@ class DPConfig:
         dp_lr: learning rate under DP-SGD in round 1 (0: ``train.lr``); SGD needs a larger one
             than AdamW. The run's per-round ``lr_decay`` applies to it too.
         dp_momentum: SGD's momentum (``dp_optimizer = "sgd"`` only).
+        dp_augmentations: augmentation multiplicity ``k`` (``privacy.augmult``): each sampled
+            example is seen as ``k`` randomly shifted views (up to 1/16 of the image side each
+            way; no flips, as chest anatomy is not mirror-symmetric) and the mean of their
+            gradients is what is clipped. Costs nothing in privacy and ``k`` times the compute;
+            0 or 1: off. On the default run at eps 8, ``k = 4`` added 0.004-0.009 test AUC in
+            three pairs of runs (0.909 against 0.900 at seed 0) at 3.8-5.3x the time (README).
         dp_run_rounds: rounds the run plans; the coordinator fills it in, so a hospital can spread
             ``dp_target_epsilon`` over the run.
         update_clip_norm: client-level DP: L2 bound on each hospital's adapter update (new -
@@ -73,6 +79,7 @@ class DPConfig:
     dp_lr: float = 0.0
     dp_momentum: float = 0.9
     dp_run_rounds: int = 0
+    dp_augmentations: int = 0
     update_clip_norm: float = 0.0
     update_noise_multiplier: float = 0.0
     update_hospitals: int = 0
@@ -97,6 +104,8 @@ class DPConfig:
         if self.dp_optimizer not in OPTIMIZERS:
             raise ValueError(f"{where}: dp_optimizer '{self.dp_optimizer}' is not one of "
                              f"{OPTIMIZERS}")
+        if self.dp_augmentations < 0:
+            raise ValueError(f"{where}: dp_augmentations must be >= 0 (0 or 1: off)")
         if self.dp_lr < 0 or not 0 <= self.dp_momentum < 1:
             raise ValueError(f"{where}: dp_lr must be >= 0 and dp_momentum in [0, 1)")
         if not 0 < self.dp_delta < 1:

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from models.config import TrainConfig
 from models.lora import freeze_batchnorm
 from privacy.accounting import noise_for_target
+from privacy.augmult import average_view_gradients, shifted_views
 from privacy.config import DPConfig
 from privacy.grad_samplers import engine_module
 
@@ -145,6 +146,11 @@ def train_dpsgd(
         # on the parameters would be dropped silently. Say so instead.
         raise ValueError("train.proximal_mu > 0 (FedProx) is not supported with DP-SGD yet: "
                          "set proximal_mu = 0 or turn dpsgd off")
+    views = max(1, dp.dp_augmentations)
+    if views > 1 and dp.dp_grad_sample_mode == "ghost":
+        raise ValueError("dp_augmentations > 1 needs per-example gradients to average over the "
+                         "views: set dp_grad_sample_mode = \"einsum\" (ghost clipping never "
+                         "forms them)")
     plan = plan_round(len(labels), config)
     model.train()
     freeze_batchnorm(model)
@@ -174,6 +180,7 @@ def train_dpsgd(
     # Poisson batches drawn from a seeded generator: a replayed round samples the same batches.
     private_loader.batch_sampler.generator = torch.Generator().manual_seed(seed)
     total, count, steps = 0.0, 0, 0
+    view_generator = torch.Generator().manual_seed(seed + 2)
     try:
         private_model.train()
         freeze_batchnorm(private_model)
@@ -186,8 +193,15 @@ def train_dpsgd(
                         # An empty Poisson batch (probability (1-q)^N, about e^-batch_size) is
                         # skipped; the accountant is charged for every planned step anyway.
                         private_optimizer.zero_grad(set_to_none=True)
-                        loss = criterion(private_model(batch_images), batch_labels)
-                        loss.backward()
+                        if views > 1:
+                            inputs = shifted_views(batch_images, views, view_generator)
+                            loss = criterion(private_model(inputs),
+                                             batch_labels.repeat_interleave(views))
+                            loss.backward()
+                            average_view_gradients(params, views)
+                        else:
+                            loss = criterion(private_model(batch_images), batch_labels)
+                            loss.backward()
                         private_optimizer.step()
                         total += loss.item() * len(batch_labels)
                         count += len(batch_labels)

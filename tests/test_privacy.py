@@ -26,6 +26,7 @@ from models.adapters import adapter_state
 from models.config import TrainConfig, to_config_record
 from models.lora import build_lora_model, freeze_batchnorm
 from privacy.accounting import PRV_MIN_NOISE, epsilon, noise_for_target
+from privacy.augmult import average_view_gradients, shifted_views
 from privacy.config import DPConfig, dp_config_from_record
 from privacy.dpsgd import make_optimizer, plan_round, train_dpsgd
 from privacy.grad_samplers import conv2d_grad_sample, engine_module
@@ -481,6 +482,25 @@ def test_einsum_conv_sampler_is_exact_in_channels_last(kwargs):
     assert rel(compute_conv_grad_sample(conv, [x], backprops)[conv.weight]) > 0.1
 
 
+def _float64_model(model_config) -> torch.nn.Module:
+    """A deterministic float64 LoRA model in training mode, ``lora_B`` off zero (so every LoRA
+    factor has a gradient), dropout off, BatchNorm frozen."""
+    torch.manual_seed(0)
+    net = build_lora_model(model_config)
+    for module in net.modules():
+        if hasattr(module, "drop_connect_rate"):
+            module.drop_connect_rate = 0.0
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1, generator=torch.Generator().manual_seed(2))
+    net.double().train()
+    freeze_batchnorm(net)
+    return net
+
+
 @pytest.mark.parametrize("mode, exact", [("einsum", True), ("functorch", True),
                                          ("hooks", False)])
 def test_exact_engines_clip_per_example_gradients(site, small_model_config, mode, exact):
@@ -493,24 +513,7 @@ def test_exact_engines_clip_per_example_gradients(site, small_model_config, mode
     cannot hide an error: they agree to 1e-10. opacus' own ``hooks`` engine is far off on this
     channels-last backbone (why ``einsum`` exists), and medfed refuses to run it there."""
     images, labels, clip = site.train.images[:8].double(), site.train.labels[:8], 7.0
-
-    def model():
-        torch.manual_seed(0)
-        net = build_lora_model(small_model_config)
-        for module in net.modules():
-            if hasattr(module, "drop_connect_rate"):
-                module.drop_connect_rate = 0.0
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-        with torch.no_grad():
-            for name, p in net.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(std=0.1, generator=torch.Generator().manual_seed(2))
-        net.double().train()
-        freeze_batchnorm(net)
-        return net
-
-    net = model()
+    net = _float64_model(small_model_config)
     params = [p for p in net.parameters() if p.requires_grad]
     reference = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
     clipped = 0
@@ -525,26 +528,99 @@ def test_exact_engines_clip_per_example_gradients(site, small_model_config, mode
     # Per-example norms here are about 3.7 to 10: both branches of the clipping are taken.
     assert 0 < clipped < len(labels)
 
-    net = model()
+    net = _float64_model(small_model_config)
+    if exact:
+        module, opacus_mode = engine_module(net, mode)
+    else:  # medfed refuses it; opacus itself runs it
+        module, opacus_mode = net, mode
+        with pytest.raises(ValueError, match="channels-last"):
+            engine_module(net, mode)
+    got = _zero_noise_step(net, module, opacus_mode, images, labels, clip)
+    error = float((got - reference).norm() / reference.norm())
+    assert error < 1e-10 if exact else error > 0.1
+
+
+def _zero_noise_step(net: torch.nn.Module, module: torch.nn.Module, opacus_mode: str,
+                     images: torch.Tensor, labels: torch.Tensor, clip: float,
+                     views: int = 1) -> torch.Tensor:
+    """One opacus step without noise on the whole batch (``images`` holds ``views`` rows per
+    example, example-major); returns the flat gradient the optimiser was given."""
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.0)
+    batch = len(labels) // views
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if exact:
-            module, opacus_mode = engine_module(net, mode)
-        else:  # medfed refuses it; opacus itself runs it
-            module, opacus_mode = net, mode
-            with pytest.raises(ValueError, match="channels-last"):
-                engine_module(net, mode)
         private, optimizer, _ = PrivacyEngine().make_private(
             module=module, optimizer=optimizer, noise_multiplier=0.0, max_grad_norm=clip,
-            data_loader=DataLoader(TensorDataset(images, labels), batch_size=len(labels)),
+            data_loader=DataLoader(TensorDataset(images[:batch], labels[:batch]),
+                                   batch_size=batch),
             poisson_sampling=False, grad_sample_mode=opacus_mode)
         private.train()
         freeze_batchnorm(private)
         F.cross_entropy(private(images), labels).backward()
+        if views > 1:
+            average_view_gradients(params, views)
         optimizer.step()
-    got = torch.cat([p.grad.flatten() for p in params])
-    error = float((got - reference).norm() / reference.norm())
-    assert error < 1e-10 if exact else error > 0.1
     private._close()
+    return torch.cat([p.grad.flatten() for p in params])
+
+
+def test_augmentation_multiplicity_clips_each_examples_mean_over_its_views(site,
+                                                                          small_model_config):
+    """With zero noise, a DP-SGD step on ``k`` shifted views per example (``privacy.augmult``)
+    yields the mean over examples of the *clipped mean of each example's views' gradients*
+    (De et al. 2022), computed here one example at a time; clipping each view on its own, or
+    the views as separate examples, gives another result. Real images, float64."""
+    views, clip = 3, 4.0
+    images, labels = site.train.images[:6].double(), site.train.labels[:6]
+    inputs = shifted_views(images, views, torch.Generator().manual_seed(5))
+    assert inputs.shape == (len(labels) * views, *images.shape[1:])
+    assert not torch.equal(inputs[0], inputs[1]), "the views of an example are all the same"
+
+    net = _float64_model(small_model_config)
+    params = [p for p in net.parameters() if p.requires_grad]
+    reference = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    per_view = torch.zeros_like(reference)
+    norms = []
+    for i in range(len(labels)):
+        rows = slice(i * views, (i + 1) * views)
+        grads = torch.autograd.grad(
+            F.cross_entropy(net(inputs[rows]), labels[i].repeat(views)), params)
+        flat = torch.cat([g.flatten() for g in grads])
+        norms.append(float(flat.norm()))
+        reference += flat * min(1.0, clip / (norms[-1] + 1e-6))
+        for v in range(views):
+            row = slice(i * views + v, i * views + v + 1)
+            grads = torch.autograd.grad(F.cross_entropy(net(inputs[row]), labels[i:i + 1]),
+                                        params)
+            one = torch.cat([g.flatten() for g in grads])
+            per_view += one * min(1.0, clip / (float(one.norm()) + 1e-6)) / views
+    reference /= len(labels)
+    per_view /= len(labels)
+    assert min(norms) < clip < max(norms), norms  # both branches of the clipping are taken
+
+    net = _float64_model(small_model_config)
+    got = _zero_noise_step(net, *engine_module(net, "einsum"), inputs,
+                           labels.repeat_interleave(views), clip, views)
+    assert float((got - reference).norm() / reference.norm()) < 1e-10
+    assert float((per_view - reference).norm() / reference.norm()) > 1e-3
+
+
+def test_dpsgd_with_augmentation_multiplicity_trains_and_refuses_ghost(site,
+                                                                       small_model_config):
+    torch.manual_seed(0)
+    model = build_lora_model(small_model_config)
+    before = adapter_state(model)
+    config = TrainConfig(local_epochs=1, batch_size=16, lr=1e-2)
+    dp = DPConfig(dpsgd=True, dp_noise_multiplier=1.0, dp_augmentations=2)
+    result = train_dpsgd(model, site.train.images, site.train.labels, config, dp, 1.0, seed=3)
+    after = adapter_state(model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert math.isfinite(result.loss)
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+    with pytest.raises(ValueError, match="dp_augmentations"):
+        train_dpsgd(model, site.train.images, site.train.labels, config,
+                    DPConfig(dpsgd=True, dp_noise_multiplier=1.0, dp_augmentations=2,
+                             dp_grad_sample_mode="ghost"), 1.0, seed=3)
+    with pytest.raises(ValueError, match="dp_augmentations"):
+        DPConfig(dp_augmentations=-1)

@@ -58,7 +58,8 @@ def _overrides(args: argparse.Namespace, epsilon: float | None, run_dir: Path) -
                              "dp_max_grad_norm": args.dp_max_grad_norm,
                              "dp_grad_sample_mode": args.dp_grad_sample_mode,
                              "dp_optimizer": args.dp_optimizer, "dp_lr": args.dp_lr,
-                             "dp_momentum": args.dp_momentum}
+                             "dp_momentum": args.dp_momentum,
+                             "dp_augmentations": args.dp_augmentations}
         values.setdefault("federation", {})["strategy"] = args.dp_strategy
         if args.dp_lora_r:
             values["model"] = {"lora_r": args.dp_lora_r, "lora_alpha": 2 * args.dp_lora_r}
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="learning rate of the DP-SGD runs (0: --lr)")
     parser.add_argument("--dp-momentum", type=float, default=DPConfig.dp_momentum,
                         help="SGD momentum of the DP-SGD runs")
+    parser.add_argument("--dp-augmentations", type=int, default=DPConfig.dp_augmentations,
+                        help="augmentation multiplicity under DP-SGD (0: off)")
     parser.add_argument("--dp-grad-sample-mode", default=DPConfig.dp_grad_sample_mode,
                         help="opacus per-example gradient engine (see privacy.config)")
     parser.add_argument("--reuse", action="store_true",
@@ -154,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
           f"lr {args.lr:g}, {args.local_epochs} local epochs; DP-SGD at the hospitals with "
           f"strategy {args.dp_strategy}, "
           f"{args.dp_optimizer} (lr {args.dp_lr or args.lr:g}), "
-          f"clip {args.dp_max_grad_norm:g}, {args.accountant} accountant, opacus "
+          f"clip {args.dp_max_grad_norm:g}, {args.dp_augmentations or 1} view(s) per example, "
+          f"{args.accountant} accountant, opacus "
           f"{args.dp_grad_sample_mode}; membership attack on "
           f"{args.mia_examples or 'no'} members vs as many unseen examples")
     results: dict[str, dict[str, Any]] = {}
