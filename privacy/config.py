@@ -52,8 +52,9 @@ class DPConfig:
             example is seen as ``k`` randomly shifted views (up to 1/16 of the image side each
             way; no flips, as chest anatomy is not mirror-symmetric) and the mean of their
             gradients is what is clipped. Costs nothing in privacy and ``k`` times the compute;
-            0 or 1: off. On the default run at eps 8, ``k = 4`` added 0.004-0.009 test AUC in
-            three pairs of runs (0.909 against 0.900 at seed 0) at 3.8-5.3x the time (README).
+            0 or 1: off. On the default run at eps 8, ``k = 4`` moved test AUC by -0.008 to
+            +0.009 in four pairs of runs (0.909 against 0.900 with the defaults, seed 0), within
+            the spread between seeds, at 3.8-5.3x the time (README).
         dp_run_rounds: rounds the run plans; the coordinator fills it in, so a hospital can spread
             ``dp_target_epsilon`` over the run.
         update_clip_norm: client-level DP: L2 bound on each hospital's adapter update (new -

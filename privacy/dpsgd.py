@@ -193,15 +193,14 @@ def train_dpsgd(
                         # An empty Poisson batch (probability (1-q)^N, about e^-batch_size) is
                         # skipped; the accountant is charged for every planned step anyway.
                         private_optimizer.zero_grad(set_to_none=True)
+                        inputs, targets = batch_images, batch_labels
                         if views > 1:
                             inputs = shifted_views(batch_images, views, view_generator)
-                            loss = criterion(private_model(inputs),
-                                             batch_labels.repeat_interleave(views))
-                            loss.backward()
+                            targets = batch_labels.repeat_interleave(views)
+                        loss = criterion(private_model(inputs), targets)
+                        loss.backward()
+                        if views > 1:  # clip each example's mean over its views
                             average_view_gradients(params, views)
-                        else:
-                            loss = criterion(private_model(batch_images), batch_labels)
-                            loss.backward()
                         private_optimizer.step()
                         total += loss.item() * len(batch_labels)
                         count += len(batch_labels)
