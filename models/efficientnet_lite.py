@@ -8,7 +8,6 @@ dict numbers blocks flatly (``_blocks.N.``) where MONAI nests them by stage (``_
 
 from __future__ import annotations
 
-import hashlib
 import re
 from functools import cache
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 import torch
 from monai.networks.nets.efficientnet import EfficientNet, MBConvBlock
 from torch import nn
+
+from models import hashing
 
 # EfficientNet-B0 stages without the "_se0.25" suffix: Lite drops squeeze-excitation.
 LITE0_BLOCKS = [
@@ -42,12 +43,8 @@ def lite0_weights_path() -> Path:
 
 @cache
 def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes (cached per process: weight files do not change in a run)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Hex sha256 of a weights file (cached per process: weight files do not change in a run)."""
+    return hashing.file_sha256(path)
 
 
 def _nested_block_keys(model: EfficientNet) -> list[str]:

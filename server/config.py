@@ -27,6 +27,13 @@ class FederationConfig:
         task: what the study is for, as the consortium names it (e.g. ``"pneumonia-cxr"``);
             declared to the hospitals in every message (``task``) so that a hospital's run
             policy can allow only the tasks its approvals cover. Empty: undeclared.
+        initial_adapter: start round 1 from this saved adapter (a ``models.adapters.save_adapter``
+            directory or its safetensors file) instead of freshly initialised LoRA factors and
+            head: e.g. one trained on public data of the same kind (``python -m
+            simulations.public_start``). It must fit the run's backbone, rank and targets. Empty:
+            fresh. Relative paths are from the coordinator's working directory.
+        initial_adapter_sha256: pinned SHA-256 of that file; the run refuses another file. Empty:
+            filled in from the file when the run starts, and recorded in its ``config.toml``.
     """
 
     rounds: int = 4
@@ -38,6 +45,8 @@ class FederationConfig:
     options: StrategyOptions = field(default_factory=StrategyOptions)
     secure_aggregation: SecAggConfig = field(default_factory=SecAggConfig)
     task: str = ""
+    initial_adapter: str = ""
+    initial_adapter_sha256: str = ""
 
     def __post_init__(self) -> None:
         # Issue 7: refuse an unknown strategy when the config is read, not rounds later.

@@ -6,13 +6,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 from peft import PeftModel
 
-from models.adapters import adapter_state, load_adapter_state, save_adapter
+from models.adapters import adapter_state, load_adapter_file, load_adapter_state, save_adapter
 from models.config import ModelConfig, TrainConfig, to_config_record
 from models.data import ImageSet
 from models.lora import build_lora_model
@@ -56,10 +57,16 @@ class FederationOutcome:
     wall_time_s: float
 
 
-def initial_model(model_config: ModelConfig, seed: int) -> PeftModel:
-    """The run's starting point: pretrained backbone, seeded LoRA factors and head."""
+def initial_model(model_config: ModelConfig, seed: int, adapter: str = "",
+                  adapter_sha256: str = "") -> PeftModel:
+    """The run's starting point: pretrained backbone, seeded LoRA factors and head, or the
+    saved ``adapter`` (checked against ``adapter_sha256`` when given) in their place."""
     torch.manual_seed(seed)
-    return build_lora_model(model_config, verify=True)
+    model = build_lora_model(model_config, verify=True)
+    if adapter:
+        load_adapter_file(model, Path(adapter), adapter_sha256)
+        logger.info("starting from the adapter in %s", adapter)
+    return model
 
 
 def run_federation(
@@ -83,7 +90,8 @@ def run_federation(
     """
     if dp is not None:
         dp = replace(dp, dp_run_rounds=dp.dp_run_rounds or federation.rounds)
-    model = initial_model(model_config, train_config.seed)
+    model = initial_model(model_config, train_config.seed, federation.initial_adapter,
+                          federation.initial_adapter_sha256)
     strategy = build_strategy(
         federation.strategy,
         fraction_train=federation.fraction_train,

@@ -74,13 +74,14 @@ def _privacy(events: list[Event], dp: DPConfig | None) -> dict[str, float]:
 
 def pooled_baseline(
     sites: list[SiteData], test: ImageSet, model_config: ModelConfig, train: TrainConfig,
-    rounds: int, dp: DPConfig | None = None,
+    rounds: int, dp: DPConfig | None = None, adapter: str = "", adapter_sha256: str = "",
 ) -> dict[str, float]:
     """All hospitals' training data in one place: test metrics of the adapter trained on it,
     and its test AUC after each round (``test_auc_per_round``): on PneumoniaMNIST, whose test
     split is shifted from its training split, the last round can swing far from the others.
-    Under ``dp.dpsgd`` also the epsilon it spent (``dp_epsilon``, ``dp_delta``)."""
-    model = initial_model(model_config, train.seed)
+    Under ``dp.dpsgd`` also the epsilon it spent (``dp_epsilon``, ``dp_delta``). ``adapter``:
+    the run's ``federation.initial_adapter`` (and its pin), the start both baselines share."""
+    model = initial_model(model_config, train.seed, adapter, adapter_sha256)
     pooled = ImageSet.concat([s.train for s in sites])
     per_round: list[dict[str, float]] = []
     events = train_like_federation(
@@ -94,11 +95,11 @@ def pooled_baseline(
 
 def local_baseline(
     sites: list[SiteData], test: ImageSet, model_config: ModelConfig, train: TrainConfig,
-    rounds: int, dp: DPConfig | None = None,
+    rounds: int, dp: DPConfig | None = None, adapter: str = "", adapter_sha256: str = "",
 ) -> dict[str, object]:
     """Each hospital alone: the mean of their test metrics, and each one's; under ``dp.dpsgd``
     the epsilon each spent, and the largest as ``dp_epsilon``."""
-    model = initial_model(model_config, train.seed)
+    model = initial_model(model_config, train.seed, adapter, adapter_sha256)
     start = adapter_state(model)
     per_hospital = []
     for hospital, site in enumerate(sites):

@@ -18,7 +18,8 @@ from flwr.serverapp import Grid
 from rich.console import Console
 
 from client.app import build_client_app
-from models.adapters import adapter_nbytes, adapter_state
+from models.adapters import adapter_file, adapter_nbytes, adapter_state
+from models.hashing import file_sha256
 from models.registry import build_base_model, weights_sha256
 from server.app import ServerRun, build_server_app
 from server.records import RunRecords
@@ -57,7 +58,15 @@ def resolve(config: SimulationConfig) -> SimulationConfig:
         dp_run_rounds=config.privacy.dp_run_rounds or config.federation.rounds,
         update_hospitals=config.privacy.update_hospitals or sampled,
     )
-    return replace(config, model=model, run_dir=run_dir, privacy=privacy)
+    federation = config.federation
+    if federation.initial_adapter and not federation.initial_adapter_sha256:
+        # Pinned when the study starts: every round, baseline and resume uses this very file.
+        start = adapter_file(Path(federation.initial_adapter))
+        if not start.is_file():
+            raise FileNotFoundError(f"federation.initial_adapter: {start} does not exist; give "
+                                    "an adapter directory or file, or leave it empty")
+        federation = replace(federation, initial_adapter_sha256=file_sha256(start))
+    return replace(config, model=model, run_dir=run_dir, privacy=privacy, federation=federation)
 
 
 def backend_config(config: SimulationConfig) -> dict[str, Any]:
@@ -178,6 +187,8 @@ def run_study(config: SimulationConfig, console: Console | None = None,
         "rounds": config.federation.rounds,
         "backbone": config.model.backbone,
         "weights_sha256": config.model.weights_sha256,
+        "initial_adapter": config.federation.initial_adapter,
+        "initial_adapter_sha256": config.federation.initial_adapter_sha256,
         "federated": federated,
         "test_auc_per_round": [row["test_auc"] for row in history],
     }
@@ -189,7 +200,9 @@ def run_study(config: SimulationConfig, console: Console | None = None,
             with console.status(f"baseline: {name}"):
                 t0 = time.monotonic()
                 summary[name] = fn(sites, test, config.model, config.train,
-                                   config.federation.rounds, dp=config.privacy)
+                                   config.federation.rounds, dp=config.privacy,
+                                   adapter=config.federation.initial_adapter,
+                                   adapter_sha256=config.federation.initial_adapter_sha256)
                 baseline_time[name] = time.monotonic() - t0
 
     uploads = [r["upload_bytes"] for r in records.train_rows() if r.get("upload_bytes")]

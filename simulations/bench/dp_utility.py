@@ -13,6 +13,10 @@ validation split (same distribution, matched label counts). Ends with
 ``auc drop at eps=<largest>: <number>`` (non-DP AUC minus DP AUC). With ``--pooled`` each run
 also trains the pooled baseline (all hospitals' data in one place, under DP-SGD at the same
 epsilon), and the pooled drop is printed before that last line.
+With ``--public-start F`` every run, the reference included, starts from an adapter trained
+without DP on a seeded share ``F`` of the dataset's ``val`` split (``simulations.public_start``:
+public data no hospital holds); its own test AUC is printed first, so what the hospitals add to
+it shows, and the attack's non-members come from the rest of ``val``.
 """
 
 from __future__ import annotations
@@ -38,17 +42,21 @@ from privacy.membership import MembershipResult, loss_threshold_attack, matched_
 from server.records import RunRecords
 from simulations import runner
 from simulations.config import SimulationConfig, config_dict, load_config
+from simulations.public_start import PublicStartConfig, public_split, train_public_start
 from simulations.sites import cached_dataset, hospital_sites
 
 
-def _overrides(args: argparse.Namespace, epsilon: float | None, run_dir: Path) -> dict[str, Any]:
+def _overrides(args: argparse.Namespace, epsilon: float | None, run_dir: Path,
+               start: str = "") -> dict[str, Any]:
     values: dict[str, Any] = {"seed": args.seed, "run_dir": str(run_dir),
                               "baselines": ["pooled"] if args.pooled else []}
+    if start:
+        values["federation"] = {"initial_adapter": start}
     if args.max_train or args.max_test:
         values["data"] = {"max_train_examples": args.max_train,
                           "max_test_examples": args.max_test}
     if args.rounds:
-        values["federation"] = {"rounds": args.rounds}
+        values.setdefault("federation", {})["rounds"] = args.rounds
     values["train"] = {"batch_size": args.batch_size, "lr": args.lr,
                        "local_epochs": args.local_epochs}
     if epsilon is not None:
@@ -68,8 +76,10 @@ def _overrides(args: argparse.Namespace, epsilon: float | None, run_dir: Path) -
     return values
 
 
-def membership(config: SimulationConfig, limit: int) -> MembershipResult:
-    """Loss-threshold attack on a finished run's global adapter (``<run_dir>/adapter``)."""
+def membership(config: SimulationConfig, limit: int, public_fraction: float = 0.0
+               ) -> MembershipResult:
+    """Loss-threshold attack on a finished run's global adapter (``<run_dir>/adapter``); the
+    non-members come from the ``val`` split, less its ``public_fraction`` the start trained on."""
     config = runner.resolve(config)
     model = build_lora_model(config.model, verify=False)
     state = load_file(str(Path(config.run_dir) / "adapter" / "adapter_model.safetensors"))
@@ -77,6 +87,9 @@ def membership(config: SimulationConfig, limit: int) -> MembershipResult:
     sites = hospital_sites(config.data, config.model.image_size, config.seed)
     members = ImageSet.concat([s.train for s in sites])
     pool = cached_dataset(config.data.dataset, config.model.image_size).splits["val"]
+    if public_fraction:
+        _, pool = public_split(config.data.dataset, config.model.image_size, public_fraction,
+                               config.seed)
     members, non_members = matched_non_members(members, pool, config.seed, limit)
     return loss_threshold_attack(model, members, non_members)
 
@@ -140,12 +153,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="also train the pooled baseline of each run (all hospitals' data in "
                              "one place; under DP-SGD at the same epsilon): how much of the drop "
                              "is privacy and how much is federation")
+    parser.add_argument("--public-start", type=float, default=0.0, metavar="FRACTION",
+                        help="start every run from an adapter trained without DP on this share "
+                             "of the val split (public data no hospital holds; 0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", type=Path, default=None,
                         help="simulation TOML the bench's settings override")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="keep the runs here (default: a temporary directory)")
     args = parser.parse_args(argv)
+    if args.public_start and (args.dp_lora_r or args.dp_lora_targets):
+        parser.error("--public-start trains one start for every run: it cannot be combined "
+                     "with --dp-lora-r or --dp-lora-targets, which change the private runs' "
+                     "adapter")
     logging.getLogger("flwr").setLevel(logging.ERROR)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     epsilons = [float(e) for e in args.epsilons.split(",") if e]
@@ -164,10 +184,20 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = args.run_dir or Path(tmp)
+        start = ""
+        if args.public_start:
+            base = load_config(args.config, _overrides(args, None, root))
+            record = train_public_start(
+                PublicStartConfig(dataset=base.data.dataset, fraction=args.public_start,
+                                  seed=args.seed), base.model, root / "public-start")
+            start = str(record["adapter"])
+            print(f"  public start: {record['public_images']} val images, no DP, test auc "
+                  f"{record['test']['auc']:.4f}  acc {record['test']['accuracy']:.4f}",
+                  flush=True)
         for epsilon in settings:
             name = "no DP" if epsilon is None else f"eps={epsilon:g}"
             run_dir = root / ("nodp" if epsilon is None else f"eps{epsilon:g}")
-            config = load_config(args.config, _overrides(args, epsilon, run_dir))
+            config = load_config(args.config, _overrides(args, epsilon, run_dir, start))
             summary = _reused(config) if args.reuse else None
             if summary is None:
                 summary = runner.run_study(config, Console(quiet=True))
@@ -179,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             if "pooled" in summary:
                 row["pooled"] = summary["pooled"]["auc"]
             if args.mia_examples:
-                row["mia"] = membership(config, args.mia_examples)
+                row["mia"] = membership(config, args.mia_examples, args.public_start)
             results[name] = row
             mia = row.get("mia")
             print(f"  {name:<8} test auc {row['auc']:.4f}  acc {row['accuracy']:.4f}  "
