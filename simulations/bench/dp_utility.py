@@ -45,6 +45,8 @@ from simulations.config import SimulationConfig, config_dict, load_config
 from simulations.public_start import PublicStartConfig, public_split, train_public_start
 from simulations.sites import cached_dataset, hospital_sites
 
+logger = logging.getLogger(__name__)
+
 
 def _overrides(args: argparse.Namespace, epsilon: float | None, run_dir: Path,
                start: str = "") -> dict[str, Any]:
@@ -90,6 +92,10 @@ def membership(config: SimulationConfig, limit: int, public_fraction: float = 0.
     if public_fraction:
         _, pool = public_split(config.data.dataset, config.model.image_size, public_fraction,
                                config.seed)
+    elif config.federation.initial_adapter:
+        logger.warning("the run starts from %s: if that adapter trained on val images, some "
+                       "of the attack's non-members are its members (use --public-start)",
+                       config.federation.initial_adapter)
     members, non_members = matched_non_members(members, pool, config.seed, limit)
     return loss_threshold_attack(model, members, non_members)
 
