@@ -31,9 +31,8 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from safetensors.torch import load_file
 
-from models.adapters import load_adapter_state
+from models.adapters import load_adapter_file
 from models.config import TrainConfig
 from models.data import ImageSet
 from models.lora import build_lora_model
@@ -84,8 +83,7 @@ def membership(config: SimulationConfig, limit: int, public_fraction: float = 0.
     non-members come from the ``val`` split, less its ``public_fraction`` the start trained on."""
     config = runner.resolve(config)
     model = build_lora_model(config.model, verify=False)
-    state = load_file(str(Path(config.run_dir) / "adapter" / "adapter_model.safetensors"))
-    load_adapter_state(model, state)
+    load_adapter_file(model, Path(config.run_dir) / "adapter")
     sites = hospital_sites(config.data, config.model.image_size, config.seed)
     members = ImageSet.concat([s.train for s in sites])
     pool = cached_dataset(config.data.dataset, config.model.image_size).splits["val"]
