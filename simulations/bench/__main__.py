@@ -3,34 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from simulations.bench import (
-    communication,
-    deploy,  # issue 6
-    dp_overhead,
-    dp_utility,  # issue 4
-    scale,
-    secagg,
-    site_data,
-    strategies,
-)
-
-BENCHES = {"communication": communication.main, "scale": scale.main, "site-data": site_data.main,
-           "dp-overhead": dp_overhead.main, "strategies": strategies.main}
-BENCHES["dp-utility"] = dp_utility.main  # issue 4
-BENCHES["deploy"] = deploy.main  # issue 6
-BENCHES["secagg"] = secagg.main  # issue 5
+BENCHES = {
+    "attacks": "simulations.bench.attacks",
+    "communication": "simulations.bench.communication",
+    "default-run": "simulations.bench.default_run",
+    "deploy": "simulations.bench.deploy",
+    "dp-overhead": "simulations.bench.dp_overhead",
+    "dp-utility": "simulations.bench.dp_utility",
+    "faults": "simulations.bench.faults",
+    "foundation": "simulations.bench.foundation",
+    "real-study": "simulations.bench.real_study",
+    "scale": "simulations.bench.scale",
+    "secagg": "simulations.bench.secagg",
+    "site-data": "simulations.bench.site_data",
+    "strategies": "simulations.bench.strategies",
+}
+"""Bench name -> module with a ``main(argv) -> int``; imported only when run, so one bench's
+heavy imports never slow another."""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in BENCHES:  # the bench parses the rest, --help included
-        return BENCHES[argv[0]](argv[1:])
+        return importlib.import_module(BENCHES[argv[0]]).main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m simulations.bench")
     parser.add_argument("name", choices=sorted(BENCHES))
     args, rest = parser.parse_known_args(argv)
-    return BENCHES[args.name](rest)
+    return importlib.import_module(BENCHES[args.name]).main(rest)
 
 
 if __name__ == "__main__":
