@@ -1,0 +1,170 @@
+"""``medfed coordinator ...``: what the consortium's coordinator runs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.table import Table
+
+from medfed_cli.common import UsageError, console, exec_daemon, user_errors
+
+CONSORTIUM_ERROR = "server.consortium:ConsortiumError"
+KEY_FILE_ERROR = "privacy.pki:KeyFileError"
+
+
+@user_errors(CONSORTIUM_ERROR)
+def cmd_coordinator_init(args: argparse.Namespace) -> int:
+    from server.consortium import init_consortium
+
+    config = init_consortium(args.dir, args.consortium, args.hostname, args.host, args.port)
+    console.print(f"consortium '{config.consortium}' in {args.dir}: CA {config.ca_cert} (give "
+                  f"it to every hospital), TLS {config.server_cert}, enrolment list "
+                  f"{config.enrolment} (empty)")
+    return 0
+
+
+@user_errors(CONSORTIUM_ERROR, KEY_FILE_ERROR)
+def cmd_coordinator_enroll(args: argparse.Namespace) -> int:
+    from server.consortium import enrol
+
+    entry = enrol(args.dir, args.name, args.hospital_key)
+    console.print(f"enrolled hospital '{entry.name}' ({entry.fingerprint})")
+    return 0
+
+
+@user_errors(CONSORTIUM_ERROR)
+def cmd_coordinator_revoke(args: argparse.Namespace) -> int:
+    from server.consortium import revoke
+
+    entry = revoke(args.dir, args.name)
+    console.print(f"revoked hospital '{entry.name}' ({entry.fingerprint}) at {entry.revoked_at}")
+    return 0
+
+
+@user_errors(CONSORTIUM_ERROR)
+def cmd_coordinator_hospitals(args: argparse.Namespace) -> int:
+    from server.consortium import load_enrolments
+
+    entries = load_enrolments(args.dir)
+    table = Table(title=f"hospitals of {args.dir}")
+    for column in ("name", "fingerprint", "enrolled", "revoked"):
+        table.add_column(column)
+    for e in entries:
+        table.add_row(e.name, e.fingerprint[:23] + "...", e.enrolled_at, e.revoked_at or "-")
+    console.print(table)
+    return 0
+
+
+# ValueError covers ConsortiumError and the study's ConfigError (both name the file).
+@user_errors("ValueError", KEY_FILE_ERROR, "FileNotFoundError", "RuntimeError")
+def cmd_coordinator_start(args: argparse.Namespace) -> int:
+    from server.daemon import flwr_cli_home, run_coordinator, superlink_command
+
+    if args.study is not None and not args.print_command:
+        if not args.study.is_file():
+            raise UsageError(f"study file {args.study} does not exist")
+        return run_coordinator(args.dir, args.study, args.run_dir, insecure=args.insecure)
+    argv = superlink_command(args.dir, insecure=args.insecure)
+    home = flwr_cli_home(args.dir, insecure=args.insecure)
+    return exec_daemon(argv, args.print_command, home)
+
+
+@user_errors(CONSORTIUM_ERROR, KEY_FILE_ERROR)
+def cmd_coordinator_register(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from server.daemon import sync_registry
+
+    def run(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+        done = subprocess.run(argv, env=env, capture_output=True, text=True)
+        return done.returncode, done.stdout + done.stderr
+
+    lines = sync_registry(args.dir, run)
+    for line in lines or ["the SuperLink's registry matches the enrolment list"]:
+        console.print(line, markup=False)
+    return 1 if any(line.startswith("error:") for line in lines) else 0
+
+
+@user_errors(CONSORTIUM_ERROR, "ValueError", "subprocess:TimeoutExpired")
+def cmd_coordinator_status(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from server.daemon import registry_listing_command
+    from server.status import hospital_statuses, run_statuses
+
+    argv, env = registry_listing_command(args.dir)
+    listing = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    hospitals = hospital_statuses(args.dir, listing.stdout)
+    runs = run_statuses(args.dir)
+    table = Table(title="hospitals")
+    for column in ("name", "node", "status", "online since", "revoked"):
+        table.add_column(column)
+    for h in hospitals:
+        table.add_row(h.name, h.node_id, h.status, h.online_since, "yes" if h.revoked else "")
+    console.print(table)
+    runs_table = Table(title="runs")
+    for column in ("run", "state", "last round", "last error"):
+        runs_table.add_column(column)
+    for r in runs:
+        runs_table.add_row(r.run_dir, r.state, "" if r.last_round is None else str(r.last_round),
+                           r.last_error)
+    console.print(runs_table)
+    return 0
+
+
+def add_coordinator(sub: argparse._SubParsersAction) -> None:
+    coordinator = sub.add_parser("coordinator", help="commands the consortium's coordinator runs")
+    coordinator_sub = coordinator.add_subparsers(dest="coordinator_command", required=True)
+    c_init = coordinator_sub.add_parser(
+        "init", help="make a consortium folder: CA, TLS certificate, config, enrolment list")
+    c_init.add_argument("dir", type=Path, help="the consortium folder to create")
+    c_init.add_argument("--consortium", default="medfed", help="the consortium's name")
+    c_init.add_argument("--hostname", action="append", default=[],
+                        help="a name or IP hospitals reach the coordinator by (repeatable)")
+    c_init.add_argument("--host", default="0.0.0.0", help="address the SuperLink listens on")
+    c_init.add_argument("--port", type=int, default=8000,
+                        help="the SuperLink's port (Flower 1.42: one port for all its APIs)")
+    c_init.set_defaults(func=cmd_coordinator_init)
+
+    c_enroll = coordinator_sub.add_parser("enroll", help="enrol a hospital's public key")
+    c_enroll.add_argument("dir", type=Path, help="the consortium folder")
+    c_enroll.add_argument("--hospital-key", type=Path, required=True,
+                          help="the hospital's node.pub (from 'medfed hospital init')")
+    c_enroll.add_argument("--name", required=True, help="the hospital's name")
+    c_enroll.set_defaults(func=cmd_coordinator_enroll)
+
+    c_revoke = coordinator_sub.add_parser("revoke", help="revoke a hospital's enrolment")
+    c_revoke.add_argument("dir", type=Path, help="the consortium folder")
+    c_revoke.add_argument("--name", required=True, help="the hospital's name")
+    c_revoke.set_defaults(func=cmd_coordinator_revoke)
+
+    c_list = coordinator_sub.add_parser("hospitals", help="list enrolled and revoked hospitals")
+    c_list.add_argument("dir", type=Path, help="the consortium folder")
+    c_list.set_defaults(func=cmd_coordinator_hospitals)
+
+    c_start = coordinator_sub.add_parser(
+        "start", help="run the SuperLink with the consortium's TLS files and node authentication")
+    c_start.add_argument("dir", type=Path, help="the consortium folder")
+    c_start.add_argument("--insecure", action="store_true",
+                         help="plaintext, no authentication: loopback tests only")
+    c_start.add_argument("--print-command", action="store_true",
+                         help="print the flower-superlink command instead of running it")
+    c_start.add_argument("--study", type=Path,
+                         help="run this study (TOML: [model], [train], [federation], [privacy], "
+                              "[data] for the test set) on the enrolled hospitals, then stop; "
+                              "the same command after a crash resumes the run")
+    c_start.add_argument("--run-dir", type=Path,
+                         help="the run's records (default: DIR/runs/<study file stem>)")
+    c_start.set_defaults(func=cmd_coordinator_start)
+
+    c_register = coordinator_sub.add_parser(
+        "register", help="sync the running SuperLink's registry with the enrolment list "
+                         "(register enrolled keys, unregister revoked ones)")
+    c_register.add_argument("dir", type=Path, help="the consortium folder")
+    c_register.set_defaults(func=cmd_coordinator_register)
+
+    c_status = coordinator_sub.add_parser(
+        "status", help="hospitals connected (from the running SuperLink) and runs' last rounds")
+    c_status.add_argument("dir", type=Path, help="the consortium folder")
+    c_status.set_defaults(func=cmd_coordinator_status)

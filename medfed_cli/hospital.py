@@ -1,0 +1,121 @@
+"""``medfed hospital ...``: what a hospital runs next to its images."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.table import Table
+
+from medfed_cli.common import UsageError, console, exec_daemon, user_errors
+
+
+@user_errors("client.data.config:SiteDataConfigError", "client.data.problems:ManifestError",
+             code=2)
+def cmd_hospital_check(args: argparse.Namespace) -> int:
+    from client.data.check import check_site
+    from client.data.config import SiteDataConfig, load_site_data_config
+    from client.data.config import site_data_config as with_settings
+
+    config = load_site_data_config(args.config) if args.config else SiteDataConfig()
+    flags = {"classes": args.classes, "frames": args.frames,
+             "max_error_fraction": args.max_error_fraction, "cache_dir": args.cache_dir}
+    config = with_settings({k: v for k, v in flags.items() if v is not None}, "flags", config)
+    text, ready = check_site(args.manifest, config, args.image_size)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    return 0 if ready else 1
+
+
+@user_errors()
+def cmd_hospital_ledger(args: argparse.Namespace) -> int:
+    from privacy.ledger import Ledger, run_spends
+
+    if not args.db.is_file():
+        raise UsageError(f"no ledger at {args.db}: check --db")
+    spends = run_spends(Ledger(args.db))
+    table = Table(title=f"privacy ledger {args.db}")
+    for column in ("dataset", "run", "rounds", "mechanisms", "eps run", "eps total", "budget",
+                   "remaining", "delta"):
+        table.add_column(column, justify="left" if column in ("dataset", "run", "mechanisms")
+                         else "right")
+    for s in spends:
+        table.add_row(s.fingerprint[:16], s.run_id, str(s.rounds), s.mechanisms,
+                      f"{s.epsilon_run:.3f}", f"{s.epsilon_total:.3f}", f"{s.budget:g}",
+                      f"{s.remaining:.3f}", f"{s.delta:g}")
+    console.print(table)
+    return 0
+
+
+@user_errors("client.site_folder:SiteFolderError", "FileExistsError")
+def cmd_hospital_init(args: argparse.Namespace) -> int:
+    from client.site_folder import init_site_folder
+
+    config = init_site_folder(args.dir, args.name, args.superlink, args.manifest or "")
+    console.print(f"hospital '{config.name}' in {args.dir}: send {args.dir / config.node_pub} to "
+                  f"the coordinator; put the consortium's CA certificate at "
+                  f"{args.dir / config.ca_cert}; review {args.dir / config.privacy_policy}")
+    return 0
+
+
+@user_errors("client.site_folder:SiteFolderError", "FileNotFoundError")
+def cmd_hospital_start(args: argparse.Namespace) -> int:
+    import os
+    import shlex
+    import subprocess
+
+    from client.daemon import supernode_command, thread_env, warm_exec_command
+    from server.daemon import daemon_env
+
+    argv = supernode_command(args.dir, insecure=args.insecure)
+    # This process becomes the SuperNode (execve keeps the pid): the warm SuperExec
+    # watches that pid and stops with it.
+    warm = warm_exec_command(args.dir, os.getpid())
+    threads = thread_env(args.dir)
+    home = args.dir.resolve() / "flwr-home"
+    if warm is not None:
+        shown = warm[:-1] + ["SUPERNODE_PID"] if args.print_command else warm
+        console.print(shlex.join(shown), markup=False, highlight=False, soft_wrap=True)
+        if not args.print_command:
+            home.mkdir(parents=True, exist_ok=True)
+            subprocess.Popen(warm, env=daemon_env(home, argv[0]) | threads)  # noqa: S603
+    return exec_daemon(argv, args.print_command, home, threads)
+
+
+def add_hospital(sub: argparse._SubParsersAction) -> None:
+    hospital = sub.add_parser("hospital", help="commands a hospital runs next to its images")
+    hospital_sub = hospital.add_subparsers(dest="hospital_command", required=True)
+    check = hospital_sub.add_parser(
+        "check", help="read a manifest and its DICOM files once and report what is usable")
+    check.add_argument("--manifest", type=Path, required=True, help="the CSV manifest")
+    check.add_argument("--config", type=Path, help="site data TOML ([site_data] table)")
+    check.add_argument("--classes", nargs="+", help="class names in label order")
+    check.add_argument("--frames", choices=["middle", "all"])
+    check.add_argument("--max-error-fraction", type=float,
+                       help="fail above this share of unusable rows (default 0.1)")
+    check.add_argument("--image-size", type=int, default=64,
+                       help="model input side in pixels; the run's, so the check fills the cache")
+    check.add_argument("--cache-dir", help="decoded-image cache folder")
+    check.set_defaults(func=cmd_hospital_check)
+
+    ledger = hospital_sub.add_parser(
+        "ledger", help="the hospital's privacy ledger: runs, rounds, epsilon spent, remaining")
+    ledger.add_argument("--db", type=Path, required=True, help="the ledger's SQLite file")
+    ledger.set_defaults(func=cmd_hospital_ledger)
+
+    site_init = hospital_sub.add_parser(
+        "init", help="make a hospital's site folder: node key pair, privacy policy, config")
+    site_init.add_argument("name", help="the hospital's name, as the coordinator enrols it")
+    site_init.add_argument("--dir", type=Path, required=True, help="the site folder to create")
+    site_init.add_argument("--superlink", default="localhost:8000",
+                           help="the coordinator's Fleet API host:port")
+    site_init.add_argument("--manifest", help="the CSV data manifest (can be set later)")
+    site_init.set_defaults(func=cmd_hospital_init)
+
+    h_start = hospital_sub.add_parser(
+        "start", help="run the hospital's SuperNode (TLS, node key, its node config)")
+    h_start.add_argument("--dir", type=Path, required=True, help="the site folder")
+    h_start.add_argument("--insecure", action="store_true",
+                         help="plaintext, no authentication: loopback tests only")
+    h_start.add_argument("--print-command", action="store_true",
+                         help="print the flower-supernode command instead of running it")
+    h_start.set_defaults(func=cmd_hospital_start)
