@@ -3,14 +3,13 @@ log level and handing the process over to a Flower daemon."""
 
 from __future__ import annotations
 
+import argparse
 import builtins
 import functools
 import importlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
-
-import argparse
 
 from rich.console import Console
 
