@@ -46,10 +46,9 @@ class ModelConfig:
 class TrainConfig:
     """Local training at each hospital, per round.
 
-    The defaults (2 epochs at batch 64, lr 2e-3) are measured on the default run: federated
-    test AUC 0.9645/0.9606/0.9669 (seeds 0/1/2) against 0.957/0.958/0.964 with one epoch at
-    batch 16 and lr 1e-3, and 0.962/0.961/0.968 with two (slower on CPU: more, smaller steps).
-    They are also the training settings of ``simulations.bench dp-utility``.
+    The defaults (2 epochs at batch 64, lr 2e-3) were chosen on the default run
+    (docs/results/2026-11-29-default-run-tuning.md); they are also the training settings of
+    ``simulations.bench dp-utility``.
 
     Attributes:
         local_epochs: passes over the hospital's training split per round (when
@@ -66,8 +65,9 @@ class TrainConfig:
             (FedLC-style logit adjustment), which keeps label-skewed hospitals from pulling the
             shared head towards their label mix. Inference uses the plain logits.
         proximal_mu: FedProx's proximal weight: the local loss adds
-            ``mu/2 * ||w - w_round_start||^2`` over the trained tensors (0: off). Named as
-            Flower's FedProx sends it (``proximal-mu``), which sets it per round (issue 7).
+            ``mu/2 * ||w - w_round_start||^2`` over the trained tensors (0: off). Not a study
+            setting: the coordinator's FedProx sends it in each round's config
+            (``proximal-mu``, from ``[federation.options] proximal_mu``).
     """
 
     local_epochs: int = 2

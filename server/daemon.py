@@ -198,7 +198,7 @@ def submit_run(folder: Path, study: Path, run_dir: Path, insecure: bool = False)
     """``flwr run`` the consortium's app on its running SuperLink with ``study``; stream the
     run's logs here until it ends. Returns ``flwr run``'s exit code (the run's outcome is in
     ``run_dir``: ``adapter/`` when it finished)."""
-    from server.flower_app import run_config_args, write_app_dir
+    from server.deployment_app import run_config_args, write_app_dir
 
     folder = Path(folder).resolve()
     app_dir = write_app_dir(folder)

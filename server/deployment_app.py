@@ -31,7 +31,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 if TYPE_CHECKING:
-    from server.app import ServerRun
+    from server.simulation_app import ServerRun
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ _APP_MODULES = {
     "__init__.py": '"""medfed\'s Flower App: imports from the installed medfed."""\n',
     # Flower checks the components by reading the module (an assignment, not an import).
     "server_app.py": '"""The coordinator\'s ServerApp."""\n\n'
-                     "from server.flower_app import server_app\n\napp = server_app\n",
+                     "from server.deployment_app import server_app\n\napp = server_app\n",
     "client_app.py": '"""The hospital\'s ClientApp (its installed medfed)."""\n\n'
                      "from client.app import app as client_app\n\napp = client_app\n",
 }
@@ -101,10 +101,10 @@ def deployment_server_run(context: Context) -> ServerRun:
     Raises:
         ValueError: a run-config key is missing or empty.
     """
-    from server.app import ServerRun
     from server.records import RunRecords
+    from server.simulation_app import ServerRun
     from simulations.config import config_dict
-    from simulations.sites import test_set
+    from simulations.sites import held_out_test_set
 
     paths = {}
     for key in (STUDY_KEY, RUN_DIR_KEY):
@@ -116,7 +116,7 @@ def deployment_server_run(context: Context) -> ServerRun:
     config = load_study(paths[STUDY_KEY], paths[RUN_DIR_KEY])
     records = RunRecords(paths[RUN_DIR_KEY])
     records.write_config(config_dict(config))
-    test = test_set(config.data, config.model.image_size, config.seed)
+    test = held_out_test_set(config.data, config.model.image_size, config.seed)
 
     def on_round(server_round: int, metrics: dict[str, float]) -> None:
         logger.info("round %d of %d: test %s", server_round, config.federation.rounds,

@@ -16,7 +16,7 @@ from typing import Any
 
 import tomli_w
 
-from strategies.base import Reply
+from strategies.replies import Reply
 
 logger = logging.getLogger(__name__)
 

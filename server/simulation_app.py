@@ -1,4 +1,8 @@
-"""The coordinator's Flower ServerApp: a thin main around :func:`server.rounds.run_federation`."""
+"""The coordinator's ServerApp for Flower's simulation engine (``run_simulation`` in this
+process): a thin main around :func:`server.rounds.run_federation` that keeps the outcome.
+
+:class:`ServerRun` (what one run needs) is shared with the deployment engine's ServerApp
+(``server.deployment_app``)."""
 
 from __future__ import annotations
 

@@ -140,6 +140,21 @@ class ConfigError(ValueError):
     """A config file or override that names an unknown setting or gives a wrong type."""
 
 
+# Settings that a study sets elsewhere: (table, key) -> where it belongs.
+_SET_ELSEWHERE = {
+    ("train", "proximal_mu"): "FedProx's weight is a strategy setting: [federation] strategy = "
+                              "\"fedprox\" with [federation.options] proximal_mu; each round "
+                              "sends it to the hospitals",
+}
+
+
+def _refuse_set_elsewhere(values: dict[str, Any], where: str) -> None:
+    for (table, key), hint in _SET_ELSEWHERE.items():
+        section = values.get(table)
+        if isinstance(section, dict) and {key, key.replace("_", "-")} & set(section):
+            raise ConfigError(f"{where}: {table}.{key} is not a study setting: {hint}")
+
+
 def _merge(obj: Any, values: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(obj)}
     changes = {}
@@ -181,8 +196,10 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
             values = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as err:
             raise ConfigError(f"{path}: cannot read the config ({err})") from err
+        _refuse_set_elsewhere(values, str(path))
         config = _merge(config, values, str(path))
     if overrides:
+        _refuse_set_elsewhere(overrides, "overrides")
         config = _merge(config, overrides, "overrides")
     return config
 
@@ -190,6 +207,7 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
 def with_overrides(config: SimulationConfig, overrides: dict[str, Any],
                    where: str = "overrides") -> SimulationConfig:
     """``config`` with ``overrides`` (same nesting as the TOML file) applied and checked."""
+    _refuse_set_elsewhere(overrides, where)
     return _merge(config, overrides, where)
 
 

@@ -206,7 +206,7 @@ def score_final_model(run: Run) -> TestScores:
     from models.metrics import predict
     from models.registry import build_base_model
     from simulations.config import ConfigError, SimulationConfig, with_overrides
-    from simulations.sites import test_set
+    from simulations.sites import held_out_test_set
 
     if not (run.path / "adapter").is_dir():
         raise ReportError(f"{run.path}: no adapter/ folder; the run did not finish")
@@ -216,7 +216,7 @@ def score_final_model(run: Run) -> TestScores:
     except ConfigError as err:
         raise ReportError(f"{run.path}: config.toml does not load ({err})") from err
     model = PeftModel.from_pretrained(build_base_model(config.model), run.path / "adapter")
-    test = test_set(config.data, config.model.image_size, config.seed)
+    test = held_out_test_set(config.data, config.model.image_size, config.seed)
     with torch.no_grad():
         probs = predict(model, test.images).softmax(dim=1).numpy()
     labels = test.labels.numpy()

@@ -21,14 +21,19 @@ from client.app import build_client_app
 from models.adapters import adapter_file, adapter_nbytes, adapter_state
 from models.hashing import file_sha256
 from models.registry import build_base_model, weights_sha256
-from server.app import ServerRun, build_server_app
 from server.records import RunRecords
 from server.rounds import FederationError
+from server.simulation_app import ServerRun, build_server_app
 from simulations.baselines import local_baseline, pooled_baseline
 from simulations.config import SimulationConfig, config_dict
 from simulations.progress import RoundProgress
 from simulations.site_privacy import simulated_site_privacy
-from simulations.sites import cached_dataset, hospital_sites, simulated_site_loader, test_set
+from simulations.sites import (
+    cached_dataset,
+    held_out_test_set,
+    hospital_sites,
+    simulated_site_loader,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +167,7 @@ def run_study(config: SimulationConfig, console: Console | None = None,
     config = resolve(config)
     records = RunRecords(Path(config.run_dir))
     records.write_config(config_dict(config))
-    test = test_set(config.data, config.model.image_size, config.seed)
+    test = held_out_test_set(config.data, config.model.image_size, config.seed)
     progress = RoundProgress(config.federation.rounds, config.data.num_hospitals, console)
     run = ServerRun(
         federation=config.federation, model=config.model, train=config.train, test_set=test,

@@ -42,7 +42,7 @@ def _training_pool(dataset: str, image_size: int, max_train_examples: int, seed:
     return train
 
 
-def test_set(data: DataConfig, image_size: int, seed: int) -> ImageSet:
+def held_out_test_set(data: DataConfig, image_size: int, seed: int) -> ImageSet:
     """The official test split (maybe a seeded subset): the coordinator's held-out set."""
     test = cached_dataset(data.dataset, image_size).splits["test"]
     if 0 < data.max_test_examples < len(test):

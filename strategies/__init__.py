@@ -7,11 +7,11 @@ secure aggregation).
 
 import models  # noqa: F401  (sets Flower environment defaults before Flower loads)
 from strategies.adapter import AdapterStrategy
-from strategies.base import Reply, ReplyObserver
 from strategies.config import StrategyOptions
 from strategies.fedavg import AdapterFedAvg
 from strategies.lora_rules import FedSALoRA, FFALoRA, HetLoRA
 from strategies.optimizers import AdapterFedAdam, AdapterFedProx, AdapterFedYogi
+from strategies.replies import Reply, ReplyObserver
 from strategies.robust import AdapterFedMedian, AdapterNormBound, AdapterTrimmedMean
 
 STRATEGIES: dict[str, type[AdapterStrategy]] = {

@@ -16,8 +16,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from models.lora_parts import check_exchange, exchanged_keys
-from strategies.base import Reply, ReplyObserver, split_valid_replies
 from strategies.config import StrategyOptions
+from strategies.replies import Reply, ReplyObserver, split_valid_replies
 
 logger = logging.getLogger(__name__)
 

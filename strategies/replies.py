@@ -1,4 +1,5 @@
-"""What every medfed strategy shares: reply bookkeeping and a check of each incoming update."""
+"""One hospital's reply as the coordinator records it, its size, and the check of each incoming
+update; every strategy uses them."""
 
 from __future__ import annotations
 

@@ -17,9 +17,9 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg
 
 from strategies.adapter import AdapterStrategy
-from strategies.base import update_norm
 from strategies.config import StrategyOptions
 from strategies.fedavg import AdapterFedAvg
+from strategies.replies import update_norm
 
 logger = logging.getLogger(__name__)
 

@@ -20,3 +20,16 @@ def test_unknown_and_mistyped_settings_name_the_key(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="rounds"):
         load_config(None, {"federation": {"rounds": "three"}})
+
+
+def test_fedprox_weight_has_one_home(tmp_path):
+    """FedProx's mu is set once, as a strategy option; [train] proximal_mu is refused with a
+    pointer there, in a file and in overrides alike."""
+    path = tmp_path / "study.toml"
+    path.write_text("[train]\nproximal_mu = 0.1\n")
+    with pytest.raises(ConfigError, match=r"federation\.options\] proximal_mu"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not a study setting"):
+        load_config(None, {"train": {"proximal-mu": 0.1}})
+    path.write_text('[federation]\nstrategy = "fedprox"\n[federation.options]\nproximal_mu = 0.1\n')
+    assert load_config(path).federation.options.proximal_mu == 0.1

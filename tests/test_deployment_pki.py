@@ -192,7 +192,7 @@ def test_cli_init_enroll_revoke(tmp_path, capsys):
 def test_app_folder_and_a_bad_study_is_refused_before_anything_starts(tmp_path, capsys):
     import tomllib
 
-    from server.flower_app import write_app_dir
+    from server.deployment_app import write_app_dir
 
     init_consortium(tmp_path / "c", "t")
     (tmp_path / "bad.toml").write_text("[federation]\nroundz = 2\n")

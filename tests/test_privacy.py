@@ -38,7 +38,7 @@ from server.records import RunRecords
 from server.rounds import FederationError, run_federation
 from simulations.baselines import local_baseline, pooled_baseline
 from simulations.inprocess import InProcessGrid, coordinator_message
-from strategies.base import Reply
+from strategies.replies import Reply
 
 
 def reference_epsilon(events, delta: float, accountant: str) -> float:

@@ -20,7 +20,7 @@ from server.rounds import FederationError, run_federation
 from simulations.config import DataConfig
 from simulations.inprocess import InProcessGrid
 from simulations.sites import SimulatedSiteLoader
-from simulations.sites import test_set as central_test_set
+from simulations.sites import held_out_test_set as central_test_set
 
 NODES = [2**63 + 17 * k + 5 for k in range(3)]
 POLICY = 'allowed_tasks = ["pneumonia-cxr"]\nmin_hospitals = 3\n'

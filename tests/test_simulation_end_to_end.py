@@ -69,10 +69,10 @@ def test_metrics_are_complete_and_finite(study):
 def test_saved_adapter_reproduces_the_final_test_auc(study):
     config, summary, run_dir, _ = study
     from models.metrics import classification_metrics
-    from simulations.sites import test_set
+    from simulations.sites import held_out_test_set
 
     model = PeftModel.from_pretrained(build_base_model(config.model), run_dir / "adapter")
-    test = test_set(config.data, config.model.image_size, config.seed)
+    test = held_out_test_set(config.data, config.model.image_size, config.seed)
     probs = predict(model, test.images).softmax(dim=1).numpy()
     auc = classification_metrics(test.labels.numpy(), probs)["auc"]
     assert auc == pytest.approx(summary["federated"]["auc"], abs=1e-6)

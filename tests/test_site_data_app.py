@@ -17,7 +17,7 @@ from models.lora import build_lora_model
 from server.records import RunRecords
 from simulations.dicom_export import export_site
 from simulations.inprocess import coordinator_message
-from strategies.base import split_valid_replies
+from strategies.replies import split_valid_replies
 
 
 def _message(arrays: ArrayRecord, config) -> Message:

@@ -115,7 +115,7 @@ def test_a_hospital_late_before_its_first_reply_is_filed_under_its_name(tmp_path
     (round 2) names it, and the round-1 row moves to that hospital's line."""
     from server.records import RunRecords
     from strategies.adapter import LATE
-    from strategies.base import Reply
+    from strategies.replies import Reply
 
     records = RunRecords(tmp_path)
     records.add_reply(Reply(1, "train", node_id=12, error=LATE))

@@ -14,7 +14,7 @@ from models.config import TrainConfig, to_config_record
 from models.lora import build_lora_model
 from simulations.inprocess import coordinator_message, message_with_metadata
 from strategies import STRATEGIES, StrategyOptions, build_strategy
-from strategies.base import update_norm
+from strategies.replies import update_norm
 
 SHAPES = {"layer.lora_A.weight": (2, 3), "layer.lora_B.weight": (3, 2), "head.weight": (4,)}
 

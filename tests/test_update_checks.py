@@ -3,7 +3,7 @@
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from strategies.base import check_update
+from strategies.replies import check_update
 
 
 def _record(**arrays) -> ArrayRecord:

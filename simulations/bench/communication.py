@@ -20,7 +20,7 @@ from server.rounds import initial_model
 from simulations.config import DataConfig
 from simulations.inprocess import coordinator_message
 from simulations.sites import SimulatedSiteLoader
-from strategies.base import arrayrecord_nbytes
+from strategies.replies import arrayrecord_nbytes
 
 
 def main(argv: list[str] | None = None) -> int:
