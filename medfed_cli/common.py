@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
 
@@ -45,7 +46,7 @@ def user_errors(*names: str, code: int = 1) -> Callable[[Command], Command]:
             except Exception as err:
                 if not isinstance(err, (UsageError, *(_error_type(n) for n in names))):
                     raise
-                console.print(f"[red]error:[/] {err}")
+                console.print(f"[red]error:[/] {escape(str(err))}")
                 return code
 
         return run

@@ -140,7 +140,8 @@ class ConfigError(ValueError):
     """A config file or override that names an unknown setting or gives a wrong type."""
 
 
-# Settings that a study sets elsewhere: (table, key) -> where it belongs.
+# Settings that a study sets elsewhere: (table, key) -> where it belongs. Their defaults stay
+# accepted: every run's config.toml lists them, and a study file may be made from one.
 _SET_ELSEWHERE = {
     ("train", "proximal_mu"): "FedProx's weight is a strategy setting: [federation] strategy = "
                               "\"fedprox\" with [federation.options] proximal_mu; each round "
@@ -151,8 +152,11 @@ _SET_ELSEWHERE = {
 def _refuse_set_elsewhere(values: dict[str, Any], where: str) -> None:
     for (table, key), hint in _SET_ELSEWHERE.items():
         section = values.get(table)
-        if isinstance(section, dict) and {key, key.replace("_", "-")} & set(section):
-            raise ConfigError(f"{where}: {table}.{key} is not a study setting: {hint}")
+        if not isinstance(section, dict):
+            continue
+        for name in (key, key.replace("_", "-")):
+            if section.get(name, 0) not in (0, 0.0):
+                raise ConfigError(f"{where}: {table}.{key} is not a study setting: {hint}")
 
 
 def _merge(obj: Any, values: dict[str, Any], where: str) -> Any:
