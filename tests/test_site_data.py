@@ -96,8 +96,10 @@ def test_jpeg2000_and_colour_jpeg_decode():
     assert "JPEG-LS Lossless Image Compression" in names
 
 
-@pytest.mark.parametrize("name,kind", [("MR_truncated.dcm", "unreadable"),
-                                       ("rtplan.dcm", "no-pixels")])
+@pytest.mark.parametrize("name,kind", [("MR_truncated.dcm", "truncated"),
+                                       ("rtplan.dcm", "not-image"),
+                                       ("rtdose.dcm", "not-image"),
+                                       ("test-SR.dcm", "not-image")])
 def test_damaged_and_non_image_pydicom_files_are_named(name, kind):
     with pytest.raises(DicomReadError) as err:
         read_dicom(get_testdata_file(name))
@@ -151,7 +153,7 @@ def test_every_bad_row_is_reported_with_its_reason(tmp_path):
     ds.save_as(tmp_path / "nopix.dcm", enforce_file_format=True)
     shutil.copy(tmp_path / "img" / "p1_0.dcm", tmp_path / "copy.dcm")
     bad = [("missing.dcm", "normal", "missing"), ("fake.dcm", "normal", "not-dicom"),
-           ("trunc.dcm", "normal", "unreadable"), (flat.name, "normal", "bad-values"),
+           ("trunc.dcm", "normal", "truncated"), (flat.name, "normal", "bad-values"),
            ("nopix.dcm", "normal", "no-pixels"), ("copy.dcm", "normal", "duplicate"),
            ("img/p2_0.dcm", "pnuemonia", "label")]
     rows += [{"path": p, "label": label, "patient_id": f"X{i}"} for i, (p, label, _) in

@@ -23,13 +23,18 @@ logger = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, or of a series folder's file names and bytes (hex)."""
+def file_sha256(path: Path, series: list[Path] | None = None) -> str:
+    """sha256 of a file's bytes, or of a series folder's file names and bytes (hex).
+
+    ``series``: the folder's files as the caller listed (and confined) them; default: every
+    file in the folder not starting with a dot.
+    """
     path = Path(path)
     if path.is_dir():
         digest = hashlib.sha256()
-        for child in sorted(p for p in path.iterdir() if p.is_file()
-                            and not p.name.startswith(".")):
+        files = series if series is not None else [
+            p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+        for child in sorted(files, key=lambda p: p.name):
             digest.update(child.name.encode() + b"\0" + file_sha256(child).encode())
         return digest.hexdigest()
     with open(path, "rb") as handle:
@@ -43,7 +48,9 @@ def cache_key(content_sha256: str, settings: dict[str, object]) -> str:
 
 
 class DecodedCache:
-    """Folder of ``<key[:2]>/<key>.npz`` entries: ``image`` (F, C, S, S) float32 and ``uids``."""
+    """Folder of ``<key[:2]>/<key>.npz`` entries: ``image`` (F, C, S, S) float32, ``uids`` and
+    ``patients`` (the files' Patient IDs, so a cache hit can still be checked against the
+    manifest)."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -51,24 +58,27 @@ class DecodedCache:
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.npz"
 
-    def get(self, key: str) -> tuple[np.ndarray, list[str]] | None:
-        """The stored image and SOP Instance UIDs, or None (missing, or corrupt and deleted)."""
+    def get(self, key: str) -> tuple[np.ndarray, list[str], list[str]] | None:
+        """The stored image, SOP Instance UIDs and Patient IDs, or None (missing, or corrupt and
+        deleted)."""
         path = self._path(key)
         if not path.is_file():
             return None
         try:
             with np.load(path, allow_pickle=False) as entry:
                 image, uids = entry["image"], [str(u) for u in entry["uids"]]
+                patients = [str(p) for p in entry["patients"]]
             if (image.dtype != np.float32 or image.ndim != 4 or not np.isfinite(image).all()
                     or image.min() < 0.0 or image.max() > 1.0):
                 raise ValueError(f"unexpected content {image.dtype}{list(image.shape)}")
-            return image, uids
+            return image, uids, patients
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
             logger.warning("cache entry %s is corrupt (%s): deleted, decoding again", path, err)
             path.unlink(missing_ok=True)
             return None
 
-    def put(self, key: str, image: np.ndarray, uids: list[str]) -> None:
+    def put(self, key: str, image: np.ndarray, uids: list[str],
+            patients: list[str] | None = None) -> None:
         """Store an entry atomically; a full or read-only disk only costs a warning."""
         path = self._path(key)
         try:
@@ -77,7 +87,8 @@ class DecodedCache:
             try:
                 with os.fdopen(fd, "wb") as handle:
                     np.savez(handle, image=image.astype(np.float32, copy=False),
-                             uids=np.array(uids, dtype=str))
+                             uids=np.array(uids, dtype=str),
+                             patients=np.array(patients or [], dtype=str))
                 os.replace(tmp, path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)

@@ -14,8 +14,13 @@ def format_report(report: SiteReport, config: SiteDataConfig) -> str:
     """The check report as plain text (it names paths and patients: for the hospital only)."""
     lines = [f"manifest: {report.manifest}",
              f"rows: {report.rows}, usable: {report.usable_rows}, "
-             f"left out: {report.rows - report.usable_rows} ({report.error_fraction:.1%})",
-             "", "images per class and split:"]
+             f"left out: {report.rows - report.usable_rows} ({report.error_fraction:.1%})"]
+    info = report.manifest_info
+    if info is not None and (info.separator != "," or info.skipped_empty):
+        names = {",": "comma", ";": "semicolon", "\t": "tab", "|": "bar"}
+        lines.append(f"manifest read as {names[info.separator]}-separated "
+                     f"{info.encoding}; {info.skipped_empty} empty rows skipped")
+    lines += ["", "images per class and split:"]
     width = max([len(c) for c in report.classes] + [5])
     lines.append(f"  {'class':<{width}}  " + "  ".join(f"{s:>7}" for s in SPLITS))
     for name in report.classes:

@@ -6,6 +6,7 @@ hospital daemon's node config (dashed keys, the class list as a comma-separated 
 
 from __future__ import annotations
 
+import codecs
 import os
 import tomllib
 from collections.abc import Mapping
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 FRAME_MODES = ("middle", "all")
+MAX_INDEX_CLASSES = 1000
+"""Without a class list, integer labels must be below this (declare ``classes`` to be exact)."""
 
 
 class SiteDataConfigError(ValueError):
@@ -28,7 +31,8 @@ class SiteDataConfig:
         classes: class names in label order, declared once for the whole study so every hospital
             maps labels the same way. Empty: labels must be integer class indices.
         path_column: manifest column with the DICOM file or series folder, relative to the
-            manifest's folder (absolute paths are taken as they are).
+            manifest's folder (absolute paths are taken as they are); it must lie, after
+            resolving symbolic links, inside one of ``allowed_roots``.
         label_column: manifest column with the class name or index.
         patient_column: manifest column with the (site-internal) patient id.
         split_column: optional manifest column with ``train`` or ``val``; rows where it is absent
@@ -41,6 +45,21 @@ class SiteDataConfig:
         cache_dir: where decoded, resized images are kept; empty means ``$MEDFED_CACHE_DIR`` or
             ``~/.cache/medfed/site-data``.
         use_cache: read and write the decoded-image cache.
+        allowed_roots: folders the manifest's paths may point into (after resolving symbolic
+            links); relative ones are taken from the manifest's folder. Empty: the manifest's
+            folder only.
+        max_frame_bytes: most bytes one frame may decode to, as its header declares it
+            (Rows x Columns x Samples per Pixel x Bits Allocated / 8). Frames are decoded one
+            at a time, so this bounds the memory one row needs; a deflated file may inflate to
+            at most this plus 1 MiB. Checked before anything is decoded.
+        max_pixel_bytes: most bytes all the frames of one file may decode to, as its header
+            declares them (one frame's bytes x Number of Frames). Checked before decoding.
+        match_patient_id: a row whose file names another patient (Patient ID) than the
+            manifest's patient id is a problem. Set false when the manifest uses pseudonyms and
+            the files keep the hospital's ids; files that share a Patient ID still stay in one
+            split either way.
+        manifest_encoding: text encoding of the manifest (``utf-8`` also reads a byte-order
+            mark; ``cp1252`` or ``latin-1`` for some spreadsheet exports).
     """
 
     classes: tuple[str, ...] = ()
@@ -54,6 +73,11 @@ class SiteDataConfig:
     max_error_fraction: float = 0.1
     cache_dir: str = ""
     use_cache: bool = True
+    allowed_roots: tuple[str, ...] = ()
+    max_frame_bytes: int = 64 * 2**20
+    max_pixel_bytes: int = 2**30
+    match_patient_id: bool = True
+    manifest_encoding: str = "utf-8"
 
     def __post_init__(self) -> None:
         if self.frames not in FRAME_MODES:
@@ -65,6 +89,17 @@ class SiteDataConfig:
                 f"max_error_fraction = {self.max_error_fraction}: use 0 <= x <= 1")
         if len(set(self.classes)) != len(self.classes):
             raise SiteDataConfigError(f"classes {list(self.classes)} repeat a name")
+        if len(self.classes) > MAX_INDEX_CLASSES:
+            raise SiteDataConfigError(
+                f"{len(self.classes)} classes: at most {MAX_INDEX_CLASSES} are supported")
+        for name in ("max_frame_bytes", "max_pixel_bytes"):
+            if getattr(self, name) < 1:
+                raise SiteDataConfigError(f"{name} = {getattr(self, name)}: use a positive size")
+        try:
+            codecs.lookup(self.manifest_encoding)
+        except LookupError as err:
+            raise SiteDataConfigError(f"manifest_encoding = {self.manifest_encoding!r} is not "
+                                      "a known encoding (e.g. 'utf-8', 'cp1252')") from err
 
     def resolved_cache_dir(self) -> Path:
         """The cache folder this config names (see ``cache_dir``)."""
@@ -73,6 +108,21 @@ class SiteDataConfig:
         env = os.environ.get("MEDFED_CACHE_DIR")
         base = Path(env) if env else Path.home() / ".cache" / "medfed"
         return base / "site-data"
+
+    def resolved_roots(self, manifest: Path) -> tuple[Path, ...]:
+        """The folders manifest paths may point into, absolute and with links resolved."""
+        folder = Path(manifest).resolve().parent
+        roots = self.allowed_roots or (".",)
+        return tuple((folder / Path(r).expanduser()).resolve() for r in roots)
+
+
+def _parse_roots(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(r.strip() for r in value.split(os.pathsep) if r.strip())
+    if isinstance(value, list | tuple) and all(isinstance(r, str) for r in value):
+        return tuple(r.strip() for r in value if r.strip())
+    raise SiteDataConfigError(f"{where}: allowed_roots must be a list of folders or "
+                              f"'a{os.pathsep}b', got {value!r}")
 
 
 def _parse_classes(value: Any, where: str) -> tuple[str, ...]:
@@ -99,6 +149,9 @@ def site_data_config(values: Mapping[str, Any], where: str = "site data config",
             raise SiteDataConfigError(f"{where}: unknown setting '{key}'; known: {sorted(known)}")
         if name == "classes":
             changes[name] = _parse_classes(value, where)
+            continue
+        if name == "allowed_roots":
+            changes[name] = _parse_roots(value, where)
             continue
         current = getattr(defaults, name)
         if isinstance(current, bool):

@@ -19,9 +19,11 @@ import torch
 
 from client.data.cache import DecodedCache, cache_key, file_sha256
 from client.data.config import SiteDataConfig
-from client.data.dicom import DicomReadError, read_dicom
+from client.data.dicom import DecodedImage, DicomReadError, iter_decoded
 from client.data.fingerprint import dataset_fingerprint
-from client.data.manifest import SPLITS, Entry, read_manifest
+from client.data.guard import ReadLimits, guarded
+from client.data.manifest import SPLITS, Entry, ManifestInfo, read_manifest
+from client.data.paths import OutsideRootError, series_files
 from client.data.problems import Problem, SiteDataError
 from client.data.split import assign_splits
 from client.data.transforms import to_model_input, transform_settings
@@ -46,6 +48,7 @@ class SiteReport:
         patients_across_splits: patients the manifest put in both splits (all moved to train).
         fingerprint: see :mod:`client.data.fingerprint`.
         cache_hits: images served from the decoded-image cache.
+        manifest_info: the manifest's separator, encoding and skipped empty rows.
     """
 
     manifest: Path
@@ -59,6 +62,7 @@ class SiteReport:
     patients_across_splits: list[str] = field(default_factory=list)
     fingerprint: str = ""
     cache_hits: int = 0
+    manifest_info: ManifestInfo | None = None
 
     @property
     def error_fraction(self) -> float:
@@ -96,26 +100,91 @@ class _Decoded:
     entry: Entry
     image: np.ndarray  # (F, C, S, S)
     content_sha256: str
+    file_patients: list[str]  # the files' Patient IDs
 
 
-def _decode(entry: Entry, config: SiteDataConfig, image_size: int,
-            cache: DecodedCache | None) -> tuple[_Decoded, list[str], bool]:
+def limits_of(config: SiteDataConfig) -> ReadLimits:
+    """The header bounds a site data config sets."""
+    return ReadLimits(config.max_frame_bytes, config.max_pixel_bytes)
+
+
+def _decode(entry: Entry, config: SiteDataConfig, image_size: int, cache: DecodedCache | None,
+            roots: tuple[Path, ...]) -> tuple[_Decoded, list[str], bool]:
     """The entry's images, its SOP Instance UIDs and whether the cache served them."""
     if not entry.path.exists():
         raise DicomReadError("missing", "file not found: fix the path (relative to the "
                                         "manifest's folder) or remove the row")
+    series = None
     try:
-        content = file_sha256(entry.path)
+        if entry.path.is_dir():
+            series = series_files(entry.path, roots)
+        content = file_sha256(entry.path, series)
+    except OutsideRootError as err:
+        raise DicomReadError("outside", str(err)) from err
     except OSError as err:
         raise DicomReadError("unreadable", f"cannot read the file ({err})") from err
     key = cache_key(content, transform_settings(image_size, config.frames))
     if cache is not None and (hit := cache.get(key)) is not None:
-        return _Decoded(entry, hit[0], content), hit[1], True
-    decoded = read_dicom(entry.path, config.frames)
-    image = to_model_input(decoded, image_size)
+        return _Decoded(entry, hit[0], content, hit[2]), hit[1], True
+    images, uids, patients, shapes = [], [], [], set()
+    for file in iter_decoded(entry.path, config.frames, limits_of(config), series):
+        for frame in file.frames:
+            shapes.add(frame.values.shape)
+            if len(shapes) > 1:
+                raise DicomReadError("bad-values", f"series images differ in size "
+                                     f"{sorted(shapes)}: one series folder must hold one series")
+            single = DecodedImage(frame.values[None], frame.invert, frame.rgb_max, [],
+                                  frame.value_range)
+            images.append(to_model_input(single, image_size))
+        uids.append(file.sop_uid)
+        patients.append(file.patient_id)
+    if not images:
+        raise DicomReadError("no-pixels", "no frames to read: remove the row")
+    image = np.concatenate(images)
+    uids = [u for u in uids if u]
     if cache is not None:
-        cache.put(key, image, decoded.sop_uids)
-    return _Decoded(entry, image, content), decoded.sop_uids, False
+        cache.put(key, image, uids, patients)
+    return _Decoded(entry, image, content, patients), uids, False
+
+
+def _read_row(entry: Entry, config: SiteDataConfig, image_size: int,
+              cache: DecodedCache | None, roots: tuple[Path, ...]
+              ) -> tuple[_Decoded, list[str], bool]:
+    # Whatever a file makes a decoder or transform raise (Rust panics, MemoryError included)
+    # costs its row, never the check or the daemon.
+    return guarded("unreadable", "the file cannot be read; it is damaged or unsupported",
+                   lambda: _decode(entry, config, image_size, cache, roots))
+
+
+def _patient_problem(item: _Decoded) -> Problem | None:
+    others = sorted({p for p in item.file_patients if p and p != item.entry.patient})
+    if not others:
+        return None
+    shown = ", ".join(repr(p[:40]) for p in others[:3])
+    return Problem(item.entry.row, item.entry.written_path[:60], "patient",
+                   f"the manifest says patient {item.entry.patient[:40]!r} but the file's "
+                   f"Patient ID is {shown}: fix the manifest so one patient never lands in "
+                   "two splits (set match_patient_id = false if the manifest uses pseudonyms)")
+
+
+def _groups(decoded: list[_Decoded]) -> list[str]:
+    """A split group per row: manifest patients linked through the files' Patient IDs, so two
+    manifest ids for one patient still land in one split."""
+    parent: dict[str, str] = {}
+
+    def find(node: str) -> str:
+        while parent.setdefault(node, node) != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for item in decoded:
+        for file_patient in item.file_patients:
+            if file_patient:
+                a, b = find("m:" + item.entry.patient), find("f:" + file_patient)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+    return [find("m:" + d.entry.patient) for d in decoded]
 
 
 def _stack(images: list[np.ndarray], labels: list[int], image_size: int) -> ImageSet:
@@ -145,22 +214,26 @@ def prepare_site(manifest: Path, config: SiteDataConfig,
     Raises:
         ManifestError: the manifest is missing, empty or lacks a column.
     """
-    entries, problems, rows = read_manifest(Path(manifest), config)
+    entries, problems, rows, info = read_manifest(Path(manifest), config)
+    roots = config.resolved_roots(Path(manifest))
     cache = DecodedCache(config.resolved_cache_dir()) if config.use_cache else None
     decoded: list[_Decoded] = []
     seen_uids: dict[str, int] = {}
     hits = 0
     for number, entry in enumerate(entries, 1):
         try:
-            item, uids, hit = _decode(entry, config, image_size, cache)
+            item, uids, hit = _read_row(entry, config, image_size, cache, roots)
         except DicomReadError as err:
-            problems.append(Problem(entry.row, entry.written_path, err.kind, err.reason))
+            problems.append(Problem(entry.row, entry.written_path[:60], err.kind, err.reason))
             continue
         duplicate = next((seen_uids[u] for u in uids if u in seen_uids), None)
         if duplicate is not None:
             problems.append(Problem(
-                entry.row, entry.written_path, "duplicate", f"same SOP Instance UID as row "
+                entry.row, entry.written_path[:60], "duplicate", f"same SOP Instance UID as row "
                 f"{duplicate}: the same image is listed twice; remove one of the rows"))
+            continue
+        if config.match_patient_id and (problem := _patient_problem(item)) is not None:
+            problems.append(problem)
             continue
         seen_uids |= {u: entry.row for u in uids}
         hits += hit
@@ -168,14 +241,16 @@ def prepare_site(manifest: Path, config: SiteDataConfig,
         if number % 500 == 0:
             logger.info("site data: %d of %d rows read", number, len(entries))
 
-    splits, across = assign_splits([d.entry.patient for d in decoded],
-                                   [d.entry.split for d in decoded],
-                                   config.val_fraction, config.seed)
+    groups = _groups(decoded)
+    splits, across_groups = assign_splits(groups, [d.entry.split for d in decoded],
+                                          config.val_fraction, config.seed)
+    across = sorted({d.entry.patient for d, g in zip(decoded, groups, strict=True)
+                     if g in set(across_groups)})
     names = list(config.classes) or [str(i) for i in
                                      range(max((d.entry.label for d in decoded), default=-1) + 1)]
     report = SiteReport(Path(manifest), names, rows, usable_rows=len(decoded),
                         problems=sorted(problems, key=lambda p: p.row),
-                        patients_across_splits=across, cache_hits=hits)
+                        patients_across_splits=across, cache_hits=hits, manifest_info=info)
     sets = {}
     for split in SPLITS:
         chosen = [d for d, s in zip(decoded, splits, strict=True) if s == split]
@@ -194,7 +269,8 @@ def prepare_site(manifest: Path, config: SiteDataConfig,
                              image_size)
     report.fingerprint = dataset_fingerprint(
         config.classes, ((d.entry.written_path, d.entry.label, d.entry.patient, s,
-                          d.content_sha256) for d, s in zip(decoded, splits, strict=True)))
+                          d.content_sha256) for d, s in zip(decoded, splits, strict=True)),
+        config.frames)
     return sets, report
 
 

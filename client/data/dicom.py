@@ -1,38 +1,59 @@
-"""DICOM files to float pixel arrays, with pydicom and its pixel-data plugins.
+"""DICOM files to float pixel arrays, with pydicom and its pixel-data plugins, one frame at a time.
 
-Grayscale: Modality LUT (Rescale Slope/Intercept) then the VOI LUT or window the file carries;
-MONOCHROME1 is flagged for inversion. Colour: YCbCr is converted to RGB by pydicom. Compressed
+Grayscale: Modality LUT (Rescale Slope/Intercept, or a Modality LUT table) then the VOI LUT or
+window the file carries, in float32; MONOCHROME1 is flagged for inversion. Colour: YCbCr is
+converted to RGB by pydicom, PALETTE COLOR through its palette (``apply_color_lut``). Compressed
 transfer syntaxes are decoded by pydicom's pixel handlers; the plugins medfed installs
 (pylibjpeg with -libjpeg, -openjpeg and -rle, and Pillow) cover JPEG Baseline/Extended/Lossless,
 JPEG-LS, JPEG 2000, HTJ2K, RLE and Deflate, besides the uncompressed syntaxes; see
 :func:`supported_transfer_syntaxes`.
+
+Files are treated as possibly hostile (see :mod:`client.data.guard`): the header's pixel layout
+is bounded before anything is decoded, only the frames that are kept are decoded (from the file,
+not a copy of all its pixel data), non-image objects (SEG, RT Dose, SR...) are refused, and every
+decoder failure is a :class:`DicomReadError` naming what is wrong.
 """
 
 from __future__ import annotations
 
-import logging
-import warnings
-from dataclasses import dataclass
+import io
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels import pixel_array as decode_pixels
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless
 
-logger = logging.getLogger(__name__)
+from client.data.guard import (
+    INFLATE_HEADER_ALLOWANCE,
+    DicomReadError,
+    Geometry,
+    Notes,
+    ReadLimits,
+    captured,
+    check_codestream,
+    check_rle_frame,
+    geometry,
+    guarded,
+    inflate_bounded,
+)
 
+__all__ = ["DecodedImage", "DicomReadError", "ReadLimits", "read_dataset", "read_dicom",
+           "iter_decoded", "supported_transfer_syntaxes"]
 
-class DicomReadError(Exception):
-    """A file that gives no image; ``kind`` is a :data:`client.data.problems.KINDS` entry."""
+DEFER_BYTES = 64 * 1024
+"""Elements larger than this (pixel data above all) are not read when the header is parsed."""
 
-    def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(reason)
-        self.kind = kind
-        self.reason = reason
+NON_IMAGE_MODALITIES = frozenset({
+    "SEG", "RTDOSE", "RTSTRUCT", "RTPLAN", "RTRECORD", "RTSEGANN", "SR", "KO", "PR", "REG",
+    "FID", "RWV", "DOC", "PLAN", "AU", "ECG", "HD", "EPS", "RESP", "EEG", "EMG", "EOG"})
+"""Modalities whose objects hold no picture of the patient (segmentations, dose grids, ...)."""
 
 
 @dataclass
@@ -46,6 +67,7 @@ class DecodedImage:
         sop_uids: SOP Instance UIDs of the files read (one per file in a series).
         value_range: grayscale output range of the VOI LUT/window (maps to [0, 1]); None when
             the file has no window: the image's own minimum and maximum map to [0, 1].
+        patient_ids: the Patient ID of each file read (stays in the hospital).
     """
 
     frames: np.ndarray
@@ -53,14 +75,12 @@ class DecodedImage:
     rgb_max: float
     sop_uids: list[str]
     value_range: tuple[float, float] | None = None
+    patient_ids: list[str] = field(default_factory=list)
 
 
 def supported_transfer_syntaxes() -> list[str]:
     """Names of the transfer syntaxes this installation can decode."""
-    from pydicom.uid import (
-        AllTransferSyntaxes,
-        UncompressedTransferSyntaxes,
-    )
+    from pydicom.uid import AllTransferSyntaxes, UncompressedTransferSyntaxes
 
     names = []
     for uid in AllTransferSyntaxes:
@@ -75,12 +95,9 @@ def supported_transfer_syntaxes() -> list[str]:
     return names
 
 
-def _check_decodable(ds: Dataset) -> None:
-    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    if syntax is None or not syntax.is_transfer_syntax:
+def _check_decodable(syntax: UID | None) -> None:
+    if syntax is None or not syntax.is_transfer_syntax or not syntax.is_compressed:
         return  # pydicom guesses; a failure surfaces as unreadable below
-    if not syntax.is_compressed:
-        return
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError as err:
@@ -94,133 +111,404 @@ def _check_decodable(ds: Dataset) -> None:
             "(pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, pylibjpeg-rle)")
 
 
-def read_dataset(path: Path) -> Dataset:
-    """Parse one DICOM file, with errors that say what is wrong with it."""
+@dataclass
+class DicomFile:
+    """A parsed header and where its pixel data is: the file (read per frame) or, for a
+    deflated file, the inflated dataset in memory."""
+
+    path: Path
+    ds: Dataset
+    in_memory: bool
+    notes: Notes
+
+
+def _read_inflated(path: Path, limits: ReadLimits) -> Dataset:
+    # pydicom inflates a deflated dataset whole and unbounded; inflate it here in bounded steps
+    # and parse the result as the Explicit VR Little Endian dataset it is.
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    with open(path, "rb") as handle:
+        read_preamble(handle, False)
+        meta = _read_file_meta_info(handle)
+        offset = handle.tell()
+    body = inflate_bounded(path, offset, limits.max_frame_bytes + INFLATE_HEADER_ALLOWANCE)
+    dataset = pydicom.filereader.read_dataset(io.BytesIO(body), False, True)
+    plain = FileMetaDataset(meta)
+    plain.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.dataset.FileDataset(str(path), dataset, file_meta=plain,
+                                     is_implicit_VR=False, is_little_endian=True)
+    return ds
+
+
+def _open(path: Path, limits: ReadLimits, notes: Notes) -> DicomFile:
+    with captured(notes):
+        try:
+            meta = pydicom.filereader.read_file_meta_info(path)
+            deflated = meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+            if deflated:
+                return DicomFile(path, _read_inflated(path, limits), True, notes)
+            return DicomFile(path, pydicom.dcmread(path, defer_size=DEFER_BYTES), False, notes)
+        except DicomReadError:
+            raise
+        except InvalidDicomError as err:
+            raise DicomReadError(
+                "not-dicom", "not a DICOM file (no 'DICM' marker after the 128-byte preamble): "
+                "export it from PACS as a DICOM Part 10 file or remove the row") from err
+        except OSError as err:
+            raise DicomReadError("unreadable", f"cannot read the file ({err})") from err
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # noqa: BLE001 - pydicom raises many types on damaged files
+            kind = "truncated" if isinstance(err, EOFError) or notes.any("End of file") \
+                else "unreadable"
+            raise DicomReadError(
+                kind, f"{'truncated' if kind == 'truncated' else 'damaged'} DICOM file "
+                f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); export it again "
+                "from PACS") from err
+
+
+def read_dataset(path: Path, limits: ReadLimits | None = None) -> Dataset:
+    """Parse one DICOM file's header (pixel data is left in the file), with errors that say
+    what is wrong with it. A deflated file is inflated, bounded by ``limits``."""
+    return _open(Path(path), limits or ReadLimits(), Notes()).ds
+
+
+def _refuse_non_images(ds: Dataset) -> None:
+    sop = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None),
+                                           "MediaStorageSOPClassUID", None)
+    name = UID(str(sop)).name if sop else ""
+    modality = str(ds.get("Modality", "") or "").upper()
+    not_image = (bool(name) and "Storage" in name and "Image" not in name) \
+        or modality in NON_IMAGE_MODALITIES
+    if not_image:
+        what = name if name and name != str(sop) else f"modality {modality or '?'}"
+        raise DicomReadError(
+            "not-image", f"a {what} object, not an image of the patient (segmentations, dose "
+                         "grids, structure sets and reports are not training images): remove "
+                         "the row")
+
+
+def _has_pixel_tag(path: Path) -> bool:
+    """Whether the bytes of the Pixel Data tag (7FE0,0010) occur in the file: pydicom found no
+    pixel data, so it ended inside the element."""
+    tag, tail = b"\xe0\x7f\x10\x00", b""
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            if tag in tail + chunk:
+                return True
+            tail = chunk[-3:]
+    return False
+
+
+def _check_pixel_data(dicom: DicomFile, shape: Geometry) -> None:
+    ds, notes = dicom.ds, dicom.notes
+    if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise DicomReadError("unsupported", "float pixel data (parametric maps) is not a "
+                                                "supported image: remove the row")
+        if notes.any("End of file") or (not dicom.in_memory and _has_pixel_tag(dicom.path)):
+            raise DicomReadError("truncated", "the header declares an image "
+                                 f"({shape.rows} x {shape.columns}) but the file ends inside "
+                                 "its pixel data: the file is truncated; export it again")
+        raise DicomReadError("no-pixels", "no pixel data although the header declares an image "
+                             f"({shape.rows} x {shape.columns}): the file may be cut short or "
+                             "exported without pixels; export it again or remove the row")
+    if notes.any("End of file", "truncat"):
+        raise DicomReadError("truncated", "the file ends inside its pixel data: it is "
+                             f"truncated ({notes.summary(1)}); export it again")
+    if dicom.in_memory:
+        return
+    element = ds._dict[0x7FE00010]
+    length = getattr(element, "length", None)
+    tell = getattr(element, "value_tell", None)
+    if length is not None and tell is not None and length != 0xFFFFFFFF:
+        size = dicom.path.stat().st_size
+        if tell + length > size:
+            raise DicomReadError("truncated", f"the pixel data should hold {length} bytes but "
+                                 f"the file ends after {max(size - tell, 0)}: the file is "
+                                 "truncated; export it again")
+        if length < shape.total_bytes:
+            raise DicomReadError("truncated", f"the pixel data holds {length} bytes, fewer "
+                                 f"than the {shape.total_bytes} its header declares: the file "
+                                 "is truncated; export it again")
+
+
+def _check_frame(dicom: DicomFile, index: int, shape: Geometry, syntax: UID) -> None:
+    """An encapsulated frame's own header, read from the file before it is decoded."""
+    from pydicom.encaps import get_frame
+
+    element = dicom.ds._dict[0x7FE00010]
+    tell = getattr(element, "value_tell", None)
+    if tell is None:
+        return
+    with open(dicom.path, "rb") as handle:
+        handle.seek(tell)
+        frame = guarded("truncated", "frame data cannot be found; the file is truncated or "
+                        "damaged", lambda: get_frame(handle, index,
+                                                     number_of_frames=shape.frames))
+    if syntax == RLELossless:
+        check_rle_frame(frame, shape)
+    else:
+        check_codestream(frame, syntax, shape)
+
+
+def _frame_indices(frames: int, mode: str) -> list[int]:
+    return list(range(frames)) if mode == "all" else [frames // 2]
+
+
+def _decode(dicom: DicomFile, index: int, shape: Geometry) -> np.ndarray:
+    """One frame, ``(H, W)`` or ``(H, W, S)``, decoded from the file (or inflated dataset)."""
+    source = dicom.ds if dicom.in_memory else str(dicom.path)
+    index_arg = index if shape.frames > 1 else None
+
+    def run() -> np.ndarray:
+        with captured(dicom.notes):
+            return decode_pixels(source, index=index_arg)
+
     try:
-        # Reading a damaged file makes pydicom warn before it fails; the error says it all.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return pydicom.dcmread(path)
-    except InvalidDicomError as err:
-        raise DicomReadError(
-            "not-dicom", "not a DICOM file (no 'DICM' marker after the 128-byte preamble): export "
-            "it from PACS as a DICOM Part 10 file or remove the row") from err
-    except OSError as err:
-        raise DicomReadError("unreadable", f"cannot read the file ({err})") from err
-    except Exception as err:  # noqa: BLE001 - pydicom raises many types on damaged files
-        raise DicomReadError(
-            "unreadable", f"truncated or damaged DICOM file ({type(err).__name__}: {err}); "
-            "export it again from PACS") from err
+        return guarded("unreadable", "pixel data cannot be decoded; the file is truncated or "
+                       "damaged: export it again", run)
+    except DicomReadError as err:
+        if dicom.notes.lines and dicom.notes.summary(1) not in err.reason:
+            err.reason += f" [pydicom: {dicom.notes.summary(1)}]"
+        if "length" in err.reason and ("expected" in err.reason or "match" in err.reason):
+            err.kind = "truncated"
+        raise
 
 
-def _pixels(ds: Dataset) -> np.ndarray:
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        sop = ds.get("SOPClassUID")
-        kind = f" ({UID(sop).name})" if sop else ""
-        raise DicomReadError(
-            "no-pixels", f"no pixel data{kind}: this is not an image; remove the row")
-    _check_decodable(ds)
+def _number(ds: Dataset, keyword: str, default: float) -> float:
+    element = ds.get(keyword)
+    if element is None or element == "":
+        return default
+    value = element
+    if isinstance(element, Sequence) and not isinstance(element, str | bytes):
+        if not len(element):
+            return default
+        value = element[0]  # several windows: the first, as viewers show it
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return ds.pixel_array
-    except Exception as err:  # noqa: BLE001 - decoders raise many types on damaged data
-        raise DicomReadError(
-            "unreadable", f"pixel data cannot be decoded ({type(err).__name__}: "
-            f"{' '.join(str(err).split())[:240]}); the file is truncated or damaged: export it "
-            "again") from err
+        number = float(value)
+    except (TypeError, ValueError) as err:
+        raise DicomReadError("bad-values", f"{keyword} = {str(value)[:40]!r} is not a number: "
+                             "fix it in the export (a decimal point, not a comma)") from err
+    if not np.isfinite(number):
+        raise DicomReadError("bad-values", f"{keyword} = {value!r} is not a finite number: "
+                                           "fix it in the export")
+    return number
 
 
-def _frames(ds: Dataset, arr: np.ndarray) -> tuple[np.ndarray, bool, float]:
-    """``(F, C, H, W)`` float32 values, MONOCHROME1 flag, RGB maximum, VOI output range."""
-    samples = int(ds.get("SamplesPerPixel", 1))
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if samples == 1:
-        arr = arr.reshape((frames, *arr.shape[-2:]))
-        values = apply_modality_lut(arr, ds)
-        value_range = None
-        if "WindowCenter" in ds or "VOILUTSequence" in ds:
-            try:
-                values = apply_voi_lut(values, ds, prefer_lut=True)
-            except (ValueError, IndexError, TypeError) as err:
-                raise DicomReadError("bad-values", f"the VOI LUT/window cannot be applied "
-                                     f"({err}): fix Window Center/Width in the export") from err
-            value_range = _voi_output_range(ds, values)
-        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below
-            values = np.asarray(values, dtype=np.float32)[:, None]
+def _rescale(ds: Dataset, frame: np.ndarray) -> np.ndarray:
+    """Modality LUT in float32: a Modality LUT table, or Rescale Slope/Intercept."""
+    if ds.get("ModalityLUTSequence"):
+        frame = guarded("bad-values", "the Modality LUT cannot be applied; fix it in the "
+                        "export", lambda: apply_modality_lut(frame, ds))
+        return frame.astype(np.float32)
+    slope = _number(ds, "RescaleSlope", 1.0)
+    intercept = _number(ds, "RescaleIntercept", 0.0)
+    values = frame.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by the caller
+        if slope != 1.0:
+            values *= np.float32(slope)
+        if intercept != 0.0:
+            values += np.float32(intercept)
+    return values
+
+
+def _window(ds: Dataset, values: np.ndarray) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """The VOI LUT table or window (PS3.3 C.11.2), as a viewer shows it; the output range.
+
+    A window is applied in float32 in place and maps straight to [0, 1]."""
+    if "VOILUTSequence" in ds:
+        try:
+            lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64)
+            out = apply_voi_lut(values, ds, prefer_lut=True)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # noqa: BLE001 - odd tables raise many types
+            raise DicomReadError("bad-values", f"the VOI LUT cannot be applied ({err}): fix "
+                                               "it in the export") from err
+        out = np.asarray(out, dtype=np.float32)
+        low, high = float(lut.min()), float(lut.max())
+        return out, ((low, high) if high > low else None)
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return values, None
+    center = _number(ds, "WindowCenter", 0.0)
+    width = _number(ds, "WindowWidth", 0.0)
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    if function == "LINEAR":
+        if width < 1:
+            raise DicomReadError("bad-values", f"Window Width {width:g} is below 1: fix the "
+                                               "window in the export")
+        center, width = center - 0.5, width - 1
+        if width == 0:  # a step at the centre
+            return (values > center).astype(np.float32), (0.0, 1.0)
+    elif function in ("LINEAR_EXACT", "SIGMOID"):
+        if width <= 0:
+            raise DicomReadError("bad-values", f"Window Width {width:g} must be above 0: fix "
+                                               "the window in the export")
+    else:
+        raise DicomReadError("bad-values", f"VOI LUT Function {function!r} is not LINEAR, "
+                                           "LINEAR_EXACT or SIGMOID: fix it in the export")
+    values -= np.float32(center)
+    values /= np.float32(width)
+    if function == "SIGMOID":
+        with np.errstate(over="ignore"):
+            np.exp(-4.0 * values, out=values)
+        values += 1.0
+        np.reciprocal(values, out=values)
+    else:
+        values += 0.5
+        np.clip(values, 0.0, 1.0, out=values)
+    return values, (0.0, 1.0)
+
+
+def _values(ds: Dataset, frame: np.ndarray, shape: Geometry
+            ) -> tuple[np.ndarray, bool, float, tuple[float, float] | None]:
+    """``(C, H, W)`` float32 values, MONOCHROME1 flag, RGB maximum, VOI output range."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if photometric == "PALETTE COLOR":
+        rgb = guarded("bad-values", "the palette (Red/Green/Blue Palette Color LUT) cannot be "
+                      "applied; fix it in the export", lambda: apply_color_lut(frame, ds))
+        top = 255.0 if rgb.dtype == np.uint8 else 65535.0
+        return np.moveaxis(rgb, -1, 0).astype(np.float32), False, top, None
+    if shape.samples == 1:
+        values = _rescale(ds, frame.reshape(frame.shape[-2:]))
+        values, value_range = _window(ds, values)
         if not np.isfinite(values).all():
             raise DicomReadError(
                 "bad-values", "pixel values are not finite after Rescale Slope/Intercept "
                 f"({ds.get('RescaleSlope', 1)}, {ds.get('RescaleIntercept', 0)}): fix the "
                 "rescale attributes in the export")
-        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-        return values, photometric == "MONOCHROME1", 0.0, value_range
-    if samples != 3:
-        raise DicomReadError("unsupported", f"{samples} samples per pixel: only 1 (grayscale) "
-                                            "and 3 (colour) are supported")
-    arr = arr.reshape((frames, *arr.shape[-3:]))
-    bits = int(ds.get("BitsStored", 8))
-    return np.moveaxis(arr, -1, 1).astype(np.float32), False, float(2**bits - 1), None
+        return values[None], photometric == "MONOCHROME1", 0.0, value_range
+    if shape.samples != 3:
+        raise DicomReadError("unsupported", f"{shape.samples} samples per pixel: only 1 "
+                                            "(grayscale) and 3 (colour) are supported")
+    bits = int(ds.get("BitsStored", 8) or 8)
+    return np.moveaxis(frame, -1, 0).astype(np.float32), False, float(2**bits - 1), None
 
 
-def _voi_output_range(ds: Dataset, values: np.ndarray) -> tuple[float, float] | None:
-    """The VOI transform's output range (its values for inputs far below and above the window),
-    so that a window maps to [0, 1] as a viewer shows it; None: use the image's own range."""
-    try:
-        probe = np.array([-1e12, 1e12], dtype=values.dtype if values.dtype.kind == "f" else
-                         np.float64)
-        if "VOILUTSequence" in ds and "WindowCenter" not in ds:
-            lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64)
-            low, high = float(lut.min()), float(lut.max())
-        else:
-            low, high = (float(v) for v in apply_voi_lut(probe, ds, prefer_lut=False))
-    except Exception:  # noqa: BLE001 - odd VOI attributes: fall back to the image's range
-        return None
-    return (low, high) if np.isfinite([low, high]).all() and high > low else None
+@dataclass
+class DecodedFrame:
+    """One decoded frame of one file: ``values`` ``(C, H, W)`` float32 plus how to scale it."""
+
+    values: np.ndarray
+    invert: bool
+    rgb_max: float
+    value_range: tuple[float, float] | None
 
 
-def _select(frames: np.ndarray, mode: str) -> np.ndarray:
-    return frames if mode == "all" else frames[len(frames) // 2:len(frames) // 2 + 1]
+@dataclass
+class FileFrames:
+    """A file's identity (read before decoding) and a generator of its kept frames."""
+
+    path: Path
+    sop_uid: str
+    patient_id: str
+    frames: Iterator[DecodedFrame]
+
+
+def open_image(path: Path, frames: str = "middle", limits: ReadLimits | None = None
+               ) -> FileFrames:
+    """Parse and check one file; its kept frames decode lazily, one at a time.
+
+    Raises:
+        DicomReadError: not DICOM, damaged, truncated, not an image, too large, unsupported.
+    """
+    limits = limits or ReadLimits()
+    dicom = _open(Path(path), limits, Notes())
+    ds = dicom.ds
+    _refuse_non_images(ds)
+    if "Rows" not in ds and "PixelData" not in ds:
+        sop = ds.get("SOPClassUID")
+        kind = f" ({UID(sop).name})" if sop else ""
+        raise DicomReadError("no-pixels", f"no pixel data{kind}: this is not an image; "
+                                          "remove the row")
+    shape = geometry(ds, limits)
+    _check_pixel_data(dicom, shape)
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if not dicom.in_memory:
+        _check_decodable(syntax)
+    indices = _frame_indices(shape.frames, frames)
+
+    def generate() -> Iterator[DecodedFrame]:
+        for index in indices:
+            if syntax is not None and syntax.is_compressed and not dicom.in_memory:
+                _check_frame(dicom, index, shape, syntax)
+            values, invert, rgb_max, value_range = _values(ds, _decode(dicom, index, shape),
+                                                           shape)
+            yield DecodedFrame(values, invert, rgb_max, value_range)
+
+    return FileFrames(Path(path), str(ds.get("SOPInstanceUID", "") or ""),
+                      str(ds.get("PatientID", "") or "").strip(), generate())
 
 
 def _sort_key(ds: Dataset) -> tuple[float, float]:
     position = ds.get("ImagePositionPatient")
-    z = float(position[2]) if position is not None and len(position) == 3 else 0.0
-    return float(ds.get("InstanceNumber", 0) or 0), z
+    try:
+        z = float(position[2]) if position is not None and len(position) == 3 else 0.0
+        return float(ds.get("InstanceNumber", 0) or 0), z
+    except (TypeError, ValueError):
+        return 0.0, 0.0
 
 
-def read_dicom(path: Path, frames: str = "middle") -> DecodedImage:
-    """Decode a DICOM file, or a series folder of single-frame files.
+def iter_decoded(path: Path, frames: str = "middle", limits: ReadLimits | None = None,
+                 series: list[Path] | None = None) -> Iterator[FileFrames]:
+    """The files of one manifest row, each with its kept frames (decoded lazily).
 
     Args:
         path: a DICOM file, or a folder whose files are one series (ordered by Instance Number,
             then z position).
         frames: ``middle`` keeps the middle frame (or slice), ``all`` keeps every one.
+        limits: header bounds checked before decoding.
+        series: a series folder's files, already listed and confined by the caller; default:
+            the folder's files (hidden ones skipped).
 
     Raises:
-        DicomReadError: missing, not DICOM, damaged, unsupported, no pixels or bad values.
+        DicomReadError: missing, not DICOM, damaged, truncated, unsupported, not an image,
+            too large, no pixels or bad values.
     """
     path = Path(path)
+    limits = limits or ReadLimits()
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        files = series if series is not None else sorted(
+            p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
         if not files:
-            raise DicomReadError("missing", f"series folder {path} holds no files")
-        datasets = sorted((read_dataset(p) for p in files), key=_sort_key)
-        if frames == "middle":
-            datasets = [datasets[len(datasets) // 2]]
+            raise DicomReadError("missing", f"series folder {path.name} holds no files")
+        headers = sorted(((read_dataset(p, limits), p) for p in files),
+                         key=lambda item: _sort_key(item[0]))
+        chosen = [headers[len(headers) // 2][1]] if frames == "middle" else \
+            [p for _, p in headers]
+        for file in chosen:
+            yield open_image(file, frames, limits)
     elif path.is_file():
-        datasets = [read_dataset(path)]
+        yield open_image(path, frames, limits)
     else:
         raise DicomReadError("missing", "file not found: fix the path (relative to the "
                                         "manifest's folder) or remove the row")
-    parts, invert, rgb_max, value_range = [], False, 0.0, None
-    for ds in datasets:
-        values, invert, rgb_max, value_range = _frames(ds, _pixels(ds))
-        parts.append(_select(values, frames))
-    shapes = {p.shape[1:] for p in parts}
+
+
+def read_dicom(path: Path, frames: str = "middle", limits: ReadLimits | None = None
+               ) -> DecodedImage:
+    """Decode a DICOM file, or a series folder of single-frame files, into one array.
+
+    Args:
+        path: a DICOM file, or a folder whose files are one series.
+        frames: ``middle`` keeps the middle frame (or slice), ``all`` keeps every one.
+        limits: header bounds checked before decoding (default :class:`ReadLimits`).
+
+    Raises:
+        DicomReadError: see :func:`iter_decoded`.
+    """
+    parts, uids, patients = [], [], []
+    invert, rgb_max, value_range = False, 0.0, None
+    for file in iter_decoded(path, frames, limits):
+        for frame in file.frames:
+            parts.append(frame.values)
+            invert, rgb_max, value_range = frame.invert, frame.rgb_max, frame.value_range
+        uids.append(file.sop_uid)
+        patients.append(file.patient_id)
+    shapes = {p.shape for p in parts}
     if len(shapes) > 1:
         raise DicomReadError("bad-values", f"series images differ in size {sorted(shapes)}: "
                                            "one series folder must hold one series")
-    uids = [str(ds.get("SOPInstanceUID", "")) for ds in datasets]
-    return DecodedImage(np.concatenate(parts), invert, rgb_max, [u for u in uids if u],
-                        value_range)
+    return DecodedImage(np.stack(parts), invert, rgb_max, [u for u in uids if u], value_range,
+                        patients)

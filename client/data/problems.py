@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-KINDS = ("missing", "not-dicom", "unreadable", "unsupported", "no-pixels", "bad-values",
-         "duplicate", "label", "row")
+KINDS = ("outside", "missing", "not-dicom", "truncated", "unreadable", "too-large",
+         "unsupported", "not-image", "no-pixels", "bad-values", "duplicate", "patient", "label",
+         "row")
 """Problem kinds, in the order the report lists them."""
 
 

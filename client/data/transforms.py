@@ -15,7 +15,7 @@ from monai.transforms import Compose, Resize, ScaleIntensity, ScaleIntensityRang
 
 from client.data.dicom import DecodedImage, DicomReadError
 
-TRANSFORM_VERSION = 2
+TRANSFORM_VERSION = 3
 """Bump when the pipeline changes, so that old cache entries no longer match."""
 
 
