@@ -22,7 +22,7 @@ from client.data.config import SiteDataConfig
 from client.data.dicom import DecodedImage, DicomReadError, iter_decoded
 from client.data.fingerprint import dataset_fingerprint
 from client.data.guard import ReadLimits, guarded
-from client.data.manifest import SPLITS, Entry, ManifestInfo, read_manifest
+from client.data.manifest import SHOW_PATH, SPLITS, Entry, ManifestInfo, read_manifest
 from client.data.paths import OutsideRootError, series_files
 from client.data.problems import Problem, SiteDataError
 from client.data.split import assign_splits
@@ -127,7 +127,8 @@ def _decode(entry: Entry, config: SiteDataConfig, image_size: int, cache: Decode
     if cache is not None and (hit := cache.get(key)) is not None:
         return _Decoded(entry, hit[0], content, hit[2]), hit[1], True
     images, uids, patients, shapes = [], [], [], set()
-    for file in iter_decoded(entry.path, config.frames, limits_of(config), series):
+    for file in iter_decoded(entry.path, config.frames, limits_of(config), series,
+                             shrink_to=image_size):
         for frame in file.frames:
             shapes.add(frame.values.shape)
             if len(shapes) > 1:
@@ -161,7 +162,7 @@ def _patient_problem(item: _Decoded) -> Problem | None:
     if not others:
         return None
     shown = ", ".join(repr(p[:40]) for p in others[:3])
-    return Problem(item.entry.row, item.entry.written_path[:60], "patient",
+    return Problem(item.entry.row, item.entry.written_path[:SHOW_PATH], "patient",
                    f"the manifest says patient {item.entry.patient[:40]!r} but the file's "
                    f"Patient ID is {shown}: fix the manifest so one patient never lands in "
                    "two splits (set match_patient_id = false if the manifest uses pseudonyms)")
@@ -224,13 +225,15 @@ def prepare_site(manifest: Path, config: SiteDataConfig,
         try:
             item, uids, hit = _read_row(entry, config, image_size, cache, roots)
         except DicomReadError as err:
-            problems.append(Problem(entry.row, entry.written_path[:60], err.kind, err.reason))
+            problems.append(Problem(entry.row, entry.written_path[:SHOW_PATH], err.kind,
+                                    err.reason))
             continue
         duplicate = next((seen_uids[u] for u in uids if u in seen_uids), None)
         if duplicate is not None:
             problems.append(Problem(
-                entry.row, entry.written_path[:60], "duplicate", f"same SOP Instance UID as row "
-                f"{duplicate}: the same image is listed twice; remove one of the rows"))
+                entry.row, entry.written_path[:SHOW_PATH], "duplicate",
+                f"same SOP Instance UID as row {duplicate}: the same image is listed twice; "
+                "remove one of the rows"))
             continue
         if config.match_patient_id and (problem := _patient_problem(item)) is not None:
             problems.append(problem)

@@ -361,29 +361,78 @@ def _window(ds: Dataset, values: np.ndarray) -> tuple[np.ndarray, tuple[float, f
     return values, (0.0, 1.0)
 
 
-def _values(ds: Dataset, frame: np.ndarray, shape: Geometry
+STRIP_BYTES = 4 * 2**20
+"""Large frames are converted to float in strips of about this many bytes (see :func:`_reduce`)."""
+
+
+def _block_mean(values: np.ndarray, k: int) -> np.ndarray:
+    """Mean over ``k`` x ``k`` blocks of the first two axes (the last blocks may be smaller)."""
+    rows, cols = np.arange(0, values.shape[0], k), np.arange(0, values.shape[1], k)
+    sums = np.add.reduceat(np.add.reduceat(values.astype(np.float64), rows, axis=0), cols,
+                           axis=1)
+    counts = np.outer(np.diff(np.append(rows, values.shape[0])),
+                      np.diff(np.append(cols, values.shape[1])))
+    if sums.ndim == 3:
+        counts = counts[..., None]
+    return (sums / counts).astype(np.float32)
+
+
+def _reduce(frame: np.ndarray, k: int, pointwise) -> np.ndarray:
+    """``pointwise(frame)`` as float32, then the mean of each ``k`` x ``k`` block.
+
+    With ``k`` > 1 the frame is converted in strips of ``k``-row multiples, so a large frame
+    never exists in float32 whole: memory stays near the decoded frame's own size.
+    """
+    if k <= 1:
+        return pointwise(frame)
+    step = k * max(1, STRIP_BYTES // (k * frame[0].size * 8))
+    return np.concatenate([_block_mean(pointwise(frame[r:r + step]), k)
+                           for r in range(0, frame.shape[0], step)])
+
+
+def _values(ds: Dataset, frame: np.ndarray, shape: Geometry, shrink_to: int | None = None
             ) -> tuple[np.ndarray, bool, float, tuple[float, float] | None]:
-    """``(C, H, W)`` float32 values, MONOCHROME1 flag, RGB maximum, VOI output range."""
+    """``(C, H, W)`` float32 values, MONOCHROME1 flag, RGB maximum, VOI output range.
+
+    ``shrink_to``: the model's input side; a frame more than twice as large is reduced by
+    block means to between 2 and 4 times that side (the transforms' area resize does the rest),
+    after the pointwise Modality LUT, window and palette, in strips.
+    """
+    k = max(1, min(frame.shape[0], frame.shape[1]) // (2 * shrink_to)) if shrink_to else 1
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if photometric == "PALETTE COLOR":
-        rgb = guarded("bad-values", "the palette (Red/Green/Blue Palette Color LUT) cannot be "
-                      "applied; fix it in the export", lambda: apply_color_lut(frame, ds))
-        top = 255.0 if rgb.dtype == np.uint8 else 65535.0
-        return np.moveaxis(rgb, -1, 0).astype(np.float32), False, top, None
+        rgb_dtype = []
+
+        def palette(part: np.ndarray) -> np.ndarray:
+            rgb = guarded("bad-values", "the palette (Red/Green/Blue Palette Color LUT) cannot "
+                          "be applied; fix it in the export", lambda: apply_color_lut(part, ds))
+            rgb_dtype.append(rgb.dtype)
+            return rgb.astype(np.float32)
+
+        rgb = _reduce(frame, k, palette)
+        top = 255.0 if rgb_dtype[0] == np.uint8 else 65535.0
+        return np.moveaxis(rgb, -1, 0), False, top, None
     if shape.samples == 1:
-        values = _rescale(ds, frame.reshape(frame.shape[-2:]))
-        values, value_range = _window(ds, values)
+        ranges = []
+
+        def gray(part: np.ndarray) -> np.ndarray:
+            values, value_range = _window(ds, _rescale(ds, part))
+            ranges.append(value_range)
+            return values
+
+        values = _reduce(frame.reshape(frame.shape[-2:]), k, gray)
         if not np.isfinite(values).all():
             raise DicomReadError(
                 "bad-values", "pixel values are not finite after Rescale Slope/Intercept "
                 f"({ds.get('RescaleSlope', 1)}, {ds.get('RescaleIntercept', 0)}): fix the "
                 "rescale attributes in the export")
-        return values[None], photometric == "MONOCHROME1", 0.0, value_range
+        return values[None], photometric == "MONOCHROME1", 0.0, ranges[0]
     if shape.samples != 3:
         raise DicomReadError("unsupported", f"{shape.samples} samples per pixel: only 1 "
                                             "(grayscale) and 3 (colour) are supported")
     bits = int(ds.get("BitsStored", 8) or 8)
-    return np.moveaxis(frame, -1, 0).astype(np.float32), False, float(2**bits - 1), None
+    rgb = _reduce(frame, k, lambda part: part.astype(np.float32))
+    return np.moveaxis(rgb, -1, 0), False, float(2**bits - 1), None
 
 
 @dataclass
@@ -406,9 +455,11 @@ class FileFrames:
     frames: Iterator[DecodedFrame]
 
 
-def open_image(path: Path, frames: str = "middle", limits: ReadLimits | None = None
-               ) -> FileFrames:
+def open_image(path: Path, frames: str = "middle", limits: ReadLimits | None = None,
+               shrink_to: int | None = None) -> FileFrames:
     """Parse and check one file; its kept frames decode lazily, one at a time.
+
+    ``shrink_to``: see :func:`_values` (None: full resolution).
 
     Raises:
         DicomReadError: not DICOM, damaged, truncated, not an image, too large, unsupported.
@@ -434,7 +485,7 @@ def open_image(path: Path, frames: str = "middle", limits: ReadLimits | None = N
             if syntax is not None and syntax.is_compressed and not dicom.in_memory:
                 _check_frame(dicom, index, shape, syntax)
             values, invert, rgb_max, value_range = _values(ds, _decode(dicom, index, shape),
-                                                           shape)
+                                                           shape, shrink_to)
             yield DecodedFrame(values, invert, rgb_max, value_range)
 
     return FileFrames(Path(path), str(ds.get("SOPInstanceUID", "") or ""),
@@ -451,7 +502,8 @@ def _sort_key(ds: Dataset) -> tuple[float, float]:
 
 
 def iter_decoded(path: Path, frames: str = "middle", limits: ReadLimits | None = None,
-                 series: list[Path] | None = None) -> Iterator[FileFrames]:
+                 series: list[Path] | None = None, shrink_to: int | None = None
+                 ) -> Iterator[FileFrames]:
     """The files of one manifest row, each with its kept frames (decoded lazily).
 
     Args:
@@ -461,6 +513,8 @@ def iter_decoded(path: Path, frames: str = "middle", limits: ReadLimits | None =
         limits: header bounds checked before decoding.
         series: a series folder's files, already listed and confined by the caller; default:
             the folder's files (hidden ones skipped).
+        shrink_to: the model's input side, to reduce large frames early (see :func:`_values`);
+            None keeps full resolution.
 
     Raises:
         DicomReadError: missing, not DICOM, damaged, truncated, unsupported, not an image,
@@ -478,9 +532,9 @@ def iter_decoded(path: Path, frames: str = "middle", limits: ReadLimits | None =
         chosen = [headers[len(headers) // 2][1]] if frames == "middle" else \
             [p for _, p in headers]
         for file in chosen:
-            yield open_image(file, frames, limits)
+            yield open_image(file, frames, limits, shrink_to)
     elif path.is_file():
-        yield open_image(path, frames, limits)
+        yield open_image(path, frames, limits, shrink_to)
     else:
         raise DicomReadError("missing", "file not found: fix the path (relative to the "
                                         "manifest's folder) or remove the row")

@@ -25,10 +25,11 @@ SPLITS = ("train", "val")
 SEPARATORS = (",", ";", "\t", "|")
 MAX_MANIFEST_BYTES = 256 * 2**20
 _SHOW = 60  # characters of a field quoted in a message
+SHOW_PATH = 300  # characters of a path named in a problem
 
 
-def _show(text: str) -> str:
-    return text if len(text) <= _SHOW else text[:_SHOW] + "..."
+def _show(text: str, limit: int = _SHOW) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def read_manifest(path: Path, config: SiteDataConfig
             written = record[index[config.path_column]].strip() \
                 if index[config.path_column] < len(record) else "-"
             problems.append(Problem(
-                line, _show(written) or "-", "row",
+                line, _show(written, SHOW_PATH) or "-", "row",
                 f"{len(record)} fields but the header has {len(header)}: a "
                 f"{'comma' if separator == ',' else 'separator'} inside a value (quote it) or "
                 "an extra field; the row was not used so that no column is shifted"))
@@ -198,7 +199,7 @@ def _entry(line: int, written: str, label_text: str, patient: str, split: str,
     empty = [name for name, value in ((config.path_column, written),
                                       (config.label_column, label_text),
                                       (config.patient_column, patient)) if not value]
-    shown = _show(written) or "-"
+    shown = _show(written, SHOW_PATH) or "-"
     if empty:
         return None, Problem(line, shown, "row", f"empty {empty}: fill them in or remove the row")
     if split not in ("", *SPLITS):

@@ -1,0 +1,208 @@
+"""Attack: a hospital is handed hostile files and runs ``medfed hospital check`` on them.
+
+The attacker controls the manifest and the DICOM files: decompression bombs (RLE and deflate,
+written with pydicom, declaring 60000 x 60000 pixels or inflating past a gigabyte), an RLE
+header that makes the Rust decoder panic, an RLE frame just under the frame bound that really
+decodes, a label of 10**30, and paths that point out of the data folder (``../..``, an absolute
+path, a symbolic link). The attack succeeds if the check crashes, reads anything outside the
+data folder, or takes more than 1 GB of memory. The targets outside the folder are FIFOs: a
+check that opened one would block there, and the test would time out.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
+
+from client.data import SiteDataConfig, prepare_site
+from client.data.guard import DicomReadError, guarded
+from simulations.dicom_export import dicom_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+GIB_KB = 1024 * 1024  # ru_maxrss is in KiB on Linux
+
+
+def _header(rows: int, columns: int, patient: str, bits: int = 8):
+    """A real pydicom dataset whose header declares ``rows`` x ``columns`` pixels."""
+    ds = dicom_dataset(np.zeros((2, 2), np.uint8 if bits == 8 else np.uint16), patient)
+    ds.Rows, ds.Columns = rows, columns
+    del ds.PixelData
+    return ds
+
+
+def rle_bomb(path: Path, rows: int = 60000, columns: int = 60000, fill: bool = False) -> Path:
+    """RLE Lossless file declaring ``rows`` x ``columns`` 8-bit pixels. ``fill``: the segment
+    really holds that many pixels (replicate runs of 128, about rows*columns/64 bytes);
+    otherwise a few runs only (a tiny file)."""
+    pairs = (rows * columns + 255) // 256 if fill else 32
+    # Replicate runs of 128 pixels, alternating 7 and 200 (an image, not a constant).
+    segment = struct.pack("<16L", 1, 64, *([0] * 14)) + bytes([0x81, 7, 0x81, 200]) * pairs
+    ds = _header(rows, columns, "P-RLE")
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.PixelData = encapsulate([segment])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def rle_panic(path: Path) -> Path:
+    """RLE file whose frame header declares 3 segments for 16-bit grayscale (2 expected): the
+    Rust RLE decoder panics on it (``PanicException``, a ``BaseException``)."""
+    segment = struct.pack("<16L", 3, 64, 66, 68, *([0] * 12)) + bytes([0x81, 7]) * 3
+    ds = _header(4, 4, "P-PANIC", bits=16)
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.PixelData = encapsulate([segment])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def deflate_bomb(path: Path, side: int = 40000) -> Path:
+    """Deflated Explicit VR Little Endian file: a pydicom-written header and a Pixel Data
+    element of ``side``**2 zero bytes (1.6 GB for 40000), deflated to a few hundred KB."""
+    ds = _header(side, side, "P-DEFLATE")
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    element = struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, side * side)
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    stream = [packer.compress(body.getvalue() + element), packer.flush(zlib.Z_FULL_FLUSH)]
+    # After a full flush the compressor starts afresh, so one compressed MiB of zeros repeats.
+    block = packer.compress(bytes(2**20)) + packer.flush(zlib.Z_FULL_FLUSH)
+    whole, rest = divmod(side * side, 2**20)
+    stream += [block] * whole + [packer.compress(bytes(rest)), packer.flush()]
+    meta = DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, False
+    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+    path.write_bytes(b"\0" * 128 + b"DICM" + meta.getvalue() + b"".join(stream))
+    return path
+
+
+def _good(path: Path, patient: str) -> Path:
+    rng = np.random.default_rng(len(patient))
+    dicom_dataset(rng.integers(0, 4000, (24, 20)).astype(np.uint16), patient).save_as(
+        path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture
+def hostile_site(tmp_path):
+    """A data folder with 4 good rows and every attack, and FIFOs outside it."""
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    data.mkdir()
+    outside.mkdir()
+    secret = outside / "secret.dcm"
+    os.mkfifo(secret)  # opening it for reading would block: proves nothing opens it
+    (data / "link.dcm").symlink_to(secret)
+    (data / "linked-dir").symlink_to(outside, target_is_directory=True)
+    rows = [f"good{i}.dcm,{i % 2},G{i}" for i in range(4)]
+    for i in range(4):
+        _good(data / f"good{i}.dcm", f"G{i}")
+    rle_bomb(data / "rle_bomb.dcm")
+    rle_bomb(data / "rle_full.dcm", 7800, 7800, fill=True)  # 58 MiB: decodes, under the bound
+    rle_panic(data / "rle_panic.dcm")
+    deflate_bomb(data / "deflate_bomb.dcm")
+    _good(data / "huge_label.dcm", "H1")
+    rows += ["rle_bomb.dcm,0,P-RLE", "rle_full.dcm,0,P-RLE", "rle_panic.dcm,1,P-PANIC",
+             "deflate_bomb.dcm,1,P-DEFLATE", f"huge_label.dcm,{10**30},H1",
+             f"huge_label.dcm,{'9' * 5000},H1",
+             "../../etc/passwd,0,X1", f"{secret},0,X2", "link.dcm,0,X3",
+             "linked-dir/secret.dcm,0,X4", "linked-dir,0,X5"]
+    manifest = data / "manifest.csv"
+    manifest.write_text("path,label,patient_id\n" + "\n".join(rows) + "\n")
+    return manifest
+
+
+EXPECTED = {
+    "rle_bomb.dcm": "too-large", "rle_panic.dcm": "bad-values",
+    "deflate_bomb.dcm": "too-large", "../../etc/passwd": "outside", "link.dcm": "outside",
+    "linked-dir/secret.dcm": "outside", "linked-dir": "outside",
+}
+
+
+def test_hostile_rows_are_row_problems_and_nothing_outside_is_read(hostile_site, tmp_path):
+    config = SiteDataConfig(cache_dir=str(tmp_path / "cache"), max_error_fraction=1.0)
+    sets, report = prepare_site(hostile_site, config, 16)
+    kinds = {(p.row, p.path): p.kind for p in report.problems}
+    by_path = {path: kind for (_, path), kind in kinds.items()}
+    for path, kind in EXPECTED.items():
+        assert by_path.get(path) == kind, (path, report.problems)
+    assert by_path[str(tmp_path / "outside" / "secret.dcm")] == "outside"
+    labels = [p for p in report.problems if p.kind == "label"]
+    assert len(labels) == 2 and all("not a class index" in p.reason for p in labels)
+    assert max(len(p.reason) for p in labels) < 200  # the 5000-digit label is not echoed
+    # The four good files and the full-size RLE frame are the only images.
+    assert report.usable_rows == 5
+    assert len(sets["train"]) + len(sets["val"]) == 5
+
+
+def test_a_rust_decoder_panic_is_a_row_problem_not_a_crash():
+    from rle.rle import decode_frame
+
+    header = struct.pack("<16L", 3, 64, 66, 68, *([0] * 12)) + bytes([0x81, 7]) * 3
+    with pytest.raises(BaseException) as raw:  # noqa: B017 - the panic itself, unguarded
+        decode_frame(header, 16, 16, "<")
+    assert not isinstance(raw.value, Exception)  # escapes 'except Exception'
+    with pytest.raises(DicomReadError) as err:
+        guarded("unreadable", "pixel data cannot be decoded",
+                lambda: decode_frame(header, 16, 16, "<"))
+    assert "PanicException" in err.value.reason
+
+
+def test_hospital_check_on_hostile_input_stays_under_one_gigabyte(hostile_site, tmp_path):
+    script = (
+        "import resource, sys\n"
+        "from medfed_cli.main import main\n"
+        "code = main(sys.argv[1:])\n"
+        "sys.stdout.flush()\n"
+        "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "sys.exit(code)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), FLWR_HOME=str(tmp_path / ".flwr"))
+    done = subprocess.run(
+        [sys.executable, "-c", script, "hospital", "check", "--manifest", str(hostile_site),
+         "--cache-dir", str(tmp_path / "cache"), "--image-size", "16",
+         "--max-error-fraction", "1.0"],
+        capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "panicked" not in done.stderr
+    out = done.stdout
+    for path in EXPECTED:
+        assert path in out
+    assert "ready: training would use 5 of 15 rows" in out
+    peak_kb = int(out.rsplit("MAXRSS_KB", 1)[1].split()[0])
+    children_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert peak_kb < GIB_KB and children_kb < GIB_KB, (peak_kb, children_kb)
+
+
+def test_the_bombs_are_real(tmp_path):
+    """Control: the files are what they claim (pydicom parses the headers; the deflate stream
+    inflates past 1 GB; the RLE segment holds every pixel of the full-size frame)."""
+    ds = pydicom.dcmread(rle_bomb(tmp_path / "a.dcm"))
+    assert (ds.Rows, ds.Columns) == (60000, 60000)
+    path = deflate_bomb(tmp_path / "b.dcm")
+    assert path.stat().st_size < 2 * 2**20
+    inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    raw = path.read_bytes()
+    group_length = struct.unpack("<L", raw[140:144])[0]  # (0002,0000) UL after 'DICM'
+    chunk = raw[144 + group_length:]
+    while chunk:
+        total += len(inflater.decompress(chunk, 2**26))
+        chunk = inflater.unconsumed_tail
+    assert total > 40000 * 40000
+    full = pydicom.dcmread(rle_bomb(tmp_path / "c.dcm", 64, 64, fill=True))
+    assert full.pixel_array.shape == (64, 64)
+    assert set(np.unique(full.pixel_array)) == {7, 200}
