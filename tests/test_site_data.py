@@ -7,6 +7,7 @@ an RT plan) and small generated files for each bad-input case.
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -342,3 +343,219 @@ def test_unwritable_cache_only_costs_a_warning(tmp_path, caplog):
     sets, report = prepare_site(manifest, config, SIZE)
     assert report.usable_rows == 2 and not report.problems
     assert "cannot write cache entry" in caplog.text
+
+
+# --- real exports: odd values, odd manifests, odd objects ----------------------------------------
+
+
+def _bad_ds_value(path: Path, keyword: str, value: str) -> Path:
+    """A file whose ``keyword`` (a DS) holds ``value`` as written by a broken export: pydicom
+    writes a valid placeholder, whose bytes are then replaced."""
+    ds = dicom_dataset(_gradient(), "P1")
+    setattr(ds, keyword, "7.25")
+    ds.RescaleIntercept = "0"
+    ds.save_as(path, enforce_file_format=True)
+    raw = path.read_bytes()
+    old = b"DS\x04\x007.25"
+    assert raw.count(old) == 1
+    padded = value.encode() + b" " * (len(value) % 2)
+    path.write_bytes(raw.replace(old, b"DS" + len(padded).to_bytes(2, "little") + padded))
+    return path
+
+
+@pytest.mark.parametrize("value", ["1,5", "abc"])
+def test_one_bad_rescale_slope_is_a_row_problem_not_an_abort(tmp_path, value):
+    good = _site(tmp_path, patients=4, per_patient=1)
+    _bad_ds_value(tmp_path / "bad.dcm", "RescaleSlope", value)
+    rows = pd.read_csv(good).to_dict("records")
+    rows.append({"path": "bad.dcm", "label": "normal", "patient_id": "P1"})
+    manifest = _manifest(tmp_path, rows)
+    _, report = prepare_site(manifest, _config(tmp_path, max_error_fraction=0.5), SIZE)
+    (problem,) = report.problems
+    assert problem.kind == "bad-values" and "RescaleSlope" in problem.reason
+    assert report.usable_rows == 4
+
+
+def test_empty_rescale_slope_means_no_rescale(tmp_path):
+    path = _bad_ds_value(tmp_path / "empty.dcm", "RescaleSlope", "")
+    plain = read_dicom(_write(tmp_path / "p.dcm", _gradient()))
+    np.testing.assert_allclose(read_dicom(path).frames, plain.frames)
+
+
+def test_extra_field_is_reported_and_no_column_shifts(tmp_path):
+    _write(tmp_path / "a.dcm", _gradient(), "A")
+    _write(tmp_path / "b.dcm", _gradient(top=100), "B")
+    manifest = tmp_path / "manifest.csv"
+    # The first data row has one field too many: pandas would take the first column as an
+    # index and shift every column of every row.
+    manifest.write_text("path,label,patient_id\nb.dcm,normal,B,oops\na.dcm,pneumonia,A\n"
+                        ",,\n,,,\n")
+    _, report = prepare_site(manifest, _config(tmp_path, max_error_fraction=0.5), SIZE)
+    (problem,) = report.problems
+    assert problem.row == 2 and problem.kind == "row" and "4 fields" in problem.reason
+    assert report.rows == 2 and report.usable_rows == 1  # the empty ",," rows are skipped
+    assert report.images["train"]["pneumonia"] + report.images["val"]["pneumonia"] == 1
+    assert report.manifest_info.skipped_empty == 2
+
+
+def test_semicolon_tab_and_latin1_manifests(tmp_path):
+    from client.data.check import format_report
+
+    _write(tmp_path / "é.dcm", _gradient(), "José")
+    _write(tmp_path / "b.dcm", _gradient(top=100), "B")
+    text = "path;label;patient_id\né.dcm;normal;José\nb.dcm;pneumonia;B\n"
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(text, encoding="utf-8")
+    config = _config(tmp_path, val_fraction=0.5)
+    _, report = prepare_site(manifest, config, SIZE)
+    assert report.usable_rows == 2
+    assert "semicolon-separated" in format_report(report, config)
+    manifest.write_text(text.replace(";", "\t"), encoding="utf-8")
+    assert prepare_site(manifest, config, SIZE)[1].usable_rows == 2
+    manifest.write_text(text, encoding="cp1252")
+    with pytest.raises(ManifestError, match=r"line 2.*Latin-1 / Windows-1252.*cp1252"):
+        prepare_site(manifest, config, SIZE)
+    assert prepare_site(manifest, _config(tmp_path, val_fraction=0.5,
+                                          manifest_encoding="cp1252"), SIZE)[1].usable_rows == 2
+    manifest.write_text("path;diagnosis;mrn\na.dcm;normal;A\n")
+    with pytest.raises(ManifestError, match="split at semicolons"):
+        prepare_site(manifest, config, SIZE)
+
+
+@pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm"])
+def test_truncated_compressed_image_is_reported_as_truncated(tmp_path, name, capfd):
+    data = Path(get_testdata_file(name)).read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[: len(data) - len(data) // 4])
+    _write(tmp_path / "ok.dcm", _gradient(), "P2")
+    manifest = _manifest(tmp_path, [{"path": "cut.dcm", "label": "normal", "patient_id": "P1"},
+                                    {"path": "ok.dcm", "label": "normal", "patient_id": "P2"}])
+    config = _config(tmp_path, max_error_fraction=0.5, match_patient_id=False)
+    _, report = prepare_site(manifest, config, SIZE)
+    (problem,) = report.problems
+    assert problem.kind == "truncated" and "truncated" in problem.reason, problem
+    # pydicom's warning is in the row problem, not printed.
+    captured = capfd.readouterr()
+    assert "End of file" not in captured.err + captured.out
+
+
+def _multiframe_rle(path: Path, frames: int, broken: set[int]) -> Path:
+    from pydicom.uid import RLELossless
+
+    stack = np.stack([np.full((8, 8), 10 * f, np.uint8) for f in range(frames)])
+    stack[:, 0, 0] = 255
+    ds = dicom_dataset(stack, "P1")
+    ds.compress(RLELossless)
+    if broken:
+        from pydicom.encaps import encapsulate, generate_frames
+
+        parts = list(generate_frames(ds.PixelData, number_of_frames=frames))
+        parts = [b"\x07" * 70 if i in broken else p for i, p in enumerate(parts)]
+        ds.PixelData = encapsulate(parts)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_multiframe_decodes_only_the_frames_it_keeps(tmp_path):
+    # Every frame but the middle one is garbage: the middle mode never decodes them.
+    path = _multiframe_rle(tmp_path / "mf.dcm", 5, broken={0, 1, 3, 4})
+    middle = read_dicom(path, "middle")
+    assert middle.frames.shape == (1, 1, 8, 8) and middle.frames[0, 0, 1, 1] == 20
+    with pytest.raises(DicomReadError):
+        read_dicom(path, "all")
+    whole = read_dicom(_multiframe_rle(tmp_path / "ok.dcm", 5, set()), "all")
+    assert whole.frames[:, 0, 1, 1].tolist() == [0, 10, 20, 30, 40]
+    assert whole.frames.dtype == np.float32
+
+
+def test_palette_colour_goes_through_its_palette():
+    from pydicom.pixels import apply_color_lut
+
+    path = get_testdata_file("examples_palette.dcm")
+    decoded = read_dicom(path)
+    ds = pydicom.dcmread(path)
+    expected = apply_color_lut(ds.pixel_array, ds)
+    assert decoded.frames.shape == (1, 3, ds.Rows, ds.Columns)
+    assert decoded.rgb_max == (255 if expected.dtype == np.uint8 else 65535)
+    np.testing.assert_array_equal(decoded.frames[0], np.moveaxis(expected, -1, 0))
+    image = to_model_input(decoded, SIZE)
+    assert image.shape == (1, 3, SIZE, SIZE) and np.abs(image[0, 0] - image[0, 2]).max() > 0.1
+
+
+def test_segmentation_object_is_refused(tmp_path):
+    from pydicom.uid import SegmentationStorage
+
+    ds = dicom_dataset(np.zeros((8, 8), np.uint8), "P1", modality="SEG")
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SegmentationStorage
+    ds.save_as(tmp_path / "seg.dcm", enforce_file_format=True)
+    with pytest.raises(DicomReadError) as err:
+        read_dicom(tmp_path / "seg.dcm")
+    assert err.value.kind == "not-image" and "Segmentation Storage" in err.value.reason
+
+
+def test_patient_id_differing_from_the_file_is_reported_or_linked(tmp_path):
+    manifest = _site(tmp_path, patients=4, per_patient=2)
+    table = pd.read_csv(manifest)
+    table.loc[1, "patient_id"] = "P0-alias"  # the file still says P0
+    table.to_csv(manifest, index=False)
+    _, report = prepare_site(manifest, _config(tmp_path), SIZE)
+    (problem,) = report.problems
+    assert problem.kind == "patient" and "'P0'" in problem.reason and problem.row == 3
+    # Pseudonymous manifests: not a problem, but both rows still land in one split.
+    config = _config(tmp_path, match_patient_id=False, val_fraction=0.5)
+    for seed in range(6):
+        sets, report = prepare_site(manifest, replace(config, seed=seed), SIZE)
+        assert not report.problems
+        splits = {split: {tuple(x) for x in sets[split].images[:, 0, 0, :2].tolist()}
+                  for split in ("train", "val")}
+        first, second = (to_model_input(read_dicom(tmp_path / f"img/p0_{i}.dcm"), SIZE)
+                         for i in range(2))
+        sides = [s for s in ("train", "val") for img in (first, second)
+                 if tuple(img[0, 0, 0, :2].tolist()) in splits[s]]
+        assert len(set(sides)) == 1, (seed, sides)
+
+
+def test_fingerprint_includes_the_frames_setting(tmp_path):
+    manifest = _site(tmp_path, patients=2, per_patient=1)
+    middle = prepare_site(manifest, _config(tmp_path), SIZE)[1].fingerprint
+    every = prepare_site(manifest, _config(tmp_path, frames="all"), SIZE)[1].fingerprint
+    assert middle != every
+
+
+def test_paths_confined_to_allowed_roots(tmp_path):
+    data, other = tmp_path / "data", tmp_path / "other"
+    _write(other / "x.dcm", _gradient(), "X")
+    _write(data / "a.dcm", _gradient(top=100), "A")
+    (data / "inside-link.dcm").symlink_to(data / "a.dcm")
+    rows = [{"path": str(other / "x.dcm"), "label": "normal", "patient_id": "X"},
+            {"path": "inside-link.dcm", "label": "normal", "patient_id": "A"}]
+    manifest = _manifest(data, rows)
+    config = _config(tmp_path, max_error_fraction=1.0, val_fraction=0.0)
+    _, report = prepare_site(manifest, config, SIZE)
+    assert [p.kind for p in report.problems] == ["outside"] and report.usable_rows == 1
+    allowed = replace(config, allowed_roots=(".", "../other"))
+    _, report = prepare_site(manifest, allowed, SIZE)
+    assert not report.problems and report.usable_rows == 2
+
+
+def test_frame_bound_is_configurable_and_checked_before_decoding(tmp_path):
+    path = _write(tmp_path / "a.dcm", _gradient(240, 200))  # 96000 bytes
+    from client.data.guard import ReadLimits
+
+    with pytest.raises(DicomReadError) as err:
+        read_dicom(path, limits=ReadLimits(max_frame_bytes=90000))
+    assert err.value.kind == "too-large" and "max_frame_bytes" in err.value.reason
+    assert read_dicom(path, limits=ReadLimits(max_frame_bytes=96000)).frames.shape[-2:] == \
+        (240, 200)
+    stack = _write(tmp_path / "mf.dcm", np.stack([_gradient()] * 4))
+    with pytest.raises(DicomReadError, match="max_pixel_bytes"):
+        read_dicom(stack, limits=ReadLimits(max_pixel_bytes=3 * 24 * 20 * 2))
+
+
+def test_labels_are_bounded_without_conversion():
+    from client.data.manifest import parse_label
+
+    assert parse_label("0001", ("a", "b")) == (1, "")
+    for text in ("2", str(10**30), "9" * 100000, "-1", "²"):
+        label, why = parse_label(text, ("a", "b"))
+        assert label is None and len(why) < 300
+    assert parse_label("999", ())[0] == 999 and parse_label("1000", ())[0] is None

@@ -173,10 +173,17 @@ def read_dataset(path: Path, limits: ReadLimits | None = None) -> Dataset:
     return _open(Path(path), limits or ReadLimits(), Notes()).ds
 
 
+def _sop_name(ds: Dataset) -> str:
+    """The SOP class's name (its UID when pydicom does not know it; "" when absent)."""
+    sop = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None),
+                                           "MediaStorageSOPClassUID", None)
+    return UID(str(sop)).name if sop else ""
+
+
 def _refuse_non_images(ds: Dataset) -> None:
     sop = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None),
                                            "MediaStorageSOPClassUID", None)
-    name = UID(str(sop)).name if sop else ""
+    name = _sop_name(ds)
     modality = str(ds.get("Modality", "") or "").upper()
     not_image = (bool(name) and "Storage" in name and "Image" not in name) \
         or modality in NON_IMAGE_MODALITIES
@@ -468,6 +475,12 @@ def open_image(path: Path, frames: str = "middle", limits: ReadLimits | None = N
     dicom = _open(Path(path), limits, Notes())
     ds = dicom.ds
     _refuse_non_images(ds)
+    if "PixelData" not in ds and (dicom.notes.any("End of file") or (
+            not dicom.in_memory and _has_pixel_tag(dicom.path)) or (
+            "Rows" not in ds and "Image Storage" in _sop_name(ds))):
+        raise DicomReadError("truncated", "the file ends inside its pixel data (or before it): "
+                             f"it is truncated ({dicom.notes.summary(1) or 'no pixel data'}); "
+                             "export it again")
     if "Rows" not in ds and "PixelData" not in ds:
         sop = ds.get("SOPClassUID")
         kind = f" ({UID(sop).name})" if sop else ""
