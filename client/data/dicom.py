@@ -25,7 +25,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, iter_pixels
 from pydicom.pixels import pixel_array as decode_pixels
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless
@@ -240,47 +240,79 @@ def _check_pixel_data(dicom: DicomFile, shape: Geometry) -> None:
                                  "is truncated; export it again")
 
 
-def _check_frame(dicom: DicomFile, index: int, shape: Geometry, syntax: UID) -> None:
-    """An encapsulated frame's own header, read from the file before it is decoded."""
-    from pydicom.encaps import get_frame
+def _check_frames(dicom: DicomFile, indices: list[int], shape: Geometry, syntax: UID) -> None:
+    """The kept encapsulated frames' own headers, read from the file (one frame in memory at a
+    time) and checked before any of them is decoded."""
+    from pydicom.encaps import generate_frames, get_frame
 
     element = dicom.ds._dict[0x7FE00010]
     tell = getattr(element, "value_tell", None)
     if tell is None:
         return
+    wanted = set(indices)
     with open(dicom.path, "rb") as handle:
         handle.seek(tell)
-        frame = guarded("truncated", "frame data cannot be found; the file is truncated or "
-                        "damaged", lambda: get_frame(handle, index,
-                                                     number_of_frames=shape.frames))
-    if syntax == RLELossless:
-        check_rle_frame(frame, shape)
-    else:
-        check_codestream(frame, syntax, shape)
+        if len(indices) == 1:
+            frames = iter([(indices[0], guarded(
+                "truncated", "frame data cannot be found; the file is truncated or damaged",
+                lambda: get_frame(handle, indices[0], number_of_frames=shape.frames)))])
+        else:
+            frames = enumerate(generate_frames(handle, number_of_frames=shape.frames))
+        while True:
+            item = guarded("truncated", "frame data cannot be found; the file is truncated or "
+                           "damaged", lambda: next(frames, None))
+            if item is None:
+                break
+            index, frame = item
+            if index not in wanted:
+                continue
+            if syntax == RLELossless:
+                check_rle_frame(frame, shape)
+            else:
+                check_codestream(frame, syntax, shape)
 
 
 def _frame_indices(frames: int, mode: str) -> list[int]:
     return list(range(frames)) if mode == "all" else [frames // 2]
 
 
-def _decode(dicom: DicomFile, index: int, shape: Geometry) -> np.ndarray:
-    """One frame, ``(H, W)`` or ``(H, W, S)``, decoded from the file (or inflated dataset)."""
+def _decode_error(dicom: DicomFile, err: DicomReadError) -> DicomReadError:
+    if dicom.notes.lines and dicom.notes.summary(1) not in err.reason:
+        err.reason += f" [pydicom: {dicom.notes.summary(1)}]"
+    if "length" in err.reason and ("expected" in err.reason or "match" in err.reason):
+        err.kind = "truncated"
+    return err
+
+
+def _decoded_frames(dicom: DicomFile, indices: list[int], shape: Geometry
+                    ) -> Iterator[np.ndarray]:
+    """The frames at ``indices``, ``(H, W)`` or ``(H, W, S)`` each, decoded one at a time from
+    the file (or the inflated dataset); one parse of the file for all of them."""
     source = dicom.ds if dicom.in_memory else str(dicom.path)
-    index_arg = index if shape.frames > 1 else None
+    what = "pixel data cannot be decoded; the file is truncated or damaged: export it again"
+    if shape.frames == 1 or len(indices) == 1:
+        index = indices[0] if shape.frames > 1 else None
 
-    def run() -> np.ndarray:
+        def one() -> np.ndarray:
+            with captured(dicom.notes):
+                return decode_pixels(source, index=index)
+
+        try:
+            yield guarded("unreadable", what, one)
+        except DicomReadError as err:
+            raise _decode_error(dicom, err) from err.__cause__
+        return
+    frames = iter_pixels(source, indices=indices)
+
+    def step() -> np.ndarray:
         with captured(dicom.notes):
-            return decode_pixels(source, index=index_arg)
+            return next(frames)
 
-    try:
-        return guarded("unreadable", "pixel data cannot be decoded; the file is truncated or "
-                       "damaged: export it again", run)
-    except DicomReadError as err:
-        if dicom.notes.lines and dicom.notes.summary(1) not in err.reason:
-            err.reason += f" [pydicom: {dicom.notes.summary(1)}]"
-        if "length" in err.reason and ("expected" in err.reason or "match" in err.reason):
-            err.kind = "truncated"
-        raise
+    for _ in indices:
+        try:
+            yield guarded("unreadable", what, step)
+        except DicomReadError as err:
+            raise _decode_error(dicom, err) from err.__cause__
 
 
 def _number(ds: Dataset, keyword: str, default: float) -> float:
@@ -494,11 +526,10 @@ def open_image(path: Path, frames: str = "middle", limits: ReadLimits | None = N
     indices = _frame_indices(shape.frames, frames)
 
     def generate() -> Iterator[DecodedFrame]:
-        for index in indices:
-            if syntax is not None and syntax.is_compressed and not dicom.in_memory:
-                _check_frame(dicom, index, shape, syntax)
-            values, invert, rgb_max, value_range = _values(ds, _decode(dicom, index, shape),
-                                                           shape, shrink_to)
+        if syntax is not None and syntax.is_compressed and not dicom.in_memory:
+            _check_frames(dicom, indices, shape, syntax)
+        for frame in _decoded_frames(dicom, indices, shape):
+            values, invert, rgb_max, value_range = _values(ds, frame, shape, shrink_to)
             yield DecodedFrame(values, invert, rgb_max, value_range)
 
     return FileFrames(Path(path), str(ds.get("SOPInstanceUID", "") or ""),

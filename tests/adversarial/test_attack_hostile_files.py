@@ -101,7 +101,11 @@ def _good(path: Path, patient: str) -> Path:
 
 @pytest.fixture
 def hostile_site(tmp_path):
-    """A data folder with 4 good rows and every attack, and FIFOs outside it."""
+    return write_hostile_site(tmp_path)
+
+
+def write_hostile_site(tmp_path: Path) -> Path:
+    """A data folder with 4 good rows and every attack, and a FIFO outside it; the manifest."""
     data, outside = tmp_path / "data", tmp_path / "outside"
     data.mkdir()
     outside.mkdir()
