@@ -1,7 +1,8 @@
 """A hospital's own data: CSV manifest + DICOM files -> checked, cached, fingerprinted images.
 
-Modules: ``config`` (SiteDataConfig), ``manifest`` (the CSV), ``dicom`` (pydicom decoding),
-``transforms`` (MONAI resize/scale), ``cache`` (decoded images on disk), ``split`` (per
+Modules: ``config`` (SiteDataConfig), ``manifest`` (the CSV), ``paths`` (allowed folders),
+``guard`` (bounds and guards against hostile files), ``dicom`` (pydicom decoding, one frame at a
+time), ``transforms`` (MONAI resize/scale), ``cache`` (decoded images on disk), ``split`` (per
 patient), ``fingerprint``, ``dataset`` (all of it together), ``check`` (the report).
 """
 
