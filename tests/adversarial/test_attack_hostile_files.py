@@ -22,113 +22,18 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.encaps import encapsulate
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
 
 from client.data import SiteDataConfig, prepare_site
 from client.data.guard import DicomReadError, guarded
-from simulations.dicom_export import dicom_dataset
+from simulations.bench.site_data import deflate_bomb, rle_bomb, write_hostile_site
 
 REPO = Path(__file__).resolve().parents[2]
 GIB_KB = 1024 * 1024  # ru_maxrss is in KiB on Linux
 
 
-def _header(rows: int, columns: int, patient: str, bits: int = 8):
-    """A real pydicom dataset whose header declares ``rows`` x ``columns`` pixels."""
-    ds = dicom_dataset(np.zeros((2, 2), np.uint8 if bits == 8 else np.uint16), patient)
-    ds.Rows, ds.Columns = rows, columns
-    del ds.PixelData
-    return ds
-
-
-def rle_bomb(path: Path, rows: int = 60000, columns: int = 60000, fill: bool = False) -> Path:
-    """RLE Lossless file declaring ``rows`` x ``columns`` 8-bit pixels. ``fill``: the segment
-    really holds that many pixels (replicate runs of 128, about rows*columns/64 bytes);
-    otherwise a few runs only (a tiny file)."""
-    pairs = (rows * columns + 255) // 256 if fill else 32
-    # Replicate runs of 128 pixels, alternating 7 and 200 (an image, not a constant).
-    segment = struct.pack("<16L", 1, 64, *([0] * 14)) + bytes([0x81, 7, 0x81, 200]) * pairs
-    ds = _header(rows, columns, "P-RLE")
-    ds.file_meta.TransferSyntaxUID = RLELossless
-    ds.PixelData = encapsulate([segment])
-    ds["PixelData"].VR = "OB"
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def rle_panic(path: Path) -> Path:
-    """RLE file whose frame header declares 3 segments for 16-bit grayscale (2 expected): the
-    Rust RLE decoder panics on it (``PanicException``, a ``BaseException``)."""
-    segment = struct.pack("<16L", 3, 64, 66, 68, *([0] * 12)) + bytes([0x81, 7]) * 3
-    ds = _header(4, 4, "P-PANIC", bits=16)
-    ds.file_meta.TransferSyntaxUID = RLELossless
-    ds.PixelData = encapsulate([segment])
-    ds["PixelData"].VR = "OB"
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def deflate_bomb(path: Path, side: int = 40000) -> Path:
-    """Deflated Explicit VR Little Endian file: a pydicom-written header and a Pixel Data
-    element of ``side``**2 zero bytes (1.6 GB for 40000), deflated to a few hundred KB."""
-    ds = _header(side, side, "P-DEFLATE")
-    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    body = DicomBytesIO()
-    body.is_little_endian, body.is_implicit_VR = True, False
-    write_dataset(body, ds)
-    element = struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, side * side)
-    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    stream = [packer.compress(body.getvalue() + element), packer.flush(zlib.Z_FULL_FLUSH)]
-    # After a full flush the compressor starts afresh, so one compressed MiB of zeros repeats.
-    block = packer.compress(bytes(2**20)) + packer.flush(zlib.Z_FULL_FLUSH)
-    whole, rest = divmod(side * side, 2**20)
-    stream += [block] * whole + [packer.compress(bytes(rest)), packer.flush()]
-    meta = DicomBytesIO()
-    meta.is_little_endian, meta.is_implicit_VR = True, False
-    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
-    path.write_bytes(b"\0" * 128 + b"DICM" + meta.getvalue() + b"".join(stream))
-    return path
-
-
-def _good(path: Path, patient: str) -> Path:
-    rng = np.random.default_rng(len(patient))
-    dicom_dataset(rng.integers(0, 4000, (24, 20)).astype(np.uint16), patient).save_as(
-        path, enforce_file_format=True)
-    return path
-
-
 @pytest.fixture
 def hostile_site(tmp_path):
     return write_hostile_site(tmp_path)
-
-
-def write_hostile_site(tmp_path: Path) -> Path:
-    """A data folder with 4 good rows and every attack, and a FIFO outside it; the manifest."""
-    data, outside = tmp_path / "data", tmp_path / "outside"
-    data.mkdir()
-    outside.mkdir()
-    secret = outside / "secret.dcm"
-    os.mkfifo(secret)  # opening it for reading would block: proves nothing opens it
-    (data / "link.dcm").symlink_to(secret)
-    (data / "linked-dir").symlink_to(outside, target_is_directory=True)
-    rows = [f"good{i}.dcm,{i % 2},G{i}" for i in range(4)]
-    for i in range(4):
-        _good(data / f"good{i}.dcm", f"G{i}")
-    rle_bomb(data / "rle_bomb.dcm")
-    rle_bomb(data / "rle_full.dcm", 7800, 7800, fill=True)  # 58 MiB: decodes, under the bound
-    rle_panic(data / "rle_panic.dcm")
-    deflate_bomb(data / "deflate_bomb.dcm")
-    _good(data / "huge_label.dcm", "H1")
-    rows += ["rle_bomb.dcm,0,P-RLE", "rle_full.dcm,0,P-RLE", "rle_panic.dcm,1,P-PANIC",
-             "deflate_bomb.dcm,1,P-DEFLATE", f"huge_label.dcm,{10**30},H1",
-             f"huge_label.dcm,{'9' * 5000},H1",
-             "../../etc/passwd,0,X1", f"{secret},0,X2", "link.dcm,0,X3",
-             "linked-dir/secret.dcm,0,X4", "linked-dir,0,X5"]
-    manifest = data / "manifest.csv"
-    manifest.write_text("path,label,patient_id\n" + "\n".join(rows) + "\n")
-    return manifest
 
 
 EXPECTED = {
