@@ -559,3 +559,24 @@ def test_labels_are_bounded_without_conversion():
         label, why = parse_label(text, ("a", "b"))
         assert label is None and len(why) < 300
     assert parse_label("999", ())[0] == 999 and parse_label("1000", ())[0] is None
+
+
+def test_every_pydicom_test_file_is_an_image_or_a_named_problem():
+    """No file pydicom ships (damaged, odd syntaxes, non-images, DICOMDIRs) escapes as anything
+    but a DicomReadError with a known kind."""
+    from client.data.problems import KINDS
+
+    names = sorted({Path(p).name: p for p in pydicom.data.get_testdata_files("*.dcm")}.items())
+    outcomes = {}
+    for name, path in names:
+        try:
+            decoded = read_dicom(path)
+            assert decoded.frames.dtype == np.float32 and decoded.frames.ndim == 4
+            outcomes[name] = "ok"
+        except DicomReadError as err:
+            assert err.kind in KINDS, (name, err.kind)
+            outcomes[name] = err.kind
+    assert outcomes["image_dfl.dcm"] == "ok"  # deflated, inflated within the bound
+    assert outcomes["rtdose.dcm"] == outcomes["rtdose_rle.dcm"] == "not-image"
+    assert outcomes["examples_palette.dcm"] == outcomes["SC_rgb_rle_2frame.dcm"] == "ok"
+    assert sum(v == "ok" for v in outcomes.values()) > 40

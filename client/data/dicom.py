@@ -120,6 +120,19 @@ class DicomFile:
     ds: Dataset
     in_memory: bool
     notes: Notes
+    cut_short: bool = False  # an element's value runs past the end of the file
+    small: bool = True  # small enough to decode from the dataset (pixel data read whole)
+
+
+def _runs_past_end(ds: Dataset, size: int) -> bool:
+    """Whether an element pydicom has not converted yet declares a value past the file's end
+    (pydicom drops a cut-off last element silently)."""
+    for element in ds._dict.values():
+        tell, length = getattr(element, "value_tell", None), getattr(element, "length", None)
+        if tell is not None and length is not None and length != 0xFFFFFFFF \
+                and tell + length > size:
+            return True
+    return False
 
 
 def _read_inflated(path: Path, limits: ReadLimits) -> Dataset:
@@ -147,7 +160,10 @@ def _open(path: Path, limits: ReadLimits, notes: Notes) -> DicomFile:
             deflated = meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
             if deflated:
                 return DicomFile(path, _read_inflated(path, limits), True, notes)
-            return DicomFile(path, pydicom.dcmread(path, defer_size=DEFER_BYTES), False, notes)
+            ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
+            size = path.stat().st_size
+            return DicomFile(path, ds, False, notes, _runs_past_end(ds, size),
+                             size <= limits.max_frame_bytes + INFLATE_HEADER_ALLOWANCE)
         except DicomReadError:
             raise
         except InvalidDicomError as err:
@@ -155,6 +171,9 @@ def _open(path: Path, limits: ReadLimits, notes: Notes) -> DicomFile:
                 "not-dicom", "not a DICOM file (no 'DICM' marker after the 128-byte preamble): "
                 "export it from PACS as a DICOM Part 10 file or remove the row") from err
         except OSError as err:
+            if "No tag to read" in str(err):
+                raise DicomReadError("truncated", "the file ends inside a sequence: it is "
+                                                  "truncated; export it again") from err
             raise DicomReadError("unreadable", f"cannot read the file ({err})") from err
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -234,7 +253,8 @@ def _check_pixel_data(dicom: DicomFile, shape: Geometry) -> None:
             raise DicomReadError("truncated", f"the pixel data should hold {length} bytes but "
                                  f"the file ends after {max(size - tell, 0)}: the file is "
                                  "truncated; export it again")
-        if length < shape.total_bytes:
+        subsampled = str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422"
+        if length < shape.total_bytes * (2 / 3 if subsampled else 1):
             raise DicomReadError("truncated", f"the pixel data holds {length} bytes, fewer "
                                  f"than the {shape.total_bytes} its header declares: the file "
                                  "is truncated; export it again")
@@ -288,7 +308,9 @@ def _decoded_frames(dicom: DicomFile, indices: list[int], shape: Geometry
                     ) -> Iterator[np.ndarray]:
     """The frames at ``indices``, ``(H, W)`` or ``(H, W, S)`` each, decoded one at a time from
     the file (or the inflated dataset); one parse of the file for all of them."""
-    source = dicom.ds if dicom.in_memory else str(dicom.path)
+    # A small file decodes from its dataset (pixel data read whole, as robust as pydicom's own
+    # ds.pixel_array); a large one frame by frame from the file.
+    source = dicom.ds if dicom.in_memory or dicom.small else str(dicom.path)
     what = "pixel data cannot be decoded; the file is truncated or damaged: export it again"
     if shape.frames == 1 or len(indices) == 1:
         index = indices[0] if shape.frames > 1 else None
@@ -507,9 +529,8 @@ def open_image(path: Path, frames: str = "middle", limits: ReadLimits | None = N
     dicom = _open(Path(path), limits, Notes())
     ds = dicom.ds
     _refuse_non_images(ds)
-    if "PixelData" not in ds and (dicom.notes.any("End of file") or (
-            not dicom.in_memory and _has_pixel_tag(dicom.path)) or (
-            "Rows" not in ds and "Image Storage" in _sop_name(ds))):
+    if "PixelData" not in ds and (dicom.notes.any("End of file") or dicom.cut_short or (
+            not dicom.in_memory and _has_pixel_tag(dicom.path))):
         raise DicomReadError("truncated", "the file ends inside its pixel data (or before it): "
                              f"it is truncated ({dicom.notes.summary(1) or 'no pixel data'}); "
                              "export it again")
