@@ -550,7 +550,8 @@ def open_image(path: Path, frames: str = "middle", limits: ReadLimits | None = N
         if syntax is not None and syntax.is_compressed and not dicom.in_memory:
             _check_frames(dicom, indices, shape, syntax)
         for frame in _decoded_frames(dicom, indices, shape):
-            values, invert, rgb_max, value_range = _values(ds, frame, shape, shrink_to)
+            with captured(dicom.notes):
+                values, invert, rgb_max, value_range = _values(ds, frame, shape, shrink_to)
             yield DecodedFrame(values, invert, rgb_max, value_range)
 
     return FileFrames(Path(path), str(ds.get("SOPInstanceUID", "") or ""),

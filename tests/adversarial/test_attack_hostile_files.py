@@ -115,3 +115,24 @@ def test_the_bombs_are_real(tmp_path):
     full = pydicom.dcmread(rle_bomb(tmp_path / "c.dcm", 64, 64, fill=True))
     assert full.pixel_array.shape == (64, 64)
     assert set(np.unique(full.pixel_array)) == {7, 200}
+
+
+def test_jpeg2000_codestream_larger_than_its_header_is_refused_before_decoding(tmp_path):
+    """A JPEG 2000 frame whose own SIZ header declares 60000 x 60000 pixels inside a 64 x 64
+    DICOM image: the decoder would allocate what the codestream says (gigabytes)."""
+    from pydicom.data import get_testdata_file
+    from pydicom.encaps import encapsulate, generate_frames
+
+    from client.data.dicom import read_dicom
+
+    ds = pydicom.dcmread(get_testdata_file("MR_small_jp2klossless.dcm"))
+    (frame,) = generate_frames(ds.PixelData, number_of_frames=1)
+    start = frame.index(b"\xff\x4f\xff\x51")  # SOC, SIZ
+    forged = bytearray(frame)
+    forged[start + 8:start + 24] = struct.pack(">4L", 60000, 60000, 0, 0)
+    ds.PixelData = encapsulate([bytes(forged)])
+    path = tmp_path / "forged.dcm"
+    ds.save_as(path)
+    with pytest.raises(DicomReadError) as err:
+        read_dicom(path)
+    assert err.value.kind == "bad-values" and "60000 x 60000" in err.value.reason
