@@ -227,7 +227,7 @@ def check_rle_frame(frame: bytes, shape: Geometry) -> None:
     segments = header[0]
     expected = shape.samples * max(shape.bits_allocated // 8, 1)
     offsets = header[1:1 + segments] if 0 < segments <= 15 else ()
-    if segments != expected:
+    if segments != expected or not offsets:
         raise DicomReadError(
             "bad-values", f"an RLE frame holds {segments} segments but the header "
                           f"({shape.samples} samples x {shape.bits_allocated} bits) needs "
