@@ -68,7 +68,8 @@ class DecodedCache:
             with np.load(path, allow_pickle=False) as entry:
                 image, ids = entry["image"], json.loads(str(entry["ids"]))
                 uids, patients = [str(u) for u in ids["uids"]], [str(p) for p in ids["patients"]]
-            if (image.dtype != np.float32 or image.ndim != 4 or not np.isfinite(image).all()
+            if (image.dtype != np.float32 or image.ndim not in (4, 5)
+                    or not np.isfinite(image).all()
                     or image.min() < 0.0 or image.max() > 1.0):
                 raise ValueError(f"unexpected content {image.dtype}{list(image.shape)}")
             return image, uids, patients
