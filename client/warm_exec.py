@@ -65,11 +65,9 @@ def _poll_local_objects_quickly() -> None:
     exponential backoff (1, 2, 4, 8, 10 s) added 8-17 s to every message on loopback. The
     Runtime API is local, so polling it fast is cheap; ``max_time`` (2 h) still bounds the wait.
     """
-    from flwr.supercore.inflatable import inflatable_utils
+    from models.flower_compat import set_object_pull_backoff
 
-    defaults = inflatable_utils.pull_and_inflate_object_from_tree.__kwdefaults__
-    defaults.update(initial_backoff=LOCAL_PULL_BACKOFF_S[0], backoff_cap=LOCAL_PULL_BACKOFF_S[1],
-                    max_tries_per_object=None)
+    set_object_pull_backoff(*LOCAL_PULL_BACKOFF_S)
 
 
 def _warm_up() -> None:
@@ -137,10 +135,9 @@ def run_warm_superexec(runtime_api_address: str, secret_file: Path | None,
     """
     from flwr.supercore.superexec import run_superexec as flower_superexec
 
-    executor = WarmClientAppExecutor()
-    # Flower's loop builds its executor through this factory; 1.42 offers only subprocess and
-    # Kubernetes executors, so hand it ours.
-    flower_superexec.get_executor = lambda *args, **kwargs: executor
+    from models.flower_compat import use_superexec_executor
+
+    use_superexec_executor(WarmClientAppExecutor())
     flower_superexec.run_superexec(
         runtime_api_address=runtime_api_address,
         insecure=True,

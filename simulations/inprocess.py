@@ -17,7 +17,8 @@ from flwr.app.message.message import make_message
 from flwr.app.metadata import Metadata
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
+
+from models.flower_compat import set_message_id, set_task_identity
 
 
 def message_with_metadata(
@@ -70,7 +71,7 @@ class InProcessGrid(Grid):
         self._run_id = run_id
         self._replies: dict[str, Message] = {}
         # Flower's runtime sets the process's task identity; Message() reads it.
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
+        set_task_identity(run_id, 0, 0)
 
     def set_run(self, run: Any) -> None:
         """Runs are fixed at construction."""
@@ -89,7 +90,7 @@ class InProcessGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            set_message_id(msg, str(uuid.uuid4()))
             node = msg.metadata.dst_node_id
             try:
                 reply = self.client_app(msg, self.contexts[node])

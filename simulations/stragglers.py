@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import Message
 from flwr.app.message_type import MessageType
@@ -50,18 +50,21 @@ class StragglerGrid(PollingGrid):
             reaching the coordinator (>= 0).
         seed: the study's seed.
         poll_interval_s: seconds between looks for replies.
+        clock: seconds, monotonic (tests pass their own to step time without waiting).
 
     A reply names its hospital (the ``hospital-id`` metric, the partition id in simulation);
     one without it (an error reply) is never held back.
     """
 
     def __init__(self, grid: Grid, probability: float, delay_s: float, seed: int,
-                 poll_interval_s: float = POLL_INTERVAL_S) -> None:
+                 poll_interval_s: float = POLL_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if delay_s < 0:
             raise ValueError(f"failures.straggler_delay_s must be >= 0, got {delay_s}")
         straggles(probability, seed, 0, 0)  # checks the probability
         super().__init__(grid, poll_interval_s)
         self.probability, self.delay_s, self.seed = probability, delay_s, seed
+        self.clock = clock
         self._sent: dict[str, tuple[float, int]] = {}  # message id -> (sent at, round)
         self._held: dict[str, tuple[float, Message]] = {}  # message id -> (due at, reply)
 
@@ -71,7 +74,7 @@ class StragglerGrid(PollingGrid):
         self._held.clear()
         self._sent.clear()
         ids = list(self._grid.push_messages(messages))
-        now = time.monotonic()
+        now = self.clock()
         for message, message_id in zip(messages, ids, strict=True):
             if message_id and message.metadata.message_type == MessageType.TRAIN:
                 config = message.content.config_records.get("config", {})
@@ -88,7 +91,7 @@ class StragglerGrid(PollingGrid):
                 replies.append(reply)
             else:
                 self._held[request] = (due, reply)
-        now = time.monotonic()
+        now = self.clock()
         for request in message_ids & set(self._held):
             if self._held[request][0] <= now:
                 replies.append(self._held.pop(request)[1])

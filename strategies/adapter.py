@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
+from models.flower_compat import set_source_node
 from models.lora_parts import check_exchange, exchanged_keys
 from strategies.config import StrategyOptions
 from strategies.replies import Reply, ReplyObserver, split_valid_replies
@@ -111,7 +112,7 @@ class AdapterStrategy:
             # under the hospital that was asked.
             asked = node_of.get(reply.metadata.reply_to_message_id)
             if asked is not None and reply.metadata.src_node_id != asked:
-                reply.metadata.__dict__["_src_node_id"] = asked
+                set_source_node(reply, asked)
         answered = {m.metadata.src_node_id for m in replies}
         for node in self._asked.pop(phase, []):
             if node not in answered:

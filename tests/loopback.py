@@ -10,8 +10,8 @@ from collections.abc import Iterable, Iterator
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
+
+from models.flower_compat import empty_run, set_message_id, task_identity
 
 
 class LoopbackGrid(Grid):
@@ -25,13 +25,13 @@ class LoopbackGrid(Grid):
             for i, cfg in enumerate(node_configs)
         }
         self._ids = itertools.count(1)
-        self._run = Run.create_empty(run_id=1)
+        self._run = empty_run(run_id=1)
 
-    def set_run(self, run: Run) -> None:
+    def set_run(self, run) -> None:
         self._run = run
 
     @property
-    def run(self) -> Run:
+    def run(self):
         return self._run
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
@@ -52,7 +52,7 @@ class LoopbackGrid(Grid):
         replies = []
         for msg in messages:
             # The SuperLink assigns message ids; a reply carries its request's id.
-            msg.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
+            set_message_id(msg, f"m{next(self._ids)}")
             replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
         return replies
 
@@ -60,9 +60,5 @@ class LoopbackGrid(Grid):
 @contextlib.contextmanager
 def server_identity() -> Iterator[None]:
     """Flower's Message() reads the sending task's identity; a ServerApp process sets it."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    try:
+    with task_identity(run_id=1, node_id=0, task_id=1):
         yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

@@ -11,6 +11,7 @@ from client.exchange import PERSONAL_STATE_KEY
 from client.site import SiteData
 from models.adapters import adapter_state
 from models.config import TrainConfig, to_config_record
+from models.flower_compat import task_identity
 from models.lora import build_lora_model
 from simulations.inprocess import coordinator_message, message_with_metadata
 from strategies import STRATEGIES, StrategyOptions, build_strategy
@@ -22,11 +23,8 @@ SHAPES = {"layer.lora_A.weight": (2, 3), "layer.lora_B.weight": (3, 2), "head.we
 @pytest.fixture(autouse=True)
 def _server_identity(monkeypatch):
     """Flower's coordinator process sets its run id before a strategy builds messages."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    with task_identity(run_id=1, node_id=0, task_id=1):
+        yield
 
 
 class _Grid:

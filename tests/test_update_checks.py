@@ -3,6 +3,7 @@
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from models.flower_compat import set_message_id, set_source_node
 from strategies.replies import check_update
 
 
@@ -42,11 +43,11 @@ def test_superlink_error_for_a_dead_hospital_is_recorded_under_that_hospital():
     arrays = _record(a=np.zeros((2, 3), np.float32))
     messages = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
     for k, msg in enumerate(messages):
-        msg.metadata.__dict__["_message_id"] = f"sent-{k}"
+        set_message_id(msg, f"sent-{k}")
     replies = []
     for msg in messages:
         reply = Message(Error(code=0, reason="Error: Node Unavailable"), reply_to=msg)
-        reply.metadata.__dict__["_src_node_id"] = 1  # as the SuperLink sends it
+        set_source_node(reply, 1)  # as the SuperLink sends it
         replies.append(reply)
     with pytest.raises(TooFewUpdates):
         strategy.aggregate_train(1, replies)
