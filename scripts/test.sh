@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install (if needed) and run the linters and the test suite.
+# Install (if needed), then ruff and the whole test suite (what CI runs). Arguments go to
+# pytest; the quick loop skips the multi-process tests: bash scripts/test.sh -m "not slow"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

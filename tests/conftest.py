@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +23,20 @@ def pneumonia_small():
     from simulations.datasets import load_medmnist
 
     return load_medmnist("pneumoniamnist", SMALL_IMAGE)
+
+
+@pytest.fixture(scope="module")
+def site(request, pneumonia_small):
+    """A small hospital of real PneumoniaMNIST images at 32 px: 64 training and 32 validation
+    images drawn with seed 0 (drawn independently, so they may overlap). A test module that
+    needs another size sets ``SITE = (train, val, seed)``."""
+    from client.site import SiteData
+
+    train_count, val_count, seed = getattr(request.module, "SITE", (64, 32, 0))
+    train = pneumonia_small.splits["train"]
+    rng = np.random.default_rng(seed)
+    return SiteData(train=train.subset(rng.choice(len(train), train_count, replace=False)),
+                    val=train.subset(rng.choice(len(train), val_count, replace=False)))
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from client.app import build_client_app
 from client.privacy_round import site_privacy_from_node_config
-from client.site import SiteData
 from models.adapters import adapter_state
 from models.config import ModelConfig, TrainConfig, to_config_record
 from models.lora import build_lora_model
@@ -19,14 +18,6 @@ from simulations.inprocess import coordinator_message
 
 def _message(kind: str, arrays: ArrayRecord, config) -> Message:
     return coordinator_message(kind, arrays, config)
-
-
-@pytest.fixture(scope="module")
-def site(pneumonia_small):
-    train = pneumonia_small.splits["train"]
-    rng = np.random.default_rng(0)
-    return SiteData(train=train.subset(rng.choice(len(train), 64, replace=False)),
-                    val=train.subset(rng.choice(len(train), 32, replace=False)))
 
 
 @pytest.fixture

@@ -1,14 +1,11 @@
-"""Flower's deployment engine on loopback with the consortium's PKI (issue 6): a SuperLink with
+"""Flower's deployment engine on loopback with the consortium's PKI: a SuperLink with
 TLS and node authentication admits an enrolled hospital's SuperNode and refuses an unenrolled
 one. Real processes (flower-superlink, flwr, flower-supernode); about 30 s."""
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,34 +16,7 @@ from medfed_cli.main import main as medfed
 from server.consortium import enrol, init_consortium, load_enrolments, revoke
 from server.daemon import registry_listing_command, superlink_command
 from server.status import hospital_statuses
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(path: Path, text: str, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if path.exists() and text in path.read_text(errors="replace"):
-            return True
-        time.sleep(0.5)
-    return False
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a daemon started in its own session, and the helpers it started."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+from simulations.processes import free_port, stop_process_group, wait_for_log
 
 
 def _refused(site: Path, env: dict, log: Path) -> bool:
@@ -58,12 +28,13 @@ def _refused(site: Path, env: dict, log: Path) -> bool:
     try:
         code = proc.wait(timeout=120)
     finally:
-        _stop(proc)
+        stop_process_group(proc)
     return code != 0 and "Failed to activate SuperNode" in log.read_text()
 
 
+@pytest.mark.slow
 def test_tls_superlink_admits_only_enrolled_hospitals(tmp_path):
-    port = _free_port()
+    port = free_port()
     consortium = tmp_path / "consortium"
     init_consortium(consortium, "loopback", host="127.0.0.1", port=port)
     sites = {}
@@ -79,7 +50,7 @@ def test_tls_superlink_admits_only_enrolled_hospitals(tmp_path):
                                 env=env, start_new_session=True)
     node = None
     try:
-        assert _wait_for(link_log, "Uvicorn running on https://", 60), link_log.read_text()
+        assert wait_for_log(link_log, "Uvicorn running on https://", 60), link_log.read_text()
         assert medfed(["coordinator", "register", str(consortium)]) == 0
         assert [bool(e.node_id) for e in load_enrolments(consortium)] == [True]
         assert _refused(sites["stranger"], env, tmp_path / "stranger.log")
@@ -88,14 +59,14 @@ def test_tls_superlink_admits_only_enrolled_hospitals(tmp_path):
         with open(node_log, "w") as out:
             node = subprocess.Popen(supernode_command(sites["enrolled"]), stdout=out,
                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        assert _wait_for(link_log, "Activated node_id", 60), node_log.read_text()
+        assert wait_for_log(link_log, "Activated node_id", 60), node_log.read_text()
         assert node.poll() is None  # connected and waiting for work
         argv, cli_env = registry_listing_command(consortium)
         listing = subprocess.run(argv, env=cli_env, capture_output=True, text=True, timeout=60)
         assert [(h.name, h.status) for h in hospital_statuses(consortium, listing.stdout)] == [
             ("enrolled", "online")]
         assert medfed(["coordinator", "status", str(consortium)]) == 0
-        _stop(node)
+        stop_process_group(node)
         # Revoked and synced: the same hospital is refused at its next connection.
         revoke(consortium, "enrolled")
         assert medfed(["coordinator", "register", str(consortium)]) == 0
@@ -103,8 +74,8 @@ def test_tls_superlink_admits_only_enrolled_hospitals(tmp_path):
         assert _refused(sites["enrolled"], env, tmp_path / "revoked.log")
     finally:
         if node is not None:
-            _stop(node)
-        _stop(link)
+            stop_process_group(node)
+        stop_process_group(link)
 
 
 @pytest.mark.parametrize("side", ["coordinator", "hospital"])

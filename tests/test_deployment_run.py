@@ -1,4 +1,4 @@
-"""A study on Flower's deployment engine on loopback, with separate processes (issue 6): one
+"""A study on Flower's deployment engine on loopback, with separate processes: one
 ``medfed coordinator start --study`` (SuperLink with TLS and node authentication, ServerApp) and
 three ``medfed hospital start`` (SuperNodes, each with its own key, data and audit log).
 
@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import pandas as pd
@@ -28,15 +27,10 @@ from client.warm_exec import TASK_STARTED
 from server.checkpoint import CHECKPOINT_FILE
 from server.daemon import COORDINATOR_PID_ENV
 from simulations.bench.deploy import LoopbackConsortium, default_study
+from simulations.processes import wait_until
 
-
-def _wait(condition, timeout_s: float, what: str) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+# Real SuperLink, SuperNodes and ServerApp processes.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -59,6 +53,11 @@ def test_hospital_and_coordinator_crashes_do_not_stop_the_study(consortium):
     lc.start_coordinator()
     assert lc.wait_for_log("coordinator", "registered hospital-2", 180), \
         lc.log("coordinator").read_text()
+    # Hospital 2's egress audit log is a named pipe with no reader: its ClientApp writes the
+    # audit line before a reply may leave, so opening it blocks and round 1's reply cannot
+    # leave hospital 2, however fast or slow the machine. It is killed in that state.
+    audit_2 = lc.sites[2] / "egress-audit.jsonl"
+    os.mkfifo(audit_2)
     for k in range(3):
         lc.start_hospital(k)
 
@@ -66,12 +65,11 @@ def test_hospital_and_coordinator_crashes_do_not_stop_the_study(consortium):
     assert lc.wait_for_log("hospital-2", TASK_STARTED, 300), \
         lc.log("hospital-2").read_text()
     lc.kill("hospital-2")
-    audit_2 = lc.sites[2] / "egress-audit.jsonl"
-    assert not audit_2.exists()
+    audit_2.unlink()
 
     # Round 1 completes with hospitals 0 and 1; the coordinator dies after its checkpoint.
     checkpoint = lc.run_dir / CHECKPOINT_FILE
-    _wait(checkpoint.exists, 600, "round 1's checkpoint")
+    assert wait_until(checkpoint.exists, 600), "no checkpoint after round 1"
     lc.kill("coordinator")
     assert not (lc.run_dir / "adapter").exists()
 
@@ -119,10 +117,11 @@ def test_the_serverapp_stops_when_its_coordinator_is_gone(tmp_path):
     coordinator = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     serverapp = subprocess.Popen(
         [sys.executable, "-c", "import time\nfrom server.daemon import stop_with_coordinator\n"
-         "assert stop_with_coordinator(poll_s=0.05) is not None\ntime.sleep(60)"],
+         "assert stop_with_coordinator(poll_s=0.05) is not None\nprint('watching', flush=True)\n"
+         "time.sleep(60)"],
         env=dict(os.environ, **{COORDINATOR_PID_ENV: str(coordinator.pid)}),
-        stderr=subprocess.PIPE, text=True)
-    time.sleep(3)  # imported and watching
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert serverapp.stdout.readline() == "watching\n"  # imported and watching
     assert serverapp.poll() is None
     coordinator.send_signal(signal.SIGKILL)
     coordinator.wait()

@@ -1,14 +1,12 @@
 """The hospital's egress audit log lists exactly what each reply carries (issue 6)."""
 
 
-import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from client.app import build_client_app
 from client.audit import payload_sha256, read_audit_log
-from client.site import SiteData
 from models.adapters import adapter_state
 from models.config import TrainConfig, to_config_record
 from models.lora import build_lora_model
@@ -19,12 +17,7 @@ def _message(kind: str, arrays: ArrayRecord, config) -> Message:
     return coordinator_message(kind, arrays, config, run_id=5, group_id="2")
 
 
-@pytest.fixture(scope="module")
-def site(pneumonia_small):
-    train = pneumonia_small.splits["train"]
-    rng = np.random.default_rng(0)
-    return SiteData(train=train.subset(rng.choice(len(train), 48, replace=False)),
-                    val=train.subset(rng.choice(len(train), 24, replace=False)))
+SITE = (48, 24, 0)  # the conftest ``site`` fixture: train, val images, seed
 
 
 def _context(node_config) -> Context:

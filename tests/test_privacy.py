@@ -138,12 +138,7 @@ def test_target_epsilon_sets_the_noise_for_the_whole_run():
 # --- DP-SGD on real data --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def site(pneumonia_small):
-    train = pneumonia_small.splits["train"]
-    rng = np.random.default_rng(1)
-    return SiteData(train=train.subset(rng.choice(len(train), 64, replace=False)),
-                    val=train.subset(rng.choice(len(train), 32, replace=False)))
+SITE = (64, 32, 1)  # the conftest ``site`` fixture: train, val images, seed
 
 
 def test_dpsgd_trains_the_adapter_and_leaves_the_model_clean(site, small_model_config):

@@ -1,4 +1,4 @@
-"""Issue 8: a simulation attaches to an existing Ray cluster (``ray_address``), not a private one.
+"""A simulation attaches to an existing Ray cluster (``ray_address``), not a private one.
 
 The test starts a real Ray head on loopback (``ray start --head --block``) in its own temp dir,
 runs a tiny study against it, and finds the hospitals' actor logs in that head's session.
@@ -7,38 +7,16 @@ runs a tiny study against it, and finds the hospitals' actor logs in that head's
 from __future__ import annotations
 
 import math
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 from simulations.config import load_config
+from simulations.processes import free_port, stop_process_group, wait_for_port
 from simulations.runner import backend_config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"the Ray head did not listen on port {port} in {timeout_s} s")
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -48,15 +26,7 @@ def _stop(proc: subprocess.Popen) -> None:
         family = psutil.Process(proc.pid).children(recursive=True)
     except psutil.Error:
         pass
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # ray start --block stops its processes on SIGTERM
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+    stop_process_group(proc, grace_s=30)  # ray start --block stops its processes on SIGTERM
     _, alive = psutil.wait_procs(family, timeout=10)
     for child in alive:
         child.kill()
@@ -65,7 +35,7 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     temp_dir = tmp_path_factory.mktemp("rayhead")
-    port = _free_port()
+    port = free_port()
     ray = Path(sys.executable).with_name("ray")
     log = open(temp_dir / "head.log", "w")  # noqa: SIM115 - closed after the head stops
     proc = subprocess.Popen(
@@ -75,7 +45,7 @@ def ray_head(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        _wait_for_port(port, proc)
+        wait_for_port(port, proc, timeout_s=90)
         yield f"127.0.0.1:{port}", temp_dir
     finally:
         _stop(proc)
@@ -88,6 +58,7 @@ def test_backend_config_passes_the_address():
     assert backend_config(config)["init_args"]["address"] == "10.0.0.5:6379"
 
 
+@pytest.mark.slow
 def test_study_runs_on_an_existing_ray_head(ray_head, tmp_path):
     from simulations.runner import run_study
 

@@ -16,6 +16,9 @@ from server.rounds import initial_model
 from simulations.config import load_config
 from simulations.runner import resolve, run_study
 
+# A Flower simulation on Ray.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):

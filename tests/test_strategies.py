@@ -8,7 +8,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from client.app import build_client_app
 from client.exchange import PERSONAL_STATE_KEY
-from client.site import SiteData
 from models.adapters import adapter_state
 from models.config import TrainConfig, to_config_record
 from models.flower_compat import task_identity
@@ -47,8 +46,11 @@ def _reply(node: int, arrays: ArrayRecord, examples: int = 10) -> Message:
                                  src_node_id=node, dst_node_id=0, message_id=f"r{node}")
 
 
-def _aggregate(name: str, values: list[float], global_value: float = 0.0, **options):
-    """One round of ``name`` on updates that fill every tensor with one value each."""
+def _aggregate(name: str, values: list[float], global_value: float = 0.0,
+               examples: list[int] | None = None, **options):
+    """One round of ``name`` on updates that fill every tensor with one value each; hospital
+    ``i`` reports ``examples[i]`` training examples (10 each by default)."""
+    examples = examples or [10] * len(values)
     seen = []
     strategy = build_strategy(name, observer=seen.append, min_train_nodes=1,
                               min_available_nodes=1, options=StrategyOptions(**options))
@@ -56,7 +58,7 @@ def _aggregate(name: str, values: list[float], global_value: float = 0.0, **opti
     list(strategy.configure_train(1, global_arrays, ConfigRecord(), _Grid(len(values))))
     exchanged = strategy.exchanged(global_arrays)
     replies = [_reply(i + 1, ArrayRecord({k: Array(np.full(SHAPES[k], v, np.float32))
-                                          for k in exchanged}))
+                                          for k in exchanged}), examples[i])
                for i, v in enumerate(values)]
     arrays, _ = strategy.aggregate_train(1, replies)
     return arrays, seen
@@ -74,8 +76,10 @@ def test_median_and_trimmed_mean_of_known_values():
 
 
 def test_fedavg_is_the_example_weighted_mean():
-    arrays, _ = _aggregate("fedavg", [1.0, 3.0])
-    assert np.allclose(arrays["head.weight"].numpy(), 2.0)
+    # 30 examples at 1.0 and 10 at 3.0: (30 * 1 + 10 * 3) / 40 = 1.5 (unweighted: 2.0).
+    arrays, _ = _aggregate("fedavg", [1.0, 3.0], examples=[30, 10])
+    for name in SHAPES:
+        assert np.allclose(arrays[name].numpy(), 1.5), name
 
 
 @pytest.mark.parametrize("attack", sorted(ATTACKS))
@@ -131,12 +135,7 @@ def test_sum_only_flags_and_unknown_names():
 
 # --- the exchanges at a hospital (real model, real images, one short round) ---------------
 
-@pytest.fixture(scope="module")
-def site(pneumonia_small):
-    train = pneumonia_small.splits["train"]
-    rng = np.random.default_rng(0)
-    return SiteData(train=train.subset(rng.choice(len(train), 32, replace=False)),
-                    val=train.subset(rng.choice(len(train), 16, replace=False)))
+SITE = (32, 16, 0)  # the conftest ``site`` fixture: train, val images, seed
 
 
 def _message(kind: str, arrays: ArrayRecord, config) -> Message:

@@ -194,6 +194,7 @@ def test_bootstrap_interval_holds_the_auc_and_narrows_with_more_data():
 # ------------------------------------------------------------------ the tiny run and its report
 
 
+@pytest.mark.slow
 def test_dropped_hospitals_are_recorded_and_the_round_survives(tiny_run):
     run_dir, summary = tiny_run
     expected = {h for h in range(3) if drops_out(DROPOUT, SEED, 1, h)}
@@ -207,6 +208,7 @@ def test_dropped_hospitals_are_recorded_and_the_round_survives(tiny_run):
     assert np.isfinite(summary["federated"]["auc"])
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_the_same_metrics(tiny_run, tmp_path):
     from simulations.runner import run_study
 
@@ -223,6 +225,7 @@ def test_same_config_and_seed_give_the_same_metrics(tiny_run, tmp_path):
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_final_model_scores_match_the_run(tiny_run):
     run_dir, summary = tiny_run
     scores = score_final_model(load_run(run_dir))
@@ -232,6 +235,7 @@ def test_final_model_scores_match_the_run(tiny_run):
     assert scores.probs.shape == (120, 2)
 
 
+@pytest.mark.slow
 def test_report_of_one_run_has_every_section(tiny_run, tmp_path):
     run_dir, summary = tiny_run
     page_path = build_report([run_dir], tmp_path / "report")
@@ -254,6 +258,7 @@ def test_report_of_one_run_has_every_section(tiny_run, tmp_path):
     assert "Privacy budget" not in page  # no DP in this run: no epsilon figure
 
 
+@pytest.mark.slow
 def test_report_of_two_runs_compares_them(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     other = tmp_path / "other-run"
@@ -267,6 +272,7 @@ def test_report_of_two_runs_compares_them(tiny_run, tmp_path):
     assert (tmp_path / "compare" / "figures" / "tiny-run-baselines.png").is_file()
 
 
+@pytest.mark.slow
 def test_report_plots_epsilon_when_the_run_has_dp_columns(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     dp_run = tmp_path / "dp-run"
@@ -281,6 +287,7 @@ def test_report_plots_epsilon_when_the_run_has_dp_columns(tiny_run, tmp_path):
     assert (tmp_path / "dp-report" / "figures" / "epsilon.png").is_file()
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_the_run_metrics(tiny_run, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -303,6 +310,7 @@ def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
         build_report([tmp_path], tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_mlflow_run_holds_the_settings_round_metrics_and_summary(tiny_run, tmp_path):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient

@@ -59,6 +59,7 @@ def _imported(queue) -> None:
     queue.put(sorted(m for m in ("client.app", "torch", "peft", "monai") if m in sys.modules))
 
 
+@pytest.mark.slow
 def test_task_processes_fork_from_a_server_that_imported_the_clientapp():
     executor = WarmClientAppExecutor()
     try:

@@ -18,7 +18,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,15 +32,9 @@ from client.site_folder import CONFIG_FILE as HOSPITAL_CONFIG
 from client.site_folder import init_site_folder, load_hospital_config
 from server.consortium import enrol, init_consortium
 from simulations.config import SimulationConfig, config_dict, load_config
+from simulations.processes import free_port, stop_process_group, wait_for_log
 
 STUDY_FILE = "study.toml"
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _uint8(images) -> np.ndarray:
@@ -133,28 +126,13 @@ class LoopbackConsortium:
 
     def wait_for_log(self, name: str, text: str, timeout_s: float) -> bool:
         """Wait until ``text`` appears in daemon ``name``'s log."""
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            path = self.log(name)
-            if path.exists() and text in path.read_text(errors="replace"):
-                return True
-            time.sleep(0.3)
-        return False
+        return wait_for_log(self.log(name), text, timeout_s)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to daemon ``name`` and every process it started; wait for it."""
         proc = self.procs.pop(name, None)
-        if proc is None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc is not None:
+            stop_process_group(proc, sig, grace_s=20)
 
     def stop_all(self) -> None:
         """Stop every daemon still running (SIGTERM, then SIGKILL)."""
