@@ -79,12 +79,12 @@ def print_summary(summary: dict[str, Any], run_dir: str) -> None:
 
 @user_errors(*SIMULATION_ERRORS)
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from simulations.runner import run_study
+    from simulations.runner import resolve, run_study
 
     quiet_flower(args.verbose)
-    config = base_config(args, simulate_overrides(args))
+    config = resolve(base_config(args, simulate_overrides(args)))  # names the run directory
     summary = run_study(config, console)
-    print_summary(summary, str(Path(config.run_dir or "runs")))
+    print_summary(summary, config.run_dir)
     return 0
 
 

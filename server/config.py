@@ -20,7 +20,7 @@ class FederationConfig:
         min_hospitals: fewest hospitals a round needs; a round with fewer valid updates fails the
             run (it would not protect anyone's update in a sum, nor represent the consortium).
         round_timeout_s: seconds to wait for replies in a round.
-        options: the strategies' settings (issue 7; ``[federation.options]``), e.g. the server
+        options: the strategies' settings (``[federation.options]``), e.g. the server
             learning rate of ``fedadam`` or the update norm bound every rule applies.
         secure_aggregation: SecAgg+ settings (``[federation.secure_aggregation]``); with
             ``enabled`` the coordinator only ever sees the sum of the hospitals' updates.
@@ -49,7 +49,7 @@ class FederationConfig:
     initial_adapter_sha256: str = ""
 
     def __post_init__(self) -> None:
-        # Issue 7: refuse an unknown strategy when the config is read, not rounds later.
+        # Refuse an unknown strategy when the config is read, not rounds later.
         from strategies import STRATEGIES
 
         if self.rounds < 1:

@@ -85,7 +85,7 @@ class RunRecords:
             row["upload_bytes"] = reply.upload_bytes
             # Which data trained this update (a hash; no ids or paths leave the hospital).
             row["site_fingerprint"] = str(reply.site.get("fingerprint", ""))
-            # Issue 4: the hospital's DP spend in this run so far (absent without DP).
+            # The hospital's DP spend in this run so far (absent without DP).
             row["epsilon"] = metrics.get("dp-epsilon")
             row["delta"] = metrics.get("dp-delta")
         else:

@@ -86,7 +86,7 @@ class FailureConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """Optional experiment tracking of a study (``[tracking]``; issue 8), off by default.
+    """Optional experiment tracking of a study (``[tracking]``), off by default.
 
     Attributes:
         mlflow: after the run, log its settings, per-round metrics and summary to an MLflow
@@ -109,9 +109,9 @@ class SimulationConfig:
         run_dir: where results go; empty means ``runs/<dataset>-<timestamp>``.
         baselines: which of ``pooled`` and ``local`` to run on the same split and budget.
         cpus_per_hospital: CPU cores each simulated hospital's Ray actor gets.
-        privacy: the run's DP mechanisms (``[privacy]``; issue 4), proposed by the coordinator.
-        failures: simulated hospital dropouts and stragglers (``[failures]``; issue 8).
-        tracking: optional MLflow tracking (``[tracking]``; issue 8).
+        privacy: the run's DP mechanisms (``[privacy]``), proposed by the coordinator.
+        failures: simulated hospital dropouts and stragglers (``[failures]``).
+        tracking: optional MLflow tracking (``[tracking]``).
         site_policy: a site privacy policy TOML every simulated hospital applies ("" : none).
         ledger_dir: where simulated hospitals keep their privacy ledgers (one SQLite file each);
             "" : ``runs/ledgers`` when ``site_policy`` is set, so budgets compose across runs.

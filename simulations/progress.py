@@ -40,9 +40,12 @@ class RoundProgress:
             self.progress.update(self.task, description=self._text(reply.server_round))
 
     def on_round(self, server_round: int, metrics: dict[str, float]) -> None:
+        """After round ``server_round``'s central evaluation (0: the initial adapter's)."""
         self.auc = float(metrics.get("test-auc", math.nan))
-        if server_round > 0:
+        if server_round == 0:
+            self.progress.update(self.task, description=self._text(1))
+        elif server_round < self.rounds:
             self.done_in_round = 0
             self.progress.update(self.task, advance=1, description=self._text(server_round + 1))
-        else:
-            self.progress.update(self.task, description=self._text(1))
+        else:  # the last round: its line stays as it ended, hospitals and all
+            self.progress.update(self.task, advance=1, description=self._text(server_round))

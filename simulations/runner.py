@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from models.registry import build_base_model, weights_sha256
 from server.records import RunRecords
 from server.rounds import FederationError
 from server.simulation_app import ServerRun, build_server_app
+from simulations.baseline_pool import run_baselines
 from simulations.baselines import local_baseline, pooled_baseline
 from simulations.config import SimulationConfig, config_dict
 from simulations.progress import RoundProgress
@@ -36,6 +38,8 @@ from simulations.sites import (
 )
 
 logger = logging.getLogger(__name__)
+
+BASELINES = {"pooled": pooled_baseline, "local": local_baseline}
 
 
 def resolve(config: SimulationConfig) -> SimulationConfig:
@@ -54,7 +58,7 @@ def resolve(config: SimulationConfig) -> SimulationConfig:
             f"federation.min_hospitals={config.federation.min_hospitals} exceeds "
             f"data.num_hospitals={config.data.num_hospitals}"
         )
-    # Issue 4: the run's length and the hospitals sampled per round (Flower's sampling rule)
+    # The run's length and the hospitals sampled per round (Flower's sampling rule)
     # calibrate DP at the hospitals.
     sampled = max(int(config.data.num_hospitals * config.federation.fraction_train),
                   config.federation.min_hospitals)
@@ -76,7 +80,7 @@ def resolve(config: SimulationConfig) -> SimulationConfig:
 
 def backend_config(config: SimulationConfig) -> dict[str, Any]:
     """Flower's Ray backend: one actor per ``cpus_per_hospital`` cores, quiet, no dashboard;
-    with ``ray_address`` (issue 8) Flower attaches to that running Ray cluster instead of
+    with ``ray_address`` Flower attaches to that running Ray cluster instead of
     starting one, and the hospitals' actors spread over its nodes."""
     init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": "ERROR",
                                  "log_to_driver": False}
@@ -89,7 +93,7 @@ def backend_config(config: SimulationConfig) -> dict[str, Any]:
 
 
 def _straggler_grid(config: SimulationConfig) -> Callable[[Grid], Grid] | None:
-    """Issue 8: hospitals whose replies come late (seeded), held back at the coordinator's end
+    """Hospitals whose replies come late (seeded), held back at the coordinator's end
     of the wire (``simulations.stragglers``); None without stragglers."""
     failures = config.failures
     if failures.straggler_probability == 0 or failures.straggler_delay_s == 0:
@@ -117,7 +121,7 @@ def _run_flower(config: SimulationConfig, run: ServerRun) -> None:
                                    config.run_dir)
     failures = config.failures
     if failures.dropout_probability > 0:
-        # Issue 8: hospitals that fail rounds (seeded), recorded as such.
+        # Hospitals that fail rounds (seeded), recorded as such.
         from simulations.dropouts import build_dropout_client_app
 
         client_app = build_dropout_client_app(
@@ -199,16 +203,15 @@ def run_study(config: SimulationConfig, console: Console | None = None,
     }
     sites = hospital_sites(config.data, config.model.image_size, config.seed)
     summary["examples_per_hospital"] = [len(s.train) for s in sites]
-    baseline_time = {}
-    for name, fn in (("pooled", pooled_baseline), ("local", local_baseline)):
-        if name in config.baselines:
-            with console.status(f"baseline: {name}"):
-                t0 = time.monotonic()
-                summary[name] = fn(sites, test, config.model, config.train,
-                                   config.federation.rounds, dp=config.privacy,
-                                   adapter=config.federation.initial_adapter,
-                                   adapter_sha256=config.federation.initial_adapter_sha256)
-                baseline_time[name] = time.monotonic() - t0
+    names = [n for n in ("pooled", "local") if n in config.baselines]
+    jobs = {name: partial(BASELINES[name], sites, test, config.model, config.train,
+                          config.federation.rounds, dp=config.privacy,
+                          adapter=config.federation.initial_adapter,
+                          adapter_sha256=config.federation.initial_adapter_sha256)
+            for name in names}
+    results, baseline_time = run_baselines(
+        jobs, waiting=lambda: console.status(f"baselines: {', '.join(names)}"))
+    summary.update(results)
 
     uploads = [r["upload_bytes"] for r in records.train_rows() if r.get("upload_bytes")]
     summary["bytes"] = {
@@ -220,7 +223,7 @@ def run_study(config: SimulationConfig, console: Console | None = None,
     if privacy := records.privacy_summary():
         summary["privacy"] = privacy
     records.write_summary(summary)
-    if config.tracking.mlflow:  # issue 8: optional MLflow tracking, off by default
+    if config.tracking.mlflow:  # optional MLflow tracking, off by default
         from simulations.tracking import track_run
 
         track_run(Path(config.run_dir), True, config.tracking.mlflow_experiment)

@@ -70,7 +70,7 @@ def hospital_site(data: DataConfig, image_size: int, seed: int, hospital: int) -
     pool = training_pool(data, image_size, seed)
     train_idx, val_idx = _shares(data, image_size, seed)[hospital]
     train, val = pool.subset(train_idx), pool.subset(val_idx)
-    # Issue 8: this hospital's scanner (seeded); the coordinator's test set is left as is.
+    # This hospital's scanner (seeded); the coordinator's test set is left as is.
     train = shift_site(train, data.shift, hospital, seed, data.shift_strength)
     val = shift_site(val, data.shift, hospital, seed + 1, data.shift_strength)
     return SiteData(train=train, val=val)
@@ -113,7 +113,7 @@ def _site(data: DataConfig, image_size: int, seed: int, hospital: int) -> SiteDa
 def simulated_site_loader(data: DataConfig, image_size: int, seed: int,
                           run_dir: str) -> SimulatedSiteLoader:
     """The simulation's ``SiteLoader``; with ``data.as_dicom`` it first writes every hospital's
-    partition as DICOM files plus a manifest under ``<run_dir>/dicom`` (issue 3)."""
+    partition as DICOM files plus a manifest under ``<run_dir>/dicom``."""
     if not data.as_dicom:
         return SimulatedSiteLoader(data, seed)
     from simulations.dicom_export import export_hospitals

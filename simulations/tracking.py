@@ -9,7 +9,7 @@ overlays runs. Scalars, by round: ``test/auc``, ``test/loss``, ``test/accuracy``
 ``hospital_<k>/train_loss``; ``privacy/epsilon_hospital_<k>`` (with DP);
 ``communication/upload_mb`` (all hospitals).
 
-MLflow (``[tracking] mlflow = true`` in a simulation TOML, issue 8): after the run, a local
+MLflow (``[tracking] mlflow = true`` in a simulation TOML): after the run, a local
 store inside the run directory gets one MLflow run in experiment ``[tracking]
 mlflow_experiment``: an SQLite file ``<run_dir>/mlflow.db`` (MLflow 3 refuses its old
 ``mlruns`` folder store unless told otherwise) and artifacts in ``<run_dir>/mlartifacts``;

@@ -23,11 +23,11 @@ from strategies.replies import Reply, ReplyObserver, split_valid_replies
 logger = logging.getLogger(__name__)
 
 LATE = "late: no reply within the round timeout"
-"""Why a hospital that was asked but did not answer in time has no update (issue 8)."""
+"""Why a hospital that was asked but did not answer in time has no update."""
 
 
 class TooFewUpdates(RuntimeError):
-    """A training round left with fewer valid updates than ``min_train_nodes`` (issue 4: e.g.
+    """A training round left with fewer valid updates than ``min_train_nodes`` (e.g.
     hospitals' privacy-budget refusals); the message names every dropped reply's reason."""
 
 
@@ -61,7 +61,7 @@ class AdapterStrategy:
         check_exchange(self.exchange)
         self.observer = observer
         self.options = options or StrategyOptions()
-        # Issue 4: client-level DP averages updates uniformly (``update-weight`` = 1) while
+        # Client-level DP averages updates uniformly (``update-weight`` = 1) while
         # evaluation metrics stay weighted by example counts.
         self.train_weighted_by_key = train_weighted_by_key or self.weighted_by_key
         self._global: ArrayRecord | None = None
@@ -131,7 +131,7 @@ class AdapterStrategy:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = self.record_late(server_round, "train", replies)  # issue 8: stragglers
+        replies = self.record_late(server_round, "train", replies)  # stragglers
         expected = self.exchanged(self._global) if self._global is not None else None
         dropped: list[str] = []
 
@@ -144,7 +144,7 @@ class AdapterStrategy:
         valid = split_valid_replies(replies, server_round, "train", expected, observe,
                                     self.options.max_update_norm)
         if len(valid) < self.min_train_nodes:
-            # Issue 4: end the run now, naming why (e.g. privacy refusals), not rounds later.
+            # End the run now, naming why (e.g. privacy refusals), not rounds later.
             raise TooFewUpdates(
                 f"round {server_round} got {len(valid)} valid updates, needs "
                 f"{self.min_train_nodes}; {'; '.join(dropped) or 'no hospital answered'}")
@@ -167,6 +167,6 @@ class AdapterStrategy:
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        replies = self.record_late(server_round, "evaluate", replies)  # issue 8: stragglers
+        replies = self.record_late(server_round, "evaluate", replies)  # stragglers
         valid = split_valid_replies(replies, server_round, "evaluate", None, self.observer)
         return super().aggregate_evaluate(server_round, valid)

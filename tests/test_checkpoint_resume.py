@@ -1,5 +1,5 @@
 """The coordinator's per-round checkpoint: a run killed after round 1 and started again with the
-same settings ends with the same adapter as an uninterrupted run (issue 6)."""
+same settings ends with the same adapter as an uninterrupted run."""
 
 import numpy as np
 import pytest

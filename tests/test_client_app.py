@@ -66,7 +66,7 @@ def test_evaluate_reports_validation_metrics(app, small_model_config, site):
 def test_hospital_refuses_other_base_weights(app, small_model_config):
     arrays, config = _wire(small_model_config)
     config["weights-sha256"] = "f" * 64
-    # Answered as an error reply naming the weights (issue 6: audited, not raised).
+    # Answered as an error reply naming the weights (audited, not raised).
     reply = app(_message("train", arrays, config), _context())
     assert reply.has_error() and WeightsMismatchError.__name__ in reply.error.reason
     assert "f" * 64 in reply.error.reason

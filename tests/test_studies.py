@@ -1,4 +1,4 @@
-"""Issue 8: scenarios (quantity skew, scanner shift, dropouts, sweeps) and the HTML report.
+"""Scenarios (quantity skew, scanner shift, dropouts, sweeps) and the HTML report.
 
 One real tiny run (3 hospitals, 1 round, 32 px, quantity skew + scanner shift + dropouts) feeds
 the report tests.

@@ -8,7 +8,7 @@ the hospitals' last-round validation metrics, for ``fedsa-lora`` their personali
 Then a scenario with one hospital sending a distorted update (sign-flipped and scaled) shows which
 rules survive it. Ends with ``best federated auc - pooled auc: <number>``.
 
-The defaults are the full setting of issue 7: 64 px, every training and test image, 5
+The defaults are the full setting: 64 px, every training and test image, 5
 hospitals, Dirichlet 0.3, 4 rounds of one local epoch at batch 16 and lr 1e-3 for every rule
 (``hetlora``: ranks 2, 4, 8 cycled over the hospitals). ``--image-size 32 --max-train 800
 --max-test 300 --local-steps 8`` is the quick setting.

@@ -1,0 +1,72 @@
+"""Run directories as the report reads them: settings, per-round metrics and summary."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+# MedMNIST's label names, so a clinician reads "pneumonia", not "class 1".
+CLASS_NAMES = {
+    "pneumoniamnist": ["normal", "pneumonia"],
+    "breastmnist": ["malignant", "normal or benign"],
+}
+
+
+class ReportError(ValueError):
+    """A run directory that cannot be reported on (missing or unreadable files)."""
+
+
+@dataclass
+class Run:
+    """One run directory, read.
+
+    Attributes:
+        path: the run directory.
+        config: ``config.toml`` as a nested dict.
+        metrics: ``metrics.csv`` (one row per round and hospital, plus ``global`` test rows).
+        summary: ``summary.json``.
+    """
+
+    path: Path
+    config: dict[str, Any]
+    metrics: pd.DataFrame
+    summary: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def hospitals(self) -> pd.DataFrame:
+        return self.metrics[self.metrics.hospital != "global"]
+
+    @property
+    def test_rows(self) -> pd.DataFrame:
+        return self.metrics[self.metrics.hospital == "global"].sort_values("round")
+
+
+def load_run(path: Path) -> Run:
+    """Read one run directory; a clear error names what is missing."""
+    path = Path(path)
+    needed = ("config.toml", "metrics.csv", "summary.json")
+    missing = [n for n in needed if not (path / n).is_file()]
+    if missing:
+        raise ReportError(f"{path}: not a finished run directory (missing {', '.join(missing)}); "
+                          f"give the folder `medfed simulate` wrote (see --run-dir)")
+    try:
+        config = tomllib.loads((path / "config.toml").read_text())
+        metrics = pd.read_csv(path / "metrics.csv", dtype={"hospital": str, "error": str})
+        summary = json.loads((path / "summary.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ReportError(f"{path}: cannot read the run ({err})") from err
+    return Run(path=path, config=config, metrics=metrics, summary=summary)
+
+
+def class_names(dataset: str, num_classes: int) -> list[str]:
+    names = CLASS_NAMES.get(dataset, [])
+    return names if len(names) == num_classes else [f"class {k}" for k in range(num_classes)]
