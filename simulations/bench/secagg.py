@@ -30,7 +30,7 @@ def run_setting(hospitals: int, secure: bool, args: argparse.Namespace, out: Pat
         "data": {"dataset": args.dataset, "num_hospitals": hospitals, "partition": "iid",
                  "max_train_examples": args.examples, "max_test_examples": args.test_examples},
         "model": {"image_size": args.image_size},
-        # The settings its figures in the README were measured with.
+        # The settings its figures in docs/benchmarks.md were measured with.
         "train": {"batch_size": 16, "local_epochs": 1, "lr": 1e-3},
         "federation": {"rounds": args.rounds, "min_hospitals": 2,
                        "secure_aggregation": {"enabled": secure}},

@@ -1,0 +1,35 @@
+"""The baselines run side by side in forked workers that share the parent's tensors."""
+
+import os
+
+import pytest
+import torch
+
+from simulations.baseline_pool import run_baselines
+
+
+def test_jobs_run_in_parallel_workers_on_the_parents_data_with_a_share_of_the_cores():
+    images = torch.arange(12.0).reshape(3, 4)  # in the parent only: the workers inherit it
+
+    def job(scale: float):
+        return lambda: {"sum": float(images.sum() * scale), "pid": os.getpid(),
+                        "threads": torch.get_num_threads()}
+
+    results, seconds = run_baselines({"pooled": job(1.0), "local": job(2.0)}, cores=2)
+    assert results["pooled"]["sum"] == 66.0 and results["local"]["sum"] == 132.0
+    assert {results["pooled"]["pid"], results["local"]["pid"]}.isdisjoint({os.getpid()})
+    assert results["pooled"]["pid"] != results["local"]["pid"]
+    assert results["pooled"]["threads"] == results["local"]["threads"] == 1
+    assert set(seconds) == {"pooled", "local"} and all(s >= 0 for s in seconds.values())
+
+
+def test_one_job_or_one_core_runs_here_and_errors_reach_the_caller():
+    results, _ = run_baselines({"pooled": lambda: {"pid": os.getpid()}}, cores=2)
+    assert results["pooled"]["pid"] == os.getpid()
+    assert run_baselines({}) == ({}, {})
+
+    def fails():
+        raise ValueError("no data")
+
+    with pytest.raises(ValueError, match="no data"):
+        run_baselines({"pooled": lambda: {}, "local": fails}, cores=2)
