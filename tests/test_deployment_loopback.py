@@ -9,14 +9,23 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from client.daemon import supernode_command
-from client.site_folder import init_site_folder
+from client.site_folder import CONFIG_FILE as HOSPITAL_CONFIG
+from client.site_folder import init_site_folder, load_hospital_config
 from medfed_cli.main import main as medfed
 from server.consortium import enrol, init_consortium, load_enrolments, revoke
 from server.daemon import registry_listing_command, superlink_command
 from server.status import hospital_statuses
 from simulations.processes import free_port, stop_process_group, wait_for_log
+
+
+def _free_runtime_port(site: Path) -> None:
+    """Give the site's SuperNode a free local port (the default, 9094, may be taken by another
+    SuperNode on this machine)."""
+    hospital = load_hospital_config(site).__dict__ | {"runtime_port": free_port()}
+    (site / HOSPITAL_CONFIG).write_text(tomli_w.dumps({"hospital": hospital}))
 
 
 def _refused(site: Path, env: dict, log: Path) -> bool:
@@ -41,6 +50,7 @@ def test_tls_superlink_admits_only_enrolled_hospitals(tmp_path):
     for name in ("enrolled", "stranger"):
         sites[name] = tmp_path / name
         init_site_folder(sites[name], name, superlink=f"localhost:{port}")
+        _free_runtime_port(sites[name])
         shutil.copy(consortium / "ca" / "ca.pem", sites[name] / "ca.pem")
     enrol(consortium, "enrolled", sites["enrolled"] / "node.pub")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
