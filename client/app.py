@@ -38,6 +38,7 @@ from models.config import ModelConfig, TrainConfig, from_config_record, round_lr
 from models.metrics import evaluate
 from privacy.config import DPConfig, dp_config_from_record
 from privacy.secagg.config import ACTION as SECAGG_ACTION
+from privacy.secagg.identity import IdentityLoader, identity_from_node_config
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +59,11 @@ def _prepare(msg: Message, context: Context, load_site: SiteLoader):
 
 
 def _round_dp(msg: Message) -> DPConfig:
-    """The round's DP settings; ``update_secure_sum`` only counts in a securely aggregated
+    """The round's DP settings; ``update_min_sum_size`` only counts in a securely aggregated
     round, where the hospital's own secure-aggregation handler set it."""
     dp = dp_config_from_record(msg.content["config"])
-    if msg.metadata.message_type != f"train.{SECAGG_ACTION}" and dp.update_secure_sum:
-        dp = replace(dp, update_secure_sum=0)
+    if msg.metadata.message_type != f"train.{SECAGG_ACTION}" and dp.update_min_sum_size:
+        dp = replace(dp, update_min_sum_size=0)
     return dp
 
 
@@ -131,9 +132,11 @@ def declared_weight(msg: Message, context: Context, key: str, load_site: SiteLoa
 def build_client_app(
     load_site: SiteLoader = load_site_from_node_config,
     load_privacy: SitePrivacyLoader = site_privacy_from_node_config,
+    load_identity: IdentityLoader = identity_from_node_config,
 ) -> ClientApp:
-    """A ClientApp whose hospitals get their data from ``load_site`` and their privacy policy
-    and ledger from ``load_privacy``."""
+    """A ClientApp whose hospitals get their data from ``load_site``, their privacy policy
+    and ledger from ``load_privacy``, and their node key and consortium roster for secure
+    aggregation from ``load_identity``."""
     app = ClientApp(mods=[packed_wire_mod])  # a coordinator may pack the adapter
 
     def train_plain(msg: Message, context: Context) -> Message:
@@ -158,7 +161,7 @@ def build_client_app(
         # run policy is checked at setup, before any key is made.
         setup = msg.content.config_records.get("secagg", {}).get("stage") == "setup"
         reply = (setup and refuse_run(msg, context)) or handle_secagg(
-            msg, context, train_plain, weight_of)
+            msg, context, train_plain, weight_of, load_identity)
         audit_reply(msg, reply, context)  # what leaves is the masked vector, logged as such
         return reply
 

@@ -101,7 +101,7 @@ def plan_charges(dp: DPConfig, num_examples: int, train_config: TrainConfig) -> 
         if dp.update_hospitals < 1:
             raise ValueError("update_hospitals must be >= 1 (the coordinator sets it)")
         charges.append(update_charge(dp.update_clip_norm, dp.update_noise_multiplier,
-                                     dp.update_hospitals, dp.update_secure_sum))
+                                     dp.update_hospitals, dp.update_min_sum_size))
     return charges
 
 

@@ -3,29 +3,50 @@
 Four ``train.secagg`` messages per round (see ``privacy.secagg``):
 
 1. ``setup``: make two X25519 key pairs (one to encrypt shares, one to agree masks) and a
-   self-mask seed; send the public keys, a commitment to the seed, and the averaging weight.
-2. ``share``: split the masking private key and the seed into Shamir shares, one per
+   self-mask seed; send the public keys signed with the hospital's enrolled node key (with the
+   noise share it will add), a commitment to the seed, and the averaging weight.
+2. ``share``: keep the neighbours whose keys are signed by a distinct hospital on the
+   consortium roster (``privacy.secagg.identity``); refuse the round if fewer remain than this
+   hospital's own minimum, unless its run policy allows plain rounds (then the ledger charges
+   the update as released alone). Split the masking private key and the seed into Shamir shares
+   with a threshold of at least a strict majority of the kept group, one per verified
    neighbour (and one kept), each encrypted for its neighbour; the coordinator relays them.
 3. ``mask``: receive the global adapter and the neighbours' encrypted shares; train as in a
-   plain round (site policy, DP, ledger); send the weighted update ``new - global`` quantised
-   and masked with the self-mask and one pairwise mask per neighbour, plus the plain metrics.
+   plain round (site policy, DP, ledger - charged from what this hospital checked); send the
+   weighted update ``new - global`` quantised and masked with the self-mask and one pairwise
+   mask per verified neighbour, plus the plain metrics.
 4. ``unmask``: for each neighbour that dropped out send its masking-key share, for each that
-   stayed its seed share - never both for one hospital, which would unmask its update.
+   stayed its seed share - never both for one hospital, which would unmask its update, and
+   nothing unless the survivors it holds verified shares for (and itself) reach its minimum.
 
-Secrets live in ``context.state`` for the round only and are deleted after ``unmask``.
+Nothing the coordinator sends sets a floor: the minimum group, the threshold and the peers that
+count are this hospital's own. Secrets live in ``context.state`` for the round only and are
+deleted after ``unmask``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
-from client.run_policy import policy_min_hospitals
+from client.run_policy import RUN_POLICY_KEY, load_run_policy
+from privacy.config import dp_config_from_record
 from privacy.secagg import SecAggError, crypto
 from privacy.secagg.encoding import flatten, quantize
+from privacy.secagg.identity import (
+    IdentityLoader,
+    SecAggIdentity,
+    SetupKeys,
+    identity_from_node_config,
+    sign_setup,
+    verify_setup,
+)
 from privacy.secagg.wire import MASKED, RECORD, VECTOR, ids_in, ids_out
 
 logger = logging.getLogger(__name__)
@@ -34,6 +55,9 @@ STATE_KEY = "secagg-state"
 """Where the round's secrets are kept in ``context.state`` between stages."""
 PROTOCOL_ERROR = 422
 """Flower error code of a stage the hospital refuses (malformed or unsafe request)."""
+MIN_GROUP = 3
+"""The fewest distinct enrolled hospitals (this one included) whose sum a hospital helps
+unmask, whatever its run policy says: with two, each learns the other's update."""
 
 TrainHandler = Callable[[Message, Context], Message]
 """A plain training round: the ``train`` message in, the reply (adapter + metrics) out."""
@@ -41,16 +65,20 @@ WeightOf = Callable[[Message, Context, str], float]
 """The hospital's averaging weight for the round: ``(setup message, context, weight key)``."""
 
 
-def handle_secagg(msg: Message, context: Context, train: TrainHandler,
-                  weight_of: WeightOf) -> Message:
-    """Answer one stage of the protocol; a refused or broken stage is an error reply."""
+def handle_secagg(msg: Message, context: Context, train: TrainHandler, weight_of: WeightOf,
+                  identity_of: IdentityLoader = identity_from_node_config) -> Message:
+    """Answer one stage of the protocol; a refused or broken stage is an error reply.
+
+    ``identity_of`` gives the hospital's node key and the CA-checked roster (default: the
+    node config's ``node-key``, ``secagg-roster`` and ``ca-cert``).
+    """
     try:
         request = msg.content.config_records[RECORD]
         stage = str(request["stage"])
         if stage == "setup":
-            return _reply(msg, _setup(msg, request, context, weight_of))
+            return _reply(msg, _setup(msg, request, context, weight_of, identity_of(context)))
         if stage == "share":
-            return _reply(msg, _share(request, context))
+            return _reply(msg, _share(request, context, identity_of(context)))
         if stage == "mask":
             return _mask(msg, request, context, train)
         if stage == "unmask":
@@ -75,70 +103,152 @@ def _state(context: Context, server_round: int) -> ConfigRecord:
     return state
 
 
-def _setup(msg: Message, request: ConfigRecord, context: Context,
-           weight_of: WeightOf) -> ConfigRecord:
+def own_rules(context: Context) -> tuple[int, bool]:
+    """``(minimum group, plain rounds allowed)`` from the hospital's run policy: the group is at
+    least :data:`MIN_GROUP` and the policy's ``min_hospitals``."""
+    path = context.node_config.get(RUN_POLICY_KEY)
+    if not path:
+        return MIN_GROUP, True
+    policy = load_run_policy(Path(str(path)))
+    return max(MIN_GROUP, policy.min_hospitals), not policy.require_secure_aggregation
+
+
+def noise_hospitals(msg: Message, identity: SecAggIdentity) -> tuple[int, float]:
+    """``(n, z / sqrt(n))``: the hospitals the round's client-level DP noise is split over,
+    capped at the roster's size (the coordinator cannot make a hospital add less noise by
+    claiming more hospitals than are enrolled), and the noise share this hospital adds (std
+    over the clip norm; 0 without client-level DP)."""
+    config = msg.content.config_records.get("config")
+    dp = dp_config_from_record(config) if config is not None else None
+    if dp is None or not dp.update_dp:
+        return 0, 0.0
+    enrolled = len(identity.roster.keys)
+    hospitals = min(dp.update_hospitals or enrolled, enrolled)
+    if hospitals < 1:
+        raise SecAggError("client-level DP over fewer than one hospital")
+    return hospitals, dp.update_noise_multiplier / math.sqrt(hospitals)
+
+
+def _setup(msg: Message, request: ConfigRecord, context: Context, weight_of: WeightOf,
+           identity: SecAggIdentity) -> ConfigRecord:
     c_private, c_public = crypto.generate_keypair()
     s_private, s_public = crypto.generate_keypair()
     seed = crypto.random_seed()
     weight = float(weight_of(msg, context, str(request["weight-key"])))
-    threshold = int(request["threshold"])
+    hospitals, noise_share = noise_hospitals(msg, identity)
+    server_round, node = int(request["round"]), int(str(request["node"]))
+    signature = sign_setup(identity.key, SetupKeys(context.run_id, server_round, node, c_public,
+                                                   s_public, noise_share))
     context.state[STATE_KEY] = ConfigRecord({
-        "round": int(request["round"]), "node": str(request["node"]),
-        "threshold": threshold,
-        # The fewest hospitals whose sum this hospital helps unmask: the protocol's threshold
-        # or its own run policy's minimum, whichever is larger.
-        "min-sum": max(threshold, policy_min_hospitals(context)),
+        "round": server_round, "node": str(node), "name": identity.name,
+        "threshold": int(request["threshold"]),
         "neighbours": list(request["neighbours"]),
+        "noise-hospitals": hospitals, "noise-share": noise_share,
         "c-private": c_private, "s-private": s_private, "seed": seed, "weight": weight,
         "peers": [], "peer-c": [], "peer-s": [],
         "held-from": [], "held-seed": [], "held-key": [], "own-seed-share": b"",
         "own-key-share": b"",
     })
     return ConfigRecord({"c-public": c_public, "s-public": s_public,
-                         "seed-commitment": crypto.commitment(seed), "weight": weight})
+                         "seed-commitment": crypto.commitment(seed), "weight": weight,
+                         "hospital": identity.name, "signature": signature,
+                         "noise-share": noise_share})
 
 
-def _share(request: ConfigRecord, context: Context) -> ConfigRecord:
+def verified_peers(request: ConfigRecord, state: ConfigRecord, identity: SecAggIdentity,
+                   run_id: int) -> list[int]:
+    """The peers in a ``share`` request whose keys are signed by a distinct enrolled hospital
+    other than this one, and who add at least this hospital's noise share; in request order.
+
+    A peer signed by a key off the roster, unsigned, or whose enrolled name appears under two
+    node ids (one key, two nodes: the coordinator cannot tell which is real) does not count.
+    """
+    peers = ids_in(request["peers"])
+    columns = [list(request[k]) for k in ("c-public", "s-public", "hospitals", "signatures",
+                                          "noise-shares")]
+    if any(len(c) != len(peers) for c in columns):
+        raise SecAggError("peer list, public keys, names and signatures differ in length")
+    server_round, own_share = int(state["round"]), float(state["noise-share"])
+    signed: dict[int, str] = {}
+    for peer, c_pub, s_pub, name, signature, share in zip(peers, *columns, strict=True):
+        keys = SetupKeys(run_id, server_round, peer, bytes(c_pub), bytes(s_pub), float(share))
+        if str(name) == identity.name or not verify_setup(identity.roster, str(name), keys,
+                                                         bytes(signature)):
+            logger.warning("secure aggregation: node %d's keys are not signed by an enrolled "
+                           "hospital; not counted", peer)
+            continue
+        if float(share) < own_share * (1 - 1e-9):
+            logger.warning("secure aggregation: node %d (%s) adds less noise (%g) than this "
+                           "hospital (%g); not counted", peer, name, float(share), own_share)
+            continue
+        signed[peer] = str(name)
+    seen = Counter(signed.values())
+    for peer, name in list(signed.items()):
+        if seen[name] > 1:
+            logger.warning("secure aggregation: hospital %s appears as node %d and another; "
+                           "neither counted", name, peer)
+            del signed[peer]
+    return [p for p in peers if p in signed]
+
+
+def _share(request: ConfigRecord, context: Context, identity: SecAggIdentity) -> ConfigRecord:
     state = _state(context, int(request["round"]))
     me = int(state["node"])
     peers = ids_in(request["peers"])
     if not set(peers) <= set(ids_in(state["neighbours"])) or me in peers:
         raise SecAggError("the coordinator sent keys of hospitals that are not my neighbours")
-    c_keys, s_keys = list(request["c-public"]), list(request["s-public"])
-    if not len(peers) == len(c_keys) == len(s_keys):
-        raise SecAggError("peer list and public keys differ in length")
-    threshold = int(state["threshold"])
-    if len(peers) + 1 < threshold:
-        raise SecAggError(f"{len(peers)} neighbours left, the threshold needs {threshold - 1}")
-    members = sorted([me, *peers])
+    verified = verified_peers(request, state, identity, context.run_id)
+    members = sorted([me, *verified])
+    minimum, plain_allowed = own_rules(context)
+    if len(members) < minimum and not plain_allowed:
+        raise SecAggError(f"only {len(members) - 1} neighbours are verified enrolled hospitals; "
+                          f"this hospital aggregates with at least {minimum - 1}")
+    if len(verified) < 1:
+        raise SecAggError("no neighbour is a verified enrolled hospital")
+    # At least a strict majority of the group: then the coordinator can never collect both a
+    # hospital's seed and its masking key, whatever it tells each member.
+    threshold = max(int(state["threshold"]), len(members) // 2 + 1)
+    if threshold > len(members):
+        raise SecAggError(f"{len(verified)} verified neighbours, the threshold needs "
+                          f"{threshold - 1}")
+    # Below its minimum the hospital may still take part (its policy allows plain rounds), but
+    # its ledger then charges the update as released alone.
+    state["charge-sum"] = minimum if len(members) >= minimum else 1
+    state["min-sum"] = minimum
+    state["threshold"] = threshold
     seed_shares = crypto.split_secret(bytes(state["seed"]), threshold, len(members))
     key_shares = crypto.split_secret(bytes(state["s-private"]), threshold, len(members))
     server_round = int(state["round"])
+    c_keys, s_keys = list(request["c-public"]), list(request["s-public"])
     destinations, ciphertexts = [], []
     for index, node in enumerate(members):
         if node == me:
             state["own-seed-share"], state["own-key-share"] = seed_shares[index], key_shares[index]
             continue
-        peer_c = c_keys[peers.index(node)]
+        peer_c = bytes(c_keys[peers.index(node)])
         key = crypto.agree(bytes(state["c-private"]), peer_c, crypto.SHARE_PURPOSE)
         plaintext = crypto.pack_shares(me, node, seed_shares[index], key_shares[index])
         ciphertexts.append(crypto.encrypt(key, plaintext,
                                           crypto.share_aad(server_round, me, node)))
         destinations.append(node)
-    state["peers"], state["peer-c"], state["peer-s"] = ids_out(peers), c_keys, s_keys
-    return ConfigRecord({"destinations": ids_out(destinations), "ciphertexts": ciphertexts})
+    state["peers"] = ids_out(verified)
+    state["peer-c"] = [bytes(c_keys[peers.index(p)]) for p in verified]
+    state["peer-s"] = [bytes(s_keys[peers.index(p)]) for p in verified]
+    return ConfigRecord({"destinations": ids_out(destinations), "ciphertexts": ciphertexts,
+                         "threshold": threshold})
 
 
 def _mask(msg: Message, request: ConfigRecord, context: Context, train: TrainHandler) -> Message:
     state = _state(context, int(request["round"]))
     me, server_round = int(state["node"]), int(state["round"])
     peers = ids_in(state["peers"])
-    # The neighbours' shares, relayed: keep those that decrypt and are addressed to me.
+    # The verified neighbours' shares, relayed: keep those that decrypt and are addressed to me.
     held_from, held_seed, held_key, bad = [], [], [], []
     for src, ciphertext in zip(ids_in(request["sources"]), request["ciphertexts"], strict=True):
+        if src not in peers:  # not verified here: its shares protect nothing of mine
+            logger.warning("secure aggregation: ignored shares from unverified node %d", src)
+            continue
         try:
-            if src not in peers:
-                raise SecAggError(f"share from {src}, not a neighbour")
             peer_c = bytes(state["peer-c"][peers.index(src)])
             key = crypto.agree(bytes(state["c-private"]), peer_c, crypto.SHARE_PURPOSE)
             plain = crypto.decrypt(key, bytes(ciphertext), crypto.share_aad(server_round, src, me))
@@ -205,9 +315,12 @@ def _train_message(msg: Message, state: ConfigRecord) -> Message:
 
     config = ConfigRecord(dict(msg.content.config_records["config"]))
     if "update-clip-norm" in config:
-        # Client-level DP: the ledger charges the noise of the smallest sum this hospital will
-        # let the coordinator unmask - its own threshold, not a number the coordinator sent.
-        config["update-secure-sum"] = int(state["min-sum"])
+        # Client-level DP from what this hospital checked, not what the coordinator sent: the
+        # noise is split over at most the enrolled hospitals, and the ledger charges the
+        # smallest sum this hospital lets be unmasked among verified peers adding at least its
+        # noise share (1: released alone, when too few peers verified).
+        config["update-hospitals"] = int(state["noise-hospitals"])
+        config["update-min-sum-size"] = int(state["charge-sum"])
     return make_message(msg.metadata, RecordDict({
         "arrays": msg.content.array_records["arrays"], "config": config}))
 
@@ -219,13 +332,16 @@ def _unmask(request: ConfigRecord, context: Context) -> ConfigRecord:
     if set(dropped) & set(survivors):
         # Both shares of one hospital would let the coordinator unmask its single update.
         raise SecAggError("asked for both shares of the same hospital")
-    if len(survivors) < int(state["min-sum"]):
-        raise SecAggError(f"only {len(survivors)} hospitals would be summed; this hospital "
-                          f"unmasks sums of at least {state['min-sum']}")
     held = dict(zip(ids_in(state["held-from"]), zip(state["held-seed"], state["held-key"],
                                                     strict=True), strict=True))
     held[me] = (state["own-seed-share"], state["own-key-share"])
-    seed_of = [n for n in survivors if n in held]
+    # Only survivors this hospital holds verified shares of count: ids it never verified
+    # (invented by the coordinator) do not make a sum larger.
+    counted = sorted(set(survivors) & set(held))
+    if len(counted) < int(state["min-sum"]):
+        raise SecAggError(f"only {len(counted)} verified hospitals would be summed; this "
+                          f"hospital unmasks sums of at least {state['min-sum']}")
+    seed_of = counted
     key_of = [n for n in dropped if n in held and n != me]
     reply = ConfigRecord({
         "seed-of": ids_out(seed_of), "seed-shares": [bytes(held[n][0]) for n in seed_of],

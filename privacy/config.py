@@ -63,10 +63,10 @@ class DPConfig:
             ``update_clip_norm``; each hospital adds its share (see ``privacy.update_dp``).
         update_hospitals: hospitals whose noise shares make up the sum (the number sampled per
             round); 0: the coordinator fills it in.
-        update_secure_sum: set by the *hospital* in a securely aggregated round: its
-            reconstruction threshold, the fewest hospitals' updates in any sum the coordinator
-            can unmask (the hospital refuses to unmask fewer). 0: the coordinator sees each
-            update. Never taken from the coordinator (see ``client.app.handle_train``).
+        update_min_sum_size: set by the *hospital* in a securely aggregated round: the fewest
+            hospitals' updates in any sum the coordinator can unmask (the hospital refuses to
+            unmask fewer; 1 when too few peers verified). 0: the coordinator sees each update.
+            Never taken from the coordinator (see ``client.app.handle_train``).
     """
 
     dpsgd: bool = False
@@ -84,7 +84,7 @@ class DPConfig:
     update_clip_norm: float = 0.0
     update_noise_multiplier: float = 0.0
     update_hospitals: int = 0
-    update_secure_sum: int = 0
+    update_min_sum_size: int = 0
 
     def __post_init__(self) -> None:
         self.validate()

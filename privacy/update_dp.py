@@ -71,23 +71,23 @@ def clip_and_noise(
 
 
 def charge_noise_multiplier(noise_multiplier: float, hospitals: int,
-                            secure_sum: int = 0) -> float:
+                            min_sum_size: int = 0) -> float:
     """The noise multiplier that protects one hospital's update as the coordinator sees it.
 
     Without secure aggregation that is the hospital's own share, ``z / sqrt(n)``. Under secure
-    aggregation the coordinator only decodes sums of at least ``m = secure_sum`` updates, each
+    aggregation the coordinator only decodes sums of at least ``m = min_sum_size`` updates, each
     carrying its share of noise, so one hospital's update is covered by ``z * sqrt(m / n)``
     (assuming the other hospitals in the sum do not collude with the coordinator).
     """
-    if secure_sum > 0:
-        return noise_multiplier * math.sqrt(min(secure_sum, hospitals) / hospitals)
+    if min_sum_size > 0:
+        return noise_multiplier * math.sqrt(min(min_sum_size, hospitals) / hospitals)
     return noise_multiplier / math.sqrt(hospitals)
 
 
 def update_charge(clip_norm: float, noise_multiplier: float, hospitals: int,
-                  secure_sum: int = 0) -> Charge:
+                  min_sum_size: int = 0) -> Charge:
     """The ledger charge of one round of client-level DP (one release, sampling rate 1)."""
-    return Charge(mechanism="client-gaussian-secagg" if secure_sum else "client-gaussian",
+    return Charge(mechanism="client-gaussian-secagg" if min_sum_size else "client-gaussian",
                   noise_multiplier=charge_noise_multiplier(noise_multiplier, hospitals,
-                                                           secure_sum),
+                                                           min_sum_size),
                   sample_rate=1.0, steps=1, clip_norm=clip_norm)

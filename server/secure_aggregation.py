@@ -99,47 +99,88 @@ class SecureAggregationGrid(DelegatingGrid):
         return replies
 
 
+@dataclass
+class _SetupKeys:
+    """A hospital's setup reply: its round keys, commitment, weight and what vouches for them."""
+
+    c_public: bytes
+    s_public: bytes
+    commitment: bytes
+    weight: float
+    hospital: str = ""
+    signature: bytes = b""
+    noise_share: float = 0.0
+
+
 class _SecAggRound:
-    """One round of the protocol over the hospitals the strategy sampled."""
+    """One round of the protocol over the hospitals the strategy sampled: one method per stage
+    (as Flower's ``SecAggPlusWorkflow``), each reading what the previous ones left on ``self``.
+    """
 
     def __init__(self, grid: Grid, config: SecAggConfig, weight_key: str,
                  clipping_range: float, messages: list[Message], timeout: float | None) -> None:
         self.grid, self.config, self.weight_key = grid, config, weight_key
         self.clipping_range = clipping_range
         self.timeout = timeout
+        self.key_timeout = config.stage_timeout_s or timeout
         self.requests = {m.metadata.dst_node_id: m for m in messages}
         content = messages[0].content
         self.arrays = content.array_records["arrays"]
         self.train_config = content.config_records["config"]
         self.server_round = int(self.train_config["server-round"])
         self.report = RoundReport(self.server_round, clipping_range=clipping_range)
+        nodes = sorted(self.requests)
+        self.threshold = config.threshold_count(len(nodes))
+        self.graph = neighbour_graph(nodes, config.group_count(len(nodes)),
+                                     seed=self.server_round)
+        # Filled in stage by stage.
+        self.keys: dict[int, _SetupKeys] = {}
+        self.peers: dict[int, list[int]] = {}
+        self.thresholds: dict[int, int] = {}
+        self.relay: dict[int, dict[int, bytes]] = defaultdict(dict)
+        self.shared: list[int] = []
+        self.masked: dict[int, np.ndarray] = {}
+        self.masked_with: dict[int, set[int]] = {}
+        self.metrics: dict[int, MetricRecord] = {}
+        self.sites: dict[int, ConfigRecord] = {}
+        self.survivors: list[int] = []
+        self.dropped: list[int] = []
+        mode = str(self.train_config.get("adapter-exchange", "all"))
+        self.names = sorted(exchanged_keys(list(self.arrays), mode))
+        self.global_state = {k: self.arrays[k].numpy() for k in self.names}
+        self.length = vector_length(self.global_state, self.names)
+        self.max_weight = 0.0
 
     def run(self) -> list[Message]:
         nodes = sorted(self.requests)
         try:
             self.config.check(len(nodes))
-            aggregate, survivors, metrics, sites = self._protocol(nodes)
+            self.setup_stage(nodes)
+            self.share_keys_stage()
+            self.collect_masked_vectors_stage()
+            aggregate = self.unmask_stage()
         except SecAggError as err:
             logger.error("round %d: secure aggregation failed: %s", self.server_round, err)
             for node in nodes:
                 self.report.excluded.setdefault(node, f"round failed: {err}")
             return [self._error(node) for node in nodes]
-        self.report.survivors = survivors
+        self.report.survivors = self.survivors
         logger.info("round %d: secure aggregate of %d hospitals (%d left out)",
-                    self.server_round, len(survivors), len(self.report.excluded))
+                    self.server_round, len(self.survivors), len(self.report.excluded))
         replies = []
         for node in nodes:
-            if node not in survivors:
+            if node not in self.survivors:
                 replies.append(self._error(node))
                 continue
-            record = MetricRecord(dict(metrics[node]) | {
+            record = MetricRecord(dict(self.metrics[node]) | {
                 UPLOAD_METRIC: int(self.report.upload_bytes[node])})
             content = RecordDict({"arrays": aggregate, "metrics": record})
-            if node in sites:
-                content["site"] = sites[node]
+            if node in self.sites:
+                content["site"] = self.sites[node]
             replies.append(Message(content, reply_to=self.requests[node]))
         return replies
 
+    # --- helpers ----------------------------------------------------------------------
     def _error(self, node: int) -> Message:
         reason = self.report.excluded.get(node, "left out of the secure aggregate")
         return Message(Error(code=EXCLUDED_CODE, reason=reason), reply_to=self.requests[node])
@@ -151,10 +192,9 @@ class _SecAggRound:
             self.report.excluded[node] = reason
 
     def _need(self, nodes: list[int], stage: str) -> None:
-        threshold = self.config.threshold_count(len(self.requests))
-        if len(nodes) < threshold:
+        if len(nodes) < self.threshold:
             raise SecAggError(f"only {len(nodes)} hospitals left after the {stage} stage; the "
-                              f"reconstruction threshold is {threshold}")
+                              f"reconstruction threshold is {self.threshold}")
 
     def _exchange(self, stage: str, contents: dict[int, RecordDict], timeout: float | None
                   ) -> dict[int, Message]:
@@ -184,88 +224,94 @@ class _SecAggRound:
     def _stage_record(self, stage: str, **values) -> ConfigRecord:
         return ConfigRecord({"stage": stage, "round": self.server_round} | values)
 
-    def _protocol(self, nodes: list[int]):
-        n = len(nodes)
-        shares, threshold = self.config.share_count(n), self.config.threshold_count(n)
-        graph = neighbour_graph(nodes, shares, seed=self.server_round)
-        key_timeout = self.config.stage_timeout_s or self.timeout
-
-        # 1. setup: public keys, seed commitments and weights.
+    # --- the four stages --------------------------------------------------------------
+    def setup_stage(self, nodes: list[int]) -> None:
+        """1. Each hospital's signed public keys, seed commitment and weight."""
         replies = self._exchange("setup", {u: RecordDict({
             RECORD: self._stage_record(
-                "setup", node=str(u), neighbours=ids_out(graph[u]), threshold=threshold,
-                **{"weight-key": self.weight_key}),
+                "setup", node=str(u), neighbours=ids_out(self.graph[u]),
+                threshold=self.threshold, **{"weight-key": self.weight_key}),
             "config": self.train_config}) for u in nodes}, self.timeout)
-        keys: dict[int, tuple[bytes, bytes, bytes, float]] = {}
         for u, reply in replies.items():
             record = reply.content.config_records.get(RECORD, ConfigRecord())
             try:
-                c_pub, s_pub = bytes(record["c-public"]), bytes(record["s-public"])
-                commit, weight = bytes(record["seed-commitment"]), float(record["weight"])
+                keys = _SetupKeys(
+                    bytes(record["c-public"]), bytes(record["s-public"]),
+                    bytes(record["seed-commitment"]), float(record["weight"]),
+                    str(record.get("hospital", "")), bytes(record.get("signature", b"")),
+                    float(record.get("noise-share", 0.0)))
             except (KeyError, TypeError, ValueError):
                 self._exclude(u, "setup: reply lacks keys, commitment or weight")
                 continue
-            if (len(c_pub), len(s_pub), len(commit)) != (32, 32, 32) or not (
-                    math.isfinite(weight) and weight > 0):
+            if (len(keys.c_public), len(keys.s_public), len(keys.commitment)) != (32, 32, 32) \
+                    or not (math.isfinite(keys.weight) and keys.weight > 0):
                 self._exclude(u, "setup: malformed public keys, commitment or weight")
                 continue
-            keys[u] = (c_pub, s_pub, commit, weight)
-        advertised = sorted(keys)
-        self._need(advertised, "setup")
+            self.keys[u] = keys
+        self._need(sorted(self.keys), "setup")
 
-        # 2. share: each hospital's encrypted shares, relayed below.
-        peers = {u: [v for v in graph[u] if v in keys] for u in advertised}
+    def share_keys_stage(self) -> None:
+        """2. Relay the neighbours' signed keys; collect each hospital's encrypted shares (for
+        the neighbours it verified) and the threshold it split its secrets with."""
+        advertised = sorted(self.keys)
+        self.peers = {u: [v for v in self.graph[u] if v in self.keys] for u in advertised}
         replies = self._exchange("share", {u: RecordDict({RECORD: self._stage_record(
-            "share", peers=ids_out(peers[u]), **{
-                "c-public": [keys[v][0] for v in peers[u]],
-                "s-public": [keys[v][1] for v in peers[u]]})}) for u in advertised}, key_timeout)
-        relay: dict[int, dict[int, bytes]] = defaultdict(dict)
+            "share", peers=ids_out(self.peers[u]), **{
+                "c-public": [self.keys[v].c_public for v in self.peers[u]],
+                "s-public": [self.keys[v].s_public for v in self.peers[u]],
+                "hospitals": [self.keys[v].hospital for v in self.peers[u]],
+                "signatures": [self.keys[v].signature for v in self.peers[u]],
+                "noise-shares": [self.keys[v].noise_share for v in self.peers[u]]})})
+            for u in advertised}, self.key_timeout)
         for u, reply in replies.items():
             record = reply.content.config_records.get(RECORD, ConfigRecord())
             try:
                 destinations = ids_in(record["destinations"])
                 ciphertexts = [bytes(c) for c in record["ciphertexts"]]
+                threshold = int(record["threshold"])
             except (KeyError, TypeError, ValueError):
-                self._exclude(u, "share: reply lacks destinations or ciphertexts")
+                self._exclude(u, "share: reply lacks destinations, ciphertexts or threshold")
                 continue
-            if sorted(destinations) != peers[u] or len(ciphertexts) != len(destinations):
+            # A hospital shares with the neighbours it verified: a subset, each once.
+            if (not set(destinations) <= set(self.peers[u])
+                    or len(set(destinations)) != len(destinations)
+                    or len(ciphertexts) != len(destinations)
+                    or not 1 <= threshold <= len(destinations) + 1):
                 self._exclude(u, "share: malformed shares (wrong recipients or count)")
                 continue
+            self.thresholds[u] = threshold
             for v, ciphertext in zip(destinations, ciphertexts, strict=True):
-                relay[v][u] = ciphertext
-        shared = sorted(u for u in replies if u not in self.report.excluded)
-        self._need(shared, "share")
+                self.relay[v][u] = ciphertext
+        self.shared = sorted(u for u in replies if u not in self.report.excluded)
+        self._need(self.shared, "share")
 
-        # 3. mask: hospitals train and send masked, quantised, weighted updates.
-        mode = str(self.train_config.get("adapter-exchange", "all"))
-        names = sorted(exchanged_keys(list(self.arrays), mode))
-        global_state = {k: self.arrays[k].numpy() for k in names}
-        length = vector_length(global_state, names)
-        max_weight = self.config.max_weight or max(keys[u][3] for u in shared)
+    def collect_masked_vectors_stage(self) -> None:
+        """3. Hospitals train and send masked, quantised, weighted updates."""
+        self.max_weight = self.config.max_weight or max(self.keys[u].weight for u in self.shared)
         contents = {}
-        for u in shared:
-            sources = [v for v in peers[u] if v in shared and u in relay and v in relay[u]]
+        for u in self.shared:
+            sources = [v for v in self.peers[u] if v in self.shared and v in self.relay[u]]
             contents[u] = RecordDict({
                 "arrays": self.arrays, "config": self.train_config,
                 RECORD: self._stage_record(
                     "mask", sources=ids_out(sources),
-                    ciphertexts=[relay[u][v] for v in sources], keys=names,
-                    **{"max-weight": float(max_weight),
+                    ciphertexts=[self.relay[u][v] for v in sources], keys=self.names,
+                    **{"max-weight": float(self.max_weight),
                        "clipping-range": float(self.clipping_range),
                        "quantization-bits": self.config.quantization_bits,
                        "modulus-bits": self.config.modulus_bits}),
             })
         replies = self._exchange("mask", contents, self.timeout)
-        masked, masked_with, metrics, sites = {}, {}, {}, {}
         for u, reply in replies.items():
             record = reply.content.config_records.get(RECORD, ConfigRecord())
             vector = reply.content.array_records.get(MASKED, ArrayRecord()).get(VECTOR)
-            if vector is None or vector.dtype != "uint32" or tuple(vector.shape) != (length,):
+            if vector is None or vector.dtype != "uint32" or tuple(vector.shape) != (
+                    self.length,):
                 got = "none" if vector is None else f"{vector.dtype}{list(vector.shape)}"
-                self._exclude(u, f"mask: masked vector is {got}, expected uint32[{length}]")
+                self._exclude(u, f"mask: masked vector is {got}, expected uint32[{self.length}]")
                 continue
             try:
-                masked_with[u] = set(ids_in(record["masked-with"]))
+                self.masked_with[u] = set(ids_in(record["masked-with"]))
                 for bad in ids_in(record["bad-shares-from"]):
                     self._exclude(bad, f"mask: its shares failed to decrypt at node {u}")
             except (KeyError, TypeError, ValueError):
@@ -274,19 +320,21 @@ class _SecAggRound:
             if "metrics" not in reply.content.metric_records:
                 self._exclude(u, "mask: reply carries no metrics")
                 continue
-            masked[u] = vector.numpy().astype(np.int64)
-            metrics[u] = reply.content.metric_records["metrics"]
+            self.masked[u] = vector.numpy().astype(np.int64)
+            self.metrics[u] = reply.content.metric_records["metrics"]
             if "site" in reply.content.config_records:
-                sites[u] = reply.content.config_records["site"]
-        survivors = sorted(u for u in masked if u not in self.report.excluded)
-        dropped = sorted(u for u in shared if u not in survivors)
-        self._need(survivors, "masked-input")
+                self.sites[u] = reply.content.config_records["site"]
+        self.survivors = sorted(u for u in self.masked if u not in self.report.excluded)
+        self.dropped = sorted(u for u in self.shared if u not in self.survivors)
+        self._need(self.survivors, "masked-input")
 
-        # 4. unmask: survivors' seed shares and dropped hospitals' key shares.
+    def unmask_stage(self) -> ArrayRecord:
+        """4. Survivors' seed shares and dropped hospitals' key shares; remove the masks and
+        return ``global + sum(w_i * delta_i) / sum(w_i)``."""
         replies = self._exchange("unmask", {v: RecordDict({RECORD: self._stage_record(
-            "unmask", dropped=ids_out(u for u in dropped if u in peers[v]),
-            survivors=ids_out(w for w in survivors if w == v or w in peers[v]))})
-            for v in survivors}, key_timeout)
+            "unmask", dropped=ids_out(u for u in self.dropped if u in self.peers[v]),
+            survivors=ids_out(w for w in self.survivors if w == v or w in self.peers[v]))})
+            for v in self.survivors}, self.key_timeout)
         seed_shares: dict[int, list[bytes]] = defaultdict(list)
         key_shares: dict[int, list[bytes]] = defaultdict(list)
         for v, reply in replies.items():
@@ -301,40 +349,48 @@ class _SecAggRound:
             except (KeyError, TypeError, ValueError):
                 logger.warning("round %d: node %d sent malformed unmasking shares; ignored",
                                self.server_round, v)
-
-        modulus = 1 << self.config.modulus_bits
-        total = np.zeros(length, dtype=np.int64)
-        for w in survivors:
-            total += masked[w]
-            seed = self._rebuild(w, seed_shares[w], threshold,
-                                 lambda s, w=w: crypto.commitment(s) == keys[w][2])
-            total -= crypto.mask(seed, length, self.config.modulus_bits).astype(np.int64)
-            total %= modulus
-        for u in dropped:
-            partners = [v for v in survivors if u in masked_with[v]]
-            if not partners:
-                continue
-            private = self._rebuild(u, key_shares[u], threshold,
-                                    lambda s, u=u: crypto.public_of(s) == keys[u][1])
-            for v in partners:
-                pairwise = crypto.mask(crypto.agree(private, keys[v][1], crypto.MASK_PURPOSE),
-                                       length, self.config.modulus_bits).astype(np.int64)
-                total = (total - pairwise if v < u else total + pairwise) % modulus
-
-        weighted_sum = dequantize_sum(total, len(survivors), self.clipping_range,
+        total = self._unmasked_sum(seed_shares, key_shares)
+        weighted_sum = dequantize_sum(total, len(self.survivors), self.clipping_range,
                                       self.config.quantization_bits)
-        weight_sum = sum(min(keys[w][3], max_weight) / max_weight for w in survivors)
-        average = unflatten(weighted_sum / weight_sum, global_state, names)
+        weight_sum = sum(min(self.keys[w].weight, self.max_weight) / self.max_weight
+                         for w in self.survivors)
+        average = unflatten(weighted_sum / weight_sum, self.global_state, self.names)
         aggregate = ArrayRecord()
         for key, array in self.arrays.items():
             value = array.numpy()
             if key in average:
                 value = (value.astype(np.float64) + average[key]).astype(value.dtype)
             aggregate[key] = Array(value)
-        return aggregate, survivors, metrics, sites
+        return aggregate
 
-    def _rebuild(self, node: int, shares: list[bytes], threshold: int, valid) -> bytes:
-        """Node ``node``'s secret from ``shares``, checked by ``valid`` (tries subsets)."""
+    def _unmasked_sum(self, seed_shares: dict[int, list[bytes]],
+                      key_shares: dict[int, list[bytes]]) -> np.ndarray:
+        """The sum of the survivors' quantised inputs, mod ``2**modulus_bits``: their masked
+        vectors less their self-masks and the pairwise masks shared with dropped hospitals."""
+        modulus, bits = 1 << self.config.modulus_bits, self.config.modulus_bits
+        total = np.zeros(self.length, dtype=np.int64)
+        for w in self.survivors:
+            total += self.masked[w]
+            seed = self._rebuild(w, seed_shares[w],
+                                 lambda s, w=w: crypto.commitment(s) == self.keys[w].commitment)
+            total -= crypto.mask(seed, self.length, bits).astype(np.int64)
+            total %= modulus
+        for u in self.dropped:
+            partners = [v for v in self.survivors if u in self.masked_with[v]]
+            if not partners:
+                continue
+            private = self._rebuild(u, key_shares[u],
+                                    lambda s, u=u: crypto.public_of(s) == self.keys[u].s_public)
+            for v in partners:
+                seed = crypto.agree(private, self.keys[v].s_public, crypto.MASK_PURPOSE)
+                pairwise = crypto.mask(seed, self.length, bits).astype(np.int64)
+                total = (total - pairwise if v < u else total + pairwise) % modulus
+        return total
+
+    def _rebuild(self, node: int, shares: list[bytes], valid) -> bytes:
+        """Node ``node``'s secret from ``shares``, checked by ``valid`` (tries subsets of the
+        threshold the node split it with)."""
+        threshold = self.thresholds.get(node, self.threshold)
         if len(shares) < threshold:
             raise SecAggError(f"only {len(shares)} shares of node {node}'s secret came back; "
                               f"{threshold} are needed")

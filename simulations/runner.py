@@ -22,6 +22,7 @@ from client.app import build_client_app
 from models.adapters import adapter_file, adapter_nbytes, adapter_state
 from models.hashing import file_sha256
 from models.registry import build_base_model, weights_sha256
+from privacy.secagg.local_consortium import local_consortium
 from server.records import RunRecords
 from server.rounds import FederationError
 from server.simulation_app import ServerRun, build_server_app
@@ -126,6 +127,11 @@ def _run_flower(config: SimulationConfig, run: ServerRun) -> None:
 
         client_app = build_dropout_client_app(
             loader, failures.dropout_probability, config.seed, simulated_site_privacy(config))
+    elif config.federation.secure_aggregation.enabled:
+        # Secure aggregation checks every peer against an enrolled key: the simulated
+        # hospitals get a throwaway consortium (fresh CA, keys and signed roster).
+        client_app = build_client_app(loader, simulated_site_privacy(config),
+                                      local_consortium(list(range(config.data.num_hospitals))))
     else:
         client_app = build_client_app(loader, simulated_site_privacy(config))
     flwr_logger = logging.getLogger("flwr")

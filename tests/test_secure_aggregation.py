@@ -18,6 +18,7 @@ from privacy.secagg import SecAggConfig, SecAggError
 from privacy.secagg.config import ACTION
 from privacy.secagg.encoding import dequantize_sum, quantize
 from privacy.secagg.graph import neighbour_graph
+from privacy.secagg.local_consortium import local_consortium
 from privacy.secagg.wire import RECORD
 from server.secure_aggregation import SecureAggregationGrid, secure_grid
 from simulations.inprocess import InProcessGrid
@@ -45,6 +46,7 @@ class Hospitals:
         self.weights = weights or {n: 50.0 + 30 * i for i, n in enumerate(nodes)}
         self.fail_at: dict[int, str] = {}
         self.tamper: dict[int, str] = {}
+        self.identities = local_consortium(nodes)  # each node id enrolled, keys signed
 
     def train(self, msg: Message, context: Context) -> Message:
         arrays = msg.content.array_records["arrays"]
@@ -64,7 +66,7 @@ class Hospitals:
             if self.fail_at.get(context.node_id) == stage:
                 raise ConnectionError("hospital went offline")
             reply = handle_secagg(msg, context, self.train,
-                                  lambda m, c, key: self.weights[c.node_id])
+                                  lambda m, c, key: self.weights[c.node_id], self.identities)
             return _tampered(reply, self.tamper.get(context.node_id), stage)
 
         return app
@@ -188,8 +190,8 @@ def test_hospital_dropping_after_its_masked_input_stays_in_the_sum():
 
 def test_sparse_neighbour_graph_with_dropout():
     nodes = [100 + k for k in range(9)]
-    config = SecAggConfig(enabled=True, shares=5, threshold=3)
-    graph = neighbour_graph(nodes, config.share_count(9), seed=1)
+    config = SecAggConfig(enabled=True, group_size=5, threshold=3)
+    graph = neighbour_graph(nodes, config.group_count(9), seed=1)
     assert all(len(v) == 4 for v in graph.values())  # SecAgg+: not everyone's neighbour
     hospitals = Hospitals(nodes)
     hospitals.fail_at[nodes[4]] = "mask"
@@ -313,7 +315,8 @@ def _federate(tmp_path, name: str, secure: bool, dp=None, packed: bool = False):
     from models.config import TrainConfig
 
     train = TrainConfig(local_steps=3, batch_size=16)
-    grid = InProcessGrid(build_client_app(SimulatedSiteLoader(data, 0)),
+    grid = InProcessGrid(build_client_app(SimulatedSiteLoader(data, 0),
+                                          load_identity=local_consortium([0, 1, 2])),
                          {NODES[k]: {"partition-id": k} for k in range(3)})
     if packed:  # the deployment's wire: one packed array per adapter (server.wire_grid)
         from server.wire_grid import PackedWireGrid

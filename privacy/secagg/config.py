@@ -21,13 +21,14 @@ class SecAggConfig:
 
     Attributes:
         enabled: run every training round under secure aggregation.
-        shares: into how many Shamir shares each hospital splits its secrets: itself plus its
-            neighbours in the SecAgg+ graph. A value <= 1 is a fraction of the hospitals sampled
-            in the round (1.0: everyone is everyone's neighbour, the original SecAgg).
-        threshold: shares needed to reconstruct a secret; a value <= 1 is a fraction of
-            ``shares``. Must be more than half of ``shares``, so that the coordinator can never
-            hold both a hospital's self-mask and its masking key. It is also the fewest
-            hospitals whose updates the coordinator can ever see summed.
+        group_size: how many hospitals each hospital's secrets are shared among - itself plus
+            its neighbours in the SecAgg+ graph, one Shamir share each - as a count of hospitals
+            (at least 3); 0: every hospital sampled in the round (the original SecAgg).
+        threshold: shares needed to reconstruct a secret; a value <= 1 is a fraction of the
+            group. Always raised to more than half of the group, so that the coordinator can
+            never hold both a hospital's self-mask and its masking key. Each hospital raises
+            it further to a majority of the peers it verified and enforces its own minimum
+            group (``client.secure_aggregation``): the coordinator's value is a proposal.
         clipping_range: each coordinate of a hospital's (weighted) update ``new - global`` is
             clipped to ``[-clipping_range, clipping_range]`` before quantisation. Adapter steps
             are small (about 1e-2 per round); with client-level DP the range is widened to hold
@@ -46,7 +47,7 @@ class SecAggConfig:
     """
 
     enabled: bool = False
-    shares: float = 1.0
+    group_size: int = 0
     threshold: float = 0.6
     clipping_range: float = 1.0
     quantization_bits: int = 20
@@ -55,9 +56,10 @@ class SecAggConfig:
     stage_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
-        if self.shares <= 0 or (self.shares > 1 and self.shares != int(self.shares)):
-            raise ValueError(f"secure_aggregation.shares={self.shares}: use a count > 1 or a "
-                             "fraction in (0, 1]")
+        if self.group_size != int(self.group_size) or not (
+                self.group_size == 0 or self.group_size >= 3):
+            raise ValueError(f"secure_aggregation.group_size={self.group_size}: use a count of "
+                             "hospitals >= 3, or 0 for every hospital in the round")
         if self.threshold <= 0 or (self.threshold > 1 and self.threshold != int(self.threshold)):
             raise ValueError(f"secure_aggregation.threshold={self.threshold}: use a count > 1 "
                              "or a fraction in (0, 1]")
@@ -70,9 +72,10 @@ class SecAggConfig:
         if self.max_weight < 0:
             raise ValueError("secure_aggregation.max_weight must be >= 0 (0: automatic)")
 
-    def share_count(self, hospitals: int) -> int:
-        """Shares per secret (the hospital and its neighbours) among ``hospitals``."""
-        count = (math.ceil(self.shares * hospitals) if self.shares <= 1 else int(self.shares))
+    def group_count(self, hospitals: int) -> int:
+        """Hospitals per share group (the hospital and its neighbours; shares per secret)
+        among ``hospitals``."""
+        count = int(self.group_size) or hospitals
         count = max(2, min(count, hospitals))
         if count < hospitals and count % 2 == 0:
             count += 1  # the ring graph gives each hospital an even number of neighbours
@@ -80,10 +83,10 @@ class SecAggConfig:
 
     def threshold_count(self, hospitals: int) -> int:
         """Shares needed to reconstruct a secret, among ``hospitals``."""
-        shares = self.share_count(hospitals)
-        count = (math.ceil(self.threshold * shares) if self.threshold <= 1
+        group = self.group_count(hospitals)
+        count = (math.ceil(self.threshold * group) if self.threshold <= 1
                  else int(self.threshold))
-        return max(count, shares // 2 + 1)
+        return max(count, group // 2 + 1)
 
     def check(self, hospitals: int) -> None:
         """Refuse settings that cannot protect or cannot fit ``hospitals`` hospitals.
@@ -94,10 +97,10 @@ class SecAggConfig:
         """
         if hospitals < 2:
             raise SecAggError(f"secure aggregation needs at least 2 hospitals, got {hospitals}")
-        shares, threshold = self.share_count(hospitals), self.threshold_count(hospitals)
-        if threshold > shares:
+        group, threshold = self.group_count(hospitals), self.threshold_count(hospitals)
+        if threshold > group:
             raise SecAggError(f"secure_aggregation.threshold={self.threshold} asks for "
-                              f"{threshold} shares, but each secret has only {shares}")
+                              f"{threshold} shares, but each secret has only {group}")
         levels = 2**self.quantization_bits - 1
         if hospitals * levels >= 2**self.modulus_bits:
             raise SecAggError(

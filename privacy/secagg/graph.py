@@ -3,7 +3,7 @@
 Bell et al. replace SecAgg's complete graph with a sparse random one so that each hospital's
 work grows with ``log n`` rather than ``n``. Here: a Harary-style ring over a seeded random
 permutation of the round's hospitals, each joined to the ``k // 2`` hospitals on either side
-(``k`` = shares - 1, rounded down to even), or the complete graph when ``k >= n - 1``.
+(``k`` = group size - 1, rounded down to even), or the complete graph when ``k >= n - 1``.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from __future__ import annotations
 import random
 
 
-def neighbour_graph(nodes: list[int], shares: int, seed: int) -> dict[int, list[int]]:
-    """Each node's neighbours (sorted, itself excluded) for ``shares`` shares per secret."""
+def neighbour_graph(nodes: list[int], group_size: int, seed: int) -> dict[int, list[int]]:
+    """Each node's neighbours (sorted, itself excluded) for groups of ``group_size`` hospitals
+    (a node and its neighbours: one Shamir share each)."""
     nodes = sorted(set(nodes))
-    k = shares - 1
+    k = group_size - 1
     if k >= len(nodes) - 1:
         return {u: [v for v in nodes if v != u] for u in nodes}
     ring = nodes[:]
