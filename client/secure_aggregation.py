@@ -1,6 +1,6 @@
 """The hospital's side of SecAgg+: its update leaves only masked, so the coordinator sees sums.
 
-Four ``train.secagg`` messages per round (see ``privacy.secagg``):
+Five ``train.secagg`` messages per round (see ``privacy.secagg``):
 
 1. ``setup``: make two X25519 key pairs (one to encrypt shares, one to agree masks) and a
    self-mask seed; send the public keys signed with the hospital's enrolled node key (with the
@@ -15,9 +15,13 @@ Four ``train.secagg`` messages per round (see ``privacy.secagg``):
    plain round (site policy, DP, ledger - charged from what this hospital checked); send the
    weighted update ``new - global`` quantised and masked with the self-mask and one pairwise
    mask per verified neighbour, plus the plain metrics.
-4. ``unmask``: for each neighbour that dropped out send its masking-key share, for each that
-   stayed its seed share - never both for one hospital, which would unmask its update, and
-   nothing unless the survivors it holds verified shares for (and itself) reach its minimum.
+4. ``check``: sign the survivor set the coordinator announces (it must include this hospital,
+   which did send its input; a second, different set is never signed).
+5. ``unmask``: only for the set it signed, and only when at least its threshold of its verified
+   group signed that same set (so the coordinator cannot show different hospitals different
+   sets): for each neighbour that dropped out send its masking-key share, for each that stayed
+   its seed share - never both for one hospital, which would unmask its update, and nothing
+   unless the survivors it holds verified shares for (and itself) reach its minimum.
 
 Nothing the coordinator sends sets a floor: the minimum group, the threshold and the peers that
 count are this hospital's own. Secrets live in ``context.state`` for the round only and are
@@ -45,7 +49,9 @@ from privacy.secagg.identity import (
     SetupKeys,
     identity_from_node_config,
     sign_setup,
+    sign_survivors,
     verify_setup,
+    verify_survivors,
 )
 from privacy.secagg.wire import MASKED, RECORD, VECTOR, ids_in, ids_out
 
@@ -81,8 +87,10 @@ def handle_secagg(msg: Message, context: Context, train: TrainHandler, weight_of
             return _reply(msg, _share(request, context, identity_of(context)))
         if stage == "mask":
             return _mask(msg, request, context, train)
+        if stage == "check":
+            return _reply(msg, _check(request, context, identity_of(context)))
         if stage == "unmask":
-            return _reply(msg, _unmask(request, context))
+            return _reply(msg, _unmask(request, context, identity_of(context)))
         raise SecAggError(f"unknown secure-aggregation stage '{stage}'")
     except (SecAggError, KeyError, ValueError, TypeError) as err:
         logger.warning("secure aggregation: refused a stage: %s", err)
@@ -145,7 +153,7 @@ def _setup(msg: Message, request: ConfigRecord, context: Context, weight_of: Wei
         "neighbours": list(request["neighbours"]),
         "noise-hospitals": hospitals, "noise-share": noise_share,
         "c-private": c_private, "s-private": s_private, "seed": seed, "weight": weight,
-        "peers": [], "peer-c": [], "peer-s": [],
+        "peers": [], "peer-names": [], "peer-c": [], "peer-s": [], "survivors": [],
         "held-from": [], "held-seed": [], "held-key": [], "own-seed-share": b"",
         "own-key-share": b"",
     })
@@ -156,9 +164,10 @@ def _setup(msg: Message, request: ConfigRecord, context: Context, weight_of: Wei
 
 
 def verified_peers(request: ConfigRecord, state: ConfigRecord, identity: SecAggIdentity,
-                   run_id: int) -> list[int]:
+                   run_id: int) -> tuple[list[int], dict[int, str]]:
     """The peers in a ``share`` request whose keys are signed by a distinct enrolled hospital
-    other than this one, and who add at least this hospital's noise share; in request order.
+    other than this one, and who add at least this hospital's noise share (in request order),
+    and their enrolled names.
 
     A peer signed by a key off the roster, unsigned, or whose enrolled name appears under two
     node ids (one key, two nodes: the coordinator cannot tell which is real) does not count.
@@ -188,7 +197,7 @@ def verified_peers(request: ConfigRecord, state: ConfigRecord, identity: SecAggI
             logger.warning("secure aggregation: hospital %s appears as node %d and another; "
                            "neither counted", name, peer)
             del signed[peer]
-    return [p for p in peers if p in signed]
+    return [p for p in peers if p in signed], signed
 
 
 def _share(request: ConfigRecord, context: Context, identity: SecAggIdentity) -> ConfigRecord:
@@ -197,7 +206,7 @@ def _share(request: ConfigRecord, context: Context, identity: SecAggIdentity) ->
     peers = ids_in(request["peers"])
     if not set(peers) <= set(ids_in(state["neighbours"])) or me in peers:
         raise SecAggError("the coordinator sent keys of hospitals that are not my neighbours")
-    verified = verified_peers(request, state, identity, context.run_id)
+    verified, names = verified_peers(request, state, identity, context.run_id)
     members = sorted([me, *verified])
     minimum, plain_allowed = own_rules(context)
     if len(members) < minimum and not plain_allowed:
@@ -232,6 +241,7 @@ def _share(request: ConfigRecord, context: Context, identity: SecAggIdentity) ->
                                           crypto.share_aad(server_round, me, node)))
         destinations.append(node)
     state["peers"] = ids_out(verified)
+    state["peer-names"] = [names[p] for p in verified]
     state["peer-c"] = [bytes(c_keys[peers.index(p)]) for p in verified]
     state["peer-s"] = [bytes(s_keys[peers.index(p)]) for p in verified]
     return ConfigRecord({"destinations": ids_out(destinations), "ciphertexts": ciphertexts,
@@ -241,6 +251,8 @@ def _share(request: ConfigRecord, context: Context, identity: SecAggIdentity) ->
 def _mask(msg: Message, request: ConfigRecord, context: Context, train: TrainHandler) -> Message:
     state = _state(context, int(request["round"]))
     me, server_round = int(state["node"]), int(state["round"])
+    if "charge-sum" not in state:
+        raise SecAggError("no shares were made this round (the share stage was refused)")
     peers = ids_in(state["peers"])
     # The verified neighbours' shares, relayed: keep those that decrypt and are addressed to me.
     held_from, held_seed, held_key, bad = [], [], [], []
@@ -302,6 +314,7 @@ def _mask(msg: Message, request: ConfigRecord, context: Context, train: TrainHan
         RECORD: ConfigRecord({"masked-with": ids_out(held_from),
                               "bad-shares-from": ids_out(bad), "clipped": clipped}),
     })
+    state["masked"] = True
     for name, record in reply.content.metric_records.items():
         content[name] = record
     if "site" in reply.content.config_records:
@@ -325,26 +338,54 @@ def _train_message(msg: Message, state: ConfigRecord) -> Message:
         "arrays": msg.content.array_records["arrays"], "config": config}))
 
 
-def _unmask(request: ConfigRecord, context: Context) -> ConfigRecord:
+def _check(request: ConfigRecord, context: Context, identity: SecAggIdentity) -> ConfigRecord:
+    state = _state(context, int(request["round"]))
+    me = int(state["node"])
+    if not state.get("masked", False):
+        raise SecAggError("this hospital sent no masked input this round")
+    survivors = sorted(ids_in(request["survivors"]))
+    if len(set(survivors)) != len(survivors) or me not in survivors:
+        raise SecAggError("the survivor set repeats a hospital or leaves out this one, whose "
+                          "masked input was sent")
+    if state["survivors"] and ids_in(state["survivors"]) != survivors:
+        raise SecAggError("asked to sign a second, different survivor set")
+    state["survivors"] = ids_out(survivors)
+    return ConfigRecord({"signature": sign_survivors(identity.key, context.run_id,
+                                                     int(state["round"]), survivors)})
+
+
+def _unmask(request: ConfigRecord, context: Context, identity: SecAggIdentity) -> ConfigRecord:
     state = _state(context, int(request["round"]))
     me = int(state["node"])
     dropped, survivors = ids_in(request["dropped"]), ids_in(request["survivors"])
     if set(dropped) & set(survivors):
         # Both shares of one hospital would let the coordinator unmask its single update.
         raise SecAggError("asked for both shares of the same hospital")
+    signed = ids_in(state["survivors"])
+    if not signed or sorted(survivors) != signed:
+        raise SecAggError("asked to unmask a survivor set this hospital did not sign")
+    # The consistency check: a majority of this hospital's verified group signed this very set.
+    names = dict(zip(ids_in(state["peers"]), state["peer-names"], strict=True))
+    signers = {me}
+    for node, signature in zip(ids_in(request["signers"]), request["signatures"], strict=True):
+        if node in names and verify_survivors(identity.roster, str(names[node]), context.run_id,
+                                              int(state["round"]), signed, bytes(signature)):
+            signers.add(node)
+    if len(signers) < int(state["threshold"]):
+        raise SecAggError(f"only {len(signers)} of this hospital's verified group signed the "
+                          f"survivor set; it unmasks with at least {state['threshold']}")
     held = dict(zip(ids_in(state["held-from"]), zip(state["held-seed"], state["held-key"],
                                                     strict=True), strict=True))
     held[me] = (state["own-seed-share"], state["own-key-share"])
     # Only survivors this hospital holds verified shares of count: ids it never verified
     # (invented by the coordinator) do not make a sum larger.
-    counted = sorted(set(survivors) & set(held))
+    counted = sorted(set(signed) & set(held))
     if len(counted) < int(state["min-sum"]):
         raise SecAggError(f"only {len(counted)} verified hospitals would be summed; this "
                           f"hospital unmasks sums of at least {state['min-sum']}")
-    seed_of = counted
-    key_of = [n for n in dropped if n in held and n != me]
+    key_of = [n for n in dropped if n in held and n != me and n not in signed]
     reply = ConfigRecord({
-        "seed-of": ids_out(seed_of), "seed-shares": [bytes(held[n][0]) for n in seed_of],
+        "seed-of": ids_out(counted), "seed-shares": [bytes(held[n][0]) for n in counted],
         "key-of": ids_out(key_of), "key-shares": [bytes(held[n][1]) for n in key_of],
     })
     del context.state[STATE_KEY]  # the round's secrets are no longer needed

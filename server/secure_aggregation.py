@@ -1,7 +1,7 @@
 """The coordinator's side of SecAgg+: it learns the sum of the hospitals' updates, nothing else.
 
 :class:`SecureAggregationGrid` wraps the Flower ``Grid`` a strategy talks to. Evaluation and
-every other message pass through untouched; a round's training messages instead run the four
+every other message pass through untouched; a round's training messages instead run the five
 ``train.secagg`` stages (see ``client.secure_aggregation``) and come back as one reply per
 hospital that carries the hospital's plain metrics and the *aggregate* adapter
 ``global + sum(w_i * delta_i) / sum(w_i)``. Any strategy that needs only the weighted sum then
@@ -145,6 +145,7 @@ class _SecAggRound:
         self.sites: dict[int, ConfigRecord] = {}
         self.survivors: list[int] = []
         self.dropped: list[int] = []
+        self.signatures: dict[int, bytes] = {}
         mode = str(self.train_config.get("adapter-exchange", "all"))
         self.names = sorted(exchanged_keys(list(self.arrays), mode))
         self.global_state = {k: self.arrays[k].numpy() for k in self.names}
@@ -158,6 +159,7 @@ class _SecAggRound:
             self.setup_stage(nodes)
             self.share_keys_stage()
             self.collect_masked_vectors_stage()
+            self.consistency_check_stage()
             aggregate = self.unmask_stage()
         except SecAggError as err:
             logger.error("round %d: secure aggregation failed: %s", self.server_round, err)
@@ -224,7 +226,7 @@ class _SecAggRound:
     def _stage_record(self, stage: str, **values) -> ConfigRecord:
         return ConfigRecord({"stage": stage, "round": self.server_round} | values)
 
-    # --- the four stages --------------------------------------------------------------
+    # --- the five stages --------------------------------------------------------------
     def setup_stage(self, nodes: list[int]) -> None:
         """1. Each hospital's signed public keys, seed commitment and weight."""
         replies = self._exchange("setup", {u: RecordDict({
@@ -328,13 +330,28 @@ class _SecAggRound:
         self.dropped = sorted(u for u in self.shared if u not in self.survivors)
         self._need(self.survivors, "masked-input")
 
+    def consistency_check_stage(self) -> None:
+        """4. Every survivor signs the survivor set; a hospital later unmasks only a set a
+        majority of its group signed, so all see the same one."""
+        replies = self._exchange("check", {v: RecordDict({RECORD: self._stage_record(
+            "check", survivors=ids_out(self.survivors))}) for v in self.survivors},
+            self.key_timeout)
+        for v, reply in replies.items():
+            try:
+                self.signatures[v] = bytes(reply.content.config_records[RECORD]["signature"])
+            except (KeyError, TypeError, ValueError):
+                logger.warning("round %d: node %d signed no survivor set; it cannot unmask",
+                               self.server_round, v)
+
     def unmask_stage(self) -> ArrayRecord:
-        """4. Survivors' seed shares and dropped hospitals' key shares; remove the masks and
+        """5. Survivors' seed shares and dropped hospitals' key shares; remove the masks and
         return ``global + sum(w_i * delta_i) / sum(w_i)``."""
+        signers = sorted(self.signatures)
         replies = self._exchange("unmask", {v: RecordDict({RECORD: self._stage_record(
             "unmask", dropped=ids_out(u for u in self.dropped if u in self.peers[v]),
-            survivors=ids_out(w for w in self.survivors if w == v or w in self.peers[v]))})
-            for v in self.survivors}, self.key_timeout)
+            survivors=ids_out(self.survivors), signers=ids_out(signers),
+            signatures=[self.signatures[u] for u in signers])})
+            for v in signers}, self.key_timeout)
         seed_shares: dict[int, list[bytes]] = defaultdict(list)
         key_shares: dict[int, list[bytes]] = defaultdict(list)
         for v, reply in replies.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-STAGES = ("setup", "share", "mask", "unmask")
+STAGES = ("setup", "share", "mask", "check", "unmask")
 """The protocol's message exchanges, in order (one round trip each)."""
 ACTION = "secagg"
 """Flower message action of the stages: messages are of type ``train.secagg``."""

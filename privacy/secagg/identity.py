@@ -42,6 +42,7 @@ CA_KEY = "ca-cert"
 """Node-config key: the consortium CA certificate that signed the roster."""
 _SETUP_CONTEXT = "medfed secagg setup keys v1"
 _ROSTER_CONTEXT = "medfed consortium roster v1"
+_SURVIVORS_CONTEXT = "medfed secagg survivors v1"
 
 
 @dataclass(frozen=True)
@@ -257,5 +258,34 @@ def verify_setup(roster: Roster, name: str, keys: SetupKeys, signature: bytes) -
     try:
         public.verify(bytes(signature), keys.payload(), ec.ECDSA(hashes.SHA384()))
     except (InvalidSignature, SecAggError, ValueError):
+        return False
+    return True
+
+
+def _survivors_payload(run_id: int, server_round: int, survivors: list[int]) -> bytes:
+    return _canonical({"context": _SURVIVORS_CONTEXT, "run": int(run_id),
+                       "round": int(server_round),
+                       "survivors": [str(int(n)) for n in sorted(set(survivors))]})
+
+
+def sign_survivors(key: ec.EllipticCurvePrivateKey, run_id: int, server_round: int,
+                   survivors: list[int]) -> bytes:
+    """The hospital's signature on the round's survivor set (the consistency check: every
+    hospital unmasks only a set that a majority of its group signed, so the coordinator cannot
+    show different hospitals different sets)."""
+    return key.sign(_survivors_payload(run_id, server_round, survivors),
+                    ec.ECDSA(hashes.SHA384()))
+
+
+def verify_survivors(roster: Roster, name: str, run_id: int, server_round: int,
+                     survivors: list[int], signature: bytes) -> bool:
+    """Whether ``signature`` on this survivor set is by hospital ``name``'s enrolled key."""
+    public = roster.keys.get(name)
+    if public is None:
+        return False
+    try:
+        public.verify(bytes(signature), _survivors_payload(run_id, server_round, survivors),
+                      ec.ECDSA(hashes.SHA384()))
+    except (InvalidSignature, ValueError):
         return False
     return True

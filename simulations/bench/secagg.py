@@ -4,7 +4,7 @@ Each setting runs the same study (same data, seed, rounds) twice on Flower's sim
 plain, then with ``federation.secure_aggregation.enabled``. ``round time`` is the median over
 rounds 2.. (round 1 also starts Ray's actors); ``bytes`` is what each hospital uploads per
 round: the adapter tensors (plain), or the masked vector plus its public keys, encrypted shares
-and unmasking shares over the four stages (secure).
+and unmasking shares over the five stages (secure).
 
     python -m simulations.bench secagg                          # 5 and 10 hospitals
     python -m simulations.bench secagg --hospitals 5 --rounds 2 --examples 500   # quick
