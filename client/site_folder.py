@@ -12,6 +12,8 @@
     DIR/privacy-ledger.sqlite   privacy ledger (created at the first DP round)
     DIR/egress-audit.jsonl      egress audit log: one JSON line per message sent (client.audit)
     DIR/ca.pem                  put the consortium's CA certificate here (from the coordinator)
+    DIR/roster.toml             and the consortium's CA-signed roster of enrolled hospitals with
+                                it (secure aggregation counts only peers on it)
 
 The data manifest stays where the hospital keeps its images; ``hospital.toml`` names its path.
 :func:`node_config` turns the config into the SuperNode's ``--node-config`` keys that the
@@ -28,6 +30,7 @@ import tomli_w
 from client.run_policy import RUN_POLICY_TEMPLATE
 from models.settings import read_settings
 from privacy.pki import make_node_key, node_private_openssh, node_public_openssh, write_private
+from privacy.secagg.identity import CA_KEY, NODE_KEY, ROSTER_FILE, ROSTER_KEY
 
 CONFIG_FILE = "hospital.toml"
 CLIENTAPP_EXECUTORS = ("warm", "subprocess")
@@ -55,7 +58,9 @@ class HospitalConfig:
     Attributes:
         name: the hospital's name, as the coordinator enrols it.
         superlink: ``host:port`` of the coordinator's Fleet API.
-        ca_cert: the consortium CA certificate (trust anchor for TLS).
+        ca_cert: the consortium CA certificate (trust anchor for TLS, and of the roster).
+        roster: the consortium's CA-signed roster of enrolled hospitals (from the coordinator,
+            with ``ca_cert``): secure aggregation counts only peers whose keys are on it.
         node_key, node_pub: the node-authentication key pair.
         manifest: the CSV data manifest (``""`` until the hospital sets it).
         data_npz: MedMNIST-format arrays instead of a manifest (``train_*``/``val_*``; tests,
@@ -75,6 +80,7 @@ class HospitalConfig:
     name: str
     superlink: str = "localhost:8000"
     ca_cert: str = "ca.pem"
+    roster: str = ROSTER_FILE
     node_key: str = "node.key"
     node_pub: str = "node.pub"
     manifest: str = ""
@@ -140,6 +146,11 @@ def node_config(folder: Path, config: HospitalConfig) -> dict[str, str]:
         "run-policy": str(folder / config.run_policy),
         "privacy-ledger": str(folder / config.privacy_ledger),
         "audit-log": str(folder / config.audit_log),
+        # Secure aggregation: setup keys are signed with the node key and peers checked
+        # against the CA-signed roster (privacy.secagg.identity).
+        NODE_KEY: str(folder / config.node_key),
+        ROSTER_KEY: str(folder / config.roster),
+        CA_KEY: str(folder / config.ca_cert),
     }
     if config.privacy_policy:
         values["privacy-policy"] = str(folder / config.privacy_policy)

@@ -8,6 +8,9 @@
     DIR/tls/server.pem          the SuperLink's TLS certificate, signed by the CA
     DIR/tls/server.key          its private key (0600)
     DIR/enrolment.toml          hospitals enrolled (public key, fingerprint, dates, revoked)
+    DIR/roster.toml             the active hospitals' names and keys, signed by the CA: give it
+                                to every hospital with ca.pem (secure aggregation counts only
+                                peers on it); rewritten by every enrolment and revocation
     DIR/hospitals/NAME.pub      each enrolled hospital's OpenSSH public key, as received
 
 Enrolling records a hospital's node-authentication public key; revoking marks it revoked (the
@@ -19,6 +22,7 @@ connection by Flower's node authentication.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -41,6 +45,9 @@ from privacy.pki import (
     write_ca,
     write_private,
 )
+from privacy.secagg.identity import ROSTER_FILE, write_roster
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "coordinator.toml"
 ENROLMENT_FILE = "enrolment.toml"
@@ -204,6 +211,7 @@ def enrol(folder: Path, name: str, public_key_file: Path) -> Enrolment:
     (folder / "hospitals").mkdir(exist_ok=True)
     (folder / "hospitals" / f"{name}.pub").write_text(line + "\n")
     _write_enrolments(folder / load_coordinator_config(folder).enrolment, [*entries, entry])
+    publish_roster(folder)
     return entry
 
 
@@ -220,9 +228,28 @@ def revoke(folder: Path, name: str) -> Enrolment:
             entries[i] = Enrolment(**{**asdict(entry), "revoked_at": _utc_now()})
             (folder / "hospitals" / f"{name}.pub").unlink(missing_ok=True)
             _write_enrolments(folder / load_coordinator_config(folder).enrolment, entries)
+            publish_roster(folder)
             return entries[i]
     known = sorted(e.name for e in entries if e.active)
     raise ConsortiumError(f"no enrolled hospital '{name}'; enrolled: {known or 'none'}")
+
+
+def publish_roster(folder: Path) -> Path | None:
+    """Sign the active hospitals' names and keys with the CA key into ``DIR/roster.toml``.
+
+    Returns the roster's path, or ``None`` when the CA key is not in the folder (kept offline):
+    then the roster is left as it was - stale until re-signed where the key is, so a newly
+    enrolled hospital does not count yet and a revoked one still does.
+    """
+    folder = Path(folder)
+    config = load_coordinator_config(folder)
+    if not (folder / config.ca_key).is_file():
+        logger.warning("CA key %s is not here: %s not re-signed; sign it where the CA key is "
+                       "and give it to every hospital", folder / config.ca_key, ROSTER_FILE)
+        return None
+    ca = load_ca(folder / config.ca_cert, folder / config.ca_key)
+    write_roster(folder / ROSTER_FILE, ca.key, config.consortium, active_keys(folder))
+    return folder / ROSTER_FILE
 
 
 def active_keys(folder: Path) -> dict[str, str]:

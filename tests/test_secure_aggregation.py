@@ -423,3 +423,56 @@ def test_secure_round_over_the_packed_deployment_wire(tmp_path):
     assert list(packed) == list(unpacked)
     for key in unpacked:
         assert np.max(np.abs(packed[key] - unpacked[key])) < 1e-4, key
+
+
+# --- who counts as a peer: the CA-signed roster -------------------------------------------
+
+
+def test_enrolment_signs_a_roster_that_each_hospital_checks_offline(tmp_path):
+    """Enrolling writes the roster signed by the consortium CA; a hospital reads its identity
+    from its site folder (node key, roster, ca.pem) and refuses an edited roster, one signed
+    by another CA, or a roster that no longer lists it."""
+    import shutil
+
+    from flwr.app import Context, RecordDict
+
+    from client.site_folder import init_site_folder, load_hospital_config, node_config
+    from privacy.secagg.identity import ROSTER_FILE, identity_from_node_config
+    from server.consortium import enrol, init_consortium, revoke
+
+    folder = tmp_path / "consortium"
+    init_consortium(folder, "test")
+    sites = {}
+    for name in ("north", "south", "east"):
+        sites[name] = tmp_path / name
+        init_site_folder(sites[name], name)
+        enrol(folder, name, sites[name] / "node.pub")
+    for site in sites.values():
+        shutil.copy(folder / "ca" / "ca.pem", site / "ca.pem")
+        shutil.copy(folder / ROSTER_FILE, site / ROSTER_FILE)
+
+    def identity(name):
+        site = sites[name]
+        config = node_config(site, load_hospital_config(site))
+        return identity_from_node_config(Context(run_id=1, node_id=1, node_config=config,
+                                                 state=RecordDict(), run_config={}))
+
+    north = identity("north")
+    assert north.name == "north" and sorted(north.roster.keys) == ["east", "north", "south"]
+    roster = sites["south"] / ROSTER_FILE
+    roster.write_text(roster.read_text().replace('name = "east"', 'name = "evil"'))
+    with pytest.raises(SecAggError, match="not signed by the consortium CA"):
+        identity("south")
+    other = tmp_path / "other"
+    init_consortium(other, "other")
+    shutil.copy(other / "ca" / "ca.pem", sites["south"] / "ca.pem")
+    shutil.copy(folder / ROSTER_FILE, roster)
+    with pytest.raises(SecAggError, match="not signed by the consortium CA"):
+        identity("south")
+    revoke(folder, "east")
+    shutil.copy(folder / ROSTER_FILE, sites["east"] / ROSTER_FILE)
+    with pytest.raises(SecAggError, match="not on the consortium roster"):
+        identity("east")
+    with pytest.raises(SecAggError, match="lacks"):
+        identity_from_node_config(Context(run_id=1, node_id=1, node_config={},
+                                          state=RecordDict(), run_config={}))

@@ -30,6 +30,7 @@ import tomli_w
 
 from client.site_folder import CONFIG_FILE as HOSPITAL_CONFIG
 from client.site_folder import init_site_folder, load_hospital_config
+from privacy.secagg.identity import ROSTER_FILE
 from server.consortium import enrol, init_consortium
 from simulations.config import SimulationConfig, config_dict, load_config
 from simulations.processes import free_port, stop_process_group, wait_for_log
@@ -100,6 +101,8 @@ class LoopbackConsortium:
             (site / HOSPITAL_CONFIG).write_text(tomli_w.dumps({"hospital": hospital}))
             enrol(self.folder, f"hospital-{k}", site / "node.pub")
             self.sites.append(site)
+        for site in self.sites:  # the roster of all enrolled hospitals goes with ca.pem
+            shutil.copy(self.folder / ROSTER_FILE, site / ROSTER_FILE)
 
     def log(self, name: str) -> Path:
         return self.root / "logs" / f"{name}.log"
