@@ -15,7 +15,7 @@ global NumPy RNG (not replayable), and it only warns when fewer hospitals reply 
 Limits (stated, not hidden):
 - Without secure aggregation the coordinator sees each update with only its own share
   ``z / sqrt(n)`` of noise, and the ledger charges that share. Under secure aggregation it
-  charges ``z * sqrt(m / n)``, ``m`` the reconstruction threshold the hospital enforces (see
+  charges ``z * sqrt(m / n)``, ``m`` the minimum group the hospital enforces (see
   :func:`charge_noise_multiplier`).
 - If fewer than ``n`` hospitals reply (refusals, failures), the sum carries less noise
   (``z * sqrt(m / n)``); the guarantee on the sum holds only with all ``n`` shares.
