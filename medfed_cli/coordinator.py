@@ -24,12 +24,16 @@ def cmd_coordinator_init(args: argparse.Namespace) -> int:
     return 0
 
 
+ROSTER_NOTE = ("give roster.toml (the CA-signed list of enrolled hospitals) and ca/ca.pem to "
+               "every hospital: secure aggregation counts only hospitals on the roster")
+
+
 @user_errors(CONSORTIUM_ERROR, KEY_FILE_ERROR)
 def cmd_coordinator_enroll(args: argparse.Namespace) -> int:
     from server.consortium import enrol
 
     entry = enrol(args.dir, args.name, args.hospital_key)
-    console.print(f"enrolled hospital '{entry.name}' ({entry.fingerprint})")
+    console.print(f"enrolled hospital '{entry.name}' ({entry.fingerprint}); {ROSTER_NOTE}")
     return 0
 
 
@@ -38,7 +42,8 @@ def cmd_coordinator_revoke(args: argparse.Namespace) -> int:
     from server.consortium import revoke
 
     entry = revoke(args.dir, args.name)
-    console.print(f"revoked hospital '{entry.name}' ({entry.fingerprint}) at {entry.revoked_at}")
+    console.print(f"revoked hospital '{entry.name}' ({entry.fingerprint}) at {entry.revoked_at}; "
+                  f"{ROSTER_NOTE}")
     return 0
 
 

@@ -308,7 +308,7 @@ def _federate(tmp_path, name: str, secure: bool, dp=None, packed: bool = False):
     from server.records import RunRecords
     from server.rounds import run_federation
     from simulations.config import DataConfig
-    from simulations.sites import SimulatedSiteLoader, test_set
+    from simulations.sites import SimulatedSiteLoader, held_out_test_set
 
     data = DataConfig(num_hospitals=3, max_train_examples=240, max_test_examples=100)
     model_config = replace(_small_model(), num_classes=2)
@@ -325,7 +325,7 @@ def _federate(tmp_path, name: str, secure: bool, dp=None, packed: bool = False):
     federation = FederationConfig(rounds=1, min_hospitals=3, fraction_evaluate=0.0,
                                   secure_aggregation=SecAggConfig(enabled=secure))
     records = RunRecords(tmp_path / name)
-    outcome = run_federation(grid, federation, model_config, train, test_set(data, 32, 0),
+    outcome = run_federation(grid, federation, model_config, train, held_out_test_set(data, 32, 0),
                              records, dp=dp)
     rows = [r for r in records.train_rows() if r["round"] == 1]
     return {k: v.numpy() for k, v in adapter_state(outcome.model).items()}, rows
