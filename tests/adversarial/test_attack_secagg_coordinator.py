@@ -220,7 +220,7 @@ def _model() -> ModelConfig:
 
 
 def _attack(tmp_path: Path, dp: dict[int, DPConfig] | None = None, policy: str = "",
-            min_hospitals: int = 3, key_for=None) -> tuple[Attack, object]:
+            min_hospitals: int = 3) -> tuple[Attack, object]:
     """Five real hospitals behind an attacker; ``dp`` per node (the coordinator may send
     each a different one); each hospital keeps a ledger in ``tmp_path``."""
     data = DataConfig(num_hospitals=5, partition="iid", max_train_examples=100,
@@ -314,9 +314,10 @@ def test_invented_neighbours_do_not_count(tmp_path, how):
     assert set(ids_in(attack.masked[TARGET]["masked-with"])) <= {H1, H2}
     members = [TARGET, H1, H2]
     attack.run_check({n: members for n in members})
-    # Whatever each is told dropped, nobody reveals a share that isolates the target.
-    attack.run_unmask({TARGET: ([TARGET], [H1, H2]), H1: ([TARGET, H1], [H2]),
-                       H2: ([TARGET, H2], [H1])})
+    # The real three unmask their sum (seed shares only: nobody dropped); the target's
+    # pairwise masks with its two real neighbours stay, so it is not isolated.
+    attack.run_unmask({n: (members, []) for n in members})
+    assert attack.seed_bag and not attack.key_bag
     _assert_update_safe(attack)
 
 
