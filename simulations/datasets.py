@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.data import ImageSet, to_image_tensor
+from models.data import ImageSet, middle_slices, to_image_tensor, to_volume_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,9 @@ KNOWN_MD5 = {
     "adrenalmnist3d": "bbd3c5a5576322bc4cdfea780653b1ce",
 }
 SPLITS = ("train", "val", "test")
+MIDDLE_SLICES = "-midslices"
+"""Suffix of a 3D dataset's name that loads each volume as its three orthogonal middle slices
+(``adrenalmnist3d-midslices``): the 2D backbone's view of the same study."""
 
 
 def search_dirs() -> list[Path]:
@@ -100,28 +103,38 @@ class MedMNIST:
 
 
 def load_medmnist(name: str, image_size: int, path: Path | None = None) -> MedMNIST:
-    """Load a 2D MedMNIST-format ``.npz`` at ``image_size`` pixels.
+    """Load a MedMNIST-format ``.npz`` at ``image_size`` pixels.
+
+    2D files give ``(N, C, S, S)`` images; 3D files (``adrenalmnist3d``) give ``(N, 1, S, S, S)``
+    volumes, or with the ``-midslices`` suffix ``(N, 3, S, S)`` images of each volume's three
+    orthogonal middle slices.
 
     Args:
         name: dataset name, e.g. ``pneumoniamnist``.
-        image_size: side in pixels the images are resized to.
+        image_size: side in pixels (voxels) the images (volumes) are resized to.
         path: a specific file; default is :func:`find_medmnist`.
     """
-    path = path or find_medmnist(name)
+    slices = name.endswith(MIDDLE_SLICES)
+    path = path or find_medmnist(name.removesuffix(MIDDLE_SLICES))
     with np.load(path) as archive:
         missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")
                    if f"{s}_{k}" not in archive]
         if missing:
             raise KeyError(f"{path}: not a MedMNIST-format file, it lacks {missing}")
         raw = {s: (archive[f"{s}_images"], archive[f"{s}_labels"]) for s in SPLITS}
-    if raw["train"][0].ndim == 4 and raw["train"][0].shape[-1] != 3:
-        raise ValueError(f"{path}: 3D volumes {raw['train'][0].shape[1:]} are not supported here")
+    volumes = raw["train"][0].ndim == 4 and raw["train"][0].shape[-1] != 3
+    if slices and not volumes:
+        raise ValueError(f"{path}: '{MIDDLE_SLICES}' needs a 3D dataset")
     for split, (_, labels) in raw.items():
         if labels.ndim == 2 and labels.shape[1] > 1:
             raise ValueError(f"{path}: {split} labels have shape {labels.shape}: multi-label")
-    splits = {
-        s: ImageSet(to_image_tensor(x, image_size), torch.from_numpy(y.reshape(-1)).long())
-        for s, (x, y) in raw.items()
-    }
+
+    def convert(x: np.ndarray) -> torch.Tensor:
+        if slices:
+            return to_image_tensor(middle_slices(x), image_size)
+        return to_volume_tensor(x, image_size) if volumes else to_image_tensor(x, image_size)
+
+    splits = {s: ImageSet(convert(x), torch.from_numpy(y.reshape(-1)).long())
+              for s, (x, y) in raw.items()}
     num_classes = int(max(int(s.labels.max()) for s in splits.values()) + 1)
     return MedMNIST(name=name, splits=splits, num_classes=num_classes)

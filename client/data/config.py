@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-FRAME_MODES = ("middle", "all")
+FRAME_MODES = ("middle", "all", "volume")
 MAX_INDEX_CLASSES = 1000
 """Without a class list, integer labels must be below this (declare ``classes`` to be exact)."""
 
@@ -38,7 +38,8 @@ class SiteDataConfig:
         split_column: optional manifest column with ``train`` or ``val``; rows where it is absent
             or empty are split per patient.
         frames: multi-frame files and series folders give their ``middle`` frame or ``all``
-            frames (one training image each).
+            frames (one training image each); ``volume``: each row is one CT volume (a series
+            folder or a NIfTI file) for a 3D backbone (``client.data.volumes``).
         val_fraction: share of patients (not images) held out for validation when not given.
         seed: seeds the per-patient split.
         max_error_fraction: the check fails when more than this share of manifest rows is unusable.

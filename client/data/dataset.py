@@ -27,7 +27,9 @@ from client.data.paths import OutsideRootError, series_files
 from client.data.problems import Problem, SiteDataError
 from client.data.split import assign_splits
 from client.data.transforms import to_model_input, transform_settings
+from client.data.volumes import volume_model_input
 from models.data import ImageSet
+from models.volume_transforms import volume_settings
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +125,17 @@ def _decode(entry: Entry, config: SiteDataConfig, image_size: int, cache: Decode
         raise DicomReadError("outside", str(err)) from err
     except OSError as err:
         raise DicomReadError("unreadable", f"cannot read the file ({err})") from err
-    key = cache_key(content, transform_settings(image_size, config.frames))
+    volume = config.frames == "volume"  # one CT volume per row (client.data.volumes)
+    settings = (volume_settings(image_size, None) if volume
+                else transform_settings(image_size, config.frames))
+    key = cache_key(content, settings)
     if cache is not None and (hit := cache.get(key)) is not None:
         return _Decoded(entry, hit[0], content, hit[2]), hit[1], True
+    if volume:
+        image = volume_model_input(entry.path, image_size, series)
+        if cache is not None:
+            cache.put(key, image, [], [])
+        return _Decoded(entry, image, content, []), [], False
     images, uids, patients, shapes = [], [], [], set()
     for file in iter_decoded(entry.path, config.frames, limits_of(config), series,
                              shrink_to=image_size):

