@@ -200,6 +200,7 @@ class CTVolumeClassifier(nn.Module):
         self._cached_bytes = 0
         self.prefix_hits = 0
         self.prefix_misses = 0
+        self.train(self.training)  # BatchNorm frozen from the start, not only after train()
 
     @staticmethod
     def to_encoder_input(volumes: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,158 @@
+"""The CT foundation encoder: pinned pretrained weights, stage presets, the frozen-prefix cache,
+what travels, and DP-SGD through its Conv3d LoRA layers. Real weights, real volumes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import ct_encoder
+from models.adapters import adapter_nbytes, adapter_state, load_adapter_state
+from models.config import ModelConfig, TrainConfig
+from models.lora import build_lora_model
+from models.registry import (
+    CT_BACKBONE,
+    CT_RANDOM_BACKBONE,
+    WeightsMismatchError,
+    backbone_spec,
+    verify_weights,
+    weights_sha256,
+)
+from privacy.config import DPConfig
+from privacy.dpsgd import train_dpsgd
+from privacy.grad_samplers import make_grad_sample_module
+from simulations.datasets import find_medmnist
+
+SIZE = 16  # volumes shrink to 1 voxel at layer4: the mechanics, cheaply
+
+
+def _volumes(split: str, count: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count // 2`` volumes of each class, ``(N, 1, size, size, size)`` in [0, 1]."""
+    with np.load(find_medmnist("adrenalmnist3d", download=False)) as archive:
+        labels = archive[f"{split}_labels"].reshape(-1)
+        pick = np.sort(np.r_[np.flatnonzero(labels == 0)[: count // 2],
+                             np.flatnonzero(labels == 1)[: count - count // 2]])
+        images = torch.from_numpy(archive[f"{split}_images"][pick]).float().div(255.0)
+    images = images.unsqueeze(1)
+    if size != images.shape[-1]:
+        images = F.interpolate(images, size=(size,) * 3, mode="trilinear")
+    return images.contiguous(), torch.from_numpy(labels[pick]).long()
+
+
+@pytest.fixture(scope="module")
+def model():
+    """LoRA on layer4 of the pretrained encoder, 2 classes."""
+    torch.manual_seed(0)
+    return build_lora_model(ModelConfig(backbone=CT_BACKBONE, image_size=SIZE,
+                                        lora_targets=["layer4"]))
+
+
+def test_presets_name_each_stage_block_conv():
+    names = ct_encoder.preset_targets("layer3-last6+layer4")
+    assert len(names) == 6 * 3 + 3 * 3
+    assert names[0] == "layer3.30.conv1" and names[-1] == "layer4.2.conv3"
+    assert ct_encoder.expand_targets(["layer4", "conv1"])[-1] == "conv1"
+    for bad in ("layer5", "layer4-last4", "layer3-last0"):
+        with pytest.raises(ValueError, match="layer"):
+            ct_encoder.preset_targets(bad)
+
+
+def test_weights_are_the_published_file_and_a_wrong_pin_is_refused():
+    assert weights_sha256(CT_BACKBONE) == ct_encoder.WEIGHTS_SHA256
+    assert weights_sha256(CT_RANDOM_BACKBONE) != ct_encoder.WEIGHTS_SHA256
+    assert backbone_spec(CT_BACKBONE).spatial_dims == 3
+    with pytest.raises(WeightsMismatchError, match="differ"):
+        verify_weights(ModelConfig(backbone=CT_BACKBONE, weights_sha256="0" * 64))
+
+
+def test_only_adapter_and_head_train_and_travel(model):
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".layer4." in n and "lora_" in n or ".fc." in n for n in trainable)
+    state = adapter_state(model)
+    assert all(("layer4" in k and "lora_" in k) or "fc" in k for k in state)
+    full = adapter_nbytes(model.get_base_model().state_dict())
+    assert full / adapter_nbytes(state) >= 200
+    base = model.get_base_model()
+    assert base.split_index() == sum(ct_encoder.LAYERS[:3])  # layer4's first block
+    model.train()
+    assert not any(m.training for m in model.modules() if isinstance(m, nn.BatchNorm3d))
+    model.eval()
+
+
+def test_input_convention_permutes_to_depth_first_and_repeats_channels():
+    volume = torch.arange(2 * 3 * 4, dtype=torch.float32).view(1, 1, 2, 3, 4)
+    out = ct_encoder.CTVolumeClassifier.to_encoder_input(volume)
+    assert out.shape == (1, 3, 4, 2, 3)
+    assert torch.equal(out[0, 2, 1], volume[0, 0, :, :, 1])
+    with pytest.raises(ValueError, match="B, 1, H, W, D"):
+        ct_encoder.CTVolumeClassifier.to_encoder_input(torch.zeros(1, 3, 4, 4))
+
+
+def test_prefix_cache_is_exact_and_keyed_by_the_volume(model, tmp_path):
+    images, _ = _volumes("test", 6, SIZE)
+    base = model.get_base_model()
+    base.clear_prefix_cache()
+    with torch.no_grad():
+        base.cache_bytes = 0
+        plain = model(images)
+        base.cache_bytes = ct_encoder.DEFAULT_CACHE_BYTES
+        first, second = model(images), model(images[[3, 1]])
+    assert base.prefix_misses >= 6 and base.prefix_hits >= 2
+    assert torch.allclose(first, plain, atol=1e-5) and torch.allclose(second, plain[[3, 1]])
+    # On disk: another process (here: the cleared memory) reads the same activations back.
+    base.cache_dir = tmp_path
+    try:
+        with torch.no_grad():
+            base.clear_prefix_cache()
+            model(images)
+            base.clear_prefix_cache()
+            misses = base.prefix_misses
+            assert torch.allclose(model(images), plain, atol=1e-5)
+            assert base.prefix_misses == misses  # every volume came from disk
+            changed = images.clone()
+            changed[0, 0, 8, 8, 8] = 1.0 - changed[0, 0, 8, 8, 8]
+            model(changed[:1])
+            assert base.prefix_misses == misses + 1  # another volume, another key
+    finally:
+        base.cache_dir = None
+    assert len(list(tmp_path.rglob("*.npy"))) == 7
+
+
+def test_conv3d_lora_per_example_gradients_are_exact(model):
+    images, labels = _volumes("train", 3, SIZE)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    model.train()  # opacus records activations in training mode only (BatchNorm stays frozen)
+    wrapped = make_grad_sample_module(model)
+    try:
+        F.cross_entropy(wrapped(images), labels).backward()
+        samples = {n: p.grad_sample.clone() for n, p in params.items()}
+    finally:
+        wrapped._close()
+        for p in params.values():
+            p.grad, p.grad_sample = None, None
+    for i in range(len(labels)):
+        grads = torch.autograd.grad(F.cross_entropy(model(images[i : i + 1]), labels[i : i + 1]),
+                                    list(params.values()))
+        for (name, _), grad in zip(params.items(), grads, strict=True):
+            torch.testing.assert_close(samples[name][i], grad, atol=1e-5, rtol=1e-4,
+                                       msg=f"per-example gradient of {name}, example {i}")
+    model.eval()
+
+
+def test_one_dpsgd_round_trains_the_conv3d_adapter(model):
+    images, labels = _volumes("train", 16, SIZE)
+    before = adapter_state(model)
+    dp = DPConfig(dpsgd=True, dp_noise_multiplier=1.0, dp_max_grad_norm=1.0)
+    try:
+        result = train_dpsgd(model, images, labels, TrainConfig(batch_size=8, local_epochs=1,
+                                                                lr=1e-3), dp, 1.0, seed=0)
+        after = adapter_state(model)
+        assert np.isfinite(result.loss)
+        moved = [k for k in before if not torch.equal(before[k], after[k])]
+        assert any("layer4" in k and "lora_A" in k for k in moved)
+        assert all(torch.isfinite(t).all() for t in after.values())
+    finally:
+        load_adapter_state(model, before)
