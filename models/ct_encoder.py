@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.networks.nets.resnet import ResNet, ResNetBottleneck
 from torch import nn
 
@@ -82,6 +83,58 @@ def weights_sha256() -> str:
     return hashing.file_sha256(weights_path())
 
 
+def _live_taps(size: int, kernel: int, stride: int, padding: int) -> tuple[int, int, int]:
+    """First and last kernel tap that ever meets the input (not padding), and the output size,
+    along one axis of a convolution with dilation 1."""
+    out = (size + 2 * padding - kernel) // stride + 1
+    live = [t for t in range(kernel)
+            if any(0 <= o * stride - padding + t < size for o in range(out))]
+    return live[0], live[-1], out
+
+
+class CroppedConv3d(nn.Conv3d):
+    """A Conv3d that skips the kernel taps which only ever meet zero padding.
+
+    On the small volumes the last stage sees (one voxel across at 28^3 input), a 3x3x3 kernel
+    mostly multiplies padding; cropping those taps gives the same output and input gradient
+    with a fraction of the work. Exact: the skipped taps multiply zeros. Needs zero padding,
+    dilation 1 and one group (else it is a plain Conv3d).
+    """
+
+    def _plan(self, spatial: tuple[int, ...]):
+        if self.padding_mode != "zeros" or self.groups != 1 or any(
+                d != 1 for d in self.dilation) or isinstance(self.padding, str):
+            return None
+        axes = [_live_taps(n, k, s, p) for n, k, s, p in
+                zip(spatial, self.kernel_size, self.stride, self.padding, strict=True)]
+        if all(first == 0 and last == k - 1
+               for (first, last, _), k in zip(axes, self.kernel_size, strict=True)):
+            return None
+        return axes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axes = self._plan(tuple(x.shape[2:]))
+        if axes is None:
+            return super().forward(x)
+        weight = self.weight[(slice(None), slice(None),
+                              *(slice(first, last + 1) for first, last, _ in axes))]
+        pads: list[int] = []
+        for (first, last, out), n, s, p in zip(axes, x.shape[2:], self.stride, self.padding,
+                                               strict=True):
+            left = p - first  # >= 0: tap ``padding`` meets input index 0 at output 0
+            need = (out - 1) * s + (last - first + 1)
+            pads = [left, max(0, need - left - n), *pads]  # F.pad lists the last axis first
+        y = F.conv3d(F.pad(x, pads), weight, self.bias, self.stride)
+        return y[..., : axes[0][2], : axes[1][2], : axes[2][2]]
+
+
+def use_cropped_convs(net: nn.Module) -> None:
+    """Turn every Conv3d of ``net`` into a :class:`CroppedConv3d` (same weights, in place)."""
+    for module in net.modules():
+        if type(module) is nn.Conv3d:
+            module.__class__ = CroppedConv3d
+
+
 def random_init_sha256() -> str:
     """Identity of the random-init control's weights (architecture and seed, not a file)."""
     recipe = f"i3resnet152-random-init:layers={LAYERS}:widths={WIDTHS}:seed={RANDOM_INIT_SEED}"
@@ -121,6 +174,7 @@ def build_i3resnet152(num_classes: int, pretrained: bool = True,
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         state.update({f"fc.{k}": v for k, v in net.fc.state_dict().items()})
         net.load_state_dict(state, strict=True)
+    use_cropped_convs(net)
     return net
 
 

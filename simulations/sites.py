@@ -92,12 +92,14 @@ class SimulatedSiteLoader:
     data: DataConfig
     seed: int
     dicom_root: str = ""
+    frames: str = "middle"
 
     def __call__(self, context: Context, image_size: int) -> SiteData:
         hospital = int(context.node_config["partition-id"])
         if self.dicom_root:
             root = Path(self.dicom_root)
-            config = SiteDataConfig(cache_dir=str(root / "cache"), max_error_fraction=0.0)
+            config = SiteDataConfig(cache_dir=str(root / "cache"), max_error_fraction=0.0,
+                                    frames=self.frames)
             return load_manifest_site(root / f"hospital-{hospital}" / "manifest.csv", config,
                                       image_size)
         return _site(self.data, image_size, self.seed, hospital)
@@ -119,5 +121,12 @@ def simulated_site_loader(data: DataConfig, image_size: int, seed: int,
     from simulations.dicom_export import export_hospitals
 
     root = (Path(run_dir) / "dicom").resolve()
-    export_hospitals(hospital_sites(data, image_size, seed), root)
+    sites = hospital_sites(data, image_size, seed)
+    if sites[0].train.images.ndim == 5:  # volumes: one CT series folder each
+        from simulations.volume_export import export_volume_site
+
+        for k, site in enumerate(sites):
+            export_volume_site(site, root / f"hospital-{k}", k)
+        return SimulatedSiteLoader(data, seed, str(root), frames="volume")
+    export_hospitals(sites, root)
     return SimulatedSiteLoader(data, seed, str(root))

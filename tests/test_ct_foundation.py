@@ -156,3 +156,19 @@ def test_one_dpsgd_round_trains_the_conv3d_adapter(model):
         assert all(torch.isfinite(t).all() for t in after.values())
     finally:
         load_adapter_state(model, before)
+
+
+@pytest.mark.parametrize(("shape", "kernel", "stride", "padding"), [
+    ((4, 2, 2), 3, 2, 1), ((2, 1, 1), 3, 1, 1), ((5, 3, 1), 3, 1, 1), ((4, 4, 4), 3, 1, 1),
+    ((3, 1, 2), (3, 7, 7), (1, 2, 2), (1, 3, 3))])
+def test_cropped_conv3d_matches_conv3d(shape, kernel, stride, padding):
+    torch.manual_seed(0)
+    conv = nn.Conv3d(6, 4, kernel, stride, padding)
+    x = torch.randn(2, 6, *shape, requires_grad=True)
+    expected = conv(x)
+    expected_grad, = torch.autograd.grad(expected.square().sum(), x)
+    conv.__class__ = ct_encoder.CroppedConv3d
+    out = conv(x)
+    grad, = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)

@@ -104,3 +104,26 @@ def test_manifest_of_volumes_gives_a_checked_cached_fingerprinted_site(tmp_path,
     again, second = prepare_site(manifest, config, SIZE)
     assert second.cache_hits == 4 and second.fingerprint == report.fingerprint
     assert np.array_equal(again["train"].images.numpy(), sets["train"].images.numpy())
+
+
+def test_simulated_hospitals_read_their_volumes_back_from_ct_series(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from simulations.config import DataConfig
+    from simulations.sites import hospital_site, simulated_site_loader
+
+    data = DataConfig(dataset="adrenalmnist3d", num_hospitals=2, partition="iid",
+                      max_train_examples=10, as_dicom=True)
+    loader = simulated_site_loader(data, SIZE, 0, str(tmp_path))
+    assert loader.frames == "volume"
+    series = sorted(p for p in (tmp_path / "dicom" / "hospital-1" / "volumes").iterdir())
+    assert series and len(list(series[0].glob("*.dcm"))) == SIZE  # one file per slice
+    context = Context(run_id=1, node_id=2, node_config={"partition-id": 1}, state=RecordDict(),
+                      run_config={})
+    site = loader(context, SIZE)
+    memory = hospital_site(data, SIZE, 0, 1)
+    assert site.train.images.shape == memory.train.images.shape
+    np.testing.assert_allclose(site.train.images.numpy(), memory.train.images.numpy(),
+                               atol=1e-3)  # 1 HU of 2000
+    assert site.train.labels.tolist() == memory.train.labels.tolist()
+    assert site.info["fingerprint"]
