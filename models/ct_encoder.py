@@ -275,6 +275,12 @@ class CTVolumeClassifier(nn.Module):
                 return index
         return len(_blocks(self.net))
 
+    def _batch_statistics(self) -> bool:
+        """Whether some BatchNorm normalises with batch statistics (someone put it in training
+        mode directly): the prefix then depends on the batch, and is not cached."""
+        return any(m.training for m in self.net.modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
     def _prefix_trainable(self) -> bool:
         return any(p.requires_grad for p in self.net.conv1.parameters()) or any(
             p.requires_grad for p in self.net.bn1.parameters())
@@ -296,7 +302,8 @@ class CTVolumeClassifier(nn.Module):
 
     def _prefix(self, volumes: torch.Tensor, split: int) -> torch.Tensor:
         """Prefix activations of a batch, from the cache where present."""
-        if self.cache_bytes <= 0 or self._prefix_trainable() or len(volumes) == 0:
+        if (self.cache_bytes <= 0 or self._prefix_trainable() or len(volumes) == 0
+                or self._batch_statistics()):
             return self.features(volumes, split)
         keys = [(split, volume_digest(v)) for v in volumes]
         missing = [i for i, key in enumerate(keys)
