@@ -114,7 +114,8 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--alpha", type=float, help="Dirichlet label-skew concentration")
     sim.add_argument("--max-train-examples", type=int, help="use a subset (quick checks)")
     sim.add_argument("--max-test-examples", type=int, help="test on a subset (quick checks)")
-    sim.add_argument("--backbone", help="efficientnet-lite0-imagenet or hf:<dir-or-hub-id>")
+    sim.add_argument("--backbone", help="efficientnet-lite0-imagenet, hf:<dir-or-hub-id>, or "
+                     "merlin-i3resnet152-ct (3D CT encoder; 3D datasets such as adrenalmnist3d)")
     sim.add_argument("--image-size", type=int, help="input side in pixels")
     sim.add_argument("--lora-r", type=int)
     sim.add_argument("--lora-alpha", type=int)
