@@ -200,3 +200,18 @@ def test_pretrained_features_separate_real_volumes_better_than_random_init():
     pretrained = _probe_auc(ct_encoder.build_i3resnet152(2, pretrained=True), images, labels)
     random_init = _probe_auc(ct_encoder.build_i3resnet152(2, pretrained=False), images, labels)
     assert pretrained > random_init and pretrained >= 0.6, (pretrained, random_init)
+
+
+def test_scenario_and_3d_dataset_feed_the_encoder():
+    from simulations.datasets import load_medmnist
+    from simulations.scenarios import load_scenario
+
+    config = load_scenario("ct-foundation")
+    assert config.model.backbone == CT_BACKBONE and config.data.dataset == "adrenalmnist3d"
+    volumes = load_medmnist("adrenalmnist3d", 20)
+    assert tuple(volumes.splits["test"].images.shape) == (298, 1, 20, 20, 20)
+    assert volumes.num_classes == 2 and len(volumes.splits["train"]) == 1188
+    flat = load_medmnist("adrenalmnist3d-midslices", 32)
+    assert tuple(flat.splits["val"].images.shape) == (98, 3, 32, 32)
+    with pytest.raises(ValueError, match="3D dataset"):
+        load_medmnist("pneumoniamnist-midslices", 32)
