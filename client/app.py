@@ -21,6 +21,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from client.audit import audit_reply, failure_reply
+from client.evaluation_cap import EvaluationRefusal, released_metrics
 from client.exchange import hospital_model_config, receive_adapter, send_adapter
 from client.model_cache import lora_model_for
 from client.privacy_round import (  # DP-SGD, update DP, site policy and ledger
@@ -30,7 +31,7 @@ from client.privacy_round import (  # DP-SGD, update DP, site policy and ledger
     site_privacy_from_node_config,
     train_round,
 )
-from client.run_policy import refuse_run
+from client.run_policy import RUN_REFUSAL_CODE, RunPolicy, node_run_policy, refuse_run
 from client.secure_aggregation import handle_secagg
 from client.site import SiteLoader, load_site_from_node_config
 from client.wire import packed_wire_mod
@@ -106,10 +107,25 @@ def handle_train(
     return Message(content=content, reply_to=msg)
 
 
-def handle_evaluate(msg: Message, context: Context, load_site: SiteLoader) -> Message:
-    """The global adapter on the site's validation split: metrics only."""
+def handle_evaluate(
+    msg: Message,
+    context: Context,
+    load_site: SiteLoader,
+    load_privacy: SitePrivacyLoader = site_privacy_from_node_config,
+) -> Message:
+    """The global adapter on the site's validation split: metrics only.
+
+    Under a privacy policy only coarse metrics leave (``client.evaluation_cap``): rounded, and
+    none at all for a validation set below the run policy's minimum (an error reply).
+    """
     model, _, site = _prepare(msg, context, load_site)
     scores = evaluate(model, site.val.images, site.val.labels)
+    if load_privacy(context).policy is not None:
+        try:
+            scores = released_metrics(scores, len(site.val),
+                                      node_run_policy(context) or RunPolicy())
+        except EvaluationRefusal as refusal:
+            return Message(Error(code=RUN_REFUSAL_CODE, reason=str(refusal)), reply_to=msg)
     metrics = MetricRecord(
         {"num-examples": len(site.val), "hospital-id": hospital_id(context)}
         | {f"val-{name.replace('_', '-')}": value for name, value in scores.items()}
@@ -168,7 +184,8 @@ def build_client_app(
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
         try:
-            reply = refuse_run(msg, context) or handle_evaluate(msg, context, load_site)
+            reply = refuse_run(msg, context) or handle_evaluate(msg, context, load_site,
+                                                                load_privacy)
         except Exception as err:  # a local failure is answered and audited
             reply = failure_reply(msg, err)
         audit_reply(msg, reply, context)  # egress audit log

