@@ -1,14 +1,18 @@
 """The hospital daemon's command line: Flower's ``flower-supernode`` with the consortium's CA,
 the hospital's node key and its node config (manifest, policy, ledger, audit log).
 
-``medfed hospital start --dir DIR`` runs it. TLS is always on, except with ``insecure=True``
-(loopback tests only; logged as a warning). With ``clientapp_executor = "warm"`` (the default)
-the SuperNode runs with ``--isolation process`` and :func:`warm_exec_command` is its SuperExec,
-authenticated to it by a fresh shared secret at each start.
+``medfed hospital start --dir DIR`` runs it. TLS is always on, except with ``insecure=True``,
+which is refused unless the coordinator's address is loopback (tests on one machine; logged as
+a warning). The SuperNode always runs with ``--isolation process`` and
+:func:`warm_exec_command` is its SuperExec, authenticated to it by a fresh shared secret at
+each start: Flower's own executor would import the ClientApp named by the run's FAB, so the
+hospital never uses it (``clientapp_executor = "subprocess"`` gives a fresh process per task
+from medfed's SuperExec instead, see :mod:`client.warm_exec`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import secrets
@@ -44,11 +48,16 @@ def supernode_command(folder: Path, insecure: bool = False) -> list[str]:
                                 "-e .) in the environment that runs the hospital daemon")
     node_config_file = folder / NODE_CONFIG_FILE
     node_config_file.write_text(tomli_w.dumps(node_config(folder, config)))
+    if insecure and not is_loopback(config.superlink):
+        raise SiteFolderError(
+            f"--insecure (no TLS, no node authentication) is refused: the coordinator "
+            f"'{config.superlink}' in {folder / 'hospital.toml'} is not on this machine's "
+            "loopback. Copy the consortium's ca.pem into the site folder and start without it")
     argv = [exe, "--superlink", config.superlink, "--node-config", str(node_config_file),
-            "--port", str(config.runtime_port)]
-    if config.clientapp_executor == "warm":
-        argv += ["--isolation", "process",
-                 "--superexec-auth-secret-file", str(_fresh_secret(folder))]
+            "--port", str(config.runtime_port),
+            # Tasks run by medfed's SuperExec only (installed ClientApp, never the FAB's).
+            "--isolation", "process",
+            "--superexec-auth-secret-file", str(_fresh_secret(folder))]
     if insecure:
         logger.warning("hospital %s: plaintext (--insecure) and no node authentication: for "
                        "loopback tests only, never with patient data", config.name)
@@ -62,18 +71,30 @@ def supernode_command(folder: Path, insecure: bool = False) -> list[str]:
             "--auth-supernode-private-key", str(folder / config.node_key)]
 
 
-def warm_exec_command(folder: Path, supernode_pid: int) -> list[str] | None:
-    """The warm SuperExec's argv for the SuperNode of ``folder`` (process ``supernode_pid``),
-    or ``None`` when the hospital uses Flower's own subprocess executor. Call it after
+def warm_exec_command(folder: Path, supernode_pid: int) -> list[str]:
+    """medfed's SuperExec argv for the SuperNode of ``folder`` (process ``supernode_pid``):
+    warm, or ``--cold`` with ``clientapp_executor = "subprocess"``. Call it after
     :func:`supernode_command`, which writes the shared secret."""
     folder = Path(folder).resolve()
     config = load_hospital_config(folder)
-    if config.clientapp_executor != "warm":
-        return None
     return [sys.executable, "-m", "client.warm_exec",
             "--runtime-api-address", f"127.0.0.1:{config.runtime_port}",
             "--superexec-auth-secret-file", str(folder / SUPEREXEC_SECRET_FILE),
-            "--parent-pid", str(supernode_pid)]
+            "--parent-pid", str(supernode_pid),
+            *(["--cold"] if config.clientapp_executor == "subprocess" else [])]
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``host:port`` (or ``[v6]:port``) names this machine's loopback interface."""
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or "]" in address \
+        else address
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def thread_env(folder: Path) -> dict[str, str]:

@@ -11,6 +11,8 @@
     DIR/run-policy.toml         which runs it takes part in (client.run_policy.RunPolicy)
     DIR/privacy-ledger.sqlite   privacy ledger (created at the first DP round)
     DIR/egress-audit.jsonl      egress audit log: one JSON line per message sent (client.audit)
+    DIR/evaluation-count.sqlite evaluations answered per run (beside the run policy), against
+                                its caps (client.evaluation_cap)
     DIR/ca.pem                  put the consortium's CA certificate here (from the coordinator)
     DIR/roster.toml             and the consortium's CA-signed roster of enrolled hospitals with
                                 it (secure aggregation counts only peers on it)
@@ -71,7 +73,8 @@ class HospitalConfig:
             processes fetch their messages; change it when several SuperNodes share a machine.
         clientapp_executor: ``"warm"`` (default): each message runs in a process forked from
             one that imported the ClientApp once (:mod:`client.warm_exec`, saves ~10 s of CPU
-            per message); ``"subprocess"``: Flower's own, a fresh Python process per message.
+            per message); ``"subprocess"``: a fresh Python process per message. Both run the
+            installed medfed ClientApp only, never code from the run's FAB.
         cpu_threads: CPU threads each ClientApp process may use (``OMP_NUM_THREADS``); 0: all
             cores. Set it where the daemon shares a machine: oversubscribed OpenMP threads
             spin, e.g. three daemons on two cores trained 4x slower with all cores each.

@@ -39,12 +39,48 @@ def test_warm_by_default_with_a_fresh_private_secret_per_start(tmp_path):
     assert warm[warm.index("--parent-pid") + 1] == "4242"
 
 
-def test_flowers_subprocess_executor_and_thread_limits(tmp_path):
+def test_the_subprocess_executor_is_medfeds_cold_superexec_never_flowers(tmp_path):
+    # Flower's own executor would import the ClientApp the run's FAB names: the SuperNode
+    # always hands its tasks to medfed's SuperExec, which starts fresh processes here.
     site = _site(tmp_path, clientapp_executor="subprocess", cpu_threads=1)
-    assert "--isolation" not in supernode_command(site)
-    assert warm_exec_command(site, 1) is None
+    argv = supernode_command(site)
+    assert argv[argv.index("--isolation") + 1] == "process"
+    cold = warm_exec_command(site, 1)
+    assert cold[:3] == [sys.executable, "-m", "client.warm_exec"] and "--cold" in cold
+    assert "--cold" not in warm_exec_command(_site(tmp_path / "warm"), 1)
     assert thread_env(site) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     assert thread_env(_site(tmp_path / "other")) == {}
+
+
+@pytest.mark.parametrize("superlink, allowed", [
+    ("localhost:9092", True), ("127.0.0.1:9092", True), ("[::1]:9092", True),
+    ("10.1.2.3:9092", False), ("coordinator.example.org:9092", False), ("0.0.0.0:9092", False)])
+def test_insecure_is_refused_unless_the_coordinator_is_on_loopback(tmp_path, superlink, allowed):
+    site = _site(tmp_path, superlink=superlink)
+    if allowed:
+        assert supernode_command(site, insecure=True)[-1] == "--insecure"
+    else:
+        with pytest.raises(SiteFolderError, match="--insecure .* is refused.*loopback"):
+            supernode_command(site, insecure=True)
+        assert "--insecure" not in supernode_command(site)  # TLS works as before
+
+
+def test_only_clientapp_tasks_are_taken_and_launched():
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor.types import ExecutionSpec
+
+    from client.warm_exec import ColdClientAppExecutor
+
+    executor = ColdClientAppExecutor()
+    every = {TaskType.CLIENT_APP, TaskType.SERVER_APP, TaskType.AGENT_APP}
+    assert executor.get_eligible_capacity(every) == ({TaskType.CLIENT_APP}, set())
+    spec = ExecutionSpec(task_type=TaskType.AGENT_APP, runtime_api_address="127.0.0.1:1",
+                         token="t", insecure=True, root_certificates_path=None,
+                         runtime_dependency_install=True, parent_pid=None,
+                         suppress_output=True, task_id=1)
+    result = executor.launch(spec)
+    assert result.status == "failed" and "ClientApp tasks only" in result.message
+    assert executor._tasks == []  # nothing was started
 
 
 @pytest.mark.parametrize("settings, field", [({"clientapp_executor": "cold"}, "clientapp_executor"),
