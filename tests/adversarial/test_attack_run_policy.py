@@ -43,6 +43,15 @@ def _hook(event: str, args: tuple) -> None:
 sys.addaudithook(_hook)  # hooks cannot be removed: it records only while a test turns it on
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small forward passes: one thread beats two spinning on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def arrays(request):
     from models.config import ModelConfig
