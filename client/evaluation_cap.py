@@ -44,7 +44,7 @@ def _connect(path: Path) -> sqlite3.Connection:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # 0600 from the start
     db = sqlite3.connect(path, timeout=60, isolation_level=None)
     db.execute("CREATE TABLE IF NOT EXISTS evaluations "
-               "(run_id INTEGER NOT NULL, node_id INTEGER NOT NULL, at REAL NOT NULL)")
+               "(run_id TEXT NOT NULL, node_id TEXT NOT NULL, at REAL NOT NULL)")
     return db
 
 
@@ -57,7 +57,7 @@ def admit(path: Path, run_id: int, node_id: int, policy: RunPolicy,
     try:
         db.execute("BEGIN IMMEDIATE")  # one writer at a time: no two tasks take the last slot
         in_run = db.execute("SELECT COUNT(*) FROM evaluations WHERE run_id = ? AND node_id = ?",
-                            (run_id, node_id)).fetchone()[0]
+                            (str(run_id), str(node_id))).fetchone()[0]
         in_day = db.execute("SELECT COUNT(*) FROM evaluations WHERE at > ?",
                             (now - DAY_S,)).fetchone()[0]
         reason = ""
@@ -70,7 +70,8 @@ def admit(path: Path, run_id: int, node_id: int, policy: RunPolicy,
         if reason:
             db.execute("ROLLBACK")
             return reason
-        db.execute("INSERT INTO evaluations VALUES (?, ?, ?)", (run_id, node_id, now))
+        # Flower's ids are unsigned 64-bit: beyond SQLite's INTEGER, so kept as text.
+        db.execute("INSERT INTO evaluations VALUES (?, ?, ?)", (str(run_id), str(node_id), now))
         db.execute("COMMIT")
         return ""
     finally:

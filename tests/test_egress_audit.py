@@ -2,6 +2,7 @@
 
 
 import pytest
+import tomli_w
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
@@ -72,13 +73,16 @@ def test_no_audit_log_unless_configured(tmp_path, site, small_model_config, monk
 
 @pytest.mark.parametrize("policy, reason", [
     ('allowed_weights_sha256 = ["' + "0" * 64 + '"]\n', "allow-list"),
-    ('allowed_backbones = ["resnet-50"]\n', "backbone"),
+    ('allowed_backbones = ["hf:/srv/models/vit"]\n', "backbone"),
     ("min_hospitals = 3\n", "requires 3"),
     ('allowed_tasks = ["pneumonia-cxr"]\n', "task '(undeclared)' is not allowed"),
 ])
 def test_run_policy_refuses_before_any_work_and_the_refusal_is_audited(
         tmp_path, site, small_model_config, policy, reason):
-    (tmp_path / "run-policy.toml").write_text(policy)
+    # Allowed but for the rule under test (an empty list allows nothing).
+    base = {"allowed_backbones": ["efficientnet-lite0-imagenet"], "allowed_tasks": [""]}
+    (tmp_path / "run-policy.toml").write_text(
+        tomli_w.dumps({k: v for k, v in base.items() if k not in policy}) + policy)
     log = tmp_path / "egress.jsonl"
     trained = []
     app = build_client_app(lambda context, image_size: trained.append(1) or site)
@@ -100,7 +104,7 @@ def test_run_policy_refuses_before_any_work_and_the_refusal_is_audited(
 def test_run_policy_allows_a_matching_run(tmp_path, site, small_model_config):
     (tmp_path / "run-policy.toml").write_text(
         f'allowed_weights_sha256 = ["{small_model_config.weights_sha256}"]\nmin_hospitals = 2\n'
-        'allowed_tasks = ["pneumonia-cxr"]\n')
+        'allowed_tasks = ["pneumonia-cxr"]\nallowed_backbones = ["efficientnet-lite0-imagenet"]\n')
     app = build_client_app(lambda context, image_size: site)
     torch.manual_seed(0)
     arrays = ArrayRecord(adapter_state(build_lora_model(small_model_config)))

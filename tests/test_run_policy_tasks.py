@@ -1,4 +1,4 @@
-"""Issue 6: a hospital takes part only in the study tasks its approvals cover.
+"""A hospital takes part only in the study tasks its approvals cover.
 
 Real hospitals (PneumoniaMNIST partitions, the ClientApp with a run policy in its node config)
 through the coordinator's round loop in process: the study's ``federation.task`` reaches every
@@ -23,7 +23,8 @@ from simulations.sites import SimulatedSiteLoader
 from simulations.sites import held_out_test_set as central_test_set
 
 NODES = [2**63 + 17 * k + 5 for k in range(3)]
-POLICY = 'allowed_tasks = ["pneumonia-cxr"]\nmin_hospitals = 3\n'
+POLICY = ('allowed_backbones = ["efficientnet-lite0-imagenet"]\n'
+          'allowed_tasks = ["pneumonia-cxr"]\nmin_hospitals = 3\n')
 
 
 def _federate(tmp_path, task: str) -> RunRecords:

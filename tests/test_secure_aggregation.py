@@ -227,7 +227,8 @@ def test_hospitals_enforce_their_own_minimum_sum(tmp_path):
     """A run policy's ``min_hospitals`` holds under secure aggregation without trusting the
     coordinator: with 4 of 5 left, hospitals requiring 5 refuse to unmask."""
     policy = tmp_path / "policy.toml"
-    policy.write_text("min_hospitals = 5\n")
+    policy.write_text('min_hospitals = 5\nallowed_backbones = ["efficientnet-lite0-imagenet"]\n'
+                      'allowed_tasks = [""]\n')
     hospitals = Hospitals(NODES)
     hospitals.fail_at[NODES[3]] = "mask"
     replies, report, _ = _round(hospitals, NODES, node_config={"run-policy": str(policy)})

@@ -57,6 +57,16 @@ def _drop_empty(value):
     return value
 
 
+def study_run_policy(config: SimulationConfig) -> str:
+    """A hospital's run policy filled in for exactly this study (the template allows nothing):
+    the consortium's app (``server.flower_app``), its backbone and task, its rounds."""
+    return tomli_w.dumps({
+        "allowed_apps": ["medfed/medfed-app"], "allowed_backbones": [config.model.backbone],
+        "allowed_tasks": [config.federation.task],
+        "max_evaluations_per_run": config.federation.rounds + 1,
+        "max_evaluations_per_day": 2 * (config.federation.rounds + 1)})
+
+
 class LoopbackConsortium:
     """A consortium, its study and ``config.data.num_hospitals`` enrolled hospitals under
     ``root``, with helpers to start and kill their daemons (each in its own session, output to
@@ -84,6 +94,7 @@ class LoopbackConsortium:
         for k in range(config.data.num_hospitals):
             site = self.root / f"hospital-{k}"
             init_site_folder(site, f"hospital-{k}", superlink=f"localhost:{self.port}")
+            (site / "run-policy.toml").write_text(study_run_policy(config))
             shutil.copy(self.folder / "ca" / "ca.pem", site / "ca.pem")
             data = hospital_site(config.data, config.model.image_size, config.seed, k)
             np.savez(site / "site.npz", train_images=_uint8(data.train.images),

@@ -34,6 +34,7 @@ N_VAL = 40
 CAP = 4
 TASK = "pneumonia-cxr"
 HEAD = "base_model.model.net._fc"
+NODE = 2**63 + 11  # Flower's node ids are unsigned 64-bit
 SCALE = 1e4  # saturates the softmax: each example's prediction is a step in t
 
 
@@ -114,8 +115,8 @@ def _run_attack(site, attack, node_config, run_id: int, count: int | None = None
     adapters, wire, truth = attack
     adapters = adapters[:count]
     app = build_client_app(lambda context, image_size: site)
-    context = Context(run_id=run_id, node_id=11, node_config=node_config, state=RecordDict(),
-                      run_config={})
+    context = Context(run_id=run_id, node_id=NODE, node_config=node_config,
+                      state=RecordDict(), run_config={})
     replies = [app(coordinator_message("evaluate", arrays, wire, run_id=run_id, group_id="1"),
                    context) for arrays in adapters]
     return replies
@@ -189,7 +190,7 @@ def test_a_small_validation_set_is_not_evaluated_under_a_privacy_policy(tmp_path
     node_config = _policy_files(tmp_path, private=True)
     small = SiteData(train=site.train, val=site.val.subset(np.arange(N_VAL - 1)))
     app = build_client_app(lambda context, image_size: small)
-    context = Context(run_id=3, node_id=11, node_config=node_config, state=RecordDict(),
+    context = Context(run_id=3, node_id=NODE, node_config=node_config, state=RecordDict(),
                       run_config={})
     reply = app(coordinator_message("evaluate", attack[0][0], attack[1], run_id=3,
                                     group_id="1"), context)
