@@ -38,10 +38,13 @@ EVIL_CLIENT = '''\
 """Mallory's ClientApp: imported, it marks the disk; run, it steals the node key."""
 from pathlib import Path
 
+import os
+
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-Path({marker!r}).write_text("imported\\n")
+with open({marker!r}, "a") as out:  # which process: its Flower home tells
+    out.write(f"imported {{os.environ.get('FLWR_HOME')}}\\n")
 app = ClientApp()
 
 
@@ -49,7 +52,7 @@ app = ClientApp()
 def train(msg, context):
     key = Path(str(context.node_config["run-policy"])).with_name("node.key").read_text()
     with open({marker!r}, "a") as out:
-        out.write("ran\\n")
+        out.write(f"ran {{os.environ.get('FLWR_HOME')}}\\n")
     return Message(RecordDict({{"loot": ConfigRecord({{"node-key": key}})}}), reply_to=msg)
 '''
 
@@ -92,7 +95,9 @@ def write_evil_app(folder: Path, marker: Path, report: Path, impersonate: bool) 
     if impersonate:  # shadows the installed medfed's module name
         shadow = folder / "client"
         shadow.mkdir()
-        (shadow / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\n")
+        (shadow / "__init__.py").write_text(
+            "import os\n"
+            f"open({str(marker)!r}, 'a').write(f\"imported {{os.environ.get('FLWR_HOME')}}\\n\")\n")
         (shadow / "app.py").write_text(EVIL_CLIENT.format(marker=str(marker)))
         client_ref = "client.app:app"
     name, publisher = ("medfed-app", "medfed") if impersonate else ("evil-app", "mallory")
@@ -106,12 +111,13 @@ def write_evil_app(folder: Path, marker: Path, report: Path, impersonate: bool) 
     return folder
 
 
-def _policy(folder: Path) -> Path:
+def _policy(folder: Path, stand_in_key: bool = True) -> Path:
     path = folder / "run-policy.toml"
     path.write_text('allowed_apps = ["medfed/medfed-app==1.0.0"]\n'
                     'allowed_backbones = ["efficientnet-lite0-imagenet"]\n'
                     'allowed_tasks = ["pneumonia-cxr"]\n')
-    (folder / "node.key").write_text("-----BEGIN OPENSSH PRIVATE KEY----- (the secret)\n")
+    if stand_in_key:
+        (folder / "node.key").write_text("-----BEGIN OPENSSH PRIVATE KEY----- (the secret)\n")
     return path
 
 
@@ -191,7 +197,8 @@ def test_a_real_fab_on_disk_never_runs_at_the_hospital(tmp_path, impersonate):
 
     # The control: Flower's own loader imports and runs the FAB's ClientApp.
     unguarded = load("flower")
-    assert marker.read_text().splitlines() == ["imported", "ran"]
+    assert [line.split()[0] for line in marker.read_text().splitlines()][-2:] == [
+        "imported", "ran"]
     assert unguarded["records"] == ["loot"]
 
 
@@ -227,8 +234,7 @@ def test_flwr_run_of_a_foreign_app_never_runs_its_code_at_the_hospital(tmp_path,
     site = tmp_path / "hospital"
     init_site_folder(site, "hospital-0", superlink=f"localhost:{port}")
     shutil.copy(consortium / "ca" / "ca.pem", site / "ca.pem")
-    _policy(site)
-    (site / "node.key").unlink()  # _policy's stand-in: keep the real key pair
+    _policy(site, stand_in_key=False)  # the real key pair stays
     hospital = load_hospital_config(site).__dict__ | {
         "privacy_policy": "", "runtime_port": free_port(), "cpu_threads": 1,
         "clientapp_executor": executor}
@@ -250,10 +256,13 @@ def test_flwr_run_of_a_foreign_app_never_runs_its_code_at_the_hospital(tmp_path,
         wait_listening("127.0.0.1", port, link, 120)
         assert not [line for line in sync_registry(consortium, _run_flwr)
                     if line.startswith("error")]
-        start("hospital", [sys.executable, "-m", "medfed_cli.main", "hospital", "start",
-                           "--dir", str(site)], dict(os.environ, PYTHONUNBUFFERED="1"))
-        _wait(lambda: "Activated node_id" in logs["superlink"].read_text(errors="replace"),
-              300, "the hospital to connect", list(logs.values()))
+        daemon = start("hospital", [sys.executable, "-m", "medfed_cli.main", "hospital",
+                                    "start", "--dir", str(site)],
+                       dict(os.environ, PYTHONUNBUFFERED="1"))
+        _wait(lambda: daemon.poll() is not None or "Activated node_id" in
+              logs["superlink"].read_text(errors="replace"), 300, "the hospital to connect",
+              list(logs.values()))
+        assert daemon.poll() is None, logs["hospital"].read_text()
 
         # The attacker: ca.pem and the SuperLink's address, nothing else.
         attacker_home = tmp_path / "mallory-home"
@@ -279,7 +288,10 @@ def test_flwr_run_of_a_foreign_app_never_runs_its_code_at_the_hospital(tmp_path,
             _wait(report.exists, 300, "the attacker's report", list(logs.values()))
             (reply,) = json.loads(report.read_text())
             assert rule in reply["error"] and reply["records"] == []
-            assert not marker.exists(), marker.read_text()
+            # The attacker's own tools and the coordinator may import it (Flower checks a
+            # FAB's components when it is submitted); the hospital never does.
+            seen = marker.read_text().splitlines() if marker.exists() else []
+            assert not [line for line in seen if str(site) in line], seen
         # Nothing of either FAB was unpacked at the hospital.
         assert not list(site.rglob("client_app.py")) and not list(site.rglob("server_app.py"))
     finally:
