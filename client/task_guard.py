@@ -27,7 +27,9 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from client.audit import audit_reply
-from client.run_policy import RUN_POLICY_KEY, RUN_REFUSAL_CODE, app_refusal, load_run_policy
+
+# Kept light: a fresh task process must pull its task from the SuperNode within Flower's
+# launch deadline, so torch and the run policy (which imports the model registry) load after.
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ class RefusingClientApp(ClientApp):
         self.reason = reason
 
     def __call__(self, message: Message, context: Context) -> Message:
+        from client.run_policy import RUN_REFUSAL_CODE
+
         reply = Message(Error(code=RUN_REFUSAL_CODE, reason=self.reason), reply_to=message)
         audit_reply(message, reply, context)
         return reply
@@ -57,6 +61,8 @@ def installed_app_for(fab_id: str, fab_version: str, fab_hash: str, fab_content:
                       context: Context) -> ClientApp:
     """The ClientApp to run for a run of FAB ``fab_id`` ``fab_version``: the installed medfed's
     when the node's run policy allows that app, else a :class:`RefusingClientApp`."""
+    from client.run_policy import RUN_POLICY_KEY, app_refusal, load_run_policy
+
     actual = hashlib.sha256(fab_content).hexdigest()
     policy_path = context.node_config.get(RUN_POLICY_KEY)
     if actual != fab_hash:
