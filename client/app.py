@@ -31,7 +31,7 @@ from client.privacy_round import (  # DP-SGD, update DP, site policy and ledger
     site_privacy_from_node_config,
     train_round,
 )
-from client.run_policy import RUN_REFUSAL_CODE, RunPolicy, node_run_policy, refuse_run
+from client.run_policy import RUN_REFUSAL_CODE, node_run_policy, refuse_run
 from client.secure_aggregation import handle_secagg
 from client.site import SiteLoader, load_site_from_node_config
 from client.wire import packed_wire_mod
@@ -115,15 +115,16 @@ def handle_evaluate(
 ) -> Message:
     """The global adapter on the site's validation split: metrics only.
 
-    Under a privacy policy only coarse metrics leave (``client.evaluation_cap``): rounded, and
-    none at all for a validation set below the run policy's minimum (an error reply).
+    At a hospital with a run policy and a privacy policy only coarse metrics leave
+    (``client.evaluation_cap``): rounded, and none at all for a validation set below the run
+    policy's minimum (an error reply). Simulated hospitals have no run policy.
     """
     model, _, site = _prepare(msg, context, load_site)
     scores = evaluate(model, site.val.images, site.val.labels)
-    if load_privacy(context).policy is not None:
+    run_policy = node_run_policy(context)
+    if run_policy is not None and load_privacy(context).policy is not None:
         try:
-            scores = released_metrics(scores, len(site.val),
-                                      node_run_policy(context) or RunPolicy())
+            scores = released_metrics(scores, len(site.val), run_policy)
         except EvaluationRefusal as refusal:
             return Message(Error(code=RUN_REFUSAL_CODE, reason=str(refusal)), reply_to=msg)
     metrics = MetricRecord(
