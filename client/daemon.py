@@ -80,8 +80,8 @@ def warm_exec_command(folder: Path, supernode_pid: int) -> list[str]:
     return [sys.executable, "-m", "client.warm_exec",
             "--runtime-api-address", f"127.0.0.1:{config.runtime_port}",
             "--superexec-auth-secret-file", str(folder / SUPEREXEC_SECRET_FILE),
-            "--parent-pid", str(supernode_pid),
-            *(["--cold"] if config.clientapp_executor == "subprocess" else [])]
+            *(["--cold"] if config.clientapp_executor == "subprocess" else []),
+            "--parent-pid", str(supernode_pid)]  # last: 'hospital start --print-command'
 
 
 def is_loopback(address: str) -> bool:

@@ -53,7 +53,8 @@ def cmd_hospital_init(args: argparse.Namespace) -> int:
     config = init_site_folder(args.dir, args.name, args.superlink, args.manifest or "")
     console.print(f"hospital '{config.name}' in {args.dir}: send {args.dir / config.node_pub} to "
                   f"the coordinator; put the consortium's CA certificate at "
-                  f"{args.dir / config.ca_cert}; review {args.dir / config.privacy_policy}")
+                  f"{args.dir / config.ca_cert}; review {args.dir / config.privacy_policy}; "
+                  f"fill in {args.dir / config.run_policy} (it refuses every run until you do)")
     return 0
 
 
@@ -115,7 +116,8 @@ def add_hospital(sub: argparse._SubParsersAction) -> None:
         "start", help="run the hospital's SuperNode (TLS, node key, its node config)")
     h_start.add_argument("--dir", type=Path, required=True, help="the site folder")
     h_start.add_argument("--insecure", action="store_true",
-                         help="plaintext, no authentication: loopback tests only")
+                         help="plaintext, no authentication: refused unless the coordinator "
+                         "is on this machine's loopback (tests only)")
     h_start.add_argument("--print-command", action="store_true",
                          help="print the flower-supernode command instead of running it")
     h_start.set_defaults(func=cmd_hospital_start)

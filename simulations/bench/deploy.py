@@ -59,7 +59,7 @@ def _drop_empty(value):
 
 def study_run_policy(config: SimulationConfig) -> str:
     """A hospital's run policy filled in for exactly this study (the template allows nothing):
-    the consortium's app (``server.flower_app``), its backbone and task, its rounds."""
+    the consortium's app (``server.deployment_app``), its backbone and task, its rounds."""
     return tomli_w.dumps({
         "allowed_apps": ["medfed/medfed-app"], "allowed_backbones": [config.model.backbone],
         "allowed_tasks": [config.federation.task],
