@@ -239,10 +239,12 @@ def test_hospitals_enforce_their_own_minimum_sum(tmp_path):
 def test_policy_requiring_secure_aggregation_refuses_plain_training(tmp_path):
     from client.run_policy import RunPolicy, run_refusal
 
-    policy = RunPolicy(require_secure_aggregation=True)
-    assert "only under secure aggregation" in run_refusal(policy, ConfigRecord(), "train")
-    assert run_refusal(policy, ConfigRecord(), f"train.{ACTION}") == ""
-    assert run_refusal(policy, ConfigRecord(), "evaluate") == ""
+    policy = RunPolicy(require_secure_aggregation=True, allowed_tasks=[""],
+                       allowed_backbones=["efficientnet-lite0-imagenet"])
+    config = ConfigRecord({"backbone": "efficientnet-lite0-imagenet"})
+    assert "only under secure aggregation" in run_refusal(policy, config, "train")
+    assert run_refusal(policy, config, f"train.{ACTION}") == ""
+    assert run_refusal(policy, config, "evaluate") == ""
 
 
 def test_hospital_refuses_to_reveal_both_shares_of_one_hospital():
