@@ -226,7 +226,7 @@ def test_flwr_run_of_a_foreign_app_never_runs_its_code_at_the_hospital(tmp_path,
         sync_registry,
         wait_listening,
     )
-    from simulations.bench.deploy import free_port
+    from simulations.processes import free_port
 
     port = free_port()
     consortium = tmp_path / "consortium"

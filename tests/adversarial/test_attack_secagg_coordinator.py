@@ -347,7 +347,8 @@ def test_invented_survivors_do_not_make_a_sum_large_enough(tmp_path):
     """With a run policy of at least 4 hospitals per sum, the coordinator pads a survivor set of
     three real hospitals with two invented ids: every hospital counts only the survivors it
     holds verified shares of, and reveals nothing."""
-    attack, _ = _attack(tmp_path, policy="min_hospitals = 4\n", min_hospitals=4)
+    attack, _ = _attack(tmp_path, policy='min_hospitals = 4\nallowed_tasks = [""]\n'
+                        'allowed_backbones = ["efficientnet-lite0-imagenet"]\n', min_hospitals=4)
     _honest_start(attack, _complete(NODES))
     padded = [TARGET, H1, H2, *FAKES]
     attack.run_check({n: padded for n in (TARGET, H1, H2)})
