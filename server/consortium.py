@@ -33,7 +33,6 @@ import tomli_w
 from models.settings import read_settings
 from privacy.pki import (
     certificate_pem,
-    load_ca,
     load_certificate,
     load_node_public_key,
     make_ca,
@@ -64,8 +63,10 @@ class CoordinatorConfig:
 
     Attributes:
         consortium: the consortium's name (in the CA subject).
-        host, port: where the SuperLink's HTTP APIs listen (Flower 1.42 serves the Fleet,
-            Control and Runtime APIs on one port; hospitals connect to ``hostname:port``).
+        host, port: where the SuperLink's Fleet API listens (hospitals connect to
+            ``hostname:port``); nothing else is served there.
+        admin_port: the loopback port (127.0.0.1) of the Control and Runtime APIs (run
+            submission, node registry, the ServerApp); ``0``: ``port + 1``.
         hostnames: names and IPs in the TLS certificate besides localhost/127.0.0.1.
         ca_cert, ca_key, server_cert, server_key: the PKI files.
         enrolment: the enrolment list.
@@ -75,6 +76,7 @@ class CoordinatorConfig:
     consortium: str
     host: str = "0.0.0.0"
     port: int = 8000
+    admin_port: int = 0
     hostnames: list[str] = field(default_factory=list)
     ca_cert: str = "ca/ca.pem"
     ca_key: str = "ca/ca.key"
@@ -82,6 +84,11 @@ class CoordinatorConfig:
     server_key: str = "tls/server.key"
     enrolment: str = ENROLMENT_FILE
     run_dir: str = "runs"
+
+    @property
+    def control_port(self) -> int:
+        """The loopback admin port in use (``admin_port``, or ``port + 1`` when unset)."""
+        return self.admin_port or self.port + 1
 
 
 @dataclass(frozen=True)
@@ -115,7 +122,8 @@ def _utc_now() -> str:
 
 
 def init_consortium(folder: Path, consortium: str, hostnames: list[str] | None = None,
-                    host: str = "0.0.0.0", port: int = 8000) -> CoordinatorConfig:
+                    host: str = "0.0.0.0", port: int = 8000,
+                    admin_port: int = 0) -> CoordinatorConfig:
     """Create the consortium folder: CA, TLS certificate, config and an empty enrolment list.
 
     Raises:
@@ -127,7 +135,7 @@ def init_consortium(folder: Path, consortium: str, hostnames: list[str] | None =
         raise ConsortiumError(f"{folder / CONFIG_FILE} exists: this folder is already a "
                               f"consortium; choose another folder")
     config = CoordinatorConfig(consortium=consortium, host=host, port=port,
-                               hostnames=list(hostnames or []))
+                               admin_port=admin_port, hostnames=list(hostnames or []))
     (folder / "ca").mkdir(parents=True, exist_ok=True)
     (folder / "tls").mkdir(parents=True, exist_ok=True)
     (folder / "hospitals").mkdir(parents=True, exist_ok=True)
@@ -155,10 +163,13 @@ def load_coordinator_config(folder: Path) -> CoordinatorConfig:
 
 
 def check_consortium(folder: Path) -> CoordinatorConfig:
-    """Load the config and check that the TLS certificate is signed by the CA and valid now."""
+    """Load the config and check that the TLS certificate is signed by the CA and valid now.
+
+    Reads the CA's certificate only: its private key is needed to make certificates
+    (``init``), never to run, and may be kept offline."""
     config = load_coordinator_config(folder)
-    ca = load_ca(Path(folder) / config.ca_cert, Path(folder) / config.ca_key)
-    verify_signed_by(load_certificate(Path(folder) / config.server_cert), ca.certificate)
+    ca_cert = load_certificate(Path(folder) / config.ca_cert)
+    verify_signed_by(load_certificate(Path(folder) / config.server_cert), ca_cert)
     return config
 
 

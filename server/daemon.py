@@ -1,20 +1,27 @@
-"""The coordinator daemon's command line: Flower's ``flower-superlink`` with the consortium's TLS
-files and SuperNode authentication on.
+"""The coordinator daemon: Flower's SuperLink with the consortium's TLS files, SuperNode
+authentication on, and only the Fleet API on the hospital-facing address.
 
-``medfed coordinator start DIR`` runs it. TLS is always on, except with ``insecure=True`` (loopback
-tests only; logged as a warning), which also turns node authentication off because Flower
-requires TLS for it. The enrolled hospitals' keys are what the operator registers with the
-running SuperLink (``flwr supernode register DIR/hospitals/NAME.pub``); Flower then refuses a
-SuperNode whose key is not registered.
+``medfed coordinator start DIR`` runs it (:func:`run_coordinator`). The SuperLink is Flower's own
+application served by :mod:`server.superlink_gate`: Fleet API on ``host:port``, Control and
+Runtime APIs on ``127.0.0.1:admin_port`` only, the node registry synced with the enrolment list
+before any socket accepts a connection. TLS is always on, except with ``insecure=True``
+(loopback tests only; logged as a warning), which also turns node authentication off because
+Flower requires TLS for it.
+
+Every process the coordinator starts dies with it, whatever ends it (``kill -9`` included): the
+gate is started with a parent-death signal and starts its SuperExec the same way; the
+ServerApp stops with the coordinator (:func:`stop_with_coordinator`). A restart clears what a
+dead coordinator left (:func:`clear_leftovers`): its pid file, and a SuperLink of this
+consortium still holding the ports.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -31,20 +38,29 @@ from server.consortium import (
     load_enrolments,
     set_node_id,
 )
+from server.superlink_gate import die_with_parent
 
 logger = logging.getLogger(__name__)
 
 STATE_DB = "superlink-state.db"
-COORDINATOR_PID_ENV = "MEDFED_COORDINATOR_PID"
-"""Environment variable with the pid of ``medfed coordinator start``; its ServerApp (started by
-Flower's SuperExec, outside the coordinator's process group) stops when that process is gone."""
 """The SuperLink's SQLite state (runs, registered nodes) in the consortium folder: it survives a
 restart, so registered hospitals stay registered."""
+PID_FILE = "coordinator.pid"
+"""In the consortium folder while ``coordinator start`` runs: its pid and the gate's (JSON)."""
+COORDINATOR_PID_ENV = "MEDFED_COORDINATOR_PID"
+"""Environment variable with the pid of ``medfed coordinator start``; its ServerApp (started by
+Flower's SuperExec in a session of its own) stops when that process is gone."""
+GATE_MODULE = "server.superlink_gate"
+
+
+class CoordinatorBusy(RuntimeError):
+    """Another live coordinator runs this consortium, or a stranger holds its port."""
 
 
 def superlink_command(folder: Path, insecure: bool = False,
                       config: CoordinatorConfig | None = None) -> list[str]:
-    """The ``flower-superlink`` argv for the consortium in ``folder``.
+    """The SuperLink's argv for the consortium in ``folder`` (:mod:`server.superlink_gate`
+    with ``flower-superlink``'s flags).
 
     Raises:
         server.consortium.ConsortiumError / privacy.pki.KeyFileError: the folder's config or
@@ -53,13 +69,14 @@ def superlink_command(folder: Path, insecure: bool = False,
     """
     folder = Path(folder).resolve()
     config = config or check_consortium(folder)
-    exe = _flower_executable("flower-superlink")
-    if exe is None:
+    if _flower_executable("flower-superlink") is None:
         raise FileNotFoundError("flower-superlink is not on PATH: install flwr (pip install "
                                 "-e .) in the environment that runs the coordinator")
     # Flower would otherwise 'uv sync' the app's dependencies at run start (a network install,
     # and a CUDA torch): the ServerApp runs with the medfed installed here.
-    argv = [exe, "--host", config.host, "--port", str(config.port),
+    argv = [sys.executable, "-m", GATE_MODULE, "--consortium", str(folder),
+            "--admin-port", str(config.control_port),
+            "--host", config.host, "--port", str(config.port),
             "--database", str(folder / STATE_DB), "--disable-runtime-dependency-installation"]
     if insecure:
         logger.warning("coordinator: plaintext (--insecure) and no hospital authentication: "
@@ -87,7 +104,7 @@ def flwr_cli_home(folder: Path, config: CoordinatorConfig | None = None,
     config = config or check_consortium(folder)
     home = folder / "flwr-home"
     home.mkdir(exist_ok=True)
-    connection: dict[str, object] = {"address": f"{_local_host(config)}:{config.port}"}
+    connection: dict[str, object] = {"address": f"127.0.0.1:{config.control_port}"}
     if insecure:
         connection["insecure"] = True
     else:
@@ -97,19 +114,16 @@ def flwr_cli_home(folder: Path, config: CoordinatorConfig | None = None,
     return home
 
 
-def _local_host(config: CoordinatorConfig) -> str:
-    """Where this machine reaches its own SuperLink."""
-    return "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
-
-
 def sync_registry(folder: Path, run: Callable[[list[str], dict[str, str]], tuple[int, str]]
                   ) -> list[str]:
     """Make the running SuperLink's node registry match the enrolment list.
 
     Registers every active enrolment not registered yet (``flwr supernode register``, node id
-    kept in the list) and unregisters every revoked one still registered (``flwr supernode
-    unregister``), so that Flower refuses a revoked hospital at its next connection.
-    ``run(argv, env) -> (returncode, output)`` runs one ``flwr`` command.
+    kept in the list), unregisters every revoked one still registered and every registered
+    node that is no active enrolment's (``flwr supernode unregister``): Flower then refuses
+    it at its next request. ``run(argv, env) -> (returncode, output)`` runs one ``flwr``
+    command. ``coordinator start`` does the same before the SuperLink listens
+    (:func:`server.superlink_gate.sync_registry_state`); this is for a running one.
 
     Returns:
         One line per action, for the operator; failures start with ``error:``.
@@ -117,9 +131,16 @@ def sync_registry(folder: Path, run: Callable[[list[str], dict[str, str]], tuple
     folder = Path(folder).resolve()
     env = dict(os.environ, FLWR_HOME=str(flwr_cli_home(folder)))
     exe = _flower_executable("flwr") or "flwr"
+    code, output = run(registry_listing_command(folder)[0], env)
+    try:
+        listed = registry_nodes(output)
+    except ValueError as err:
+        return [f"error: {err}"]
     lines = []
-    for entry in load_enrolments(folder):
-        if entry.active and not entry.node_id:
+    entries = load_enrolments(folder)
+    known = {e.node_id for e in entries if e.active and e.node_id}
+    for entry in entries:
+        if entry.active and entry.node_id not in listed:
             argv = [exe, "supernode", "register", str(folder / "hospitals" / f"{entry.name}.pub"),
                     "consortium", "--name", entry.name]
             code, output = run(argv, env)
@@ -130,13 +151,35 @@ def sync_registry(folder: Path, run: Callable[[list[str], dict[str, str]], tuple
             else:
                 lines.append(f"error: registering {entry.name}: {output.strip()}")
         elif not entry.active and entry.node_id:
-            code, output = run([exe, "supernode", "unregister", entry.node_id, "consortium"], env)
-            if code == 0:
-                set_node_id(folder, entry.fingerprint, "")
-                lines.append(f"unregistered revoked {entry.name} (node {entry.node_id})")
-            else:
-                lines.append(f"error: unregistering {entry.name}: {output.strip()}")
+            if entry.node_id in listed:
+                code, output = run([exe, "supernode", "unregister", entry.node_id, "consortium"],
+                                   env)
+                if code != 0:
+                    lines.append(f"error: unregistering {entry.name}: {output.strip()}")
+                    continue
+            set_node_id(folder, entry.fingerprint, "")
+            lines.append(f"unregistered revoked {entry.name} (node {entry.node_id})")
+    for node_id in sorted(set(listed) - known):
+        code, output = run([exe, "supernode", "unregister", node_id, "consortium"], env)
+        lines.append(f"unregistered unknown node {node_id} (on no active enrolment)" if code == 0
+                     else f"error: unregistering unknown node {node_id}: {output.strip()}")
     return lines
+
+
+def registry_nodes(listing_json: str) -> dict[str, dict]:
+    """Node id -> node of ``flwr supernode ls --format json`` output, unregistered ones left out.
+
+    Raises:
+        ValueError: the output is not a node list (the SuperLink did not answer).
+    """
+    try:
+        listing = json.loads(listing_json)
+        nodes = listing["nodes"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        detail = listing_json.strip().splitlines()[-1:] or ["no output"]
+        raise ValueError(f"the SuperLink did not answer ({detail[0][:300]}): is the "
+                         f"coordinator running? ('medfed coordinator start')") from err
+    return {n["node-id"]: n for n in nodes if n.get("status") != "unregistered"}
 
 
 def registry_listing_command(folder: Path) -> tuple[list[str], dict[str, str]]:
@@ -170,7 +213,8 @@ def daemon_env(flwr_home: Path, exe: str) -> dict[str, str]:
 
 
 def wait_listening(host: str, port: int, proc: subprocess.Popen, timeout_s: float) -> None:
-    """Wait until ``host:port`` accepts connections.
+    """Wait until ``host:port`` accepts connections and the listener is ``proc`` (never another
+    process that holds the port).
 
     Raises:
         RuntimeError: ``proc`` exited first, or ``timeout_s`` passed.
@@ -180,12 +224,117 @@ def wait_listening(host: str, port: int, proc: subprocess.Popen, timeout_s: floa
         if proc.poll() is not None:
             raise RuntimeError(f"the SuperLink exited with code {proc.returncode} before "
                                f"listening on {host}:{port}; see its log above")
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.3)
+        if proc.pid in _listeners(port):
+            return
+        time.sleep(0.3)
     raise RuntimeError(f"the SuperLink did not listen on {host}:{port} within {timeout_s:g} s")
+
+
+def _listeners(port: int) -> set[int]:
+    """Pids of the processes listening on TCP ``port`` (any address)."""
+    import psutil
+
+    return {c.pid for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid}
+
+
+def _process(pid: int, started: float | None = None):
+    """The live process ``pid`` (and, with ``started``, only if it started then), or None."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if started is not None and abs(proc.create_time() - started) > 0.01:
+            return None  # the pid was reused by another process
+        return proc if proc.status() != psutil.STATUS_ZOMBIE else None
+    except psutil.Error:
+        return None
+
+
+def _is_this_consortiums_superlink(proc, folder: Path) -> bool:
+    """A SuperLink (the gate, or Flower's own from an older medfed) of this consortium."""
+    import psutil
+
+    try:
+        cmdline = proc.cmdline()
+    except psutil.Error:
+        return False
+    text = " ".join(cmdline)
+    return (GATE_MODULE in cmdline or any(a.endswith("flower-superlink") for a in cmdline[:2])) \
+        and str(folder) in text
+
+
+def clear_leftovers(folder: Path, config: CoordinatorConfig) -> list[str]:
+    """Before a start: refuse if a coordinator of this consortium is alive; else stop what a
+    dead one left (its SuperLink still on the ports) and remove its pid file.
+
+    Returns:
+        One line per thing cleared, for the log.
+
+    Raises:
+        CoordinatorBusy: a live coordinator runs this consortium, or a process that is not
+            this consortium's SuperLink holds one of its ports.
+    """
+    import psutil
+
+    folder = Path(folder).resolve()
+    lines = []
+    pid_file = folder / PID_FILE
+    record: dict = {}
+    if pid_file.exists():
+        try:
+            record = json.loads(pid_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            record = {}
+        alive = _process(int(record.get("coordinator", 0) or 0), record.get("started"))
+        if alive is not None and alive.pid != os.getpid():
+            raise CoordinatorBusy(f"a coordinator of {folder} is running (pid {alive.pid}, see "
+                                  f"{pid_file}); stop it first, or wait for its run to end")
+        lines.append(f"cleared a stale pid file of a coordinator that died (pid "
+                     f"{record.get('coordinator')})")
+    gate = _process(int(record.get("gate", 0) or 0), record.get("gate_started"))
+    suspects = ({gate.pid} if gate else set()) | _listeners(config.port) \
+        | _listeners(config.control_port)
+    for pid in sorted(suspects):
+        proc = _process(pid)
+        if proc is None:
+            continue
+        if not _is_this_consortiums_superlink(proc, folder):
+            try:
+                name = " ".join(proc.cmdline()[:3])
+            except psutil.Error:
+                name = "?"
+            raise CoordinatorBusy(
+                f"port {config.port} or {config.control_port} is held by pid {pid} ({name}), "
+                f"which is not this consortium's SuperLink: stop it, or set other ports in "
+                f"{folder / 'coordinator.toml'}")
+        for child in proc.children(recursive=True):
+            child.kill()
+        proc.kill()
+        proc.wait(timeout=30)
+        lines.append(f"stopped the SuperLink a dead coordinator left running (pid {pid})")
+    pid_file.unlink(missing_ok=True)
+    return lines
+
+
+def _write_pid_file(folder: Path, gate: subprocess.Popen | None) -> None:
+    import psutil
+
+    record = {"coordinator": os.getpid(), "started": psutil.Process().create_time()}
+    if gate is not None:
+        record |= {"gate": gate.pid, "gate_started": psutil.Process(gate.pid).create_time()}
+    tmp = folder / (PID_FILE + ".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(folder / PID_FILE)
+
+
+def coordinator_running(folder: Path) -> bool:
+    """Whether a live ``coordinator start`` runs the consortium in ``folder``."""
+    try:
+        record = json.loads((Path(folder) / PID_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return _process(int(record.get("coordinator", 0) or 0), record.get("started")) is not None
 
 
 def default_run_dir(folder: Path, study: Path) -> Path:
@@ -194,10 +343,15 @@ def default_run_dir(folder: Path, study: Path) -> Path:
     return folder / load_coordinator_config(folder).run_dir / Path(study).stem
 
 
+RUN_LOG = "flwr-run.log"
+"""In the run directory: ``flwr run``'s own output (the ServerApp's lines are in the
+coordinator's log already; streamed as well they would print twice)."""
+
+
 def submit_run(folder: Path, study: Path, run_dir: Path, insecure: bool = False) -> int:
-    """``flwr run`` the consortium's app on its running SuperLink with ``study``; stream the
-    run's logs here until it ends. Returns ``flwr run``'s exit code (the run's outcome is in
-    ``run_dir``: ``adapter/`` when it finished)."""
+    """``flwr run`` the consortium's app on its running SuperLink with ``study`` and wait for
+    the run to end. Returns ``flwr run``'s exit code (the run's outcome is in ``run_dir``:
+    ``adapter/`` when it finished)."""
     from server.deployment_app import run_config_args, write_app_dir
 
     folder = Path(folder).resolve()
@@ -206,19 +360,27 @@ def submit_run(folder: Path, study: Path, run_dir: Path, insecure: bool = False)
     exe = _flower_executable("flwr") or "flwr"
     argv = [exe, "run", str(app_dir), "consortium", *run_config_args(study, run_dir), "--stream"]
     logger.info("submitting %s (records in %s)", study, run_dir)
-    return subprocess.run(argv, env=env, cwd=folder).returncode
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / RUN_LOG, "ab") as out:
+        code = subprocess.run(argv, env=env, cwd=folder, stdout=out, stderr=subprocess.STDOUT,
+                              preexec_fn=die_with_parent()).returncode  # noqa: PLW1509
+    if code != 0:
+        tail = (run_dir / RUN_LOG).read_text(errors="replace").strip().splitlines()[-5:]
+        logger.error("flwr run exited with %d: %s", code, " | ".join(tail))
+    return code
 
 
 def run_coordinator(folder: Path, study: Path, run_dir: Path | None = None,
                     insecure: bool = False, startup_timeout_s: float = 120.0) -> int:
-    """``medfed coordinator start DIR --study FILE``: start the SuperLink, register the enrolled
-    hospitals, run the study to its end, stop the SuperLink.
+    """``medfed coordinator start DIR --study FILE``: start the SuperLink (node registry synced
+    with the enrolment list before it listens), run the study to its end, stop the SuperLink.
 
     Started again after a crash with the same study and run directory, the run resumes after
     its last checkpointed round. Returns 0 when the run finished (its final adapter written).
 
     Raises:
         simulations.config.ConfigError: the study file is unreadable or names unknown settings.
+        CoordinatorBusy: another coordinator runs this consortium, or a stranger holds a port.
     """
     from simulations.config import load_config
 
@@ -226,16 +388,18 @@ def run_coordinator(folder: Path, study: Path, run_dir: Path | None = None,
     config = check_consortium(folder)
     load_config(Path(study))  # unknown settings and wrong types fail here, naming the file
     run_dir = Path(run_dir).resolve() if run_dir else default_run_dir(folder, study)
+    for line in clear_leftovers(folder, config):
+        logger.warning(line)
     argv = superlink_command(folder, insecure, config)
-    # The ServerApp inherits this pid through the SuperLink and SuperExec (see below).
-    env = daemon_env(flwr_cli_home(folder, config, insecure), argv[0])
-    link = subprocess.Popen(argv, env=env | {COORDINATOR_PID_ENV: str(os.getpid())})
+    # The ServerApp inherits this pid through the gate and its SuperExec (see below).
+    env = daemon_env(flwr_cli_home(folder, config, insecure), _flower_executable("flwr") or "")
+    _write_pid_file(folder, None)
+    link = subprocess.Popen(argv, env=env | {COORDINATOR_PID_ENV: str(os.getpid())},
+                            preexec_fn=die_with_parent())  # noqa: PLW1509 - prctl only
     try:
-        wait_listening(_local_host(config), config.port, link, startup_timeout_s)
-        if not insecure:
-            for line in sync_registry(folder, _run_flwr):
-                (logger.error if line.startswith("error:") else logger.info)(line)
-        submit_run(folder, study, run_dir, insecure)
+        _write_pid_file(folder, link)
+        wait_listening("127.0.0.1", config.control_port, link, startup_timeout_s)
+        code = submit_run(folder, study, run_dir, insecure)
     finally:
         link.terminate()
         try:
@@ -243,13 +407,47 @@ def run_coordinator(folder: Path, study: Path, run_dir: Path | None = None,
         except subprocess.TimeoutExpired:
             link.kill()
             link.wait()
+        (folder / PID_FILE).unlink(missing_ok=True)
     from server.checkpoint import CHECKPOINT_FILE
 
     finished = (run_dir / "adapter").is_dir() and not (run_dir / CHECKPOINT_FILE).exists()
-    (logger.info if finished else logger.error)(
-        "run %s: %s", run_dir, "finished" if finished else "did not finish; run the same "
-        "command again to resume from its last completed round")
-    return 0 if finished else 1
+    if finished:
+        logger.info("run %s: finished", run_dir)
+        return 0
+    logger.error("run %s: did not finish; %s", run_dir, run_advice(run_dir, code))
+    return 1
+
+
+def run_advice(run_dir: Path, flwr_code: int) -> str:
+    """What the operator should do about a run that did not finish, from what it recorded."""
+    from server.checkpoint import CHECKPOINT_FILE
+
+    last = last_run_error(run_dir)
+    if last and any(word in last for word in PERMANENT_REFUSALS):
+        return (f"hospitals refused it ({last}): a restart with the same study will be refused "
+                f"again; change the study (or the hospitals' policies) first")
+    if (run_dir / CHECKPOINT_FILE).exists():
+        return "run the same command again to resume from its last completed round"
+    if flwr_code != 0:
+        return f"the run could not be submitted or stopped early; see {run_dir / RUN_LOG}"
+    return "run the same command again to start it over (no round completed)"
+
+
+PERMANENT_REFUSALS = ("policy", "budget", "PolicyError", "BudgetExceeded", "refused")
+"""Words of a hospital's error category that a restart cannot fix."""
+
+
+def last_run_error(run_dir: Path) -> str:
+    """The last hospital error recorded in ``run_dir/metrics.csv`` (``""`` when none)."""
+    import csv
+
+    path = Path(run_dir) / "metrics.csv"
+    if not path.exists():
+        return ""
+    with open(path, newline="") as handle:
+        errors = [f"round {r.get('round')} {r.get('hospital')}: {r['error']}"
+                  for r in csv.DictReader(handle) if r.get("error")]
+    return errors[-1] if errors else ""
 
 
 def stop_with_coordinator(poll_s: float = 1.0) -> threading.Thread | None:

@@ -77,14 +77,17 @@ class LoopbackConsortium:
     hospitals keep no privacy policy (the template requires DP for every round).
     """
 
-    def __init__(self, root: Path, config: SimulationConfig, insecure: bool = False) -> None:
+    def __init__(self, root: Path, config: SimulationConfig, insecure: bool = False,
+                 host: str = "127.0.0.1") -> None:
         from simulations.sites import hospital_site
 
         self.root = Path(root).resolve()
         self.insecure = insecure
         self.port = free_port()
         self.folder = self.root / "consortium"
-        init_consortium(self.folder, "loopback", host="127.0.0.1", port=self.port)
+        self.admin_port = free_port()
+        init_consortium(self.folder, "loopback", host=host, port=self.port,
+                        admin_port=self.admin_port)
         self.study = self.folder / STUDY_FILE
         self.study.write_text(study_toml(config))
         self.run_dir = self.folder / "runs" / self.study.stem

@@ -1,0 +1,216 @@
+"""Flower's SuperLink with only its Fleet API on the hospital-facing address.
+
+Flower 1.42 serves the Fleet API (hospitals), the Control API (run submission, node
+registration) and the Runtime/ServerAppIo API (the ServerApp) on one HTTP port, without
+authenticating the Control API in its open-source build: anyone who reaches that port could
+submit a run or register a node key. This process runs Flower's own SuperLink application
+(``flwr.superlink.main.create_app``, the same state, routers and node authentication) on two
+sockets:
+
+- ``--host``/``--port`` (the hospital-facing address): Fleet API paths only (``/v1/fleet/``
+  and ``/health``); every other path answers 404 there.
+- ``127.0.0.1:--admin-port``: every API, for the ``flwr`` CLI and the ServerApp on this
+  machine. The Runtime API is further authenticated by the SuperExec secret
+  (``--superexec-auth-secret-file``, Flower's own HMAC scheme) in process isolation.
+
+The gate starts Flower's ``flower-superexec`` itself (it launches the ServerApp for each run),
+against the loopback socket, authenticated by a secret made fresh at each start, and set to die
+with the gate (parent-death signal); Flower's own SuperLink would point it at the public one.
+
+With ``--consortium DIR`` the node registry is made to match DIR's enrolment list *before*
+either socket accepts a connection (:func:`sync_registry_state`), so an enrolled hospital is
+never refused for connecting early, and a key registered behind the coordinator's back is
+removed.
+
+    python -m server.superlink_gate --admin-port 9093 --consortium DIR <flower-superlink args>
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+PUBLIC_PATHS = ("/v1/fleet/", "/health")
+"""Path prefixes served on the hospital-facing socket: the Fleet API and the health probe."""
+READY_LINE = "medfed superlink gate: serving"
+"""Logged once both sockets are bound (after the registry sync)."""
+SECRET_FILE = "superexec.secret"
+"""In the consortium folder, 0600, new at each start: the SuperLink and its SuperExec share it."""
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+class FleetOnly:
+    """ASGI middleware: requests that arrive on ``public_port`` reach only Fleet API paths.
+
+    The socket a request came in on is ``scope["server"]`` (uvicorn's local address); the port
+    decides, so a Fleet socket on 127.0.0.1 (loopback tests) is kept apart from the admin one.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], public_port: int) -> None:
+        self.app = app
+        self.public_port = public_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = scope.get("server")
+        if (scope["type"] in ("http", "websocket") and server and server[1] == self.public_port
+                and not str(scope.get("path", "")).startswith(PUBLIC_PATHS)):
+            if scope["type"] == "http":
+                await send({"type": "http.response.start", "status": 404,
+                            "headers": [(b"content-type", b"text/plain")]})
+                await send({"type": "http.response.body",
+                            "body": b"not served on this address\n"})
+            return
+        await self.app(scope, receive, send)
+
+
+def _public_key_bytes(openssh_line: str) -> bytes:
+    """An enrolment's OpenSSH key line as Flower stores it (``flwr supernode register``)."""
+    from cryptography.hazmat.primitives import serialization
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    return public_key_to_bytes(serialization.load_ssh_public_key(openssh_line.encode()))
+
+
+def sync_registry_state(state: Any, folder: Path) -> list[str]:
+    """Make the SuperLink state's node registry match the enrolment list of ``folder``.
+
+    Registers every active enrolment's key that is not registered (recording its node id in
+    the enrolment list), unregisters revoked keys and every node whose key is not an active
+    enrolment's. Works on Flower's ``LinkState`` directly: milliseconds a key, where
+    ``flwr supernode register`` starts a Python CLI per key.
+
+    Returns:
+        One line per change, for the log.
+    """
+    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, NOOP_ACCOUNT_NAME, NOOP_FLWR_AID
+    from flwr.supercore.constant import NodeStatus
+
+    from server.consortium import load_enrolments, set_node_id
+
+    lines = []
+    wanted: dict[bytes, Any] = {}
+    for entry in load_enrolments(folder):
+        if entry.active:
+            wanted[_public_key_bytes(entry.public_key)] = entry
+        elif entry.node_id:
+            set_node_id(folder, entry.fingerprint, "")
+    live = [n for n in state.get_node_info(owner_aids=[NOOP_FLWR_AID])
+            if n.status != NodeStatus.UNREGISTERED]
+    for node in live:
+        entry = wanted.get(bytes(node.public_key))
+        if entry is None:
+            state.delete_node(NOOP_FLWR_AID, node.node_id)
+            lines.append(f"unregistered node {node.node_id}: its key is not on the enrolment "
+                         f"list (revoked, or registered behind the coordinator's back)")
+    for key, entry in wanted.items():
+        node_id = state.get_node_id_by_public_key(key)
+        if node_id is None:
+            node_id = state.create_node(NOOP_FLWR_AID, NOOP_ACCOUNT_NAME, key,
+                                        HEARTBEAT_DEFAULT_INTERVAL, name=entry.name)
+            lines.append(f"registered {entry.name} (node {node_id})")
+        if entry.node_id != str(node_id):
+            set_node_id(folder, entry.fingerprint, str(node_id))
+    return lines
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host.strip("[]"), port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn`` for a child that must not outlive this process, however it ends
+    (``kill -9`` included): Linux's parent-death signal, SIGKILL."""
+    parent = os.getpid()
+
+    def arm() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return arm
+
+
+def fresh_secret(path: Path) -> Path:
+    """A new random SuperExec secret at ``path`` (0600, created with that mode)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secrets.token_bytes(32))
+    return path
+
+
+def superexec_command(admin_port: int, secret: Path, ca_cert: str | None) -> list[str]:
+    """``flower-superexec`` for ServerApp runs, on the loopback Runtime API."""
+    exe = Path(sys.executable).parent / "flower-superexec"
+    tls = ["--root-certificates", ca_cert] if ca_cert else ["--insecure"]
+    return [str(exe) if exe.is_file() else "flower-superexec", *tls,
+            "--runtime-api-address", f"127.0.0.1:{admin_port}",
+            "--superexec-auth-secret-file", str(secret), "--parent-pid", str(os.getpid())]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m server.superlink_gate", add_help=False)
+    parser.add_argument("--admin-port", type=int, required=True,
+                        help="loopback port for the Control and Runtime APIs")
+    parser.add_argument("--consortium", type=Path, required=True,
+                        help="sync the node registry with this folder's enrolment list first; "
+                             "the SuperExec secret is kept there")
+    args, flower_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    secret = fresh_secret(Path(args.consortium) / SECRET_FILE)
+    flower_args += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
+    # Flower's own parser and config: same flags, same checks as flower-superlink.
+    sys.argv = ["flower-superlink", *flower_args]
+    import uvicorn
+    from flwr.supercore.http_logging import get_uvicorn_log_config
+    from flwr.supercore.logger import console_handler
+    from flwr.superlink.cli.flower_superlink import (
+        SuperLinkLifespan,
+        _parse_superlink_lifespan_config,
+    )
+    from flwr.superlink.main import create_app
+
+    config = _parse_superlink_lifespan_config()
+    app = create_app(config, SuperLinkLifespan)
+    for line in sync_registry_state(app.state.linkstate_factory.state(), args.consortium):
+        logger.info("registry: %s", line)
+    sockets = [_bind(config.host, config.port), _bind("127.0.0.1", args.admin_port)]
+    # The SuperExec retries until the Runtime API answers; it dies with this process.
+    subprocess.Popen(superexec_command(args.admin_port, secret, config.ssl_ca_certfile),
+                     preexec_fn=die_with_parent())  # noqa: PLW1509 - prctl only
+    logger.info("%s: Fleet API on %s:%d; Control and Runtime APIs on 127.0.0.1:%d only",
+                   READY_LINE, config.host, config.port, args.admin_port)
+    server = uvicorn.Server(uvicorn.Config(
+        FleetOnly(app, config.port), log_config=get_uvicorn_log_config(console_handler.level),
+        access_log=False, timeout_graceful_shutdown=3, ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile,
+        workers=1))
+    server.run(sockets=sockets)
+
+
+if __name__ == "__main__":
+    main()
