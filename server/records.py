@@ -76,7 +76,11 @@ class RunRecords:
         row = self._row(reply.server_round, hospital)
         row["node_id"] = reply.node_id
         if reply.error:
-            row["error"] = f"{reply.phase}: {reply.error}"
+            # Every refusal is kept: a training refusal is not overwritten by the same
+            # round's evaluation refusal.
+            entry = f"{reply.phase}: {reply.error}"
+            kept = str(row.get("error") or "")
+            row["error"] = entry if not kept else kept if entry in kept else f"{kept}; {entry}"
             return
         metrics = reply.metrics
         if reply.phase == "train":

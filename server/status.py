@@ -4,7 +4,6 @@ the enrolment list) and each run's last completed round and last error (from its
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,12 +11,18 @@ from safetensors import safe_open
 
 from server.checkpoint import CHECKPOINT_FILE
 from server.consortium import load_coordinator_config, load_enrolments
+from server.daemon import registry_nodes
+
+UNKNOWN = "(not enrolled)"
+"""The name shown for a registered node whose key is on no active enrolment."""
 
 
 @dataclass(frozen=True)
 class HospitalStatus:
     """One enrolled hospital as the SuperLink sees it (status ``online``/``offline``/
-    ``registered``, or ``not registered`` when the registry does not list it)."""
+    ``registered``, or ``not registered`` when the registry does not list it), or a
+    registered node that is on no active enrolment (name :data:`UNKNOWN`: a key registered
+    behind the coordinator's back; ``medfed coordinator register`` removes it)."""
 
     name: str
     node_id: str
@@ -37,20 +42,24 @@ class RunStatus:
 
 
 def hospital_statuses(folder: Path, registry_json: str) -> list[HospitalStatus]:
-    """Join the enrolment list with ``flwr supernode ls --format json`` output."""
-    try:
-        nodes = {n["node-id"]: n for n in json.loads(registry_json).get("nodes", [])}
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise ValueError(f"cannot read the SuperLink's node list ({err}): is it running? "
-                         f"Start it with 'medfed coordinator start'") from err
+    """Join the enrolment list with ``flwr supernode ls --format json`` output; registered
+    nodes no active enrolment names come last.
+
+    Raises:
+        ValueError: the output is not a node list (the SuperLink is not running).
+    """
+    nodes = registry_nodes(registry_json)
     out = []
     for e in load_enrolments(folder):
-        node = nodes.get(e.node_id) if e.node_id else None
+        node = nodes.pop(e.node_id, None) if e.node_id else None
         out.append(HospitalStatus(
             name=e.name, node_id=e.node_id or "-",
             status=node["status"] if node else "not registered",
             online_since=node.get("online-at", "") if node else "",
             revoked=not e.active))
+    out += [HospitalStatus(name=UNKNOWN, node_id=node_id, status=node["status"],
+                           online_since=node.get("online-at", ""), revoked=False)
+            for node_id, node in nodes.items()]
     return out
 
 

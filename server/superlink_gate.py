@@ -207,8 +207,8 @@ def main(argv: list[str] | None = None) -> None:
                    READY_LINE, config.host, config.port, args.admin_port)
     server = uvicorn.Server(uvicorn.Config(
         FleetOnly(app, config.port), log_config=get_uvicorn_log_config(console_handler.level),
-        access_log=False, timeout_graceful_shutdown=3, ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile,
-        workers=1))
+        access_log=False, timeout_graceful_shutdown=3, ssl_keyfile=config.ssl_keyfile,
+        ssl_certfile=config.ssl_certfile,        workers=1))
     server.run(sockets=sockets)
 
 

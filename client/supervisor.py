@@ -1,0 +1,181 @@
+"""The hospital daemon's supervisor: runs the SuperNode (and its warm SuperExec) and keeps the
+hospital in the consortium until the coordinator revokes it.
+
+Flower's SuperNode exits for good on a 401/412 from the SuperLink (key not registered yet,
+SuperLink restarting) or when it cannot connect, and its helper processes can outlive it.
+``medfed hospital start`` runs :func:`supervise` instead:
+
+- the SuperNode and the warm SuperExec are this process's children, set to die with it
+  (parent-death signal), and the SuperExec (with its forkserver) is stopped whenever the
+  SuperNode ends, however it ends;
+- after a refusal, a connection or TLS error, the SuperNode is started again after a backoff
+  (``backoff_s``, doubling up to ``max_backoff_s``) with one log line that says why;
+- once this key has been admitted (recorded in the site folder, per key), a refusal of the
+  key means the coordinator unregistered it: revoked. The supervisor logs one line and stops
+  with :data:`REVOKED_EXIT`. A new key (``medfed hospital init``) must be enrolled to return.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from client.daemon import supernode_command, thread_env, warm_exec_command
+from client.site_folder import load_hospital_config
+
+logger = logging.getLogger(__name__)
+
+ADMITTED_FILE = "admitted.key"
+"""In the site folder: the OpenSSH public key the SuperLink admitted (once it has)."""
+REVOKED_EXIT = 3
+"""Exit code of :func:`supervise` when the coordinator no longer accepts this hospital's key."""
+ADMITTED_LINE = "SuperNode ID:"
+"""Flower's SuperNode logs this once the SuperLink has accepted it."""
+KEY_REFUSED = ("Failed to activate SuperNode", "Invalid SuperNode authentication")
+"""What the SuperNode logs when the SuperLink refuses its key (412 at start, 401 later)."""
+RETRY_LINE = "not admitted by the coordinator"
+REVOKED_LINE = "revoked by the coordinator"
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn`` for a child that must not outlive this process, however it ends
+    (``kill -9`` included): Linux's parent-death signal, SIGKILL."""
+    parent = os.getpid()
+
+    def arm() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return arm
+
+
+class _Attempt:
+    """One SuperNode process: its output copied to ours, and what it said."""
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str]) -> None:
+        self.admitted = False
+        self.refused = False
+        self.last_lines: list[str] = []
+        self.proc = subprocess.Popen(  # noqa: S603 - our own argv
+            list(argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent())  # noqa: PLW1509 - prctl only
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace")
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            self.admitted |= ADMITTED_LINE in line
+            self.refused |= any(text in line for text in KEY_REFUSED)
+            self.last_lines = [*self.last_lines[-4:], line.strip()]
+
+    def wait(self) -> int:
+        code = self.proc.wait()
+        self._reader.join(timeout=10)
+        return code
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    """Stop ``proc`` and everything in its process group (the warm SuperExec's forkserver)."""
+    if proc is None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    try:  # the group's members that ignored SIGTERM
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def supervise(folder: Path, insecure: bool = False, backoff_s: float = 1.0,
+              max_backoff_s: float = 60.0, stop: threading.Event | None = None,
+              daemon_env: Callable[[Path, str], dict[str, str]] | None = None) -> int:
+    """Run the hospital daemon of site folder ``folder`` until ``stop`` is set (or SIGTERM),
+    restarting the SuperNode after every failure, or until the coordinator revokes the key.
+
+    ``daemon_env(flwr_home, exe)`` gives the daemons' environment (default: ours).
+
+    Returns:
+        0 when stopped, :data:`REVOKED_EXIT` when revoked.
+
+    Raises:
+        client.site_folder.SiteFolderError / FileNotFoundError: the site folder or Flower is
+            unusable (checked before each start).
+    """
+    folder = Path(folder).resolve()
+    stop = stop or threading.Event()
+    name = load_hospital_config(folder).name
+    home = folder / "flwr-home"
+    home.mkdir(parents=True, exist_ok=True)
+    node_pub = folder / load_hospital_config(folder).node_pub
+    key = node_pub.read_text().strip() if node_pub.is_file() else ""
+    admitted_file = folder / ADMITTED_FILE
+    wait_s = backoff_s
+    current: dict[str, subprocess.Popen | None] = {"node": None, "warm": None}
+
+    def on_term(signum: int, _frame: object) -> None:
+        stop.set()
+        for proc in current.values():
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+    while not stop.is_set():
+        argv = supernode_command(folder, insecure=insecure)
+        env = (daemon_env(home, argv[0]) if daemon_env else dict(os.environ)) \
+            | thread_env(folder) | {"PYTHONUNBUFFERED": "1"}
+        attempt = _Attempt(argv, env)
+        current["node"] = attempt.proc
+        warm_argv = warm_exec_command(folder, attempt.proc.pid)
+        if warm_argv is not None:
+            current["warm"] = subprocess.Popen(  # noqa: S603 - our own argv
+                warm_argv, env=env, start_new_session=True,
+                preexec_fn=die_with_parent())  # noqa: PLW1509 - prctl only
+        code = attempt.wait()
+        _stop(current["warm"])
+        current["warm"] = None
+        if stop.is_set():
+            break
+        was_admitted = bool(key) and admitted_file.is_file() \
+            and admitted_file.read_text().strip() == key
+        if attempt.admitted and key and not insecure:
+            admitted_file.write_text(key + "\n")
+            was_admitted = True
+        if attempt.refused and was_admitted:
+            logger.error("hospital %s: %s: the SuperLink no longer accepts this hospital's key; "
+                         "stopping (to rejoin, make a new key with 'medfed hospital init' and "
+                         "have it enrolled)", name, REVOKED_LINE)
+            return REVOKED_EXIT
+        if attempt.admitted:
+            wait_s = backoff_s  # it ran: start over quickly
+        reason = ("this key is not registered at the coordinator (not enrolled yet, or "
+                  "revoked before this hospital was ever admitted)" if attempt.refused
+                  else f"the SuperNode exited with code {code}: "
+                  + (attempt.last_lines[-1] if attempt.last_lines else "no output"))
+        logger.warning("hospital %s: %s: %s; retrying in %.0f s", name, RETRY_LINE, reason,
+                       wait_s)
+        if stop.wait(wait_s):
+            break
+        wait_s = min(max_backoff_s, wait_s * 2)
+    logger.info("hospital %s: stopped", name)
+    return 0
