@@ -105,6 +105,12 @@ def _stop(proc: subprocess.Popen | None) -> None:
         pass
 
 
+def _daemon_env(flwr_home: Path, exe: str) -> dict[str, str]:
+    """Flower's state under ``flwr_home`` (not ``~``); its helpers found beside ``exe``."""
+    return dict(os.environ, FLWR_HOME=str(flwr_home),
+                PATH=os.pathsep.join([str(Path(exe).parent), os.environ.get("PATH", "")]))
+
+
 def supervise(folder: Path, insecure: bool = False, backoff_s: float = 1.0,
               max_backoff_s: float = 60.0, stop: threading.Event | None = None,
               daemon_env: Callable[[Path, str], dict[str, str]] | None = None) -> int:
@@ -142,8 +148,8 @@ def supervise(folder: Path, insecure: bool = False, backoff_s: float = 1.0,
         signal.signal(signal.SIGINT, on_term)
     while not stop.is_set():
         argv = supernode_command(folder, insecure=insecure)
-        env = (daemon_env(home, argv[0]) if daemon_env else dict(os.environ)) \
-            | thread_env(folder) | {"PYTHONUNBUFFERED": "1"}
+        env = (daemon_env or _daemon_env)(home, argv[0]) | thread_env(folder) \
+            | {"PYTHONUNBUFFERED": "1"}
         attempt = _Attempt(argv, env)
         current["node"] = attempt.proc
         warm_argv = warm_exec_command(folder, attempt.proc.pid)
@@ -179,3 +185,20 @@ def supervise(folder: Path, insecure: bool = False, backoff_s: float = 1.0,
         wait_s = min(max_backoff_s, wait_s * 2)
     logger.info("hospital %s: stopped", name)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m client.supervisor --dir SITE [--insecure]`` (what ``medfed hospital start``
+    runs)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m client.supervisor")
+    parser.add_argument("--dir", type=Path, required=True, help="the hospital's site folder")
+    parser.add_argument("--insecure", action="store_true", help="loopback tests only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return supervise(args.dir, insecure=args.insecure)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -132,9 +132,17 @@ def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, finge
         "rng_numpy": json.dumps([np_state[0], *map(float, np_state[2:])]),
     }
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+    except OSError as err:
+        # Disk full, quota, I/O error: the previous checkpoint stays whole and in place.
+        tmp.unlink(missing_ok=True)
+        kept = "the previous checkpoint is intact" if path.exists() else "no earlier checkpoint"
+        raise CheckpointError(f"{path}: cannot write the checkpoint of round {server_round} "
+                              f"({err.strerror or err}); {kept}. Free space in {path.parent} "
+                              f"and start the run again to resume") from err
     tmp.replace(path)
     return path
 

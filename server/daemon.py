@@ -343,15 +343,27 @@ def default_run_dir(folder: Path, study: Path) -> Path:
     return folder / load_coordinator_config(folder).run_dir / Path(study).stem
 
 
-RUN_LOG = "flwr-run.log"
-"""In the run directory: ``flwr run``'s own output (the ServerApp's lines are in the
-coordinator's log already; streamed as well they would print twice)."""
+_REPEATED = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:[A-Z]+:(.*)$")
+"""A line of the streamed run log that repeats the line before it (Flower streams a
+ServerApp's console line and its log record)."""
+
+
+def copy_once(lines, out) -> None:
+    """Copy ``lines`` (``flwr run --stream`` output) to ``out``, each log line once."""
+    previous = ""
+    for line in lines:
+        repeated = _REPEATED.match(line.rstrip("\n"))
+        if repeated and previous.rstrip("\n").endswith(repeated.group(1)):
+            continue
+        out.write(line)
+        out.flush()
+        previous = line
 
 
 def submit_run(folder: Path, study: Path, run_dir: Path, insecure: bool = False) -> int:
-    """``flwr run`` the consortium's app on its running SuperLink with ``study`` and wait for
-    the run to end. Returns ``flwr run``'s exit code (the run's outcome is in ``run_dir``:
-    ``adapter/`` when it finished)."""
+    """``flwr run`` the consortium's app on its running SuperLink with ``study``; stream the
+    run's logs here (each line once) until it ends. Returns ``flwr run``'s exit code (the run's
+    outcome is in ``run_dir``: ``adapter/`` when it finished)."""
     from server.deployment_app import run_config_args, write_app_dir
 
     folder = Path(folder).resolve()
@@ -360,14 +372,12 @@ def submit_run(folder: Path, study: Path, run_dir: Path, insecure: bool = False)
     exe = _flower_executable("flwr") or "flwr"
     argv = [exe, "run", str(app_dir), "consortium", *run_config_args(study, run_dir), "--stream"]
     logger.info("submitting %s (records in %s)", study, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / RUN_LOG, "ab") as out:
-        code = subprocess.run(argv, env=env, cwd=folder, stdout=out, stderr=subprocess.STDOUT,
-                              preexec_fn=die_with_parent()).returncode  # noqa: PLW1509
-    if code != 0:
-        tail = (run_dir / RUN_LOG).read_text(errors="replace").strip().splitlines()[-5:]
-        logger.error("flwr run exited with %d: %s", code, " | ".join(tail))
-    return code
+    proc = subprocess.Popen(argv, env=env, cwd=folder, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace",
+                            preexec_fn=die_with_parent())  # noqa: PLW1509 - prctl only
+    assert proc.stdout is not None
+    copy_once(proc.stdout, sys.stdout)
+    return proc.wait()
 
 
 def run_coordinator(folder: Path, study: Path, run_dir: Path | None = None,
@@ -429,7 +439,7 @@ def run_advice(run_dir: Path, flwr_code: int) -> str:
     if (run_dir / CHECKPOINT_FILE).exists():
         return "run the same command again to resume from its last completed round"
     if flwr_code != 0:
-        return f"the run could not be submitted or stopped early; see {run_dir / RUN_LOG}"
+        return "the run could not be submitted or stopped early (see the lines above)"
     return "run the same command again to start it over (no round completed)"
 
 
