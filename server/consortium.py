@@ -71,6 +71,9 @@ class CoordinatorConfig:
         ca_cert, ca_key, server_cert, server_key: the PKI files.
         enrolment: the enrolment list.
         run_dir: where runs write records and per-round checkpoints.
+        wait_for_hospitals_s: before round 1, how long (s) the run waits for every active
+            enrolled hospital to connect; it starts earlier when all have, and with those
+            connected (at least the study's ``min_hospitals``) when the wait ends.
     """
 
     consortium: str
@@ -84,6 +87,7 @@ class CoordinatorConfig:
     server_key: str = "tls/server.key"
     enrolment: str = ENROLMENT_FILE
     run_dir: str = "runs"
+    wait_for_hospitals_s: float = 120.0
 
     @property
     def control_port(self) -> int:

@@ -50,6 +50,10 @@ PID_FILE = "coordinator.pid"
 COORDINATOR_PID_ENV = "MEDFED_COORDINATOR_PID"
 """Environment variable with the pid of ``medfed coordinator start``; its ServerApp (started by
 Flower's SuperExec in a session of its own) stops when that process is gone."""
+WAIT_ENV = "MEDFED_WAIT_FOR_HOSPITALS"
+"""``"<enrolled>:<seconds>"``: the ServerApp waits that long for that many hospitals before
+round 1 (:func:`wait_for_hospitals`); set by ``coordinator start``."""
+WAITING_LINE = "waiting for the enrolled hospitals"
 GATE_MODULE = "server.superlink_gate"
 
 
@@ -404,7 +408,10 @@ def run_coordinator(folder: Path, study: Path, run_dir: Path | None = None,
     # The ServerApp inherits this pid through the gate and its SuperExec (see below).
     env = daemon_env(flwr_cli_home(folder, config, insecure), _flower_executable("flwr") or "")
     _write_pid_file(folder, None)
-    link = subprocess.Popen(argv, env=env | {COORDINATOR_PID_ENV: str(os.getpid())},
+    enrolled = sum(e.active for e in load_enrolments(folder))
+    env |= {COORDINATOR_PID_ENV: str(os.getpid()),
+            WAIT_ENV: f"{enrolled}:{config.wait_for_hospitals_s:g}"}
+    link = subprocess.Popen(argv, env=env,
                             preexec_fn=die_with_parent())  # noqa: PLW1509 - prctl only
     try:
         _write_pid_file(folder, link)
@@ -458,6 +465,26 @@ def last_run_error(run_dir: Path) -> str:
         errors = [f"round {r.get('round')} {r.get('hospital')}: {r['error']}"
                   for r in csv.DictReader(handle) if r.get("error")]
     return errors[-1] if errors else ""
+
+
+def wait_for_hospitals(grid, poll_s: float = 1.0) -> int:
+    """In the ServerApp, before round 1: wait until every enrolled hospital is connected, or
+    the consortium's ``wait_for_hospitals_s`` has passed (``MEDFED_WAIT_FOR_HOSPITALS``; no
+    wait outside ``coordinator start``). Returns how many are connected."""
+    expected, _, seconds = os.environ.get(WAIT_ENV, "0:0").partition(":")
+    expected_n, timeout_s = int(expected or 0), float(seconds or 0)
+    end = time.monotonic() + timeout_s
+    connected = len(list(grid.get_node_ids()))
+    if connected < expected_n and timeout_s > 0:
+        logger.info("%s: %d of %d connected; round 1 starts when all are, or in %g s",
+                    WAITING_LINE, connected, expected_n, timeout_s)
+    while connected < expected_n and time.monotonic() < end:
+        time.sleep(poll_s)
+        connected = len(list(grid.get_node_ids()))
+    if expected_n:
+        logger.info("%d of %d enrolled hospitals connected before round 1", connected,
+                    expected_n)
+    return connected
 
 
 def stop_with_coordinator(poll_s: float = 1.0) -> threading.Thread | None:

@@ -144,7 +144,7 @@ server_app = ServerApp()
 
 @server_app.main()
 def _main(grid: Grid, context: Context) -> None:
-    from server.daemon import stop_with_coordinator
+    from server.daemon import stop_with_coordinator, wait_for_hospitals
     from server.rounds import run_federation
     from server.wire_grid import PackedWireGrid
 
@@ -154,6 +154,7 @@ def _main(grid: Grid, context: Context) -> None:
     logger.info("study %s: %d rounds with at least %d hospitals, records in %s",
                 context.run_config[STUDY_KEY], run.federation.rounds, run.federation.min_hospitals,
                 run.records.run_dir)
+    wait_for_hospitals(grid)
     started = time.monotonic()
     # Deployment only: packed adapters and prompt polling (server.wire_grid).
     outcome = run_federation(PackedWireGrid(grid), run.federation, run.model, run.train,
