@@ -35,6 +35,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
@@ -136,12 +137,13 @@ def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, finge
         save_file(tensors, str(tmp), metadata=metadata)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-    except OSError as err:
-        # Disk full, quota, I/O error: the previous checkpoint stays whole and in place.
+    except (OSError, SafetensorError) as err:
+        # Disk full, quota, I/O error (safetensors reports them as its own error): the
+        # previous checkpoint stays whole and in place.
         tmp.unlink(missing_ok=True)
         kept = "the previous checkpoint is intact" if path.exists() else "no earlier checkpoint"
         raise CheckpointError(f"{path}: cannot write the checkpoint of round {server_round} "
-                              f"({err.strerror or err}); {kept}. Free space in {path.parent} "
+                              f"({getattr(err, 'strerror', None) or err}); {kept}. Free space in {path.parent} "
                               f"and start the run again to resume") from err
     tmp.replace(path)
     return path
