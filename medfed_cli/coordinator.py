@@ -17,7 +17,8 @@ KEY_FILE_ERROR = "privacy.pki:KeyFileError"
 def cmd_coordinator_init(args: argparse.Namespace) -> int:
     from server.consortium import init_consortium
 
-    config = init_consortium(args.dir, args.consortium, args.hostname, args.host, args.port)
+    config = init_consortium(args.dir, args.consortium, args.hostname, args.host, args.port,
+                             args.admin_port)
     console.print(f"consortium '{config.consortium}' in {args.dir}: CA {config.ca_cert} (give "
                   f"it to every hospital), TLS {config.server_cert}, enrolment list "
                   f"{config.enrolment} (empty)")
@@ -40,11 +41,18 @@ def cmd_coordinator_enroll(args: argparse.Namespace) -> int:
 @user_errors(CONSORTIUM_ERROR)
 def cmd_coordinator_revoke(args: argparse.Namespace) -> int:
     from server.consortium import revoke
+    from server.daemon import coordinator_running, run_flwr, sync_registry
 
     entry = revoke(args.dir, args.name)
     console.print(f"revoked hospital '{entry.name}' ({entry.fingerprint}) at {entry.revoked_at}; "
                   f"{ROSTER_NOTE}")
-    return 0
+    if not coordinator_running(args.dir):
+        return 0  # the next 'coordinator start' unregisters it before it listens
+    # The running SuperLink forgets the key now: the hospital's next request is refused.
+    lines = sync_registry(args.dir, run_flwr)
+    for line in lines:
+        console.print(line, markup=False)
+    return 1 if any(line.startswith("error:") for line in lines) else 0
 
 
 @user_errors(CONSORTIUM_ERROR)
@@ -127,9 +135,13 @@ def add_coordinator(sub: argparse._SubParsersAction) -> None:
     c_init.add_argument("--consortium", default="medfed", help="the consortium's name")
     c_init.add_argument("--hostname", action="append", default=[],
                         help="a name or IP hospitals reach the coordinator by (repeatable)")
-    c_init.add_argument("--host", default="0.0.0.0", help="address the SuperLink listens on")
+    c_init.add_argument("--host", default="0.0.0.0",
+                        help="address the SuperLink's Fleet API (for hospitals) listens on")
     c_init.add_argument("--port", type=int, default=8000,
-                        help="the SuperLink's port (Flower 1.42: one port for all its APIs)")
+                        help="the Fleet API's port (the only API hospitals can reach)")
+    c_init.add_argument("--admin-port", type=int, default=0,
+                        help="loopback port of the run-submission, registry and ServerApp APIs "
+                             "(default: --port + 1)")
     c_init.set_defaults(func=cmd_coordinator_init)
 
     c_enroll = coordinator_sub.add_parser("enroll", help="enrol a hospital's public key")

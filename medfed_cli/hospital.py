@@ -62,24 +62,23 @@ def cmd_hospital_init(args: argparse.Namespace) -> int:
 def cmd_hospital_start(args: argparse.Namespace) -> int:
     import os
     import shlex
-    import subprocess
 
     from client.daemon import supernode_command, thread_env, warm_exec_command
+    from client.supervisor import supervise
     from server.daemon import daemon_env
 
+    if not args.print_command:
+        # A supervisor: restarts the SuperNode (with backoff) until admitted, stops it and its
+        # helpers together, and stops for good only when the coordinator revokes this key.
+        return supervise(args.dir, insecure=args.insecure, backoff_s=args.retry_backoff,
+                         daemon_env=daemon_env)
     argv = supernode_command(args.dir, insecure=args.insecure)
-    # This process becomes the SuperNode (execve keeps the pid): the warm SuperExec
-    # watches that pid and stops with it.
     warm = warm_exec_command(args.dir, os.getpid())
-    threads = thread_env(args.dir)
     home = args.dir.resolve() / "flwr-home"
     if warm is not None:
-        shown = warm[:-1] + ["SUPERNODE_PID"] if args.print_command else warm
-        console.print(shlex.join(shown), markup=False, highlight=False, soft_wrap=True)
-        if not args.print_command:
-            home.mkdir(parents=True, exist_ok=True)
-            subprocess.Popen(warm, env=daemon_env(home, argv[0]) | threads)  # noqa: S603
-    return exec_daemon(argv, args.print_command, home, threads)
+        console.print(shlex.join(warm[:-1] + ["SUPERNODE_PID"]), markup=False, highlight=False,
+                      soft_wrap=True)
+    return exec_daemon(argv, True, home, thread_env(args.dir))
 
 
 def add_hospital(sub: argparse._SubParsersAction) -> None:
@@ -120,4 +119,7 @@ def add_hospital(sub: argparse._SubParsersAction) -> None:
                          "is on this machine's loopback (tests only)")
     h_start.add_argument("--print-command", action="store_true",
                          help="print the flower-supernode command instead of running it")
+    h_start.add_argument("--retry-backoff", type=float, default=1.0,
+                         help="first wait (s) before restarting a refused or disconnected "
+                              "SuperNode; doubles up to 60 s")
     h_start.set_defaults(func=cmd_hospital_start)

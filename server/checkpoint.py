@@ -142,9 +142,10 @@ def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, finge
         # previous checkpoint stays whole and in place.
         tmp.unlink(missing_ok=True)
         kept = "the previous checkpoint is intact" if path.exists() else "no earlier checkpoint"
+        reason = getattr(err, "strerror", None) or err
         raise CheckpointError(f"{path}: cannot write the checkpoint of round {server_round} "
-                              f"({getattr(err, 'strerror', None) or err}); {kept}. Free space in {path.parent} "
-                              f"and start the run again to resume") from err
+                              f"({reason}); {kept}. Free space in {path.parent} and start the "
+                              f"run again to resume") from err
     tmp.replace(path)
     return path
 

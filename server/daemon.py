@@ -194,7 +194,8 @@ def registry_listing_command(folder: Path) -> tuple[list[str], dict[str, str]]:
     return [exe, "supernode", "ls", "consortium", "--format", "json"], env
 
 
-def _run_flwr(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+def run_flwr(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run one ``flwr`` CLI command: ``(returncode, stdout + stderr)``."""
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     return done.returncode, done.stdout + done.stderr
 
