@@ -35,13 +35,17 @@ def tiny_study(hospitals: int = 2, rounds: int = 2, min_hospitals: int = 1) -> S
 
 
 def wait_for(condition: Callable[[], object], what: str, timeout_s: float = TIMEOUT_S,
-             poll_s: float = 0.3):
-    """Poll ``condition`` until it returns something truthy (returned); fail naming ``what``."""
+             poll_s: float = 0.3, alive: subprocess.Popen | None = None, log: Path | None = None):
+    """Poll ``condition`` until it returns something truthy (returned); fail naming ``what``,
+    at once if process ``alive`` ends first (with the tail of ``log``)."""
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         value = condition()
         if value:
             return value
+        if alive is not None and alive.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            raise AssertionError(f"exited with {alive.returncode} before {what}:\n{tail}")
         time.sleep(poll_s)
     raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
 

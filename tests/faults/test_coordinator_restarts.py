@@ -43,15 +43,17 @@ def lc(tmp_path):
 def test_kill9_of_the_coordinator_leaves_nothing_and_it_starts_again(lc, stage):
     marker = READY_LINE if stage == "superlink serving" else WAITING_LINE
     coordinator = lc.start_coordinator()
-    wait_for(log_has(lc, "coordinator", marker), f"'{marker}' in the coordinator log")
+    wait_for(log_has(lc, "coordinator", marker), f"'{marker}' in the coordinator log",
+             alive=coordinator, log=lc.log("coordinator"))
     wait_for(lambda: len(descendants(coordinator.pid)) >= 2, "the gate and its SuperExec")
     started = kill9(coordinator)
     all_gone(started)
     assert not consortium_processes(lc.folder)
     assert (lc.folder / PID_FILE).exists()  # what a dead coordinator leaves
 
-    lc.start_coordinator()
-    wait_for(log_has(lc, "coordinator", READY_LINE, count=2), "the restarted SuperLink")
+    again = lc.start_coordinator()
+    wait_for(log_has(lc, "coordinator", READY_LINE, count=2), "the restarted SuperLink",
+             alive=again, log=lc.log("coordinator"))
     log = lc.log("coordinator").read_text(errors="replace")
     assert "cleared a stale pid file" in log
     assert "address already in use" not in log.lower()
@@ -73,8 +75,9 @@ def test_restart_stops_the_orphan_superlink_of_a_dead_coordinator(lc):
     wait_for(log_has(lc, "orphan", READY_LINE), "the orphan SuperLink")
     orphans = [orphan, *descendants(orphan.pid)]
 
-    lc.start_coordinator()
-    wait_for(log_has(lc, "coordinator", READY_LINE), "the new SuperLink")
+    coordinator = lc.start_coordinator()
+    wait_for(log_has(lc, "coordinator", READY_LINE), "the new SuperLink", alive=coordinator,
+             log=lc.log("coordinator"))
     log = lc.log("coordinator").read_text(errors="replace")
     assert "stopped the SuperLink a dead coordinator left running" in log
     assert orphan.wait(timeout=60) != 0
