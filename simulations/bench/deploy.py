@@ -133,11 +133,18 @@ class LoopbackConsortium:
         self.procs[name] = proc
         return proc
 
-    def start_coordinator(self) -> subprocess.Popen:
-        """``medfed coordinator start DIR --study study.toml`` (returns when it ends)."""
+    def start_coordinator(self, study: Path | None = None) -> subprocess.Popen:
+        """``medfed coordinator start DIR --study study.toml`` (or ``study``: a copy under
+        another name runs in its own run directory, ``runs/<stem>``)."""
         return self._start("coordinator", [
             sys.executable, "-m", "medfed_cli.main", "coordinator", "start", str(self.folder),
-            "--study", str(self.study), *(["--insecure"] if self.insecure else [])])
+            "--study", str(study or self.study), *(["--insecure"] if self.insecure else [])])
+
+    def study_copy(self, name: str) -> Path:
+        """The study under another name (its own run directory, ``runs/<name>``)."""
+        path = self.folder / f"{name}.toml"
+        path.write_text(self.study.read_text())
+        return path
 
     def start_hospital(self, k: int) -> subprocess.Popen:
         """``medfed hospital start --dir hospital-k`` (a SuperNode; runs until stopped)."""

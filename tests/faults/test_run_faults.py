@@ -1,0 +1,197 @@
+"""Faults during a real study on loopback: one consortium of two hospitals (``medfed hospital
+start``, supervised) and one coordinator, running a 2-round study several times, each time in
+its own run directory, with one fault each. The hospitals stay up throughout, as they would in
+a consortium; the tests run in file order (each needs the daemons the one before left running).
+
+Each asserts that the run finishes (or fails with a clear reason and then finishes on restart),
+that nothing is lost (records, checkpoint removed only once finished, hospitals' audit logs),
+that no process a killed daemon started is left, and, where every hospital trained every
+round, that the final adapter matches the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pandas as pd
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from client.audit import read_audit_log
+from client.supervisor import ADMITTED_LINE, REVOKED_EXIT, REVOKED_LINE
+from client.warm_exec import TASK_STARTED
+from faults.harness import (
+    all_gone,
+    consortium_processes,
+    descendants,
+    kill9,
+    log_has,
+    start_hospital,
+    tiny_study,
+    wait_for,
+)
+from server.checkpoint import CHECKPOINT_FILE
+from server.daemon import GATE_MODULE, PID_FILE, WAITING_LINE
+from simulations.bench.deploy import LoopbackConsortium
+
+pytestmark = pytest.mark.slow
+
+ADAPTER = "adapter/adapter_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def lc(tmp_path_factory):
+    consortium = LoopbackConsortium(tmp_path_factory.mktemp("run-faults"), tiny_study())
+    consortium.results = {}
+    yield consortium
+    consortium.stop_all()
+    for proc in consortium_processes(consortium.folder):
+        proc.kill()
+
+
+def _finish(lc: LoopbackConsortium, coordinator: subprocess.Popen, name: str) -> str:
+    code = coordinator.wait(timeout=1800)
+    log = lc.log("coordinator").read_text(errors="replace")
+    assert code == 0, log[-4000:]
+    run_dir = lc.folder / "runs" / name
+    assert (run_dir / ADAPTER).exists() and not (run_dir / CHECKPOINT_FILE).exists()
+    assert not (lc.folder / PID_FILE).exists()
+    all_gone(consortium_processes(lc.folder))
+    return log
+
+
+def _trained(lc: LoopbackConsortium, name: str) -> dict[int, set[str]]:
+    metrics = pd.read_csv(lc.folder / "runs" / name / "metrics.csv", dtype={"hospital": str})
+    rows = metrics[(metrics.hospital != "global") & metrics.train_loss.notna()]
+    return {int(r): set(h) for r, h in rows.groupby("round")["hospital"]}
+
+
+def _adapter(lc: LoopbackConsortium, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(lc.folder / "runs" / name / ADAPTER))
+
+
+def _tasks(lc: LoopbackConsortium, k: int) -> int:
+    return lc.log(f"hospital-{k}").read_text(errors="replace").count(TASK_STARTED)
+
+
+def _audit_rounds(lc: LoopbackConsortium, k: int) -> list[tuple[int, int]]:
+    path = lc.sites[k] / "egress-audit.jsonl"
+    return [(e["run_id"], e["round"]) for e in read_audit_log(path)
+            if e["message_type"] == "train"] if path.exists() else []
+
+
+def test_hospitals_started_long_after_the_coordinator_join_round_1(lc):
+    """The uninterrupted run (the others' reference): round 1 waits for every enrolled
+    hospital, so two that start while the ServerApp already waits both train it."""
+    study = lc.study_copy("reference")
+    coordinator = lc.start_coordinator(study)
+    wait_for(log_has(lc, "coordinator", WAITING_LINE), "the ServerApp waiting for hospitals",
+             alive=coordinator, log=lc.log("coordinator"))
+    for k in range(2):
+        lc.hospitals = getattr(lc, "hospitals", {}) | {k: start_hospital(lc, k)}
+    _finish(lc, coordinator, "reference")
+    assert _trained(lc, "reference") == {1: {"0", "1"}, 2: {"0", "1"}}
+    for k in range(2):
+        assert len(_audit_rounds(lc, k)) == 2
+    lc.results["reference"] = _adapter(lc, "reference")
+
+
+def test_kill9_of_the_coordinator_mid_round_then_restart(lc):
+    study = lc.study_copy("coordinator-killed")
+    tasks = _tasks(lc, 0)
+    coordinator = lc.start_coordinator(study)
+    checkpoint = lc.folder / "runs" / "coordinator-killed" / CHECKPOINT_FILE
+    wait_for(checkpoint.exists, "round 1's checkpoint", alive=coordinator,
+             log=lc.log("coordinator"))
+    # Round 2 is under way at hospital 0 (its ClientApp started), then the coordinator dies.
+    wait_for(lambda: _tasks(lc, 0) >= tasks + 2, "round 2's training at hospital 0")
+    all_gone(kill9(coordinator))
+    assert checkpoint.exists()
+
+    coordinator = lc.start_coordinator(study)
+    log = _finish(lc, coordinator, "coordinator-killed")
+    assert "resuming" in log and "after round 1 of 2" in log
+    assert _trained(lc, "coordinator-killed") == {1: {"0", "1"}, 2: {"0", "1"}}
+    reference, resumed = lc.results["reference"], _adapter(lc, "coordinator-killed")
+    assert reference.keys() == resumed.keys()
+    worst = max(float((reference[k] - resumed[k]).abs().max()) for k in reference)
+    lc.results["resume max abs difference"] = worst
+    assert worst <= 1e-6, f"resumed adapter differs from the uninterrupted run by {worst}"
+
+
+def test_superlink_killed_under_running_hospitals_then_restart(lc):
+    study = lc.study_copy("superlink-killed")
+    coordinator = lc.start_coordinator(study)
+    checkpoint = lc.folder / "runs" / "superlink-killed" / CHECKPOINT_FILE
+    wait_for(checkpoint.exists, "round 1's checkpoint", alive=coordinator,
+             log=lc.log("coordinator"))
+    gate = next(p for p in descendants(coordinator.pid) if GATE_MODULE in p.cmdline())
+    started = descendants(coordinator.pid)
+    gate.send_signal(signal.SIGKILL)
+    # The coordinator sees its SuperLink gone, says what to do, and leaves nothing behind.
+    assert coordinator.wait(timeout=600) == 1
+    log = lc.log("coordinator").read_text(errors="replace")
+    assert "did not finish" in log.splitlines()[-1] or "did not finish" in log[-2000:]
+    all_gone(started)
+    assert all(h.poll() is None for h in lc.hospitals.values())  # hospitals keep trying
+
+    coordinator = lc.start_coordinator(study)
+    log = _finish(lc, coordinator, "superlink-killed")
+    assert "after round 1 of 2" in log
+    assert _trained(lc, "superlink-killed")[2] == {"0", "1"}
+
+
+def test_kill9_of_a_hospital_mid_round_then_restart(lc):
+    study = lc.study_copy("hospital-killed")
+    tasks = _tasks(lc, 1)
+    before = _audit_rounds(lc, 1)
+    coordinator = lc.start_coordinator(study)
+    wait_for(lambda: _tasks(lc, 1) > tasks, "round 1's training at hospital 1",
+             alive=coordinator, log=lc.log("coordinator"))
+    hospital = lc.hospitals.pop(1)
+    started = descendants(hospital.pid)
+    lc.procs.pop("hospital-1", None)
+    hospital.send_signal(signal.SIGKILL)
+    hospital.wait()
+    all_gone(started)
+    assert _audit_rounds(lc, 1) == before  # nothing of round 1 left the killed hospital
+
+    # Round 1 goes on with hospital 0 (min_hospitals = 1); hospital 1 comes back.
+    checkpoint = lc.folder / "runs" / "hospital-killed" / CHECKPOINT_FILE
+    wait_for(checkpoint.exists, "round 1's checkpoint", alive=coordinator,
+             log=lc.log("coordinator"))
+    lc.hospitals[1] = start_hospital(lc, 1)
+    _finish(lc, coordinator, "hospital-killed")
+    trained = _trained(lc, "hospital-killed")
+    assert trained[1] == {"0"}, trained
+    assert "0" in trained[2]
+
+
+def test_revoke_mid_round(lc):
+    study = lc.study_copy("revoked")
+    tasks = _tasks(lc, 1)
+    wait_for(log_has(lc, "hospital-1", ADMITTED_LINE), "hospital 1 back in the consortium")
+    coordinator = lc.start_coordinator(study)
+    wait_for(lambda: _tasks(lc, 1) > tasks, "round 1's training at hospital 1",
+             alive=coordinator, log=lc.log("coordinator"))
+    done = subprocess.run([sys.executable, "-m", "medfed_cli.main", "coordinator", "revoke",
+                           str(lc.folder), "--name", "hospital-1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "unregistered revoked hospital-1" in done.stdout
+    # The hospital says so once and stops; its helpers stop with it.
+    hospital = lc.hospitals.pop(1)
+    started = descendants(hospital.pid)
+    assert hospital.wait(timeout=600) == REVOKED_EXIT
+    lc.procs.pop("hospital-1", None)
+    all_gone(started)
+    assert lc.log("hospital-1").read_text(errors="replace").count(REVOKED_LINE) == 1
+    # The run goes on with hospital 0 and finishes.
+    _finish(lc, coordinator, "revoked")
+    trained = _trained(lc, "revoked")
+    assert "1" not in trained[2] and trained[2] == {"0"}, trained
+    assert psutil.pid_exists(lc.hospitals[0].pid)
