@@ -204,7 +204,11 @@ class RoundOffset(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.inner.aggregate_train(server_round + self.offset, replies)
+        # Replies arrive in whatever order the hospitals finish; floating-point sums depend
+        # on the order, so aggregate in node order: a resumed run then ends bit for bit as an
+        # uninterrupted one.
+        ordered = sorted(replies, key=lambda reply: reply.metadata.src_node_id)
+        return self.inner.aggregate_train(server_round + self.offset, ordered)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

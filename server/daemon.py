@@ -313,13 +313,27 @@ def clear_leftovers(folder: Path, config: CoordinatorConfig) -> list[str]:
                 f"port {config.port} or {config.control_port} is held by pid {pid} ({name}), "
                 f"which is not this consortium's SuperLink: stop it, or set other ports in "
                 f"{folder / 'coordinator.toml'}")
-        for child in proc.children(recursive=True):
+        for child in [*proc.children(recursive=True), proc]:
             child.kill()
-        proc.kill()
-        proc.wait(timeout=30)
+            _wait_dead(child)
         lines.append(f"stopped the SuperLink a dead coordinator left running (pid {pid})")
     pid_file.unlink(missing_ok=True)
     return lines
+
+
+def _wait_dead(proc, timeout_s: float = 30.0) -> None:
+    """Wait until ``proc`` has ended (a zombie counts: its parent, not us, must reap it)."""
+    import psutil
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.1)
+    raise CoordinatorBusy(f"pid {proc.pid} did not end within {timeout_s:g} s of SIGKILL")
 
 
 def _write_pid_file(folder: Path, gate: subprocess.Popen | None) -> None:

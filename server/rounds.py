@@ -117,8 +117,9 @@ def run_federation(
         initial_arrays = ArrayRecord({k: resumed.arrays[k] for k in initial_arrays})
         records.rows.update({(r["round"], r["hospital"]): r for r in resumed.rows})
         logger.info("resuming %s after round %d of %d", records.run_dir, done, federation.rounds)
-        # Flower counts from 1: shift to done + 1; FedOpt's moments come back.
-        strategy = RoundOffset(strategy, done, resumed.strategy_state)
+    # Flower counts from 1: shift to done + 1; FedOpt's moments come back; replies are
+    # aggregated in node order (resumed or not, the same sums).
+    strategy = RoundOffset(strategy, done, resumed.strategy_state if resumed else {})
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord):
         server_round += done
