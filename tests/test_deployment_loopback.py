@@ -18,6 +18,7 @@ from medfed_cli.main import main as medfed
 from server.consortium import enrol, init_consortium, load_enrolments, revoke
 from server.daemon import registry_listing_command, superlink_command
 from server.status import hospital_statuses
+from server.superlink_gate import READY_LINE
 from simulations.processes import free_port, stop_process_group, wait_for_log
 
 
@@ -60,7 +61,7 @@ def test_tls_superlink_admits_only_enrolled_hospitals(tmp_path):
                                 env=env, start_new_session=True)
     node = None
     try:
-        assert wait_for_log(link_log, "Uvicorn running on https://", 60), link_log.read_text()
+        assert wait_for_log(link_log, READY_LINE, 300), link_log.read_text()
         assert medfed(["coordinator", "register", str(consortium)]) == 0
         assert [bool(e.node_id) for e in load_enrolments(consortium)] == [True]
         assert _refused(sites["stranger"], env, tmp_path / "stranger.log")

@@ -67,6 +67,25 @@ def test_consortium_certificates_and_private_key_modes(consortium):
         init_consortium(folder, "again")
 
 
+def test_starting_the_coordinator_does_not_need_the_ca_private_key(consortium):
+    """The CA key makes certificates at init; kept offline, the coordinator still starts."""
+    from server.daemon import superlink_command
+
+    folder, config = consortium
+    (folder / config.ca_key).unlink()
+    assert check_consortium(folder) == config
+    argv = superlink_command(folder)
+    assert str(folder / config.ca_key) not in " ".join(argv)
+    # A server certificate from another CA is still refused without it.
+    other = make_ca("other")
+    from privacy.pki import certificate_pem, make_server_certificate
+
+    cert, _ = make_server_certificate(other, [])
+    (folder / config.server_cert).write_bytes(certificate_pem(cert))
+    with pytest.raises(KeyFileError, match="not signed by"):
+        check_consortium(folder)
+
+
 def test_tls_handshake_on_loopback_trusts_only_the_consortium_ca(consortium, tmp_path):
     """The server certificate works for a real TLS connection to localhost; a client trusting
     another CA refuses it."""
