@@ -126,7 +126,8 @@ class LoopbackConsortium:
         return self.root / "logs" / f"{name}.log"
 
     def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # Wide: the CLI's log lines are not wrapped, so a line can be looked for whole.
+        env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="1000")
         with open(self.log(name), "a") as out:  # a file, not a pipe: helpers inherit it
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                                     start_new_session=True, cwd=self.root)
