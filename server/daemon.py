@@ -163,7 +163,8 @@ def sync_registry(folder: Path, run: Callable[[list[str], dict[str, str]], tuple
                     continue
             set_node_id(folder, entry.fingerprint, "")
             lines.append(f"unregistered revoked {entry.name} (node {entry.node_id})")
-    for node_id in sorted(set(listed) - known):
+    revoked = {e.node_id for e in entries if not e.active and e.node_id}
+    for node_id in sorted(set(listed) - known - revoked):
         code, output = run([exe, "supernode", "unregister", node_id, "consortium"], env)
         lines.append(f"unregistered unknown node {node_id} (on no active enrolment)" if code == 0
                      else f"error: unregistering unknown node {node_id}: {output.strip()}")

@@ -78,7 +78,8 @@ def _adapter(lc: LoopbackConsortium, name: str) -> dict[str, torch.Tensor]:
 
 
 def _tasks(lc: LoopbackConsortium, k: int) -> int:
-    return lc.log(f"hospital-{k}").read_text(errors="replace").count(TASK_STARTED)
+    path = lc.log(f"hospital-{k}")
+    return path.read_text(errors="replace").count(TASK_STARTED) if path.exists() else 0
 
 
 def _audit_rounds(lc: LoopbackConsortium, k: int) -> list[tuple[int, int]]:
@@ -174,7 +175,16 @@ def test_kill9_of_a_hospital_mid_round_then_restart(lc):
     assert "0" in trained[2]
 
 
+def _ensure_hospitals(lc: LoopbackConsortium) -> None:
+    """Hospital daemons up (when this test runs alone)."""
+    lc.hospitals = getattr(lc, "hospitals", {})
+    for k in range(2):
+        if k not in lc.hospitals or lc.hospitals[k].poll() is not None:
+            lc.hospitals[k] = start_hospital(lc, k)
+
+
 def test_revoke_mid_round(lc):
+    _ensure_hospitals(lc)
     study = lc.study_copy("revoked")
     tasks = _tasks(lc, 1)
     wait_for(log_has(lc, "hospital-1", ADMITTED_LINE), "hospital 1 back in the consortium")
