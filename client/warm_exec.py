@@ -41,8 +41,10 @@ from flwr.supercore.superexec.executor.types import ExecutionSpec
 
 logger = logging.getLogger(__name__)
 
-PRELOAD = ["client.app", "client.task_guard", "flwr.supernode.runtime.run_clientapp"]
-"""Imported once by the forkserver, so forked tasks start with them loaded."""
+PRELOAD = ["client.parent_guard", "client.app", "client.task_guard",
+           "flwr.supernode.runtime.run_clientapp"]
+"""Imported once by the forkserver, so forked tasks start with them loaded (the first makes the
+forkserver die with this SuperExec)."""
 TASK_STARTED = "started ClientApp process"
 """Logged (with the task id and pid) as each task's process starts."""
 LOCAL_PULL_BACKOFF_S = (0.05, 0.5)
