@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 PUBLIC_PATHS = ("/v1/fleet/", "/health")
 """Path prefixes served on the hospital-facing socket: the Fleet API and the health probe."""
 READY_LINE = "medfed superlink gate: serving"
-"""Logged once both sockets are bound (after the registry sync)."""
+"""Logged once both sockets listen (after the registry sync)."""
 SECRET_FILE = "superexec.secret"
 """In the consortium folder, 0600, new at each start: the SuperLink and its SuperExec share it."""
 
@@ -133,6 +133,7 @@ def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host.strip("[]"), port))
+    sock.listen(2048)  # connections queue from now on; uvicorn serves them once started
     sock.set_inheritable(True)
     return sock
 
