@@ -40,6 +40,9 @@ ADMITTED_LINE = "SuperNode ID:"
 """Flower's SuperNode logs this once the SuperLink has accepted it."""
 KEY_REFUSED = ("Failed to activate SuperNode", "Invalid SuperNode authentication")
 """What the SuperNode logs when the SuperLink refuses its key (412 at start, 401 later)."""
+SELF_STOPPED = "SuperNode terminated gracefully"
+"""Flower's SuperNode answers a 401 by sending itself SIGINT and logging only this; the
+supervisor did not stop it, and an operator's Ctrl-C or SIGTERM reaches the supervisor too."""
 RETRY_LINE = "not admitted by the coordinator"
 REVOKED_LINE = "revoked by the coordinator"
 
@@ -64,6 +67,7 @@ class _Attempt:
     def __init__(self, argv: Sequence[str], env: dict[str, str]) -> None:
         self.admitted = False
         self.refused = False
+        self.self_stopped = False
         self.last_lines: list[str] = []
         self.proc = subprocess.Popen(  # noqa: S603 - our own argv
             list(argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -79,6 +83,7 @@ class _Attempt:
             sys.stdout.flush()
             self.admitted |= ADMITTED_LINE in line
             self.refused |= any(text in line for text in KEY_REFUSED)
+            self.self_stopped |= SELF_STOPPED in line
             self.last_lines = [*self.last_lines[-4:], line.strip()]
 
     def wait(self) -> int:
@@ -167,7 +172,9 @@ def supervise(folder: Path, insecure: bool = False, backoff_s: float = 1.0,
         if attempt.admitted and key and not insecure:
             admitted_file.write_text(key + "\n")
             was_admitted = True
-        if attempt.refused and was_admitted:
+        # Refused at activation (412), or stopped by a 401 after being admitted.
+        refused = attempt.refused or (attempt.admitted and code == 0 and attempt.self_stopped)
+        if refused and was_admitted:
             logger.error("hospital %s: %s: the SuperLink no longer accepts this hospital's key; "
                          "stopping (to rejoin, make a new key with 'medfed hospital init' and "
                          "have it enrolled)", name, REVOKED_LINE)
