@@ -46,12 +46,8 @@ def _uint8(images) -> np.ndarray:
 
 def study_toml(config: SimulationConfig) -> str:
     """The study as the coordinator reads it (``run_dir`` left to the coordinator)."""
-    from simulations.config import _SET_ELSEWHERE
-
     values = config_dict(replace(config, run_dir=""))
     del values["run_dir"]
-    for table, key in _SET_ELSEWHERE:  # derived fields a study file must not set
-        values.get(table, {}).pop(key, None)
     return tomli_w.dumps(_drop_empty(values))
 
 
