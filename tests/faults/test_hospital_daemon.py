@@ -26,7 +26,8 @@ from faults.harness import (
     wait_for,
 )
 from server.consortium import enrol
-from simulations.bench.deploy import LoopbackConsortium, free_port
+from simulations.bench.deploy import LoopbackConsortium
+from simulations.processes import free_port
 
 pytestmark = pytest.mark.slow
 
