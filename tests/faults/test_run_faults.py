@@ -88,6 +88,16 @@ def _audit_rounds(lc: LoopbackConsortium, k: int) -> list[tuple[int, int]]:
             if e["message_type"] == "train"] if path.exists() else []
 
 
+def _ensure_hospitals(lc: LoopbackConsortium) -> None:
+    """Hospital daemons up (when this test runs alone), and no coordinator left by a test
+    that failed before it."""
+    lc.kill("coordinator")
+    lc.hospitals = getattr(lc, "hospitals", {})
+    for k in range(2):
+        if k not in lc.hospitals or lc.hospitals[k].poll() is not None:
+            lc.hospitals[k] = start_hospital(lc, k)
+
+
 def test_hospitals_started_long_after_the_coordinator_join_round_1(lc):
     """The uninterrupted run (the others' reference): round 1 waits for every enrolled
     hospital, so two that start while the ServerApp already waits both train it."""
@@ -150,6 +160,7 @@ def test_superlink_killed_under_running_hospitals_then_restart(lc):
 
 
 def test_kill9_of_a_hospital_mid_round_then_restart(lc):
+    _ensure_hospitals(lc)
     study = lc.study_copy("hospital-killed")
     tasks = _tasks(lc, 1)
     before = _audit_rounds(lc, 1)
@@ -162,7 +173,9 @@ def test_kill9_of_a_hospital_mid_round_then_restart(lc):
     hospital.send_signal(signal.SIGKILL)
     hospital.wait()
     all_gone(started)
-    assert _audit_rounds(lc, 1) == before  # nothing of round 1 left the killed hospital
+    # At most its one round-1 reply left before the kill (a 1-step round can finish between
+    # the task's start and the kill), and the audit log still reads whole.
+    assert len(_audit_rounds(lc, 1)) - len(before) <= 1
 
     # Round 1 goes on with hospital 0 (min_hospitals = 1); hospital 1 comes back.
     checkpoint = lc.folder / "runs" / "hospital-killed" / CHECKPOINT_FILE
@@ -171,16 +184,9 @@ def test_kill9_of_a_hospital_mid_round_then_restart(lc):
     lc.hospitals[1] = start_hospital(lc, 1)
     _finish(lc, coordinator, "hospital-killed")
     trained = _trained(lc, "hospital-killed")
-    assert trained[1] == {"0"}, trained
-    assert "0" in trained[2]
-
-
-def _ensure_hospitals(lc: LoopbackConsortium) -> None:
-    """Hospital daemons up (when this test runs alone)."""
-    lc.hospitals = getattr(lc, "hospitals", {})
-    for k in range(2):
-        if k not in lc.hospitals or lc.hospitals[k].poll() is not None:
-            lc.hospitals[k] = start_hospital(lc, k)
+    assert "0" in trained[1] and "0" in trained[2], trained
+    replied = len(_audit_rounds(lc, 1)) - len(before)
+    assert ("1" in trained[1]) <= (replied >= 1), (trained, replied)  # no update from nowhere
 
 
 def test_revoke_mid_round(lc):
