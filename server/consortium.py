@@ -33,6 +33,7 @@ import tomli_w
 from models.settings import read_settings
 from privacy.pki import (
     certificate_pem,
+    load_ca,
     load_certificate,
     load_node_public_key,
     make_ca,
