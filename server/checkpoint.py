@@ -184,6 +184,33 @@ def load_checkpoint(run_dir: Path, fingerprint: str) -> Checkpoint | None:
                       strategy_state=state)
 
 
+class _SteadyNodeCount:
+    """``grid`` whose second ``get_node_ids`` answer repeats the first.
+
+    Flower's strategies count the connected nodes, derive a sample size from the count, then
+    wait until that many are connected: a node that leaves between the two calls (a revoked
+    hospital) made the wait endless. With the same list twice, the round samples it and its
+    message comes back as an error at once; later calls (a real wait for nodes) ask again.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self._calls = 0
+        self._first: list[int] = []
+
+    def get_node_ids(self) -> list[int]:
+        self._calls += 1
+        if self._calls == 2:
+            return self._first
+        ids = list(self._grid.get_node_ids())
+        if self._calls == 1:
+            self._first = ids
+        return ids
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
 class RoundOffset(Strategy):
     """``inner`` seen through rounds shifted by ``offset``: round 1 of a resumed ``start`` is
     round ``offset + 1`` for the strategy, the hospitals and the records."""
@@ -200,7 +227,8 @@ class RoundOffset(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
+        return self.inner.configure_train(server_round + self.offset, arrays, config,
+                                          _SteadyNodeCount(grid))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -212,7 +240,8 @@ class RoundOffset(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
+        return self.inner.configure_evaluate(server_round + self.offset, arrays, config,
+                                             _SteadyNodeCount(grid))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
