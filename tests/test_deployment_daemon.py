@@ -58,3 +58,22 @@ def test_a_superlink_that_does_not_answer_is_not_an_empty_registry():
     listing = ('{"success": true, "nodes": [{"node-id": "1", "status": "online"}, '
                '{"node-id": "2", "status": "unregistered"}]}')
     assert list(registry_nodes(listing)) == ["1"]
+
+
+def test_a_node_leaving_between_count_and_sampling_does_not_stall_the_round():
+    """Flower counts nodes, then waits for that many: a revoked node leaving in between made
+    the wait endless. The strategy's grid answers its count and its first wait alike."""
+    from server.checkpoint import _SteadyNodeCount
+
+    class Grid:
+        def __init__(self) -> None:
+            self.answers = [[1, 2], [1], [1], [1, 3]]
+
+        def get_node_ids(self):
+            return self.answers.pop(0)
+
+    grid = _SteadyNodeCount(Grid())
+    assert grid.get_node_ids() == [1, 2]
+    assert grid.get_node_ids() == [1, 2]  # the wait sees what the count saw
+    assert grid.get_node_ids() == [1]  # a real wait asks again
+    assert grid.get_node_ids() == [1]
