@@ -4,7 +4,7 @@ See ``models.lora_parts``: ``all`` loads and sends every adapter tensor; ``ffa``
 and sends only B and the head; ``fedsa`` keeps the hospital's own B in ``context.state`` between
 rounds (it never leaves the hospital) and sends A and the head.
 
-Heterogeneous ranks (``hetlora``, issue 7): when the round config says ``hetlora`` the hospital
+Heterogeneous ranks (``hetlora``): when the round config says ``hetlora`` the hospital
 builds its model at its own rank (:func:`hospital_rank`), loads the first ``r`` components of
 the global adapter and sends its factors zero-padded back to the global rank, so the coordinator
 aggregates same-shaped tensors by a plain weighted sum (secure aggregation still applies).

@@ -56,7 +56,7 @@ def train_local(
             num_classes = int(model(images[:1]).shape[1])
         counts = torch.bincount(labels, minlength=num_classes).float()
         shift = torch.log((counts + 1.0) / (counts.sum() + num_classes))
-    # Issue 7, FedProx (Li et al. 2020): a proximal term keeps the local adapter near the
+    # FedProx (Li et al. 2020): a proximal term keeps the local adapter near the
     # round's starting point, limiting client drift under label skew.
     anchor = [p.detach().clone() for p in params] if config.proximal_mu > 0 else []
     total, count, steps = 0.0, 0, 0

@@ -1,4 +1,4 @@
-"""Consortium PKI, enrolment and the hospital's site folder (issue 6), checked with the TLS
+"""Consortium PKI, enrolment and the hospital's site folder, checked with the TLS
 stack and Flower's own key loaders."""
 
 import argparse

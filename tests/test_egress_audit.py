@@ -1,4 +1,4 @@
-"""The hospital's egress audit log lists exactly what each reply carries (issue 6)."""
+"""The hospital's egress audit log lists exactly what each reply carries."""
 
 
 import pytest
