@@ -203,8 +203,8 @@ def run_flwr(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
 
 OBJECT_TRANSFERS = 16
 """Concurrent object pulls/pushes per message in Flower's daemons (Flower's default: 2). An
-adapter travels as ~100 small tensors, each its own object and HTTP request; 16 at a time cut
-the loopback deploy benchmark from 140 s to 118 s. An operator's own setting wins."""
+adapter travels as ~100 small tensors, each its own object and HTTP request; 16 at a time is
+faster on loopback (figures: docs/benchmarks.md). An operator's own setting wins."""
 
 
 def daemon_env(flwr_home: Path, exe: str) -> dict[str, str]:
