@@ -11,6 +11,8 @@ from typing import TypeVar
 
 from flwr.app import ConfigRecord
 
+from models.settings import setting
+
 T = TypeVar("T", "ModelConfig", "TrainConfig")
 
 DEFAULT_BACKBONE = "efficientnet-lite0-imagenet"
@@ -33,11 +35,11 @@ class ModelConfig:
     """
 
     backbone: str = DEFAULT_BACKBONE
-    image_size: int = 64
-    num_classes: int = 2
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
+    image_size: int = setting(64, ge=8)
+    num_classes: int = setting(2, ge=2)
+    lora_r: int = setting(8, ge=1)
+    lora_alpha: int = setting(16, ge=1)
+    lora_dropout: float = setting(0.0, ge=0.0, lt=1.0)
     lora_targets: list[str] = field(default_factory=list)
     weights_sha256: str = ""
 
@@ -70,15 +72,15 @@ class TrainConfig:
             (``proximal-mu``, from ``[federation.options] proximal_mu``).
     """
 
-    local_epochs: int = 2
-    local_steps: int = 0
-    batch_size: int = 64
-    lr: float = 2e-3
-    lr_decay: float = 1.0
-    weight_decay: float = 0.0
+    local_epochs: int = setting(2, ge=1)
+    local_steps: int = setting(0, ge=0)
+    batch_size: int = setting(64, ge=1)
+    lr: float = setting(2e-3, gt=0.0)
+    lr_decay: float = setting(1.0, gt=0.0)
+    weight_decay: float = setting(0.0, ge=0.0)
     seed: int = 0
     logit_adjust: bool = True
-    proximal_mu: float = 0.0
+    proximal_mu: float = setting(0.0, ge=0.0)
 
 
 def round_lr(config: TrainConfig, server_round: int) -> float:

@@ -1,7 +1,9 @@
 """Classification metrics, computed one way for hospitals, the coordinator and the baselines.
 
 Names used everywhere (logs, metrics.csv, summary.json): ``loss``, ``auc``, ``accuracy``,
-``macro_f1``. AUC is ROC AUC (binary: of the positive class; multi-class: one-vs-rest macro).
+``balanced_accuracy``, ``macro_f1``. AUC is ROC AUC (binary: of the positive class; multi-class:
+one-vs-rest macro). Balanced accuracy is the mean recall over the classes present in the labels;
+beside accuracy it shows whether a rule beats always answering the most common class.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 from torch import nn
+
+METRIC_NAMES = ("loss", "auc", "accuracy", "balanced_accuracy", "macro_f1")
+"""What :func:`evaluate` returns, in the order reports show them."""
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """AUC, accuracy and macro-F1 of ``(N, K)`` class probabilities against ``(N,)`` labels.
+    """AUC, accuracy, balanced accuracy and macro-F1 of ``(N, K)`` class probabilities against ``(N,)`` labels.
 
     AUC is NaN when the labels hold a single class (it is undefined there).
     """
@@ -31,6 +36,7 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
     return {
         "auc": auc,
         "accuracy": float(accuracy_score(labels, predicted)),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
         "macro_f1": float(
             f1_score(labels, predicted, average="macro", labels=range(num_classes), zero_division=0)
         ),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from models.settings import setting
 from privacy.secagg import SecAggConfig
+from strategies import STRATEGIES
 from strategies.config import StrategyOptions
 
 
@@ -16,7 +18,9 @@ class FederationConfig:
         rounds: number of federated rounds.
         strategy: strategy name (see ``strategies.STRATEGIES``).
         fraction_train: share of connected hospitals sampled to train each round.
-        fraction_evaluate: share sampled to evaluate the global adapter on their validation data.
+        fraction_evaluate: share sampled to evaluate the global adapter on their own held-out
+            (validation) split after every round; the coordinator combines their results,
+            weighted by examples, and chooses the published adapter by them (``[evaluation]``).
         min_hospitals: fewest hospitals a round needs; a round with fewer valid updates fails the
             run (it would not protect anyone's update in a sum, nor represent the consortium).
         round_timeout_s: seconds to wait for replies in a round.
@@ -36,12 +40,12 @@ class FederationConfig:
             filled in from the file when the run starts, and recorded in its ``config.toml``.
     """
 
-    rounds: int = 4
-    strategy: str = "fedavg"
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    min_hospitals: int = 2
-    round_timeout_s: float = 1800.0
+    rounds: int = setting(4, ge=1)
+    strategy: str = setting("fedavg", choices=tuple(sorted(STRATEGIES)))
+    fraction_train: float = setting(1.0, gt=0.0, le=1.0)
+    fraction_evaluate: float = setting(1.0, ge=0.0, le=1.0)
+    min_hospitals: int = setting(2, ge=1)
+    round_timeout_s: float = setting(1800.0, gt=0.0)
     options: StrategyOptions = field(default_factory=StrategyOptions)
     secure_aggregation: SecAggConfig = field(default_factory=SecAggConfig)
     task: str = ""
@@ -50,8 +54,6 @@ class FederationConfig:
 
     def __post_init__(self) -> None:
         # Refuse an unknown strategy when the config is read, not rounds later.
-        from strategies import STRATEGIES
-
         if self.rounds < 1:
             raise ValueError(f"federation.rounds must be at least 1, got {self.rounds}")
         if self.strategy not in STRATEGIES:

@@ -1,19 +1,21 @@
-"""A simulation study's settings: one typed config, read from TOML, resolved once.
+"""A simulation's settings: a study (``server.study.Study``) plus its simulated hospitals.
 
-TOML sections mirror the dataclasses: ``[data]``, ``[model]``, ``[train]``, ``[federation]``
-and top-level ``seed``, ``run_dir``, ``baselines``, ``cpus_per_hospital``.
+A simulation file is a study file (``classes``, ``seed``, ``[model]``, ``[train]``,
+``[federation]``, ``[privacy]``, ``[evaluation]``) with the settings of the simulation around
+it: ``[data]`` (which dataset and how it is partitioned), ``[failures]``, ``[tracking]`` and
+top-level ``run_dir``, ``baselines``, ``cpus_per_hospital``, ``site_policy``, ``ledger_dir``,
+``ray_address``. The coordinator's code receives only the study (``SimulationConfig.study()``).
+Both are read by the one typed reader of ``models.settings``.
 """
 
 from __future__ import annotations
 
-import tomllib
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.config import ModelConfig, TrainConfig
-from privacy.config import DPConfig
-from server.config import FederationConfig
+from models.settings import SettingsError, load_settings, read_toml, setting
+from server.study import Study, check_study_values
 
 
 @dataclass(frozen=True)
@@ -41,16 +43,16 @@ class DataConfig:
     """
 
     dataset: str = "pneumoniamnist"
-    num_hospitals: int = 5
-    partition: str = "dirichlet"
-    alpha: float = 0.5
-    size_distribution: str = "lognormal"
-    size_skew: float = 1.0
-    shift: str = "none"
-    shift_strength: float = 1.0
-    val_fraction: float = 0.1
-    max_train_examples: int = 0
-    max_test_examples: int = 0
+    num_hospitals: int = setting(5, ge=1)
+    partition: str = setting("dirichlet", choices=("iid", "dirichlet", "quantity"))
+    alpha: float = setting(0.5, gt=0.0)
+    size_distribution: str = setting("lognormal", choices=("lognormal", "powerlaw"))
+    size_skew: float = setting(1.0, ge=0.0)
+    shift: str = setting("none", choices=("none", "scanners"))
+    shift_strength: float = setting(1.0, ge=0.0)
+    val_fraction: float = setting(0.1, gt=0.0, lt=1.0)
+    max_train_examples: int = setting(0, ge=0)
+    max_test_examples: int = setting(0, ge=0)
     as_dicom: bool = False
 
 
@@ -70,9 +72,9 @@ class FailureConfig:
         straggler_delay_s: seconds from a round's start to a straggler's reply.
     """
 
-    dropout_probability: float = 0.0
-    straggler_probability: float = 0.0
-    straggler_delay_s: float = 0.0
+    dropout_probability: float = setting(0.0, ge=0.0, le=1.0)
+    straggler_probability: float = setting(0.0, ge=0.0, le=1.0)
+    straggler_delay_s: float = setting(0.0, ge=0.0)
 
     def __post_init__(self) -> None:
         # Refused when the study is read, not rounds into the run.
@@ -101,15 +103,16 @@ class TrackingConfig:
 
 
 @dataclass
-class SimulationConfig:
-    """A whole simulation study.
+class SimulationConfig(Study):
+    """A simulation: a study (its settings first, see ``server.study.Study``) and the settings
+    of its simulated hospitals.
 
     Attributes:
-        seed: seeds partitioning, initialisation and training.
         run_dir: where results go; empty means ``runs/<dataset>-<timestamp>``.
-        baselines: which of ``pooled`` and ``local`` to run on the same split and budget.
+        baselines: which of ``pooled`` and ``local`` to run on the same split and budget; both
+            publish the adapter of their best validation round, as the federated run does.
         cpus_per_hospital: CPU cores each simulated hospital's Ray actor gets.
-        privacy: the run's DP mechanisms (``[privacy]``), proposed by the coordinator.
+        data: the dataset and how it is spread over the simulated hospitals (``[data]``).
         failures: simulated hospital dropouts and stragglers (``[failures]``).
         tracking: optional MLflow tracking (``[tracking]``).
         site_policy: a site privacy policy TOML every simulated hospital applies ("" : none).
@@ -120,15 +123,11 @@ class SimulationConfig:
             "" starts a private Ray instance on this machine for the run.
     """
 
-    seed: int = 0
     run_dir: str = ""
-    baselines: list[str] = field(default_factory=lambda: ["pooled", "local"])
-    cpus_per_hospital: int = 1
+    baselines: list[str] = setting(default_factory=lambda: ["pooled", "local"],
+                                   items=("pooled", "local"))
+    cpus_per_hospital: int = setting(1, ge=1)
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    federation: FederationConfig = field(default_factory=FederationConfig)
-    privacy: DPConfig = field(default_factory=DPConfig)
     failures: FailureConfig = field(default_factory=FailureConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     site_policy: str = ""
@@ -136,83 +135,28 @@ class SimulationConfig:
     ray_address: str = ""
 
 
-class ConfigError(ValueError):
-    """A config file or override that names an unknown setting or gives a wrong type."""
-
-
-# Settings that a study sets elsewhere: (table, key) -> where it belongs. Their defaults stay
-# accepted: every run's config.toml lists them, and a study file may be made from one.
-_SET_ELSEWHERE = {
-    ("train", "proximal_mu"): "FedProx's weight is a strategy setting: [federation] strategy = "
-                              "\"fedprox\" with [federation.options] proximal_mu; each round "
-                              "sends it to the hospitals",
-}
-
-
-def _refuse_set_elsewhere(values: dict[str, Any], where: str) -> None:
-    for (table, key), hint in _SET_ELSEWHERE.items():
-        section = values.get(table)
-        if not isinstance(section, dict):
-            continue
-        for name in (key, key.replace("_", "-")):
-            if section.get(name, 0) not in (0, 0.0):
-                raise ConfigError(f"{where}: {table}.{key} is not a study setting: {hint}")
-
-
-def _merge(obj: Any, values: dict[str, Any], where: str) -> Any:
-    known = {f.name: f for f in fields(obj)}
-    changes = {}
-    for key, value in values.items():
-        name = key.replace("-", "_")
-        if name not in known:
-            raise ConfigError(f"{where}: unknown setting '{key}'; known: {sorted(known)}")
-        current = getattr(obj, name)
-        if is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}: '{key}' must be a table")
-            changes[name] = _merge(current, value, f"{where}.{key}")
-        else:
-            changes[name] = _coerce(current, value, f"{where}.{key}")
-    return replace(obj, **changes)
-
-
-def _coerce(current: Any, value: Any, where: str) -> Any:
-    if isinstance(current, bool) or isinstance(value, bool):
-        if not isinstance(value, bool) or not isinstance(current, bool):
-            raise ConfigError(f"{where}: expected {type(current).__name__}, got {value!r}")
-        return value
-    if isinstance(current, float) and isinstance(value, int):
-        return float(value)
-    if isinstance(current, list):
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return list(value)
-    if not isinstance(value, type(current)):
-        raise ConfigError(f"{where}: expected {type(current).__name__}, got {value!r}")
-    return value
+ConfigError = SettingsError
+"""A config file or override with an unknown setting, a wrong type or a value out of range."""
 
 
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None):
     """Defaults, then the TOML file, then ``overrides`` (same nesting as the file)."""
     config = SimulationConfig()
     if path is not None:
-        try:
-            values = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as err:
-            raise ConfigError(f"{path}: cannot read the config ({err})") from err
-        _refuse_set_elsewhere(values, str(path))
-        config = _merge(config, values, str(path))
+        values = read_toml(Path(path))
+        check_study_values(values, str(path))
+        config = load_settings(SimulationConfig, values, str(path), config)
     if overrides:
-        _refuse_set_elsewhere(overrides, "overrides")
-        config = _merge(config, overrides, "overrides")
+        check_study_values(overrides, "overrides")
+        config = load_settings(SimulationConfig, overrides, "overrides", config)
     return config
 
 
 def with_overrides(config: SimulationConfig, overrides: dict[str, Any],
                    where: str = "overrides") -> SimulationConfig:
     """``config`` with ``overrides`` (same nesting as the TOML file) applied and checked."""
-    _refuse_set_elsewhere(overrides, where)
-    return _merge(config, overrides, where)
+    check_study_values(overrides, where)
+    return load_settings(SimulationConfig, overrides, where, config)
 
 
 def config_dict(config: SimulationConfig) -> dict[str, Any]:
