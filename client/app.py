@@ -21,6 +21,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from client.audit import audit_reply, failure_reply
+from client.classes import for_study
 from client.evaluation_cap import EvaluationRefusal, released_metrics
 from client.exchange import hospital_model_config, receive_adapter, send_adapter
 from client.model_cache import lora_model_for
@@ -56,7 +57,10 @@ def _prepare(msg: Message, context: Context, load_site: SiteLoader):
     model = lora_model_for(model_config)
     # The round's adapter-exchange mode (FFA-LoRA freezes A, FedSA-LoRA adds own B).
     receive_adapter(model, msg.content["arrays"], config, context)
-    return model, config, load_site(context, model_config.image_size)
+    # The hospital's labels in the study's class order, or a refusal saying why not.
+    site = for_study(load_site(context, model_config.image_size),
+                     list(config.get("classes", [])), model_config.num_classes)
+    return model, config, site
 
 
 def _round_dp(msg: Message) -> DPConfig:

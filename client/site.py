@@ -22,11 +22,13 @@ class SiteData:
 
     ``info`` is what the hospital may tell the coordinator about its data: the dataset
     fingerprint and counts (see ``client.data.SiteReport.shareable``), never ids or paths.
+    ``classes``: the names of its labels ``0, 1, ...`` (empty: labels are the study's indices).
     """
 
     train: ImageSet
     val: ImageSet
     info: dict[str, int | str] = field(default_factory=dict)
+    classes: tuple[str, ...] = ()
 
 
 SiteLoader = Callable[[Context, int], SiteData]
@@ -55,7 +57,8 @@ def load_npz_site(path: Path, image_size: int) -> SiteData:
 def load_manifest_site(manifest: Path, config: SiteDataConfig, image_size: int) -> SiteData:
     """A hospital's DICOM files listed in a CSV manifest, checked (see ``client.data``)."""
     sets, report = load_manifest_site_sets(manifest, config, image_size)
-    return SiteData(train=sets["train"], val=sets["val"], info=report.shareable())
+    return SiteData(train=sets["train"], val=sets["val"], info=report.shareable(),
+                    classes=tuple(config.classes))
 
 
 def load_site_from_node_config(context: Context, image_size: int) -> SiteData:

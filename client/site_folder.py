@@ -24,13 +24,13 @@ ClientApp reads (``manifest``, ``privacy-policy``, ``privacy-ledger``, ``audit-l
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import tomli_w
 
 from client.run_policy import RUN_POLICY_TEMPLATE
-from models.settings import read_settings
+from models.settings import read_settings, read_toml
 from privacy.pki import make_node_key, node_private_openssh, node_public_openssh, write_private
 from privacy.secagg.identity import CA_KEY, NODE_KEY, ROSTER_FILE, ROSTER_KEY
 
@@ -65,6 +65,11 @@ class HospitalConfig:
             with ``ca_cert``): secure aggregation counts only peers whose keys are on it.
         node_key, node_pub: the node-authentication key pair.
         manifest: the CSV data manifest (``""`` until the hospital sets it).
+        classes: the class names the manifest's labels use, in label order (e.g.
+            ``["normal", "pneumonia"]``); each round maps them by name to the study's classes
+            and a study whose classes do not cover them is refused. Empty: integer labels, taken
+            as the study's class indices. Other manifest settings (columns, frames, split) go in
+            a ``[site_data]`` table of the same file (``client.data.config.SiteDataConfig``).
         data_npz: MedMNIST-format arrays instead of a manifest (``train_*``/``val_*``; tests,
             benchmarks and demos); ``""``: none.
         privacy_policy, run_policy, privacy_ledger, audit_log: the hospital's own files
@@ -87,6 +92,7 @@ class HospitalConfig:
     node_key: str = "node.key"
     node_pub: str = "node.pub"
     manifest: str = ""
+    classes: list[str] = field(default_factory=list)
     data_npz: str = ""
     privacy_policy: str = "privacy-policy.toml"
     run_policy: str = "run-policy.toml"
@@ -159,6 +165,10 @@ def node_config(folder: Path, config: HospitalConfig) -> dict[str, str]:
         values["privacy-policy"] = str(folder / config.privacy_policy)
     if config.manifest:
         values["manifest"] = str(folder / config.manifest)
+    if config.classes:
+        values["classes"] = ",".join(config.classes)
+    if "site_data" in read_toml(folder / CONFIG_FILE):
+        values["site-config"] = str(folder / CONFIG_FILE)  # its [site_data] table
     if config.data_npz:
         values["data-npz"] = str(folder / config.data_npz)
     return values

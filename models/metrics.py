@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from torch import nn
 
 METRIC_NAMES = ("loss", "auc", "accuracy", "balanced_accuracy", "macro_f1")
@@ -21,7 +21,8 @@ METRIC_NAMES = ("loss", "auc", "accuracy", "balanced_accuracy", "macro_f1")
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """AUC, accuracy, balanced accuracy and macro-F1 of ``(N, K)`` class probabilities against ``(N,)`` labels.
+    """AUC, accuracy, balanced accuracy and macro-F1 of ``(N, K)`` class probabilities against
+    ``(N,)`` labels.
 
     AUC is NaN when the labels hold a single class (it is undefined there).
     """
@@ -36,11 +37,20 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
     return {
         "auc": auc,
         "accuracy": float(accuracy_score(labels, predicted)),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
+        "balanced_accuracy": balanced_accuracy(labels, predicted),
         "macro_f1": float(
             f1_score(labels, predicted, average="macro", labels=range(num_classes), zero_division=0)
         ),
     }
+
+
+def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean recall over the classes present in ``labels`` (sklearn's definition, without its
+    warning for a split that holds one class); NaN for no labels."""
+    present = np.unique(labels)
+    if not len(present):
+        return math.nan
+    return float(np.mean([(predicted[labels == c] == c).mean() for c in present]))
 
 
 @torch.no_grad()

@@ -409,14 +409,14 @@ def run_coordinator(folder: Path, study: Path, run_dir: Path | None = None,
     its last checkpointed round. Returns 0 when the run finished (its final adapter written).
 
     Raises:
-        simulations.config.ConfigError: the study file is unreadable or names unknown settings.
+        models.settings.SettingsError: the study file is unreadable or refuses a setting.
         CoordinatorBusy: another coordinator runs this consortium, or a stranger holds a port.
     """
-    from simulations.config import load_config
+    from server.study import load_study
 
     folder = Path(folder).resolve()
     config = check_consortium(folder)
-    load_config(Path(study))  # unknown settings and wrong types fail here, naming the file
+    load_study(Path(study))  # unknown settings, wrong types, bad values fail here, named
     run_dir = Path(run_dir).resolve() if run_dir else default_run_dir(folder, study)
     for line in clear_leftovers(folder, config):
         logger.warning(line)

@@ -1,11 +1,12 @@
 """The consortium's Flower App for the deployment engine (``flwr run`` on a running SuperLink).
 
-The coordinator submits a *study* (a TOML file in the simulation's format: ``[model]``,
-``[train]``, ``[federation]``, ``[privacy]``, ``seed``; ``[data]`` names the dataset whose test
-split is the coordinator's held-out set) and a run directory. The SuperLink starts the ServerApp
-(:data:`server_app`), which runs :func:`server.rounds.run_federation` exactly as the simulation
-does; each hospital's SuperNode runs medfed's ClientApp (``client.app.app``), which reads the
-hospital's data, policies, ledger and audit log from the SuperNode's node config.
+The coordinator submits a *study* (``server.study.Study``: ``classes``, ``seed``, ``[model]``,
+``[train]``, ``[federation]``, ``[privacy]``, ``[evaluation]``) and a run directory. The
+SuperLink starts the ServerApp (:data:`server_app`), which runs the rounds exactly as the
+simulation does; each hospital's SuperNode runs medfed's ClientApp (``client.app.app``), which
+reads the hospital's data, policies, ledger and audit log from the SuperNode's node config. The
+coordinator holds no data: the hospitals evaluate every round on their own held-out splits and
+the run directory holds their combined results (the same files a simulation writes).
 
 The app folder :func:`write_app_dir` writes (``DIR/app``) is what ``flwr run`` packages (the
 FAB): a ``pyproject.toml`` and two two-line modules that import the ServerApp and the ClientApp
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ from flwr.serverapp import Grid, ServerApp
 
 if TYPE_CHECKING:
     from server.simulation_app import ServerRun
+    from server.study import Study
 
 logger = logging.getLogger(__name__)
 
@@ -83,16 +85,16 @@ def run_config_args(study: Path, run_dir: Path) -> list[str]:
     return ["--run-config", " ".join(f'{k}="{v}"' for k, v in values.items())]
 
 
-def load_study(study: Path, run_dir: Path):  # -> SimulationConfig (imported lazily)
-    """The study's resolved settings (``simulations.config.SimulationConfig``) with ``run_dir``.
+def load_study(study: Path) -> Study:
+    """The study's resolved settings (weights and initial adapter pinned).
 
     Raises:
-        simulations.config.ConfigError: the study file is unreadable or names unknown settings.
+        models.settings.SettingsError: the study file is unreadable or refuses a setting.
     """
-    from simulations.config import load_config
-    from simulations.runner import resolve
+    from server.study import load_study as read_study
+    from server.study import resolve_study
 
-    return resolve(replace(load_config(Path(study)), run_dir=str(run_dir)))
+    return resolve_study(read_study(Path(study)))
 
 
 def deployment_server_run(context: Context) -> ServerRun:
@@ -103,8 +105,6 @@ def deployment_server_run(context: Context) -> ServerRun:
     """
     from server.records import RunRecords
     from server.simulation_app import ServerRun
-    from simulations.config import config_dict
-    from simulations.sites import held_out_test_set
 
     paths = {}
     for key in (STUDY_KEY, RUN_DIR_KEY):
@@ -113,17 +113,15 @@ def deployment_server_run(context: Context) -> ServerRun:
             raise ValueError(f"the run config lacks '{key}': submit the run with "
                              f"'medfed coordinator start DIR --study FILE'")
         paths[key] = Path(value)
-    config = load_study(paths[STUDY_KEY], paths[RUN_DIR_KEY])
+    study = load_study(paths[STUDY_KEY])
     records = RunRecords(paths[RUN_DIR_KEY])
-    records.write_config(config_dict(config))
-    test = held_out_test_set(config.data, config.model.image_size, config.seed)
+    records.write_config(asdict(study))
 
     def on_round(server_round: int, metrics: dict[str, float]) -> None:
-        logger.info("round %d of %d: test %s", server_round, config.federation.rounds,
+        logger.info("round %d of %d: %s", server_round, study.federation.rounds,
                     {k: round(float(v), 4) for k, v in metrics.items()})
 
-    return ServerRun(federation=config.federation, model=config.model, train=config.train,
-                     test_set=test, records=records, on_round=on_round, dp=config.privacy)
+    return ServerRun(study=study, records=records, on_round=on_round)
 
 
 def _log_to_stderr() -> None:
@@ -131,7 +129,7 @@ def _log_to_stderr() -> None:
     Flower's logger, and the root logger would repeat Flower's and httpx's lines."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("server", "strategies", "simulations"):
+    for name in ("server", "strategies"):
         named = logging.getLogger(name)
         if not named.handlers:
             named.addHandler(handler)
@@ -145,24 +143,23 @@ server_app = ServerApp()
 @server_app.main()
 def _main(grid: Grid, context: Context) -> None:
     from server.daemon import stop_with_coordinator, wait_for_hospitals
-    from server.rounds import run_federation
+    from server.rounds import run_study_rounds, run_summary
     from server.wire_grid import PackedWireGrid
 
     _log_to_stderr()
     stop_with_coordinator()
     run = deployment_server_run(context)
+    federation = run.study.federation
     logger.info("study %s: %d rounds with at least %d hospitals, records in %s",
-                context.run_config[STUDY_KEY], run.federation.rounds, run.federation.min_hospitals,
+                context.run_config[STUDY_KEY], federation.rounds, federation.min_hospitals,
                 run.records.run_dir)
     wait_for_hospitals(grid)
     started = time.monotonic()
     # Deployment only: packed adapters and prompt polling (server.wire_grid).
-    outcome = run_federation(PackedWireGrid(grid), run.federation, run.model, run.train,
-                             run.test_set, run.records, run.on_round, run.on_reply, run.dp)
-    history = run.records.test_history()
-    summary = {"rounds": run.federation.rounds, "strategy": run.federation.strategy,
-               "final_test": history[-1] if history else {},
-               "wall_time_s": {"federated": time.monotonic() - started,
-                               "rounds": outcome.wall_time_s}}
+    outcome = run_study_rounds(PackedWireGrid(grid), run.study, run.records,
+                               on_round=run.on_round, on_reply=run.on_reply)
+    summary = run_summary(run.records, run.study, outcome)
+    summary["wall_time_s"] = {"federated": time.monotonic() - started,
+                              "rounds": outcome.wall_time_s}
     run.records.write_summary(summary)
     logger.info("finished: adapter in %s", run.records.run_dir / "adapter")

@@ -1,21 +1,39 @@
-"""Central evaluation: the global adapter on the coordinator's held-out test set."""
+"""Judging the global adapter: the hospitals' results combined, the published round, the prior.
+
+Every round each sampled hospital scores the global adapter on its own held-out split and sends
+metrics only. :func:`combine_validation` weights them by each hospital's number of examples;
+:class:`AdapterSelection` keeps the round the run publishes (the best combined value of
+``evaluation.select_by``, a tie going to the later round). :func:`with_prior` puts the
+population's class prior back into the adapter's head bias. A coordinator-held test set is
+optional (simulations pass one; a deployed coordinator holds no data): :func:`central_evaluator`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, MetricRecord
 from peft import PeftModel
 
 from models.adapters import load_adapter_state
 from models.data import ImageSet
-from models.metrics import evaluate
+from models.metrics import METRIC_NAMES, evaluate
+
+SELECTION_RULE = ("the global adapter of the round with the highest example-weighted "
+                  "validation {metric} over the hospitals that evaluated it; a tie goes to the "
+                  "later round; with no validation results at all, the last round")
+"""The published adapter's rule, as ``summary.json`` states it."""
 
 
 def central_evaluator(
     model: PeftModel, test_set: ImageSet
 ) -> Callable[[int, ArrayRecord], MetricRecord]:
-    """``evaluate_fn`` for Flower's strategies: test loss, AUC, accuracy, macro-F1 per round.
+    """Test loss, AUC, accuracy, balanced accuracy and macro-F1 of an adapter on a test set the
+    coordinator holds (simulations only).
 
     The model is the same LoRA model the hospitals train (BatchNorm frozen at its pretrained
     statistics on both sides), so the coordinator scores exactly what the hospitals would run.
@@ -27,3 +45,79 @@ def central_evaluator(
         return MetricRecord({f"test-{k.replace('_', '-')}": v for k, v in scores.items()})
 
     return evaluate_fn
+
+
+def combine_validation(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """Hospitals' validation metrics of one round, each weighted by its ``val_examples``.
+
+    A metric a hospital could not compute (AUC on a split holding one class: NaN) is left out
+    of that metric's average, with its weight.
+
+    Returns:
+        ``val_<metric>`` for each metric any hospital reported and ``val_examples`` (the sum);
+        empty when no hospital evaluated.
+    """
+    rows = [r for r in rows if r.get("val_examples") and not r.get("error")]
+    if not rows:
+        return {}
+    combined: dict[str, float] = {"val_examples": float(sum(r["val_examples"] for r in rows))}
+    for name in METRIC_NAMES:
+        pairs = [(r["val_examples"], r[f"val_{name}"]) for r in rows
+                 if isinstance(r.get(f"val_{name}"), int | float)
+                 and math.isfinite(r[f"val_{name}"])]
+        if pairs:
+            weight = sum(w for w, _ in pairs)
+            combined[f"val_{name}"] = sum(w * v for w, v in pairs) / weight
+    return combined
+
+
+@dataclass
+class AdapterSelection:
+    """The round the run publishes, by the combined validation ``metric`` (higher is better).
+
+    Attributes:
+        metric: ``evaluation.select_by`` (``auc``, ``balanced_accuracy``...).
+        best_round: the chosen round so far (0: none yet).
+        best_value: its combined validation value.
+    """
+
+    metric: str
+    best_round: int = 0
+    best_value: float = -math.inf
+
+    def consider(self, server_round: int, combined: dict[str, float]) -> bool:
+        """Take ``server_round`` if its value is at least the best so far; True if taken."""
+        value = combined.get(f"val_{self.metric}")
+        if value is None or not math.isfinite(value) or value < self.best_value:
+            return False
+        self.best_round, self.best_value = server_round, value
+        return True
+
+    def rule(self) -> str:
+        return SELECTION_RULE.format(metric=self.metric.replace("_", " "))
+
+
+def head_bias_key(state: dict[str, torch.Tensor], num_classes: int) -> str:
+    """The name of the classification head's bias in an adapter state.
+
+    Raises:
+        ValueError: no single trainable ``(num_classes,)`` bias outside the LoRA factors.
+    """
+    keys = [k for k, t in state.items() if k.endswith("bias") and "lora_" not in k
+            and tuple(t.shape) == (num_classes,)]
+    if len(keys) != 1:
+        raise ValueError(f"cannot find the head's bias among the adapter's tensors (found "
+                         f"{keys}): a prior can be put back only on a classifier head")
+    return keys[0]
+
+
+def with_prior(arrays: ArrayRecord, prior: list[float], num_classes: int) -> ArrayRecord:
+    """``arrays`` with ``log(prior)`` added to the head bias: the class-balanced rule that
+    logit-adjusted training learns, moved to a population with class shares ``prior``.
+    Without a prior, ``arrays`` unchanged."""
+    if not prior:
+        return arrays
+    state = arrays.to_torch_state_dict()
+    key = head_bias_key(state, num_classes)
+    state[key] = state[key] + torch.log(torch.tensor(prior, dtype=state[key].dtype))
+    return ArrayRecord(state)

@@ -1,7 +1,10 @@
 """The run directory: what a run did, written so that it can be read and reproduced.
 
 ``config.toml`` (resolved settings), ``metrics.csv`` (one row per round and hospital, plus a
-``global`` row per round with the test metrics), ``summary.json`` and ``adapter/`` (peft format).
+``global`` row per round: the hospitals' validation metrics combined, weighted by examples, in
+its ``val_*`` columns, and the metrics on a coordinator-held test set, when there is one, in its
+``test_*`` columns), ``summary.json`` and ``adapter/`` (peft format, the published round's).
+A simulation and a deployment write the same files.
 """
 
 from __future__ import annotations
@@ -16,14 +19,14 @@ from typing import Any
 
 import tomli_w
 
+from models.metrics import METRIC_NAMES
 from strategies.replies import Reply
 
 logger = logging.getLogger(__name__)
 
 METRICS_COLUMNS = [
-    "round", "hospital", "node_id", "num_examples", "train_loss",
-    "val_loss", "val_auc", "val_accuracy", "val_macro_f1",
-    "test_loss", "test_auc", "test_accuracy", "test_macro_f1",
+    "round", "hospital", "node_id", "num_examples", "train_loss", "val_examples",
+    *(f"val_{name}" for name in METRIC_NAMES), *(f"test_{name}" for name in METRIC_NAMES),
     "upload_bytes", "site_fingerprint", "epsilon", "delta", "error",
 ]
 GLOBAL = "global"
@@ -93,7 +96,8 @@ class RunRecords:
             row["epsilon"] = metrics.get("dp-epsilon")
             row["delta"] = metrics.get("dp-delta")
         else:
-            for name in ("loss", "auc", "accuracy", "macro_f1"):
+            row["val_examples"] = int(metrics["num-examples"])
+            for name in METRIC_NAMES:
                 row[f"val_{name}"] = metrics.get(f"val-{name.replace('_', '-')}")
 
     def _rename(self, node_id: int, new: str) -> None:
@@ -111,8 +115,24 @@ class RunRecords:
     def add_test(self, server_round: int, metrics: dict[str, float]) -> None:
         """Record the central test metrics of the global adapter after ``server_round``."""
         row = self._row(server_round, GLOBAL)
-        for name in ("loss", "auc", "accuracy", "macro_f1"):
+        for name in METRIC_NAMES:
             row[f"test_{name}"] = metrics.get(f"test-{name.replace('_', '-')}")
+
+    def add_round(self, server_round: int) -> dict[str, Any]:
+        """The ``global`` row of ``server_round`` (made if missing)."""
+        return self._row(server_round, GLOBAL)
+
+    def validation_rows(self, server_round: int) -> list[dict[str, Any]]:
+        """The hospitals' rows of ``server_round`` that hold an evaluation."""
+        return [r for r in self.train_rows()
+                if r["round"] == server_round and r.get("val_examples")]
+
+    def add_combined(self, server_round: int, combined: dict[str, float]) -> None:
+        """Record the hospitals' validation metrics of ``server_round`` combined (``val_*``)."""
+        row = self._row(server_round, GLOBAL)
+        row.update({k: v for k, v in combined.items() if k in METRICS_COLUMNS})
+        if "val_examples" in row:
+            row["val_examples"] = int(row["val_examples"])
 
     def test_history(self) -> list[dict[str, Any]]:
         """Global rows in round order."""

@@ -1,22 +1,32 @@
-"""The coordinator's round loop: initial adapter, strategy, central evaluation, records."""
+"""The coordinator's round loop: initial adapter, strategy, combined evaluation, records.
+
+After each round the hospitals evaluate the global adapter on their own held-out splits; the
+coordinator combines their metrics (``server.evaluation``), keeps the round to publish, and
+writes a checkpoint. It holds no data: a test set is optional (simulations pass one).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 
 from models.adapters import adapter_state, load_adapter_file, load_adapter_state, save_adapter
 from models.config import ModelConfig, TrainConfig, to_config_record
 from models.data import ImageSet
 from models.lora import build_lora_model
+from models.metrics import METRIC_NAMES
 from privacy.config import DPConfig
 from server.checkpoint import (
     CHECKPOINT_FILE,
@@ -26,16 +36,20 @@ from server.checkpoint import (
     settings_fingerprint,
 )
 from server.config import FederationConfig
-from server.evaluation import central_evaluator
+from server.evaluation import AdapterSelection, central_evaluator, combine_validation, with_prior
 from server.records import RunRecords
 from server.secure_aggregation import secure_grid
+from server.study import EvaluationConfig, Study
 from strategies import Reply, build_strategy
 from strategies.adapter import TooFewUpdates
 
 logger = logging.getLogger(__name__)
 
 RoundCallback = Callable[[int, dict[str, float]], None]
-"""Called after each round's central evaluation with ``(round, test metrics)``."""
+"""Called after each round with ``(round, metrics)``: the combined validation metrics
+(``val-auc``...) and, with a test set, the test metrics (``test-auc``...)."""
+SELECTED_FILE = "selected.safetensors"
+"""The round to publish so far (``RUN_DIR/selected.safetensors``), kept for a resumed run."""
 ReplyCallback = Callable[[Reply], None]
 """Called with each hospital's reply (or failure) as it is recorded."""
 
@@ -49,12 +63,16 @@ class FederationOutcome:
     """What the round loop produced.
 
     Attributes:
-        model: the LoRA model holding the final global adapter.
+        model: the LoRA model holding the published adapter.
         wall_time_s: seconds from the first round's start to the last evaluation.
+        published_round: the round whose global adapter was published.
+        rule: how that round was chosen, in words.
     """
 
     model: PeftModel
     wall_time_s: float
+    published_round: int = 0
+    rule: str = ""
 
 
 def initial_model(model_config: ModelConfig, seed: int, adapter: str = "",
@@ -74,22 +92,34 @@ def run_federation(
     federation: FederationConfig,
     model_config: ModelConfig,
     train_config: TrainConfig,
-    test_set: ImageSet,
+    test_set: ImageSet | None,
     records: RunRecords,
     on_round: RoundCallback | None = None,
     on_reply: ReplyCallback | None = None,
     dp: DPConfig | None = None,
+    *,
+    classes: Iterable[str] = (),
+    evaluation: EvaluationConfig | None = None,
 ) -> FederationOutcome:
-    """Run ``federation.rounds`` rounds and write metrics and the final adapter to ``records``.
+    """Run ``federation.rounds`` rounds; write the metrics and the published adapter to
+    ``records``.
 
     ``dp`` travels in each round's config; with client-level DP the strategy averages
-    updates uniformly (hospitals send ``update-weight`` = 1), as its sensitivity bound needs.
+    updates uniformly (hospitals send ``update-weight`` = 1), as its sensitivity bound needs,
+    and each hospital's noise share assumes ``dp.update_hospitals`` shares in the sum (0:
+    ``federation.min_hospitals``, the fewest a round accepts, so a round never holds less
+    noise than planned). ``classes`` (the study's class names) travel in every round's config;
+    each hospital maps its labels to them. ``evaluation`` chooses the published round and the
+    prior it answers for (default: best combined validation AUC, equal priors).
 
     Raises:
         FederationError: a round ended with fewer than ``federation.min_hospitals`` valid updates.
     """
+    evaluation = evaluation or EvaluationConfig()
+    classes = list(classes)
     if dp is not None:
-        dp = replace(dp, dp_run_rounds=dp.dp_run_rounds or federation.rounds)
+        dp = replace(dp, dp_run_rounds=dp.dp_run_rounds or federation.rounds,
+                     update_hospitals=dp.update_hospitals or federation.min_hospitals)
     model = initial_model(model_config, train_config.seed, federation.initial_adapter,
                           federation.initial_adapter_sha256)
     strategy = build_strategy(
@@ -103,10 +133,14 @@ def run_federation(
         train_weighted_by_key="update-weight" if dp is not None and dp.update_dp else None,
         options=federation.options,  # the strategies' settings
     )
+    if evaluation.prior:
+        # Hospitals evaluate, and the run publishes, the adapter with the study's prior put back.
+        _evaluate_as_published(strategy, evaluation.prior, model_config.num_classes)
     if federation.secure_aggregation.enabled:
         # Training rounds then run SecAgg+: the strategy only ever receives the sum.
         grid = secure_grid(grid, federation.secure_aggregation, strategy, dp)
-    evaluator = central_evaluator(model, test_set)
+    evaluator = central_evaluator(model, test_set) if test_set is not None else None
+    selection = AdapterSelection(evaluation.select_by)
     # A checkpoint after every round; a run dir holding one (a crashed run with the same
     # settings) resumes after its round, with its arrays, RNG states and records.
     fingerprint = settings_fingerprint(federation, model_config, train_config, dp)
@@ -117,31 +151,48 @@ def run_federation(
         initial_arrays = ArrayRecord({k: resumed.arrays[k] for k in initial_arrays})
         records.rows.update({(r["round"], r["hospital"]): r for r in resumed.rows})
         logger.info("resuming %s after round %d of %d", records.run_dir, done, federation.rounds)
+        for row in records.test_history():  # the rounds judged before the crash
+            selection.consider(row["round"], row)
     # Flower counts from 1: shift to done + 1; FedOpt's moments come back; replies are
     # aggregated in node order (resumed or not, the same sums).
     strategy = RoundOffset(strategy, done, resumed.strategy_state if resumed else {})
+    num_classes = model_config.num_classes
+    selected = records.run_dir / SELECTED_FILE
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord):
         server_round += done
         if resumed is not None and server_round == done:
             return None  # evaluated and recorded before the crash
-        metrics = evaluator(server_round, arrays)
-        records.add_test(server_round, dict(metrics))
-        logger.debug("round %d: test %s", server_round, dict(metrics))
+        published = with_prior(arrays, evaluation.prior, num_classes)
+        records.add_round(server_round)
+        metrics: dict[str, float] = {}
+        if evaluator is not None:
+            test = dict(evaluator(server_round, published))
+            records.add_test(server_round, test)
+            metrics |= test
         if server_round > 0:
+            combined = combine_validation(records.validation_rows(server_round))
+            records.add_combined(server_round, combined)
+            metrics |= {k.replace("_", "-"): v for k, v in combined.items()}
+            if selection.consider(server_round, combined):
+                _save_arrays(published, selected)
+            logger.info("round %d: combined validation %s", server_round,
+                        {k: round(v, 4) for k, v in combined.items()})
             save_checkpoint(records.run_dir, server_round, arrays, fingerprint,
                             records.rows.values(), strategy)
         if on_round is not None:
-            on_round(server_round, dict(metrics))
-        return metrics
+            on_round(server_round, metrics)
+        return MetricRecord(metrics) if metrics else None
 
     wire_config = to_config_record(model_config, train_config, *([dp] if dp else []))
     evaluate_config = to_config_record(model_config, train_config)
     # Declared in every message so that a hospital's run policy can refuse too small
-    # aggregates and tasks it has not agreed to.
+    # aggregates and tasks it has not agreed to, and can map its labels to the study's classes.
     for config in (wire_config, evaluate_config):
         config["min-hospitals"] = federation.min_hospitals
         config["task"] = federation.task
+        if classes:
+            config["classes"] = classes
     start = time.monotonic()
     try:
         result = strategy.start(
@@ -159,11 +210,100 @@ def run_federation(
     wall_time = time.monotonic() - start
     records.write_metrics()
     _check_rounds(records, federation)
-    load_adapter_state(model, result.arrays.to_torch_state_dict())
+    if selection.best_round and selected.is_file():
+        published_round, state = selection.best_round, load_file(str(selected))
+    else:  # no hospital evaluated any round: the last one
+        published_round = federation.rounds
+        state = with_prior(result.arrays, evaluation.prior, num_classes).to_torch_state_dict()
+    load_adapter_state(model, state)
     save_adapter(model, records.run_dir / "adapter")
+    logger.info("published the global adapter of round %d (%s)", published_round,
+                selection.rule())
     # A finished run starts afresh when run again (the checkpoint is for crashes).
     (records.run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-    return FederationOutcome(model=model, wall_time_s=wall_time)
+    selected.unlink(missing_ok=True)
+    return FederationOutcome(model=model, wall_time_s=wall_time,
+                             published_round=published_round, rule=selection.rule())
+
+
+def run_study_rounds(grid: Grid, study: Study, records: RunRecords,
+                     test_set: ImageSet | None = None, on_round: RoundCallback | None = None,
+                     on_reply: ReplyCallback | None = None) -> FederationOutcome:
+    """:func:`run_federation` for a :class:`~server.study.Study`."""
+    return run_federation(grid, study.federation, study.model, study.train, test_set, records,
+                          on_round, on_reply, study.privacy, classes=study.classes,
+                          evaluation=study.evaluation)
+
+
+def _save_arrays(arrays: ArrayRecord, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: t.contiguous() for k, t in arrays.to_torch_state_dict().items()}, str(tmp))
+    tmp.replace(path)
+
+
+def run_summary(records: RunRecords, study: Study, outcome: FederationOutcome) -> dict[str, Any]:
+    """What ``summary.json`` holds for any run, simulated or deployed.
+
+    ``published``: the round and rule; ``validation``: the combined validation metrics of the
+    published round and ``validation_per_hospital`` each hospital's; ``federated``: the
+    published adapter's test metrics when the coordinator held a test set.
+    """
+    history = {row["round"]: row for row in records.test_history()}
+    chosen = history.get(outcome.published_round, {})
+    hospitals = {r["hospital"]: r for r in records.train_rows()
+                 if r["round"] == outcome.published_round and r.get("val_examples")}
+
+    def metrics(row: dict[str, Any], prefix: str) -> dict[str, Any]:
+        return {name: row.get(f"{prefix}_{name}") for name in METRIC_NAMES
+                if row.get(f"{prefix}_{name}") is not None}
+
+    rounds = sorted(r for r in history if r > 0)
+    summary: dict[str, Any] = {
+        "rounds": study.federation.rounds,
+        "strategy": study.federation.strategy,
+        "task": study.federation.task,
+        "classes": study.classes,
+        "hospitals": len({r["hospital"] for r in records.train_rows()}),
+        "backbone": study.model.backbone,
+        "weights_sha256": study.model.weights_sha256,
+        "initial_adapter": study.federation.initial_adapter,
+        "initial_adapter_sha256": study.federation.initial_adapter_sha256,
+        "published": {
+            "round": outcome.published_round, "rule": outcome.rule,
+            "select_by": study.evaluation.select_by,
+            "prior": study.evaluation.prior or "equal class priors (the class-balanced rule "
+                                               "logit-adjusted training learns)"},
+        "validation": metrics(chosen, "val") | (
+            {"examples": chosen["val_examples"]} if chosen.get("val_examples") else {}),
+        "validation_per_hospital": {h: metrics(r, "val") | {"examples": r["val_examples"]}
+                                    for h, r in sorted(hospitals.items())},
+        "val_auc_per_round": [history[r].get("val_auc") for r in rounds],
+    }
+    if any(row.get("test_auc") is not None for row in history.values()):
+        summary["federated"] = metrics(chosen, "test")
+        summary["test_auc_per_round"] = [history[r].get("test_auc")
+                                         for r in sorted(history)]
+    uploads = [r["upload_bytes"] for r in records.train_rows() if r.get("upload_bytes")]
+    summary["bytes"] = {
+        "upload_per_hospital_per_round": float(np.mean(uploads)) if uploads else 0.0,
+        "adapter": int(sum(t.numel() * t.element_size()
+                           for t in adapter_state(outcome.model).values())),
+    }
+    if privacy := records.privacy_summary():
+        summary["privacy"] = privacy
+    return summary
+
+
+def _evaluate_as_published(strategy: Strategy, prior: list[float], num_classes: int) -> None:
+    """Make ``strategy``'s evaluate messages carry the global adapter as the run would publish
+    it: the study's class prior put back (:func:`server.evaluation.with_prior`)."""
+    plain = strategy.configure_evaluate
+
+    def configure_evaluate(server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return plain(server_round, with_prior(arrays, prior, num_classes), config, grid)
+
+    strategy.configure_evaluate = configure_evaluate  # type: ignore[method-assign]
 
 
 def _observe(reply: Reply, records: RunRecords, on_reply: ReplyCallback | None) -> None:

@@ -1,5 +1,5 @@
 """The coordinator's ServerApp for Flower's simulation engine (``run_simulation`` in this
-process): a thin main around :func:`server.rounds.run_federation` that keeps the outcome.
+process): a thin main around :func:`server.rounds.run_study_rounds` that keeps the outcome.
 
 :class:`ServerRun` (what one run needs) is shared with the deployment engine's ServerApp
 (``server.deployment_app``)."""
@@ -12,26 +12,25 @@ from dataclasses import dataclass, field
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from models.config import ModelConfig, TrainConfig
 from models.data import ImageSet
-from privacy.config import DPConfig
-from server.config import FederationConfig
 from server.records import RunRecords
-from server.rounds import FederationOutcome, ReplyCallback, RoundCallback, run_federation
+from server.rounds import FederationOutcome, ReplyCallback, RoundCallback, run_study_rounds
+from server.study import Study
 
 
 @dataclass
 class ServerRun:
-    """Everything one run of the ServerApp needs, and where its outcome lands."""
+    """Everything one run of the ServerApp needs, and where its outcome lands.
 
-    federation: FederationConfig
-    model: ModelConfig
-    train: TrainConfig
-    test_set: ImageSet
+    ``test_set``: a test set the coordinator holds (simulations only; a deployed coordinator
+    holds no data and judges the adapter by the hospitals' combined evaluation).
+    """
+
+    study: Study
     records: RunRecords
+    test_set: ImageSet | None = None
     on_round: RoundCallback | None = None
     on_reply: ReplyCallback | None = None
-    dp: DPConfig | None = None
     wrap_grid: Callable[[Grid], Grid] | None = None
     """Simulation only: wraps Flower's grid before the round loop sees it (simulated
     stragglers hold replies back there)."""
@@ -52,10 +51,8 @@ def build_server_app(run: ServerRun) -> ServerApp:
         if run.wrap_grid is not None:
             grid = run.wrap_grid(grid)
         try:
-            run.outcome = run_federation(
-                grid, run.federation, run.model, run.train, run.test_set, run.records,
-                run.on_round, run.on_reply, run.dp,
-            )
+            run.outcome = run_study_rounds(grid, run.study, run.records, run.test_set,
+                                           run.on_round, run.on_reply)
         except BaseException as err:
             run.error = err
             raise

@@ -185,6 +185,30 @@ def load_study(path: Path) -> Study:
     return study_from_values(read_toml(Path(path), f"study {path}"), f"study {path}")
 
 
+def resolve_study(study: Study) -> Study:
+    """Pin what defaults leave open, once, before the run starts: the base weights' hash and
+    the initial adapter's hash (when one is named).
+
+    Raises:
+        FileNotFoundError: ``federation.initial_adapter`` names a file that does not exist.
+    """
+    from models.adapters import adapter_file
+    from models.hashing import file_sha256
+    from models.registry import weights_sha256
+
+    model = replace(study.model, weights_sha256=study.model.weights_sha256
+                    or weights_sha256(study.model.backbone))
+    federation = study.federation
+    if federation.initial_adapter and not federation.initial_adapter_sha256:
+        # Pinned when the study starts: every round, baseline and resume uses this very file.
+        start = adapter_file(Path(federation.initial_adapter))
+        if not start.is_file():
+            raise FileNotFoundError(f"federation.initial_adapter: {start} does not exist; give "
+                                    "an adapter directory or file, or leave it empty")
+        federation = replace(federation, initial_adapter_sha256=file_sha256(start))
+    return replace(study, model=model, federation=federation)
+
+
 SIMULATION_ONLY = {"data", "failures", "tracking", "baselines", "run_dir", "cpus_per_hospital",
                    "site_policy", "ledger_dir", "ray_address"}
 """Top-level keys of a simulation file that a study for the coordinator must not hold."""

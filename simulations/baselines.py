@@ -2,7 +2,11 @@
 
 Both baselines start from the federated run's initial adapter and get its training budget and
 schedule: ``rounds`` rounds of ``local_epochs`` epochs over the data they hold, with the round's
-learning rate and a fresh optimiser each round, as a hospital in the federation would.
+learning rate and a fresh optimiser each round, as a hospital in the federation would. Each
+publishes its adapter by the federated run's rule (``server.evaluation``): the round with the
+best ``evaluation.select_by`` on the validation data it holds (pooled: every hospital's
+validation split; local: the hospital's own), a tie going to the later round, with the study's
+prior put back (``evaluation.prior``). Its test metrics are that round's.
 
 In a run with DP-SGD the baselines train with the same DP-SGD settings and the same epsilon per
 data holder (the pooled data as one holder, each hospital alone as itself), so that
@@ -16,21 +20,22 @@ import logging
 from collections.abc import Callable
 
 import numpy as np
+from flwr.app import ArrayRecord
 
 from client.site import SiteData
 from client.training import train_local
 from models.adapters import adapter_state, load_adapter_state
 from models.config import ModelConfig, TrainConfig, round_lr
 from models.data import ImageSet
-from models.metrics import evaluate
+from models.metrics import METRIC_NAMES, evaluate
 from privacy.accounting import Event, epsilon
 from privacy.config import DPConfig
 from privacy.dpsgd import plan_round, round_noise_multiplier, train_dpsgd
+from server.evaluation import AdapterSelection, with_prior
 from server.rounds import initial_model
+from server.study import EvaluationConfig
 
 logger = logging.getLogger(__name__)
-
-METRIC_NAMES = ("loss", "auc", "accuracy", "macro_f1")
 
 
 def train_like_federation(
@@ -72,41 +77,73 @@ def _privacy(events: list[Event], dp: DPConfig | None) -> dict[str, float]:
             "dp_delta": dp.dp_delta}
 
 
+class _Published:
+    """Scores a baseline's adapter after each round as the federated run does (the study's
+    prior put back) and keeps the test metrics of the round its validation data selects."""
+
+    def __init__(self, model, val: ImageSet, test: ImageSet, evaluation: EvaluationConfig,
+                 num_classes: int) -> None:
+        self.model, self.val, self.test = model, val, test
+        self.evaluation, self.num_classes = evaluation, num_classes
+        self.selection = AdapterSelection(evaluation.select_by)
+        self.test_metrics: dict[str, float] = {}
+        self.test_auc_per_round: list[float] = []
+
+    def __call__(self, server_round: int) -> None:
+        trained = adapter_state(self.model)
+        published = with_prior(ArrayRecord(trained), self.evaluation.prior, self.num_classes)
+        load_adapter_state(self.model, published.to_torch_state_dict())
+        val = evaluate(self.model, self.val.images, self.val.labels) if len(self.val) else {}
+        test = evaluate(self.model, self.test.images, self.test.labels)
+        load_adapter_state(self.model, trained)  # training goes on from the plain adapter
+        self.test_auc_per_round.append(test["auc"])
+        chosen = self.selection.consider(server_round, {f"val_{k}": v for k, v in val.items()})
+        if chosen or self.selection.best_round == 0:  # no validation result yet: the last
+            self.test_metrics = test
+
+    def result(self) -> dict[str, object]:
+        return self.test_metrics | {"published_round": self.selection.best_round or len(
+            self.test_auc_per_round)}
+
+
 def pooled_baseline(
     sites: list[SiteData], test: ImageSet, model_config: ModelConfig, train: TrainConfig,
     rounds: int, dp: DPConfig | None = None, adapter: str = "", adapter_sha256: str = "",
+    evaluation: EvaluationConfig | None = None,
 ) -> dict[str, float]:
-    """All hospitals' training data in one place: test metrics of the adapter trained on it,
-    and its test AUC after each round (``test_auc_per_round``): on PneumoniaMNIST, whose test
-    split is shifted from its training split, the last round can swing far from the others.
-    Under ``dp.dpsgd`` also the epsilon it spent (``dp_epsilon``, ``dp_delta``). ``adapter``:
-    the run's ``federation.initial_adapter`` (and its pin), the start both baselines share."""
+    """All hospitals' training data in one place: test metrics of the adapter it publishes (the
+    round with the best validation score on all hospitals' validation splits, as the federated
+    run chooses), and its test AUC after each round (``test_auc_per_round``). Under
+    ``dp.dpsgd`` also the epsilon it spent (``dp_epsilon``, ``dp_delta``). ``adapter``: the
+    run's ``federation.initial_adapter`` (and its pin), the start both baselines share."""
     model = initial_model(model_config, train.seed, adapter, adapter_sha256)
     pooled = ImageSet.concat([s.train for s in sites])
-    per_round: list[dict[str, float]] = []
-    events = train_like_federation(
-        model, pooled, train, rounds, seed=train.seed,
-        after_round=lambda _: per_round.append(evaluate(model, test.images, test.labels)),
-        dp=dp)
-    # The last round's evaluation is the final one: the model does not change after it.
-    return (per_round[-1] | {"test_auc_per_round": [m["auc"] for m in per_round]}
+    published = _Published(model, ImageSet.concat([s.val for s in sites]), test,
+                           evaluation or EvaluationConfig(), model_config.num_classes)
+    events = train_like_federation(model, pooled, train, rounds, seed=train.seed,
+                                   after_round=published, dp=dp)
+    return (published.result() | {"test_auc_per_round": published.test_auc_per_round}
             | _privacy(events, dp))
 
 
 def local_baseline(
     sites: list[SiteData], test: ImageSet, model_config: ModelConfig, train: TrainConfig,
     rounds: int, dp: DPConfig | None = None, adapter: str = "", adapter_sha256: str = "",
+    evaluation: EvaluationConfig | None = None,
 ) -> dict[str, object]:
-    """Each hospital alone: the mean of their test metrics, and each one's; under ``dp.dpsgd``
-    the epsilon each spent, and the largest as ``dp_epsilon``."""
+    """Each hospital alone, publishing by the federated run's rule on its own validation split:
+    the mean of their test metrics, and each one's; under ``dp.dpsgd`` the epsilon each spent,
+    and the largest as ``dp_epsilon``."""
     model = initial_model(model_config, train.seed, adapter, adapter_sha256)
     start = adapter_state(model)
     per_hospital = []
     for hospital, site in enumerate(sites):
         load_adapter_state(model, start)
+        published = _Published(model, site.val, test, evaluation or EvaluationConfig(),
+                               model_config.num_classes)
         events = train_like_federation(model, site.train, train, rounds,
-                                       seed=train.seed + hospital, dp=dp)
-        per_hospital.append(evaluate(model, test.images, test.labels) | _privacy(events, dp))
+                                       seed=train.seed + hospital, after_round=published, dp=dp)
+        per_hospital.append(published.result() | _privacy(events, dp))
         logger.debug("local baseline, hospital %d: %s", hospital, per_hospital[-1])
     mean = {name: float(np.nanmean([m[name] for m in per_hospital])) for name in METRIC_NAMES}
     if dp is not None and dp.dpsgd:  # the most any hospital alone spent

@@ -34,6 +34,19 @@ MIDDLE_SLICES = "-midslices"
 (``adrenalmnist3d-midslices``): the 2D backbone's view of the same study."""
 
 
+CLASS_NAMES = {
+    "pneumoniamnist": ["normal", "pneumonia"],
+    "breastmnist": ["malignant", "normal or benign"],
+}
+"""Class names of the MedMNIST datasets medfed's simulations name (label order)."""
+
+
+def class_names(dataset: str, num_classes: int) -> list[str]:
+    """The dataset's class names, or ``class 0``, ``class 1``... where medfed knows none."""
+    names = CLASS_NAMES.get(dataset, [])
+    return names if len(names) == num_classes else [f"class {k}" for k in range(num_classes)]
+
+
 def search_dirs() -> list[Path]:
     """Folders searched for ``<name>.npz``, in order."""
     dirs = []

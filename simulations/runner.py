@@ -14,21 +14,21 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.serverapp import Grid
 from rich.console import Console
 
 from client.app import build_client_app
-from models.adapters import adapter_file, adapter_nbytes, adapter_state
-from models.hashing import file_sha256
-from models.registry import build_base_model, weights_sha256
+from models.adapters import adapter_nbytes
+from models.registry import build_base_model
 from privacy.secagg.local_consortium import local_consortium
 from server.records import RunRecords
-from server.rounds import FederationError
+from server.rounds import FederationError, run_summary
 from server.simulation_app import ServerRun, build_server_app
+from server.study import resolve_study
 from simulations.baseline_pool import run_baselines
 from simulations.baselines import local_baseline, pooled_baseline
 from simulations.config import SimulationConfig, config_dict
+from simulations.datasets import class_names
 from simulations.progress import RoundProgress
 from simulations.site_privacy import simulated_site_privacy
 from simulations.sites import (
@@ -44,13 +44,14 @@ BASELINES = {"pooled": pooled_baseline, "local": local_baseline}
 
 
 def resolve(config: SimulationConfig) -> SimulationConfig:
-    """Fill in what defaults leave open: classes from the data, the weights pin, the run dir."""
+    """Fill in what defaults leave open: the classes from the data (names where the dataset has
+    them), the weights and initial-adapter pins, the run dir, the DP calibration."""
     dataset = cached_dataset(config.data.dataset, config.model.image_size)
-    model = replace(
-        config.model,
-        num_classes=dataset.num_classes,
-        weights_sha256=config.model.weights_sha256 or weights_sha256(config.model.backbone),
-    )
+    if config.classes and len(config.classes) != dataset.num_classes:
+        raise ValueError(f"classes = {config.classes} but {config.data.dataset} has "
+                         f"{dataset.num_classes} classes")
+    classes = config.classes or class_names(config.data.dataset, dataset.num_classes)
+    study = resolve_study(replace(config.study(), classes=classes))
     run_dir = config.run_dir or str(
         Path("runs") / f"{config.data.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
     )
@@ -60,7 +61,7 @@ def resolve(config: SimulationConfig) -> SimulationConfig:
             f"data.num_hospitals={config.data.num_hospitals}"
         )
     # The run's length and the hospitals sampled per round (Flower's sampling rule)
-    # calibrate DP at the hospitals.
+    # calibrate DP at the hospitals; a deployed coordinator uses min_hospitals instead.
     sampled = max(int(config.data.num_hospitals * config.federation.fraction_train),
                   config.federation.min_hospitals)
     privacy = replace(
@@ -68,15 +69,8 @@ def resolve(config: SimulationConfig) -> SimulationConfig:
         dp_run_rounds=config.privacy.dp_run_rounds or config.federation.rounds,
         update_hospitals=config.privacy.update_hospitals or sampled,
     )
-    federation = config.federation
-    if federation.initial_adapter and not federation.initial_adapter_sha256:
-        # Pinned when the study starts: every round, baseline and resume uses this very file.
-        start = adapter_file(Path(federation.initial_adapter))
-        if not start.is_file():
-            raise FileNotFoundError(f"federation.initial_adapter: {start} does not exist; give "
-                                    "an adapter directory or file, or leave it empty")
-        federation = replace(federation, initial_adapter_sha256=file_sha256(start))
-    return replace(config, model=model, run_dir=run_dir, privacy=privacy, federation=federation)
+    return replace(config, classes=study.classes, model=study.model, run_dir=run_dir,
+                   privacy=privacy, federation=study.federation)
 
 
 def backend_config(config: SimulationConfig) -> dict[str, Any]:
@@ -167,8 +161,9 @@ def run_study(config: SimulationConfig, console: Console | None = None,
               on_round: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Run the federated simulation and the baselines; write and return ``summary.json``'s data.
 
-    ``on_round(round, test metrics)`` is called after each round's central evaluation (as the
-    progress display is; benchmarks time rounds with it).
+    ``on_round(round, metrics)`` is called after each round's evaluation with the test metrics
+    (``test-auc``...) and the hospitals' combined validation metrics (``val-auc``...), as the
+    progress display is; benchmarks time rounds with it.
 
     Raises:
         FederationError: the federated run did not complete every round with enough hospitals.
@@ -180,9 +175,9 @@ def run_study(config: SimulationConfig, console: Console | None = None,
     test = held_out_test_set(config.data, config.model.image_size, config.seed)
     progress = RoundProgress(config.federation.rounds, config.data.num_hospitals, console)
     run = ServerRun(
-        federation=config.federation, model=config.model, train=config.train, test_set=test,
-        records=records, on_round=_both(progress.on_round, on_round), on_reply=progress.on_reply,
-        dp=config.privacy, wrap_grid=_straggler_grid(config),
+        study=config.study(), records=records, test_set=test,
+        on_round=_both(progress.on_round, on_round), on_reply=progress.on_reply,
+        wrap_grid=_straggler_grid(config),
     )
     started = time.monotonic()
     with progress:
@@ -192,42 +187,24 @@ def run_study(config: SimulationConfig, console: Console | None = None,
     if run.outcome is None:
         raise FederationError("the coordinator did not finish; see the log above")
     federated_time = time.monotonic() - started
-    history = records.test_history()
-    final = history[-1]
-    federated = {name: final[f"test_{name}"] for name in ("loss", "auc", "accuracy", "macro_f1")}
-
-    summary: dict[str, Any] = {
-        "dataset": config.data.dataset,
-        "hospitals": config.data.num_hospitals,
-        "rounds": config.federation.rounds,
-        "backbone": config.model.backbone,
-        "weights_sha256": config.model.weights_sha256,
-        "initial_adapter": config.federation.initial_adapter,
-        "initial_adapter_sha256": config.federation.initial_adapter_sha256,
-        "federated": federated,
-        "test_auc_per_round": [row["test_auc"] for row in history],
-    }
+    summary: dict[str, Any] = {"dataset": config.data.dataset} | run_summary(
+        records, config.study(), run.outcome)
+    summary["hospitals"] = config.data.num_hospitals
     sites = hospital_sites(config.data, config.model.image_size, config.seed)
     summary["examples_per_hospital"] = [len(s.train) for s in sites]
     names = [n for n in ("pooled", "local") if n in config.baselines]
     jobs = {name: partial(BASELINES[name], sites, test, config.model, config.train,
                           config.federation.rounds, dp=config.privacy,
                           adapter=config.federation.initial_adapter,
-                          adapter_sha256=config.federation.initial_adapter_sha256)
+                          adapter_sha256=config.federation.initial_adapter_sha256,
+                          evaluation=config.evaluation)
             for name in names}
     results, baseline_time = run_baselines(
         jobs, waiting=lambda: console.status(f"baselines: {', '.join(names)}"))
     summary.update(results)
 
-    uploads = [r["upload_bytes"] for r in records.train_rows() if r.get("upload_bytes")]
-    summary["bytes"] = {
-        "upload_per_hospital_per_round": float(np.mean(uploads)) if uploads else 0.0,
-        "adapter": adapter_nbytes(adapter_state(run.outcome.model)),
-        "full_model": adapter_nbytes(build_base_model(config.model).state_dict()),
-    }
+    summary["bytes"]["full_model"] = adapter_nbytes(build_base_model(config.model).state_dict())
     summary["wall_time_s"] = {"federated": federated_time} | baseline_time
-    if privacy := records.privacy_summary():
-        summary["privacy"] = privacy
     records.write_summary(summary)
     if config.tracking.mlflow:  # optional MLflow tracking, off by default
         from simulations.tracking import track_run
