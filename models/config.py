@@ -65,7 +65,9 @@ class TrainConfig:
         seed: base seed; each hospital and round derives its own from it.
         logit_adjust: train on logits shifted by the log of the hospital's own class prior
             (FedLC-style logit adjustment), which keeps label-skewed hospitals from pulling the
-            shared head towards their label mix. Inference uses the plain logits.
+            shared head towards their label mix. The plain logits then give a class-balanced
+            rule; ``evaluation.prior`` puts a population's prior back into the published
+            adapter.
         proximal_mu: FedProx's proximal weight: the local loss adds
             ``mu/2 * ||w - w_round_start||^2`` over the trained tensors (0: off). Not a study
             setting: the coordinator's FedProx sends it in each round's config

@@ -4,7 +4,6 @@ The study names the task and its classes, the model and its LoRA adapter, how ho
 how rounds run, the privacy mechanisms and how the published adapter is chosen::
 
     classes = ["normal", "pneumonia"]      # label order; every hospital maps its labels to these
-    seed = 0
     [model]       lora_r, image_size, backbone, ...       (models.config.ModelConfig)
     [train]       local_epochs, batch_size, lr, ...       (models.config.TrainConfig)
     [federation]  rounds, strategy, min_hospitals, task   (server.config.FederationConfig)
@@ -77,7 +76,6 @@ class Study:
             Every round's config carries them; each hospital maps its manifest's labels to them
             by name and refuses a study whose classes it cannot map. ``model.num_classes``
             follows from them. Empty: labels are class indices ``0 .. model.num_classes - 1``.
-        seed: seeds the initial adapter and the hospitals' training.
         model: the foundation model and its LoRA adapter (``[model]``).
         train: local training at each hospital, per round (``[train]``).
         federation: how rounds run (``[federation]``).
@@ -87,7 +85,6 @@ class Study:
     """
 
     classes: list[str] = field(default_factory=list)
-    seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
@@ -209,8 +206,8 @@ def resolve_study(study: Study) -> Study:
     return replace(study, model=model, federation=federation)
 
 
-SIMULATION_ONLY = {"data", "failures", "tracking", "baselines", "run_dir", "cpus_per_hospital",
-                   "site_policy", "ledger_dir", "ray_address"}
+SIMULATION_ONLY = {"data", "failures", "tracking", "baselines", "seed", "run_dir",
+                   "cpus_per_hospital", "site_policy", "ledger_dir", "ray_address"}
 """Top-level keys of a simulation file that a study for the coordinator must not hold."""
 
 

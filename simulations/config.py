@@ -1,11 +1,11 @@
 """A simulation's settings: a study (``server.study.Study``) plus its simulated hospitals.
 
-A simulation file is a study file (``classes``, ``seed``, ``[model]``, ``[train]``,
+A simulation file is a study file (``classes``, ``[model]``, ``[train]``,
 ``[federation]``, ``[privacy]``, ``[evaluation]``) with the settings of the simulation around
 it: ``[data]`` (which dataset and how it is partitioned), ``[failures]``, ``[tracking]`` and
-top-level ``run_dir``, ``baselines``, ``cpus_per_hospital``, ``site_policy``, ``ledger_dir``,
-``ray_address``. The coordinator's code receives only the study (``SimulationConfig.study()``).
-Both are read by the one typed reader of ``models.settings``.
+top-level ``seed``, ``run_dir``, ``baselines``, ``cpus_per_hospital``, ``site_policy``,
+``ledger_dir``, ``ray_address``. The coordinator's code receives only the study
+(``SimulationConfig.study()``). Both are read by the one typed reader of ``models.settings``.
 """
 
 from __future__ import annotations
@@ -108,6 +108,8 @@ class SimulationConfig(Study):
     of its simulated hospitals.
 
     Attributes:
+        seed: seeds partitioning, the test subset and the shift profiles (``train.seed`` seeds
+            the initial adapter and the hospitals' training).
         run_dir: where results go; empty means ``runs/<dataset>-<timestamp>``.
         baselines: which of ``pooled`` and ``local`` to run on the same split and budget; both
             publish the adapter of their best validation round, as the federated run does.
@@ -123,6 +125,7 @@ class SimulationConfig(Study):
             "" starts a private Ray instance on this machine for the run.
     """
 
+    seed: int = 0
     run_dir: str = ""
     baselines: list[str] = setting(default_factory=lambda: ["pooled", "local"],
                                    items=("pooled", "local"))

@@ -42,7 +42,6 @@ from simulations.datasets import search_dirs
 CLASSES = ["normal", "pneumonia"]
 STUDY = {
     "classes": CLASSES,
-    "seed": 0,
     "model": {"image_size": 32, "lora_r": 4, "lora_alpha": 8},
     "train": {"batch_size": 16, "local_steps": 4, "lr": 2e-3},
     "federation": {"rounds": 3, "min_hospitals": 3, "fraction_evaluate": 1.0,

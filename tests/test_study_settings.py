@@ -1,0 +1,161 @@
+"""The study file and every settings file read by one typed reader; the published round; the
+classes a hospital maps; the generated reference. Fast: no training."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord
+
+from client.classes import ClassMismatch, for_study
+from client.site import SiteData
+from client.site_folder import (
+    CONFIG_FILE,
+    SiteFolderError,
+    init_site_folder,
+    load_hospital_config,
+    node_config,
+)
+from models.data import ImageSet
+from models.settings import SettingsError
+from server.evaluation import AdapterSelection, combine_validation, with_prior
+from server.study import load_study, study_reference
+from simulations.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("text, key, value, allowed", [
+    ('[data]\npartition = "dirchlet"\n', "data.partition", "'dirchlet'",
+     "one of 'iid', 'dirichlet', 'quantity' (did you mean 'dirichlet'?)"),
+    ('baselines = ["poold"]\n', "baselines item", "'poold'", "one of 'pooled', 'local'"),
+    ("[model]\nlora_r = 0\n", "model.lora_r", "0", ">= 1"),
+    ("[train]\nbatch_size = 0\n", "train.batch_size", "0", ">= 1"),
+    ('[federation]\nrounds = "three"\n', "federation.rounds", "'three'", "whole number"),
+    ('[evaluation]\nselect_by = "AUC"\n', "evaluation.select_by", "'AUC'", "one of 'auc'"),
+])
+def test_a_bad_value_is_refused_when_read_naming_key_value_and_allowed(tmp_path, text, key,
+                                                                        value, allowed):
+    path = tmp_path / "sim.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    message = str(refused.value)
+    assert str(path) in message and key in message and value in message, message
+    assert allowed in message, message
+
+
+def test_unknown_keys_are_refused_with_the_closest_name(tmp_path):
+    path = tmp_path / "study.toml"
+    path.write_text("[train]\nbatch_sise = 8\n")
+    with pytest.raises(SettingsError, match=r"train.batch_sise: unknown setting \(did you mean "
+                                            r"'batch_size'\?\)"):
+        load_study(path)
+
+
+def test_a_study_names_its_classes_and_holds_no_simulation_settings(tmp_path):
+    path = tmp_path / "study.toml"
+    path.write_text('classes = ["normal", "pneumonia", "covid"]\n[federation]\nrounds = 2\n')
+    study = load_study(path)
+    assert study.model.num_classes == 3 and study.federation.rounds == 2
+    path.write_text('classes = ["a", "b"]\n[data]\ndataset = "pneumoniamnist"\n')
+    with pytest.raises(SettingsError, match=r"\['data'\] are simulation settings"):
+        load_study(path)
+    path.write_text('classes = ["a", "b"]\n[model]\nnum_classes = 3\n')
+    with pytest.raises(SettingsError, match="num_classes = 3 but classes names 2"):
+        load_study(path)
+    path.write_text('classes = ["a", "A"]\n')
+    with pytest.raises(SettingsError, match="repeats"):
+        load_study(path)
+    path.write_text('classes = ["a", "b"]\n[evaluation]\nprior = [0.5, 0.6]\n')
+    with pytest.raises(SettingsError, match="sum to 1"):
+        load_study(path)
+
+
+def test_a_simulation_is_a_study_plus_its_data(tmp_path):
+    path = tmp_path / "sim.toml"
+    path.write_text('classes = ["normal", "pneumonia"]\n[data]\nnum_hospitals = 3\n'
+                    '[federation]\nrounds = 2\n')
+    config = load_config(path)
+    study = config.study()
+    assert type(study).__name__ == "Study" and not hasattr(study, "data")
+    assert study.classes == ["normal", "pneumonia"] and study.federation.rounds == 2
+
+
+def test_hospital_toml_declares_classes_and_site_settings(tmp_path):
+    init_site_folder(tmp_path, "h1")
+    text = (tmp_path / CONFIG_FILE).read_text()
+    text = text.replace('manifest = ""', 'manifest = "m.csv"').replace(
+        "classes = []", 'classes = ["normal", "pneumonia"]')
+    (tmp_path / CONFIG_FILE).write_text(text + '\n[site_data]\nframes = "all"\n')
+    config = load_hospital_config(tmp_path)
+    assert config.classes == ["normal", "pneumonia"]
+    values = node_config(tmp_path, config)
+    # What the daemon writes to node-config.toml at every start keeps them.
+    assert values["classes"] == "normal,pneumonia"
+    assert values["site-config"] == str((tmp_path / CONFIG_FILE).resolve())
+    from client.data.config import from_node_config
+
+    site = from_node_config(values)
+    assert site.classes == ("normal", "pneumonia") and site.frames == "all"
+    (tmp_path / CONFIG_FILE).write_text(text.replace("cpu_threads = 0", 'cpu_threads = "two"'))
+    with pytest.raises(SiteFolderError, match="cpu_threads = 'two': expected a whole number"):
+        load_hospital_config(tmp_path)
+
+
+def _site(labels: list[int], classes: tuple[str, ...]) -> SiteData:
+    images = ImageSet(torch.zeros(len(labels), 1, 4, 4), torch.tensor(labels))
+    return SiteData(train=images, val=images, classes=classes)
+
+
+def test_a_hospital_maps_its_labels_to_the_study_classes_by_name():
+    site = for_study(_site([0, 0, 1], ("Pneumonia", "normal")), ["normal", "pneumonia"], 2)
+    assert site.train.labels.tolist() == [1, 1, 0] and site.val.labels.tolist() == [1, 1, 0]
+    with pytest.raises(ClassMismatch, match=r"classes \['covid'\] are not among the study's"):
+        for_study(_site([0, 1], ("normal", "covid")), ["normal", "pneumonia"], 2)
+    # No names: indices are the study's; one beyond its classes is refused.
+    assert for_study(_site([0, 1], ()), ["a", "b"], 2).train.labels.tolist() == [0, 1]
+    with pytest.raises(ClassMismatch, match="label 2 but the study has 2 classes"):
+        for_study(_site([0, 2], ()), ["a", "b"], 2)
+
+
+def test_validation_is_combined_by_examples_and_a_tie_goes_to_the_later_round():
+    rows = [{"val_examples": 30, "val_auc": 0.9, "val_accuracy": 0.8},
+            {"val_examples": 10, "val_auc": math.nan, "val_accuracy": 0.4},
+            {"val_examples": 5, "val_auc": 0.1, "error": "evaluate: refused"}]
+    combined = combine_validation(rows)
+    assert combined["val_examples"] == 40
+    assert combined["val_accuracy"] == pytest.approx((30 * 0.8 + 10 * 0.4) / 40)
+    assert combined["val_auc"] == pytest.approx(0.9)  # the NaN is left out with its weight
+    selection = AdapterSelection("auc")
+    assert selection.consider(1, {"val_auc": 0.8})
+    assert not selection.consider(2, {"val_auc": 0.7})
+    assert selection.consider(3, {"val_auc": 0.8}) and selection.best_round == 3
+    assert not selection.consider(4, {})
+
+
+def test_the_prior_goes_back_into_the_head_bias():
+    state = {"net.fc.weight": torch.zeros(2, 3), "net.fc.bias": torch.tensor([0.5, -0.5]),
+             "net.lora_A.weight": torch.zeros(2, 2)}
+    shifted = with_prior(ArrayRecord(state), [0.25, 0.75], 2).to_torch_state_dict()
+    expected = torch.tensor([0.5, -0.5]) + torch.log(torch.tensor([0.25, 0.75]))
+    assert torch.allclose(shifted["net.fc.bias"], expected)
+    assert torch.equal(shifted["net.fc.weight"], state["net.fc.weight"])
+
+
+def test_the_committed_study_reference_is_the_generated_one():
+    committed = (ROOT / "docs" / "study-reference.md").read_text()
+    assert committed == study_reference(), "run: python -m server.study > docs/study-reference.md"
+    assert "| `lora_r` | int | `8` | >= 1 | LoRA rank. |" in committed
+
+
+def test_the_layers_hold():
+    """server and client import neither simulations nor each other (.importlinter)."""
+    exe = Path(sys.executable).parent / "lint-imports"  # a dev dependency
+    done = subprocess.run([str(exe)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:]
