@@ -222,6 +222,8 @@ def _rows(cls: type, prefix: str) -> list[tuple[str, list[list[str]]]]:
     nested: list[tuple[str, list[list[str]]]] = []
     for f in fields(cls):
         hint = hints[f.name]
+        if (prefix, f.name) in SET_ELSEWHERE:
+            continue  # not a study setting (see SET_ELSEWHERE)
         if is_dataclass(hint):
             nested += _rows(hint, f"{prefix}.{f.name}" if prefix else f.name)
             continue
