@@ -11,13 +11,24 @@ from medfed_cli.common import UsageError, console, exec_daemon, user_errors
 
 
 @user_errors("client.data.config:SiteDataConfigError", "client.data.problems:ManifestError",
-             code=2)
+             "client.site_folder:SiteFolderError", code=2)
 def cmd_hospital_check(args: argparse.Namespace) -> int:
     from client.data.check import check_site
-    from client.data.config import SiteDataConfig, load_site_data_config
+    from client.data.config import SiteDataConfig, from_node_config, load_site_data_config
     from client.data.config import site_data_config as with_settings
 
-    config = load_site_data_config(args.config) if args.config else SiteDataConfig()
+    if (args.dir is None) == (args.manifest is None):
+        raise UsageError("give --dir SITE (its hospital.toml) or --manifest FILE")
+    if args.dir is not None:  # what the daemon reads: manifest, classes, [site_data]
+        from client.site_folder import load_hospital_config, node_config
+
+        values = node_config(args.dir, load_hospital_config(args.dir))
+        if "manifest" not in values:
+            raise UsageError(f"{args.dir / 'hospital.toml'}: set 'manifest' in [hospital]")
+        args.manifest = Path(values["manifest"])
+        config = from_node_config(values)
+    else:
+        config = load_site_data_config(args.config) if args.config else SiteDataConfig()
     flags = {"classes": args.classes, "frames": args.frames,
              "max_error_fraction": args.max_error_fraction, "cache_dir": args.cache_dir}
     config = with_settings({k: v for k, v in flags.items() if v is not None}, "flags", config)
@@ -86,7 +97,10 @@ def add_hospital(sub: argparse._SubParsersAction) -> None:
     hospital_sub = hospital.add_subparsers(dest="hospital_command", required=True)
     check = hospital_sub.add_parser(
         "check", help="read a manifest and its DICOM files once and report what is usable")
-    check.add_argument("--manifest", type=Path, required=True, help="the CSV manifest")
+    check.add_argument("--dir", type=Path,
+                       help="the site folder: check what its hospital.toml names (manifest, "
+                            "classes, [site_data]), as the daemon will read it")
+    check.add_argument("--manifest", type=Path, help="the CSV manifest (instead of --dir)")
     check.add_argument("--config", type=Path, help="site data TOML ([site_data] table)")
     check.add_argument("--classes", nargs="+", help="class names in label order")
     check.add_argument("--frames", choices=["middle", "all"])

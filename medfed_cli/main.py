@@ -13,6 +13,7 @@ from medfed_cli.coordinator import add_coordinator
 from medfed_cli.hospital import add_hospital
 from medfed_cli.report import add_report
 from medfed_cli.simulate import add_scenarios, add_simulate
+from medfed_cli.study import add_study
 from medfed_cli.sweep import add_sweep
 
 __all__ = ["build_parser", "console", "main"]
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medfed", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's own logs")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_simulate, add_scenarios, add_report, add_sweep, add_hospital,
+    for add in (add_simulate, add_scenarios, add_report, add_sweep, add_study, add_hospital,
                 add_coordinator):
         add(sub)
     return parser

@@ -135,23 +135,25 @@ def _refusal(where: str, value: Any, what: str, options: tuple[Any, ...]) -> str
 
 
 def load_settings(cls: type[T], values: Mapping[str, Any], where: str,
-                  base: T | None = None) -> T:
+                  base: T | None = None, prefix: str = "") -> T:
     """``base`` (default: ``cls()``'s defaults) with ``values`` applied and checked.
 
-    Keys may use dashes or underscores; nested settings take a table.
+    Keys may use dashes or underscores; nested settings take a table. Messages read
+    ``"<where>: <prefix><key> = <value>: must be ..."``.
 
     Raises:
         SettingsError: an unknown key, a wrong type, a value out of range, or a value the
             settings class itself refuses; the message starts with ``where`` and the key.
     """
     if not isinstance(values, Mapping):
-        raise SettingsError(f"{where}: expected a table of settings, got {values!r}")
+        raise SettingsError(f"{where}: {prefix.rstrip('.') or 'the file'} must be a table of "
+                            f"settings, got {values!r}")
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
     hints = _hints(cls)
     changes: dict[str, Any] = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
-        at = f"{where}.{key}" if where else str(key)
+        at = f"{where}: {prefix}{key}"
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -159,7 +161,7 @@ def load_settings(cls: type[T], values: Mapping[str, Any], where: str,
         hint = hints[name]
         if is_dataclass(hint):
             inner = getattr(base, name) if base is not None else None
-            changes[name] = load_settings(hint, value, at, inner)
+            changes[name] = load_settings(hint, value, where, inner, f"{prefix}{key}.")
             continue
         checked = _check_type(hint, value, at)
         _check_limits(known[name], checked, at)
@@ -171,7 +173,8 @@ def load_settings(cls: type[T], values: Mapping[str, Any], where: str,
     except (ValueError, TypeError) as err:
         if isinstance(err, SettingsError):
             raise
-        raise SettingsError(f"{where}: {err}") from err
+        raise SettingsError(f"{where}: {prefix}{err}" if not prefix else
+                            f"{where}: [{prefix.rstrip('.')}] {err}") from err
 
 
 def check_settings(obj: Any, where: str = "") -> None:
