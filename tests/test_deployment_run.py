@@ -85,12 +85,12 @@ def test_hospital_and_coordinator_crashes_do_not_stop_the_study(consortium):
     assert not checkpoint.exists()
     metrics = pd.read_csv(lc.run_dir / "metrics.csv", dtype={"hospital": str})
     tested = metrics[metrics.hospital == "global"]
-    assert sorted(tested["round"]) == [0, 1, 2] and tested["test_auc"].notna().all()
+    assert sorted(tested["round"]) == [0, 1, 2]  # the coordinator holds no test set
     trained = metrics[(metrics.hospital != "global") & metrics.train_loss.notna()]
     per_round = trained.groupby("round")["hospital"].apply(set).to_dict()
     assert len(per_round[1]) == 2 and len(per_round[2]) >= 2, per_round
     summary = json.loads((lc.run_dir / "summary.json").read_text())
-    assert summary["final_test"]["round"] == 2
+    assert summary["published"]["round"] == 2  # no evaluation: the last round
 
     # Each hospital's egress audit log: one train reply per round of each run it took part in,
     # adapter tensors only; the killed hospital logged nothing for round 1. The first

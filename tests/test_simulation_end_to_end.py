@@ -63,7 +63,9 @@ def test_metrics_are_complete_and_finite(study):
     for name in ("federated", "pooled", "local"):
         assert all(math.isfinite(summary[name][k]) for k in ("auc", "accuracy", "macro_f1"))
     per_round = summary["pooled"]["test_auc_per_round"]
-    assert len(per_round) == 2 and per_round[-1] == pytest.approx(summary["pooled"]["auc"])
+    published = summary["pooled"]["published_round"]  # its best validation round
+    assert len(per_round) == 2 and per_round[published - 1] == pytest.approx(
+        summary["pooled"]["auc"])
     assert summary["bytes"]["full_model"] > 10 * summary["bytes"]["adapter"]
     assert json.loads((run_dir / "summary.json").read_text())["federated"] == summary["federated"]
     assert (run_dir / "config.toml").read_text().count("weights_sha256") == 1

@@ -45,10 +45,9 @@ def _uint8(images) -> np.ndarray:
 
 
 def study_toml(config: SimulationConfig) -> str:
-    """The study as the coordinator reads it (``run_dir`` left to the coordinator)."""
-    values = config_dict(replace(config, run_dir=""))
-    del values["run_dir"]
-    return tomli_w.dumps(_drop_empty(values))
+    """The study as the coordinator reads it: the simulation's study settings only (its
+    ``[data]`` stays with the simulated hospitals)."""
+    return tomli_w.dumps(_drop_empty(config_dict(config.study())))
 
 
 def _drop_empty(value):
@@ -236,9 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]deployment did not finish (exit {code}); logs in "
                       f"{root / 'deployment' / 'logs'}")
         return 1
-    final = json.loads(summary_file.read_text())["final_test"]
-    console.print(f"deployment (TLS, node authentication, one process per daemon): test AUC "
-                  f"{final['test_auc']:.3f}, wall time {deployment_s:.1f} s")
+    validation = json.loads(summary_file.read_text())["validation"]
+    console.print(f"deployment (TLS, node authentication, one process per daemon): combined "
+                  f"validation AUC {validation.get('auc', float('nan')):.3f} (the coordinator "
+                  f"holds no test set), wall time {deployment_s:.1f} s")
     console.print(f"deployment/simulation wall time: {deployment_s / simulation_s:.2f}")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
