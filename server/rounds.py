@@ -176,7 +176,7 @@ def run_federation(
             metrics |= {k.replace("_", "-"): v for k, v in combined.items()}
             if selection.consider(server_round, combined):
                 _save_arrays(published, selected)
-            logger.info("round %d: combined validation %s", server_round,
+            logger.debug("round %d: combined validation %s", server_round,
                         {k: round(v, 4) for k, v in combined.items()})
             save_checkpoint(records.run_dir, server_round, arrays, fingerprint,
                             records.rows.values(), strategy)
