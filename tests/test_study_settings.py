@@ -159,3 +159,18 @@ def test_the_layers_hold():
     exe = Path(sys.executable).parent / "lint-imports"  # a dev dependency
     done = subprocess.run([str(exe)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_hospitals_evaluate_the_adapter_with_the_prior_put_back():
+    from server.rounds import _evaluate_as_published
+
+    class Recorder:
+        def configure_evaluate(self, server_round, arrays, config, grid):
+            self.seen = arrays.to_torch_state_dict()
+            return []
+
+    strategy = Recorder()
+    _evaluate_as_published(strategy, [0.2, 0.8], 2)
+    bias = torch.tensor([0.0, 0.0])
+    strategy.configure_evaluate(1, ArrayRecord({"head.bias": bias}), None, None)
+    assert torch.allclose(strategy.seen["head.bias"], torch.log(torch.tensor([0.2, 0.8])))
