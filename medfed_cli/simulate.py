@@ -62,14 +62,15 @@ def print_summary(summary: dict[str, Any], run_dir: str) -> None:
     """The test-set table of the federated model and its baselines, bytes sent, run folder."""
     table = Table(title=f"{summary['dataset']}: {summary['hospitals']} hospitals, "
                         f"{summary['rounds']} rounds (test set)")
-    for column in ("", "AUC", "accuracy", "macro-F1"):
+    for column in ("", "AUC", "accuracy", "balanced acc.", "macro-F1"):
         table.add_column(column, justify="right" if column else "left")
     for name in ("federated", "pooled", "local"):
         if name in summary:
             m = summary[name]
             # Under DP-SGD the baselines are private too: say at what epsilon.
             label = f"{name} (DP-SGD, eps {m['dp_epsilon']:.2f})" if "dp_epsilon" in m else name
-            table.add_row(label, *(f"{m[k]:.4f}" for k in ("auc", "accuracy", "macro_f1")))
+            table.add_row(label, *(f"{m.get(k, float('nan')):.4f}"
+                                   for k in ("auc", "accuracy", "balanced_accuracy", "macro_f1")))
     console.print(table)
     b = summary["bytes"]
     console.print(f"uploaded per hospital per round: {b['upload_per_hospital_per_round']:,.0f} "
