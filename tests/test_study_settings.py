@@ -174,3 +174,36 @@ def test_hospitals_evaluate_the_adapter_with_the_prior_put_back():
     bias = torch.tensor([0.0, 0.0])
     strategy.configure_evaluate(1, ArrayRecord({"head.bias": bias}), None, None)
     assert torch.allclose(strategy.seen["head.bias"], torch.log(torch.tensor([0.2, 0.8])))
+
+
+def test_medfed_study_check_reads_a_study_as_the_coordinator_does(tmp_path, capsys):
+    from medfed_cli.main import main as medfed
+
+    good = tmp_path / "study.toml"
+    good.write_text('classes = ["normal", "pneumonia"]\n[federation]\ntask = "cxr"\n')
+    assert medfed(["study", "check", str(good)]) == 0
+    assert "classes: normal, pneumonia" in capsys.readouterr().out
+    bad = tmp_path / "bad.toml"
+    bad.write_text('classes = ["normal", "pneumonia"]\n[model]\nlora_r = 0\n')
+    assert medfed(["study", "check", str(bad)]) == 1
+    assert "model.lora_r = 0: must be >= 1" in capsys.readouterr().out
+
+
+def test_medfed_hospital_check_reads_the_site_folder(tmp_path, capsys):
+    """``--dir`` checks what hospital.toml names: its manifest, class names and [site_data]."""
+    from medfed_cli.main import main as medfed
+    from simulations.dicom_export import export_site
+
+    images = ImageSet(torch.rand(6, 1, 16, 16), torch.tensor([0, 1, 0, 1, 1, 0]))
+    export_site(SiteData(train=images, val=images), tmp_path / "data", 0, ["normal", "pneumonia"])
+    init_site_folder(tmp_path / "site", "h1")
+    path = tmp_path / "site" / CONFIG_FILE
+    text = path.read_text().replace('manifest = ""', 'manifest = "../data/manifest.csv"')
+    path.write_text(text.replace("classes = []", 'classes = ["pneumonia", "normal"]')
+                    + f'\n[site_data]\ncache_dir = "{tmp_path / "cache"}"\n')
+    assert medfed(["hospital", "check", "--dir", str(tmp_path / "site"), "--image-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "ready: all 12 rows usable" in out and "pneumonia" in out
+    path.write_text(text + '\n[site_data]\nframes = "some"\n')
+    assert medfed(["hospital", "check", "--dir", str(tmp_path / "site")]) == 2
+    assert "frames" in capsys.readouterr().out
