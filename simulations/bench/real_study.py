@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hospitals", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--train-per-hospital", type=int, default=80,
-                        help="training images per hospital (plus 30%% more held out)")
+                        help="images per hospital, 30%% of them held out for its evaluation")
     parser.add_argument("--keep", type=Path, help="keep the folders here (default: temporary)")
     args = parser.parse_args(argv)
     root = args.keep or Path(tempfile.mkdtemp(prefix="medfed-real-study-"))
