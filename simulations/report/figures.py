@@ -38,13 +38,24 @@ def _figure(ncols: int = 1, width: float = 6.0) -> tuple[Figure, Any]:
     return fig, axes
 
 
-def fig_test_curves(runs: list[Run]) -> Figure:
-    """Test AUC and loss per round, one line per run (pooled/local as dashed levels for one)."""
+def fig_test_curves(runs: list[Run], split: str = "test") -> Figure:
+    """Test AUC and loss per round, one line per run (pooled/local as dashed levels for one);
+    ``split = "val"``: the hospitals' combined validation metrics instead."""
     fig, (ax_auc, ax_loss) = _figure(2, 5.0)
     for run in runs:
-        rows = run.test_rows
-        ax_auc.plot(rows["round"], rows["test_auc"], marker="o", label=run.name)
-        ax_loss.plot(rows["round"], rows["test_loss"], marker="o", label=run.name)
+        rows = run.test_rows.dropna(subset=[f"{split}_auc"])
+        ax_auc.plot(rows["round"], rows[f"{split}_auc"], marker="o", label=run.name)
+        ax_loss.plot(rows["round"], rows[f"{split}_loss"], marker="o", label=run.name)
+    if split == "val":
+        ax_auc.set(title="Combined validation AUC after each round", xlabel="round",
+                   ylabel="ROC AUC, hospitals weighted by examples")
+        ax_loss.set(title="Combined validation loss after each round", xlabel="round",
+                    ylabel="cross-entropy (lower is better)")
+        for ax in (ax_auc, ax_loss):
+            ax.grid(alpha=0.3)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        fig.tight_layout()
+        return fig
     if len(runs) == 1:
         for name, style in (("pooled", "--"), ("local", ":")):
             if name in runs[0].summary:

@@ -25,7 +25,7 @@ from simulations.report.figures import (
     fig_roc,
     fig_test_curves,
 )
-from simulations.report.runs import Run, class_names, load_run
+from simulations.report.runs import Run, is_simulation, load_run, run_class_names
 from simulations.report.scoring import TestScores, score_final_model
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,14 @@ def _plural(count: Any, noun: str) -> str:
 
 
 def study_line(run: Run) -> str:
-    """One sentence describing the study a run simulated."""
+    """One sentence describing the study a run simulated (or ran on real hospitals)."""
+    if not is_simulation(run):
+        model = run.config.get("model", {})
+        return (f"{run.summary.get('hospitals')} hospitals with their own data, classes "
+                f"{', '.join(run.config.get('classes', [])) or '(indices)'}; "
+                f"{_plural(_setting(run, 'federation', 'rounds'), 'round')} of "
+                f"{_setting(run, 'federation', 'strategy')}; {model.get('backbone')} at "
+                f"{model.get('image_size')} px, LoRA rank {model.get('lora_r')}")
     data = run.config.get("data", {})
     partition = data.get("partition", "?")
     if partition == "dirichlet":
@@ -146,6 +153,9 @@ def comparison_rows(runs: list[Run], scores: dict[str, TestScores | None],
             "partition": run.config.get("data", {}).get("partition"),
             "rounds": s.get("rounds"),
             "federated AUC": s.get("federated", {}).get("auc"),
+            "federated balanced accuracy": s.get("federated", {}).get("balanced_accuracy"),
+            "published round": s.get("published", {}).get("round"),
+            "validation AUC (combined)": s.get("validation", {}).get("auc"),
             "AUC 95% CI": (f"{sc.auc_ci[0]:.3f}-{sc.auc_ci[1]:.3f}" if sc else None),
             "pooled AUC": s.get("pooled", {}).get("auc"),
             "local AUC (mean)": s.get("local", {}).get("auc"),
@@ -210,8 +220,19 @@ img{max-width:100%}figcaption{font-size:.92em;color:#444;margin-top:.4em}
 
 
 def _key_finding(run: Run, scores: TestScores | None) -> str:
+    published = run.summary.get("published", {})
+    val = run.summary.get("validation", {})
+    chosen = (f"<p>Published: the global adapter of round {published['round']} "
+              f"({html.escape(published['rule'])}); combined validation AUC "
+              f"{_fmt(val.get('auc'))}, accuracy {_fmt(val.get('accuracy'))}, balanced accuracy "
+              f"{_fmt(val.get('balanced_accuracy'))} over {_fmt(val.get('examples'))} held-out "
+              f"images at the hospitals.</p>") if published else ""
+    if "federated" not in run.summary:  # a deployed run: the hospitals judged it
+        return chosen
     fed = run.summary.get("federated", {})
-    parts = [f"The federated model reached a test AUC of <b>{_fmt(fed.get('auc'))}</b>"]
+    parts = [f"The federated model reached a test AUC of <b>{_fmt(fed.get('auc'))}</b> "
+             f"(accuracy {_fmt(fed.get('accuracy'))}, balanced accuracy "
+             f"{_fmt(fed.get('balanced_accuracy'))})"]
     if scores is not None and all(map(math.isfinite, scores.auc_ci)):
         parts.append(f" (95% CI {scores.auc_ci[0]:.3f} to {scores.auc_ci[1]:.3f}, "
                      f"{len(scores.labels)} test images)")
@@ -223,7 +244,7 @@ def _key_finding(run: Run, scores: TestScores | None) -> str:
     if "local" in run.summary:
         parts.append(f"; a hospital training alone gave {_fmt(run.summary['local']['auc'])} "
                      "on average")
-    return "<p class='key'>" + "".join(parts) + ".</p>"
+    return "<p class='key'>" + "".join(parts) + ".</p>" + chosen
 
 
 def run_figures(run: Run, scores: TestScores | None, figures: Figures, prefix: str) -> list[str]:
@@ -235,23 +256,29 @@ def run_figures(run: Run, scores: TestScores | None, figures: Figures, prefix: s
         stems.append(prefix + stem)
 
     baselines = [n for n in ("pooled", "local") if n in run.summary]
-    add("test-curves", "Test AUC and loss per round",
-        "how well the shared model separates the classes on held-out test images after each "
-        "round of federated training (round 0: the starting model)"
-        + ("; dashed/dotted lines are the pooled and single-hospital results after the same "
-           "training." if baselines else "."), fig_test_curves([run]))
+    if run.test_rows["test_auc"].notna().any():
+        add("test-curves", "Test AUC and loss per round",
+            "how well the shared model separates the classes on held-out test images after "
+            "each round of federated training (round 0: the starting model)"
+            + ("; dashed/dotted lines are the pooled and single-hospital results after the "
+               "same training." if baselines else "."), fig_test_curves([run]))
+    if run.test_rows["val_auc"].notna().any():
+        add("validation-curves", "Combined validation AUC and loss per round",
+            "the shared model scored by every hospital on its own held-out images after each "
+            "round, combined weighted by their numbers of images; the run publishes the "
+            "round where the combined metric is highest.", fig_test_curves([run], "val"))
     if run.hospitals["val_auc"].notna().any():
         add("hospital-validation", "Validation metrics at each hospital",
             "the shared model scored on each hospital's own held-out images; hospitals whose "
             "lines sit apart have data the model serves less well.", fig_hospital_validation(run))
-    add("baselines", "Federated vs pooled vs local",
-        "test scores of the same model trained three ways: federated, on all data pooled "
-        "(usually not allowed, the upper reference), and by each hospital alone (dots: each "
-        "hospital; bar: their mean). Black whisker: 95% bootstrap interval of the federated AUC.",
-        fig_baselines(run, scores))
+    if "federated" in run.summary:
+        add("baselines", "Federated vs pooled vs local",
+            "test scores of the same model trained three ways: federated, on all data pooled "
+            "(usually not allowed, the upper reference), and by each hospital alone (dots: "
+            "each hospital; bar: their mean). Black whisker: 95% bootstrap interval of the "
+            "federated AUC.", fig_baselines(run, scores))
     if scores is not None:
-        names = class_names(str(run.config.get("data", {}).get("dataset")),
-                            scores.probs.shape[1])
+        names = run_class_names(run, scores.probs.shape[1])
         add("roc", "ROC curve of the final model",
             "the trade-off between sensitivity and false alarms over all decision thresholds; "
             "the closer to the top-left corner, the better.", fig_roc(scores, names))
@@ -291,14 +318,14 @@ def build_report(run_dirs: list[Path], out_dir: Path, score_model: bool = True) 
     scores: dict[str, TestScores | None] = {}
     sections = []
     for run, name in zip(runs, names, strict=True):
-        score = score_final_model(run) if score_model else None
+        # A deployed run is reported from its own files: nothing is re-scored on MedMNIST.
+        score = score_final_model(run) if score_model and is_simulation(run) else None
         scores[name] = score
         prefix = f"{name}-" if len(runs) > 1 else ""
         stems = run_figures(run, score, figures, prefix)
         ece = ""
         if score is not None:
-            ece = _threshold_line(score, class_names(
-                str(run.config.get("data", {}).get("dataset")), score.probs.shape[1]))
+            ece = _threshold_line(score, run_class_names(run, score.probs.shape[1]))
             if score.probs.shape[1] != 2:
                 ece = f"<p>Expected calibration error {score.ece:.3f}.</p>"
         sections.append(

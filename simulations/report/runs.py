@@ -67,6 +67,20 @@ def load_run(path: Path) -> Run:
     return Run(path=path, config=config, metrics=metrics, summary=summary)
 
 
+def is_simulation(run: Run) -> bool:
+    """A simulated run (its config names a ``[data]`` source); a deployed run's coordinator
+    held no data, so nothing of it is re-scored."""
+    return "data" in run.config
+
+
+def run_class_names(run: Run, num_classes: int) -> list[str]:
+    """The study's class names, else the dataset's (older runs), else ``class k``."""
+    named = run.config.get("classes") or []
+    if len(named) == num_classes:
+        return list(named)
+    return class_names(str(run.config.get("data", {}).get("dataset")), num_classes)
+
+
 def class_names(dataset: str, num_classes: int) -> list[str]:
     names = CLASS_NAMES.get(dataset, [])
     return names if len(names) == num_classes else [f"class {k}" for k in range(num_classes)]
