@@ -68,6 +68,12 @@ def prepare_hospitals(root: Path, hospitals: int, train_per_hospital: int, image
         hospital = asdict(load_hospital_config(site)) | {
             "manifest": "data/manifest.csv", "privacy_policy": "",
             "classes": CLASSES[::-1] if k == 1 else CLASSES}
+        # The template allows nothing: approve this study's app, backbone and task.
+        (site / "run-policy.toml").write_text(tomli_w.dumps({
+            "allowed_apps": ["medfed/medfed-app"],
+            "allowed_backbones": ["efficientnet-lite0-imagenet"],
+            "allowed_tasks": [STUDY["federation"]["task"]],
+            "max_evaluations_per_run": 10, "max_evaluations_per_day": 40}))
         (site / CONFIG_FILE).write_text(tomli_w.dumps({
             "hospital": hospital,
             "site_data": {"cache_dir": str(site / "cache"), "max_error_fraction": 0.0}}))
