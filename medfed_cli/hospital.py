@@ -103,7 +103,7 @@ def add_hospital(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--manifest", type=Path, help="the CSV manifest (instead of --dir)")
     check.add_argument("--config", type=Path, help="site data TOML ([site_data] table)")
     check.add_argument("--classes", nargs="+", help="class names in label order")
-    check.add_argument("--frames", choices=["middle", "all"])
+    check.add_argument("--frames", choices=["middle", "all", "volume"])
     check.add_argument("--max-error-fraction", type=float,
                        help="fail above this share of unusable rows (default 0.1)")
     check.add_argument("--image-size", type=int, default=64,
