@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -141,6 +142,9 @@ def run_federation(
     for config in (wire_config, evaluate_config):
         config["min-hospitals"] = federation.min_hospitals
         config["task"] = federation.task
+    # Names the run across restarts: a hospital reports "this run's" epsilon from its ledger.
+    wire_config["run-key"] = hashlib.sha256(
+        f"{records.run_dir.resolve()}\n{fingerprint}".encode()).hexdigest()[:32]
     start = time.monotonic()
     try:
         result = strategy.start(
