@@ -10,7 +10,7 @@ aggregate metrics ever left. Each line describes exactly what the reply carries:
      "metrics": {"metrics": {"num-examples": 120, "dp-epsilon": 1.2, ...}},
      "configs": {"site": {"fingerprint": "...", ...}},
      "privacy": {"dp-epsilon": 1.2, "dp-delta": 1e-05},
-     "error": null, "prev_sha256": "<hex>"}
+     "error": null, "prev_sha256": "<hex>", "sha256": "<hex>"}
 
 ``payload_sha256`` hashes, in the reply's order, each tensor's record name, tensor name, dtype,
 shape and raw bytes, so the coordinator side can recompute it from what it received
@@ -20,11 +20,15 @@ Every reply is written, error or not, by one wrapper at the ClientApp's egress p
 (:func:`audited_mod`), before the reply is returned: the line is flushed and fsynced first.
 
 Tamper evidence: each line carries ``prev_sha256``, the sha256 of the previous line's bytes
-(without its newline; 64 zeros on the first line), and a head file beside the log
-(``<log>.head``) records the line count and the last line's hash. :func:`verify_audit_log`
-(``medfed hospital audit verify --log PATH``) names the first line where the chain breaks: an
-edited line breaks the chain at the line after it, a removed line at the line that followed it,
-and lines cut off the end show against the head file. Log and head are created 0600.
+(without its newline; 64 zeros on the first line), and ``sha256``, the hash of its own entry
+without that field; a head file beside the log (``<log>.head``) records the line count and the
+last line's hash. :func:`verify_audit_log` (``medfed hospital audit verify --log PATH``) names
+the first line where the chain breaks: an edited line fails its own hash (or, if its hash was
+recomputed, the next line's ``prev_sha256``), a removed line breaks the chain at the line that
+followed it, and lines cut off the end show against the head file. Log and head are created
+0600. The chain has no secret key: it proves the log is the one written unless someone rewrote
+every line after the change (and the head file); send the head hash off the machine (e.g. to
+syslog) to rule that out.
 
 Error replies carry a category and counts only (:func:`failure_reply`): file paths, patient
 names and UIDs stay in the hospital's own log.
@@ -194,12 +198,19 @@ def append_audit_line(path: Path, reply: Message, server_round: int | None) -> d
         fcntl.flock(log.fileno(), fcntl.LOCK_EX)
         last, count = _last_line(log)
         entry["prev_sha256"] = line_sha256(last) if last else GENESIS
+        entry["sha256"] = _entry_sha256(entry)
         line = json.dumps(entry, sort_keys=False, allow_nan=True).encode()
         log.write(line + b"\n")
         log.flush()
         os.fsync(log.fileno())
         _write_head(head_path(path), count + 1, line_sha256(line))
     return entry
+
+
+def _entry_sha256(entry: dict[str, Any]) -> str:
+    """sha256 of an entry's JSON without its own ``sha256`` field (key order as written)."""
+    body = {k: v for k, v in entry.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=False, allow_nan=True).encode()).hexdigest()
 
 
 def _last_line(log: Any) -> tuple[bytes, int]:
@@ -254,13 +265,17 @@ def verify_audit_log(path: Path) -> AuditCheck:
         for number, line in enumerate(log, start=1):
             try:
                 entry = json.loads(line)
-                stored = entry["prev_sha256"]
+                stored, own = entry["prev_sha256"], entry["sha256"]
             except (ValueError, KeyError, TypeError):
                 return AuditCheck(number, number, "not a chained audit entry (edited or "
                                   "written by something else)")
+            if own != _entry_sha256(entry):
+                return AuditCheck(number, number, "was edited (its content does not match its "
+                                  "own hash)")
             if stored != prev:
                 return AuditCheck(number, number, "does not chain to the line before it: "
-                                  "that line was edited, or lines between them were removed")
+                                  "lines before it were removed, or the line before it was "
+                                  "rewritten with a new hash")
             prev = line_sha256(line)
             hashes.append(prev)
     head = head_path(path)
