@@ -307,10 +307,7 @@ class Ledger:
                         float(budget), float(total), now,
                     )
                     digest = row_sha256(prev, values)
-                    conn.execute(
-                        f"INSERT INTO rounds ({', '.join(FIELDS)}, prev_sha256, row_sha256) "
-                        f"VALUES ({', '.join('?' * (len(values) + 2))})",
-                        (*values, prev, digest))
+                    self._insert(conn, (*values, prev, digest))
                     prev, count = digest, count + 1
                 conn.execute("COMMIT")
             except BaseException:
@@ -318,6 +315,16 @@ class Ledger:
                 raise
         _write_anchor(self.anchor, count, prev)
         return total if charges else epsilon(events, delta, accountant)
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, values: tuple) -> None:
+        """Insert one row: the ledger's fields, then the previous and own hash."""
+        _insert_row(conn, values)
+
+
+def _insert_row(conn: sqlite3.Connection, values: tuple) -> None:
+    conn.execute(f"INSERT INTO rounds ({', '.join(FIELDS)}, prev_sha256, row_sha256) "
+                 f"VALUES ({', '.join('?' * len(values))})", values)
 
 
 def _events(conn: sqlite3.Connection, dataset_id: str) -> list[Event]:
