@@ -125,7 +125,7 @@ def test_every_secure_aggregation_stage_is_logged(tmp_path):
     from server.rounds import run_federation
     from simulations.config import DataConfig
     from simulations.inprocess import InProcessGrid
-    from simulations.sites import SimulatedSiteLoader, test_set
+    from simulations.sites import SimulatedSiteLoader, held_out_test_set
 
     data = DataConfig(num_hospitals=3, max_train_examples=120, max_test_examples=40)
     model_config = ModelConfig(image_size=32, lora_r=4, lora_alpha=8, num_classes=2,
@@ -137,7 +137,7 @@ def test_every_secure_aggregation_stage_is_logged(tmp_path):
     federation = FederationConfig(rounds=1, min_hospitals=3, fraction_evaluate=0.0,
                                   secure_aggregation=SecAggConfig(enabled=True))
     run_federation(grid, federation, replace(model_config), TrainConfig(local_steps=1,
-                   batch_size=16), test_set(data, 32, 0), RunRecords(tmp_path / "run"))
+                   batch_size=16), held_out_test_set(data, 32, 0), RunRecords(tmp_path / "run"))
     for path in logs.values():
         entries = read_audit_log(path)
         stages = []
@@ -149,3 +149,15 @@ def test_every_secure_aggregation_stage_is_logged(tmp_path):
                           else "mask" if entry["tensors"] else "?")
         assert stages == ["setup", "share", "mask", "unmask"]
         assert verify_audit_log(path).ok
+
+
+def test_cli_verify_names_the_broken_line(log, capsys):
+    from medfed_cli import main as cli
+
+    assert cli.main(["hospital", "audit", "verify", "--log", str(log)]) == 0
+    assert "4 lines, hash chain intact" in capsys.readouterr().out
+    lines = _lines(log)
+    del lines[2]
+    log.write_text("".join(lines))
+    assert cli.main(["hospital", "audit", "verify", "--log", str(log)]) == 1
+    assert "line 3" in capsys.readouterr().out

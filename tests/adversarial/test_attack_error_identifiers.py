@@ -67,7 +67,7 @@ def test_coordinators_metrics_csv_holds_no_identifier(tmp_path, hostile_site):
     from server.rounds import FederationError, run_federation
     from simulations.config import DataConfig
     from simulations.inprocess import InProcessGrid
-    from simulations.sites import test_set
+    from simulations.sites import held_out_test_set
 
     model_config = ModelConfig(image_size=32, lora_r=4, lora_alpha=8, num_classes=2,
                                weights_sha256=weights_sha256("efficientnet-lite0-imagenet"))
@@ -76,7 +76,7 @@ def test_coordinators_metrics_csv_holds_no_identifier(tmp_path, hostile_site):
     federation = FederationConfig(rounds=1, min_hospitals=1, fraction_evaluate=0.0)
     with pytest.raises(FederationError):
         run_federation(grid, federation, model_config, TrainConfig(local_steps=1, batch_size=8),
-                       test_set(DataConfig(max_test_examples=20), 32, 0), records)
+                       held_out_test_set(DataConfig(max_test_examples=20), 32, 0), records)
     written = (tmp_path / "run" / "metrics.csv").read_text()
     assert "site-data:" in written
     assert PATIENT not in written and ".dcm" not in written
