@@ -54,7 +54,7 @@ def _node_config(tmp_path, **extra) -> dict:
     policy = tmp_path / "privacy-policy.toml"
     # Room for one round at example-level z = 2, not for two.
     one_round = epsilon([(Z / 2, 1.0, 1)], 1e-5, "rdp")
-    policy.write_text(f"max_epsilon = {1.5 * one_round}\ndelta = 1e-5\naccountant = \"rdp\"\n")
+    policy.write_text(f"max_epsilon = {1.2 * one_round}\ndelta = 1e-5\naccountant = \"rdp\"\n")
     return {"partition-id": 0, "privacy-policy": str(policy),
             "privacy-ledger": str(tmp_path / "ledger.sqlite"), "dataset-id": "cxr-2026"} | extra
 
