@@ -244,8 +244,10 @@ def use_noise_source(optimizer: torch.optim.Optimizer, noise: NoiseSource) -> No
         std = optimizer.noise_multiplier * optimizer.max_grad_norm
         for p in optimizer.params:
             _check_processed_flag(p.summed_grad)
-            draw = noise.gaussian(tuple(p.summed_grad.shape), std, p.summed_grad.dtype)
-            p.grad = (p.summed_grad + draw.to(p.summed_grad.device)).view_as(p)
+            # Drawn and added in float64, rounded once (privacy.noise: no float32 gaps).
+            draw = noise.gaussian(tuple(p.summed_grad.shape), std, torch.float64)
+            summed = p.summed_grad.to(torch.float64) + draw.to(p.summed_grad.device)
+            p.grad = summed.to(p.summed_grad.dtype).view_as(p)
             _mark_as_processed(p.summed_grad)
 
     optimizer.add_noise = add_noise

@@ -125,7 +125,7 @@ def _dpsgd_residual(site, before, after, config, z: float) -> float:
     guess.uniform(len(site.train))  # the Poisson sampling draw
     squares = 0.0
     for p0, p1 in zip(before, after, strict=True):
-        noise = guess.gaussian(tuple(p0.shape), z * 1.0, p0.dtype).double()
+        noise = guess.gaussian(tuple(p0.shape), z * 1.0, torch.float64)
         recovered = -(expected_batch / config.lr) * (p1.double() - p0.double())
         squares += float((recovered - noise).pow(2).sum())
     return math.sqrt(squares)
