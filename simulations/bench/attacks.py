@@ -102,7 +102,7 @@ def main(argv: list[str]) -> int:
             line = f"succeeded (skipped, so not defended: {outcome.detail})"
         else:
             line = f"succeeded ({outcome.detail})" if outcome.detail else "succeeded"
-        print(f"attack {outcome.name}: {line}")
+        print(f"attack {outcome.name}: {line}", flush=True)
     succeeded = sum(o.attack_succeeded for o in outcomes)
-    print(f"attacks that succeeded: {succeeded} of {len(outcomes)}")
+    print(f"attacks that succeeded: {succeeded} of {len(outcomes)}", flush=True)
     return 1 if succeeded else 0
