@@ -20,15 +20,17 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from client.audit import audit_reply, failure_reply
+from client.audit import audited_mod
 from client.classes import for_study
 from client.evaluation_cap import EvaluationRefusal, released_metrics
 from client.exchange import hospital_model_config, receive_adapter, send_adapter
 from client.model_cache import lora_model_for
 from client.privacy_round import (  # DP-SGD, update DP, site policy and ledger
     REFUSAL_CODE,
+    RUN_KEY,
     PrivacyRefusal,
     SitePrivacyLoader,
+    is_private,
     site_privacy_from_node_config,
     train_round,
 )
@@ -78,29 +80,35 @@ def handle_train(
     load_site: SiteLoader,
     load_privacy: SitePrivacyLoader = site_privacy_from_node_config,
 ) -> Message:
-    """Local training on the global adapter; the reply carries the new adapter and two numbers.
+    """Local training on the global adapter; the reply carries the new adapter and counts.
 
-    With DP the metrics add ``dp-epsilon`` and ``dp-delta``; a round the site's privacy
-    policy refuses gets an error reply whose reason says why (nothing is released).
+    Without DP the metrics are the example count and the training loss. A private round (DP
+    on, or a site privacy policy) withholds the loss and adds ``dp-epsilon`` and ``dp-delta``;
+    a round the site's privacy policy refuses gets an error reply whose reason says why
+    (nothing is released).
     """
     model, config, site = _prepare(msg, context, load_site)
     train_config = from_config_record(TrainConfig, config)
     server_round = int(config["server-round"])
     hospital = hospital_id(context)
-    # Distinct per hospital and round, same on replay.
+    # Batch order and dropout: distinct per hospital and round, same on replay. DP noise never
+    # comes from it (a CSPRNG at the hospital, see privacy.noise).
     seed = train_config.seed * 1_000_003 + server_round * 1_009 + hospital
+    dp, privacy = _round_dp(msg), load_privacy(context)
     # Plain train_local unless the run asks for DP or the site has a privacy policy.
     try:
         loss, dp_metrics = train_round(
-            model, site.train, train_config, _round_dp(msg), load_privacy(context),
+            model, site.train, train_config, dp, privacy,
             context, server_round, seed, lr=round_lr(train_config, server_round),
             data_fingerprint=str(site.info.get("fingerprint", "")),
+            run_key=str(config.get(RUN_KEY, "")),
         )
     except PrivacyRefusal as refusal:
         return Message(Error(code=REFUSAL_CODE, reason=str(refusal)), reply_to=msg)
+    # The raw training loss is not covered by the ledger: a private round withholds it.
+    loss_metric = {} if is_private(dp, privacy) else {"train-loss": loss}
     metrics = MetricRecord(
-        {"num-examples": len(site.train), "train-loss": loss, "hospital-id": hospital}
-        | dp_metrics
+        {"num-examples": len(site.train), "hospital-id": hospital} | loss_metric | dp_metrics
     )
     arrays = send_adapter(model, config, context)  # only the exchanged tensors
     content = RecordDict({"arrays": arrays, "metrics": metrics})
@@ -157,8 +165,15 @@ def build_client_app(
 ) -> ClientApp:
     """A ClientApp whose hospitals get their data from ``load_site``, their privacy policy
     and ledger from ``load_privacy``, and their node key and consortium roster for secure
-    aggregation from ``load_identity``."""
-    app = ClientApp(mods=[packed_wire_mod])  # a coordinator may pack the adapter
+    aggregation from ``load_identity``.
+
+    Every reply, whatever the handler and whether or not it raised, passes one egress point:
+    ``audited_mod``, the outermost mod, which answers a failure with a category-only error and
+    writes the egress audit line (node config 'audit-log') before the reply leaves.
+    """
+    # The audit mod wraps the wire mod: what it logs is exactly what leaves (a packed adapter
+    # is logged packed, its layout names the tensors).
+    app = ClientApp(mods=[audited_mod, packed_wire_mod])
 
     def train_plain(msg: Message, context: Context) -> Message:
         # The hospital's run policy first (node config 'run-policy'), then the work.
@@ -166,12 +181,7 @@ def build_client_app(
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        try:
-            reply = train_plain(msg, context)
-        except Exception as err:  # a local failure is answered and audited
-            reply = failure_reply(msg, err)
-        audit_reply(msg, reply, context)  # egress audit log (node config 'audit-log')
-        return reply
+        return train_plain(msg, context)
 
     def weight_of(msg: Message, context: Context, key: str) -> float:
         return declared_weight(msg, context, key, load_site)
@@ -181,20 +191,13 @@ def build_client_app(
         # Secure aggregation's stages; the masked-input stage trains as ``train`` does. The
         # run policy is checked at setup, before any key is made.
         setup = msg.content.config_records.get("secagg", {}).get("stage") == "setup"
-        reply = (setup and refuse_run(msg, context)) or handle_secagg(
+        return (setup and refuse_run(msg, context)) or handle_secagg(
             msg, context, train_plain, weight_of, load_identity)
-        audit_reply(msg, reply, context)  # what leaves is the masked vector, logged as such
-        return reply
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        try:
-            reply = refuse_run(msg, context) or handle_evaluate(msg, context, load_site,
-                                                                load_privacy)
-        except Exception as err:  # a local failure is answered and audited
-            reply = failure_reply(msg, err)
-        audit_reply(msg, reply, context)  # egress audit log
-        return reply
+        return refuse_run(msg, context) or handle_evaluate(msg, context, load_site,
+                                                           load_privacy)
 
     return app
 

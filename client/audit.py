@@ -7,15 +7,31 @@ aggregate metrics ever left. Each line describes exactly what the reply carries:
      "tensors": [{"record": "arrays", "name": "...lora_A.weight", "shape": [4, 16],
                   "dtype": "float32", "bytes": 256}, ...],
      "tensor_bytes": 123456, "payload_sha256": "<hex>",
-     "metrics": {"metrics": {"num-examples": 120, "train-loss": 0.41, ...}},
+     "metrics": {"metrics": {"num-examples": 120, "dp-epsilon": 1.2, ...}},
      "configs": {"site": {"fingerprint": "...", ...}},
      "privacy": {"dp-epsilon": 1.2, "dp-delta": 1e-05},
-     "error": null}
+     "error": null, "prev_sha256": "<hex>", "sha256": "<hex>"}
 
 ``payload_sha256`` hashes, in the reply's order, each tensor's record name, tensor name, dtype,
 shape and raw bytes, so the coordinator side can recompute it from what it received
-(:func:`payload_sha256`). The file is opened in append mode and each line is flushed and
-fsynced before the reply is returned: a line exists for every message that left.
+(:func:`payload_sha256`).
+
+Every reply is written, error or not, by one wrapper at the ClientApp's egress point
+(:func:`audited_mod`), before the reply is returned: the line is flushed and fsynced first.
+
+Tamper evidence: each line carries ``prev_sha256``, the sha256 of the previous line's bytes
+(without its newline; 64 zeros on the first line), and ``sha256``, the hash of its own entry
+without that field; a head file beside the log (``<log>.head``) records the line count and the
+last line's hash. :func:`verify_audit_log` (``medfed hospital audit verify --log PATH``) names
+the first line where the chain breaks: an edited line fails its own hash (or, if its hash was
+recomputed, the next line's ``prev_sha256``), a removed line breaks the chain at the line that
+followed it, and lines cut off the end show against the head file. Log and head are created
+0600. The chain has no secret key: it proves the log is the one written unless someone rewrote
+every line after the change (and the head file); send the head hash off the machine (e.g. to
+syslog) to rule that out.
+
+Error replies carry a category and counts only (:func:`failure_reply`): file paths, patient
+names and UIDs stay in the hospital's own log.
 
 Where: the node config's ``audit-log`` path. Not set (the simulation's default), no log is
 written; a hospital daemon made by ``medfed hospital init`` always sets it.
@@ -24,14 +40,21 @@ written; a hospital daemon made by ``medfed hospital init`` always sets it.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message
+from flwr.clientapp.typing import ClientAppCallable
+
+from client.data.problems import ManifestError, SiteDataError
+from models.registry import WeightsMismatchError
+from privacy.ledger import LedgerIntegrityError
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +68,54 @@ def failure_reply(request: Message, err: Exception) -> Message:
     """The error reply to ``request`` when the hospital's local work raised ``err``.
 
     The hospital answers (instead of letting the exception end its ClientApp) so that the
-    failure reaches the coordinator's records and, through :func:`audit_reply`, the egress
-    audit log as an error entry; the reason is the exception's type and message (no
-    traceback, no tensors). The traceback stays in the hospital's own log.
+    failure reaches the coordinator's records and the egress audit log as an error entry. The
+    coordinator gets a category and counts only (:func:`failure_category`), never the
+    exception's message, which may name files, patients or UIDs; the message and traceback go
+    to the hospital's own log.
     """
     logger.exception("local %s failed", request.metadata.message_type)
-    reason = f"{type(err).__name__}: {err}"[:1000]
-    return Message(Error(code=LOCAL_FAILURE_CODE, reason=reason), reply_to=request)
+    return Message(Error(code=LOCAL_FAILURE_CODE, reason=failure_category(err)),
+                   reply_to=request)
+
+
+def failure_category(err: Exception) -> str:
+    """What the coordinator may learn of a local failure: a category, counts, the type.
+
+    Only :class:`models.registry.WeightsMismatchError` passes its message on: it names the
+    backbone and two weight hashes, which the run itself pinned.
+    """
+    if isinstance(err, WeightsMismatchError):
+        return f"model-weights: {err}"[:1000]
+    if isinstance(err, SiteDataError):
+        unusable, rows = getattr(err, "unusable_rows", None), getattr(err, "rows", None)
+        counts = (f" ({unusable} unusable rows of {rows})"
+                  if isinstance(unusable, int) and isinstance(rows, int) else "")
+        return (f"site-data: the hospital's data failed its check{counts}; details in the "
+                f"hospital's log ('medfed hospital check')")
+    if isinstance(err, ManifestError):
+        return "site-data: the hospital's manifest is unusable; details in the hospital's log"
+    if isinstance(err, LedgerIntegrityError):
+        return ("privacy-ledger: the hospital's privacy ledger failed its integrity check; no "
+                "private round until its operator acts (details in the hospital's log)")
+    if isinstance(err, FloatingPointError):
+        return "training: the training loss is not finite (lower the learning rate)"
+    if isinstance(err, OSError):
+        return f"local-io: {type(err).__name__} reading the hospital's files; details in its log"
+    return f"local-failure: {type(err).__name__}; details in the hospital's log"
+
+
+def audited_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The ClientApp's egress point: every reply, error or not, is audited before it leaves.
+
+    A handler that raises is answered with :func:`failure_reply` (the daemon stays up), so
+    there is no reply that escapes the log.
+    """
+    try:
+        reply = call_next(msg, context)
+    except Exception as err:  # noqa: BLE001 (answered and audited, never lost)
+        reply = failure_reply(msg, err)
+    audit_reply(msg, reply, context)
+    return reply
 
 
 def payload_sha256(message: Message) -> str:
@@ -105,18 +169,130 @@ def _plain(value: Any) -> Any:
     return value
 
 
+GENESIS = "0" * 64
+"""The ``prev_sha256`` of a log's first line."""
+
+
+def line_sha256(line: bytes) -> str:
+    """sha256 (hex) of one log line's bytes, without its newline."""
+    return hashlib.sha256(line.rstrip(b"\n")).hexdigest()
+
+
+def head_path(path: Path) -> Path:
+    """The head file beside the log: ``{"lines": n, "sha256": last line's hash}``."""
+    return Path(path).with_name(Path(path).name + ".head")
+
+
 def append_audit_line(path: Path, reply: Message, server_round: int | None) -> dict[str, Any]:
-    """Append one line describing ``reply`` to the log at ``path``; return the entry."""
+    """Append one chained line describing ``reply`` to the log at ``path``; return the entry.
+
+    The log is locked (``flock``) while the last line is read and the new one written, so
+    processes of one daemon cannot interleave lines.
+    """
     entry = {"time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
              "round": server_round} | describe_message(reply)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Append-only: opened with O_APPEND, one write per line, synced before the reply leaves.
-    with open(path, "a", encoding="utf-8") as log:
-        log.write(json.dumps(entry, sort_keys=False, allow_nan=True) + "\n")
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "r+b") as log:
+        fcntl.flock(log.fileno(), fcntl.LOCK_EX)
+        last, count = _last_line(log)
+        entry["prev_sha256"] = line_sha256(last) if last else GENESIS
+        entry["sha256"] = _entry_sha256(entry)
+        line = json.dumps(entry, sort_keys=False, allow_nan=True).encode()
+        log.write(line + b"\n")
         log.flush()
         os.fsync(log.fileno())
+        _write_head(head_path(path), count + 1, line_sha256(line))
     return entry
+
+
+def _entry_sha256(entry: dict[str, Any]) -> str:
+    """sha256 of an entry's JSON without its own ``sha256`` field (key order as written)."""
+    body = {k: v for k, v in entry.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=False, allow_nan=True).encode()).hexdigest()
+
+
+def _last_line(log: Any) -> tuple[bytes, int]:
+    """The log's last line and its number of lines (the log is small enough to scan)."""
+    log.seek(0)
+    last, count = b"", 0
+    for line in log:
+        if line.strip():
+            last, count = line, count + 1
+    return last, count
+
+
+def _write_head(path: Path, lines: int, digest: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump({"lines": lines, "sha256": digest}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class AuditCheck:
+    """The outcome of :func:`verify_audit_log`.
+
+    Attributes:
+        lines: lines read.
+        broken_line: the first line (1-based) where the chain breaks; 0 when intact.
+        reason: what is wrong there, in words ("" when intact).
+    """
+
+    lines: int
+    broken_line: int = 0
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.broken_line == 0
+
+
+def verify_audit_log(path: Path) -> AuditCheck:
+    """Check an audit log's hash chain and its head file; name the first broken line.
+
+    Raises:
+        FileNotFoundError: there is no log at ``path``.
+    """
+    path = Path(path)
+    prev, number, hashes = GENESIS, 0, [GENESIS]
+    with open(path, "rb") as log:
+        for number, line in enumerate(log, start=1):
+            try:
+                entry = json.loads(line)
+                stored, own = entry["prev_sha256"], entry["sha256"]
+            except (ValueError, KeyError, TypeError):
+                return AuditCheck(number, number, "not a chained audit entry (edited or "
+                                  "written by something else)")
+            if own != _entry_sha256(entry):
+                return AuditCheck(number, number, "was edited (its content does not match its "
+                                  "own hash)")
+            if stored != prev:
+                return AuditCheck(number, number, "does not chain to the line before it: "
+                                  "lines before it were removed, or the line before it was "
+                                  "rewritten with a new hash")
+            prev = line_sha256(line)
+            hashes.append(prev)
+    head = head_path(path)
+    if head.exists():
+        try:
+            values = json.loads(head.read_text())
+            lines, digest = int(values["lines"]), str(values["sha256"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return AuditCheck(number, number + 1, f"head file {head} is unreadable")
+        if lines > number:
+            return AuditCheck(number, number + 1,
+                              f"the head file {head} records {lines} lines: lines were cut "
+                              f"off the end")
+        if hashes[lines] != digest:
+            return AuditCheck(number, lines, f"differs from the hash the head file {head} "
+                              f"recorded when it was written: the line was edited")
+    return AuditCheck(number)
 
 
 def audit_reply(request: Message, reply: Message, context: Context) -> None:

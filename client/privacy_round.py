@@ -5,9 +5,11 @@ the round's config); the hospital's own policy and ledger decide whether the rou
 order is what makes the ledger trustworthy: dry-run the round's cost -> train -> clip and noise
 the update -> record the round atomically -> only then release the reply.
 
-A hospital's privacy settings come from its node config:
+A hospital's privacy settings come from its node config (never from the coordinator):
 ``privacy-policy`` (path to the site policy TOML), ``privacy-ledger`` (path to the SQLite ledger),
-``dataset-fingerprint`` (the site's name for the dataset; default: a hash of the training data).
+``dataset-id`` (the name the hospital gives the dataset; its budget is kept under it). A DP round
+under a site policy without ``dataset-id`` is refused. ``insecure-replayable-noise`` (simulations
+only; a hospital daemon refuses it) draws the noise from the run's seed so a study replays.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from flwr.app import Context
 from torch import nn
 
@@ -30,15 +31,22 @@ from privacy.accounting import epsilon, history_from_record, history_to_record
 from privacy.config import DPConfig
 from privacy.dpsgd import plan_round, round_noise_multiplier, train_dpsgd
 from privacy.ledger import BudgetExceeded, Charge, Ledger
+from privacy.noise import INSECURE_NOISE_KEY, noise_source
 from privacy.policy import SitePolicy, load_site_policy
 from privacy.update_dp import clip_and_noise, update_charge
 
 logger = logging.getLogger(__name__)
 
 STATE_KEY = "dp-accountant"
-"""Key of this run's accounting events in the ClientApp's ``context.state``."""
+"""Key of this run's example-level accounting events in the ClientApp's ``context.state``
+(used only without a ledger)."""
 REFUSAL_CODE = 403
 """Flower error code of a round the hospital's privacy policy refused."""
+DATASET_ID_KEY = "dataset-id"
+"""Node-config key: the dataset's name in the ledger (``dataset_id`` in ``hospital.toml``)."""
+RUN_KEY = "run-key"
+"""Round-config key the coordinator sends: the same for a run and its resumptions. Only names
+"this run" for the reply's ``dp-epsilon``; every budget is over the whole dataset."""
 
 
 class PrivacyRefusal(RuntimeError):
@@ -52,12 +60,15 @@ class SitePrivacy:
     Attributes:
         policy: budget and delta per dataset.
         ledger: where rounds are recorded (required with a policy).
-        fingerprint: the dataset's name in the ledger; empty: hash the training data.
+        dataset_id: the dataset's name in the ledger, declared by the hospital; required for
+            a private round under a policy (without a policy: a hash of the training data).
+        insecure_replayable_noise: draw DP noise from the run's seed (simulations only).
     """
 
     policy: SitePolicy | None = None
     ledger: Ledger | None = None
-    fingerprint: str = ""
+    dataset_id: str = ""
+    insecure_replayable_noise: bool = False
 
     def __post_init__(self) -> None:
         if self.policy is not None and self.ledger is None:
@@ -70,24 +81,38 @@ SitePrivacyLoader = Callable[[Context], SitePrivacy]
 
 
 def site_privacy_from_node_config(context: Context) -> SitePrivacy:
-    """The hospital daemon's policy, ledger and fingerprint, from its node config."""
+    """The hospital daemon's policy, ledger and dataset id, from its node config.
+
+    Raises:
+        privacy.ledger.LedgerIntegrityError: the ledger was deleted or edited.
+    """
     config = context.node_config
     policy = config.get("privacy-policy")
     ledger = config.get("privacy-ledger")
+    insecure = config.get(INSECURE_NOISE_KEY, False)
+    if not isinstance(insecure, bool):
+        raise ValueError(f"node config '{INSECURE_NOISE_KEY}' must be true or false")
     return SitePrivacy(
         policy=load_site_policy(Path(str(policy))) if policy else None,
         ledger=Ledger(Path(str(ledger))) if ledger else None,
-        fingerprint=str(config.get("dataset-fingerprint", "")),
+        dataset_id=str(config.get(DATASET_ID_KEY, "")),
+        insecure_replayable_noise=insecure,
     )
 
 
 def dataset_fingerprint(data: ImageSet) -> str:
-    """sha256 of the training labels and images as trained on (a site should rather name its
-    dataset with ``dataset-fingerprint``: this hash changes with the image size)."""
+    """sha256 of the training labels and images as trained on: the ledger's key only where no
+    policy is in force (it changes with the image size, so it cannot hold a budget)."""
     digest = hashlib.sha256()
     digest.update(data.labels.numpy().tobytes())
     digest.update(data.images.contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def is_private(dp: DPConfig, privacy: SitePrivacy) -> bool:
+    """The round runs a DP mechanism or falls under a site privacy policy: then nothing but
+    the noised adapter and counts leaves (the training loss stays at the hospital)."""
+    return dp.dpsgd or dp.update_dp or privacy.policy is not None
 
 
 def plan_charges(dp: DPConfig, num_examples: int, train_config: TrainConfig) -> list[Charge]:
@@ -105,7 +130,7 @@ def plan_charges(dp: DPConfig, num_examples: int, train_config: TrainConfig) -> 
     return charges
 
 
-def check_budget(privacy: SitePrivacy, fingerprint: str, charges: list[Charge]) -> None:
+def check_budget(privacy: SitePrivacy, dataset_id: str, charges: list[Charge]) -> None:
     """Refuse the round when the site policy cannot afford it (a dry run; writes nothing)."""
     policy = privacy.policy
     if policy is None or privacy.ledger is None:
@@ -113,16 +138,33 @@ def check_budget(privacy: SitePrivacy, fingerprint: str, charges: list[Charge]) 
     if not charges:
         raise PrivacyRefusal("site policy refuses a round without differential privacy "
                              "(it would spend an unbounded epsilon)")
-    total = privacy.ledger.projected_epsilon(fingerprint, charges, policy.delta,
+    total = privacy.ledger.projected_epsilon(dataset_id, charges, policy.delta,
                                              policy.accountant)
     if total > policy.max_epsilon:
-        spent = privacy.ledger.projected_epsilon(fingerprint, [], policy.delta,
+        spent = privacy.ledger.projected_epsilon(dataset_id, [], policy.delta,
                                                  policy.accountant)
         raise PrivacyRefusal(
-            f"privacy budget: this round would bring epsilon on dataset {fingerprint[:12]} "
-            f"from {spent:.3f} to {total:.3f}, past the site budget {policy.max_epsilon:g} "
-            f"(delta {policy.delta:g})"
+            f"privacy budget: this round would bring epsilon on this dataset from {spent:.3f} "
+            f"to {total:.3f}, past the site budget {policy.max_epsilon:g} (delta "
+            f"{policy.delta:g})"
         )
+
+
+def check_delta(dp: DPConfig, policy: SitePolicy | None, num_examples: int) -> float:
+    """The delta the round is accounted at; refuse one above the policy's or above ``1/N``.
+
+    A delta of ``1/N`` or more allows a mechanism that publishes one of the ``N`` training
+    examples outright, whatever epsilon says.
+    """
+    if policy is not None and dp.dp_delta > policy.delta:
+        raise PrivacyRefusal(f"the run asks for delta {dp.dp_delta:g}, above the site "
+                             f"policy's {policy.delta:g}")
+    delta = policy.delta if policy is not None else dp.dp_delta
+    if delta * num_examples > 1:
+        raise PrivacyRefusal(f"delta {delta:g} is above 1/N for this hospital's "
+                             f"{num_examples} training examples: lower delta below "
+                             f"{1 / num_examples:.2g}")
+    return delta
 
 
 def train_round(
@@ -136,57 +178,76 @@ def train_round(
     seed: int,
     lr: float | None = None,
     data_fingerprint: str = "",
+    run_key: str = "",
 ) -> tuple[float, dict[str, float]]:
     """One round of local training under the run's DP settings and the site's policy.
 
     Without DP and without a site policy this is exactly :func:`client.training.train_local`.
-    ``lr`` is the round's learning rate; ``data_fingerprint`` names the dataset in the ledger
-    when the node config does not (default: a hash of the training data).
+    ``lr`` is the round's learning rate; ``data_fingerprint`` names the dataset in a ledger
+    without a policy when the hospital declared no ``dataset-id`` (default: a hash of the
+    training data). ``seed`` seeds batch order and dropout; the DP noise comes from a CSPRNG at
+    the hospital (``privacy.noise``), or from ``seed`` only under
+    ``insecure_replayable_noise``. ``run_key`` names this run across coordinator restarts
+    (default: the Flower run id).
 
     Returns:
-        The mean training loss and the metrics the reply adds: ``dp-epsilon`` (this run's
-        epsilon at this hospital so far, composed over its rounds with the run's accountant) and
-        ``dp-delta``; ``update-weight`` = 1 with client-level DP (uniform averaging).
+        The mean training loss (the caller withholds it from a private round's reply) and the
+        metrics the reply adds: ``dp-epsilon`` (this run's example-level epsilon on this
+        dataset so far: from the ledger when there is one, so the same after a coordinator
+        restart; else from ``context.state``) and ``dp-delta``; ``update-weight`` = 1 with
+        client-level DP (uniform averaging).
 
     Raises:
         PrivacyRefusal: the site policy refuses the round; nothing was released or recorded.
     """
-    if not (dp.dpsgd or dp.update_dp) and privacy.policy is None:
+    if not is_private(dp, privacy):
         return train_local(model, train.images, train.labels, train_config, seed, lr=lr), {}
     charges = plan_charges(dp, len(train), train_config)
-    fingerprint = privacy.fingerprint or data_fingerprint or dataset_fingerprint(train)
-    check_budget(privacy, fingerprint, charges)
+    policy = privacy.policy
+    if policy is not None and charges and not privacy.dataset_id:
+        raise PrivacyRefusal(
+            "this hospital declared no dataset id, so it cannot keep a privacy budget: its "
+            "operator must set dataset_id in hospital.toml (node config 'dataset-id')")
+    dataset_id = privacy.dataset_id or data_fingerprint or dataset_fingerprint(train)
+    check_budget(privacy, dataset_id, charges)
+    delta = check_delta(dp, policy, len(train)) if charges else dp.dp_delta
+    noise = noise_source(privacy.insecure_replayable_noise, seed)
+    if privacy.insecure_replayable_noise:
+        logger.warning("DP noise drawn from the run's seed (insecure_replayable_noise): anyone "
+                       "who knows the seed can remove it; simulations only")
 
     reference = adapter_state(model) if dp.update_dp else None
     if dp.dpsgd:
         loss = train_dpsgd(model, train.images, train.labels, train_config, dp,
-                           charges[0].noise_multiplier, seed, lr=lr).loss
+                           charges[0].noise_multiplier, seed, lr=lr, noise=noise).loss
     else:
         loss = train_local(model, train.images, train.labels, train_config, seed, lr=lr)
     if reference is not None:
         noisy = clip_and_noise(adapter_state(model), reference, dp.update_clip_norm,
-                               dp.update_noise_multiplier, dp.update_hospitals,
-                               torch.Generator().manual_seed(seed + 2))
+                               dp.update_noise_multiplier, dp.update_hospitals, noise)
         load_adapter_state(model, noisy)
 
+    run = run_key or str(context.run_id)
+    metrics: dict[str, float] = {}
     if privacy.ledger is not None and charges:
-        policy = privacy.policy
         try:
             total = privacy.ledger.record_round(
-                fingerprint, str(context.run_id), server_round, charges,
-                delta=policy.delta if policy else dp.dp_delta,
+                dataset_id, run, server_round, charges, delta=delta,
                 accountant=policy.accountant if policy else dp.dp_accountant,
                 budget=policy.max_epsilon if policy else float("inf"),
             )
         except BudgetExceeded as err:
             raise PrivacyRefusal(f"privacy budget: {err}") from err
-        logger.info("ledger: dataset %s at epsilon %.3f after round %d", fingerprint[:12],
+        logger.info("ledger: dataset %s at epsilon %.3f after round %d", dataset_id[:24],
                     total, server_round)
-    history = history_from_record(context.state.config_records.get(STATE_KEY))
-    history += [c.event for c in charges]
-    context.state[STATE_KEY] = history_to_record(history)
-    metrics = {"dp-epsilon": epsilon(history, dp.dp_delta, dp.dp_accountant),
-               "dp-delta": dp.dp_delta}
+        spent = privacy.ledger.run_epsilon(dataset_id, run)
+        if spent is not None:
+            metrics = {"dp-epsilon": spent[0], "dp-delta": spent[1]}
+    if not metrics:
+        history = history_from_record(context.state.config_records.get(STATE_KEY))
+        history += [c.example_event for c in charges]
+        context.state[STATE_KEY] = history_to_record(history)
+        metrics = {"dp-epsilon": epsilon(history, delta, dp.dp_accountant), "dp-delta": delta}
     if dp.update_dp:
         metrics["update-weight"] = 1.0
     return loss, metrics

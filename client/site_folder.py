@@ -31,6 +31,7 @@ import tomli_w
 
 from client.run_policy import RUN_POLICY_TEMPLATE
 from models.settings import read_settings, read_toml
+from privacy.noise import INSECURE_NOISE_KEY
 from privacy.pki import make_node_key, node_private_openssh, node_public_openssh, write_private
 from privacy.secagg.identity import CA_KEY, NODE_KEY, ROSTER_FILE, ROSTER_KEY
 
@@ -74,6 +75,10 @@ class HospitalConfig:
             benchmarks and demos); ``""``: none.
         privacy_policy, run_policy, privacy_ledger, audit_log: the hospital's own files
             (``privacy_policy = ""``: no privacy policy, then rounds need not be private).
+        dataset_id: the name under which the privacy ledger keeps this dataset's budget
+            (e.g. ``"cxr-2026"``); a private round under a privacy policy is refused without
+            it. Keep it when images are added or re-exported; a new id opens a new budget, so
+            give one only to data that is truly new.
         runtime_port: the SuperNode's local Runtime API port (127.0.0.1), where its ClientApp
             processes fetch their messages; change it when several SuperNodes share a machine.
         clientapp_executor: ``"warm"`` (default): each message runs in a process forked from
@@ -98,6 +103,7 @@ class HospitalConfig:
     run_policy: str = "run-policy.toml"
     privacy_ledger: str = "privacy-ledger.sqlite"
     audit_log: str = "egress-audit.jsonl"
+    dataset_id: str = ""
     runtime_port: int = 9094
     clientapp_executor: str = "warm"
     cpu_threads: int = 0
@@ -132,6 +138,7 @@ def init_site_folder(folder: Path, name: str, superlink: str = "localhost:8000",
 def load_hospital_config(folder: Path) -> HospitalConfig:
     """Read ``DIR/hospital.toml``; errors name the file and the setting."""
     path = Path(folder) / CONFIG_FILE
+    _without_insecure_noise(path)
     values = read_settings(
         path, HospitalConfig, SiteFolderError, str(path), table="hospital",
         unreadable_hint=f"; run 'medfed hospital init NAME --dir {folder}' first",
@@ -144,6 +151,18 @@ def load_hospital_config(folder: Path) -> HospitalConfig:
     if values.get("cpu_threads", 0) < 0:
         raise SiteFolderError(f"{path}: cpu_threads must be 0 (all cores) or more")
     return HospitalConfig(**values)
+
+
+def _without_insecure_noise(path: Path) -> None:
+    """Refuse the simulation-only noise setting in a hospital's config, with its own reason."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return  # read_settings says what is wrong
+    if INSECURE_NOISE_KEY in text or INSECURE_NOISE_KEY.replace("-", "_") in text:
+        raise SiteFolderError(
+            f"{path}: insecure_replayable_noise is for simulations only: a hospital's DP noise "
+            f"comes from its own CSPRNG, never from a seed the coordinator knows. Remove it.")
 
 
 def node_config(folder: Path, config: HospitalConfig) -> dict[str, str]:
@@ -171,4 +190,6 @@ def node_config(folder: Path, config: HospitalConfig) -> dict[str, str]:
         values["site-config"] = str(folder / CONFIG_FILE)  # its [site_data] table
     if config.data_npz:
         values["data-npz"] = str(folder / config.data_npz)
+    if config.dataset_id:
+        values["dataset-id"] = config.dataset_id
     return values

@@ -1,8 +1,9 @@
 """The hospital's side of ``models.wire``: a ClientApp mod that unpacks the coordinator's
 packed adapter before the handlers run and packs the reply's adapter after them.
 
-The handlers (and the egress audit log, written inside them) see the named tensors; what
-leaves is the same values concatenated in the audited order.
+The handlers see the named tensors; what leaves is the same values concatenated, with their
+names and shapes in the layout record, and that is what the egress audit (the mod around this
+one) records.
 """
 
 from __future__ import annotations

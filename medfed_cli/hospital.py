@@ -37,7 +37,7 @@ def cmd_hospital_check(args: argparse.Namespace) -> int:
     return 0 if ready else 1
 
 
-@user_errors()
+@user_errors("privacy.ledger:LedgerIntegrityError")
 def cmd_hospital_ledger(args: argparse.Namespace) -> int:
     from privacy.ledger import Ledger, run_spends
 
@@ -50,11 +50,26 @@ def cmd_hospital_ledger(args: argparse.Namespace) -> int:
         table.add_column(column, justify="left" if column in ("dataset", "run", "mechanisms")
                          else "right")
     for s in spends:
-        table.add_row(s.fingerprint[:16], s.run_id, str(s.rounds), s.mechanisms,
+        table.add_row(s.dataset_id[:16], s.run_id, str(s.rounds), s.mechanisms,
                       f"{s.epsilon_run:.3f}", f"{s.epsilon_total:.3f}", f"{s.budget:g}",
                       f"{s.remaining:.3f}", f"{s.delta:g}")
     console.print(table)
     return 0
+
+
+@user_errors()
+def cmd_hospital_audit_verify(args: argparse.Namespace) -> int:
+    from client.audit import verify_audit_log
+
+    if not args.log.is_file():
+        raise UsageError(f"no audit log at {args.log}: check --log")
+    check = verify_audit_log(args.log)
+    if check.ok:
+        console.print(f"audit log {args.log}: {check.lines} lines, hash chain intact")
+        return 0
+    console.print(f"[red]audit log {args.log}: line {check.broken_line}[/] {check.reason}",
+                  highlight=False)
+    return 1
 
 
 @user_errors("client.site_folder:SiteFolderError", "FileExistsError")
@@ -115,6 +130,14 @@ def add_hospital(sub: argparse._SubParsersAction) -> None:
         "ledger", help="the hospital's privacy ledger: runs, rounds, epsilon spent, remaining")
     ledger.add_argument("--db", type=Path, required=True, help="the ledger's SQLite file")
     ledger.set_defaults(func=cmd_hospital_ledger)
+
+    audit = hospital_sub.add_parser("audit", help="the hospital's egress audit log")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser(
+        "verify", help="check the log's hash chain; name the first edited or missing line")
+    verify.add_argument("--log", type=Path, required=True,
+                        help="the egress audit log (hospital.toml's audit_log)")
+    verify.set_defaults(func=cmd_hospital_audit_verify)
 
     site_init = hospital_sub.add_parser(
         "init", help="make a hospital's site folder: node key pair, privacy policy, config")

@@ -7,6 +7,13 @@ nothing to object to (BatchNorm mixes examples only when it trains).
 
 Privacy unit: one training example of this hospital. Batches are Poisson-sampled (each example
 joins each step independently with rate ``q``, about ``batch_size / N``) as the accountant assumes.
+
+Randomness: the Gaussian noise and the Poisson sampling come from the round's
+:class:`privacy.noise.NoiseSource` (a CSPRNG at the hospital, ``privacy.noise.SecureNoise``), not
+from opacus' generators: opacus' own ``secure_mode`` needs ``torchcsprng`` (last release 0.2.1,
+2021, built for torch 1.8; pip finds no distribution of it for this environment), and a seeded
+``torch.Generator`` keeps only 32 bits of its seed. The
+``seed`` argument seeds only what protects no one (dropout, augmentation shifts in replay mode).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -28,6 +36,7 @@ from privacy.accounting import noise_for_target
 from privacy.augmult import average_view_gradients, shifted_views
 from privacy.config import DPConfig
 from privacy.grad_samplers import engine_module
+from privacy.noise import NoiseSource, SecureNoise
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +59,8 @@ class DPTrainResult:
     """Outcome of one round of DP-SGD.
 
     Attributes:
-        loss: mean training loss over the round's examples (not private; stays at the hospital
-            unless the ClientApp reports it).
+        loss: mean training loss over the round's examples (not private: it stays at the
+            hospital; the ClientApp withholds it from a private round's reply).
         noise_multiplier: the noise std over the clipping norm that was used.
         plan: the sample rate and steps the accountant must be charged with.
     """
@@ -122,6 +131,7 @@ def train_dpsgd(
     noise_multiplier: float,
     seed: int,
     lr: float | None = None,
+    noise: NoiseSource | None = None,
 ) -> DPTrainResult:
     """Train the model's trainable tensors in place with DP-SGD for one round.
 
@@ -138,8 +148,10 @@ def train_dpsgd(
         dp: clipping norm and per-example gradient engine.
         noise_multiplier: noise std over ``dp.dp_max_grad_norm`` (see
             ``privacy.accounting.noise_for_target``).
-        seed: seeds Poisson sampling, noise and dropout, so a round can be replayed.
+        seed: seeds dropout only (nothing that protects an example).
         lr: learning rate for this round (default ``config.lr``).
+        noise: draws the Poisson batches, the gradient noise and the augmentation shifts;
+            default a fresh :class:`privacy.noise.SecureNoise`.
     """
     if getattr(config, "proximal_mu", 0) > 0:
         # opacus replaces each gradient by its clipped, noised per-example sum: a proximal term
@@ -152,6 +164,7 @@ def train_dpsgd(
                          "views: set dp_grad_sample_mode = \"einsum\" (ghost clipping never "
                          "forms them)")
     plan = plan_round(len(labels), config)
+    noise = noise if noise is not None else SecureNoise()
     model.train()
     freeze_batchnorm(model)
     check_private_model(model)
@@ -171,41 +184,39 @@ def train_dpsgd(
             module=module, optimizer=optimizer, data_loader=loader, criterion=criterion,
             noise_multiplier=noise_multiplier, max_grad_norm=dp.dp_max_grad_norm,
             poisson_sampling=True, grad_sample_mode=opacus_mode,
-            noise_generator=torch.Generator().manual_seed(seed + 1),
         )
+    # opacus' loader only sets the expected batch size; batches are drawn below.
     if ghost:
-        private_model, private_optimizer, criterion, private_loader = made
+        private_model, private_optimizer, criterion, _ = made
     else:
-        private_model, private_optimizer, private_loader = made
-    # Poisson batches drawn from a seeded generator: a replayed round samples the same batches.
-    private_loader.batch_sampler.generator = torch.Generator().manual_seed(seed)
+        private_model, private_optimizer, _ = made
+    use_noise_source(private_optimizer, noise)
     total, count, steps = 0.0, 0, 0
-    view_generator = torch.Generator().manual_seed(seed + 2)
+    view_generator = noise.generator()  # shifts protect no one (module docstring of augmult)
     try:
         private_model.train()
         freeze_batchnorm(private_model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            while steps < plan.steps:
-                for batch_images, batch_labels in private_loader:
-                    steps += 1
-                    if len(batch_labels) > 0:
-                        # An empty Poisson batch (probability (1-q)^N, about e^-batch_size) is
-                        # skipped; the accountant is charged for every planned step anyway.
-                        private_optimizer.zero_grad(set_to_none=True)
-                        inputs, targets = batch_images, batch_labels
-                        if views > 1:
-                            inputs = shifted_views(batch_images, views, view_generator)
-                            targets = batch_labels.repeat_interleave(views)
-                        loss = criterion(private_model(inputs), targets)
-                        loss.backward()
-                        if views > 1:  # clip each example's mean over its views
-                            average_view_gradients(params, views)
-                        private_optimizer.step()
-                        total += loss.item() * len(batch_labels)
-                        count += len(batch_labels)
-                    if steps == plan.steps:
-                        break
+            for steps in range(1, plan.steps + 1):  # noqa: B007 (logged below)
+                batch = poisson_batch(len(labels), plan.sample_rate, noise)
+                if len(batch) == 0:
+                    # An empty Poisson batch (probability (1-q)^N, about e^-batch_size) is
+                    # skipped; the accountant is charged for every planned step anyway.
+                    continue
+                batch_images, batch_labels = images[batch], labels[batch]
+                private_optimizer.zero_grad(set_to_none=True)
+                inputs, targets = batch_images, batch_labels
+                if views > 1:
+                    inputs = shifted_views(batch_images, views, view_generator)
+                    targets = batch_labels.repeat_interleave(views)
+                loss = criterion(private_model(inputs), targets)
+                loss.backward()
+                if views > 1:  # clip each example's mean over its views
+                    average_view_gradients(params, views)
+                private_optimizer.step()
+                total += loss.item() * len(batch_labels)
+                count += len(batch_labels)
     finally:
         _unwrap(private_model, params)
         model.eval()
@@ -215,6 +226,31 @@ def train_dpsgd(
     if not math.isfinite(mean):
         raise FloatingPointError(f"training loss is {mean}: lower the learning rate")
     return DPTrainResult(loss=mean, noise_multiplier=noise_multiplier, plan=plan)
+
+
+def poisson_batch(num_examples: int, sample_rate: float, noise: NoiseSource) -> torch.Tensor:
+    """Indices of one Poisson-sampled batch: each example independently with ``sample_rate``.
+    """
+    return torch.nonzero(noise.uniform(num_examples) < sample_rate).view(-1)
+
+
+def use_noise_source(optimizer: torch.optim.Optimizer, noise: NoiseSource) -> None:
+    """Make an opacus ``DPOptimizer`` draw its Gaussian noise from ``noise``.
+
+    Replaces the optimiser's ``add_noise`` (opacus' own draws from a ``torch.Generator``)
+    with the same computation: ``grad = clipped sum + N(0, (z C)^2)`` per parameter.
+    """
+    def add_noise() -> None:
+        std = optimizer.noise_multiplier * optimizer.max_grad_norm
+        for p in optimizer.params:
+            _check_processed_flag(p.summed_grad)
+            # Drawn and added in float64, rounded once (privacy.noise: no float32 gaps).
+            draw = noise.gaussian(tuple(p.summed_grad.shape), std, torch.float64)
+            summed = p.summed_grad.to(torch.float64) + draw.to(p.summed_grad.device)
+            p.grad = summed.to(p.summed_grad.dtype).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    optimizer.add_noise = add_noise
 
 
 def _unwrap(private_model: nn.Module, params: list[torch.Tensor]) -> None:

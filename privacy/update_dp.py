@@ -31,7 +31,8 @@ import math
 
 import torch
 
-from privacy.ledger import Charge
+from privacy.ledger import HOSPITAL, Charge
+from privacy.noise import NoiseSource
 
 
 def update_norm(new: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
@@ -46,7 +47,7 @@ def clip_and_noise(
     clip_norm: float,
     noise_multiplier: float,
     hospitals: int,
-    generator: torch.Generator,
+    noise: NoiseSource,
 ) -> dict[str, torch.Tensor]:
     """``reference + clip(new - reference) + N(0, (z C)^2 / n)``, tensor by tensor.
 
@@ -56,7 +57,8 @@ def clip_and_noise(
         clip_norm: ``C``, the L2 bound on the whole update.
         noise_multiplier: ``z``, noise std of the sum of ``hospitals`` updates over ``C``.
         hospitals: ``n``, hospitals whose shares make up the sum.
-        generator: seeds the noise (a round can be replayed).
+        noise: the hospital's noise source (``privacy.noise.SecureNoise``: a CSPRNG nobody
+            else can replay).
     """
     if set(new) != set(reference):
         raise ValueError("update and global adapter have different tensor names")
@@ -65,8 +67,8 @@ def clip_and_noise(
     out = {}
     for name, tensor in new.items():
         delta = (tensor - reference[name]) * scale
-        noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float64) * std
-        out[name] = (reference[name] + delta + noise.to(tensor.dtype)).to(tensor.dtype)
+        draw = noise.gaussian(tuple(tensor.shape), std, torch.float64)
+        out[name] = (reference[name] + delta + draw.to(tensor.dtype)).to(tensor.dtype)
     return out
 
 
@@ -86,8 +88,12 @@ def charge_noise_multiplier(noise_multiplier: float, hospitals: int,
 
 def update_charge(clip_norm: float, noise_multiplier: float, hospitals: int,
                   min_sum_size: int = 0) -> Charge:
-    """The ledger charge of one round of client-level DP (one release, sampling rate 1)."""
+    """The ledger charge of one round of client-level DP (one release, sampling rate 1).
+
+    Its unit is the hospital (its whole update, sensitivity ``C``); the ledger converts it to
+    the example level (sensitivity ``2 C``, see ``privacy.ledger.Charge.example_event``).
+    """
     return Charge(mechanism="client-gaussian-secagg" if min_sum_size else "client-gaussian",
                   noise_multiplier=charge_noise_multiplier(noise_multiplier, hospitals,
                                                            min_sum_size),
-                  sample_rate=1.0, steps=1, clip_norm=clip_norm)
+                  sample_rate=1.0, steps=1, clip_norm=clip_norm, unit=HOSPITAL)

@@ -7,6 +7,7 @@ writes a checkpoint. It holds no data: a test set is optional (simulations pass 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -193,6 +194,9 @@ def run_federation(
         config["task"] = federation.task
         if classes:
             config["classes"] = classes
+    # Names the run across restarts: a hospital reports "this run's" epsilon from its ledger.
+    wire_config["run-key"] = hashlib.sha256(
+        f"{records.run_dir.resolve()}\n{fingerprint}".encode()).hexdigest()[:32]
     start = time.monotonic()
     try:
         result = strategy.start(

@@ -120,6 +120,9 @@ class SimulationConfig(Study):
         site_policy: a site privacy policy TOML every simulated hospital applies ("" : none).
         ledger_dir: where simulated hospitals keep their privacy ledgers (one SQLite file each);
             "" : ``runs/ledgers`` when ``site_policy`` is set, so budgets compose across runs.
+        insecure_replayable_noise: draw every hospital's DP noise from the run's seed, so a
+            study replays exactly. INSECURE: whoever knows the seed removes the noise;
+            simulations only (a hospital daemon refuses it). Off: a CSPRNG at each hospital.
         ray_address: run the simulated hospitals on an existing Ray cluster, e.g.
             ``10.0.0.5:6379`` (the head's GCS address from ``ray start --head``) or ``auto``;
             "" starts a private Ray instance on this machine for the run.
@@ -135,6 +138,7 @@ class SimulationConfig(Study):
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     site_policy: str = ""
     ledger_dir: str = ""
+    insecure_replayable_noise: bool = False
     ray_address: str = ""
 
 

@@ -17,21 +17,30 @@ from simulations.config import SimulationConfig
 class SimulatedSitePrivacy:
     """``SitePrivacyLoader``: the policy at every hospital, ``<ledger_dir>/hospital-<id>.sqlite``.
 
-    The dataset fingerprint is left to the hospital (a hash of its training data).
+    Each hospital declares its dataset as ``<dataset>-hospital-<id>``, as a real hospital
+    declares ``dataset_id``. ``insecure_replayable_noise`` comes from the study's settings.
     """
 
-    policy: SitePolicy
+    policy: SitePolicy | None
     ledger_dir: Path
+    dataset: str = ""
+    insecure_replayable_noise: bool = False
 
     def __call__(self, context: Context) -> SitePrivacy:
         hospital = int(context.node_config["partition-id"])
-        return SitePrivacy(policy=self.policy,
-                           ledger=Ledger(self.ledger_dir / f"hospital-{hospital}.sqlite"))
+        ledger = (Ledger(self.ledger_dir / f"hospital-{hospital}.sqlite")
+                  if self.policy is not None else None)
+        return SitePrivacy(policy=self.policy, ledger=ledger,
+                           dataset_id=f"{self.dataset}-hospital-{hospital}",
+                           insecure_replayable_noise=self.insecure_replayable_noise)
 
 
 def simulated_site_privacy(config: SimulationConfig) -> SitePrivacyLoader:
-    """The hospitals' privacy loader for a simulation: the study's site policy, if it has one."""
-    if not config.site_policy:
+    """The hospitals' privacy loader for a simulation: the study's site policy, if it has one,
+    and its ``insecure_replayable_noise`` setting."""
+    if not config.site_policy and not config.insecure_replayable_noise:
         return site_privacy_from_node_config
     ledger_dir = Path(config.ledger_dir or Path("runs") / "ledgers")
-    return SimulatedSitePrivacy(load_site_policy(Path(config.site_policy)), ledger_dir)
+    policy = load_site_policy(Path(config.site_policy)) if config.site_policy else None
+    return SimulatedSitePrivacy(policy, ledger_dir, config.data.dataset,
+                                config.insecure_replayable_noise)

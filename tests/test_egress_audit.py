@@ -1,13 +1,16 @@
 """The hospital's egress audit log lists exactly what each reply carries."""
 
 
+import os
+import stat
+
 import pytest
 import tomli_w
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from client.app import build_client_app
-from client.audit import payload_sha256, read_audit_log
+from client.audit import payload_sha256, read_audit_log, verify_audit_log
 from models.adapters import adapter_state
 from models.config import TrainConfig, to_config_record
 from models.lora import build_lora_model
@@ -67,8 +70,18 @@ def test_no_audit_log_unless_configured(tmp_path, site, small_model_config, monk
     arrays = ArrayRecord(adapter_state(build_lora_model(small_model_config)))
     config = to_config_record(small_model_config, TrainConfig())
     config["server-round"] = 1
-    app(_message("evaluate", arrays, config), _context({"partition-id": 0}))
-    assert list(tmp_path.iterdir()) == []
+    reply = app(_message("evaluate", arrays, config), _context({"partition-id": 0}))
+    assert not reply.has_error() and "val-auc" in reply.content["metrics"]
+    assert list(tmp_path.iterdir()) == []  # nothing written without 'audit-log'
+    # The same message with 'audit-log' set: one chained 0600 line for the same reply.
+    log = tmp_path / "egress.jsonl"
+    again = app(_message("evaluate", arrays, config),
+                _context({"partition-id": 0, "audit-log": str(log)}))
+    [entry] = read_audit_log(log)
+    assert entry["metrics"] == {"metrics": dict(again.content["metrics"].items())}
+    assert entry["prev_sha256"] == "0" * 64
+    assert verify_audit_log(log).ok and verify_audit_log(log).lines == 1
+    assert stat.S_IMODE(os.stat(log).st_mode) == 0o600
 
 
 @pytest.mark.parametrize("policy, reason", [
@@ -129,11 +142,13 @@ def test_a_failure_in_local_training_is_an_audited_error_reply(tmp_path, small_m
     config = to_config_record(small_model_config, TrainConfig(local_steps=1, batch_size=16))
     config["server-round"] = 3
     reply = app(_message("train", arrays, config), context)  # answers instead of raising
-    assert reply.has_error() and "site data volume not mounted" in reply.error.reason
+    # A category for the coordinator; the message (it may name files) stays at the hospital.
+    assert reply.has_error() and reply.error.reason.startswith("local-io: OSError")
+    assert "site data volume" not in reply.error.reason
     [entry] = read_audit_log(log)
     assert entry["round"] == 3 and entry["message_type"] == "train"
     assert entry["error"] == {"code": reply.error.code, "reason": reply.error.reason}
     assert entry["tensors"] == [] and entry["tensor_bytes"] == 0
     # The same ClientApp serves the next message (the daemon is not brought down).
     assert app(_message("evaluate", arrays, config), context).has_error()
-    assert len(read_audit_log(log)) == 2
+    assert len(read_audit_log(log)) == 2 and verify_audit_log(log).ok

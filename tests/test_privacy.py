@@ -31,6 +31,7 @@ from privacy.config import DPConfig, dp_config_from_record
 from privacy.dpsgd import make_optimizer, plan_round, train_dpsgd
 from privacy.grad_samplers import conv2d_grad_sample, engine_module
 from privacy.ledger import BudgetExceeded, Charge, Ledger
+from privacy.noise import SecureNoise
 from privacy.policy import SitePolicy, load_site_policy
 from privacy.update_dp import clip_and_noise, update_norm
 from server.config import FederationConfig
@@ -211,7 +212,7 @@ def test_reported_epsilon_composes_over_rounds_and_matches_dp_accounting(
     the hospital's context.state, and equals dp-accounting's on the same events within 1%."""
     ledger = Ledger(tmp_path / "ledger.sqlite")
     app = build_client_app(lambda context, image_size: site,
-                           lambda context: SitePrivacy(ledger=ledger, fingerprint="site-a"))
+                           lambda context: SitePrivacy(ledger=ledger, dataset_id="site-a"))
     context = Context(run_id=5, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
                       run_config={})
     train = TrainConfig(local_epochs=1, batch_size=16, lr=1e-3)
@@ -235,7 +236,7 @@ def test_reported_epsilon_composes_over_rounds_and_matches_dp_accounting(
 def test_update_dp_reply_is_clipped_and_accounted(site, small_model_config):
     """Client-level DP through the ClientApp: the released adapter is within the clip bound of
     the global one (noise negligible here), asks for uniform averaging, and its epsilon is the
-    Gaussian mechanism at the hospital's own noise share z / sqrt(n)."""
+    Gaussian mechanism at the hospital's own noise share z / sqrt(n), per example (halved)."""
     app = build_client_app(lambda context, image_size: site, lambda context: SitePrivacy())
     context = Context(run_id=5, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
                       run_config={})
@@ -252,7 +253,8 @@ def test_update_dp_reply_is_clipped_and_accounted(site, small_model_config):
     dp_big = DPConfig(update_clip_norm=0.01, update_noise_multiplier=z, update_hospitals=4)
     reply = app(_message(*_wire(small_model_config, train, dp_big, 2)), Context(
         run_id=6, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={}))
-    expected = reference_epsilon([(z / 2, 1.0, 1)], 1e-5, "rdp")
+    # The hospital's share z / sqrt(4) = z / 2, halved again per example (sensitivity 2C).
+    expected = reference_epsilon([(z / 2 / 2, 1.0, 1)], 1e-5, "rdp")
     assert reply.content["metrics"]["dp-epsilon"] == pytest.approx(expected, rel=0.01)
 
 
@@ -332,7 +334,7 @@ def test_hospital_refuses_a_round_past_its_budget(site, small_model_config, tmp_
     budget = (epsilon([(1.0, q, steps)], 1e-5) + epsilon([(1.0, q, steps)] * 2, 1e-5)) / 2
     ledger = Ledger(tmp_path / "ledger.sqlite")
     privacy = SitePrivacy(policy=SitePolicy(max_epsilon=budget), ledger=ledger,
-                          fingerprint="site-b")
+                          dataset_id="site-b")
     app = build_client_app(lambda context, image_size: site, lambda context: privacy)
     context = Context(run_id=5, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
                       run_config={})
@@ -357,7 +359,7 @@ def test_run_ends_at_the_round_refusals_leave_too_few_updates(site, small_model_
     budget = (epsilon([(1.0, q, steps)], 1e-5) + epsilon([(1.0, q, steps)] * 2, 1e-5)) / 2
 
     def privacy(context: Context) -> SitePrivacy:
-        return SitePrivacy(policy=SitePolicy(max_epsilon=budget), fingerprint="site",
+        return SitePrivacy(policy=SitePolicy(max_epsilon=budget), dataset_id="site",
                            ledger=Ledger(tmp_path / f"ledger-{context.node_id}.sqlite"))
 
     app = build_client_app(lambda context, image_size: site, privacy)
@@ -394,14 +396,13 @@ def test_site_policy_file_errors_name_the_setting(tmp_path):
 def test_update_is_clipped_and_noise_shares_sum_to_the_calibrated_noise():
     ref = {"a": torch.zeros(200, 50), "b": torch.zeros(10)}
     new = {"a": torch.full((200, 50), 0.1), "b": torch.ones(10)}
-    clipped = clip_and_noise(new, ref, 1.0, 0.0, 4, torch.Generator().manual_seed(0))
+    clipped = clip_and_noise(new, ref, 1.0, 0.0, 4, SecureNoise())
     assert update_norm(clipped, ref) == pytest.approx(1.0, rel=1e-5)
     # Direction kept: clipping only scales.
     assert torch.allclose(clipped["b"] / clipped["b"].norm(), new["b"] / new["b"].norm())
     # n hospitals each add their share: the sum of the n noises has std z * C.
     z, clip, n = 2.0, 0.5, 4
-    shares = [clip_and_noise(ref, ref, clip, z, n, torch.Generator().manual_seed(s))["a"]
-              for s in range(n)]
+    shares = [clip_and_noise(ref, ref, clip, z, n, SecureNoise())["a"] for _ in range(n)]
     total = torch.stack(shares).sum(0)
     assert float(total.std()) == pytest.approx(z * clip, rel=0.05)
     assert float(shares[0].std()) == pytest.approx(z * clip / math.sqrt(n), rel=0.05)
