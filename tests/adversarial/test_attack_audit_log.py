@@ -131,7 +131,10 @@ def test_every_secure_aggregation_stage_is_logged(tmp_path):
     model_config = ModelConfig(image_size=32, lora_r=4, lora_alpha=8, num_classes=2,
                                weights_sha256=weights_sha256("efficientnet-lite0-imagenet"))
     logs = {node: tmp_path / f"egress-{node}.jsonl" for node in (11, 12, 13)}
-    grid = InProcessGrid(build_client_app(SimulatedSiteLoader(data, 0)),
+    from privacy.secagg.local_consortium import local_consortium
+
+    grid = InProcessGrid(build_client_app(SimulatedSiteLoader(data, 0),
+                                          load_identity=local_consortium([0, 1, 2])),
                          {node: {"partition-id": k, "audit-log": str(logs[node])}
                           for k, node in enumerate(logs)})
     federation = FederationConfig(rounds=1, min_hospitals=3, fraction_evaluate=0.0,
@@ -146,8 +149,9 @@ def test_every_secure_aggregation_stage_is_logged(tmp_path):
             keys = set(entry["configs"].get("secagg", {}))
             stages.append("setup" if "c-public" in keys else "share" if "ciphertexts" in keys
                           and "destinations" in keys else "unmask" if "seed-of" in keys
-                          else "mask" if entry["tensors"] else "?")
-        assert stages == ["setup", "share", "mask", "unmask"]
+                          else "mask" if entry["tensors"] else "check" if keys == {"signature"}
+                          else "?")
+        assert stages == ["setup", "share", "mask", "check", "unmask"]
         assert verify_audit_log(path).ok
 
 
