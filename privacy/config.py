@@ -27,24 +27,20 @@ class DPConfig:
         dp_target_epsilon: epsilon the whole run may spend at each hospital (all rounds); used
             only when ``dp_noise_multiplier`` is 0.
         dp_delta: the delta epsilon is stated for (per example).
-        dp_max_grad_norm: per-example gradient L2 clipping bound. On the default run at eps 8
-            (``simulations.bench dp-utility``) norms from 0.03 to 1.0 ended within the spread
-            between seeds (test AUC 0.900-0.917): with AdamW it barely matters once most
-            examples are clipped.
+        dp_max_grad_norm: per-example gradient L2 clipping bound (its effect on the default
+            run is in docs/results/2026-11-29-dp-sgd-probes.md).
         dp_accountant: ``rdp`` (Renyi DP) or ``prv`` (privacy random variables, tighter).
         dp_grad_sample_mode: per-example gradient engine: ``einsum`` (default: opacus' hooks
-            engine with ``privacy.grad_samplers``' layout-independent Conv2d sampler; exact and
-            1.1-1.3x a non-private step), ``functorch`` (exact, 1.6-1.9x), ``hooks`` or
-            ``ghost``. The last two are opacus' own Conv2d samplers, which assume contiguous
-            NCHW strides and so are wrong on channels-last backbones such as the default one
-            (the clipped mean 27% off on 8 real images, ``ghost``'s clipped sum 2%): their
-            clipping would not bound what the accountant assumes, and
+            engine with ``privacy.grad_samplers``' layout-independent Conv2d sampler; exact),
+            ``functorch`` (exact, slower), ``hooks`` or ``ghost``. The last two are opacus' own
+            Conv2d samplers, which assume contiguous NCHW strides and so are wrong on
+            channels-last backbones such as the default one: their clipping would not bound
+            what the accountant assumes, and
             ``privacy.grad_samplers.engine_module`` refuses them on a model with a trainable
             Conv2d. See ``tests/test_privacy.py``.
         dp_optimizer: the optimiser that takes DP-SGD's noised gradients: ``adamw`` (the
-            non-private default) or ``sgd`` (with ``dp_momentum``, the usual DP-SGD choice). On
-            the default run at eps 8 (``simulations.bench dp-utility``) AdamW gave test AUC
-            0.900, SGD 0.892 at lr 0.03 and diverged at 0.1.
+            non-private default) or ``sgd`` (with ``dp_momentum``, the usual DP-SGD choice;
+            measured on the default run in docs/results/2026-11-29-dp-sgd-probes.md).
         dp_lr: learning rate under DP-SGD in round 1 (0: ``train.lr``); SGD needs a larger one
             than AdamW. The run's per-round ``lr_decay`` applies to it too.
         dp_momentum: SGD's momentum (``dp_optimizer = "sgd"`` only).
@@ -52,9 +48,7 @@ class DPConfig:
             example is seen as ``k`` randomly shifted views (up to 1/16 of the image side each
             way; no flips, as chest anatomy is not mirror-symmetric) and the mean of their
             gradients is what is clipped. Costs nothing in privacy and ``k`` times the compute;
-            0 or 1: off. On the default run at eps 8, ``k = 4`` moved test AUC by -0.008 to
-            +0.009 in four pairs of runs (0.909 against 0.900 with the defaults, seed 0), within
-            the spread between seeds, at 3.8-5.3x the time (README).
+            0 or 1: off (measured: docs/results/2026-11-29-dp-sgd-probes.md).
         dp_run_rounds: rounds the run plans; the coordinator fills it in, so a hospital can spread
             ``dp_target_epsilon`` over the run.
         update_clip_norm: client-level DP: L2 bound on each hospital's adapter update (new -
