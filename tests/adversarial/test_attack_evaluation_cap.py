@@ -157,7 +157,7 @@ def test_the_cap_refuses_the_scan_and_leaves_the_labels_unknown(tmp_path, site, 
         assert all(round(v, 2) == v for k, v in metrics.items() if k.startswith("val-")
                    and not math.isnan(v))
         assert set(metrics) <= {"num-examples", "hospital-id", "val-loss", "val-auc",
-                                "val-accuracy", "val-macro-f1"}
+                                "val-accuracy", "val-balanced-accuracy", "val-macro-f1"}
 
     truth = attack[2]
     learned = _recover(replies, N_VAL)
