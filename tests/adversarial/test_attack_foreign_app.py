@@ -219,18 +219,18 @@ def test_flwr_run_of_a_foreign_app_never_runs_its_code_at_the_hospital(tmp_path,
     from client.site_folder import init_site_folder, load_hospital_config
     from server.consortium import enrol, init_consortium
     from server.daemon import (
-        _run_flwr,
         daemon_env,
         flwr_cli_home,
+        run_flwr,
         superlink_command,
         sync_registry,
         wait_listening,
     )
     from simulations.processes import free_port
 
-    port = free_port()
+    port, admin_port = free_port(), free_port()
     consortium = tmp_path / "consortium"
-    init_consortium(consortium, "loopback", host="127.0.0.1", port=port)
+    init_consortium(consortium, "loopback", host="127.0.0.1", port=port, admin_port=admin_port)
     site = tmp_path / "hospital"
     init_site_folder(site, "hospital-0", superlink=f"localhost:{port}")
     shutil.copy(consortium / "ca" / "ca.pem", site / "ca.pem")
@@ -254,7 +254,7 @@ def test_flwr_run_of_a_foreign_app_never_runs_its_code_at_the_hospital(tmp_path,
         argv = superlink_command(consortium)
         link = start("superlink", argv, daemon_env(flwr_cli_home(consortium), argv[0]))
         wait_listening("127.0.0.1", port, link, 120)
-        assert not [line for line in sync_registry(consortium, _run_flwr)
+        assert not [line for line in sync_registry(consortium, run_flwr)
                     if line.startswith("error")]
         daemon = start("hospital", [sys.executable, "-m", "medfed_cli.main", "hospital",
                                     "start", "--dir", str(site)],
@@ -264,11 +264,13 @@ def test_flwr_run_of_a_foreign_app_never_runs_its_code_at_the_hospital(tmp_path,
               list(logs.values()))
         assert daemon.poll() is None, logs["hospital"].read_text()
 
-        # The attacker: ca.pem and the SuperLink's address, nothing else.
+        # The attacker holds the coordinator itself: the Control API answers on loopback only
+        # (tests/adversarial/test_attack_admin_surface.py), so a stranger with ca.pem cannot
+        # submit at all; a hostile coordinator can, and the hospital must still refuse.
         attacker_home = tmp_path / "mallory-home"
         attacker_home.mkdir()
         (attacker_home / "config.toml").write_text(tomli_w.dumps({"superlink": {
-            "default": "target", "target": {"address": f"127.0.0.1:{port}",
+            "default": "target", "target": {"address": f"127.0.0.1:{admin_port}",
                                             "root-certificates": str(site / "ca.pem")}}}))
         audit = site / "egress-audit.jsonl"
         for n, (impersonate, rule) in enumerate([(False, "allowed_apps"),
