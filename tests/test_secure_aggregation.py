@@ -307,6 +307,7 @@ def _federate(tmp_path, name: str, secure: bool, dp=None, packed: bool = False):
 
     from client.app import build_client_app
     from models.adapters import adapter_state
+    from privacy.noise import INSECURE_NOISE_KEY
     from server.config import FederationConfig
     from server.records import RunRecords
     from server.rounds import run_federation
@@ -320,7 +321,10 @@ def _federate(tmp_path, name: str, secure: bool, dp=None, packed: bool = False):
     train = TrainConfig(local_steps=3, batch_size=16)
     grid = InProcessGrid(build_client_app(SimulatedSiteLoader(data, 0),
                                           load_identity=local_consortium([0, 1, 2])),
-                         {NODES[k]: {"partition-id": k} for k in range(3)})
+                         # Plain and secure rounds are compared value for value, so the DP
+                         # noise must replay: the simulation-only insecure setting.
+                         {NODES[k]: {"partition-id": k, INSECURE_NOISE_KEY: True}
+                          for k in range(3)})
     if packed:  # the deployment's wire: one packed array per adapter (server.wire_grid)
         from server.wire_grid import PackedWireGrid
 
