@@ -52,6 +52,7 @@ from typing import Any
 from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from client.classes import ClassMismatch
 from client.data.problems import ManifestError, SiteDataError
 from models.registry import WeightsMismatchError
 from privacy.ledger import LedgerIntegrityError
@@ -81,11 +82,15 @@ def failure_reply(request: Message, err: Exception) -> Message:
 def failure_category(err: Exception) -> str:
     """What the coordinator may learn of a local failure: a category, counts, the type.
 
-    Only :class:`models.registry.WeightsMismatchError` passes its message on: it names the
-    backbone and two weight hashes, which the run itself pinned.
+    Only two messages pass on: :class:`models.registry.WeightsMismatchError` names the
+    backbone and two weight hashes, which the run itself pinned, and
+    :class:`client.classes.ClassMismatch` names class names the hospital declared in its
+    ``hospital.toml`` and the study's (no row, file or patient).
     """
     if isinstance(err, WeightsMismatchError):
         return f"model-weights: {err}"[:1000]
+    if isinstance(err, ClassMismatch):
+        return f"classes: {err}"[:1000]
     if isinstance(err, SiteDataError):
         unusable, rows = getattr(err, "unusable_rows", None), getattr(err, "rows", None)
         counts = (f" ({unusable} unusable rows of {rows})"
