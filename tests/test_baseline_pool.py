@@ -1,5 +1,6 @@
 """The baselines run side by side in forked workers that share the parent's tensors."""
 
+import multiprocessing
 import os
 
 import pytest
@@ -10,10 +11,16 @@ from simulations.baseline_pool import run_baselines
 
 def test_jobs_run_in_parallel_workers_on_the_parents_data_with_a_share_of_the_cores():
     images = torch.arange(12.0).reshape(3, 4)  # in the parent only: the workers inherit it
+    # Each job waits for the other: they finish only if two workers run them at once (one
+    # worker taking both in turn would break the barrier).
+    both_running = multiprocessing.get_context("fork").Barrier(2)
 
     def job(scale: float):
-        return lambda: {"sum": float(images.sum() * scale), "pid": os.getpid(),
-                        "threads": torch.get_num_threads()}
+        def run():
+            both_running.wait(timeout=120)
+            return {"sum": float(images.sum() * scale), "pid": os.getpid(),
+                    "threads": torch.get_num_threads()}
+        return run
 
     results, seconds = run_baselines({"pooled": job(1.0), "local": job(2.0)}, cores=2)
     assert results["pooled"]["sum"] == 66.0 and results["local"]["sum"] == 132.0

@@ -241,8 +241,8 @@ def test_report_of_one_run_has_every_section(tiny_run, tmp_path):
     page_path = build_report([run_dir], tmp_path / "report")
     page = page_path.read_text()
     figures = sorted(p.stem for p in (tmp_path / "report" / "figures").glob("*.png"))
-    assert figures == sorted(["test-curves", "hospital-validation", "baselines", "roc",
-                              "confusion", "calibration", "bytes"])
+    assert figures == sorted(["test-curves", "validation-curves", "hospital-validation",
+                              "baselines", "roc", "confusion", "calibration", "bytes"])
     # Self-contained: every figure inline as a PNG that decodes, none linked.
     inline = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(inline) == len(figures)
