@@ -15,6 +15,12 @@ import signal
 
 PR_SET_PDEATHSIG = 1
 
-ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-if os.getppid() == 1:  # the SuperExec died before this ran: adopted by init
-    os._exit(0)
+
+def die_with_parent() -> None:
+    """End this process (SIGKILL) when its parent ends; at once if it already has."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the parent died before this ran: adopted by init
+        os._exit(0)
+
+
+die_with_parent()

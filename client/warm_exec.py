@@ -60,8 +60,13 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISAB
 def _run_task(spec: ExecutionSpec) -> None:
     """One ClientApp task, in a process forked from the warm forkserver (as ``flwr-clientapp``,
     with the installed ClientApp only)."""
+    from client.parent_guard import die_with_parent
     from client.task_guard import run_guarded_task
 
+    # The kernel clears the forkserver's parent-death signal in its children: a task arms its
+    # own, so that a killed hospital daemon leaves no task (and so no multiprocessing resource
+    # tracker waiting on the task's end of its pipe) behind.
+    die_with_parent()
     _poll_local_objects_quickly()
     run_guarded_task(spec.runtime_api_address, spec.token, spec.insecure,
                      spec.root_certificates_path, spec.parent_pid)
