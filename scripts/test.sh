@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export FLWR_HOME="${FLWR_HOME:-$PWD/.flwr}"
 .venv/bin/ruff check .
-# The layers (.importlinter): cli > simulations > server | client > strategies | privacy > models.
+# The layers (.importlinter): cli > simulations > server | client > strategies | privacy | imaging
+# > models.
 .venv/bin/lint-imports
 set +e
 .venv/bin/pytest -q "$@"

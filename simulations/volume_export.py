@@ -3,7 +3,7 @@
 A volume in [0, 1] (the encoder's input scale) becomes Hounsfield units in [-1000, 1000],
 stored as uint16 with ``RescaleIntercept`` -1024, one single-frame file per axial slice with
 ``ImagePositionPatient``, ``ImageOrientationPatient`` and ``PixelSpacing``, so that
-``client.data.volumes`` reads it back (to [0, 1] within one HU) as a hospital reads a PACS
+``imaging.volumes`` reads it back (to [0, 1] within one HU) as a hospital reads a PACS
 export. Voxel axes (I, J, K) of the array run along R, A and S.
 """
 

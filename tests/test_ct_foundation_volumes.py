@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from client.data import SiteDataConfig, prepare_site
-from client.data.dicom import DicomReadError
-from client.data.volumes import read_dicom_series, read_volume, volume_model_input
+from imaging.dicom import DicomReadError
+from imaging.volumes import read_dicom_series, read_volume, volume_model_input
 from simulations.datasets import find_medmnist
 from simulations.volume_export import series_datasets, write_series
 

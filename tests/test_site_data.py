@@ -20,9 +20,9 @@ from pydicom.data import get_testdata_file
 from client.data import ManifestError, SiteDataConfig, SiteDataError, prepare_site
 from client.data.cache import DecodedCache
 from client.data.dataset import load_manifest_site
-from client.data.dicom import DicomReadError, read_dicom, supported_transfer_syntaxes
 from client.data.split import assign_splits
-from client.data.transforms import to_model_input
+from imaging.dicom import DicomReadError, read_dicom, supported_transfer_syntaxes
+from imaging.transforms import to_model_input
 from simulations.dicom_export import dicom_dataset
 
 SIZE = 16
@@ -295,10 +295,36 @@ def test_site_data_config_from_toml_and_node_config(tmp_path):
     assert config.classes == ("a", "b") and config.label_column == "finding"
     assert config.frames == "all" and config.val_fraction == 0.3
     assert from_node_config({"classes": "x, y"}).classes == ("x", "y")
-    with pytest.raises(SiteDataConfigError, match="unknown setting 'colour'"):
+    with pytest.raises(SiteDataConfigError, match="node config: colour: unknown setting"):
         from_node_config({"site-colour": "red"})
-    with pytest.raises(SiteDataConfigError, match="frames"):
+    with pytest.raises(SiteDataConfigError, match="frames = 'first': must be one of 'middle'"):
         from_node_config({"site-frames": "first"})
+
+
+@pytest.mark.parametrize(("line", "words"), [
+    ("val_fractoin = 0.3", "val_fractoin: unknown setting (did you mean 'val_fraction'?)"),
+    ('val_fraction = "0.3"', "val_fraction = '0.3': expected a number"),
+    ("val_fraction = 1.5", "val_fraction = 1.5: must be >= 0, < 1"),
+    ("max_error_fraction = -0.1", "max_error_fraction = -0.1: must be >= 0, <= 1"),
+    ('frames = "midle"', "frames = 'midle': must be one of 'middle', 'all', 'volume' "
+                         "(did you mean 'middle'?)"),
+    ("max_frame_bytes = 0", "max_frame_bytes = 0: must be >= 1"),
+    ('use_cache = "no"', "use_cache = 'no': expected true or false"),
+    ("classes = [1, 2]", "classes[0] = 1: expected a string"),
+    ('classes = ["a", "A"]', "repeat a name"),
+    ('manifest_encoding = "klingon"', "not a known encoding"),
+])
+def test_site_data_file_refuses_what_the_reader_refuses(tmp_path, line, words):
+    """A site data file is read by the one typed reader: the refusal names the file, the key,
+    the value and what is allowed, when the file is read."""
+    from client.data.config import SiteDataConfigError, load_site_data_config
+
+    toml = tmp_path / "hospital.toml"
+    toml.write_text(f"[site_data]\n{line}\n")
+    with pytest.raises(SiteDataConfigError) as err:
+        load_site_data_config(toml)
+    assert str(toml) in str(err.value) and "[site_data]" in str(err.value)
+    assert words in str(err.value)
 
 
 def test_unsupported_transfer_syntax_and_bom_manifest(tmp_path):
@@ -539,7 +565,7 @@ def test_paths_confined_to_allowed_roots(tmp_path):
 
 def test_frame_bound_is_configurable_and_checked_before_decoding(tmp_path):
     path = _write(tmp_path / "a.dcm", _gradient(240, 200))  # 96000 bytes
-    from client.data.guard import ReadLimits
+    from imaging.guard import ReadLimits
 
     with pytest.raises(DicomReadError) as err:
         read_dicom(path, limits=ReadLimits(max_frame_bytes=90000))
@@ -552,7 +578,7 @@ def test_frame_bound_is_configurable_and_checked_before_decoding(tmp_path):
 
 
 def test_labels_are_bounded_without_conversion():
-    from client.data.manifest import parse_label
+    from imaging.manifest import parse_label
 
     assert parse_label("0001", ("a", "b")) == (1, "")
     for text in ("2", str(10**30), "9" * 100000, "-1", "²"):

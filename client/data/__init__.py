@@ -1,9 +1,10 @@
 """A hospital's own data: CSV manifest + DICOM files -> checked, cached, fingerprinted images.
 
-Modules: ``config`` (SiteDataConfig), ``manifest`` (the CSV), ``paths`` (allowed folders),
-``guard`` (bounds and guards against hostile files), ``dicom`` (pydicom decoding, one frame at a
-time), ``transforms`` (MONAI resize/scale), ``cache`` (decoded images on disk), ``split`` (per
-patient), ``fingerprint``, ``dataset`` (all of it together), ``check`` (the report).
+Reading a manifest and decoding its files is :mod:`imaging`'s job (shared with a coordinator
+that holds an evaluation set). What is the hospital's own lives here: ``config``
+(SiteDataConfig: the reader's settings plus the split, error budget and cache), ``cache``
+(decoded images on disk), ``split`` (per patient), ``dataset`` (all of it together, with
+duplicate and patient checks), ``check`` (the report), ``problems`` (SiteDataError).
 """
 
 from client.data.config import SiteDataConfig, from_node_config, load_site_data_config

@@ -8,7 +8,6 @@ read back or fails its checks is deleted and the image decoded again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,34 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from imaging.rows import cache_key, file_sha256
+
+__all__ = ["DecodedCache", "cache_key", "file_sha256"]
+
 logger = logging.getLogger(__name__)
-
-_CHUNK = 1 << 20
-
-
-def file_sha256(path: Path, series: list[Path] | None = None) -> str:
-    """sha256 of a file's bytes, or of a series folder's file names and bytes (hex).
-
-    ``series``: the folder's files as the caller listed (and confined) them; default: every
-    file in the folder not starting with a dot.
-    """
-    path = Path(path)
-    if path.is_dir():
-        digest = hashlib.sha256()
-        files = series if series is not None else [
-            p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
-        for child in sorted(files, key=lambda p: p.name):
-            digest.update(child.name.encode() + b"\0" + file_sha256(child).encode())
-        return digest.hexdigest()
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def cache_key(content_sha256: str, settings: dict[str, object]) -> str:
-    """Entry name for a file's content hash under the given transform settings."""
-    blob = content_sha256 + json.dumps(settings, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
 
 class DecodedCache:
     """Folder of ``<key[:2]>/<key>.npz`` entries: ``image`` (F, C, S, S) float32 and ``ids``, one

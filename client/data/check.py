@@ -6,8 +6,8 @@ from pathlib import Path
 
 from client.data.config import SiteDataConfig
 from client.data.dataset import SiteReport, prepare_site
-from client.data.manifest import SPLITS
 from client.data.problems import KINDS
+from imaging.manifest import SPLITS
 
 
 def format_report(report: SiteReport, config: SiteDataConfig) -> str:

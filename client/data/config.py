@@ -6,26 +6,30 @@ hospital daemon's node config (dashed keys, the class list as a comma-separated 
 
 from __future__ import annotations
 
-import codecs
 import os
-import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-FRAME_MODES = ("middle", "all", "volume")
-MAX_INDEX_CLASSES = 1000
-"""Without a class list, integer labels must be below this (declare ``classes`` to be exact)."""
+from imaging.settings import FRAME_MODES, MAX_INDEX_CLASSES, ReadSettings, ReadSettingsError
+from models.settings import SettingsError, check_settings, load_settings, read_toml, setting
+
+__all__ = ["FRAME_MODES", "MAX_INDEX_CLASSES", "SiteDataConfig", "SiteDataConfigError",
+           "from_node_config", "load_site_data_config", "site_data_config"]
 
 
-class SiteDataConfigError(ValueError):
-    """A site data setting that is unknown or has a wrong value."""
+class SiteDataConfigError(ReadSettingsError):
+    """A site data setting that is unknown, of the wrong type or out of range."""
 
 
 @dataclass(frozen=True)
-class SiteDataConfig:
+class SiteDataConfig(ReadSettings):
     """How a hospital's manifest and DICOM files become training images.
+
+    The reader's settings (columns, classes, frames, folders, header bounds, encoding) are
+    :class:`imaging.settings.ReadSettings`, shared with a coordinator that reads an evaluation
+    manifest; the split, the error budget and the cache are the hospital's own.
 
     Attributes:
         classes: class names in label order, declared once for the whole study so every hospital
@@ -39,13 +43,7 @@ class SiteDataConfig:
             or empty are split per patient.
         frames: multi-frame files and series folders give their ``middle`` frame or ``all``
             frames (one training image each); ``volume``: each row is one CT volume (a series
-            folder or a NIfTI file) for a 3D backbone (``client.data.volumes``).
-        val_fraction: share of patients (not images) held out for validation when not given.
-        seed: seeds the per-patient split.
-        max_error_fraction: the check fails when more than this share of manifest rows is unusable.
-        cache_dir: where decoded, resized images are kept; empty means ``$MEDFED_CACHE_DIR`` or
-            ``~/.cache/medfed/site-data``.
-        use_cache: read and write the decoded-image cache.
+            folder or a NIfTI file) for a 3D backbone (``imaging.volumes``).
         allowed_roots: folders the manifest's paths may point into (after resolving symbolic
             links); relative ones are taken from the manifest's folder. Empty: the manifest's
             folder only.
@@ -55,52 +53,34 @@ class SiteDataConfig:
             at most this plus 1 MiB. Checked before anything is decoded.
         max_pixel_bytes: most bytes all the frames of one file may decode to, as its header
             declares them (one frame's bytes x Number of Frames). Checked before decoding.
+        manifest_encoding: text encoding of the manifest (``utf-8`` also reads a byte-order
+            mark; ``cp1252`` or ``latin-1`` for some spreadsheet exports).
+        val_fraction: share of patients (not images) held out for validation when not given.
+        seed: seeds the per-patient split.
+        max_error_fraction: the check fails when more than this share of manifest rows is unusable.
+        cache_dir: where decoded, resized images are kept; empty means ``$MEDFED_CACHE_DIR`` or
+            ``~/.cache/medfed/site-data``.
+        use_cache: read and write the decoded-image cache.
         match_patient_id: a row whose file names another patient (Patient ID) than the
             manifest's patient id is a problem. Set false when the manifest uses pseudonyms and
             the files keep the hospital's ids; files that share a Patient ID still stay in one
             split either way.
-        manifest_encoding: text encoding of the manifest (``utf-8`` also reads a byte-order
-            mark; ``cp1252`` or ``latin-1`` for some spreadsheet exports).
     """
 
-    classes: tuple[str, ...] = ()
-    path_column: str = "path"
-    label_column: str = "label"
-    patient_column: str = "patient_id"
-    split_column: str = "split"
-    frames: str = "middle"
-    val_fraction: float = 0.2
+    val_fraction: float = setting(0.2, ge=0.0, lt=1.0)
     seed: int = 0
-    max_error_fraction: float = 0.1
+    max_error_fraction: float = setting(0.1, ge=0.0, le=1.0)
     cache_dir: str = ""
     use_cache: bool = True
-    allowed_roots: tuple[str, ...] = ()
-    max_frame_bytes: int = 64 * 2**20
-    max_pixel_bytes: int = 2**30
     match_patient_id: bool = True
-    manifest_encoding: str = "utf-8"
 
     def __post_init__(self) -> None:
-        if self.frames not in FRAME_MODES:
-            raise SiteDataConfigError(f"frames = {self.frames!r}: use one of {FRAME_MODES}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise SiteDataConfigError(f"val_fraction = {self.val_fraction}: use 0 <= x < 1")
-        if not 0.0 <= self.max_error_fraction <= 1.0:
-            raise SiteDataConfigError(
-                f"max_error_fraction = {self.max_error_fraction}: use 0 <= x <= 1")
-        if len(set(self.classes)) != len(self.classes):
-            raise SiteDataConfigError(f"classes {list(self.classes)} repeat a name")
-        if len(self.classes) > MAX_INDEX_CLASSES:
-            raise SiteDataConfigError(
-                f"{len(self.classes)} classes: at most {MAX_INDEX_CLASSES} are supported")
-        for name in ("max_frame_bytes", "max_pixel_bytes"):
-            if getattr(self, name) < 1:
-                raise SiteDataConfigError(f"{name} = {getattr(self, name)}: use a positive size")
+        # Settings built in code are held to the limits a file is (the reader checks those).
         try:
-            codecs.lookup(self.manifest_encoding)
-        except LookupError as err:
-            raise SiteDataConfigError(f"manifest_encoding = {self.manifest_encoding!r} is not "
-                                      "a known encoding (e.g. 'utf-8', 'cp1252')") from err
+            check_settings(self, "site data config")
+            super().__post_init__()
+        except SettingsError as err:
+            raise SiteDataConfigError(str(err)) from err
 
     def resolved_cache_dir(self) -> Path:
         """The cache folder this config names (see ``cache_dir``)."""
@@ -109,12 +89,6 @@ class SiteDataConfig:
         env = os.environ.get("MEDFED_CACHE_DIR")
         base = Path(env) if env else Path.home() / ".cache" / "medfed"
         return base / "site-data"
-
-    def resolved_roots(self, manifest: Path) -> tuple[Path, ...]:
-        """The folders manifest paths may point into, absolute and with links resolved."""
-        folder = Path(manifest).resolve().parent
-        roots = self.allowed_roots or (".",)
-        return tuple((folder / Path(r).expanduser()).resolve() for r in roots)
 
 
 def _parse_roots(value: Any, where: str) -> tuple[str, ...]:
@@ -134,53 +108,62 @@ def _parse_classes(value: Any, where: str) -> tuple[str, ...]:
     raise SiteDataConfigError(f"{where}: classes must be a list of names or 'a,b,c', got {value!r}")
 
 
+def _from_text(name: str, value: Any, where: str) -> Any:
+    """A value as a node config or a command-line flag writes it (text) in the setting's type:
+    ``"a,b"`` for a list of classes, ``"a:b"`` for folders, ``"true"``, ``"0.3"``, ``"64"``."""
+    if name == "classes":
+        return _parse_classes(value, where)
+    if name == "allowed_roots":
+        return _parse_roots(value, where)
+    if not isinstance(value, str):
+        return value
+    default = getattr(SiteDataConfig(), name, None)
+    if isinstance(default, bool) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except ValueError:
+            return value  # the reader refuses it, naming the key
+    if isinstance(default, int) and not isinstance(default, bool) and \
+            value.lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
 def site_data_config(values: Mapping[str, Any], where: str = "site data config",
-                     base: SiteDataConfig | None = None) -> SiteDataConfig:
+                     base: SiteDataConfig | None = None, text: bool = True) -> SiteDataConfig:
     """``base`` (default: defaults) updated with ``values``; dashed or underscored keys.
 
-    Keys that are not settings of :class:`SiteDataConfig` raise, except in node configs (see
-    :func:`from_node_config`), which also hold other daemons' keys.
+    Read by the typed settings reader (``models.settings``): an unknown key, a value of the
+    wrong type or out of range is refused, naming the key, the value and what is allowed.
+
+    Args:
+        text: also take the text forms a node config or a command-line flag gives
+            (``classes = "a,b"``, ``use_cache = "false"``, ``val_fraction = "0.3"``); a
+            TOML file's values are taken as typed.
+
+    Raises:
+        SiteDataConfigError: a setting that is unknown, mistyped or out of range.
     """
-    known = {f.name: f for f in fields(SiteDataConfig)}
-    defaults = SiteDataConfig()
-    changes: dict[str, Any] = {}
-    for key, value in values.items():
-        name = key.replace("-", "_")
-        if name not in known:
-            raise SiteDataConfigError(f"{where}: unknown setting '{key}'; known: {sorted(known)}")
-        if name == "classes":
-            changes[name] = _parse_classes(value, where)
-            continue
-        if name == "allowed_roots":
-            changes[name] = _parse_roots(value, where)
-            continue
-        current = getattr(defaults, name)
-        if isinstance(current, bool):
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                value = value.lower() == "true"
-            if not isinstance(value, bool):
-                raise SiteDataConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
-        elif isinstance(current, float) and isinstance(value, int | str):
-            try:
-                value = float(value)
-            except ValueError as err:
-                raise SiteDataConfigError(f"{where}: '{key}' must be a number") from err
-        elif isinstance(current, int) and isinstance(value, str) and value.lstrip("-").isdigit():
-            value = int(value)
-        if not isinstance(value, type(current)):
-            raise SiteDataConfigError(
-                f"{where}: '{key}' must be {type(current).__name__}, got {value!r}")
-        changes[name] = value
-    return replace(base or defaults, **changes)
+    if text:
+        values = {k: _from_text(str(k).replace("-", "_"), v, where) for k, v in values.items()}
+    try:
+        return load_settings(SiteDataConfig, values, where, base)
+    except SettingsError as err:
+        raise SiteDataConfigError(str(err)) from err
 
 
 def load_site_data_config(path: Path) -> SiteDataConfig:
-    """Read a TOML file: its ``[site_data]`` table if it has one, else its top level."""
-    try:
-        values = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise SiteDataConfigError(f"{path}: cannot read the site data config ({err})") from err
-    return site_data_config(values.get("site_data", values), str(path))
+    """Read a TOML file: its ``[site_data]`` table if it has one, else its top level.
+
+    Raises:
+        SiteDataConfigError: unreadable file, invalid TOML, or a refused setting.
+    """
+    values = read_toml(Path(path), f"site data config {path}", error=SiteDataConfigError)
+    table = values.get("site_data", values)
+    where = f"site data config {path}" + (" [site_data]" if "site_data" in values else "")
+    return site_data_config(table, where, text=False)
 
 
 NODE_CONFIG_PREFIX = "site-"

@@ -14,22 +14,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from client.data.cache import DecodedCache, cache_key, file_sha256
+from client.data.cache import DecodedCache
 from client.data.config import SiteDataConfig
-from client.data.dicom import DecodedImage, DicomReadError, iter_decoded
-from client.data.fingerprint import dataset_fingerprint
-from client.data.guard import ReadLimits, guarded
-from client.data.manifest import SHOW_PATH, SPLITS, Entry, ManifestInfo, read_manifest
-from client.data.paths import OutsideRootError, series_files
 from client.data.problems import Problem, SiteDataError
 from client.data.split import assign_splits
-from client.data.transforms import to_model_input, transform_settings
-from client.data.volumes import volume_model_input
+from imaging.dicom import DicomReadError
+from imaging.fingerprint import dataset_fingerprint
+from imaging.manifest import SHOW_PATH, SPLITS, ManifestInfo, read_manifest
+from imaging.rows import DecodedRow, read_row, stack_images
 from models.data import ImageSet
-from models.volume_transforms import volume_settings
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +41,7 @@ class SiteReport:
         images_per_patient: ``{split: (min, median, max)}``.
         problems: unusable rows with their reasons, in manifest order.
         patients_across_splits: patients the manifest put in both splits (all moved to train).
-        fingerprint: see :mod:`client.data.fingerprint`.
+        fingerprint: see :mod:`imaging.fingerprint`.
         cache_hits: images served from the decoded-image cache.
         manifest_info: the manifest's separator, encoding and skipped empty rows.
     """
@@ -97,77 +90,7 @@ class SiteReport:
         return info
 
 
-@dataclass
-class _Decoded:
-    entry: Entry
-    image: np.ndarray  # (F, C, S, S)
-    content_sha256: str
-    file_patients: list[str]  # the files' Patient IDs
-
-
-def limits_of(config: SiteDataConfig) -> ReadLimits:
-    """The header bounds a site data config sets."""
-    return ReadLimits(config.max_frame_bytes, config.max_pixel_bytes)
-
-
-def _decode(entry: Entry, config: SiteDataConfig, image_size: int, cache: DecodedCache | None,
-            roots: tuple[Path, ...]) -> tuple[_Decoded, list[str], bool]:
-    """The entry's images, its SOP Instance UIDs and whether the cache served them."""
-    if not entry.path.exists():
-        raise DicomReadError("missing", "file not found: fix the path (relative to the "
-                                        "manifest's folder) or remove the row")
-    series = None
-    try:
-        if entry.path.is_dir():
-            series = series_files(entry.path, roots)
-        content = file_sha256(entry.path, series)
-    except OutsideRootError as err:
-        raise DicomReadError("outside", str(err)) from err
-    except OSError as err:
-        raise DicomReadError("unreadable", f"cannot read the file ({err})") from err
-    volume = config.frames == "volume"  # one CT volume per row (client.data.volumes)
-    settings = (volume_settings(image_size, None) if volume
-                else transform_settings(image_size, config.frames))
-    key = cache_key(content, settings)
-    if cache is not None and (hit := cache.get(key)) is not None:
-        return _Decoded(entry, hit[0], content, hit[2]), hit[1], True
-    if volume:
-        image = volume_model_input(entry.path, image_size, series)
-        if cache is not None:
-            cache.put(key, image, [], [])
-        return _Decoded(entry, image, content, []), [], False
-    images, uids, patients, shapes = [], [], [], set()
-    for file in iter_decoded(entry.path, config.frames, limits_of(config), series,
-                             shrink_to=image_size):
-        for frame in file.frames:
-            shapes.add(frame.values.shape)
-            if len(shapes) > 1:
-                raise DicomReadError("bad-values", f"series images differ in size "
-                                     f"{sorted(shapes)}: one series folder must hold one series")
-            single = DecodedImage(frame.values[None], frame.invert, frame.rgb_max, [],
-                                  frame.value_range)
-            images.append(to_model_input(single, image_size))
-        uids.append(file.sop_uid)
-        patients.append(file.patient_id)
-    if not images:
-        raise DicomReadError("no-pixels", "no frames to read: remove the row")
-    image = np.concatenate(images)
-    uids = [u for u in uids if u]
-    if cache is not None:
-        cache.put(key, image, uids, patients)
-    return _Decoded(entry, image, content, patients), uids, False
-
-
-def _read_row(entry: Entry, config: SiteDataConfig, image_size: int,
-              cache: DecodedCache | None, roots: tuple[Path, ...]
-              ) -> tuple[_Decoded, list[str], bool]:
-    # Whatever a file makes a decoder or transform raise (Rust panics, MemoryError included)
-    # costs its row, never the check or the daemon.
-    return guarded("unreadable", "the file cannot be read; it is damaged or unsupported",
-                   lambda: _decode(entry, config, image_size, cache, roots))
-
-
-def _patient_problem(item: _Decoded) -> Problem | None:
+def _patient_problem(item: DecodedRow) -> Problem | None:
     others = sorted({p for p in item.file_patients if p and p != item.entry.patient})
     if not others:
         return None
@@ -178,7 +101,7 @@ def _patient_problem(item: _Decoded) -> Problem | None:
                    "two splits (set match_patient_id = false if the manifest uses pseudonyms)")
 
 
-def _groups(decoded: list[_Decoded]) -> list[str]:
+def _groups(decoded: list[DecodedRow]) -> list[str]:
     """A split group per row: manifest patients linked through the files' Patient IDs, so two
     manifest ids for one patient still land in one split."""
     parent: dict[str, str] = {}
@@ -196,17 +119,6 @@ def _groups(decoded: list[_Decoded]) -> list[str]:
                 if a != b:
                     parent[max(a, b)] = min(a, b)
     return [find("m:" + d.entry.patient) for d in decoded]
-
-
-def _stack(images: list[np.ndarray], labels: list[int], image_size: int) -> ImageSet:
-    if not images:
-        return ImageSet(torch.zeros(0, 1, image_size, image_size), torch.zeros(0, dtype=torch.long))
-    # Grayscale and colour in one site: grayscale goes to 3 equal channels.
-    channels = max(image.shape[1] for image in images)
-    arrays = [np.repeat(a, channels, axis=1) if a.shape[1] != channels else a for a in images]
-    frames = [len(a) for a in arrays]
-    return ImageSet(torch.from_numpy(np.concatenate(arrays)),
-                    torch.tensor(np.repeat(labels, frames), dtype=torch.long))
 
 
 def prepare_site(manifest: Path, config: SiteDataConfig,
@@ -228,17 +140,17 @@ def prepare_site(manifest: Path, config: SiteDataConfig,
     entries, problems, rows, info = read_manifest(Path(manifest), config)
     roots = config.resolved_roots(Path(manifest))
     cache = DecodedCache(config.resolved_cache_dir()) if config.use_cache else None
-    decoded: list[_Decoded] = []
+    decoded: list[DecodedRow] = []
     seen_uids: dict[str, int] = {}
     hits = 0
     for number, entry in enumerate(entries, 1):
         try:
-            item, uids, hit = _read_row(entry, config, image_size, cache, roots)
+            item = read_row(entry, config, image_size, roots, cache)
         except DicomReadError as err:
             problems.append(Problem(entry.row, entry.written_path[:SHOW_PATH], err.kind,
                                     err.reason))
             continue
-        duplicate = next((seen_uids[u] for u in uids if u in seen_uids), None)
+        duplicate = next((seen_uids[u] for u in item.uids if u in seen_uids), None)
         if duplicate is not None:
             problems.append(Problem(
                 entry.row, entry.written_path[:SHOW_PATH], "duplicate",
@@ -248,8 +160,8 @@ def prepare_site(manifest: Path, config: SiteDataConfig,
         if config.match_patient_id and (problem := _patient_problem(item)) is not None:
             problems.append(problem)
             continue
-        seen_uids |= {u: entry.row for u in uids}
-        hits += hit
+        seen_uids |= {u: entry.row for u in item.uids}
+        hits += item.cached
         decoded.append(item)
         if number % 500 == 0:
             logger.info("site data: %d of %d rows read", number, len(entries))
@@ -278,7 +190,7 @@ def prepare_site(manifest: Path, config: SiteDataConfig,
             counts = list(per_patient.values())
             report.images_per_patient[split] = (min(counts), statistics.median(counts),
                                                 max(counts))
-        sets[split] = _stack([d.image for d in chosen], [d.entry.label for d in chosen],
+        sets[split] = stack_images([d.image for d in chosen], [d.entry.label for d in chosen],
                              image_size)
     report.fingerprint = dataset_fingerprint(
         config.classes, ((d.entry.written_path, d.entry.label, d.entry.patient, s,

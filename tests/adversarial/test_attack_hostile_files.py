@@ -24,7 +24,7 @@ import pydicom
 import pytest
 
 from client.data import SiteDataConfig, prepare_site
-from client.data.guard import DicomReadError, guarded
+from imaging.guard import DicomReadError, guarded
 from simulations.bench.site_data import deflate_bomb, rle_bomb, write_hostile_site
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,7 +123,7 @@ def test_jpeg2000_codestream_larger_than_its_header_is_refused_before_decoding(t
     from pydicom.data import get_testdata_file
     from pydicom.encaps import encapsulate, generate_frames
 
-    from client.data.dicom import read_dicom
+    from imaging.dicom import read_dicom
 
     ds = pydicom.dcmread(get_testdata_file("MR_small_jp2klossless.dcm"))
     (frame,) = generate_frames(ds.PixelData, number_of_frames=1)

@@ -19,7 +19,7 @@ import torch
 from monai.data import MetaTensor
 from pydicom.pixels import apply_modality_lut
 
-from client.data.dicom import DicomReadError, read_dataset
+from imaging.dicom import DicomReadError, read_dataset
 from models.volume_transforms import ct_volume_transform
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")

@@ -26,7 +26,8 @@ def confine(written: str, base: Path, roots: tuple[Path, ...]) -> Path:
     Args:
         written: the path as the manifest writes it (relative to ``base`` or absolute).
         base: the manifest's folder.
-        roots: allowed folders, absolute and resolved (see ``SiteDataConfig.resolved_roots``).
+        roots: allowed folders, absolute and resolved (see
+            ``imaging.settings.ReadSettings.resolved_roots``).
 
     Raises:
         OutsideRootError: the path, after following symbolic links, is outside every root.

@@ -17,9 +17,9 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.data.config import MAX_INDEX_CLASSES, SiteDataConfig
-from client.data.paths import OutsideRootError, confine
-from client.data.problems import ManifestError, Problem
+from imaging.paths import OutsideRootError, confine
+from imaging.problems import ManifestError, Problem
+from imaging.settings import MAX_INDEX_CLASSES, ReadSettings
 
 SPLITS = ("train", "val")
 SEPARATORS = (",", ";", "\t", "|")
@@ -111,11 +111,11 @@ def _separator(header: str, required: list[str], path: Path) -> str:
     raise ManifestError(
         f"manifest {path} lacks the column(s) {[c for c in required if c not in found]} (its "
         f"header, split at {names[sniffed]}s, has {[_show(c) for c in found[:12]]}): rename them "
-        "in the file, or set path_column / label_column / patient_column in the site data "
-        "config")
+        "in the file, or set path_column / label_column / patient_column in the settings "
+        "that name the manifest")
 
 
-def read_manifest(path: Path, config: SiteDataConfig
+def read_manifest(path: Path, config: ReadSettings
                   ) -> tuple[list[Entry], list[Problem], int, ManifestInfo]:
     """Read and check the manifest.
 
@@ -194,7 +194,7 @@ def read_manifest(path: Path, config: SiteDataConfig
 
 
 def _entry(line: int, written: str, label_text: str, patient: str, split: str,
-           config: SiteDataConfig, base: Path, roots: tuple[Path, ...]
+           config: ReadSettings, base: Path, roots: tuple[Path, ...]
            ) -> tuple[Entry | None, Problem | None]:
     empty = [name for name, value in ((config.path_column, written),
                                       (config.label_column, label_text),
@@ -215,7 +215,7 @@ def _entry(line: int, written: str, label_text: str, patient: str, split: str,
     return Entry(line, resolved, written, label, patient, split), None
 
 
-def _required(config: SiteDataConfig) -> list[str]:
+def _required(config: ReadSettings) -> list[str]:
     return [config.path_column, config.label_column, config.patient_column]
 
 

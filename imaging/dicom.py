@@ -8,7 +8,7 @@ transfer syntaxes are decoded by pydicom's pixel handlers; the plugins medfed in
 JPEG-LS, JPEG 2000, HTJ2K, RLE and Deflate, besides the uncompressed syntaxes; see
 :func:`supported_transfer_syntaxes`.
 
-Files are treated as possibly hostile (see :mod:`client.data.guard`): the header's pixel layout
+Files are treated as possibly hostile (see :mod:`imaging.guard`): the header's pixel layout
 is bounded before anything is decoded, only the frames that are kept are decoded (from the file,
 not a copy of all its pixel data), non-image objects (SEG, RT Dose, SR...) are refused, and every
 decoder failure is a :class:`DicomReadError` naming what is wrong.
@@ -30,7 +30,7 @@ from pydicom.pixels import pixel_array as decode_pixels
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless
 
-from client.data.guard import (
+from imaging.guard import (
     INFLATE_HEADER_ALLOWANCE,
     DicomReadError,
     Geometry,

@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 from monai.transforms import Compose, Resize, ScaleIntensity, ScaleIntensityRange
 
-from client.data.dicom import DecodedImage, DicomReadError
+from imaging.dicom import DecodedImage, DicomReadError
 
 TRANSFORM_VERSION = 3
 """Bump when the pipeline changes, so that old cache entries no longer match."""

@@ -28,7 +28,7 @@ INFLATE_HEADER_ALLOWANCE = MIB
 
 
 class DicomReadError(Exception):
-    """A file that gives no image; ``kind`` is a :data:`client.data.problems.KINDS` entry."""
+    """A file that gives no image; ``kind`` is a :data:`imaging.problems.KINDS` entry."""
 
     def __init__(self, kind: str, reason: str) -> None:
         super().__init__(reason)
@@ -38,7 +38,7 @@ class DicomReadError(Exception):
 
 @dataclass(frozen=True)
 class ReadLimits:
-    """Decoded sizes a file may declare (see ``SiteDataConfig.max_frame_bytes``).
+    """Decoded sizes a file may declare (a hospital sets them in its site data config).
 
     Attributes:
         max_frame_bytes: most bytes one decoded frame may take.
