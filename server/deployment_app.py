@@ -5,8 +5,10 @@ The coordinator submits a *study* (``server.study.Study``: ``classes``, ``seed``
 SuperLink starts the ServerApp (:data:`server_app`), which runs the rounds exactly as the
 simulation does; each hospital's SuperNode runs medfed's ClientApp (``client.app.app``), which
 reads the hospital's data, policies, ledger and audit log from the SuperNode's node config. The
-coordinator holds no data: the hospitals evaluate every round on their own held-out splits and
-the run directory holds their combined results (the same files a simulation writes).
+hospitals evaluate every round on their own held-out splits and the run directory holds their
+combined results (the same files a simulation writes). The coordinator holds no data unless the
+study names a test set of its own (``evaluation.test_manifest``): then each round's published
+adapter is also scored on it (``test_*`` columns, ``federated`` in ``summary.json``).
 
 The app folder :func:`write_app_dir` writes (``DIR/app``) is what ``flwr run`` packages (the
 FAB): a ``pyproject.toml`` and two two-line modules that import the ServerApp and the ClientApp
@@ -103,6 +105,7 @@ def deployment_server_run(context: Context) -> ServerRun:
     Raises:
         ValueError: a run-config key is missing or empty.
     """
+    from server.evaluation import coordinator_test_set, describe_test_set
     from server.records import RunRecords
     from server.simulation_app import ServerRun
 
@@ -116,12 +119,20 @@ def deployment_server_run(context: Context) -> ServerRun:
     study = load_study(paths[STUDY_KEY])
     records = RunRecords(paths[RUN_DIR_KEY])
     records.write_config(asdict(study))
+    # The study's own test set, if it names one; otherwise the coordinator reads no data.
+    held = coordinator_test_set(study)
+    test_set = None
+    if held is not None:
+        test_set, report = held
+        records.test_set = describe_test_set(report)
+        logger.info("coordinator test set %s: %d of %d rows, images per class %s",
+                    report.manifest, report.usable_rows, report.rows, report.images)
 
     def on_round(server_round: int, metrics: dict[str, float]) -> None:
         logger.info("round %d of %d: %s", server_round, study.federation.rounds,
                     {k: round(float(v), 4) for k, v in metrics.items()})
 
-    return ServerRun(study=study, records=records, on_round=on_round)
+    return ServerRun(study=study, records=records, test_set=test_set, on_round=on_round)
 
 
 def _log_to_stderr() -> None:
@@ -156,7 +167,7 @@ def _main(grid: Grid, context: Context) -> None:
     wait_for_hospitals(grid)
     started = time.monotonic()
     # Deployment only: packed adapters and prompt polling (server.wire_grid).
-    outcome = run_study_rounds(PackedWireGrid(grid), run.study, run.records,
+    outcome = run_study_rounds(PackedWireGrid(grid), run.study, run.records, run.test_set,
                                on_round=run.on_round, on_reply=run.on_reply)
     summary = run_summary(run.records, run.study, outcome)
     summary["wall_time_s"] = {"federated": time.monotonic() - started,

@@ -5,7 +5,10 @@ metrics only. :func:`combine_validation` weights them by each hospital's number 
 :class:`AdapterSelection` keeps the round the run publishes (the best combined value of
 ``evaluation.select_by``, a tie going to the later round). :func:`with_prior` puts the
 population's class prior back into the adapter's head bias. A coordinator-held test set is
-optional (simulations pass one; a deployed coordinator holds no data): :func:`central_evaluator`.
+optional: a simulation passes its held-out MedMNIST split; a deployed coordinator reads one only
+when the study names ``evaluation.test_manifest`` (:func:`coordinator_test_set`, through the
+reader the hospitals use), and otherwise holds no data. :func:`central_evaluator` scores the
+adapter on it.
 """
 
 from __future__ import annotations
@@ -13,15 +16,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 from peft import PeftModel
 
+from imaging.labelled_set import LabelledSetReport, read_labelled_set
+from imaging.settings import ReadSettings
 from models.adapters import load_adapter_state
 from models.data import ImageSet
 from models.metrics import METRIC_NAMES, evaluate
+
+if TYPE_CHECKING:
+    from server.study import Study
 
 SELECTION_RULE = ("the global adapter of the round with the highest example-weighted "
                   "validation {metric} over the hospitals that evaluated it; a tie goes to the "
@@ -33,7 +42,7 @@ def central_evaluator(
     model: PeftModel, test_set: ImageSet
 ) -> Callable[[int, ArrayRecord], MetricRecord]:
     """Test loss, AUC, accuracy, balanced accuracy and macro-F1 of an adapter on a test set the
-    coordinator holds (simulations only).
+    coordinator holds (a simulation's, or the study's ``evaluation.test_manifest``).
 
     The model is the same LoRA model the hospitals train (BatchNorm frozen at its pretrained
     statistics on both sides), so the coordinator scores exactly what the hospitals would run.
@@ -45,6 +54,43 @@ def central_evaluator(
         return MetricRecord({f"test-{k.replace('_', '-')}": v for k, v in scores.items()})
 
     return evaluate_fn
+
+
+def coordinator_test_set(study: Study) -> tuple[ImageSet, LabelledSetReport] | None:
+    """The study's coordinator-held test set (``evaluation.test_manifest``), or None when it
+    names none (then nothing is read).
+
+    Read by :func:`imaging.labelled_set.read_labelled_set`: the manifest's labels are mapped
+    to ``study.classes`` by name, each row through the hospitals' reader; the images are
+    ``(N, C, image_size, image_size)`` (``(N, 1, S, S, S)`` for a 3D backbone).
+
+    Raises:
+        imaging.problems.ManifestError: the manifest cannot be read, or no row gives an image.
+        ValueError: an integer label outside the study's classes (a study without class
+            names).
+    """
+    from models.registry import backbone_spec
+
+    manifest = study.evaluation.test_manifest
+    if not manifest:
+        return None
+    volume = backbone_spec(study.model.backbone).spatial_dims == 3
+    settings = ReadSettings(classes=tuple(study.classes), frames="volume" if volume else "middle")
+    images, report = read_labelled_set(Path(manifest).expanduser(), settings,
+                                       study.model.image_size)
+    num_classes = study.model.num_classes
+    if int(images.labels.max()) >= num_classes:
+        raise ValueError(f"evaluation.test_manifest {manifest}: label "
+                         f"{int(images.labels.max())} is not a class of this study "
+                         f"(0..{num_classes - 1}); name the classes in the study")
+    return images, report
+
+
+def describe_test_set(report: LabelledSetReport) -> dict[str, Any]:
+    """What ``summary.json`` says of a coordinator-held test set (``test_set``)."""
+    return {"manifest": str(report.manifest), "rows": report.rows,
+            "usable_rows": report.usable_rows, "images": report.images,
+            "rows_left_out": len(report.problems), "fingerprint": report.fingerprint}
 
 
 def combine_validation(rows: Iterable[dict[str, Any]]) -> dict[str, float]:

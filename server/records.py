@@ -58,6 +58,9 @@ class RunRecords:
     # node id -> hospital id seen in an earlier reply: an error reply (a privacy refusal, say)
     # carries no metrics, and its row should still land on the hospital's line.
     hospital_of: dict[int, str] = field(default_factory=dict, repr=False)
+    # What the coordinator-held test set was (``server.evaluation.describe_test_set``), for
+    # summary.json; None without one.
+    test_set: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -175,6 +178,8 @@ class RunRecords:
         return path
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
+        if self.test_set is not None:
+            summary = summary | {"test_set": self.test_set}
         path = self.run_dir / "summary.json"
         path.write_text(json.dumps(_clean(summary), indent=2) + "\n")
         return path

@@ -8,7 +8,7 @@ how rounds run, the privacy mechanisms and how the published adapter is chosen::
     [train]       local_epochs, batch_size, lr, ...       (models.config.TrainConfig)
     [federation]  rounds, strategy, min_hospitals, task   (server.config.FederationConfig)
     [privacy]     dpsgd, update_clip_norm, ...            (privacy.config.DPConfig)
-    [evaluation]  select_by, prior                        (EvaluationConfig)
+    [evaluation]  select_by, prior, test_manifest         (EvaluationConfig)
 
 A simulation's settings (``simulations.config.SimulationConfig``) are a study plus where its
 simulated hospitals' data comes from; a coordinator reads only the study, holds no data and
@@ -61,10 +61,20 @@ class EvaluationConfig:
             the published adapter's head bias gets ``log(prior)`` added so that its plain
             logits answer for this population. Empty: the adapter assumes equal class priors
             (recorded in ``summary.json``). Hospitals evaluate the adapter as published.
+        test_manifest: optional: a test set the coordinator holds, as a manifest (CSV with
+            ``path``, ``label`` and ``patient_id`` columns; paths relative to the manifest's
+            folder and confined to it) of DICOM files, read by the reader the hospitals use
+            (same guards against hostile files; labels mapped to ``classes`` by name; a
+            multi-frame file gives its middle frame, a 3D backbone's row its volume). A
+            relative path is taken from the study file's folder. Every round's published
+            adapter is scored on it: ``test_*`` columns of ``metrics.csv``'s ``global`` rows,
+            ``federated`` and ``test_set`` in ``summary.json``. Empty: the coordinator reads
+            no data file.
     """
 
     select_by: str = setting("auc", choices=SELECT_BY)
     prior: list[float] = field(default_factory=list)
+    test_manifest: str = ""
 
 
 @dataclass
@@ -179,7 +189,13 @@ def load_study(path: Path) -> Study:
         SettingsError: unreadable file, invalid TOML, or a setting the study refuses; the
             message names the file, the key, the value and what is allowed.
     """
-    return study_from_values(read_toml(Path(path), f"study {path}"), f"study {path}")
+    study = study_from_values(read_toml(Path(path), f"study {path}"), f"study {path}")
+    manifest = study.evaluation.test_manifest
+    if manifest and not Path(manifest).expanduser().is_absolute():
+        # Relative to the study file, wherever the coordinator is started from.
+        resolved = str((Path(path).resolve().parent / manifest).resolve())
+        study.evaluation = replace(study.evaluation, test_manifest=resolved)
+    return study
 
 
 def resolve_study(study: Study) -> Study:

@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+from flwr.app import Context, RecordDict
 
 from client.site_folder import CONFIG_FILE, init_site_folder, load_hospital_config, node_config
-from server.records import RunRecords
+from server.deployment_app import RUN_DIR_KEY, STUDY_KEY, deployment_server_run
 from server.rounds import run_study_rounds, run_summary
-from server.study import load_study, resolve_study
 from simulations.config import DataConfig
 from simulations.datasets import search_dirs
 
@@ -136,15 +136,17 @@ def run_coordinator(study_file: Path, sites: list[Path], run_dir: Path,
     os.environ["MEDFED_DATA_DIR"] = str(data_dir)
     try:
         with audited(watched) as audit:
-            study = resolve_study(load_study(study_file))
-            records = RunRecords(run_dir)
-            records.write_config(asdict(study))
+            # What the deployed ServerApp does with its run config (server.deployment_app).
+            run = deployment_server_run(Context(
+                run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                run_config={STUDY_KEY: str(study_file), RUN_DIR_KEY: str(run_dir)}))
             grid = InProcessGrid(build_client_app(), {
                 k + 1: node_config(site, load_hospital_config(site))
                 for k, site in enumerate(sites)})
-            outcome = run_study_rounds(grid, study, records)
-            summary = run_summary(records, study, outcome)
-            records.write_summary(summary)
+            outcome = run_study_rounds(grid, run.study, run.records, run.test_set)
+            summary = run_summary(run.records, run.study, outcome)
+            run.records.write_summary(summary)
+            summary = json.loads((run_dir / "summary.json").read_text())
     finally:
         if saved is None:
             os.environ.pop("MEDFED_DATA_DIR", None)
@@ -153,14 +155,35 @@ def run_coordinator(study_file: Path, sites: list[Path], run_dir: Path,
     return summary, audit
 
 
+def write_test_set(folder: Path, images: int, image_size: int, seed: int = 0) -> Path:
+    """``images`` of MedMNIST's official test split as DICOM files and a manifest with class
+    names under ``folder``: a coordinator's own test set. Returns the manifest."""
+    from client.site import SiteData
+    from models.data import ImageSet
+    from simulations.dicom_export import export_site
+    from simulations.sites import held_out_test_set
+
+    test = held_out_test_set(DataConfig(max_test_examples=images), image_size, seed)
+    none = ImageSet(test.images[:0], test.labels[:0])
+    return export_site(SiteData(train=test, val=none), folder, 0, CLASSES)
+
+
 def run_real_study(root: Path, hospitals: int = 3, rounds: int = 3,
-                   train_per_hospital: int = 80) -> tuple[dict[str, Any], FileAudit]:
-    """Prepare the hospitals and the study under ``root``, then run it (``root/run``)."""
+                   train_per_hospital: int = 80,
+                   test_images: int = 0) -> tuple[dict[str, Any], FileAudit]:
+    """Prepare the hospitals and the study under ``root``, then run it (``root/run``).
+    ``test_images`` > 0: the study names a coordinator-held test set of that many images
+    (``root/coordinator-test-set``); its files are not in the audited folders."""
     root = Path(root)
     study = STUDY | {"federation": STUDY["federation"] | {"rounds": rounds,
                                                           "min_hospitals": hospitals}}
     sites = prepare_hospitals(root, hospitals, train_per_hospital,
                               study["model"]["image_size"])
+    if test_images:
+        manifest = write_test_set(root / "coordinator-test-set", test_images,
+                                  study["model"]["image_size"])
+        study |= {"evaluation": study["evaluation"] | {
+            "test_manifest": str(manifest.relative_to(root))}}
     study_file = root / "study.toml"
     study_file.write_text(tomli_w.dumps(study))
     data_dir = root / "coordinator-data"
@@ -174,14 +197,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--train-per-hospital", type=int, default=80,
                         help="images per hospital, 30%% of them held out for its evaluation")
+    parser.add_argument("--test-images", type=int, default=0,
+                        help="give the coordinator a test set of this many MedMNIST test "
+                             "images as DICOM files (evaluation.test_manifest; default: none)")
     parser.add_argument("--keep", type=Path, help="keep the folders here (default: temporary)")
     args = parser.parse_args(argv)
     root = args.keep or Path(tempfile.mkdtemp(prefix="medfed-real-study-"))
-    summary, audit = run_real_study(root, args.hospitals, args.rounds, args.train_per_hospital)
+    summary, audit = run_real_study(root, args.hospitals, args.rounds, args.train_per_hospital,
+                                    args.test_images)
     print(json.dumps({"published": summary["published"], "validation": summary["validation"],
                       "validation_per_hospital": summary["validation_per_hospital"]}, indent=2))
     print(f"run directory: {root / 'run'}")
     print(f"federated eval auc: {summary['validation']['auc']:.4f}")
+    if "federated" in summary:
+        print(f"coordinator test auc: {summary['federated']['auc']:.4f} "
+              f"({summary['test_set']['usable_rows']} images)")
     print(f"coordinator network connections: {len(audit.connections)}")
     print(f"coordinator data files read: {len(audit.opened)}")
     return 0

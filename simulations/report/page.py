@@ -227,12 +227,16 @@ def _key_finding(run: Run, scores: TestScores | None) -> str:
               f"{_fmt(val.get('auc'))}, accuracy {_fmt(val.get('accuracy'))}, balanced accuracy "
               f"{_fmt(val.get('balanced_accuracy'))} over {_fmt(val.get('examples'))} held-out "
               f"images at the hospitals.</p>") if published else ""
-    if "federated" not in run.summary:  # a deployed run: the hospitals judged it
+    if "federated" not in run.summary:  # a deployed run without a test set of its own
         return chosen
     fed = run.summary.get("federated", {})
     parts = [f"The federated model reached a test AUC of <b>{_fmt(fed.get('auc'))}</b> "
              f"(accuracy {_fmt(fed.get('accuracy'))}, balanced accuracy "
              f"{_fmt(fed.get('balanced_accuracy'))})"]
+    if held := run.summary.get("test_set"):  # a deployed run's coordinator-held test set
+        parts.append(f" on the coordinator's own test set ({held.get('usable_rows')} of "
+                     f"{held.get('rows')} rows of {html.escape(str(held.get('manifest')))}, "
+                     f"read as the hospitals read theirs)")
     if scores is not None and all(map(math.isfinite, scores.auc_ci)):
         parts.append(f" (95% CI {scores.auc_ci[0]:.3f} to {scores.auc_ci[1]:.3f}, "
                      f"{len(scores.labels)} test images)")

@@ -10,11 +10,12 @@ from typing import Any
 
 import pandas as pd
 
-# MedMNIST's label names, so a clinician reads "pneumonia", not "class 1".
-CLASS_NAMES = {
-    "pneumoniamnist": ["normal", "pneumonia"],
-    "breastmnist": ["malignant", "normal or benign"],
-}
+# MedMNIST's label names (one list, the simulations'), so a clinician reads "pneumonia", not
+# "class 1".
+from simulations.datasets import CLASS_NAMES, class_names
+
+__all__ = ["CLASS_NAMES", "ReportError", "Run", "class_names", "is_simulation", "load_run",
+           "run_class_names"]
 
 
 class ReportError(ValueError):
@@ -80,7 +81,3 @@ def run_class_names(run: Run, num_classes: int) -> list[str]:
         return list(named)
     return class_names(str(run.config.get("data", {}).get("dataset")), num_classes)
 
-
-def class_names(dataset: str, num_classes: int) -> list[str]:
-    names = CLASS_NAMES.get(dataset, [])
-    return names if len(names) == num_classes else [f"class {k}" for k in range(num_classes)]
