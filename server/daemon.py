@@ -390,7 +390,8 @@ def submit_run(folder: Path, study: Path, run_dir: Path, insecure: bool = False)
     app_dir = write_app_dir(folder)
     env = dict(os.environ, FLWR_HOME=str(flwr_cli_home(folder, insecure=insecure)))
     exe = _flower_executable("flwr") or "flwr"
-    argv = [exe, "run", str(app_dir), "consortium", *run_config_args(study, run_dir), "--stream"]
+    argv = [exe, "run", str(app_dir), "consortium", *run_config_args(study, run_dir, folder),
+            "--stream"]
     logger.info("submitting %s (records in %s)", study, run_dir)
     proc = subprocess.Popen(argv, env=env, cwd=folder, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +46,9 @@ STUDY_KEY = "study"
 """Run-config key: absolute path of the study TOML."""
 RUN_DIR_KEY = "run-dir"
 """Run-config key: absolute path of the run directory (records, checkpoint, final adapter)."""
+CONSORTIUM_KEY = "consortium"
+"""Run-config key: absolute path of the consortium folder, whose enrolment list names the
+hospitals in the run's records (optional: without it rows carry the ids the replies give)."""
 
 _APP_PYPROJECT = {
     "project": {
@@ -57,7 +61,7 @@ _APP_PYPROJECT = {
         "publisher": "medfed",
         "components": {"serverapp": "medfed_app.server_app:app",
                        "clientapp": "medfed_app.client_app:app"},
-        "config": {STUDY_KEY: "", RUN_DIR_KEY: ""},
+        "config": {STUDY_KEY: "", RUN_DIR_KEY: "", CONSORTIUM_KEY: ""},
     }}},
 }
 _APP_MODULES = {
@@ -81,10 +85,38 @@ def write_app_dir(folder: Path) -> Path:
     return app_dir
 
 
-def run_config_args(study: Path, run_dir: Path) -> list[str]:
-    """``flwr run``'s ``--run-config`` argument for this study and run directory."""
+def run_config_args(study: Path, run_dir: Path, consortium: Path | None = None) -> list[str]:
+    """``flwr run``'s ``--run-config`` argument for this study and run directory (and the
+    consortium folder whose enrolment list names the hospitals)."""
     values = {STUDY_KEY: str(Path(study).resolve()), RUN_DIR_KEY: str(Path(run_dir).resolve())}
+    if consortium is not None:
+        values[CONSORTIUM_KEY] = str(Path(consortium).resolve())
     return ["--run-config", " ".join(f'{k}="{v}"' for k, v in values.items())]
+
+
+def enrolled_names(folder: Path) -> Callable[[int], str | None]:
+    """node id -> the name its hospital was enrolled under, from the consortium folder's
+    enrolment list (which ``server.daemon`` keeps in step with the SuperLink's registry).
+    The list is read again when a node id is not on it (a hospital registered mid-run)."""
+    from server.consortium import load_enrolments
+
+    names: dict[int, str] = {}
+
+    def read() -> None:
+        names.clear()
+        for entry in load_enrolments(folder):
+            if entry.active and entry.node_id.isdigit():
+                names[int(entry.node_id)] = entry.name
+
+    def name_of(node_id: int) -> str | None:
+        if node_id not in names:
+            try:
+                read()
+            except (OSError, ValueError) as err:  # a list being rewritten: ids for now
+                logger.warning("cannot read the enrolment list in %s (%s)", folder, err)
+        return names.get(node_id)
+
+    return name_of
 
 
 def load_study(study: Path) -> Study:
@@ -118,6 +150,8 @@ def deployment_server_run(context: Context) -> ServerRun:
         paths[key] = Path(value)
     study = load_study(paths[STUDY_KEY])
     records = RunRecords(paths[RUN_DIR_KEY])
+    if consortium := str(context.run_config.get(CONSORTIUM_KEY, "")):
+        records.enrolled_name = enrolled_names(Path(consortium))
     records.write_config(asdict(study))
     # The study's own test set, if it names one; otherwise the coordinator reads no data.
     held = coordinator_test_set(study)

@@ -1,6 +1,7 @@
 """The run directory: what a run did, written so that it can be read and reproduced.
 
-``config.toml`` (resolved settings), ``metrics.csv`` (one row per round and hospital, plus a
+``config.toml`` (resolved settings), ``metrics.csv`` (one row per round and hospital - a
+deployed hospital by the name it was enrolled under - plus a
 ``global`` row per round: the hospitals' validation metrics combined, weighted by examples, in
 its ``val_*`` columns, and the metrics on a coordinator-held test set, when there is one, in its
 ``test_*`` columns), ``summary.json`` and ``adapter/`` (peft format, the published round's).
@@ -13,6 +14,7 @@ import csv
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,10 @@ class RunRecords:
     # node id -> hospital id seen in an earlier reply: an error reply (a privacy refusal, say)
     # carries no metrics, and its row should still land on the hospital's line.
     hospital_of: dict[int, str] = field(default_factory=dict, repr=False)
+    # node id -> the name the hospital was enrolled under (the coordinator's own enrolment
+    # list; None when unknown): rows carry that name. Without it (simulations, in-process
+    # runs) a hospital's rows carry the id its replies give.
+    enrolled_name: Callable[[int], str | None] | None = field(default=None, repr=False)
     # What the coordinator-held test set was (``server.evaluation.describe_test_set``), for
     # summary.json; None without one.
     test_set: dict[str, Any] | None = None
@@ -73,11 +79,10 @@ class RunRecords:
 
     def add_reply(self, reply: Reply) -> None:
         """Record one hospital's train or evaluate reply (or why it was dropped)."""
-        if "hospital-id" in reply.metrics:
-            named = str(int(reply.metrics["hospital-id"]))
-            if self.hospital_of.get(reply.node_id) != named:
-                self.hospital_of[reply.node_id] = named
-                self._rename(reply.node_id, named)
+        named = self._name(reply)
+        if named is not None and self.hospital_of.get(reply.node_id) != named:
+            self.hospital_of[reply.node_id] = named
+            self._rename(reply.node_id, named)
         hospital = self.hospital_of.get(reply.node_id, str(reply.node_id))
         row = self._row(reply.server_round, hospital)
         row["node_id"] = reply.node_id
@@ -102,6 +107,15 @@ class RunRecords:
             row["val_examples"] = int(metrics["num-examples"])
             for name in METRIC_NAMES:
                 row[f"val_{name}"] = metrics.get(f"val-{name.replace('_', '-')}")
+
+    def _name(self, reply: Reply) -> str | None:
+        """The hospital's name: its enrolment's (from the coordinator's list, so a hospital
+        cannot take another's), else the id its reply gives, else None (unknown yet)."""
+        if self.enrolled_name is not None and (name := self.enrolled_name(reply.node_id)):
+            return name
+        if "hospital-id" in reply.metrics:
+            return str(int(reply.metrics["hospital-id"]))
+        return None
 
     def _rename(self, node_id: int, new: str) -> None:
         """Move rows filed under ``node_id`` (before its first reply named the hospital: a

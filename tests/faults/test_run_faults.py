@@ -68,9 +68,10 @@ def _finish(lc: LoopbackConsortium, coordinator: subprocess.Popen, name: str) ->
 def _trained(lc: LoopbackConsortium, name: str) -> dict[int, set[str]]:
     metrics = pd.read_csv(lc.folder / "runs" / name / "metrics.csv", dtype={"hospital": str})
     rows = metrics[(metrics.hospital != "global") & metrics.train_loss.notna()]
-    # Rows name a hospital by its id when it sent one, else by its node id.
-    index = {e.node_id: e.name.removeprefix("hospital-") for e in load_enrolments(lc.folder)}
-    return {int(r): {index.get(x, x) for x in h} for r, h in rows.groupby("round")["hospital"]}
+    # Rows name a hospital by its enrolled name (a node id only if it is not enrolled).
+    index = {e.node_id: e.name for e in load_enrolments(lc.folder)}
+    return {int(r): {index.get(x, x).removeprefix("hospital-") for x in h}
+            for r, h in rows.groupby("round")["hospital"]}
 
 
 def _adapter(lc: LoopbackConsortium, name: str) -> dict[str, torch.Tensor]:
