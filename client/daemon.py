@@ -33,8 +33,12 @@ NODE_CONFIG_FILE = "node-config.toml"
 file whole, so paths with spaces need no quoting."""
 
 
-def supernode_command(folder: Path, insecure: bool = False) -> list[str]:
+def supernode_command(folder: Path, insecure: bool = False,
+                      fresh_secret: bool = True) -> list[str]:
     """The ``flower-supernode`` argv for the site folder ``folder`` (writes its node config).
+
+    ``fresh_secret``: write a new SuperExec secret (a start); False keeps the one there (only
+    printing the command: a running daemon's SuperNode and SuperExec hold the current one).
 
     Raises:
         SiteFolderError: the config is unusable, or the CA certificate or key is missing.
@@ -57,7 +61,7 @@ def supernode_command(folder: Path, insecure: bool = False) -> list[str]:
             "--port", str(config.runtime_port),
             # Tasks run by medfed's SuperExec only (installed ClientApp, never the FAB's).
             "--isolation", "process",
-            "--superexec-auth-secret-file", str(_fresh_secret(folder))]
+            "--superexec-auth-secret-file", str(_secret(folder, fresh_secret))]
     if insecure:
         logger.warning("hospital %s: plaintext (--insecure) and no node authentication: for "
                        "loopback tests only, never with patient data", config.name)
@@ -106,9 +110,12 @@ def thread_env(folder: Path) -> dict[str, str]:
     return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
-def _fresh_secret(folder: Path) -> Path:
-    """A new random SuperExec secret in ``folder`` (0600, created with that mode)."""
+def _secret(folder: Path, fresh: bool = True) -> Path:
+    """The SuperExec secret file in ``folder``: a new random one (0600, created with that
+    mode), or with ``fresh=False`` the one already there (made if there is none)."""
     path = folder / SUPEREXEC_SECRET_FILE
+    if not fresh and path.is_file():
+        return path
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:

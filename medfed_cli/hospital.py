@@ -98,7 +98,8 @@ def cmd_hospital_start(args: argparse.Namespace) -> int:
         # helpers together, and stops for good only when the coordinator revokes this key.
         return supervise(args.dir, insecure=args.insecure, backoff_s=args.retry_backoff,
                          daemon_env=daemon_env)
-    argv = supernode_command(args.dir, insecure=args.insecure)
+    # Printing only: a running daemon's secret stays as it is.
+    argv = supernode_command(args.dir, insecure=args.insecure, fresh_secret=False)
     warm = warm_exec_command(args.dir, os.getpid())
     home = args.dir.resolve() / "flwr-home"
     if warm is not None:
