@@ -136,8 +136,10 @@ def check_budget(privacy: SitePrivacy, dataset_id: str, charges: list[Charge]) -
     if policy is None or privacy.ledger is None:
         return
     if not charges:
-        raise PrivacyRefusal("site policy refuses a round without differential privacy "
-                             "(it would spend an unbounded epsilon)")
+        if policy.require_dp:
+            raise PrivacyRefusal("site policy refuses a round without differential privacy "
+                                 "(it would spend an unbounded epsilon)")
+        return  # require_dp = false: the hospital takes non-private rounds; nothing to spend
     total = privacy.ledger.projected_epsilon(dataset_id, charges, policy.delta,
                                              policy.accountant)
     if total > policy.max_epsilon:
@@ -243,7 +245,7 @@ def train_round(
         spent = privacy.ledger.run_epsilon(dataset_id, run)
         if spent is not None:
             metrics = {"dp-epsilon": spent[0], "dp-delta": spent[1]}
-    if not metrics:
+    if not metrics and charges:  # a round without DP has no epsilon to report (not 0)
         history = history_from_record(context.state.config_records.get(STATE_KEY))
         history += [c.example_event for c in charges]
         context.state[STATE_KEY] = history_to_record(history)
