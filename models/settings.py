@@ -291,7 +291,8 @@ def field_help(cls: type) -> dict[str, str]:
     help_of: dict[str, str] = {}
     current: list[str] = []
     for line in match.group(1).splitlines():
-        entry = re.match(r"^    ([\w, ]+):\s*(.*)$", line)
+        # "    name: text" or "    a, b: text"; a continuation line is indented deeper.
+        entry = re.match(r"^    (\w+(?:, \w+)*):\s*(.*)$", line)
         if entry:
             current = [n.strip() for n in entry.group(1).split(",")]
             for name in current:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields
 
 from flwr.app import ConfigRecord
 
+from models.settings import check_settings, setting
+
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("einsum", "functorch", "hooks", "ghost")
 OPTIMIZERS = ("adamw", "sgd")
@@ -64,21 +66,21 @@ class DPConfig:
     """
 
     dpsgd: bool = False
-    dp_noise_multiplier: float = 0.0
-    dp_target_epsilon: float = 0.0
-    dp_delta: float = 1e-5
-    dp_max_grad_norm: float = 1.0
-    dp_accountant: str = "rdp"
-    dp_grad_sample_mode: str = "einsum"
-    dp_optimizer: str = "adamw"
-    dp_lr: float = 0.0
-    dp_momentum: float = 0.9
-    dp_run_rounds: int = 0
-    dp_augmentations: int = 0
-    update_clip_norm: float = 0.0
-    update_noise_multiplier: float = 0.0
-    update_hospitals: int = 0
-    update_min_sum_size: int = 0
+    dp_noise_multiplier: float = setting(0.0, ge=0)
+    dp_target_epsilon: float = setting(0.0, ge=0)
+    dp_delta: float = setting(1e-5, gt=0, lt=1)
+    dp_max_grad_norm: float = setting(1.0, gt=0)
+    dp_accountant: str = setting("rdp", choices=ACCOUNTANTS)
+    dp_grad_sample_mode: str = setting("einsum", choices=GRAD_SAMPLE_MODES)
+    dp_optimizer: str = setting("adamw", choices=OPTIMIZERS)
+    dp_lr: float = setting(0.0, ge=0)
+    dp_momentum: float = setting(0.9, ge=0, lt=1)
+    dp_run_rounds: int = setting(0, ge=0)
+    dp_augmentations: int = setting(0, ge=0)
+    update_clip_norm: float = setting(0.0, ge=0)
+    update_noise_multiplier: float = setting(0.0, ge=0)
+    update_hospitals: int = setting(0, ge=0)
+    update_min_sum_size: int = setting(0, ge=0)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -88,37 +90,18 @@ class DPConfig:
         """Client-level DP on the update is on."""
         return self.update_clip_norm > 0
 
-    def validate(self, where: str = "dp config") -> None:
-        """Raise ``ValueError`` naming the field when a setting is out of range."""
-        if self.dp_accountant not in ACCOUNTANTS:
-            raise ValueError(f"{where}: dp_accountant '{self.dp_accountant}' is not one of "
-                             f"{ACCOUNTANTS}")
-        if self.dp_grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise ValueError(f"{where}: dp_grad_sample_mode '{self.dp_grad_sample_mode}' is not "
-                             f"one of {GRAD_SAMPLE_MODES}")
-        if self.dp_optimizer not in OPTIMIZERS:
-            raise ValueError(f"{where}: dp_optimizer '{self.dp_optimizer}' is not one of "
-                             f"{OPTIMIZERS}")
-        if self.dp_augmentations < 0:
-            raise ValueError(f"{where}: dp_augmentations must be >= 0 (0 or 1: off)")
-        if self.dp_lr < 0 or not 0 <= self.dp_momentum < 1:
-            raise ValueError(f"{where}: dp_lr must be >= 0 and dp_momentum in [0, 1)")
-        if not 0 < self.dp_delta < 1:
-            raise ValueError(f"{where}: dp_delta must be in (0, 1), got {self.dp_delta}")
-        if self.dp_max_grad_norm <= 0:
-            raise ValueError(f"{where}: dp_max_grad_norm must be > 0")
-        if self.dp_noise_multiplier < 0 or self.dp_target_epsilon < 0:
-            raise ValueError(f"{where}: dp_noise_multiplier and dp_target_epsilon must be >= 0")
+    def validate(self, where: str = "privacy") -> None:
+        """Raise ``ValueError`` naming the field, its value and what is allowed: each field's
+        limits (``models.settings.SettingsError``; the typed reader checks the same when a
+        study file is read), then the settings that only work together. Runs on every
+        construction: a hospital checks the values a coordinator's round config carries."""
+        check_settings(self, where)
         if self.dpsgd and self.dp_noise_multiplier == 0 and self.dp_target_epsilon == 0:
-            raise ValueError(f"{where}: dpsgd needs dp_noise_multiplier > 0 or "
+            raise ValueError("dpsgd = true needs dp_noise_multiplier > 0 or "
                              "dp_target_epsilon > 0")
-        if self.update_clip_norm < 0 or self.update_noise_multiplier < 0:
-            raise ValueError(f"{where}: update_clip_norm and update_noise_multiplier must be >= 0")
         if self.update_dp and self.update_noise_multiplier == 0:
-            raise ValueError(f"{where}: update_clip_norm > 0 needs update_noise_multiplier > 0 "
-                             "(clipping alone protects no one)")
-        if self.update_hospitals < 0:
-            raise ValueError(f"{where}: update_hospitals must be >= 0")
+            raise ValueError(f"update_clip_norm = {self.update_clip_norm:g} needs "
+                             "update_noise_multiplier > 0 (clipping alone protects no one)")
 
 
 def _key(name: str) -> str:

@@ -21,6 +21,7 @@ from client.site_folder import (
     load_hospital_config,
     node_config,
 )
+from models.config import to_config_record
 from models.data import ImageSet
 from models.settings import SettingsError
 from server.evaluation import AdapterSelection, combine_validation, with_prior
@@ -48,6 +49,61 @@ def test_a_bad_value_is_refused_when_read_naming_key_value_and_allowed(tmp_path,
     message = str(refused.value)
     assert str(path) in message and key in message and value in message, message
     assert allowed in message, message
+
+
+@pytest.mark.parametrize("text, key, value, allowed", [
+    ("[privacy]\ndp_delta = 2.0\n", "privacy.dp_delta", "2.0", "must be > 0, < 1"),
+    ('[privacy]\ndp_accountant = "moments"\n', "privacy.dp_accountant", "'moments'",
+     "must be one of 'rdp', 'prv'"),
+    ('[privacy]\ndp_noise_multiplier = "1"\n', "privacy.dp_noise_multiplier", "'1'",
+     "expected a number"),
+    ("[privacy]\ndp_max_grad_norm = 0\n", "privacy.dp_max_grad_norm", "0", "must be > 0"),
+    ("[privacy]\nupdate_hospitals = -1\n", "privacy.update_hospitals", "-1", "must be >= 0"),
+    ("[privacy]\ndp_momentum = 1\n", "privacy.dp_momentum", "1", "must be >= 0, < 1"),
+    ("[privacy]\ndpsgd = true\n", "[privacy] dpsgd", "true",
+     "needs dp_noise_multiplier > 0 or dp_target_epsilon > 0"),
+    ("[privacy]\nupdate_clip_norm = 1.0\n", "[privacy] update_clip_norm", "1",
+     "needs update_noise_multiplier > 0"),
+    ("[privacy]\ndp_sigma = 1.0\n", "privacy.dp_sigma", "unknown setting", "known: ["),
+    ("[federation.secure_aggregation]\nquantization_bits = 40\n",
+     "federation.secure_aggregation.quantization_bits", "40", "must be >= 2, <= 31"),
+    ("[federation.secure_aggregation]\ngroup_size = 2\n", "group_size", "2",
+     "a count of hospitals >= 3, or 0"),
+    ("[federation.secure_aggregation]\ngroup_size = 4.0\n",
+     "federation.secure_aggregation.group_size", "4.0", "expected a whole number"),
+    ("[federation.secure_aggregation]\nthreshold = 2.5\n", "threshold", "2.5",
+     "a whole number > 1) or a fraction in (0, 1]"),
+    ("[federation.secure_aggregation]\nthreshold = 0\n",
+     "federation.secure_aggregation.threshold", "0", "must be > 0"),
+    ("[federation.secure_aggregation]\nstage_timeout_s = 0\n",
+     "federation.secure_aggregation.stage_timeout_s", "0", "must be > 0"),
+    ("[federation.secure_aggregation]\nenabld = true\n", "federation.secure_aggregation.enabld",
+     "unknown setting", "did you mean 'enabled'?"),
+])
+def test_privacy_and_secure_aggregation_settings_are_refused_when_read(tmp_path, text, key,
+                                                                        value, allowed):
+    """``[privacy]`` (DPConfig) and ``[federation.secure_aggregation]`` (SecAggConfig) go
+    through the one reader's limits: the refusal names the file, the key, the value and what
+    is allowed."""
+    path = tmp_path / "study.toml"
+    path.write_text(text)
+    with pytest.raises(SettingsError) as refused:
+        load_study(path)
+    message = str(refused.value)
+    assert str(path) in message and key in message and value in message, message
+    assert allowed in message, message
+
+
+def test_privacy_limits_hold_for_values_built_in_code_and_on_the_wire():
+    """A hospital builds DPConfig from the coordinator's round config: the same limits."""
+    from privacy.config import DPConfig, dp_config_from_record
+
+    with pytest.raises(ValueError, match=r"privacy.dp_delta = 1.5: must be > 0, < 1"):
+        DPConfig(dp_delta=1.5)
+    record = to_config_record(DPConfig())
+    record["dp-grad-sample-mode"] = "hooks-v2"
+    with pytest.raises(ValueError, match="dp_grad_sample_mode = 'hooks-v2': must be one of"):
+        dp_config_from_record(record)
 
 
 def test_unknown_keys_are_refused_with_the_closest_name(tmp_path):
@@ -207,3 +263,15 @@ def test_medfed_hospital_check_reads_the_site_folder(tmp_path, capsys):
     path.write_text(text + '\n[site_data]\nframes = "some"\n')
     assert medfed(["hospital", "check", "--dir", str(tmp_path / "site")]) == 2
     assert "frames" in capsys.readouterr().out
+
+
+def test_a_help_line_that_wraps_after_a_colon_stays_one_entry():
+    """A continuation line holding ``word:`` (``(pure\n cryptography: ...``) is not a new
+    entry: the reference shows the whole help text."""
+    from models.settings import field_help
+    from privacy.secagg import SecAggConfig
+
+    text = field_help(SecAggConfig)["stage_timeout_s"]
+    assert "pure cryptography: a hospital silent" in text
+    assert text.endswith("wait for the round timeout.")
+    assert "cryptography" not in field_help(SecAggConfig)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from models.settings import check_settings, setting
+
 STAGES = ("setup", "share", "mask", "check", "unmask")
 """The protocol's message exchanges, in order (one round trip each)."""
 ACTION = "secagg"
@@ -47,30 +49,27 @@ class SecAggConfig:
     """
 
     enabled: bool = False
-    group_size: int = 0
-    threshold: float = 0.6
-    clipping_range: float = 1.0
-    quantization_bits: int = 20
-    modulus_bits: int = 32
-    max_weight: float = 0.0
-    stage_timeout_s: float = 300.0
+    group_size: int = setting(0, ge=0)
+    threshold: float = setting(0.6, gt=0)
+    clipping_range: float = setting(1.0, gt=0)
+    quantization_bits: int = setting(20, ge=2, le=31)
+    modulus_bits: int = setting(32, ge=3, le=32)
+    max_weight: float = setting(0.0, ge=0)
+    stage_timeout_s: float = setting(300.0, gt=0)
 
     def __post_init__(self) -> None:
-        if self.group_size != int(self.group_size) or not (
-                self.group_size == 0 or self.group_size >= 3):
-            raise ValueError(f"secure_aggregation.group_size={self.group_size}: use a count of "
-                             "hospitals >= 3, or 0 for every hospital in the round")
-        if self.threshold <= 0 or (self.threshold > 1 and self.threshold != int(self.threshold)):
-            raise ValueError(f"secure_aggregation.threshold={self.threshold}: use a count > 1 "
-                             "or a fraction in (0, 1]")
-        if self.clipping_range <= 0:
-            raise ValueError("secure_aggregation.clipping_range must be > 0")
-        if not 2 <= self.quantization_bits < self.modulus_bits <= 32:
-            raise ValueError(
-                f"secure_aggregation: need 2 <= quantization_bits ({self.quantization_bits}) "
-                f"< modulus_bits ({self.modulus_bits}) <= 32")
-        if self.max_weight < 0:
-            raise ValueError("secure_aggregation.max_weight must be >= 0 (0: automatic)")
+        # Each field's limits (the typed reader checks them when a study file is read), then
+        # the settings that only work together.
+        check_settings(self, "secure_aggregation")
+        if self.group_size in (1, 2):
+            raise ValueError(f"group_size = {self.group_size}: use a count of hospitals >= 3, "
+                             "or 0 for every hospital in the round")
+        if self.threshold > 1 and self.threshold != int(self.threshold):
+            raise ValueError(f"threshold = {self.threshold:g}: use a count of shares (a whole "
+                             "number > 1) or a fraction in (0, 1]")
+        if self.quantization_bits >= self.modulus_bits:
+            raise ValueError(f"quantization_bits = {self.quantization_bits} must be below "
+                             f"modulus_bits = {self.modulus_bits}")
 
     def group_count(self, hospitals: int) -> int:
         """Hospitals per share group (the hospital and its neighbours; shares per secret)
