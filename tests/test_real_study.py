@@ -91,3 +91,31 @@ def test_a_study_on_dicom_hospitals_with_a_coordinator_that_holds_no_data(tmp_pa
     with audited([d for d in search_dirs() if d.is_dir()]) as report_audit:
         page = build_report([run_dir], tmp_path / "report")
     assert report_audit.opened == [] and page.is_file()
+
+
+@pytest.mark.slow
+def test_a_coordinator_test_set_is_scored_every_round_and_reported(tmp_path):
+    """The study names a coordinator-held DICOM test set: the coordinator reads it through the
+    hospitals' reader (and nothing under the MedMNIST folders), scores every round's adapter
+    on it, and the run directory and the report carry the scores."""
+    from simulations.bench.real_study import run_real_study
+
+    summary, audit = run_real_study(tmp_path, hospitals=2, rounds=2, train_per_hospital=24,
+                                    test_images=32)
+    assert audit.opened == [] and audit.connections == []
+    run_dir = tmp_path / "run"
+    metrics = pd.read_csv(run_dir / "metrics.csv", dtype={"hospital": str})
+    scored = metrics[metrics.hospital == "global"].set_index("round")
+    assert sorted(scored.index) == [0, 1, 2] and scored.test_auc.notna().all()
+    published = summary["published"]["round"]
+    assert summary["federated"]["auc"] == pytest.approx(scored.test_auc[published])
+    assert summary["test_auc_per_round"] == pytest.approx(list(scored.test_auc))
+    held = summary["test_set"]
+    assert held["usable_rows"] == held["rows"] == 32 and held["rows_left_out"] == 0
+    assert sum(held["images"].values()) == 32 and set(held["images"]) == {"normal", "pneumonia"}
+
+    from simulations.report import build_report
+
+    page = build_report([run_dir], tmp_path / "report").read_text()
+    assert "coordinator&#x27;s own test set" in page or "coordinator's own test set" in page
+    assert f"{summary['federated']['auc']:.3f}" in page
