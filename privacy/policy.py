@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.settings import read_settings
+from models.settings import check_settings, read_settings, setting
 from privacy.config import ACCOUNTANTS
 
 
@@ -29,33 +29,27 @@ class SitePolicy:
             unbounded epsilon).
     """
 
-    max_epsilon: float
-    delta: float = 1e-5
-    accountant: str = "rdp"
+    max_epsilon: float = setting(gt=0)
+    delta: float = setting(1e-5, gt=0, lt=1)
+    accountant: str = setting("rdp", choices=ACCOUNTANTS)
     require_dp: bool = True
 
     def __post_init__(self) -> None:
-        if not self.max_epsilon > 0:
-            raise ValueError(f"site policy: max_epsilon must be > 0, got {self.max_epsilon}")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"site policy: delta must be in (0, 1), got {self.delta}")
-        if self.accountant not in ACCOUNTANTS:
-            raise ValueError(f"site policy: accountant '{self.accountant}' is not one of "
-                             f"{ACCOUNTANTS}")
+        check_settings(self, "site policy")
 
 
 def load_site_policy(path: Path) -> SitePolicy:
-    """Read and check a site policy file; errors name the file and the setting to fix."""
-    values = read_settings(path, SitePolicy, ValueError, f"site policy {path}",
+    """Read and check a site policy file by the one typed reader: an unknown key, a value of
+    the wrong type or out of range is refused, naming the file, the key, the value and what is
+    allowed.
+
+    Raises:
+        FileNotFoundError: the file cannot be read.
+        ValueError: invalid TOML, a refused setting, or no ``max_epsilon``.
+    """
+    label = f"site policy {path}"
+    values = read_settings(path, SitePolicy, ValueError, label,
                            unreadable_error=FileNotFoundError)
     if "max_epsilon" not in values:
-        raise ValueError(f"site policy {path}: set max_epsilon (the total budget per dataset)")
-    for name, value in values.items():
-        expected = {"max_epsilon": (int, float), "delta": (float,), "accountant": (str,),
-                    "require_dp": (bool,)}[name]
-        if isinstance(value, bool) != (bool in expected) or not isinstance(value, expected):
-            raise ValueError(f"site policy {path}: '{name}' has the wrong type ({value!r})")
-    try:
-        return SitePolicy(**values)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
+        raise ValueError(f"{label}: set max_epsilon (the total budget per dataset)")
+    return SitePolicy(**values)

@@ -62,3 +62,22 @@ def test_the_template_policy_takes_non_private_rounds_only_when_require_dp_is_fa
                          DPConfig(dpsgd=True, dp_noise_multiplier=1.0), 2), context)
     assert not private.has_error(), private.error.reason
     assert [r.server_round for r in ledger.rows("cxr-2026")] == [2]
+
+
+@pytest.mark.parametrize("line, words", [
+    ('accountant = "moments"', "accountant = 'moments': must be one of 'rdp', 'prv'"),
+    ("delta = 2.0", "delta = 2.0: must be > 0, < 1"),
+    ("max_epsilon = 0", "max_epsilon = 0.0: must be > 0"),
+    ('max_epsilon = "eight"', "max_epsilon = 'eight': expected a number"),
+    ('require_dp = "no"', "require_dp = 'no': expected true or false"),
+    ("require_pd = false", "unknown settings ['require_pd']"),
+])
+def test_a_policy_file_is_refused_naming_key_value_and_allowed(tmp_path, line, words):
+    path = tmp_path / "privacy-policy.toml"
+    text = POLICY_TEMPLATE + line + "\n" if line.startswith("require_pd") else "\n".join(
+        row for row in POLICY_TEMPLATE.splitlines()
+        if not row.startswith(line.split(" =")[0] + " ")) + "\n" + line + "\n"
+    path.write_text(text)
+    with pytest.raises(ValueError) as refused:
+        load_site_policy(path)
+    assert str(path) in str(refused.value) and words in str(refused.value), refused.value
