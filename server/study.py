@@ -69,7 +69,8 @@ class EvaluationConfig:
             relative path is taken from the study file's folder. Every round's published
             adapter is scored on it: ``test_*`` columns of ``metrics.csv``'s ``global`` rows,
             ``federated`` and ``test_set`` in ``summary.json``. Empty: the coordinator reads
-            no data file.
+            no data file. For a deployed coordinator (a simulation scores on its dataset's
+            held-out test split instead).
     """
 
     select_by: str = setting("auc", choices=SELECT_BY)
