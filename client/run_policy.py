@@ -26,14 +26,14 @@ it itself: it refuses to help unmask a sum of fewer hospitals (``client.secure_a
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message
 
 from models.registry import HF_PREFIX, UnknownBackboneError, backbone_spec
-from models.settings import read_settings
+from models.settings import read_settings, setting
 
 RUN_POLICY_KEY = "run-policy"
 """Node-config key with the run policy's path."""
@@ -129,39 +129,27 @@ class RunPolicy:
     backbone_roots: list[str] = field(default_factory=list)
     allowed_weights_sha256: list[str] = field(default_factory=list)
     allowed_tasks: list[str] = field(default_factory=list)
-    min_hospitals: int = 0
+    min_hospitals: int = setting(0, ge=0)
     require_secure_aggregation: bool = False
-    max_lora_rank: int = 16
+    max_lora_rank: int = setting(16, ge=0)
     allowed_lora_targets: list[str] = field(default_factory=list)
     allow_stem_lora: bool = False
-    max_image_size: int = 224
-    max_local_steps: int = 500
-    max_local_epochs: int = 5
-    max_batch_size: int = 256
-    max_rounds: int = 100
-    max_evaluations_per_run: int = 5
-    max_evaluations_per_day: int = 20
-    min_evaluation_examples: int = 50
-    evaluation_decimals: int = 2
+    max_image_size: int = setting(224, ge=0)
+    max_local_steps: int = setting(500, ge=0)
+    max_local_epochs: int = setting(5, ge=0)
+    max_batch_size: int = setting(256, ge=0)
+    max_rounds: int = setting(100, ge=0)
+    max_evaluations_per_run: int = setting(5, ge=0)
+    max_evaluations_per_day: int = setting(20, ge=0)
+    min_evaluation_examples: int = setting(50, ge=0)
+    evaluation_decimals: int = setting(2, ge=0)
 
 
 def load_run_policy(path: Path) -> RunPolicy:
     """Read and check a run policy; errors name the file and the setting."""
     label = f"run policy {path}"
+    # The one typed reader: unknown keys, wrong types and values out of range, by name.
     values = read_settings(path, RunPolicy, RunPolicyError, label)
-    defaults = RunPolicy()
-    for f in fields(RunPolicy):
-        if f.name not in values:
-            continue
-        value, default = values[f.name], getattr(defaults, f.name)
-        if isinstance(default, list):
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise RunPolicyError(f"{label}: '{f.name}' must be a list of strings")
-        elif isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise RunPolicyError(f"{label}: '{f.name}' must be true or false")
-        elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise RunPolicyError(f"{label}: '{f.name}' must be a whole number >= 0")
     for name in values.get("allowed_backbones", []):
         try:
             backbone_spec(name)
