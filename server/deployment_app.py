@@ -101,6 +101,7 @@ def enrolled_names(folder: Path) -> Callable[[int], str | None]:
     from server.consortium import load_enrolments
 
     names: dict[int, str] = {}
+    looked_up: set[int] = set()  # ids the list was read again for (once each)
 
     def read() -> None:
         names.clear()
@@ -109,7 +110,8 @@ def enrolled_names(folder: Path) -> Callable[[int], str | None]:
                 names[int(entry.node_id)] = entry.name
 
     def name_of(node_id: int) -> str | None:
-        if node_id not in names:
+        if node_id not in names and node_id not in looked_up:
+            looked_up.add(node_id)
             try:
                 read()
             except (OSError, ValueError) as err:  # a list being rewritten: ids for now
