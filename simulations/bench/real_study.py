@@ -14,7 +14,10 @@ gives it). While the study runs, an audit hook (:func:`sys.addaudithook`) counts
 opened under the MedMNIST folders and the coordinator's data folder, and every outgoing network
 connection; the hospitals read only their own DICOM folders, so the count is the coordinator's.
 It prints ``federated eval auc: <x>`` (the combined validation AUC of the published round) and
-``coordinator data files read: <n>``.
+``coordinator data files read: <n>``. The coordinator is set up by the deployed ServerApp's own
+code (``server.deployment_app.deployment_server_run``). ``--test-images N`` gives it a test set
+of its own (``evaluation.test_manifest``: N MedMNIST test images written as DICOM, outside the
+audited folders) and prints ``coordinator test auc: <x>`` too.
 """
 
 from __future__ import annotations
