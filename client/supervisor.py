@@ -17,7 +17,6 @@ SuperLink restarting) or when it cannot connect, and its helper processes can ou
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from client.daemon import supernode_command, thread_env, warm_exec_command
 from client.site_folder import load_hospital_config
+from models.processes import dies_with_this_process
 
 logger = logging.getLogger(__name__)
 
@@ -47,20 +47,6 @@ RETRY_LINE = "not admitted by the coordinator"
 REVOKED_LINE = "revoked by the coordinator"
 
 
-def die_with_parent() -> Callable[[], None]:
-    """A ``preexec_fn`` for a child that must not outlive this process, however it ends
-    (``kill -9`` included): Linux's parent-death signal, SIGKILL."""
-    parent = os.getpid()
-
-    def arm() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return arm
-
-
 class _Attempt:
     """One SuperNode process: its output copied to ours, and what it said."""
 
@@ -71,7 +57,7 @@ class _Attempt:
         self.last_lines: list[str] = []
         self.proc = subprocess.Popen(  # noqa: S603 - our own argv
             list(argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent())  # noqa: PLW1509 - prctl only
+            preexec_fn=dies_with_this_process())  # noqa: PLW1509 - prctl only
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -161,7 +147,7 @@ def supervise(folder: Path, insecure: bool = False, backoff_s: float = 1.0,
         if warm_argv is not None:
             current["warm"] = subprocess.Popen(  # noqa: S603 - our own argv
                 warm_argv, env=env, start_new_session=True,
-                preexec_fn=die_with_parent())  # noqa: PLW1509 - prctl only
+                preexec_fn=dies_with_this_process())  # noqa: PLW1509 - prctl only
         code = attempt.wait()
         _stop(current["warm"])
         current["warm"] = None

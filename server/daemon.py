@@ -31,6 +31,7 @@ from pathlib import Path
 
 import tomli_w
 
+from models.processes import dies_with_this_process
 from server.consortium import (
     CoordinatorConfig,
     check_consortium,
@@ -38,7 +39,6 @@ from server.consortium import (
     load_enrolments,
     set_node_id,
 )
-from server.superlink_gate import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -395,7 +395,7 @@ def submit_run(folder: Path, study: Path, run_dir: Path, insecure: bool = False)
     logger.info("submitting %s (records in %s)", study, run_dir)
     proc = subprocess.Popen(argv, env=env, cwd=folder, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace",
-                            preexec_fn=die_with_parent())  # noqa: PLW1509 - prctl only
+                            preexec_fn=dies_with_this_process())  # noqa: PLW1509 - prctl only
     assert proc.stdout is not None
     copy_once(proc.stdout, sys.stdout)
     return proc.wait()
@@ -429,7 +429,7 @@ def run_coordinator(folder: Path, study: Path, run_dir: Path | None = None,
     env |= {COORDINATOR_PID_ENV: str(os.getpid()),
             WAIT_ENV: f"{enrolled}:{config.wait_for_hospitals_s:g}"}
     link = subprocess.Popen(argv, env=env,
-                            preexec_fn=die_with_parent())  # noqa: PLW1509 - prctl only
+                            preexec_fn=dies_with_this_process())  # noqa: PLW1509 - prctl only
     try:
         _write_pid_file(folder, link)
         wait_listening("127.0.0.1", config.control_port, link, startup_timeout_s)

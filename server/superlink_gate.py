@@ -28,17 +28,17 @@ removed.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
+
+from models.processes import dies_with_this_process
 
 logger = logging.getLogger(__name__)
 
@@ -138,20 +138,6 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def die_with_parent() -> Callable[[], None]:
-    """A ``preexec_fn`` for a child that must not outlive this process, however it ends
-    (``kill -9`` included): Linux's parent-death signal, SIGKILL."""
-    parent = os.getpid()
-
-    def arm() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return arm
-
-
 def fresh_secret(path: Path) -> Path:
     """A new random SuperExec secret at ``path`` (0600, created with that mode)."""
     path.unlink(missing_ok=True)
@@ -203,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     sockets = [_bind(config.host, config.port), _bind("127.0.0.1", args.admin_port)]
     # The SuperExec retries until the Runtime API answers; it dies with this process.
     subprocess.Popen(superexec_command(args.admin_port, secret, config.ssl_ca_certfile),
-                     preexec_fn=die_with_parent())  # noqa: PLW1509 - prctl only
+                     preexec_fn=dies_with_this_process())  # noqa: PLW1509 - prctl only
     logger.info("%s: Fleet API on %s:%d; Control and Runtime APIs on 127.0.0.1:%d only",
                    READY_LINE, config.host, config.port, args.admin_port)
     server = uvicorn.Server(uvicorn.Config(
