@@ -50,7 +50,9 @@ REVOKED_LINE = "revoked by the coordinator"
 class _Attempt:
     """One SuperNode process: its output copied to ours, and what it said."""
 
-    def __init__(self, argv: Sequence[str], env: dict[str, str]) -> None:
+    def __init__(self, argv: Sequence[str], env: dict[str, str],
+                 on_admitted: Callable[[], None] = lambda: None) -> None:
+        self.on_admitted = on_admitted
         self.admitted = False
         self.refused = False
         self.self_stopped = False
@@ -67,7 +69,9 @@ class _Attempt:
             line = raw.decode(errors="replace")
             sys.stdout.write(line)
             sys.stdout.flush()
-            self.admitted |= ADMITTED_LINE in line
+            if ADMITTED_LINE in line and not self.admitted:
+                self.admitted = True
+                self.on_admitted()  # recorded now: a kill -9 of this daemon may come next
             self.refused |= any(text in line for text in KEY_REFUSED)
             self.self_stopped |= SELF_STOPPED in line
             self.last_lines = [*self.last_lines[-4:], line.strip()]
@@ -128,6 +132,10 @@ def supervise(folder: Path, insecure: bool = False, backoff_s: float = 1.0,
     wait_s = backoff_s
     current: dict[str, subprocess.Popen | None] = {"node": None, "warm": None}
 
+    def record_admission() -> None:
+        if key and not insecure:
+            admitted_file.write_text(key + "\n")
+
     def on_term(signum: int, _frame: object) -> None:
         stop.set()
         for proc in current.values():
@@ -141,7 +149,7 @@ def supervise(folder: Path, insecure: bool = False, backoff_s: float = 1.0,
         argv = supernode_command(folder, insecure=insecure)
         env = (daemon_env or _daemon_env)(home, argv[0]) | thread_env(folder) \
             | {"PYTHONUNBUFFERED": "1"}
-        attempt = _Attempt(argv, env)
+        attempt = _Attempt(argv, env, on_admitted=record_admission)
         current["node"] = attempt.proc
         warm_argv = warm_exec_command(folder, attempt.proc.pid)
         if warm_argv is not None:
@@ -155,9 +163,7 @@ def supervise(folder: Path, insecure: bool = False, backoff_s: float = 1.0,
             break
         was_admitted = bool(key) and admitted_file.is_file() \
             and admitted_file.read_text().strip() == key
-        if attempt.admitted and key and not insecure:
-            admitted_file.write_text(key + "\n")
-            was_admitted = True
+        was_admitted |= attempt.admitted and bool(key) and not insecure
         # Refused at activation (412), or stopped by a 401 after being admitted.
         refused = attempt.refused or (attempt.admitted and code == 0 and attempt.self_stopped)
         if refused and was_admitted:

@@ -10,7 +10,7 @@ of these in a few places; they live here so that a Flower upgrade that changes o
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from flwr.app import Message
 
@@ -75,3 +75,169 @@ def use_superexec_executor(executor) -> None:  # noqa: ANN001 (Flower's Executor
     from flwr.supercore.superexec import run_superexec as flower_superexec
 
     flower_superexec.get_executor = lambda *args, **kwargs: executor
+
+
+# --- The SuperLink served by server.superlink_gate ---------------------------------------------
+# Flower 1.42 has no public API to build its SuperLink application, reach its state, or edit its
+# node registry in process; the gate needs all three.
+
+
+def superlink_app(argv: list[str]):  # noqa: ANN201 (FastAPI app, Flower's config)
+    """Flower's SuperLink application (``flwr.superlink.main.create_app``) set up by
+    ``flower-superlink`` flags ``argv``, with Flower's own parser and checks.
+
+    Returns:
+        ``(app, config)``: the ASGI app and the parsed config (``host``, ``port``,
+        ``ssl_keyfile``, ``ssl_certfile``, ``ssl_ca_certfile``).
+    """
+    import sys
+
+    from flwr.superlink.cli.flower_superlink import (
+        SuperLinkLifespan,
+        _parse_superlink_lifespan_config,
+    )
+    from flwr.superlink.main import create_app
+
+    saved, sys.argv = sys.argv, ["flower-superlink", *argv]  # Flower's parser reads sys.argv
+    try:
+        config = _parse_superlink_lifespan_config()
+    finally:
+        sys.argv = saved
+    return create_app(config, SuperLinkLifespan), config
+
+
+def uvicorn_log_config() -> dict:
+    """Flower's uvicorn logging config, at the level of Flower's console handler."""
+    from flwr.supercore.http_logging import get_uvicorn_log_config
+    from flwr.supercore.logger import console_handler
+
+    return get_uvicorn_log_config(console_handler.level)
+
+
+def superlink_state(app):  # noqa: ANN001, ANN201 (Flower's FastAPI app and LinkState)
+    """The SuperLink's one ``LinkState`` (the factory caches it: every router shares it)."""
+    return app.state.linkstate_factory.state()
+
+
+def public_key_bytes(openssh_line: str) -> bytes:
+    """An OpenSSH public key line as Flower's node registry stores it."""
+    from cryptography.hazmat.primitives import serialization
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    return public_key_to_bytes(serialization.load_ssh_public_key(openssh_line.encode()))
+
+
+def registered_nodes(state) -> dict[int, bytes]:  # noqa: ANN001
+    """Node id -> public key of every node in the registry that is not unregistered."""
+    from flwr.common.constant import NOOP_FLWR_AID
+    from flwr.supercore.constant import NodeStatus
+
+    return {n.node_id: bytes(n.public_key) for n in state.get_node_info(owner_aids=[NOOP_FLWR_AID])
+            if n.status != NodeStatus.UNREGISTERED}
+
+
+def node_id_of_key(state, public_key: bytes) -> int | None:  # noqa: ANN001
+    """The registered node id of ``public_key`` (``None``: not registered)."""
+    return state.get_node_id_by_public_key(public_key)
+
+
+def register_node(state, public_key: bytes, name: str) -> int:  # noqa: ANN001
+    """Register ``public_key`` as ``flwr supernode register`` would; returns its node id."""
+    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, NOOP_ACCOUNT_NAME, NOOP_FLWR_AID
+
+    return state.create_node(NOOP_FLWR_AID, NOOP_ACCOUNT_NAME, public_key,
+                             HEARTBEAT_DEFAULT_INTERVAL, name=name)
+
+
+def unregister_node(state, node_id: int) -> None:  # noqa: ANN001
+    """Unregister ``node_id`` as ``flwr supernode unregister`` would: the SuperLink refuses
+    its next request."""
+    from flwr.common.constant import NOOP_FLWR_AID
+
+    state.delete_node(NOOP_FLWR_AID, node_id)
+
+
+RESTARTED_REASON = ("the hospital's SuperNode restarted before it replied: the message was lost "
+                    "with its previous process")
+"""Error reason of a reply the SuperLink makes for a message a restarted SuperNode lost."""
+
+
+def recover_restarted_nodes(state, on_take_over: Callable[[int], None] | None = None
+                            ) -> None:  # noqa: ANN001
+    """Make the SuperLink's ``state`` accept a SuperNode that restarts at once after its
+    process died (``kill -9``, a crash), and answer what the dead process lost.
+
+    Flower counts a node online until two heartbeats (60 s) are missed and refuses to activate
+    a node it counts online: a hospital restarted within that minute was refused as if its key
+    were unknown, and a message delivered to the dead process (kept only in its memory) was
+    waited for until the round's timeout once the node was back online. With this:
+
+    - activating a node still counted online takes it over (the previous process is gone;
+      with node authentication the request is signed by the node's own key);
+    - a message delivered to a node before its current activation and not answered gets an
+      error reply (:data:`RESTARTED_REASON`) at the ServerApp's next pull.
+
+    ``on_take_over(node_id)`` is called at each take-over (for the log).
+    """
+    from datetime import datetime
+
+    from flwr.server.superlink.linkstate.utils import (
+        convert_sint64_values_in_dict_to_uint64,
+        dict_to_message,
+    )
+    from flwr.supercore.date import now
+
+    activate, pull = state.activate_node, state.get_message_res
+    activated: dict[int, datetime] = {}
+
+    def activate_node(node_id: int, heartbeat_interval: float) -> bool:
+        ok = activate(node_id, heartbeat_interval)
+        if not ok and state.deactivate_node(node_id):  # it was online: its process is gone
+            ok = activate(node_id, heartbeat_interval)
+            if ok and on_take_over is not None:
+                on_take_over(node_id)
+        if ok:
+            activated[node_id] = now()
+        return ok
+
+    def get_message_res(message_ids: set[str], run_id: int) -> list:
+        asked = set(message_ids)
+        replies = pull(message_ids, run_id)
+        answered = {m.metadata.reply_to_message_id for m in replies}
+        for message_id in sorted(asked - answered):
+            row = state.get_valid_message_ins(message_id)
+            if not row or not row.get("delivered_at"):
+                continue
+            convert_sint64_values_in_dict_to_uint64(row, ["run_id", "src_node_id",
+                                                          "dst_node_id"])
+            since = activated.get(int(row["dst_node_id"]))
+            if since is None or datetime.fromisoformat(row["delivered_at"]) >= since:
+                continue
+            reply = lost_message_reply(dict_to_message(row))
+            state._store_generated_message(reply)  # as Flower stores its own error replies
+            replies.append(reply)
+        return replies
+
+    state.activate_node, state.get_message_res = activate_node, get_message_res
+
+
+def lost_message_reply(message: Message) -> Message:
+    """The error reply the SuperLink sends for ``message`` when its destination lost it (from
+    the SuperLink's node id, as Flower's own "Node Unavailable" replies)."""
+    from flwr.app import Error, Metadata
+    from flwr.app.message.message import make_message
+    from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+    from flwr.supercore.date import now
+
+    ins = message.metadata
+    current = now().timestamp()
+    metadata = Metadata(
+        run_id=ins.run_id, message_id="", src_node_id=SUPERLINK_NODE_ID,
+        dst_node_id=SUPERLINK_NODE_ID, reply_to_message_id=ins.message_id,
+        group_id=ins.group_id, message_type=ins.message_type, created_at=current,
+        ttl=max(ins.ttl - (current - ins.created_at), 0), src_task_id=ins.dst_task_id,
+        dst_task_id=ins.src_task_id)
+    reply = make_message(metadata=metadata, error=Error(code=ErrorCode.NODE_UNAVAILABLE,
+                                                         reason=RESTARTED_REASON))
+    set_message_id(reply, reply.object_id)
+    return reply

@@ -22,6 +22,13 @@ either socket accepts a connection (:func:`sync_registry_state`), so an enrolled
 never refused for connecting early, and a key registered behind the coordinator's back is
 removed.
 
+A hospital restarted at once after its daemon died (``kill -9``, a crash) is taken back at once:
+Flower would refuse it while it still counts the dead process online (two missed heartbeats,
+a minute), and would wait for the round's timeout for the message that process was working on.
+Here the node is taken over, and that message is answered as lost
+(:func:`models.flower_compat.recover_restarted_nodes`). Every Flower internal the gate uses is
+in :mod:`models.flower_compat`.
+
     python -m server.superlink_gate --admin-port 9093 --consortium DIR <flower-superlink args>
 """
 
@@ -38,6 +45,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from models import flower_compat
 from models.processes import dies_with_this_process
 
 logger = logging.getLogger(__name__)
@@ -78,50 +86,35 @@ class FleetOnly:
         await self.app(scope, receive, send)
 
 
-def _public_key_bytes(openssh_line: str) -> bytes:
-    """An enrolment's OpenSSH key line as Flower stores it (``flwr supernode register``)."""
-    from cryptography.hazmat.primitives import serialization
-    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
-
-    return public_key_to_bytes(serialization.load_ssh_public_key(openssh_line.encode()))
-
-
 def sync_registry_state(state: Any, folder: Path) -> list[str]:
     """Make the SuperLink state's node registry match the enrolment list of ``folder``.
 
     Registers every active enrolment's key that is not registered (recording its node id in
     the enrolment list), unregisters revoked keys and every node whose key is not an active
-    enrolment's. Works on Flower's ``LinkState`` directly: milliseconds a key, where
-    ``flwr supernode register`` starts a Python CLI per key.
+    enrolment's. Works on Flower's ``LinkState`` directly (``models.flower_compat``):
+    milliseconds a key, where ``flwr supernode register`` starts a Python CLI per key.
 
     Returns:
         One line per change, for the log.
     """
-    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, NOOP_ACCOUNT_NAME, NOOP_FLWR_AID
-    from flwr.supercore.constant import NodeStatus
-
     from server.consortium import load_enrolments, set_node_id
 
     lines = []
     wanted: dict[bytes, Any] = {}
     for entry in load_enrolments(folder):
         if entry.active:
-            wanted[_public_key_bytes(entry.public_key)] = entry
+            wanted[flower_compat.public_key_bytes(entry.public_key)] = entry
         elif entry.node_id:
             set_node_id(folder, entry.fingerprint, "")
-    live = [n for n in state.get_node_info(owner_aids=[NOOP_FLWR_AID])
-            if n.status != NodeStatus.UNREGISTERED]
-    for node in live:
-        entry = wanted.get(bytes(node.public_key))
-        if entry is None:
-            state.delete_node(NOOP_FLWR_AID, node.node_id)
-            lines.append(f"unregistered node {node.node_id}: its key is not on the enrolment "
+    for node_id, key in flower_compat.registered_nodes(state).items():
+        if key not in wanted:
+            flower_compat.unregister_node(state, node_id)
+            lines.append(f"unregistered node {node_id}: its key is not on the enrolment "
                          f"list (revoked, or registered behind the coordinator's back)")
     for key, entry in wanted.items():
-        node_id = state.get_node_id_by_public_key(key)
+        node_id = flower_compat.node_id_of_key(state, key)
         if node_id is None:
-            node_id = state.create_node(NOOP_FLWR_AID, NOOP_ACCOUNT_NAME, key,
-                                        HEARTBEAT_DEFAULT_INTERVAL, name=entry.name)
+            node_id = flower_compat.register_node(state, key, entry.name)
             lines.append(f"registered {entry.name} (node {node_id})")
         if entry.node_id != str(node_id):
             set_node_id(folder, entry.fingerprint, str(node_id))
@@ -171,31 +164,27 @@ def main(argv: list[str] | None = None) -> None:
     logger.propagate = False
     secret = fresh_secret(Path(args.consortium) / SECRET_FILE)
     flower_args += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
-    # Flower's own parser and config: same flags, same checks as flower-superlink.
-    sys.argv = ["flower-superlink", *flower_args]
     import uvicorn
-    from flwr.supercore.http_logging import get_uvicorn_log_config
-    from flwr.supercore.logger import console_handler
-    from flwr.superlink.cli.flower_superlink import (
-        SuperLinkLifespan,
-        _parse_superlink_lifespan_config,
-    )
-    from flwr.superlink.main import create_app
 
-    config = _parse_superlink_lifespan_config()
-    app = create_app(config, SuperLinkLifespan)
-    for line in sync_registry_state(app.state.linkstate_factory.state(), args.consortium):
+    # Flower's own parser and config: same flags, same checks as flower-superlink.
+    app, config = flower_compat.superlink_app(flower_args)
+    state = flower_compat.superlink_state(app)
+    for line in sync_registry_state(state, args.consortium):
         logger.info("registry: %s", line)
+    flower_compat.recover_restarted_nodes(state, on_take_over=lambda node: logger.warning(
+        "node %d reconnected while its previous SuperNode was still counted online (killed or "
+        "restarted): taken over; what that process had received and not answered is answered "
+        "as lost", node))
     sockets = [_bind(config.host, config.port), _bind("127.0.0.1", args.admin_port)]
     # The SuperExec retries until the Runtime API answers; it dies with this process.
     subprocess.Popen(superexec_command(args.admin_port, secret, config.ssl_ca_certfile),
                      preexec_fn=dies_with_this_process())  # noqa: PLW1509 - prctl only
     logger.info("%s: Fleet API on %s:%d; Control and Runtime APIs on 127.0.0.1:%d only",
-                   READY_LINE, config.host, config.port, args.admin_port)
+                READY_LINE, config.host, config.port, args.admin_port)
     server = uvicorn.Server(uvicorn.Config(
-        FleetOnly(app, config.port), log_config=get_uvicorn_log_config(console_handler.level),
+        FleetOnly(app, config.port), log_config=flower_compat.uvicorn_log_config(),
         access_log=False, timeout_graceful_shutdown=3, ssl_keyfile=config.ssl_keyfile,
-        ssl_certfile=config.ssl_certfile,        workers=1))
+        ssl_certfile=config.ssl_certfile, workers=1))
     server.run(sockets=sockets)
 
 

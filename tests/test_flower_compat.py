@@ -131,3 +131,109 @@ def test_supernode_key_loaders_the_pki_tests_compare_against():
     from flwr.supernode.cli.flower_supernode import _try_setup_client_authentication
 
     assert callable(_try_setup_client_authentication)
+
+
+# --- the SuperLink that server.superlink_gate serves ---------------------------------------------
+
+
+@pytest.fixture
+def superlink(tmp_path):
+    """Flower's SuperLink app as the gate builds it (SQLite state in ``tmp_path``)."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(bytes(range(32)))
+    app, config = flower_compat.superlink_app([
+        "--insecure", "--database", str(tmp_path / "state.db"), "--host", "127.0.0.1",
+        "--port", "9191", "--isolation", "process", "--superexec-auth-secret-file",
+        str(secret)])
+    return app, config
+
+
+def _openssh_key() -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    public = ec.generate_private_key(ec.SECP384R1()).public_key()
+    return public.public_bytes(serialization.Encoding.OpenSSH,
+                               serialization.PublicFormat.OpenSSH).decode()
+
+
+def test_superlink_app_from_flower_flags_with_one_shared_state(superlink):
+    import sys
+
+    app, config = superlink
+    assert (config.host, config.port, config.ssl_ca_certfile) == ("127.0.0.1", 9191, None)
+    assert flower_compat.superlink_state(app) is flower_compat.superlink_state(app)
+    assert sys.argv[0] != "flower-superlink"  # Flower's parser read our argv, then it was put back
+    assert isinstance(flower_compat.uvicorn_log_config(), dict)
+
+
+def test_node_registry_edited_in_process(superlink):
+    state = flower_compat.superlink_state(superlink[0])
+    key = flower_compat.public_key_bytes(_openssh_key())
+    assert flower_compat.node_id_of_key(state, key) is None
+    node = flower_compat.register_node(state, key, "hospital-a")
+    assert flower_compat.node_id_of_key(state, key) == node
+    assert flower_compat.registered_nodes(state) == {node: key}
+    flower_compat.unregister_node(state, node)
+    assert flower_compat.registered_nodes(state) == {}
+
+
+def _one_delivered_message(app, state, node: int) -> tuple[object, list[str]]:
+    """A run, and one message pushed to ``node`` and pulled by it (delivered, not answered)."""
+    from flwr.common.constant import NOOP_FLWR_AID
+    from flwr.supercore.constant import NOOP_FEDERATION_ID, TaskType
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    run_id = state.create_run(None, None, None, {}, NOOP_FEDERATION_ID, None, NOOP_FLWR_AID,
+                              TaskType.SERVER_APP)
+    grid = InMemoryGrid(app.state.linkstate_factory)
+    grid.set_run(flower_compat.empty_run(run_id))
+    with flower_compat.task_identity(run_id=run_id):
+        message = Message(RecordDict({"config": ConfigRecord({"a": 1})}), dst_node_id=node,
+                          message_type="train", group_id="1")
+    flower_compat.set_source_node(message, 1)  # from the SuperLink, as a ServerApp's messages
+    ids = list(grid.push_messages([message]))
+    assert len(ids) == 1 and len(state.get_message_ins(node, limit=1)) == 1  # delivered
+    return grid, ids
+
+
+def test_a_restarted_supernode_is_taken_over_and_what_it_lost_is_answered(superlink):
+    app, _ = superlink
+    state = flower_compat.superlink_state(app)
+    node = flower_compat.register_node(state, flower_compat.public_key_bytes(_openssh_key()), "h")
+    taken: list[int] = []
+    assert state.activate_node(node, 30)
+    grid, ids = _one_delivered_message(app, state, node)
+    assert list(grid.pull_messages(ids)) == []  # waited for: the node is online
+
+    # Flower alone refuses to activate a node it still counts online (2 heartbeats).
+    activate = state.activate_node
+    assert not activate(node, 30)
+    flower_compat.recover_restarted_nodes(state, on_take_over=taken.append)
+    assert state.activate_node(node, 30) and taken == [node]
+    replies = list(grid.pull_messages(ids))
+    assert len(replies) == 1 and replies[0].has_error()
+    assert replies[0].error.reason == flower_compat.RESTARTED_REASON
+    assert replies[0].metadata.reply_to_message_id == ids[0]
+    # Answered once: the message is gone (Flower answers a later pull of its id itself).
+    assert all(r.error.reason != flower_compat.RESTARTED_REASON for r in grid.pull_messages(ids))
+
+
+def test_a_message_delivered_after_the_activation_is_still_waited_for(superlink):
+    app, _ = superlink
+    state = flower_compat.superlink_state(app)
+    node = flower_compat.register_node(state, flower_compat.public_key_bytes(_openssh_key()), "h")
+    flower_compat.recover_restarted_nodes(state)
+    assert state.activate_node(node, 30)
+    grid, ids = _one_delivered_message(app, state, node)
+    assert list(grid.pull_messages(ids)) == []
+
+
+def test_an_unregistered_node_is_not_taken_over(superlink):
+    app, _ = superlink
+    state = flower_compat.superlink_state(app)
+    node = flower_compat.register_node(state, flower_compat.public_key_bytes(_openssh_key()), "h")
+    flower_compat.recover_restarted_nodes(state, on_take_over=pytest.fail)
+    assert state.activate_node(node, 30)
+    flower_compat.unregister_node(state, node)
+    assert not state.activate_node(node, 30)

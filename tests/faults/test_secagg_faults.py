@@ -1,0 +1,147 @@
+"""``kill -9`` of a hospital daemon at each SecAgg+ stage, then restarted at once (as a service
+manager would), on real processes on loopback: four hospitals (``medfed hospital start``), one
+coordinator (``medfed coordinator start``), a 5-round DP-SGD study under secure aggregation.
+Round ``r`` kills one hospital right after its egress audit log records its reply to stage
+``r`` (setup, share, mask, check, unmask): an event, never a time.
+
+Asserted per round: it finishes with the survivors' sum (or fails with its reason in the
+coordinator's log); the killed hospital's audit log and privacy ledger still verify, and the
+ledger charged exactly the rounds whose masked update the hospital sent; nothing the killed
+daemon started is left; the restarted hospital trains again in a later round; the run ends
+with a published adapter.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import pytest
+
+from client.audit import read_audit_log, verify_audit_log
+from client.site_folder import load_hospital_config
+from faults.harness import (
+    all_gone,
+    consortium_processes,
+    kill9,
+    log_has,
+    start_hospital,
+    tiny_study,
+    wait_for,
+)
+from faults.test_run_faults import ADAPTER, _trained
+from privacy.ledger import Ledger
+from privacy.secagg.config import STAGES
+from server.checkpoint import CHECKPOINT_FILE
+from server.daemon import WAITING_LINE
+from simulations.bench.deploy import LoopbackConsortium
+
+pytestmark = pytest.mark.slow
+
+HOSPITALS = 4
+SITE_POLICY = 'max_epsilon = 100.0\ndelta = 1e-5\naccountant = "rdp"\nrequire_dp = true\n'
+# What each stage's reply carries (its "secagg" config record), as the audit log lists it.
+STAGE_FIELD = {"setup": "c-public", "share": "destinations", "mask": "masked-with",
+               "check": "signature", "unmask": "seed-of"}
+
+
+def _study(policy_file: str):
+    config = tiny_study(hospitals=HOSPITALS, rounds=len(STAGES), min_hospitals=3)
+    federation = config.federation
+    return replace(
+        config, site_policy=policy_file,
+        privacy=replace(config.privacy, dpsgd=True, dp_target_epsilon=20.0, dp_delta=1e-5),
+        federation=replace(federation, secure_aggregation=replace(
+            federation.secure_aggregation, enabled=True)))
+
+
+def _stage_replies(lc: LoopbackConsortium, k: int) -> list[tuple[int, str]]:
+    """``(round, stage)`` of each SecAgg reply hospital ``k`` audited, errors left out (share,
+    check and unmask replies belong to the round of the setup before them)."""
+    path = lc.sites[k] / "egress-audit.jsonl"
+    out, current = [], 0
+    for entry in read_audit_log(path) if path.exists() else []:
+        if not entry["message_type"].endswith(".secagg") or entry["error"]:
+            continue
+        record = entry["configs"].get("secagg", {})
+        stage = next((s for s, f in STAGE_FIELD.items() if f in record), "")
+        current = entry["round"] or current
+        out.append((current, stage))
+    return out
+
+
+def _charged_rounds(lc: LoopbackConsortium, k: int) -> list[int]:
+    path = lc.sites[k] / load_hospital_config(lc.sites[k]).privacy_ledger
+    return sorted(r.server_round for r in Ledger(path).rows()) if path.exists() else []
+
+
+def test_kill9_of_a_hospital_at_each_secagg_stage_then_restart(tmp_path):
+    policy = tmp_path / "privacy-policy.toml"
+    policy.write_text(SITE_POLICY)
+    lc = LoopbackConsortium(tmp_path / "secagg", _study(str(policy)))
+    try:
+        _run(lc)
+    finally:
+        lc.stop_all()
+        for proc in consortium_processes(lc.folder):
+            proc.kill()
+
+
+def _run(lc: LoopbackConsortium) -> None:
+    coordinator = lc.start_coordinator()
+    wait_for(log_has(lc, "coordinator", WAITING_LINE), "the ServerApp waiting for hospitals",
+             alive=coordinator, log=lc.log("coordinator"))
+    for k in range(HOSPITALS):
+        start_hospital(lc, k)
+    victims: dict[int, int] = {}
+    for server_round, stage in enumerate(STAGES, start=1):
+        k = (server_round - 1) % HOSPITALS
+        victims[server_round] = k
+        wait_for(lambda k=k, r=server_round, s=stage: (r, s) in _stage_replies(lc, k),
+                 f"hospital {k}'s {stage} reply of round {server_round}", alive=coordinator,
+                 log=lc.log("coordinator"))
+        name = f"hospital-{k}"
+        all_gone(kill9(lc.procs.pop(name)))
+        # Nothing lost: the audit log and the ledger still verify, and the ledger charged
+        # exactly the rounds whose masked update left this hospital.
+        check = verify_audit_log(lc.sites[k] / "egress-audit.jsonl")
+        assert check.ok, check.reason
+        sent = sorted(r for r, s in _stage_replies(lc, k) if s == "mask")
+        assert _charged_rounds(lc, k) == sent, (name, sent)
+        start_hospital(lc, k)
+
+    code = coordinator.wait(timeout=1800)
+    log = lc.log("coordinator").read_text(errors="replace")
+    assert code == 0, log[-4000:]
+    run_dir = lc.run_dir
+    assert (run_dir / ADAPTER).exists() and not (run_dir / CHECKPOINT_FILE).exists()
+    trained = _trained(lc, lc.study.stem)
+    for server_round, k in victims.items():
+        done = re.search(rf"round {server_round}: secure aggregate of (\d+) hospitals", log)
+        assert done, f"round {server_round} did not finish:\n{log[-4000:]}"
+        # The survivors' sum: a hospital killed before its masked update reached the
+        # coordinator is not in it; one killed after is (its self-mask is rebuilt from its
+        # neighbours' shares). Killed right after the mask reply was audited, the reply may or
+        # may not have left: the coordinator's count of masked inputs says which.
+        stage = STAGES[server_round - 1]
+        in_sum = STAGES.index(stage) > STAGES.index("mask")
+        if stage == "mask":
+            masked = re.search(rf"round {server_round}: secure aggregation mask stage: (\d+) of "
+                               rf"(\d+) replies", log)
+            assert masked, log[-4000:]
+            in_sum = masked.group(1) == masked.group(2)
+        assert (str(k) in trained[server_round]) == in_sum, (server_round, trained)
+        assert int(done.group(1)) == len(trained[server_round]) >= 3
+        if server_round < len(STAGES):  # back after its restart
+            assert any(str(k) in trained[r] for r in range(server_round + 1, len(STAGES) + 1)), \
+                (k, trained)
+    for k in range(HOSPITALS):
+        assert verify_audit_log(lc.sites[k] / "egress-audit.jsonl").ok
+        sent = sorted(r for r, s in _stage_replies(lc, k) if s == "mask")
+        assert _charged_rounds(lc, k) == sent
+    daemons = [lc.procs.pop(f"hospital-{k}") for k in range(HOSPITALS)]
+    lc.stop_all()
+    for proc in daemons:
+        proc.terminate()
+        proc.wait(timeout=120)
+    all_gone(consortium_processes(lc.folder))
