@@ -237,3 +237,41 @@ def test_an_unregistered_node_is_not_taken_over(superlink):
     assert state.activate_node(node, 30)
     flower_compat.unregister_node(state, node)
     assert not state.activate_node(node, 30)
+
+
+@pytest.mark.parametrize("uploaded", [False, True])
+def test_a_reply_the_dead_supernode_did_not_finish_uploading_is_answered_as_lost(superlink,
+                                                                                 uploaded):
+    """Flower stores a pushed reply, then its objects as they arrive; the ServerApp retries
+    missing objects for two hours. Pushed before a take-over, a reply whose objects never all
+    arrived is answered as lost; one that arrived whole is passed on."""
+    from flwr.supercore.inflatable.inflatable_object import (
+        get_all_nested_objects,
+        get_object_tree,
+    )
+
+    app, _ = superlink
+    state = flower_compat.superlink_state(app)
+    node = flower_compat.register_node(state, flower_compat.public_key_bytes(_openssh_key()), "h")
+    flower_compat.recover_restarted_nodes(state)
+    assert state.activate_node(node, 30)
+    grid, ids = _one_delivered_message(app, state, node)
+    ins = state.get_message_ins  # the node's SuperNode answers:
+    assert ins(node, limit=1) == []  # nothing more for it
+    instruction = flower_compat.instruction_message(state, ids[0])
+    reply = Message(RecordDict({"metrics": ConfigRecord({"x": 1})}), reply_to=instruction)
+    flower_compat.set_message_id(reply, reply.object_id)
+    run_id = instruction.metadata.run_id
+    stored, missing = state.store_message_and_object_tree(
+        reply, get_object_tree(reply), state.start_session(run_id))
+    assert stored and missing  # preregistered, not yet uploaded
+    if uploaded:
+        for object_id, obj in get_all_nested_objects(reply).items():
+            state.object_store.put(object_id, obj.deflate())
+    assert state.activate_node(node, 30)  # the SuperNode restarted: taken over
+    replies = list(grid.pull_messages(ids))
+    assert len(replies) == 1
+    if uploaded:
+        assert not replies[0].has_error() and replies[0].metadata.message_id == reply.object_id
+    else:
+        assert replies[0].error.reason == flower_compat.RESTARTED_REASON
