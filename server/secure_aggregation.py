@@ -206,8 +206,14 @@ class _SecAggRound:
                     for node, content in contents.items()]
         replies: dict[int, Message] = {}
         started = time.monotonic()
-        for reply in self.grid.send_and_receive(messages, timeout=timeout):
-            node = reply.metadata.src_node_id
+        got = list(self.grid.send_and_receive(messages, timeout=timeout))
+        # The grid gave each message its id when it pushed it. An error the SuperLink answers
+        # on a hospital's behalf (node unavailable, restarted) comes from node 1: it is filed
+        # under the hospital that was asked, with its reason.
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
+                 if m.metadata.message_id}
+        for reply in got:
+            node = asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if node not in contents:
                 continue
             if reply.has_error():

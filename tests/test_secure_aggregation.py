@@ -180,6 +180,45 @@ def test_hospital_dropping_after_sharing_keys_is_left_out(stage):
     assert "offline" in failed[0].error.reason
 
 
+class SuperLinkAnswersGrid(InProcessGrid):
+    """Replies of node ``gone`` at stage ``stage`` are replaced by the error the SuperLink sends
+    on a lost node's behalf: from node 1, not from the node asked."""
+
+    gone, stage = NODES[1], "mask"
+
+    def pull_messages(self, message_ids):
+        from flwr.app import Error
+
+        from models.flower_compat import set_message_id
+
+        replies = []
+        for reply in super().pull_messages(message_ids):
+            if reply.metadata.src_node_id == self.gone and \
+                    reply.metadata.message_type.endswith(ACTION) and self.stage in self.asked:
+                error = Message(Error(code=5, reason="the hospital's SuperNode restarted"),
+                                reply_to=reply)
+                error.metadata.__dict__["_src_node_id"] = 1
+                set_message_id(error, "lost")
+                error.metadata.__dict__["_reply_to_message_id"] = \
+                    reply.metadata.reply_to_message_id
+                reply = error
+            replies.append(reply)
+        return replies
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.asked = {str(m.content.config_records[RECORD]["stage"]) for m in messages
+                      if RECORD in m.content.config_records}
+        return super().push_messages(messages)
+
+
+def test_an_error_the_superlink_sends_for_a_hospital_is_filed_under_it_with_its_reason():
+    hospitals = Hospitals(NODES)
+    replies, report, _ = _round(hospitals, NODES, grid_cls=SuperLinkAnswersGrid)
+    assert sorted(report.survivors) == [n for n in NODES if n != NODES[1]]
+    assert report.excluded[NODES[1]] == "mask: the hospital's SuperNode restarted"
+
+
 def test_hospital_dropping_after_its_masked_input_stays_in_the_sum():
     hospitals = Hospitals(NODES)
     hospitals.fail_at[NODES[0]] = "unmask"

@@ -14,11 +14,14 @@ with a published adapter.
 from __future__ import annotations
 
 import re
+import tomllib
 from dataclasses import replace
 
 import pytest
+import tomli_w
 
 from client.audit import read_audit_log, verify_audit_log
+from client.site_folder import CONFIG_FILE as HOSPITAL_CONFIG
 from client.site_folder import load_hospital_config
 from faults.harness import (
     all_gone,
@@ -79,6 +82,10 @@ def test_kill9_of_a_hospital_at_each_secagg_stage_then_restart(tmp_path):
     policy = tmp_path / "privacy-policy.toml"
     policy.write_text(SITE_POLICY)
     lc = LoopbackConsortium(tmp_path / "secagg", _study(str(policy)))
+    for k, site in enumerate(lc.sites):  # a ledger keeps each dataset's budget by its id
+        config = tomllib.loads((site / HOSPITAL_CONFIG).read_text())
+        config["hospital"]["dataset_id"] = f"site-{k}"
+        (site / HOSPITAL_CONFIG).write_text(tomli_w.dumps(config))
     try:
         _run(lc)
     finally:
