@@ -165,31 +165,35 @@ RESTARTED_REASON = ("the hospital's SuperNode restarted before it replied: the m
 def recover_restarted_nodes(state, on_take_over: Callable[[int], None] | None = None
                             ) -> None:  # noqa: ANN001
     """Make the SuperLink's ``state`` accept a SuperNode that restarts at once after its
-    process died (``kill -9``, a crash), and answer what the dead process lost.
+    process died (``kill -9``, a crash), and answer at once what the dead process lost.
 
     Flower counts a node online until two heartbeats (60 s) are missed and refuses to activate
     a node it counts online: a hospital restarted within that minute was refused as if its key
-    were unknown. What the dead process was doing was waited for until the round's timeout
-    (a message it had received, kept only in its memory) or for two hours (a reply it had
-    pushed but whose objects it had not all uploaded: the ServerApp retries the missing ones).
-    With this:
+    were unknown. What the dead process was doing was waited for: a message it had received
+    (kept only in its memory) until the round's timeout, a reply it had pushed without
+    uploading all its objects until Flower's object-push session expired (180 s). With this:
 
     - activating a node still counted online takes it over (the previous process is gone;
       with node authentication the request is signed by the node's own key);
-    - a message delivered to a node before its current activation and not answered, and a
-      reply pushed before it whose objects never all arrived, are answered with an error reply
-      (:data:`RESTARTED_REASON`) at the ServerApp's next pull.
+    - at every activation, the node's unfinished reply uploads are dropped as Flower drops an
+      expired upload (the ServerApp then gets Flower's "objects unavailable" error for a reply
+      it was already fetching);
+    - a message delivered to a node before its current activation and not answered gets an
+      error reply (:data:`RESTARTED_REASON`) at the ServerApp's next pull.
 
     Times are the SuperLink's own clock. ``on_take_over(node_id)`` is called at each take-over
     (for the log).
     """
+    from collections import defaultdict, deque
     from datetime import datetime
 
     from flwr.supercore.date import now
 
-    activate, pull, store = state.activate_node, state.get_message_res, state.store_message_res
+    activate, pull = state.activate_node, state.get_message_res
+    store = state.store_message_and_object_tree
     activated: dict[int, datetime] = {}
-    pushed: dict[str, tuple[int, datetime]] = {}  # instruction id -> (node, when its reply came)
+    # node -> push sessions of its latest reply uploads (a process has few at once).
+    uploads: dict[int, deque[str]] = defaultdict(lambda: deque(maxlen=64))
 
     def activate_node(node_id: int, heartbeat_interval: float) -> bool:
         ok = activate(node_id, heartbeat_interval)
@@ -199,41 +203,34 @@ def recover_restarted_nodes(state, on_take_over: Callable[[int], None] | None = 
                 on_take_over(node_id)
         if ok:
             activated[node_id] = now()
+            for session_id in uploads.pop(node_id, ()):  # a finished one is gone already
+                state._cleanup_push_session(session_id, cleanup_messages=True)
         return ok
 
-    def store_message_res(message: Message) -> str | None:
-        stored = store(message)
-        if stored:
-            pushed[message.metadata.reply_to_message_id] = (message.metadata.src_node_id, now())
+    def store_message_and_object_tree(message: Message, object_tree, session_id: str):  # noqa: ANN001, ANN202
+        stored = store(message, object_tree, session_id)
+        if stored[0] and message.metadata.reply_to_message_id:
+            uploads[message.metadata.src_node_id].append(session_id)
         return stored
-
-    def instruction(message_id: str) -> Message | None:
-        return instruction_message(state, message_id)
-
-    def lost_before(node: int, when: datetime) -> bool:
-        return node in activated and when < activated[node]
 
     def get_message_res(message_ids: set[str], run_id: int) -> list:
         asked = set(message_ids)
-        replies = []
-        for reply in pull(message_ids, run_id):
-            node, when = pushed.pop(reply.metadata.reply_to_message_id, (0, None))
-            ins = (instruction(reply.metadata.reply_to_message_id)
-                   if when is not None and lost_before(node, when)
-                   and not _objects_complete(state.object_store, reply.metadata.message_id)
-                   else None)
-            replies.append(reply if ins is None else _stored_lost_reply(state, ins))
+        replies = list(pull(message_ids, run_id))
         answered = {m.metadata.reply_to_message_id for m in replies}
         for message_id in sorted(asked - answered):
-            ins = instruction(message_id)
-            delivered = ins and state.get_valid_message_ins(message_id).get("delivered_at")
-            if ins is not None and delivered and lost_before(
-                    ins.metadata.dst_node_id, datetime.fromisoformat(delivered)):
-                replies.append(_stored_lost_reply(state, ins))
+            row = state.get_valid_message_ins(message_id)
+            ins = instruction_message(state, message_id) if row else None
+            if ins is None or not row.get("delivered_at"):
+                continue
+            since = activated.get(ins.metadata.dst_node_id)
+            if since is not None and datetime.fromisoformat(row["delivered_at"]) < since:
+                reply = lost_message_reply(ins)
+                state._store_generated_message(reply)  # as Flower stores its own errors
+                replies.append(reply)
         return replies
 
     state.activate_node, state.get_message_res = activate_node, get_message_res
-    state.store_message_res = store_message_res
+    state.store_message_and_object_tree = store_message_and_object_tree
 
 
 def instruction_message(state, message_id: str) -> Message | None:  # noqa: ANN001
@@ -249,27 +246,6 @@ def instruction_message(state, message_id: str) -> Message | None:  # noqa: ANN0
         return None
     convert_sint64_values_in_dict_to_uint64(row, ["run_id", "src_node_id", "dst_node_id"])
     return dict_to_message(row)
-
-
-def _objects_complete(object_store, object_id: str) -> bool:  # noqa: ANN001
-    """Whether every object of ``object_id``'s tree is in ``object_store`` with its content
-    (Flower preregisters a pushed message's objects empty and fills them as they arrive)."""
-    try:
-        trees = [object_store.get_object_tree(object_id)]
-    except Exception:  # noqa: BLE001 (not preregistered: nothing will arrive)
-        return False
-    while trees:
-        tree = trees.pop()
-        if not object_store.get(tree.object_id):
-            return False
-        trees.extend(tree.children)
-    return True
-
-
-def _stored_lost_reply(state, ins: Message) -> Message:  # noqa: ANN001
-    reply = lost_message_reply(ins)
-    state._store_generated_message(reply)  # as Flower stores its own error replies
-    return reply
 
 
 def lost_message_reply(message: Message) -> Message:

@@ -239,12 +239,14 @@ def test_an_unregistered_node_is_not_taken_over(superlink):
     assert not state.activate_node(node, 30)
 
 
+@pytest.mark.parametrize("fetched", [False, True])
 @pytest.mark.parametrize("uploaded", [False, True])
-def test_a_reply_the_dead_supernode_did_not_finish_uploading_is_answered_as_lost(superlink,
-                                                                                 uploaded):
-    """Flower stores a pushed reply, then its objects as they arrive; the ServerApp retries
-    missing objects for two hours. Pushed before a take-over, a reply whose objects never all
-    arrived is answered as lost; one that arrived whole is passed on."""
+def test_a_reply_the_dead_supernode_did_not_finish_uploading_is_dropped(superlink, uploaded,
+                                                                        fetched):
+    """Flower stores a pushed reply, then its objects as they arrive, and drops an upload only
+    when its push session expires (180 s). Here a take-over drops the dead process's unfinished
+    upload at once: a reply not yet fetched is answered as lost, one being fetched has its
+    objects gone (Flower's ServerApp then reports them unavailable); a whole one is kept."""
     from flwr.supercore.inflatable.inflatable_object import (
         get_all_nested_objects,
         get_object_tree,
@@ -256,19 +258,25 @@ def test_a_reply_the_dead_supernode_did_not_finish_uploading_is_answered_as_lost
     flower_compat.recover_restarted_nodes(state)
     assert state.activate_node(node, 30)
     grid, ids = _one_delivered_message(app, state, node)
-    ins = state.get_message_ins  # the node's SuperNode answers:
-    assert ins(node, limit=1) == []  # nothing more for it
     instruction = flower_compat.instruction_message(state, ids[0])
     reply = Message(RecordDict({"metrics": ConfigRecord({"x": 1})}), reply_to=instruction)
     flower_compat.set_message_id(reply, reply.object_id)
     run_id = instruction.metadata.run_id
-    stored, missing = state.store_message_and_object_tree(
-        reply, get_object_tree(reply), state.start_session(run_id))
-    assert stored and missing  # preregistered, not yet uploaded
+    session = state.start_session(run_id)
+    stored, missing = state.store_message_and_object_tree(reply, get_object_tree(reply), session)
+    assert stored and missing  # preregistered, objects not yet uploaded
+    objects = get_all_nested_objects(reply)
     if uploaded:
-        for object_id, obj in get_all_nested_objects(reply).items():
-            state.object_store.put(object_id, obj.deflate())
+        for object_id, obj in objects.items():
+            assert state.store_object(run_id, session, object_id, obj.deflate())
+    if fetched:  # the ServerApp has the reply's id and fetches its objects
+        assert [m.metadata.message_id for m in state.get_message_res({ids[0]}, run_id)] \
+            == [reply.object_id]
     assert state.activate_node(node, 30)  # the SuperNode restarted: taken over
+    if fetched:
+        contents = [state.get_object(run_id, object_id) for object_id in objects]
+        assert all(contents) if uploaded else not any(contents)
+        return
     replies = list(grid.pull_messages(ids))
     assert len(replies) == 1
     if uploaded:
