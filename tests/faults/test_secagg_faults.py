@@ -17,6 +17,7 @@ import re
 import tomllib
 from dataclasses import replace
 
+import pandas as pd
 import pytest
 import tomli_w
 
@@ -26,16 +27,18 @@ from client.site_folder import load_hospital_config
 from faults.harness import (
     all_gone,
     consortium_processes,
+    descendants,
     kill9,
     log_has,
     start_hospital,
     tiny_study,
     wait_for,
 )
-from faults.test_run_faults import ADAPTER, _trained
+from faults.test_run_faults import ADAPTER
 from privacy.ledger import Ledger
 from privacy.secagg.config import STAGES
 from server.checkpoint import CHECKPOINT_FILE
+from server.consortium import load_enrolments
 from server.daemon import WAITING_LINE
 from simulations.bench.deploy import LoopbackConsortium
 
@@ -71,6 +74,16 @@ def _stage_replies(lc: LoopbackConsortium, k: int) -> list[tuple[int, str]]:
         current = entry["round"] or current
         out.append((current, stage))
     return out
+
+
+def _summed(lc: LoopbackConsortium) -> dict[int, set[str]]:
+    """Per round, the hospitals (``"k"``) whose update is in the round's secure sum: those
+    with a reply and no error in ``metrics.csv`` (under DP-SGD no training loss is reported)."""
+    metrics = pd.read_csv(lc.run_dir / "metrics.csv", dtype={"hospital": str, "error": str})
+    rows = metrics[(metrics.hospital != "global") & metrics.num_examples.notna()
+                   & metrics.error.isna()]
+    index = {e.node_id: e.name.removeprefix("hospital-") for e in load_enrolments(lc.folder)}
+    return {int(r): {index.get(x, x) for x in h} for r, h in rows.groupby("round")["hospital"]}
 
 
 def _charged_rounds(lc: LoopbackConsortium, k: int) -> list[int]:
@@ -122,7 +135,7 @@ def _run(lc: LoopbackConsortium) -> None:
     assert code == 0, log[-4000:]
     run_dir = lc.run_dir
     assert (run_dir / ADAPTER).exists() and not (run_dir / CHECKPOINT_FILE).exists()
-    trained = _trained(lc, lc.study.stem)
+    trained = _summed(lc)
     for server_round, k in victims.items():
         done = re.search(rf"round {server_round}: secure aggregate of (\d+) hospitals", log)
         assert done, f"round {server_round} did not finish:\n{log[-4000:]}"
@@ -146,9 +159,11 @@ def _run(lc: LoopbackConsortium) -> None:
         assert verify_audit_log(lc.sites[k] / "egress-audit.jsonl").ok
         sent = sorted(r for r, s in _stage_replies(lc, k) if s == "mask")
         assert _charged_rounds(lc, k) == sent
+    # Stopped, the hospital daemons leave nothing either.
     daemons = [lc.procs.pop(f"hospital-{k}") for k in range(HOSPITALS)]
-    lc.stop_all()
+    started = [child for proc in daemons for child in descendants(proc.pid)]
     for proc in daemons:
         proc.terminate()
-        proc.wait(timeout=120)
+        assert proc.wait(timeout=120) == 0
+    all_gone(started)
     all_gone(consortium_processes(lc.folder))
