@@ -1,11 +1,13 @@
 """``python -m simulations.bench faults``: the fault-injection suite (``tests/faults/``) on real
 processes on loopback, one line per fault, ending with ``faults survived: <n> of <m>``.
 
-Each test injects one fault (``kill -9`` of the coordinator, its SuperLink or a hospital at a
+Each test injects a fault (``kill -9`` of the coordinator, its SuperLink or a hospital at a
 given stage, start order, late enrolment, revocation mid-round, a full disk under a checkpoint)
 and passes only when the run finished or failed with a clear reason, nothing was lost, no
 process was left running and, where every hospital trained every round, the final adapter
-matched the uninterrupted run's. Slow: minutes of real daemons.
+matched the uninterrupted run's. A few tests inject several faults into one run to keep it
+cheap (one hospital killed at each SecAgg+ stage, one per round; the coordinator killed in a
+SecAgg+ stage and again in an evaluation); a test counts once. Slow: minutes of real daemons.
 """
 
 from __future__ import annotations
