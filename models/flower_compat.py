@@ -2,8 +2,10 @@
 
 Flower 1.42's message API has no public way to set a message's id or source (the SuperLink
 sets them), to build a message outside a Flower process (the runtime sets the process's task
-identity), or to tune how a SuperNode's ClientApp process polls for objects. medfed needs each
-of these in a few places; they live here so that a Flower upgrade that changes one fails in
+identity), or to tune how a SuperNode's ClientApp process polls for objects; nor to build its
+SuperLink application in process, edit the node registry there, or change how the SuperLink
+treats a SuperNode that restarts (``server.superlink_gate``). medfed needs each of these in a
+few places; they live here so that a Flower upgrade that changes one fails in
 ``tests/test_flower_compat.py``, one test per assumption, and is fixed here.
 """
 
