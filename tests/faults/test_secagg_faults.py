@@ -82,8 +82,10 @@ def _summed(lc: LoopbackConsortium) -> dict[int, set[str]]:
     metrics = pd.read_csv(lc.run_dir / "metrics.csv", dtype={"hospital": str, "error": str})
     rows = metrics[(metrics.hospital != "global") & metrics.num_examples.notna()
                    & metrics.error.isna()]
-    index = {e.node_id: e.name.removeprefix("hospital-") for e in load_enrolments(lc.folder)}
-    return {int(r): {index.get(x, x) for x in h} for r, h in rows.groupby("round")["hospital"]}
+    # Rows name a hospital by its enrolled name (a node id only if it is not enrolled).
+    index = {e.node_id: e.name for e in load_enrolments(lc.folder)}
+    return {int(r): {index.get(x, x).removeprefix("hospital-") for x in h}
+            for r, h in rows.groupby("round")["hospital"]}
 
 
 def _charged_rounds(lc: LoopbackConsortium, k: int) -> list[int]:
