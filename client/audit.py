@@ -56,6 +56,7 @@ from client.classes import ClassMismatch
 from client.data.problems import ManifestError, SiteDataError
 from models.registry import WeightsMismatchError
 from privacy.ledger import LedgerIntegrityError
+from privacy.secagg.wire import RECORD as SECAGG_RECORD
 
 logger = logging.getLogger(__name__)
 
@@ -305,11 +306,22 @@ def audit_reply(request: Message, reply: Message, context: Context) -> None:
     path = context.node_config.get(AUDIT_LOG_KEY)
     if not path:
         return
-    server_round = None
-    if request.has_content() and "config" in request.content.config_records:
-        value = request.content.config_records["config"].get("server-round")
-        server_round = int(value) if value is not None else None
-    append_audit_line(Path(str(path)), reply, server_round)
+    append_audit_line(Path(str(path)), reply, _request_round(request))
+
+
+def _request_round(request: Message) -> int | None:
+    """The round a request names: its training config's ``server-round`` or, for the
+    secure-aggregation stages that carry no training config, the stage record's ``round``."""
+    if not request.has_content():
+        return None
+    records = request.content.config_records
+    for name, key in (("config", "server-round"), (SECAGG_RECORD, "round")):
+        if name in records and records[name].get(key) is not None:
+            try:
+                return int(records[name][key])
+            except (TypeError, ValueError):  # a malformed request is logged, not refused here
+                return None
+    return None
 
 
 def read_audit_log(path: Path) -> list[dict[str, Any]]:

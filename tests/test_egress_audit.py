@@ -7,14 +7,15 @@ import stat
 import pytest
 import tomli_w
 import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.app import build_client_app
 from client.audit import payload_sha256, read_audit_log, verify_audit_log
 from models.adapters import adapter_state
 from models.config import TrainConfig, to_config_record
 from models.lora import build_lora_model
-from simulations.inprocess import coordinator_message
+from privacy.secagg.wire import RECORD
+from simulations.inprocess import coordinator_message, message_with_metadata
 
 
 def _message(kind: str, arrays: ArrayRecord, config) -> Message:
@@ -152,3 +153,18 @@ def test_a_failure_in_local_training_is_an_audited_error_reply(tmp_path, small_m
     # The same ClientApp serves the next message (the daemon is not brought down).
     assert app(_message("evaluate", arrays, config), context).has_error()
     assert len(read_audit_log(log)) == 2 and verify_audit_log(log).ok
+
+
+def test_secure_aggregation_stages_are_audited_under_their_round(tmp_path, site):
+    """A SecAgg+ stage after setup carries no training config; its audit line still names the
+    round its request gives (here a 'share' the hospital refuses: no setup came first)."""
+    log = tmp_path / "egress.jsonl"
+    app = build_client_app(lambda context, image_size: site)
+    request = message_with_metadata(
+        "train.secagg", RecordDict({RECORD: ConfigRecord({"stage": "share", "round": 4})}),
+        run_id=5, group_id="4")
+    reply = app(request, _context({"partition-id": 0, "audit-log": str(log)}))
+    assert reply.has_error()  # out of order: refused, and still audited
+    [entry] = read_audit_log(log)
+    assert entry["round"] == 4 and entry["error"]
+    assert verify_audit_log(log).ok

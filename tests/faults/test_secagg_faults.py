@@ -63,7 +63,7 @@ def _study(policy_file: str):
 
 def _stage_replies(lc: LoopbackConsortium, k: int) -> list[tuple[int, str]]:
     """``(round, stage)`` of each SecAgg reply hospital ``k`` audited, errors left out (share,
-    check and unmask replies belong to the round of the setup before them)."""
+    check and unmask replies name their round from the stage record)."""
     path = lc.sites[k] / "egress-audit.jsonl"
     out, current = [], 0
     for entry in read_audit_log(path) if path.exists() else []:
