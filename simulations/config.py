@@ -156,6 +156,17 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
     if overrides:
         check_study_values(overrides, "overrides")
         config = load_settings(SimulationConfig, overrides, "overrides", config)
+    return _refuse_deployment_only(config, str(path) if path is not None else "overrides")
+
+
+def _refuse_deployment_only(config: SimulationConfig, where: str) -> SimulationConfig:
+    """A simulation scores on its dataset's test split; a coordinator-held test manifest in its
+    study would be silently unused, so it is refused."""
+    if config.evaluation.test_manifest:
+        raise ConfigError(
+            f"{where}: evaluation.test_manifest = '{config.evaluation.test_manifest}' is read "
+            "by a deployed coordinator only; a simulation scores on its dataset's test split. "
+            "Remove it to simulate this study (keep it for 'medfed coordinator start').")
     return config
 
 
@@ -163,7 +174,7 @@ def with_overrides(config: SimulationConfig, overrides: dict[str, Any],
                    where: str = "overrides") -> SimulationConfig:
     """``config`` with ``overrides`` (same nesting as the TOML file) applied and checked."""
     check_study_values(overrides, where)
-    return load_settings(SimulationConfig, overrides, where, config)
+    return _refuse_deployment_only(load_settings(SimulationConfig, overrides, where, config), where)
 
 
 def config_dict(config: SimulationConfig) -> dict[str, Any]:

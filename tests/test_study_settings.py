@@ -26,7 +26,7 @@ from models.data import ImageSet
 from models.settings import SettingsError
 from server.evaluation import AdapterSelection, combine_validation, with_prior
 from server.study import load_study, study_reference
-from simulations.config import ConfigError, load_config
+from simulations.config import ConfigError, load_config, with_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,6 +141,15 @@ def test_a_simulation_is_a_study_plus_its_data(tmp_path):
     study = config.study()
     assert type(study).__name__ == "Study" and not hasattr(study, "data")
     assert study.classes == ["normal", "pneumonia"] and study.federation.rounds == 2
+
+
+def test_a_simulation_refuses_a_coordinator_test_manifest_it_would_not_use(tmp_path):
+    path = tmp_path / "sim.toml"
+    path.write_text('[evaluation]\ntest_manifest = "test/manifest.csv"\n')
+    with pytest.raises(ConfigError, match="evaluation.test_manifest .* deployed coordinator"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="sim-override.*test_manifest"):
+        with_overrides(load_config(), {"evaluation": {"test_manifest": "t.csv"}}, "sim-override")
 
 
 def test_hospital_toml_declares_classes_and_site_settings(tmp_path):
