@@ -18,9 +18,8 @@ from opacus.accountants.utils import get_noise_multiplier
 logger = logging.getLogger(__name__)
 
 PRV_MIN_NOISE = 0.25
-"""Smallest noise multiplier handed to opacus' PRV accountant. Its grid grows as the noise
-shrinks: measured here (one event, q = 0.023, 352 steps) 0.44 GB at z = 0.5, 0.65 GB at 0.2,
-11.8 GB and 67 s (returning inf) at 0.1, and killed for memory past 23 GB at 0.05. Below this
+"""Smallest noise multiplier handed to opacus' PRV accountant. Its grid grows without bound as
+the noise shrinks (memory and time: docs/decisions/008-rdp-below-small-noise.md). Below this
 floor the RDP accountant answers instead: a valid upper bound, looser than PRV."""
 
 Event = tuple[float, float, int]

@@ -17,9 +17,8 @@ Gaussians are drawn with the Box-Muller transform in float64 from 53-bit uniform
 to the released tensor's dtype (float32 for adapters) after being added, so the float32 values a
 release can take have no gaps at float32 resolution: the floating-point attacks on Gaussian
 noise (Jin et al. 2022) exploit gaps in the set of values the noise can take at the release
-precision. opacus' ``secure_mode`` instead sums four float32 draws (Holohan and Braghin 2021);
-doing that here cost about 15 % of a DP-SGD step at 64 px (measured on this machine under load),
-where one float64 draw costs about a quarter of that.
+precision. opacus' ``secure_mode`` instead sums four float32 draws (Holohan and Braghin 2021),
+which costs several times one float64 draw (figures: docs/privacy.md).
 
 :class:`ReplayableNoise` draws the same distributions from a seeded generator so that a
 simulated study replays exactly; it is insecure by design and exists only behind the setting
