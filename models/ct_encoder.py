@@ -230,6 +230,114 @@ def volume_digest(volume: torch.Tensor) -> bytes:
     return digest.digest()
 
 
+class _Captured(Exception):
+    """Stops a forward pass once the BatchNorm being estimated has seen its input."""
+
+
+def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def estimate_batchnorm(classifier: CTVolumeClassifier, volumes: torch.Tensor,
+                       batch_size: int = 8) -> None:
+    """Replace every BatchNorm's running statistics by its population statistics on ``volumes``.
+
+    Exact and in forward order: each BatchNorm's mean and (unbiased) variance are taken over
+    every voxel of every volume, of inputs normalised by the statistics already estimated for
+    the layers before it (frozen BatchNorm, as inference and the prefix cache use them), not by
+    batch statistics. Affine weights are kept. Costs about three forward passes of
+    ``volumes``. Estimate on public data only: the statistics travel with the model.
+
+    Args:
+        classifier: the encoder to recalibrate (in place; BatchNorm stays frozen).
+        volumes: ``(N, 1, H, W, D)`` in [0, 1], the calibration set at the run's size.
+        batch_size: volumes per forward chunk (memory only; the result does not depend on it
+            beyond float rounding).
+    """
+    net = classifier.net
+    units: list[tuple[nn.Module, object]] = [(nn.ModuleList([net.conv1, net.bn1]),
+                                              classifier._stem)]
+    units += [(block, block) for _, block in _blocks(net)]
+    classifier.clear_prefix_cache()
+    with torch.no_grad():
+        chunks = [classifier.to_encoder_input(volumes[i : i + batch_size]).contiguous()
+                  for i in range(0, len(volumes), batch_size)]
+        for owner, run in units:
+            for bn in _batchnorms(owner):
+                total = torch.zeros(bn.num_features, dtype=torch.float64)
+                square = torch.zeros_like(total)
+                count = 0
+
+                def capture(_module, inputs, total=total, square=square):
+                    nonlocal count
+                    x = inputs[0].double().transpose(0, 1).flatten(1)
+                    total += x.sum(1)
+                    square += x.square().sum(1)
+                    count += x.shape[1]
+                    raise _Captured
+
+                handle = bn.register_forward_pre_hook(capture)
+                try:
+                    for chunk in chunks:
+                        try:
+                            run(chunk)
+                        except _Captured:
+                            pass
+                finally:
+                    handle.remove()
+                mean = total / count
+                var = (square / count - mean.square()).clamp_min(0) * count / max(1, count - 1)
+                bn.running_mean.copy_(mean.float())
+                bn.running_var.copy_(var.float())
+            chunks = [run(chunk) for chunk in chunks]
+
+
+def batchnorm_stats(net: nn.Module) -> dict[str, np.ndarray]:
+    """Every BatchNorm's running mean and variance, by state-dict name (float32 arrays)."""
+    state = net.state_dict()
+    return {k: state[k].numpy().copy() for k in state
+            if k.endswith((".running_mean", ".running_var"))}
+
+
+def save_batchnorm_stats(net: nn.Module, path: Path) -> str:
+    """Write the network's BatchNorm statistics to ``path`` (``.npz``); returns its SHA-256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.part")
+    with open(partial, "wb") as handle:
+        np.savez(handle, **batchnorm_stats(net))
+    partial.replace(path)
+    return hashing.file_sha256(path)
+
+
+def load_batchnorm_stats(net: nn.Module, path: Path, sha256: str = "") -> str:
+    """Load BatchNorm statistics saved by :func:`save_batchnorm_stats`; returns the file's
+    SHA-256.
+
+    Raises:
+        ValueError: the file's hash is not ``sha256`` (when given), or its names or shapes do
+            not match the network's BatchNorm layers.
+    """
+    local = hashing.file_sha256(path)
+    if sha256 and local != sha256:
+        raise ValueError(f"{path}: BatchNorm statistics have SHA-256 {local}, the run pinned "
+                         f"{sha256}; fetch the pinned file")
+    expected = batchnorm_stats(net)
+    with np.load(path, allow_pickle=False) as archive:
+        stats = {k: archive[k] for k in archive.files}
+    if set(stats) != set(expected) or any(stats[k].shape != v.shape
+                                          for k, v in expected.items()):
+        raise ValueError(f"{path}: not this encoder's BatchNorm statistics (names or shapes "
+                         "differ)")
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in stats.items()}, strict=False)
+    return local
+
+
+def calibrated_weights_id(base_id: str, stats_sha256: str) -> str:
+    """Identity of base weights with recalibrated BatchNorm statistics (keys the prefix cache
+    and the run's weight pin)."""
+    return hashlib.sha256(f"{base_id}:batchnorm={stats_sha256}".encode()).hexdigest()
+
+
 class CTVolumeClassifier(nn.Module):
     """Merlin's input convention, the encoder, and the new head, with a frozen-prefix cache.
 

@@ -9,6 +9,7 @@ after resampling to a physical spacing first. The encoder itself permutes ``(1, 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from monai.transforms import Compose, Orientation, Resize, ScaleIntensityRange, Spacing
 
 HU_MIN = -1000.0
@@ -40,3 +41,35 @@ def ct_volume_transform(size: int, pixdim: tuple[float, float, float] | None = N
     steps += [ScaleIntensityRange(a_min=HU_MIN, a_max=HU_MAX, b_min=0.0, b_max=1.0, clip=True),
               Resize(spatial_size=(size, size, size), mode="trilinear", dtype=np.float32)]
     return Compose(steps)
+
+
+FAT_HU = -100.0
+"""Hounsfield units of fat: what surrounds the adrenal glands in abdominal CT."""
+SOFT_TISSUE_HU = 40.0
+"""Hounsfield units of soft tissue such as an adrenal gland."""
+
+
+def hu_to_unit(hu: float) -> float:
+    """Hounsfield units -> the encoder's [0, 1] scale (-1000 -> 0, +1000 -> 1, clipped)."""
+    return min(1.0, max(0.0, (hu - HU_MIN) / (HU_MAX - HU_MIN)))
+
+
+def masks_as_tissue(volumes: torch.Tensor, background_hu: float = FAT_HU,
+                    mask_hu: float = SOFT_TISSUE_HU) -> torch.Tensor:
+    """Shape masks in [0, 1] (0 outside, 1 inside) -> CT-like intensities on the encoder's scale.
+
+    A data-specific choice for mask datasets such as AdrenalMNIST3D: read as CT, a binary mask
+    is air (0) and bone-bright +1000 HU (1), far from the abdominal CT the encoder learnt; here
+    outside becomes ``background_hu`` and inside ``mask_hu``, linearly in between (so it commutes
+    with the trilinear resize).
+
+    Args:
+        volumes: any shape, values in [0, 1].
+        background_hu: HU of value 0 (default fat).
+        mask_hu: HU of value 1 (default soft tissue).
+
+    Returns:
+        A new float32 tensor of the same shape in [0, 1].
+    """
+    low, high = hu_to_unit(background_hu), hu_to_unit(mask_hu)
+    return (volumes.float() * (high - low) + low).clamp_(0.0, 1.0)

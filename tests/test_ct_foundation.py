@@ -215,3 +215,40 @@ def test_scenario_and_3d_dataset_feed_the_encoder():
     assert tuple(flat.splits["val"].images.shape) == (98, 3, 32, 32)
     with pytest.raises(ValueError, match="3D dataset"):
         load_medmnist("pneumoniamnist-midslices", 32)
+
+
+def test_batchnorm_estimate_is_the_population_statistics_of_its_inputs(tmp_path):
+    """After estimation, every BatchNorm's running mean and variance are the mean and variance,
+    over all voxels of the calibration volumes, of the inputs it receives in inference mode
+    (earlier layers normalised by their own estimated statistics); the statistics survive a
+    save/load round trip, a wrong pin is refused, and the cache key changes with them."""
+    images, _ = _volumes("val", 6, SIZE)
+    net = ct_encoder.build_i3resnet152(2, pretrained=False)
+    classifier = ct_encoder.CTVolumeClassifier(net, cache_bytes=0).eval()
+    ct_encoder.estimate_batchnorm(classifier, images, batch_size=4)
+    checked = {"bn1": net.bn1, "layer3.35.bn2": net.layer3[35].bn2,
+               "layer4.0.downsample.1": net.layer4[0].downsample[1],
+               "layer4.2.bn3": net.layer4[2].bn3}
+    seen: dict[str, torch.Tensor] = {}
+    handles = [bn.register_forward_pre_hook(
+        lambda _m, inputs, name=name: seen.__setitem__(name, inputs[0].transpose(0, 1).flatten(1)))
+        for name, bn in checked.items()]
+    with torch.no_grad():
+        features = classifier.features(images)
+    for handle in handles:
+        handle.remove()
+    for name, bn in checked.items():
+        torch.testing.assert_close(bn.running_mean, seen[name].mean(1), atol=1e-4, rtol=1e-3,
+                                   msg=name)
+        torch.testing.assert_close(bn.running_var, seen[name].var(1), atol=1e-4, rtol=1e-3,
+                                   msg=name)
+    assert torch.isfinite(features).all() and features.abs().max() < 1e3  # normalised throughout
+
+    sha = ct_encoder.save_batchnorm_stats(net, tmp_path / "bn.npz")
+    fresh = ct_encoder.build_i3resnet152(2, pretrained=False)
+    assert not torch.equal(fresh.layer4[2].bn3.running_var, net.layer4[2].bn3.running_var)
+    assert ct_encoder.load_batchnorm_stats(fresh, tmp_path / "bn.npz", sha) == sha
+    assert torch.equal(fresh.layer4[2].bn3.running_var, net.layer4[2].bn3.running_var)
+    with pytest.raises(ValueError, match="pinned"):
+        ct_encoder.load_batchnorm_stats(fresh, tmp_path / "bn.npz", "0" * 64)
+    assert ct_encoder.calibrated_weights_id("a", sha) != ct_encoder.calibrated_weights_id("a", "b")

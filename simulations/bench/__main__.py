@@ -15,6 +15,7 @@ BENCHES = {
     "dp-utility": "simulations.bench.dp_utility",
     "faults": "simulations.bench.faults",
     "foundation": "simulations.bench.foundation",
+    "foundation-probe": "simulations.bench.foundation_probe",
     "real-study": "simulations.bench.real_study",
     "scale": "simulations.bench.scale",
     "secagg": "simulations.bench.secagg",

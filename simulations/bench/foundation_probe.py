@@ -1,0 +1,158 @@
+"""Linear probes on the CT encoder's pooled features: choose input size, intensities and
+BatchNorm handling before spending a federated run on them.
+
+For one setting (input size, pretrained or random-init weights, BatchNorm statistics as
+shipped or estimated on the public ``val`` split, mask intensities as stored or mapped to
+fat/soft-tissue HU) it computes, for every volume of AdrenalMNIST3D's ``train`` and ``test``
+splits, the pooled layer3 and layer4 outputs, fits a standardised logistic regression on the
+whole ``train`` split (C chosen by 5-fold cross-validated AUC) and prints its ``test`` AUC:
+
+    python -m simulations.bench foundation-probe --size 48 --init pretrained --batchnorm public
+
+The frozen prefix of the ``layer3-last6+layer4`` preset goes through the encoder's prefix cache
+(``--cache-dir``), with the same keys a federated run of the same setting uses, so the probe
+also warms the cache for that run. BatchNorm statistics estimated on the public split are kept
+in ``--batchnorm-dir`` under a name built from everything they depend on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import ct_encoder
+from models.registry import CT_BACKBONE, weights_sha256
+from models.volume_transforms import masks_as_tissue
+
+logger = logging.getLogger(__name__)
+
+DATASET = "adrenalmnist3d"
+SPLIT_BLOCK = sum(ct_encoder.LAYERS[:2]) + ct_encoder.LAYERS[2] - 6
+"""First block of ``layer3-last6``: the prefix cached here is that preset's."""
+LAYER3_END = sum(ct_encoder.LAYERS[:3])
+DEFAULT_CACHE = Path.home() / ".cache" / "medfed" / "ct-prefix"
+DEFAULT_BATCHNORM = Path.home() / ".cache" / "medfed" / "ct-batchnorm"
+
+
+def setting_volumes(size: int, intensity: str) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
+    """AdrenalMNIST3D's splits at ``size`` voxels: ``(N, 1, S, S, S)`` volumes and labels."""
+    from simulations.sites import cached_dataset
+
+    data = cached_dataset(DATASET, size)
+    out = {}
+    for split, images in data.splits.items():
+        volumes = images.images
+        if intensity == "tissue":
+            volumes = masks_as_tissue(volumes)
+        out[split] = (volumes, images.labels.numpy())
+    return out
+
+
+def build(init: str, batchnorm: str, size: int, intensity: str, calibration: torch.Tensor,
+          batchnorm_dir: Path) -> ct_encoder.CTVolumeClassifier:
+    """The encoder for one setting, BatchNorm estimated on ``calibration`` when asked (and the
+    statistics kept in ``batchnorm_dir``, reused when present)."""
+    pretrained = init == "pretrained"
+    net = ct_encoder.build_i3resnet152(2, pretrained=pretrained).requires_grad_(False)
+    base = weights_sha256(CT_BACKBONE) if pretrained else ct_encoder.random_init_sha256()
+    classifier = ct_encoder.CTVolumeClassifier(net, weights_id=base, cache_bytes=0)
+    if batchnorm == "public":
+        path = batchnorm_dir / f"{base[:16]}-{DATASET}-val-{intensity}-{size}.npz"
+        if path.is_file():
+            stats = ct_encoder.load_batchnorm_stats(net, path)
+        else:
+            started = time.monotonic()
+            ct_encoder.estimate_batchnorm(classifier, calibration)
+            stats = ct_encoder.save_batchnorm_stats(net, path)
+            logger.info("BatchNorm estimated on %d volumes in %.0f s: %s", len(calibration),
+                        time.monotonic() - started, path)
+        classifier.weights_id = ct_encoder.calibrated_weights_id(base, stats)
+    return classifier.eval()
+
+
+def pooled_features(classifier: ct_encoder.CTVolumeClassifier, volumes: torch.Tensor,
+                    batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled layer3 and layer4 outputs ``(N, 1024)``, ``(N, 2048)``, through the prefix cache."""
+    blocks = ct_encoder._blocks(classifier.net)
+    third, fourth = [], []
+    with torch.no_grad():
+        for i in range(0, len(volumes), batch_size):
+            x = classifier._prefix(volumes[i : i + batch_size], SPLIT_BLOCK)
+            for _, block in blocks[SPLIT_BLOCK:LAYER3_END]:
+                x = block(x)
+            third.append(x.mean((2, 3, 4)).numpy())
+            for _, block in blocks[LAYER3_END:]:
+                x = block(x)
+            fourth.append(x.mean((2, 3, 4)).numpy())
+    return np.concatenate(third), np.concatenate(fourth)
+
+
+def probe_auc(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray,
+              test_labels: np.ndarray) -> tuple[float, float]:
+    """Test AUC of a standardised logistic regression fitted on ``train`` (C by 5-fold CV AUC),
+    and the chosen C."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probe = GridSearchCV(
+        make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)),
+        {"logisticregression__C": [1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0]},
+        scoring="roc_auc", cv=StratifiedKFold(5, shuffle=True, random_state=0))
+    probe.fit(train, train_labels)
+    scores = probe.predict_proba(test)[:, 1]
+    chosen = float(probe.best_params_["logisticregression__C"])
+    return float(roc_auc_score(test_labels, scores)), chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m simulations.bench foundation-probe")
+    parser.add_argument("--size", type=int, default=48, help="volume side in voxels")
+    parser.add_argument("--init", choices=("pretrained", "random"), default="pretrained")
+    parser.add_argument("--batchnorm", choices=("shipped", "public"), default="public",
+                        help="BatchNorm statistics: the weights' own, or estimated on the "
+                             "public val split")
+    parser.add_argument("--intensity", choices=("binary", "tissue"), default="binary",
+                        help="masks as stored (air / +1000 HU) or as fat / soft tissue")
+    parser.add_argument("--max-train", type=int, default=0, help="training volumes (0: all)")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--batchnorm-dir", type=Path, default=DEFAULT_BATCHNORM)
+    parser.add_argument("--out", type=Path, default=None, help="append the result (JSON line)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    started = time.monotonic()
+    data = setting_volumes(args.size, args.intensity)
+    classifier = build(args.init, args.batchnorm, args.size, args.intensity,
+                       data["val"][0], args.batchnorm_dir)
+    classifier.cache_dir = args.cache_dir
+    classifier.cache_bytes = 64 << 20  # disk is the cache here; memory holds a few batches
+    train, train_labels = data["train"]
+    if 0 < args.max_train < len(train):
+        keep = np.sort(np.random.default_rng(0).permutation(len(train))[: args.max_train])
+        train, train_labels = train[keep], train_labels[keep]
+    test, test_labels = data["test"]
+    train3, train4 = pooled_features(classifier, train)
+    test3, test4 = pooled_features(classifier, test)
+    result = {"size": args.size, "init": args.init, "batchnorm": args.batchnorm,
+              "intensity": args.intensity, "train": len(train), "test": len(test),
+              "prefix_misses": classifier.prefix_misses,
+              "load_average": os.getloadavg()[0]}
+    for name, (a, b) in {"layer3": (train3, test3), "layer4": (train4, test4)}.items():
+        auc, c = probe_auc(a, train_labels, b, test_labels)
+        result[f"{name} auc"], result[f"{name} C"] = round(auc, 4), c
+    result["seconds"] = round(time.monotonic() - started)
+    line = json.dumps(result)
+    print(line, flush=True)
+    if args.out:
+        with open(args.out, "a") as handle:
+            handle.write(line + "\n")
+    return 0
