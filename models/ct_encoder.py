@@ -25,6 +25,8 @@ import hashlib
 import logging
 import os
 import re
+import shutil
+import zipfile
 from collections import OrderedDict
 from functools import cache
 from pathlib import Path
@@ -59,6 +61,13 @@ PREFIX_CACHE_ENV = "MEDFED_PREFIX_CACHE_DIR"
 """Environment variable naming a folder for prefix activations on disk (unset: memory only).
 Activations are derived from patient volumes: point it at storage that may hold them."""
 RANDOM_INIT_SEED = 0
+BATCHNORM_MARK = "+bn:"
+"""Joins a backbone name and the SHA-256 of the BatchNorm statistics it runs with
+(``merlin-i3resnet152-ct+bn:<sha256>``): statistics estimated on public data
+(:func:`estimate_batchnorm`) instead of the weights' own."""
+BATCHNORM_DIR_ENV = "MEDFED_BATCHNORM_DIR"
+"""Folder of BatchNorm statistics files, each named ``<sha256>.npz`` (default
+``~/.cache/medfed/ct-batchnorm``)."""
 
 
 def weights_path() -> Path:
@@ -300,11 +309,15 @@ def batchnorm_stats(net: nn.Module) -> dict[str, np.ndarray]:
 
 
 def save_batchnorm_stats(net: nn.Module, path: Path) -> str:
-    """Write the network's BatchNorm statistics to ``path`` (``.npz``); returns its SHA-256."""
+    """Write the network's BatchNorm statistics to ``path`` (an ``.npz`` archive with fixed
+    timestamps, so the same statistics give the same bytes); returns its SHA-256."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.part")
-    with open(partial, "wb") as handle:
-        np.savez(handle, **batchnorm_stats(net))
+    with zipfile.ZipFile(partial, "w") as archive:
+        for name, array in sorted(batchnorm_stats(net).items()):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(info, "w", force_zip64=True) as handle:
+                np.lib.format.write_array(handle, array, allow_pickle=False)
     partial.replace(path)
     return hashing.file_sha256(path)
 
@@ -330,6 +343,54 @@ def load_batchnorm_stats(net: nn.Module, path: Path, sha256: str = "") -> str:
                          "differ)")
     net.load_state_dict({k: torch.from_numpy(v) for k, v in stats.items()}, strict=False)
     return local
+
+
+def batchnorm_dir() -> Path:
+    """The folder BatchNorm statistics files are looked up in (and stored to)."""
+    env = os.environ.get(BATCHNORM_DIR_ENV, "")
+    return Path(env) if env else Path.home() / ".cache" / "medfed" / "ct-batchnorm"
+
+
+def split_backbone(name: str) -> tuple[str, str]:
+    """``name`` -> (backbone without statistics, SHA-256 of its BatchNorm statistics or "").
+
+    Raises:
+        ValueError: the part after ``+bn:`` is not a 64-digit hex SHA-256.
+    """
+    base, mark, stats = name.partition(BATCHNORM_MARK)
+    if mark and not re.fullmatch(r"[0-9a-f]{64}", stats):
+        raise ValueError(f"backbone '{name}': after '{BATCHNORM_MARK}' give the SHA-256 (64 hex "
+                         "digits) of a BatchNorm statistics file")
+    return base, stats
+
+
+def store_batchnorm_file(path: Path, folder: Path | None = None) -> str:
+    """Copy a statistics file into ``folder`` (default :func:`batchnorm_dir`) as
+    ``<sha256>.npz``; returns the SHA-256 (name a backbone ``<name>+bn:<sha256>``)."""
+    folder = folder or batchnorm_dir()
+    sha = hashing.file_sha256(path)
+    target = folder / f"{sha}.npz"
+    if not target.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f"{sha}.{os.getpid()}.part"
+        shutil.copyfile(path, partial)
+        partial.replace(target)
+    return sha
+
+
+def load_stored_batchnorm_stats(net: nn.Module, sha256: str) -> None:
+    """Load the statistics file ``<sha256>.npz`` from :func:`batchnorm_dir` (checked).
+
+    Raises:
+        FileNotFoundError: no such file there (it says how to make or get one).
+    """
+    path = batchnorm_dir() / f"{sha256}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"BatchNorm statistics {sha256} are not in {path.parent} (set {BATCHNORM_DIR_ENV}): "
+            "copy the file the consortium published there, or estimate them on public data "
+            "with `python -m simulations.bench foundation-probe --batchnorm public`")
+    load_batchnorm_stats(net, path, sha256)
 
 
 def calibrated_weights_id(base_id: str, stats_sha256: str) -> str:

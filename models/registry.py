@@ -66,7 +66,7 @@ def backbone_spec(name: str) -> BackboneSpec:
     """Spec of a registered backbone name."""
     if name == "efficientnet-lite0-imagenet":
         return EFFICIENTNET_SPEC
-    if name in (CT_BACKBONE, CT_RANDOM_BACKBONE):
+    if ct_encoder.split_backbone(name)[0] in (CT_BACKBONE, CT_RANDOM_BACKBONE):
         return CT_SPEC
     if name.startswith(HF_PREFIX):
         return HF_SPEC
@@ -101,11 +101,11 @@ def weights_sha256(name: str) -> str:
     For a transformers directory it hashes the weight files' own hashes in name order, so any
     changed byte in any shard changes it.
     """
-    backbone_spec(name)
-    if name == CT_BACKBONE:
-        return ct_encoder.weights_sha256()
-    if name == CT_RANDOM_BACKBONE:
-        return ct_encoder.random_init_sha256()
+    if backbone_spec(name) is CT_SPEC:
+        base, stats = ct_encoder.split_backbone(name)
+        weights = (ct_encoder.weights_sha256() if base == CT_BACKBONE
+                   else ct_encoder.random_init_sha256())
+        return ct_encoder.calibrated_weights_id(weights, stats) if stats else weights
     if not name.startswith(HF_PREFIX):
         return file_sha256(lite0_weights_path())
     directory = _hf_dir(name)
@@ -151,8 +151,10 @@ def build_base_model(config: ModelConfig) -> ImageClassifier:
     """
     spec = backbone_spec(config.backbone)
     if spec is CT_SPEC:
-        net = ct_encoder.build_i3resnet152(config.num_classes,
-                                           pretrained=config.backbone == CT_BACKBONE)
+        base, stats = ct_encoder.split_backbone(config.backbone)
+        net = ct_encoder.build_i3resnet152(config.num_classes, pretrained=base == CT_BACKBONE)
+        if stats:
+            ct_encoder.load_stored_batchnorm_stats(net, stats)
         return ct_encoder.CTVolumeClassifier(net, weights_id=weights_sha256(config.backbone))
     if spec is EFFICIENTNET_SPEC:
         net = build_efficientnet_lite0(image_size=config.image_size, pretrained=True)

@@ -217,7 +217,7 @@ def test_scenario_and_3d_dataset_feed_the_encoder():
         load_medmnist("pneumoniamnist-midslices", 32)
 
 
-def test_batchnorm_estimate_is_the_population_statistics_of_its_inputs(tmp_path):
+def test_batchnorm_estimate_is_the_population_statistics_of_its_inputs(tmp_path, monkeypatch):
     """After estimation, every BatchNorm's running mean and variance are the mean and variance,
     over all voxels of the calibration volumes, of the inputs it receives in inference mode
     (earlier layers normalised by their own estimated statistics); the statistics survive a
@@ -252,3 +252,18 @@ def test_batchnorm_estimate_is_the_population_statistics_of_its_inputs(tmp_path)
     with pytest.raises(ValueError, match="pinned"):
         ct_encoder.load_batchnorm_stats(fresh, tmp_path / "bn.npz", "0" * 64)
     assert ct_encoder.calibrated_weights_id("a", sha) != ct_encoder.calibrated_weights_id("a", "b")
+    assert ct_encoder.save_batchnorm_stats(net, tmp_path / "again.npz") == sha  # same bytes
+
+    # A backbone named with the statistics' hash loads them from the store, pins both.
+    monkeypatch.setenv(ct_encoder.BATCHNORM_DIR_ENV, str(tmp_path / "store"))
+    name = f"{CT_RANDOM_BACKBONE}{ct_encoder.BATCHNORM_MARK}{sha}"
+    with pytest.raises(FileNotFoundError, match="foundation-probe"):
+        build_lora_model(ModelConfig(backbone=name, image_size=SIZE))
+    assert ct_encoder.store_batchnorm_file(tmp_path / "bn.npz") == sha
+    model = build_lora_model(ModelConfig(backbone=name, image_size=SIZE))
+    assert torch.equal(model.get_base_model().net.layer4[2].bn3.running_var,
+                       net.layer4[2].bn3.running_var)
+    assert weights_sha256(name) == ct_encoder.calibrated_weights_id(
+        weights_sha256(CT_RANDOM_BACKBONE), sha) == model.get_base_model().weights_id
+    with pytest.raises(ValueError, match="64 hex"):
+        backbone_spec(f"{CT_BACKBONE}+bn:abc")

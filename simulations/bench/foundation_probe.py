@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from models import ct_encoder
-from models.registry import CT_BACKBONE, weights_sha256
+from models.config import ModelConfig
+from models.registry import CT_BACKBONE, CT_RANDOM_BACKBONE, build_base_model, weights_sha256
 from models.volume_transforms import masks_as_tissue
 
 logger = logging.getLogger(__name__)
@@ -55,25 +56,40 @@ def setting_volumes(size: int, intensity: str) -> dict[str, tuple[torch.Tensor, 
     return out
 
 
-def build(init: str, batchnorm: str, size: int, intensity: str, calibration: torch.Tensor,
-          batchnorm_dir: Path) -> ct_encoder.CTVolumeClassifier:
-    """The encoder for one setting, BatchNorm estimated on ``calibration`` when asked (and the
-    statistics kept in ``batchnorm_dir``, reused when present)."""
+def public_batchnorm(init: str, size: int, intensity: str, calibration: torch.Tensor,
+                     folder: Path) -> str:
+    """SHA-256 of the encoder's BatchNorm statistics estimated on the public ``calibration``
+    volumes (stored as ``<sha256>.npz`` in ``folder``; a recipe-named copy lets later calls
+    reuse it)."""
     pretrained = init == "pretrained"
-    net = ct_encoder.build_i3resnet152(2, pretrained=pretrained).requires_grad_(False)
     base = weights_sha256(CT_BACKBONE) if pretrained else ct_encoder.random_init_sha256()
-    classifier = ct_encoder.CTVolumeClassifier(net, weights_id=base, cache_bytes=0)
+    recipe = folder / f"{base[:16]}-{DATASET}-val-{intensity}-{size}.npz"
+    if not recipe.is_file():
+        net = ct_encoder.build_i3resnet152(2, pretrained=pretrained).requires_grad_(False)
+        started = time.monotonic()
+        ct_encoder.estimate_batchnorm(ct_encoder.CTVolumeClassifier(net, cache_bytes=0),
+                                      calibration)
+        ct_encoder.save_batchnorm_stats(net, recipe)
+        logger.info("BatchNorm estimated on %d volumes in %.0f s: %s", len(calibration),
+                    time.monotonic() - started, recipe)
+    return ct_encoder.store_batchnorm_file(recipe, folder)
+
+
+def backbone_name(init: str, batchnorm: str, size: int, intensity: str,
+                  calibration: torch.Tensor, folder: Path) -> str:
+    """The registry name of one setting's encoder (``+bn:<sha256>`` for public statistics,
+    estimated on ``calibration`` and stored in ``folder`` when not there yet)."""
+    name = CT_BACKBONE if init == "pretrained" else CT_RANDOM_BACKBONE
     if batchnorm == "public":
-        path = batchnorm_dir / f"{base[:16]}-{DATASET}-val-{intensity}-{size}.npz"
-        if path.is_file():
-            stats = ct_encoder.load_batchnorm_stats(net, path)
-        else:
-            started = time.monotonic()
-            ct_encoder.estimate_batchnorm(classifier, calibration)
-            stats = ct_encoder.save_batchnorm_stats(net, path)
-            logger.info("BatchNorm estimated on %d volumes in %.0f s: %s", len(calibration),
-                        time.monotonic() - started, path)
-        classifier.weights_id = ct_encoder.calibrated_weights_id(base, stats)
+        name += ct_encoder.BATCHNORM_MARK + public_batchnorm(init, size, intensity, calibration,
+                                                             folder)
+    return name
+
+
+def build(name: str) -> ct_encoder.CTVolumeClassifier:
+    """The frozen encoder (no LoRA) of a registry name, for features."""
+    classifier = build_base_model(ModelConfig(backbone=name, num_classes=2))
+    classifier.requires_grad_(False)
     return classifier.eval()
 
 
@@ -131,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     started = time.monotonic()
     data = setting_volumes(args.size, args.intensity)
-    classifier = build(args.init, args.batchnorm, args.size, args.intensity,
-                       data["val"][0], args.batchnorm_dir)
+    os.environ[ct_encoder.BATCHNORM_DIR_ENV] = str(args.batchnorm_dir)
+    name = backbone_name(args.init, args.batchnorm, args.size, args.intensity, data["val"][0],
+                         args.batchnorm_dir)
+    classifier = build(name)
     classifier.cache_dir = args.cache_dir
     classifier.cache_bytes = 64 << 20  # disk is the cache here; memory holds a few batches
     train, train_labels = data["train"]
@@ -142,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     test, test_labels = data["test"]
     train3, train4 = pooled_features(classifier, train)
     test3, test4 = pooled_features(classifier, test)
-    result = {"size": args.size, "init": args.init, "batchnorm": args.batchnorm,
+    result = {"backbone": name, "size": args.size, "init": args.init, "batchnorm": args.batchnorm,
               "intensity": args.intensity, "train": len(train), "test": len(test),
               "prefix_misses": classifier.prefix_misses,
               "load_average": os.getloadavg()[0]}
