@@ -30,8 +30,7 @@ from typing import Any
 
 from rich.console import Console
 
-from models.ct_encoder import PREFIX_CACHE_ENV
-from models.registry import CT_RANDOM_BACKBONE
+from models.ct_encoder import BATCHNORM_DIR_ENV, PREFIX_CACHE_ENV
 from simulations import runner
 from simulations.scenarios import load_scenario
 
@@ -76,6 +75,20 @@ def _study(args: argparse.Namespace, root: Path, name: str, console: Console,
     return summary, rounds
 
 
+def _backbones(args: argparse.Namespace) -> dict[str, str]:
+    """The pretrained and random-init encoders' registry names under ``--batchnorm``."""
+    from simulations.bench.foundation_probe import backbone_name
+    from simulations.sites import cached_dataset
+
+    config = load_scenario(SCENARIO)
+    size = args.image_size or config.model.image_size
+    calibration = None
+    if args.batchnorm == "public":  # public data: no simulated hospital holds the val split
+        calibration = cached_dataset(config.data.dataset, size).splits["val"].images
+    return {init: backbone_name(init, args.batchnorm, size, "binary", calibration,
+                                args.batchnorm_dir) for init in ("pretrained", "random")}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.bench foundation")
     parser.add_argument("--quick", action="store_true",
@@ -93,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-2d", action="store_true", help="skip the 2D backbone's run")
     parser.add_argument("--skip-random", action="store_true",
                         help="skip the random-init control")
+    parser.add_argument("--batchnorm", choices=("shipped", "public"), default="shipped",
+                        help="BatchNorm statistics of both encoders: the weights' own, or "
+                             "estimated on the public val split at the run's size (stored in "
+                             "--batchnorm-dir; the same recipe for pretrained and random init)")
+    parser.add_argument("--batchnorm-dir", type=Path,
+                        default=Path.home() / ".cache" / "medfed" / "ct-batchnorm")
     parser.add_argument("--cache-dir", type=Path,
                         default=Path.home() / ".cache" / "medfed" / "ct-prefix",
                         help="where the frozen prefix's activations are kept")
@@ -108,15 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("flwr").setLevel(logging.ERROR)
     # Read by every process that builds the encoder (Ray's workers inherit it).
     os.environ[PREFIX_CACHE_ENV] = str(args.cache_dir)
+    os.environ[BATCHNORM_DIR_ENV] = str(args.batchnorm_dir)
+    backbones = _backbones(args)
     console = Console(quiet=True)
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.run_dir or Path(tmp)
-        pretrained, rounds = _study(args, root, "pretrained", console, {"baselines": ["pooled"]})
+        pretrained, rounds = _study(args, root, "pretrained", console, {
+            "baselines": ["pooled"], "model": {"backbone": backbones["pretrained"]}})
         figures = {"pretrained federated auc": pretrained["federated"]["auc"]}
         if not args.skip_random:
             random_init, _ = _study(args, root, "random-init", console,
-                                    {"model": {"backbone": CT_RANDOM_BACKBONE}})
+                                    {"model": {"backbone": backbones["random"]}})
             figures["random-init federated auc"] = random_init["federated"]["auc"]
         figures["pooled auc"] = pretrained["pooled"]["auc"]
         if not args.skip_2d:
@@ -133,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         figures["setup seconds"] = rounds[0]
         if args.epsilon:
             private, _ = _study(args, root, f"dp-eps{args.epsilon:g}", console, {
-                "privacy": {"dpsgd": True, "dp_target_epsilon": args.epsilon}})
+                "privacy": {"dpsgd": True, "dp_target_epsilon": args.epsilon},
+                "model": {"backbone": backbones["pretrained"]}})
             figures[f"auc drop at eps={args.epsilon:g}"] = (
                 pretrained["federated"]["auc"] - private["federated"]["auc"])
     for name, value in figures.items():

@@ -56,7 +56,7 @@ def setting_volumes(size: int, intensity: str) -> dict[str, tuple[torch.Tensor, 
     return out
 
 
-def public_batchnorm(init: str, size: int, intensity: str, calibration: torch.Tensor,
+def public_batchnorm(init: str, size: int, intensity: str, calibration: torch.Tensor | None,
                      folder: Path) -> str:
     """SHA-256 of the encoder's BatchNorm statistics estimated on the public ``calibration``
     volumes (stored as ``<sha256>.npz`` in ``folder``; a recipe-named copy lets later calls
@@ -76,7 +76,7 @@ def public_batchnorm(init: str, size: int, intensity: str, calibration: torch.Te
 
 
 def backbone_name(init: str, batchnorm: str, size: int, intensity: str,
-                  calibration: torch.Tensor, folder: Path) -> str:
+                  calibration: torch.Tensor | None, folder: Path) -> str:
     """The registry name of one setting's encoder (``+bn:<sha256>`` for public statistics,
     estimated on ``calibration`` and stored in ``folder`` when not there yet)."""
     name = CT_BACKBONE if init == "pretrained" else CT_RANDOM_BACKBONE
