@@ -267,3 +267,29 @@ def test_batchnorm_estimate_is_the_population_statistics_of_its_inputs(tmp_path,
         weights_sha256(CT_RANDOM_BACKBONE), sha) == model.get_base_model().weights_id
     with pytest.raises(ValueError, match="64 hex"):
         backbone_spec(f"{CT_BACKBONE}+bn:abc")
+
+
+def test_masks_as_tissue_maps_outside_to_fat_and_inside_to_soft_tissue():
+    from models.volume_transforms import HU_MAX, HU_MIN, masks_as_tissue
+
+    masks, _ = _volumes("test", 2, 28)
+    tissue = masks_as_tissue(masks)
+    hu = HU_MIN + tissue * (HU_MAX - HU_MIN)
+    assert torch.allclose(hu[masks == 0], torch.tensor(-100.0), atol=1e-3)
+    assert torch.allclose(hu[masks == 1], torch.tensor(40.0), atol=1e-3)
+    # Linear, so it commutes with the trilinear resize the simulation applies first.
+    resized = F.interpolate(masks, size=(20,) * 3, mode="trilinear")
+    torch.testing.assert_close(masks_as_tissue(resized),
+                               F.interpolate(tissue, size=(20,) * 3, mode="trilinear"))
+
+
+def test_probe_auc_separates_separable_features_and_not_noise():
+    from simulations.bench.foundation_probe import probe_auc
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(60, int), np.ones(60, int)]
+    noise = rng.normal(size=(120, 16))
+    signal = noise + labels[:, None] * 1.5
+    auc, _ = probe_auc(signal[::2], labels[::2], signal[1::2], labels[1::2])
+    chance, _ = probe_auc(noise[::2], labels[::2], noise[1::2], labels[1::2])
+    assert auc > 0.95 and abs(chance - 0.5) < 0.2
