@@ -45,6 +45,13 @@ def _overrides(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
                                        "max_test_examples": args.max_test}}
     if args.rounds:
         values["federation"] = {"rounds": args.rounds}
+    train: dict[str, Any] = {}
+    if args.lr:
+        train["lr"] = args.lr
+    if args.local_steps:
+        train["local_steps"] = args.local_steps
+    if train:
+        values["train"] = train
     model: dict[str, Any] = {}
     if args.preset:
         model["lora_targets"] = [args.preset]
@@ -95,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="a development check: 300 training and 100 test volumes, "
                              "2 rounds, no 2D and no DP run")
     parser.add_argument("--rounds", type=int, default=0, help="0: the scenario's")
+    parser.add_argument("--lr", type=float, default=0.0, help="0: the scenario's")
+    parser.add_argument("--local-steps", type=int, default=0,
+                        help="optimiser steps per hospital and round (0: the scenario's epochs)")
+    parser.add_argument("--skip-pooled", action="store_true",
+                        help="skip the pooled baseline")
     parser.add_argument("--preset", default="", help="LoRA stage preset (default: the "
                         "scenario's, layer4), e.g. layer3-last6+layer4")
     parser.add_argument("--image-size", type=int, default=0, help="volume side (0: the "
@@ -134,13 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.run_dir or Path(tmp)
         pretrained, rounds = _study(args, root, "pretrained", console, {
-            "baselines": ["pooled"], "model": {"backbone": backbones["pretrained"]}})
+            "baselines": [] if args.skip_pooled else ["pooled"],
+            "model": {"backbone": backbones["pretrained"]}})
         figures = {"pretrained federated auc": pretrained["federated"]["auc"]}
         if not args.skip_random:
             random_init, _ = _study(args, root, "random-init", console,
                                     {"model": {"backbone": backbones["random"]}})
             figures["random-init federated auc"] = random_init["federated"]["auc"]
-        figures["pooled auc"] = pretrained["pooled"]["auc"]
+        if not args.skip_pooled:
+            figures["pooled auc"] = pretrained["pooled"]["auc"]
         if not args.skip_2d:
             flat, _ = _study(args, root, "2d-default", console, {
                 "data": {"dataset": "adrenalmnist3d-midslices"},
