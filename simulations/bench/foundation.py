@@ -82,6 +82,25 @@ def _study(args: argparse.Namespace, root: Path, name: str, console: Console,
     return summary, rounds
 
 
+def _public_start(args: argparse.Namespace, root: Path, name: str,
+                  backbone: str) -> dict[str, Any]:
+    """Train a starting adapter on the public ``val`` split for ``backbone`` (the run's model
+    settings); returns the overrides that start a federation from it."""
+    from dataclasses import replace
+
+    from simulations.public_start import PublicStartConfig, train_public_start
+
+    config = load_scenario(SCENARIO, _overrides(args, root / name))
+    record = train_public_start(
+        PublicStartConfig(dataset=config.data.dataset, fraction=1.0, epochs=args.public_start,
+                          batch_size=config.train.batch_size, lr=config.train.lr,
+                          seed=args.seed),
+        replace(config.model, backbone=backbone), root / name)
+    print(f"  {name}: public start test auc {record['test']['auc']:.4f}", flush=True)
+    return {"initial_adapter": record["adapter"],
+            "initial_adapter_sha256": record["adapter_sha256"]}
+
+
 def _backbones(args: argparse.Namespace) -> dict[str, str]:
     """The pretrained and random-init encoders' registry names under ``--batchnorm``."""
     from simulations.bench.foundation_probe import backbone_name
@@ -105,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.0, help="0: the scenario's")
     parser.add_argument("--local-steps", type=int, default=0,
                         help="optimiser steps per hospital and round (0: the scenario's epochs)")
+    parser.add_argument("--public-start", type=int, default=0, metavar="EPOCHS",
+                        help="start each federation (and the pooled baseline) from an adapter "
+                             "trained this many epochs on the public val split (0: from "
+                             "scratch); the random-init control gets its own")
     parser.add_argument("--skip-pooled", action="store_true",
                         help="skip the pooled baseline")
     parser.add_argument("--preset", default="", help="LoRA stage preset (default: the "
@@ -145,13 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.run_dir or Path(tmp)
+        starts = {init: _public_start(args, root, f"public-start-{init}", name)
+                  if args.public_start else {} for init, name in backbones.items()
+                  if init == "pretrained" or not args.skip_random}
         pretrained, rounds = _study(args, root, "pretrained", console, {
             "baselines": [] if args.skip_pooled else ["pooled"],
-            "model": {"backbone": backbones["pretrained"]}})
+            "model": {"backbone": backbones["pretrained"]}, "federation": starts["pretrained"]})
         figures = {"pretrained federated auc": pretrained["federated"]["auc"]}
         if not args.skip_random:
             random_init, _ = _study(args, root, "random-init", console,
-                                    {"model": {"backbone": backbones["random"]}})
+                                    {"model": {"backbone": backbones["random"]},
+                                     "federation": starts["random"]})
             figures["random-init federated auc"] = random_init["federated"]["auc"]
         if not args.skip_pooled:
             figures["pooled auc"] = pretrained["pooled"]["auc"]
@@ -170,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.epsilon:
             private, _ = _study(args, root, f"dp-eps{args.epsilon:g}", console, {
                 "privacy": {"dpsgd": True, "dp_target_epsilon": args.epsilon},
-                "model": {"backbone": backbones["pretrained"]}})
+                "model": {"backbone": backbones["pretrained"]},
+                "federation": starts["pretrained"]})
             figures[f"auc drop at eps={args.epsilon:g}"] = (
                 pretrained["federated"]["auc"] - private["federated"]["auc"])
     for name, value in figures.items():
