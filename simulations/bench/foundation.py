@@ -43,8 +43,13 @@ def _overrides(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     values: dict[str, Any] = {"seed": args.seed, "run_dir": str(run_dir), "baselines": [],
                               "data": {"max_train_examples": args.max_train,
                                        "max_test_examples": args.max_test}}
+    federation: dict[str, Any] = {}
     if args.rounds:
-        values["federation"] = {"rounds": args.rounds}
+        federation["rounds"] = args.rounds
+    if args.strategy:
+        federation["strategy"] = args.strategy
+    if federation:
+        values["federation"] = federation
     train: dict[str, Any] = {}
     if args.lr:
         train["lr"] = args.lr
@@ -121,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a development check: 300 training and 100 test volumes, "
                              "2 rounds, no 2D and no DP run")
     parser.add_argument("--rounds", type=int, default=0, help="0: the scenario's")
+    parser.add_argument("--strategy", default="", help="aggregation rule (default: the "
+                        "scenario's, fedavg), e.g. trimmed-mean")
     parser.add_argument("--lr", type=float, default=0.0, help="0: the scenario's")
     parser.add_argument("--local-steps", type=int, default=0,
                         help="optimiser steps per hospital and round (0: the scenario's epochs)")
