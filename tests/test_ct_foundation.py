@@ -293,3 +293,19 @@ def test_probe_auc_separates_separable_features_and_not_noise():
     auc, _ = probe_auc(signal[::2], labels[::2], signal[1::2], labels[1::2])
     chance, _ = probe_auc(noise[::2], labels[::2], noise[1::2], labels[1::2])
     assert auc > 0.95 and abs(chance - 0.5) < 0.2
+
+
+def test_foundation_bench_options_reach_the_scenario(tmp_path):
+    from simulations.bench.foundation import SCENARIO, _overrides, build_parser
+    from simulations.scenarios import load_scenario
+
+    args = build_parser().parse_args([
+        "--image-size", "48", "--preset", "layer3-last6+layer4", "--lr", "3e-4",
+        "--local-steps", "4", "--rounds", "4", "--strategy", "trimmed-mean", "--max-train", "600"])
+    config = load_scenario(SCENARIO, _overrides(args, tmp_path))
+    assert (config.model.image_size, config.model.lora_targets) == (48, ["layer3-last6+layer4"])
+    assert (config.train.lr, config.train.local_steps) == (3e-4, 4)
+    assert (config.federation.rounds, config.federation.strategy) == (4, "trimmed-mean")
+    assert config.data.max_train_examples == 600
+    default = load_scenario(SCENARIO, _overrides(build_parser().parse_args([]), tmp_path))
+    assert default.model == load_scenario(SCENARIO).model

@@ -120,7 +120,8 @@ def _backbones(args: argparse.Namespace) -> dict[str, str]:
                                 args.batchnorm_dir) for init in ("pretrained", "random")}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The bench's command line."""
     parser = argparse.ArgumentParser(prog="python -m simulations.bench foundation")
     parser.add_argument("--quick", action="store_true",
                         help="a development check: 300 training and 100 test volumes, "
@@ -160,7 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="keep the runs here (default: a temporary directory)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.quick:
         args.max_train = args.max_train or 300
         args.max_test = args.max_test or 100
