@@ -33,6 +33,9 @@ MIDDLE_SLICES = "-midslices"
 """Suffix of a 3D dataset's name that loads each volume as its three orthogonal middle slices
 (``adrenalmnist3d-midslices``): the 2D backbone's view of the same study."""
 
+MASKS_AS_TISSUE = "-tissue"
+"""Suffix of a 3D mask dataset's name that reads its masks as fat outside and soft tissue
+inside (``models.volume_transforms.masks_as_tissue``) instead of air and +1000 HU."""
 
 CLASS_NAMES = {
     "pneumoniamnist": ["normal", "pneumonia"],
@@ -127,8 +130,9 @@ def load_medmnist(name: str, image_size: int, path: Path | None = None) -> MedMN
         image_size: side in pixels (voxels) the images (volumes) are resized to.
         path: a specific file; default is :func:`find_medmnist`.
     """
-    slices = name.endswith(MIDDLE_SLICES)
-    path = path or find_medmnist(name.removesuffix(MIDDLE_SLICES))
+    tissue = name.endswith(MASKS_AS_TISSUE)
+    slices = name.removesuffix(MASKS_AS_TISSUE).endswith(MIDDLE_SLICES)
+    path = path or find_medmnist(name.removesuffix(MASKS_AS_TISSUE).removesuffix(MIDDLE_SLICES))
     with np.load(path) as archive:
         missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")
                    if f"{s}_{k}" not in archive]
@@ -145,6 +149,10 @@ def load_medmnist(name: str, image_size: int, path: Path | None = None) -> MedMN
     def convert(x: np.ndarray) -> torch.Tensor:
         if slices:
             return to_image_tensor(middle_slices(x), image_size)
+        if volumes and tissue:
+            from models.volume_transforms import masks_as_tissue
+
+            return masks_as_tissue(to_volume_tensor(x, image_size))
         return to_volume_tensor(x, image_size) if volumes else to_image_tensor(x, image_size)
 
     splits = {s: ImageSet(convert(x), torch.from_numpy(y.reshape(-1)).long())

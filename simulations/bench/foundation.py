@@ -43,6 +43,8 @@ def _overrides(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     values: dict[str, Any] = {"seed": args.seed, "run_dir": str(run_dir), "baselines": [],
                               "data": {"max_train_examples": args.max_train,
                                        "max_test_examples": args.max_test}}
+    if args.intensity == "tissue":
+        values["data"]["dataset"] = "adrenalmnist3d-tissue"
     federation: dict[str, Any] = {}
     if args.rounds:
         federation["rounds"] = args.rounds
@@ -108,6 +110,7 @@ def _public_start(args: argparse.Namespace, root: Path, name: str,
 
 def _backbones(args: argparse.Namespace) -> dict[str, str]:
     """The pretrained and random-init encoders' registry names under ``--batchnorm``."""
+    from models.volume_transforms import masks_as_tissue
     from simulations.bench.foundation_probe import backbone_name
     from simulations.sites import cached_dataset
 
@@ -116,7 +119,9 @@ def _backbones(args: argparse.Namespace) -> dict[str, str]:
     calibration = None
     if args.batchnorm == "public":  # public data: no simulated hospital holds the val split
         calibration = cached_dataset(config.data.dataset, size).splits["val"].images
-    return {init: backbone_name(init, args.batchnorm, size, "binary", calibration,
+        if args.intensity == "tissue":
+            calibration = masks_as_tissue(calibration)
+    return {init: backbone_name(init, args.batchnorm, size, args.intensity, calibration,
                                 args.batchnorm_dir) for init in ("pretrained", "random")}
 
 
@@ -153,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="BatchNorm statistics of both encoders: the weights' own, or "
                              "estimated on the public val split at the run's size (stored in "
                              "--batchnorm-dir; the same recipe for pretrained and random init)")
+    parser.add_argument("--intensity", choices=("binary", "tissue"), default="binary",
+                        help="masks as stored, or as fat / soft tissue (the dataset's "
+                             "'-tissue' variant)")
     parser.add_argument("--batchnorm-dir", type=Path,
                         default=Path.home() / ".cache" / "medfed" / "ct-batchnorm")
     parser.add_argument("--cache-dir", type=Path,
