@@ -203,6 +203,7 @@ def test_pretrained_features_separate_real_volumes_better_than_random_init():
 
 
 def test_scenario_and_3d_dataset_feed_the_encoder():
+    from models.volume_transforms import masks_as_tissue
     from simulations.datasets import load_medmnist
     from simulations.scenarios import load_scenario
 
@@ -211,6 +212,9 @@ def test_scenario_and_3d_dataset_feed_the_encoder():
     volumes = load_medmnist("adrenalmnist3d", 20)
     assert tuple(volumes.splits["test"].images.shape) == (298, 1, 20, 20, 20)
     assert volumes.num_classes == 2 and len(volumes.splits["train"]) == 1188
+    tissue = load_medmnist("adrenalmnist3d-tissue", 20)
+    assert torch.equal(tissue.splits["test"].images, masks_as_tissue(volumes.splits["test"].images))
+    assert torch.equal(tissue.splits["train"].labels, volumes.splits["train"].labels)
     flat = load_medmnist("adrenalmnist3d-midslices", 32)
     assert tuple(flat.splits["val"].images.shape) == (98, 3, 32, 32)
     with pytest.raises(ValueError, match="3D dataset"):
