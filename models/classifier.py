@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import torch
+from monai.networks.nets import EfficientNet
 from torch import nn
+
+from models.prefix_cache import PrefixCache
+
+DEFAULT_CACHE_BYTES = 1 << 30
 
 
 class ImageClassifier(nn.Module):
@@ -16,8 +21,14 @@ class ImageClassifier(nn.Module):
         net: backbone + head mapping ``(B, 3, H, W)`` normalised images to ``(B, K)`` logits.
         mean: per-channel mean of the pretraining data, 3 values.
         std: per-channel standard deviation of the pretraining data, 3 values.
-        channels_last: run the backbone in channels-last memory format (about 1.5x faster for
-            convolutional nets on CPU; the backbone is converted here).
+        channels_last: run the backbone in channels-last memory format (the backbone is
+            converted here).
+        cache_bytes: most bytes of frozen-prefix activations kept in memory (0: none).
+
+    For an EfficientNet whose first blocks hold no trainable tensor (LoRA on later stages only),
+    those blocks are a frozen prefix: they run in inference mode (running BatchNorm statistics,
+    no stochastic depth), and their output for each image is computed once and reused from
+    :attr:`prefix_cache` in every later epoch, round and evaluation.
     """
 
     def __init__(
@@ -26,21 +37,76 @@ class ImageClassifier(nn.Module):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         channels_last: bool = False,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         super().__init__()
         self.channels_last = channels_last
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.prefix_cache = PrefixCache(cache_bytes)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 1 or 3, H, W)`` float images in [0, 1] -> ``(B, K)`` logits."""
+    def _blocks(self) -> list[nn.Module]:
+        """The backbone's blocks in forward order (none for a backbone that is not staged)."""
+        if not isinstance(self.net, EfficientNet):
+            return []
+        return [block for stage in self.net._blocks for block in stage]
+
+    def split_index(self) -> int:
+        """Number of blocks in the frozen prefix: those before the first block with a
+        trainable tensor (0 when the stem trains or the backbone is not staged)."""
+        blocks = self._blocks()
+        if not blocks or any(p.requires_grad for p in self.net._conv_stem.parameters()):
+            return 0
+        for index, block in enumerate(blocks):
+            if any(p.requires_grad for p in block.parameters()):
+                return index
+        return len(blocks)
+
+    def _frozen_prefix(self, split: int) -> list[nn.Module]:
+        return [self.net._bn0, *self._blocks()[:split]] if split else []
+
+    def train(self, mode: bool = True) -> ImageClassifier:
+        """Train mode for the adapted part; the frozen prefix stays in inference mode."""
+        super().train(mode)
+        for module in self._frozen_prefix(self.split_index()):
+            module.eval()
+        return self
+
+    def _normalised(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         images = (images - self.mean) / self.std
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.net(images)
+        return images
+
+    def _prefix(self, images: torch.Tensor, split: int) -> torch.Tensor:
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(net._conv_stem_padding(self._normalised(images)))))
+        for block in self._blocks()[:split]:
+            x = block(x)
+        return x
+
+    def _suffix(self, x: torch.Tensor, split: int) -> torch.Tensor:
+        net = self.net
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for block in self._blocks()[split:]:
+            x = block(x)
+        x = net._swish(net._bn1(net._conv_head(net._conv_head_padding(x))))
+        return net._fc(net._dropout(net._avg_pooling(x).flatten(start_dim=1)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 1 or 3, H, W)`` float images in [0, 1] -> ``(B, K)`` logits."""
+        split = self.split_index()
+        if split == 0:
+            return self.net(self._normalised(images))
+        if any(m.training for part in self._frozen_prefix(split) for m in part.modules()):
+            x = self._prefix(images, split)  # someone trains the prefix's modes: not cacheable
+        else:
+            x = self.prefix_cache.activations(images, split, lambda x: self._prefix(x, split))
+        return self._suffix(x, split)
 
 
 class HFLogits(nn.Module):

@@ -32,6 +32,29 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The 1x1 convolutions of every block and the head: where LoRA pays off in a MobileNet-style net.
 POINTWISE_CONVS = ["_expand_conv", "_project_conv", "_conv_head"]
+# The default adapts the 1x1 convolutions from this stage on: the stem and the stages before it
+# (most of the compute at small inputs) stay frozen, so ImageClassifier computes them once per
+# image (docs/decisions/013-late-stage-lora.md).
+FIRST_ADAPTED_STAGE = 3
+
+
+def pointwise_targets(first_stage: int) -> list[str]:
+    """Names of the 1x1 convolutions (expand, project) of every block in stages
+    ``>= first_stage``, and the head's, as MONAI nests them (``_blocks.S.I._expand_conv``)."""
+    names, block = [], 0
+    for stage, spec in enumerate(LITE0_BLOCKS):
+        for _ in range(int(spec.split("_")[0][1:])):  # "r3_..." repeats the block 3 times
+            if stage >= first_stage:
+                names += [f"_blocks.{stage}.{block}._expand_conv",
+                          f"_blocks.{stage}.{block}._project_conv"]
+            block += 1
+    return [*names, "_conv_head"]
+
+
+LITE0_PRESETS = {
+    "late-pointwise": pointwise_targets(FIRST_ADAPTED_STAGE),  # the default
+    "all-pointwise": POINTWISE_CONVS,  # every block's 1x1 convolutions: slower, no prefix cache
+}
 
 
 def lite0_weights_path() -> Path:

@@ -7,6 +7,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.ct_encoder import expand_targets
+from models.efficientnet_lite import LITE0_PRESETS
 from models.registry import backbone_spec, build_base_model, verify_weights
 
 LORA_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -16,10 +17,9 @@ def resolve_targets(model: nn.Module, names: list[str]) -> list[str]:
     """Full names of the layers LoRA can wrap whose own name is one of ``names``.
 
     A name is a layer's own name (``conv1``) or the end of its dotted path
-    (``layer4.0.conv1``); stage presets such as ``layer4`` are expanded before (see
-    :func:`models.ct_encoder.expand_targets`). Resolving names to layers ourselves skips
-    same-named placeholders (MONAI's first block has an ``nn.Identity`` as ``_expand_conv``)
-    and turns a typo into an error instead of no adapter.
+    (``layer4.0.conv1``); presets are expanded before (:func:`expand_presets`). Resolving names
+    to layers ourselves skips same-named placeholders (MONAI's first block has an
+    ``nn.Identity`` as ``_expand_conv``) and turns a typo into an error instead of no adapter.
     """
     found = [
         full
@@ -32,6 +32,16 @@ def resolve_targets(model: nn.Module, names: list[str]) -> list[str]:
     return found
 
 
+def expand_presets(names: list[str]) -> list[str]:
+    """LoRA target entries with presets replaced by module names: EfficientNet-Lite0's
+    ``late-pointwise`` / ``all-pointwise`` (:data:`models.efficientnet_lite.LITE0_PRESETS`) and
+    the CT encoder's stage presets such as ``layer3-last6+layer4``."""
+    out: list[str] = []
+    for name in names:
+        out += LITE0_PRESETS.get(name, [name])
+    return expand_targets(out)
+
+
 def lora_config(config: ModelConfig, model: nn.Module) -> LoraConfig:
     """peft's LoraConfig for a run: the run's targets, or the backbone's defaults."""
     spec = backbone_spec(config.backbone)
@@ -40,7 +50,7 @@ def lora_config(config: ModelConfig, model: nn.Module) -> LoraConfig:
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=resolve_targets(
-            model, expand_targets(list(config.lora_targets or spec.default_targets))),
+            model, expand_presets(list(config.lora_targets or spec.default_targets))),
         modules_to_save=[spec.head],
     )
 

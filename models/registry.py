@@ -22,7 +22,6 @@ from models.config import ModelConfig
 from models.efficientnet_lite import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    POINTWISE_CONVS,
     build_efficientnet_lite0,
     file_sha256,
     lite0_weights_path,
@@ -49,7 +48,7 @@ class BackboneSpec:
     spatial_dims: int = 2
 
 
-EFFICIENTNET_SPEC = BackboneSpec(head="_fc", default_targets=tuple(POINTWISE_CONVS))
+EFFICIENTNET_SPEC = BackboneSpec(head="_fc", default_targets=("late-pointwise",))
 HF_SPEC = BackboneSpec(head="classifier", default_targets=("q_proj", "v_proj"))
 CT_BACKBONE = "merlin-i3resnet152-ct"
 CT_RANDOM_BACKBONE = "merlin-i3resnet152-ct-random-init"

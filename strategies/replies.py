@@ -83,6 +83,22 @@ def check_update(update: ArrayRecord, expected: ArrayRecord, max_norm: float = 0
     return ""
 
 
+def in_stable_order(replies: list[Message]) -> list[Message]:
+    """Replies sorted by the hospital id their metrics give (simulations), else by node id.
+
+    Floating-point sums depend on their order; replies arrive in whatever order the hospitals
+    finish, so without this the same seed could give a different global adapter run to run.
+    """
+    def key(msg: Message) -> tuple[int, int]:
+        metrics = msg.content.metric_records.get("metrics") if not msg.has_error() else None
+        hospital = metrics.get("hospital-id") if metrics is not None else None
+        if isinstance(hospital, int | float) and math.isfinite(hospital):
+            return (0, int(hospital))
+        return (1, msg.metadata.src_node_id)
+
+    return sorted(replies, key=key)
+
+
 def split_valid_replies(
     replies: Iterable[Message],
     server_round: int,
@@ -91,14 +107,15 @@ def split_valid_replies(
     observer: ReplyObserver | None,
     max_norm: float = 0.0,
 ) -> list[Message]:
-    """Replies fit for aggregation; each one, used or not, is reported to ``observer``.
+    """Replies fit for aggregation, in :func:`in_stable_order`; each one, used or not, is
+    reported to ``observer``.
 
     A reply is dropped (with a logged reason) when it is an error, lacks metrics or example
     count, or, for training, carries an update that fails :func:`check_update` (``max_norm``:
     its bound on the update's norm, 0 for none).
     """
     valid = []
-    for msg in replies:
+    for msg in in_stable_order(list(replies)):
         node = msg.metadata.src_node_id
         reply = Reply(server_round=server_round, phase=phase, node_id=node)
         if msg.has_error():

@@ -23,10 +23,13 @@ def test_only_adapter_and_head_train(small_model_config):
     assert sum(t.numel() for t in state.values()) < full / 10
 
 
-def test_default_targets_are_pointwise_convs(small_model_config):
+def test_default_targets_are_the_later_stages_pointwise_convs(small_model_config):
     model = build_lora_model(small_model_config)
-    wrapped = {n.rsplit(".", 2)[-2] for n, _ in model.named_modules() if n.endswith("lora_A")}
-    assert wrapped == {"_expand_conv", "_project_conv", "_conv_head"}
+    wrapped = [n.rsplit(".", 1)[0] for n, _ in model.named_modules() if n.endswith("lora_A")]
+    assert {n.rsplit(".", 1)[-1] for n in wrapped} == {"_expand_conv", "_project_conv",
+                                                       "_conv_head"}
+    stages = {int(n.split("_blocks.")[1].split(".")[0]) for n in wrapped if "_blocks." in n}
+    assert stages == {3, 4, 5, 6}
 
 
 def test_unknown_target_is_an_error(small_model_config):

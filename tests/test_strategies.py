@@ -300,3 +300,36 @@ def test_a_run_without_rounds_is_refused_when_the_config_is_read():
 
     with pytest.raises(ValueError, match="federation.rounds = 0: must be >= 1"):
         load_config(None, {"federation": {"rounds": 0}})
+
+
+def test_fedavg_result_does_not_depend_on_the_order_replies_arrive_in():
+    """Hospitals finish in any order; float sums depend on order, so the strategy sorts them
+    (by the hospital id a simulated hospital reports, else node id) and a seed replays a run."""
+    rng = np.random.default_rng(0)
+    updates = [{k: (rng.normal(size=s) * 10.0 ** rng.integers(-3, 3, size=s)).astype(np.float32)
+                for k, s in SHAPES.items()} for _ in range(5)]
+    examples = [40, 576, 2775, 411, 436]
+
+    def aggregate(order: list[int]) -> dict[str, np.ndarray]:
+        strategy = build_strategy("fedavg", min_train_nodes=1, min_available_nodes=1)
+        global_arrays = _record(0.0)
+        list(strategy.configure_train(1, global_arrays, ConfigRecord(), _Grid(5)))
+        replies = []
+        for i in order:
+            metrics = MetricRecord({"num-examples": examples[i], "train-loss": 0.5,
+                                    "hospital-id": i})
+            arrays = ArrayRecord({k: Array(v) for k, v in updates[i].items()})
+            replies.append(message_with_metadata(
+                "train", RecordDict({"arrays": arrays, "metrics": metrics}),
+                src_node_id=100 - i, dst_node_id=0, message_id=f"r{i}"))
+        arrays, _ = strategy.aggregate_train(1, replies)
+        return {k: arrays[k].numpy() for k in SHAPES}
+
+    orders = [[0, 1, 2, 3, 4], [4, 2, 0, 3, 1], [3, 4, 1, 0, 2]]
+    results = [aggregate(order) for order in orders]
+    assert all(np.array_equal(results[0][k], r[k]) for r in results[1:] for k in SHAPES)
+    # The same weighted sum taken in arrival order differs in the last bits: sorting matters.
+    naive = [[sum(np.float32(examples[i] / sum(examples)) * updates[i][k] for i in order)
+              for k in SHAPES] for order in orders]
+    assert any(not np.array_equal(a, b)
+               for n in naive[1:] for a, b in zip(naive[0], n, strict=True))
