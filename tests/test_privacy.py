@@ -567,7 +567,7 @@ def test_augmentation_multiplicity_clips_each_examples_mean_over_its_views(site,
     yields the mean over examples of the *clipped mean of each example's views' gradients*
     (De et al. 2022), computed here one example at a time; clipping each view on its own, or
     the views as separate examples, gives another result. Real images, float64."""
-    views, clip = 3, 4.0
+    views, clip = 3, 7.0
     images, labels = site.train.images[:6].double(), site.train.labels[:6]
     inputs = shifted_views(images, views, torch.Generator().manual_seed(5))
     assert inputs.shape == (len(labels) * views, *images.shape[1:])
