@@ -1,4 +1,4 @@
-"""Local training at a hospital: a few epochs of AdamW on the adapter and head."""
+"""Local training at a hospital: a few epochs of AdamW (or SGD) on the adapter and head."""
 
 from __future__ import annotations
 
@@ -11,6 +11,19 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from models.config import TrainConfig
 from models.lora import freeze_batchnorm
+
+
+def make_local_optimizer(params: list[torch.Tensor], config: TrainConfig,
+                         lr: float | None = None) -> torch.optim.Optimizer:
+    """The optimiser of a non-private round: ``config.optimizer`` at ``lr`` (default
+    ``config.lr``)."""
+    rate = config.lr if lr is None else lr
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=rate, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+    if config.optimizer != "adamw":
+        raise ValueError(f"train.optimizer '{config.optimizer}' is not one of adamw, sgd")
+    return torch.optim.AdamW(params, lr=rate, weight_decay=config.weight_decay)
 
 
 def train_local(
@@ -27,8 +40,8 @@ def train_local(
         model: a LoRA-wrapped classifier (only adapter and head require grad).
         images: ``(N, C, S, S)`` float images in [0, 1].
         labels: ``(N,)`` int64 labels.
-        config: epochs, batch size, learning rate, weight decay, logit adjustment,
-            FedProx's ``proximal_mu``.
+        config: epochs, batch size, optimiser, learning rate, weight decay, logit
+            adjustment, FedProx's ``proximal_mu``.
         seed: seeds the batch order and dropout, so a round can be replayed.
         lr: learning rate for this call (default ``config.lr``), e.g. the round's decayed rate.
     """
@@ -42,9 +55,7 @@ def train_local(
         generator=torch.Generator().manual_seed(seed),
     )
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=config.lr if lr is None else lr, weight_decay=config.weight_decay
-    )
+    optimizer = make_local_optimizer(params, config, lr)
     model.train()
     freeze_batchnorm(model)
     # Logit adjustment (Menon et al. 2021; FedLC, Zhang et al. 2022): train on logits shifted by

@@ -16,6 +16,8 @@ from models.settings import setting
 T = TypeVar("T", "ModelConfig", "TrainConfig")
 
 DEFAULT_BACKBONE = "efficientnet-lite0-imagenet"
+OPTIMIZERS = ("adamw", "sgd")
+"""Local optimisers a hospital trains with (``TrainConfig.optimizer``)."""
 
 
 @dataclass
@@ -58,10 +60,18 @@ class TrainConfig:
         local_steps: optimiser steps per round, cycling over the data (0: use ``local_epochs``).
             Equal steps keep a large hospital from drifting further than the rest in a round.
         batch_size: images per optimiser step.
-        lr: AdamW learning rate in round 1.
+        lr: learning rate in round 1.
         lr_decay: factor applied to the learning rate after each round (1.0: constant); later
             rounds then move the shared adapter less, which steadies FedAvg under label skew.
-        weight_decay: AdamW weight decay.
+        weight_decay: weight decay (decoupled for AdamW, L2 for SGD).
+        optimizer: the local optimiser: ``adamw`` (default) or ``sgd`` (with ``momentum``).
+            Adam normalises each step to about ``lr`` per weight whatever the gradient's size,
+            so a single-class hospital whose logit-adjusted gradients are near zero still moves
+            the shared adapter a full step; SGD's steps scale with the gradient, which keeps
+            plain FedAvg (and so secure aggregation) stable under such label skew. SGD wants a
+            larger ``lr`` than AdamW.
+        momentum: SGD's momentum (``optimizer = "sgd"`` only); the state starts afresh each
+            round.
         seed: base seed; each hospital and round derives its own from it.
         logit_adjust: train on logits shifted by the log of the hospital's own class prior
             (FedLC-style logit adjustment), which keeps label-skewed hospitals from pulling the
@@ -80,6 +90,8 @@ class TrainConfig:
     lr: float = setting(2e-3, gt=0.0)
     lr_decay: float = setting(1.0, gt=0.0)
     weight_decay: float = setting(0.0, ge=0.0)
+    optimizer: str = setting("adamw", choices=OPTIMIZERS)
+    momentum: float = setting(0.9, ge=0.0, lt=1.0)
     seed: int = 0
     logit_adjust: bool = True
     proximal_mu: float = setting(0.0, ge=0.0)

@@ -30,8 +30,10 @@ from typing import Any
 
 from rich.console import Console
 
+from models.config import OPTIMIZERS
 from models.ct_encoder import BATCHNORM_DIR_ENV, PREFIX_CACHE_ENV
 from simulations import runner
+from simulations.bench.foundation_probe import add_setting_options
 from simulations.scenarios import load_scenario
 
 logger = logging.getLogger(__name__)
@@ -43,8 +45,8 @@ def _overrides(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     values: dict[str, Any] = {"seed": args.seed, "run_dir": str(run_dir), "baselines": [],
                               "data": {"max_train_examples": args.max_train,
                                        "max_test_examples": args.max_test}}
-    if args.intensity == "tissue":
-        values["data"]["dataset"] = "adrenalmnist3d-tissue"
+    values["data"]["dataset"] = ("adrenalmnist3d-tissue" if args.intensity == "tissue"
+                                 else "adrenalmnist3d")
     federation: dict[str, Any] = {}
     if args.rounds:
         federation["rounds"] = args.rounds
@@ -55,8 +57,14 @@ def _overrides(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     train: dict[str, Any] = {}
     if args.lr:
         train["lr"] = args.lr
-    if args.local_steps:
+    if args.local_steps >= 0:
         train["local_steps"] = args.local_steps
+    if args.local_epochs:
+        train["local_epochs"] = args.local_epochs
+    if args.optimizer:
+        train["optimizer"] = args.optimizer
+    if args.momentum is not None:
+        train["momentum"] = args.momentum
     if train:
         values["train"] = train
     model: dict[str, Any] = {}
@@ -100,7 +108,7 @@ def _public_start(args: argparse.Namespace, root: Path, name: str,
     config = load_scenario(SCENARIO, _overrides(args, root / name))
     record = train_public_start(
         PublicStartConfig(dataset=config.data.dataset, fraction=1.0, epochs=args.public_start,
-                          batch_size=config.train.batch_size, lr=config.train.lr,
+                          batch_size=config.train.batch_size, lr=args.public_start_lr,
                           seed=args.seed),
         replace(config.model, backbone=backbone), root / name)
     print(f"  {name}: public start test auc {record['test']['auc']:.4f}", flush=True)
@@ -135,8 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strategy", default="", help="aggregation rule (default: the "
                         "scenario's, fedavg), e.g. trimmed-mean")
     parser.add_argument("--lr", type=float, default=0.0, help="0: the scenario's")
-    parser.add_argument("--local-steps", type=int, default=0,
-                        help="optimiser steps per hospital and round (0: the scenario's epochs)")
+    parser.add_argument("--local-steps", type=int, default=-1,
+                        help="optimiser steps per hospital and round (-1: the scenario's; "
+                             "0: whole epochs)")
+    parser.add_argument("--local-epochs", type=int, default=0,
+                        help="epochs per hospital and round when not counting steps "
+                             "(0: the scenario's)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                        help="local optimiser (default: the scenario's); the DP run uses the "
+                             "same one for its noised gradients")
+    parser.add_argument("--momentum", type=float, default=None,
+                        help="SGD momentum (default: the scenario's)")
+    parser.add_argument("--public-start-lr", type=float, default=3e-4,
+                        help="AdamW learning rate of the public start")
     parser.add_argument("--public-start", type=int, default=0, metavar="EPOCHS",
                         help="start each federation (and the pooled baseline) from an adapter "
                              "trained this many epochs on the public val split (0: from "
@@ -154,18 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-2d", action="store_true", help="skip the 2D backbone's run")
     parser.add_argument("--skip-random", action="store_true",
                         help="skip the random-init control")
-    parser.add_argument("--batchnorm", choices=("shipped", "public"), default="shipped",
-                        help="BatchNorm statistics of both encoders: the weights' own, or "
-                             "estimated on the public val split at the run's size (stored in "
-                             "--batchnorm-dir; the same recipe for pretrained and random init)")
-    parser.add_argument("--intensity", choices=("binary", "tissue"), default="binary",
-                        help="masks as stored, or as fat / soft tissue (the dataset's "
-                             "'-tissue' variant)")
-    parser.add_argument("--batchnorm-dir", type=Path,
-                        default=Path.home() / ".cache" / "medfed" / "ct-batchnorm")
-    parser.add_argument("--cache-dir", type=Path,
-                        default=Path.home() / ".cache" / "medfed" / "ct-prefix",
-                        help="where the frozen prefix's activations are kept")
+    add_setting_options(parser, batchnorm="shipped", intensity=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="keep the runs here (default: a temporary directory)")
@@ -174,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.intensity is None:
+        dataset = load_scenario(SCENARIO).data.dataset
+        args.intensity = "tissue" if dataset.endswith("-tissue") else "binary"
     if args.quick:
         args.max_train = args.max_train or 300
         args.max_test = args.max_test or 100
@@ -215,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         figures["seconds per round"] = sum(rounds[1:]) / max(1, len(rounds) - 1)
         figures["setup seconds"] = rounds[0]
         if args.epsilon:
+            # DP-SGD steps its noised gradients with the same optimiser as the reference run.
+            train = load_scenario(SCENARIO, _overrides(args, root)).train
             private, _ = _study(args, root, f"dp-eps{args.epsilon:g}", console, {
-                "privacy": {"dpsgd": True, "dp_target_epsilon": args.epsilon},
+                "privacy": {"dpsgd": True, "dp_target_epsilon": args.epsilon,
+                            "dp_optimizer": train.optimizer, "dp_momentum": train.momentum},
                 "model": {"backbone": backbones["pretrained"]},
                 "federation": starts["pretrained"]})
             figures[f"auc drop at eps={args.epsilon:g}"] = (

@@ -93,15 +93,23 @@ def build(name: str) -> ct_encoder.CTVolumeClassifier:
     return classifier.eval()
 
 
+PREFIX_SPLITS = {"layer3-last6": SPLIT_BLOCK, "layer4": LAYER3_END}
+"""The LoRA presets whose frozen prefix a probe can cache, and their first adapted block."""
+
+
 def pooled_features(classifier: ct_encoder.CTVolumeClassifier, volumes: torch.Tensor,
-                    batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled layer3 and layer4 outputs ``(N, 1024)``, ``(N, 2048)``, through the prefix cache."""
+                    batch_size: int = 8, split: int = SPLIT_BLOCK
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled layer3 and layer4 outputs ``(N, 1024)``, ``(N, 2048)``, through the prefix cache
+    (cached up to block ``split``, at most the end of layer3)."""
+    if split > LAYER3_END:
+        raise ValueError(f"split {split} is past layer3 (block {LAYER3_END})")
     blocks = ct_encoder._blocks(classifier.net)
     third, fourth = [], []
     with torch.no_grad():
         for i in range(0, len(volumes), batch_size):
-            x = classifier._prefix(volumes[i : i + batch_size], SPLIT_BLOCK)
-            for _, block in blocks[SPLIT_BLOCK:LAYER3_END]:
+            x = classifier._prefix(volumes[i : i + batch_size], split)
+            for _, block in blocks[split:LAYER3_END]:
                 x = block(x)
             third.append(x.mean((2, 3, 4)).numpy())
             for _, block in blocks[LAYER3_END:]:
@@ -130,18 +138,34 @@ def probe_auc(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray,
     return float(roc_auc_score(test_labels, scores)), chosen
 
 
+def add_setting_options(parser: argparse.ArgumentParser, batchnorm: str,
+                        intensity: str | None = "binary") -> None:
+    """The options a probe and a federated bench share: BatchNorm statistics, mask
+    intensities and where the prefix cache and BatchNorm files live."""
+    parser.add_argument("--batchnorm", choices=("shipped", "public"), default=batchnorm,
+                        help="BatchNorm statistics: the weights' own, or estimated on the "
+                             "public val split at the run's size (stored in --batchnorm-dir; "
+                             "the same recipe for pretrained and random init)")
+    parser.add_argument("--intensity", choices=("binary", "tissue"), default=intensity,
+                        help="masks as stored (air / +1000 HU) or as fat / soft tissue (the "
+                             "dataset's '-tissue' variant)" + ("" if intensity else
+                                                               "; default: the scenario's"))
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
+                        help="where the frozen prefix's activations are kept")
+    parser.add_argument("--batchnorm-dir", type=Path, default=DEFAULT_BATCHNORM)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.bench foundation-probe")
     parser.add_argument("--size", type=int, default=48, help="volume side in voxels")
     parser.add_argument("--init", choices=("pretrained", "random"), default="pretrained")
-    parser.add_argument("--batchnorm", choices=("shipped", "public"), default="public",
-                        help="BatchNorm statistics: the weights' own, or estimated on the "
-                             "public val split")
-    parser.add_argument("--intensity", choices=("binary", "tissue"), default="binary",
-                        help="masks as stored (air / +1000 HU) or as fat / soft tissue")
     parser.add_argument("--max-train", type=int, default=0, help="training volumes (0: all)")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--batchnorm-dir", type=Path, default=DEFAULT_BATCHNORM)
+    parser.add_argument("--prefix", choices=sorted(PREFIX_SPLITS), default="layer3-last6",
+                        help="the LoRA preset whose frozen prefix is cached (and so warmed "
+                             "for a federated run with that preset)")
+    parser.add_argument("--warm-val", action="store_true",
+                        help="also compute the val split's prefix (used by a public start)")
+    add_setting_options(parser, batchnorm="public")
     parser.add_argument("--out", type=Path, default=None, help="append the result (JSON line)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -158,10 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         keep = np.sort(np.random.default_rng(0).permutation(len(train))[: args.max_train])
         train, train_labels = train[keep], train_labels[keep]
     test, test_labels = data["test"]
-    train3, train4 = pooled_features(classifier, train)
-    test3, test4 = pooled_features(classifier, test)
+    split = PREFIX_SPLITS[args.prefix]
+    train3, train4 = pooled_features(classifier, train, split=split)
+    test3, test4 = pooled_features(classifier, test, split=split)
+    if args.warm_val:  # the public start and BatchNorm split: warm its prefix too
+        pooled_features(classifier, data["val"][0], split=split)
     result = {"backbone": name, "size": args.size, "init": args.init, "batchnorm": args.batchnorm,
-              "intensity": args.intensity, "train": len(train), "test": len(test),
+              "intensity": args.intensity, "prefix": args.prefix, "train": len(train),
+              "test": len(test),
               "prefix_misses": classifier.prefix_misses,
               "load_average": os.getloadavg()[0]}
     for name, (a, b) in {"layer3": (train3, test3), "layer4": (train4, test4)}.items():

@@ -1,0 +1,69 @@
+"""The local optimiser setting: AdamW by default, SGD on request, sent to hospitals with the
+round's other training settings; on a single-class hospital SGD's update stays small."""
+
+import numpy as np
+import pytest
+import torch
+
+from client.training import make_local_optimizer, train_local
+from models.adapters import adapter_state
+from models.config import TrainConfig, from_config_record, to_config_record
+from models.lora import build_lora_model
+from models.settings import SettingsError
+from simulations.scenarios import load_scenario
+
+
+@pytest.fixture(scope="module")
+def subsets(pneumonia_small):
+    train = pneumonia_small.splits["train"]
+    labels = train.labels.numpy()
+    rng = np.random.default_rng(0)
+    one = rng.choice(np.flatnonzero(labels == 1), 32, replace=False)
+    zero = rng.choice(np.flatnonzero(labels == 0), 32, replace=False)
+    return {"single-class": train.subset(np.sort(one)),
+            "mixed": train.subset(np.sort(np.concatenate([one[:16], zero[:16]])))}
+
+
+def _update_norm(model_config, data, config: TrainConfig) -> float:
+    """L2 norm of the adapter update one call of local training makes from a fixed start."""
+    torch.manual_seed(0)
+    model = build_lora_model(model_config)
+    before = {k: v.clone() for k, v in adapter_state(model).items()}
+    train_local(model, data.images, data.labels, config, seed=0)
+    return float(torch.sqrt(sum(((v - before[k]) ** 2).sum()
+                                for k, v in adapter_state(model).items())))
+
+
+def test_default_is_adamw_and_sgd_is_built_on_request():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert isinstance(make_local_optimizer(params, TrainConfig()), torch.optim.AdamW)
+    sgd = make_local_optimizer(params, TrainConfig(optimizer="sgd", momentum=0.5, lr=0.1),
+                               lr=0.05)
+    assert isinstance(sgd, torch.optim.SGD)
+    assert sgd.param_groups[0]["momentum"] == 0.5 and sgd.param_groups[0]["lr"] == 0.05
+
+
+def test_optimizer_travels_in_the_round_config():
+    sent = TrainConfig(optimizer="sgd", momentum=0.8, lr=0.03)
+    received = from_config_record(TrainConfig, to_config_record(sent))
+    assert received.optimizer == "sgd" and received.momentum == pytest.approx(0.8)
+
+
+def test_unknown_optimizer_is_refused_when_settings_are_read():
+    with pytest.raises(SettingsError, match="optimizer"):
+        load_scenario("ct-foundation", {"train": {"optimizer": "adam"}})
+
+
+def test_sgd_moves_a_single_class_hospital_little_where_adamw_moves_it_fully(
+        small_model_config, subsets):
+    """Logit adjustment makes a single-class hospital's gradients tiny: AdamW still takes
+    full-size steps (it normalises them), SGD's steps shrink with the gradient."""
+    ratios = {}
+    for optimizer, lr in (("adamw", 1e-3), ("sgd", 0.05)):
+        config = TrainConfig(optimizer=optimizer, lr=lr, batch_size=16, local_steps=4)
+        norms = {name: _update_norm(small_model_config, data, config)
+                 for name, data in subsets.items()}
+        assert norms["mixed"] > 0
+        ratios[optimizer] = norms["single-class"] / norms["mixed"]
+    assert ratios["adamw"] > 0.5, ratios
+    assert ratios["sgd"] < 0.5 * ratios["adamw"], ratios
