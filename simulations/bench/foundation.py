@@ -1,7 +1,8 @@
 """Federated LoRA on the CT foundation encoder, against its controls, on AdrenalMNIST3D.
 
 Runs the ``ct-foundation`` scenario (5 hospitals, Dirichlet label skew, Merlin's I3ResNet-152
-with LoRA on its last stage, 28^3 volumes) and, on the same split and budget:
+with LoRA on its last stage, volumes as the scenario sets them) and, on the same split and
+budget:
 
 - the same federation with the same network at a seeded random initialisation;
 - the pooled baseline (every hospital's volumes in one place) of the pretrained run;
@@ -118,17 +119,13 @@ def _public_start(args: argparse.Namespace, root: Path, name: str,
 
 def _backbones(args: argparse.Namespace) -> dict[str, str]:
     """The pretrained and random-init encoders' registry names under ``--batchnorm``."""
-    from models.volume_transforms import masks_as_tissue
-    from simulations.bench.foundation_probe import backbone_name
-    from simulations.sites import cached_dataset
+    from simulations.bench.foundation_probe import backbone_name, setting_volumes
 
     config = load_scenario(SCENARIO)
     size = args.image_size or config.model.image_size
     calibration = None
     if args.batchnorm == "public":  # public data: no simulated hospital holds the val split
-        calibration = cached_dataset(config.data.dataset, size).splits["val"].images
-        if args.intensity == "tissue":
-            calibration = masks_as_tissue(calibration)
+        calibration = setting_volumes(size, args.intensity)["val"][0]
     return {init: backbone_name(init, args.batchnorm, size, args.intensity, calibration,
                                 args.batchnorm_dir) for init in ("pretrained", "random")}
 
