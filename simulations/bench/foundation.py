@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default="", help="LoRA stage preset (default: the "
                         "scenario's, layer4), e.g. layer3-last6+layer4")
     parser.add_argument("--image-size", type=int, default=0, help="volume side (0: the "
-                        "scenario's, 28)")
+                        "scenario's, 48)")
     parser.add_argument("--max-train", type=int, default=0, help="training volumes (0: all)")
     parser.add_argument("--max-test", type=int, default=0, help="test volumes (0: all)")
     parser.add_argument("--epsilon", type=float, default=8.0,
