@@ -64,12 +64,10 @@ class TrainConfig:
         lr_decay: factor applied to the learning rate after each round (1.0: constant); later
             rounds then move the shared adapter less, which steadies FedAvg under label skew.
         weight_decay: weight decay (decoupled for AdamW, L2 for SGD).
-        optimizer: the local optimiser: ``adamw`` (default) or ``sgd`` (with ``momentum``).
-            Adam normalises each step to about ``lr`` per weight whatever the gradient's size,
-            so a single-class hospital whose logit-adjusted gradients are near zero still moves
-            the shared adapter a full step; SGD's steps scale with the gradient, which keeps
-            plain FedAvg (and so secure aggregation) stable under such label skew. SGD wants a
-            larger ``lr`` than AdamW.
+        optimizer: the local optimiser, ``adamw`` or ``sgd`` (with ``momentum``). SGD's steps
+            scale with the gradient, so a single-class hospital's near-zero (logit-adjusted)
+            gradients barely move the shared adapter, where Adam normalises them to full
+            steps: plain FedAvg stays steady under label skew. SGD wants a larger ``lr``.
         momentum: SGD's momentum (``optimizer = "sgd"`` only); the state starts afresh each
             round.
         seed: base seed; each hospital and round derives its own from it.
