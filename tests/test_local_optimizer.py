@@ -71,17 +71,17 @@ def test_sgd_moves_a_single_class_hospital_little_where_adamw_moves_it_fully(
 
 def test_foundation_bench_settings_reach_the_scenario(tmp_path):
     """The bench's optimiser and intensity options become the study's settings; by default
-    it keeps the scenario's (local SGD on the tissue-intensity volumes)."""
+    it keeps the scenario's (AdamW on the binary masks)."""
     from simulations.bench.foundation import _overrides, build_parser
 
     default = build_parser().parse_args([])
-    default.intensity = "tissue"  # what main() infers from the scenario's dataset
+    default.intensity = "binary"  # what main() infers from the scenario's dataset
     config = load_scenario("ct-foundation", _overrides(default, tmp_path))
-    assert config.train.optimizer == "sgd" and config.data.dataset == "adrenalmnist3d-tissue"
+    assert config.train.optimizer == "adamw" and config.data.dataset == "adrenalmnist3d"
     assert config.train.local_steps == 0
-    args = build_parser().parse_args(["--optimizer", "adamw", "--lr", "3e-4", "--local-steps",
-                                      "4", "--intensity", "binary"])
+    args = build_parser().parse_args(["--optimizer", "sgd", "--lr", "0.01", "--local-steps",
+                                      "4", "--intensity", "tissue"])
     config = load_scenario("ct-foundation", _overrides(args, tmp_path))
     assert (config.train.optimizer, config.train.lr, config.train.local_steps) == (
-        "adamw", 3e-4, 4)
-    assert config.data.dataset == "adrenalmnist3d"
+        "sgd", 0.01, 4)
+    assert config.data.dataset == "adrenalmnist3d-tissue"
