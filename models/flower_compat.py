@@ -12,6 +12,7 @@ few places; they live here so that a Flower upgrade that changes one fails in
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Callable, Iterator
 
 from flwr.app import Message
@@ -270,3 +271,81 @@ def lost_message_reply(message: Message) -> Message:
                                                          reason=RESTARTED_REASON))
     set_message_id(reply, reply.object_id)
     return reply
+
+
+# --- Single-use node signatures ------------------------------------------------------------------
+# Flower 1.42's Fleet HTTP node authentication signs only the request's timestamp (not its body,
+# path or node id) and accepts a signature for 300 s (+5 s of clock drift). Whoever sees one
+# request's headers (the coordinator terminates TLS; a proxy log) could replay them for that
+# long as that node: pull its messages, or activate as it - which, with the take-over of a
+# restarted node above, would push the real SuperNode off. A node signs a fresh timestamp for
+# every request (retries included), so a signature seen twice is a replay.
+
+
+class SingleUseSignatures:
+    """ASGI middleware: a Fleet API request whose node signature the SuperLink has already
+    accepted once answers 401, as Flower answers a bad signature.
+
+    Only signatures that verify against a registered node's key are remembered (an attacker
+    cannot fill the memory with made-up ones), each until its timestamp leaves Flower's window;
+    everything else goes on to Flower's own node authentication, unchanged.
+    """
+
+    def __init__(self, app: Callable, state) -> None:  # noqa: ANN001 (ASGI app, LinkState)
+        self.app = app
+        self.state = state
+        self.seen: set[bytes] = set()
+        self.expiry: deque[tuple[float, bytes]] = deque()  # (forget at, epoch s; signature)
+
+    def _key_signed(self, headers: dict[bytes, bytes]) -> tuple[bytes, float] | None:
+        """``(signature, forget_at)`` if the headers carry a registered node's valid signature
+        of a timestamp inside Flower's window; else ``None``."""
+        import binascii
+        import time
+        from base64 import b64decode
+        from datetime import datetime
+
+        from flwr.common.constant import (
+            SYSTEM_TIME_TOLERANCE,
+            TIMESTAMP_HEADER,
+            TIMESTAMP_TOLERANCE,
+        )
+        from flwr.supercore.constant import (
+            FLEET_HTTP_PUBLIC_KEY_HEADER,
+            FLEET_HTTP_SIGNATURE_HEADER,
+        )
+        from flwr.supercore.primitives.asymmetric import bytes_to_public_key, verify_signature
+
+        try:
+            public_key = b64decode(headers[FLEET_HTTP_PUBLIC_KEY_HEADER.encode()], validate=True)
+            signature = b64decode(headers[FLEET_HTTP_SIGNATURE_HEADER.encode()], validate=True)
+            timestamp = headers[TIMESTAMP_HEADER.encode()].decode("ascii")
+            signed_at = datetime.fromisoformat(timestamp).timestamp()
+            if node_id_of_key(self.state, public_key) is None or not verify_signature(
+                    bytes_to_public_key(public_key), timestamp.encode("ascii"), signature):
+                return None
+        except (KeyError, ValueError, TypeError, UnicodeError, binascii.Error):
+            return None
+        forget_at = signed_at + TIMESTAMP_TOLERANCE + 2 * SYSTEM_TIME_TOLERANCE
+        return (signature, forget_at) if forget_at > time.time() else None  # else Flower refuses
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] == "http" and str(scope.get("path", "")).startswith("/v1/fleet/"):
+            import time
+
+            from starlette.concurrency import run_in_threadpool
+
+            signed = await run_in_threadpool(self._key_signed, dict(scope["headers"]))
+            if signed is not None:
+                # Check and record with no await between: one event loop, so atomic.
+                while self.expiry and self.expiry[0][0] < time.time():  # about in time order
+                    self.seen.discard(self.expiry.popleft()[1])
+                if signed[0] in self.seen:
+                    await send({"type": "http.response.start", "status": 401,
+                                "headers": [(b"content-type", b"application/json")]})
+                    await send({"type": "http.response.body",
+                                "body": b'{"detail":"Invalid SuperNode authentication"}'})
+                    return
+                self.seen.add(signed[0])
+                self.expiry.append((signed[1], signed[0]))
+        await self.app(scope, receive, send)

@@ -26,8 +26,11 @@ A hospital restarted at once after its daemon died (``kill -9``, a crash) is tak
 Flower would refuse it while it still counts the dead process online (two missed heartbeats,
 a minute), and would wait for the round's timeout for the message that process was working on.
 Here the node is taken over, and that message is answered as lost
-(:func:`models.flower_compat.recover_restarted_nodes`). Every Flower internal the gate uses is
-in :mod:`models.flower_compat`.
+(:func:`models.flower_compat.recover_restarted_nodes`). Only the node's private key can do
+that: Flower checks a signature of the request's timestamp by the node's key, and the gate
+accepts each such signature once (:class:`models.flower_compat.SingleUseSignatures`), so
+headers seen by the coordinator or a proxy cannot be replayed to activate as the node or pull
+its messages. Every Flower internal the gate uses is in :mod:`models.flower_compat`.
 
     python -m server.superlink_gate --admin-port 9093 --consortium DIR <flower-superlink args>
 """
@@ -182,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     logger.info("%s: Fleet API on %s:%d; Control and Runtime APIs on 127.0.0.1:%d only",
                 READY_LINE, config.host, config.port, args.admin_port)
     server = uvicorn.Server(uvicorn.Config(
-        FleetOnly(app, config.port), log_config=flower_compat.uvicorn_log_config(),
+        FleetOnly(flower_compat.SingleUseSignatures(app, state), config.port),
+        log_config=flower_compat.uvicorn_log_config(),
         access_log=False, timeout_graceful_shutdown=3, ssl_keyfile=config.ssl_keyfile,
         ssl_certfile=config.ssl_certfile, workers=1))
     server.run(sockets=sockets)

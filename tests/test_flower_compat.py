@@ -283,3 +283,74 @@ def test_a_reply_the_dead_supernode_did_not_finish_uploading_is_dropped(superlin
         assert not replies[0].has_error() and replies[0].metadata.message_id == reply.object_id
     else:
         assert replies[0].error.reason == flower_compat.RESTARTED_REASON
+
+
+def _signed_headers(key, timestamp: str | None = None) -> list[tuple[bytes, bytes]]:  # noqa: ANN001
+    """Flower's node-authentication headers for ``key`` (an EC private key)."""
+    from base64 import b64encode
+
+    from flwr.common.constant import TIMESTAMP_HEADER
+    from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
+    from flwr.supercore.date import now
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
+
+    timestamp = timestamp or now().isoformat()
+    return [(FLEET_HTTP_PUBLIC_KEY_HEADER.encode(),
+             b64encode(public_key_to_bytes(key.public_key()))),
+            (TIMESTAMP_HEADER.encode(), timestamp.encode()),
+            (FLEET_HTTP_SIGNATURE_HEADER.encode(),
+             b64encode(sign_message(key, timestamp.encode())))]
+
+
+def _status(app, headers, path: str = "/v1/fleet/pull-messages") -> int:  # noqa: ANN001
+    """The status ``app`` (ASGI) answers a POST to ``path`` with ``headers``."""
+    import asyncio
+
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
+    asyncio.run(app(scope, receive, send))
+    return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+
+async def _ok(scope, receive, send) -> None:  # noqa: ANN001
+    """Stands for Flower's app: answers 200 to whatever reaches it."""
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def test_a_node_signature_is_accepted_once(superlink):
+    """Flower's Fleet HTTP authentication signs only a timestamp and accepts it for 300 s:
+    the gate lets each registered node's signature through once, then answers 401."""
+    from datetime import timedelta
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.supercore.date import now
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    state = flower_compat.superlink_state(superlink[0])
+    key, stranger = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    flower_compat.register_node(state, public_key_to_bytes(key.public_key()), "h")
+    guard = flower_compat.SingleUseSignatures(_ok, state)
+    headers = _signed_headers(key)
+    assert _status(guard, headers) == 200
+    assert _status(guard, headers) == 401  # replayed
+    assert _status(guard, headers, "/v1/fleet/activate-node") == 401
+    assert _status(guard, _signed_headers(key)) == 200  # a fresh signature, as a node sends
+    # Not a registered key's valid signature: not remembered, left to Flower to refuse.
+    unknown = _signed_headers(stranger)
+    assert _status(guard, unknown) == 200 and _status(guard, unknown) == 200
+    forged = _signed_headers(stranger)[:2] + [_signed_headers(stranger)[2]]
+    forged[0] = headers[0]  # the registered key claimed, another key's signature
+    assert _status(guard, forged) == 200 and _status(guard, forged) == 200
+    assert _status(guard, headers, "/health") == 200  # not the Fleet API: untouched
+    # Forgotten once Flower's window (300 s + drift) has passed: Flower refuses it then.
+    old = _signed_headers(key, (now() - timedelta(seconds=400)).isoformat())
+    assert _status(guard, old) == 200
+    assert len(guard.seen) == 2  # the two fresh ones: an expired one is not kept
