@@ -231,10 +231,20 @@ SIMULATION_ONLY = {"data", "failures", "tracking", "baselines", "seed", "run_dir
 # ------------------------------------------------------------------------- the reference
 
 
+def settings_help(cls: type) -> dict[str, str]:
+    """Each field's help for the reference: the ``Attributes:`` entry of ``cls``'s docstring,
+    else that of the nearest base class that documents the field (a subclass that adds
+    settings need not restate its base's help; an entry of its own overrides it)."""
+    help_of: dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        help_of |= field_help(base) if is_dataclass(base) else {}
+    return help_of
+
+
 def _rows(cls: type, prefix: str) -> list[tuple[str, list[list[str]]]]:
     """``(section, rows)`` for ``cls`` and its nested settings, in field order."""
     hints = typing.get_type_hints(cls)
-    help_of = field_help(cls)
+    help_of = settings_help(cls)
     rows: list[list[str]] = []
     nested: list[tuple[str, list[list[str]]]] = []
     for f in fields(cls):

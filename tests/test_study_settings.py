@@ -284,3 +284,19 @@ def test_a_help_line_that_wraps_after_a_colon_stays_one_entry():
     assert "pure cryptography: a hospital silent" in text
     assert text.endswith("wait for the round timeout.")
     assert "cryptography" not in field_help(SecAggConfig)
+
+
+def test_the_reference_takes_a_settings_help_from_the_base_class_that_documents_it():
+    from dataclasses import fields
+
+    from client.data.config import SiteDataConfig
+    from imaging.settings import ReadSettings
+    from models.settings import field_help
+    from server.study import settings_help, settings_reference
+
+    help_of, base = settings_help(SiteDataConfig), field_help(ReadSettings)
+    assert set(help_of) == {f.name for f in fields(SiteDataConfig)}  # every setting has help
+    assert help_of["max_frame_bytes"] == base["max_frame_bytes"]  # written once, on the base
+    assert "per patient" in help_of["split_column"] != base["split_column"]  # its own wins
+    reference = settings_reference(SiteDataConfig, "Site data", "")
+    assert " ".join(base["manifest_encoding"].split()) in reference

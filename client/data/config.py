@@ -29,32 +29,13 @@ class SiteDataConfig(ReadSettings):
 
     The reader's settings (columns, classes, frames, folders, header bounds, encoding) are
     :class:`imaging.settings.ReadSettings`, shared with a coordinator that reads an evaluation
-    manifest; the split, the error budget and the cache are the hospital's own.
+    manifest; the split, the error budget and the cache are the hospital's own. Each reader
+    setting is documented there (the settings reference reads it from there); an entry here
+    overrides it for a hospital.
 
     Attributes:
-        classes: class names in label order, declared once for the whole study so every hospital
-            maps labels the same way. Empty: labels must be integer class indices.
-        path_column: manifest column with the DICOM file or series folder, relative to the
-            manifest's folder (absolute paths are taken as they are); it must lie, after
-            resolving symbolic links, inside one of ``allowed_roots``.
-        label_column: manifest column with the class name or index.
-        patient_column: manifest column with the (site-internal) patient id.
         split_column: optional manifest column with ``train`` or ``val``; rows where it is absent
             or empty are split per patient.
-        frames: multi-frame files and series folders give their ``middle`` frame or ``all``
-            frames (one training image each); ``volume``: each row is one CT volume (a series
-            folder or a NIfTI file) for a 3D backbone (``imaging.volumes``).
-        allowed_roots: folders the manifest's paths may point into (after resolving symbolic
-            links); relative ones are taken from the manifest's folder. Empty: the manifest's
-            folder only.
-        max_frame_bytes: most bytes one frame may decode to, as its header declares it
-            (Rows x Columns x Samples per Pixel x Bits Allocated / 8). Frames are decoded one
-            at a time, so this bounds the memory one row needs; a deflated file may inflate to
-            at most this plus 1 MiB. Checked before anything is decoded.
-        max_pixel_bytes: most bytes all the frames of one file may decode to, as its header
-            declares them (one frame's bytes x Number of Frames). Checked before decoding.
-        manifest_encoding: text encoding of the manifest (``utf-8`` also reads a byte-order
-            mark; ``cp1252`` or ``latin-1`` for some spreadsheet exports).
         val_fraction: share of patients (not images) held out for validation when not given.
         seed: seeds the per-patient split.
         max_error_fraction: the check fails when more than this share of manifest rows is unusable.
