@@ -35,7 +35,7 @@ import pytest
 import tomli_w
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from faults.harness import consortium_processes, log_has, start_hospital, tiny_study, wait_for
+from faults.harness import consortium, start_hospital, tiny_study, wait_for
 from flwr.common.constant import TIMESTAMP_HEADER
 from flwr.proto.fleet_pb2 import (  # pylint: disable=E0611
     ActivateNodeRequest,
@@ -55,7 +55,6 @@ from client.daemon import supernode_command
 from client.site_folder import CONFIG_FILE as HOSPITAL_CONFIG
 from client.site_folder import init_site_folder, load_hospital_config
 from server.consortium import load_enrolments
-from server.daemon import WAITING_LINE
 from simulations.bench.deploy import LoopbackConsortium
 from simulations.processes import free_port
 
@@ -131,14 +130,9 @@ def _replied(lc: LoopbackConsortium, k: int) -> set[int]:
 
 
 def test_an_attacker_without_the_private_key_cannot_take_a_node_over(tmp_path):
-    lc = LoopbackConsortium(tmp_path / "c", tiny_study(hospitals=2, rounds=ROUNDS,
-                                                       min_hospitals=2))
-    try:
+    with consortium(tmp_path / "c", tiny_study(hospitals=2, rounds=ROUNDS,
+                                               min_hospitals=2)) as lc:
         _attack(lc, tmp_path)
-    finally:
-        lc.stop_all()
-        for proc in consortium_processes(lc.folder):
-            proc.kill()
 
 
 def _attack(lc: LoopbackConsortium, tmp_path: Path) -> None:
@@ -146,15 +140,13 @@ def _attack(lc: LoopbackConsortium, tmp_path: Path) -> None:
     victim = _private_key(victim_site).public_key()
     victim_pk = public_key_to_bytes(victim)
     fellow = _private_key(fellow_site)
-    coordinator = lc.start_coordinator()
-    wait_for(log_has(lc, "coordinator", WAITING_LINE), "the ServerApp waiting for hospitals",
-             alive=coordinator, log=lc.log("coordinator"))
-    node_id = int(next(e.node_id for e in load_enrolments(lc.folder) if e.name == "hospital-0"))
-    for k in range(2):
+    for k in range(2):  # they retry until the coordinator serves
         start_hospital(lc, k)
+    coordinator = lc.start_coordinator()
     # The victim is online and has trained round 1: its node is active, counted online.
     wait_for(lambda: 1 in _replied(lc, 0), "hospital-0's round-1 reply", alive=coordinator,
              log=lc.log("coordinator"))
+    node_id = int(next(e.node_id for e in load_enrolments(lc.folder) if e.name == "hospital-0"))
 
     # 1. A SuperNode with a fresh key (the real binary): refused, it exits.
     stranger = tmp_path / "stranger"

@@ -1,14 +1,15 @@
-"""What the fault-injection tests share: a tiny loopback consortium, waits on conditions (never on
-the clock), and a check that no process a daemon started outlives it."""
+"""What the fault-injection tests share: a tiny loopback consortium (and its clean-up), waits on
+conditions (never on the clock), and a check that no process a daemon started outlives it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +33,19 @@ def tiny_study(hospitals: int = 2, rounds: int = 2, min_hospitals: int = 1) -> S
         train=replace(config.train, local_steps=1, batch_size=8),
         federation=replace(config.federation, rounds=rounds, min_hospitals=min_hospitals,
                            fraction_evaluate=0.0, round_timeout_s=600.0))
+
+
+@contextlib.contextmanager
+def consortium(root: Path, config: SimulationConfig) -> Iterator[LoopbackConsortium]:
+    """A :class:`LoopbackConsortium` of ``config`` under ``root``; on leaving the block every
+    daemon it started is stopped and any process of its SuperLink still running is killed."""
+    lc = LoopbackConsortium(root, config)
+    try:
+        yield lc
+    finally:
+        lc.stop_all()
+        for proc in consortium_processes(lc.folder):
+            proc.kill()
 
 
 def wait_for(condition: Callable[[], object], what: str, timeout_s: float = TIMEOUT_S,

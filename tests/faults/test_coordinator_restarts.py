@@ -19,24 +19,13 @@ from faults.harness import (
     descendants,
     kill9,
     log_has,
-    tiny_study,
     wait_for,
 )
 from medfed_cli.main import main as medfed
 from server.daemon import PID_FILE, WAITING_LINE, daemon_env, flwr_cli_home, superlink_command
 from server.superlink_gate import READY_LINE
-from simulations.bench.deploy import LoopbackConsortium
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def lc(tmp_path):
-    consortium = LoopbackConsortium(tmp_path, tiny_study())
-    yield consortium
-    consortium.stop_all()
-    for proc in consortium_processes(consortium.folder):
-        proc.kill()
 
 
 @pytest.mark.parametrize("stage", ["superlink serving", "serverapp waiting for hospitals"])

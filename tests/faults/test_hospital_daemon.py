@@ -17,30 +17,18 @@ from client.site_folder import CONFIG_FILE, init_site_folder, load_hospital_conf
 from client.supervisor import ADMITTED_LINE, RETRY_LINE
 from faults.harness import (
     all_gone,
-    consortium_processes,
     descendants,
     kill9,
     log_has,
     start_hospital,
-    tiny_study,
     wait_for,
 )
 from server.consortium import enrol
-from simulations.bench.deploy import LoopbackConsortium
 from simulations.processes import free_port
 
 pytestmark = pytest.mark.slow
 
 WARM_STARTED = "warm SuperExec for"
-
-
-@pytest.fixture
-def lc(tmp_path):
-    consortium = LoopbackConsortium(tmp_path, tiny_study())
-    yield consortium
-    consortium.stop_all()
-    for proc in consortium_processes(consortium.folder):
-        proc.kill()
 
 
 def test_hospital_started_before_the_coordinator_is_admitted_when_it_starts(lc):

@@ -26,6 +26,7 @@ from client.supervisor import REVOKED_EXIT, REVOKED_LINE
 from client.warm_exec import TASK_STARTED
 from faults.harness import (
     all_gone,
+    consortium,
     consortium_processes,
     descendants,
     kill9,
@@ -46,12 +47,9 @@ ADAPTER = "adapter/adapter_model.safetensors"
 
 @pytest.fixture(scope="module")
 def lc(tmp_path_factory):
-    consortium = LoopbackConsortium(tmp_path_factory.mktemp("run-faults"), tiny_study())
-    consortium.results = {}  # the uninterrupted run's adapter
-    yield consortium
-    consortium.stop_all()
-    for proc in consortium_processes(consortium.folder):
-        proc.kill()
+    with consortium(tmp_path_factory.mktemp("run-faults"), tiny_study()) as made:
+        made.results = {}  # the uninterrupted run's adapter
+        yield made
 
 
 def _finish(lc: LoopbackConsortium, coordinator: subprocess.Popen, name: str) -> str:

@@ -19,9 +19,8 @@ import torch
 from client.audit import read_audit_log
 from faults.harness import (
     all_gone,
-    consortium_processes,
+    consortium,
     kill9,
-    log_has,
     start_hospital,
     tiny_study,
     wait_for,
@@ -29,7 +28,6 @@ from faults.harness import (
 from faults.test_run_faults import _adapter, _finish, _trained
 from faults.test_secagg_faults import STAGE_FIELD
 from server.checkpoint import CHECKPOINT_FILE
-from server.daemon import WAITING_LINE
 from simulations.bench.deploy import LoopbackConsortium, study_run_policy
 
 pytestmark = pytest.mark.slow
@@ -45,19 +43,20 @@ def lc(tmp_path_factory):
     config = replace(config, federation=replace(
         federation, fraction_evaluate=1.0,
         secure_aggregation=replace(federation.secure_aggregation, enabled=True)))
-    consortium = LoopbackConsortium(tmp_path_factory.mktemp("secagg-coordinator"), config)
+    with consortium(tmp_path_factory.mktemp("secagg-coordinator"), config) as made:
+        _allow_more_evaluations(made, config)
+        yield made
+
+
+def _allow_more_evaluations(lc: LoopbackConsortium, config) -> None:  # noqa: ANN001
     # Evaluations: the reference run's and the restarted run's, replayed rounds included.
     policy = study_run_policy(config)
-    for site in consortium.sites:
+    for site in lc.sites:
         (site / "run-policy.toml").write_text(policy.replace(
             f"max_evaluations_per_day = {2 * (ROUNDS + 1)}",
             "max_evaluations_per_day = 50").replace(
             f"max_evaluations_per_run = {ROUNDS + 1}", "max_evaluations_per_run = 50"))
-    assert "= 50" in (consortium.sites[0] / "run-policy.toml").read_text()
-    yield consortium
-    consortium.stop_all()
-    for proc in consortium_processes(consortium.folder):
-        proc.kill()
+    assert "= 50" in (lc.sites[0] / "run-policy.toml").read_text()
 
 
 def _replies(lc: LoopbackConsortium, k: int) -> list[tuple[int, str, str]]:
@@ -92,10 +91,9 @@ def _kill_at(lc: LoopbackConsortium, coordinator, server_round: int, kind: str) 
 
 
 def test_uninterrupted_reference_run(lc):
-    coordinator = lc.start_coordinator(lc.study_copy("reference"))
-    wait_for(log_has(lc, "coordinator", WAITING_LINE), "the ServerApp waiting for hospitals",
-             alive=coordinator, log=lc.log("coordinator"))
+    # The hospitals first: they retry until the coordinator serves (start-ups overlap).
     lc.hospitals = {k: start_hospital(lc, k) for k in range(HOSPITALS)}
+    coordinator = lc.start_coordinator(lc.study_copy("reference"))
     _finish(lc, coordinator, "reference")
     every = {str(k) for k in range(HOSPITALS)}
     assert _trained(lc, "reference") == {r: every for r in range(1, ROUNDS + 1)}

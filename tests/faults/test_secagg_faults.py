@@ -26,10 +26,10 @@ from client.site_folder import CONFIG_FILE as HOSPITAL_CONFIG
 from client.site_folder import load_hospital_config
 from faults.harness import (
     all_gone,
+    consortium,
     consortium_processes,
     descendants,
     kill9,
-    log_has,
     start_hospital,
     tiny_study,
     wait_for,
@@ -39,7 +39,6 @@ from privacy.ledger import Ledger
 from privacy.secagg.config import STAGES
 from server.checkpoint import CHECKPOINT_FILE
 from server.consortium import load_enrolments
-from server.daemon import WAITING_LINE
 from simulations.bench.deploy import LoopbackConsortium
 
 pytestmark = pytest.mark.slow
@@ -96,25 +95,20 @@ def _charged_rounds(lc: LoopbackConsortium, k: int) -> list[int]:
 def test_kill9_of_a_hospital_at_each_secagg_stage_then_restart(tmp_path):
     policy = tmp_path / "privacy-policy.toml"
     policy.write_text(SITE_POLICY)
-    lc = LoopbackConsortium(tmp_path / "secagg", _study(str(policy)))
-    for k, site in enumerate(lc.sites):  # a ledger keeps each dataset's budget by its id
-        config = tomllib.loads((site / HOSPITAL_CONFIG).read_text())
-        config["hospital"]["dataset_id"] = f"site-{k}"
-        (site / HOSPITAL_CONFIG).write_text(tomli_w.dumps(config))
-    try:
+    with consortium(tmp_path / "secagg", _study(str(policy))) as lc:
+        for k, site in enumerate(lc.sites):  # a ledger keeps each dataset's budget by its id
+            config = tomllib.loads((site / HOSPITAL_CONFIG).read_text())
+            config["hospital"]["dataset_id"] = f"site-{k}"
+            (site / HOSPITAL_CONFIG).write_text(tomli_w.dumps(config))
         _run(lc)
-    finally:
-        lc.stop_all()
-        for proc in consortium_processes(lc.folder):
-            proc.kill()
 
 
 def _run(lc: LoopbackConsortium) -> None:
-    coordinator = lc.start_coordinator()
-    wait_for(log_has(lc, "coordinator", WAITING_LINE), "the ServerApp waiting for hospitals",
-             alive=coordinator, log=lc.log("coordinator"))
+    # The hospitals first: they retry until the coordinator serves, so their start-up and the
+    # coordinator's overlap (round 1 waits for all of them either way).
     for k in range(HOSPITALS):
         start_hospital(lc, k)
+    coordinator = lc.start_coordinator()
     victims: dict[int, int] = {}
     for server_round, stage in enumerate(STAGES, start=1):
         k = (server_round - 1) % HOSPITALS
