@@ -45,6 +45,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from client.classes import ClassMismatch
 from client.data.problems import ManifestError, SiteDataError
 from models.registry import WeightsMismatchError
+from privacy import hash_chain
 from privacy.ledger import LedgerIntegrityError
 from privacy.secagg.wire import RECORD as SECAGG_RECORD
 
@@ -175,7 +177,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-GENESIS = "0" * 64
+GENESIS = hash_chain.GENESIS
 """The ``prev_sha256`` of a log's first line."""
 
 
@@ -230,14 +232,7 @@ def _last_line(log: Any) -> tuple[bytes, int]:
 
 
 def _write_head(path: Path, lines: int, digest: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump({"lines": lines, "sha256": digest}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    hash_chain.write_anchor(path, {"lines": lines, "sha256": digest})
 
 
 @dataclass(frozen=True)
@@ -266,36 +261,43 @@ def verify_audit_log(path: Path) -> AuditCheck:
         FileNotFoundError: there is no log at ``path``.
     """
     path = Path(path)
-    prev, number, hashes = GENESIS, 0, [GENESIS]
-    with open(path, "rb") as log:
+    unreadable = 0
+
+    def links(log: Any) -> Iterator[hash_chain.Link]:
+        nonlocal unreadable
         for number, line in enumerate(log, start=1):
             try:
                 entry = json.loads(line)
                 stored, own = entry["prev_sha256"], entry["sha256"]
             except (ValueError, KeyError, TypeError):
-                return AuditCheck(number, number, "not a chained audit entry (edited or "
-                                  "written by something else)")
-            if own != _entry_sha256(entry):
-                return AuditCheck(number, number, "was edited (its content does not match its "
-                                  "own hash)")
-            if stored != prev:
-                return AuditCheck(number, number, "does not chain to the line before it: "
-                                  "lines before it were removed, or the line before it was "
-                                  "rewritten with a new hash")
-            prev = line_sha256(line)
-            hashes.append(prev)
-    head = head_path(path)
+                unreadable = number
+                return
+            yield hash_chain.Link(prev=stored, digest=line_sha256(line),
+                                  intact=own == _entry_sha256(entry))
+
+    with open(path, "rb") as log:
+        chain = hash_chain.walk(links(log))
+    if unreadable:
+        return AuditCheck(unreadable, unreadable, "not a chained audit entry (edited or "
+                          "written by something else)")
+    if chain.broken:
+        return AuditCheck(chain.records, chain.broken, "was edited (its content does not match "
+                          "its own hash)" if chain.edited else "does not chain to the line "
+                          "before it: lines before it were removed, or the line before it was "
+                          "rewritten with a new hash")
+    number, head = chain.records, head_path(path)
     if head.exists():
         try:
             values = json.loads(head.read_text())
             lines, digest = int(values["lines"]), str(values["sha256"])
         except (OSError, ValueError, KeyError, TypeError):
             return AuditCheck(number, number + 1, f"head file {head} is unreadable")
-        if lines > number:
+        mismatch = hash_chain.anchor_mismatch(chain, lines, digest)
+        if mismatch == "cut":
             return AuditCheck(number, number + 1,
                               f"the head file {head} records {lines} lines: lines were cut "
                               f"off the end")
-        if hashes[lines] != digest:
+        if mismatch:
             return AuditCheck(number, lines, f"differs from the hash the head file {head} "
                               f"recorded when it was written: the line was edited")
     return AuditCheck(number)

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from privacy import hash_chain
 from privacy.accounting import Event, epsilon
 
 EXAMPLE = "example"
@@ -50,7 +51,7 @@ EXAMPLE = "example"
 HOSPITAL = "hospital"
 """Unit of a charge that protects the hospital's whole update (client-level DP)."""
 UNITS = (EXAMPLE, HOSPITAL)
-GENESIS = "0" * 64
+GENESIS = hash_chain.GENESIS
 """The "previous hash" of a ledger's first row."""
 
 SCHEMA = """
@@ -210,20 +211,19 @@ class Ledger:
             raise LedgerIntegrityError(
                 f"privacy ledger {self.path} predates the hash chain (or is not a ledger); move "
                 f"it aside (keep it: it records spent budget) to start a new one")
-        prev, count, hashes = GENESIS, 0, [GENESIS]
         query = f"SELECT id, {', '.join(FIELDS)}, prev_sha256, row_sha256 FROM rounds ORDER BY id"
-        for row in conn.execute(query):
-            values, stored_prev, stored = row[1:-2], row[-2], row[-1]
-            if stored_prev != prev or row_sha256(prev, values) != stored:
-                raise LedgerIntegrityError(
-                    f"privacy ledger {self.path}: row {row[0]} was edited, or a row before it "
-                    f"was removed (its hash chain breaks there). Restore the ledger from a "
-                    f"backup; this hospital trains no private round until then.")
-            prev = stored
-            count += 1
-            hashes.append(prev)
+        rows = conn.execute(query).fetchall()
+        chain = hash_chain.walk(
+            hash_chain.Link(prev=r[-2], digest=r[-1], intact=row_sha256(r[-2], r[1:-2]) == r[-1])
+            for r in rows)
+        if chain.broken:
+            raise LedgerIntegrityError(
+                f"privacy ledger {self.path}: row {rows[chain.broken - 1][0]} was edited, or a "
+                f"row before it was removed (its hash chain breaks there). Restore the ledger "
+                f"from a backup; this hospital trains no private round until then.")
+        count, prev = chain.records, chain.hashes[-1]
         anchored, head = _read_anchor(self.anchor)
-        if count < anchored or hashes[anchored] != head:
+        if hash_chain.anchor_mismatch(chain, anchored, head):
             raise LedgerIntegrityError(
                 f"privacy ledger {self.path} holds {count} rows, but its anchor {self.anchor} "
                 f"records {anchored}: rows were removed. Restore the ledger from a backup; this "
@@ -344,15 +344,7 @@ def _read_anchor(path: Path) -> tuple[int, str]:
 
 
 def _write_anchor(path: Path, rows: int, head: str) -> None:
-    """Replace the anchor atomically (write a 0600 temporary, fsync, rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump({"rows": rows, "head": head}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    hash_chain.write_anchor(path, {"rows": rows, "head": head})
 
 
 @dataclass(frozen=True)

@@ -158,8 +158,8 @@ def _run(lc: LoopbackConsortium) -> None:
     # Stopped, the hospital daemons leave nothing either.
     daemons = [lc.procs.pop(f"hospital-{k}") for k in range(HOSPITALS)]
     started = [child for proc in daemons for child in descendants(proc.pid)]
-    for proc in daemons:
+    for proc in daemons:  # all at once: each stops its own SuperNode gracefully
         proc.terminate()
-        assert proc.wait(timeout=120) == 0
+    assert [proc.wait(timeout=120) for proc in daemons] == [0] * HOSPITALS
     all_gone(started)
     all_gone(consortium_processes(lc.folder))
