@@ -286,7 +286,10 @@ class SingleUseSignatures:
     """ASGI middleware: a Fleet API request whose node signature the SuperLink has already
     accepted once answers 401, as Flower answers a bad signature.
 
-    Only signatures that verify against a registered node's key are remembered (an attacker
+    A use is remembered as the pair (node key, signed timestamp), not as the signature's bytes:
+    ECDSA signatures are malleable (``(r, s)`` and ``(r, n - s)`` both verify), so a replayer
+    could otherwise send the same signed timestamp under a second valid signature. Only pairs
+    whose signature verifies against a registered node's key are remembered (an attacker
     cannot fill the memory with made-up ones), each until its timestamp leaves Flower's window;
     everything else goes on to Flower's own node authentication, unchanged.
     """
@@ -294,12 +297,13 @@ class SingleUseSignatures:
     def __init__(self, app: Callable, state) -> None:  # noqa: ANN001 (ASGI app, LinkState)
         self.app = app
         self.state = state
-        self.seen: set[bytes] = set()
-        self.expiry: deque[tuple[float, bytes]] = deque()  # (forget at, epoch s; signature)
+        self.seen: set[tuple[bytes, str]] = set()
+        # (forget at, epoch s; (node key, signed timestamp))
+        self.expiry: deque[tuple[float, tuple[bytes, str]]] = deque()
 
-    def _key_signed(self, headers: dict[bytes, bytes]) -> tuple[bytes, float] | None:
-        """``(signature, forget_at)`` if the headers carry a registered node's valid signature
-        of a timestamp inside Flower's window; else ``None``."""
+    def _key_signed(self, headers: dict[bytes, bytes]) -> tuple[tuple[bytes, str], float] | None:
+        """``((node key, timestamp), forget_at)`` if the headers carry a registered node's
+        valid signature of a timestamp inside Flower's window; else ``None``."""
         import binascii
         import time
         from base64 import b64decode
@@ -327,7 +331,8 @@ class SingleUseSignatures:
         except (KeyError, ValueError, TypeError, UnicodeError, binascii.Error):
             return None
         forget_at = signed_at + TIMESTAMP_TOLERANCE + 2 * SYSTEM_TIME_TOLERANCE
-        return (signature, forget_at) if forget_at > time.time() else None  # else Flower refuses
+        # else Flower refuses
+        return ((public_key, timestamp), forget_at) if forget_at > time.time() else None
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
         if scope["type"] == "http" and str(scope.get("path", "")).startswith("/v1/fleet/"):

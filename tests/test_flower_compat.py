@@ -342,6 +342,22 @@ def test_a_node_signature_is_accepted_once(superlink):
     assert _status(guard, headers) == 200
     assert _status(guard, headers) == 401  # replayed
     assert _status(guard, headers, "/v1/fleet/activate-node") == 401
+    # ECDSA malleability: (r, n - s) is another valid signature of the same timestamp.
+    from base64 import b64decode, b64encode
+
+    from cryptography.hazmat.primitives.asymmetric.utils import (
+        decode_dss_signature,
+        encode_dss_signature,
+    )
+    from flwr.supercore.primitives.asymmetric import verify_signature
+
+    r, s = decode_dss_signature(b64decode(headers[2][1]))
+    order = int("FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF"
+                "581A0DB248B0A77AECEC196ACCC52973", 16)  # SECP384R1's group order
+    twin = encode_dss_signature(r, order - s)
+    assert twin != b64decode(headers[2][1])
+    assert verify_signature(key.public_key(), headers[1][1], twin)
+    assert _status(guard, [headers[0], headers[1], (headers[2][0], b64encode(twin))]) == 401
     assert _status(guard, _signed_headers(key)) == 200  # a fresh signature, as a node sends
     # Not a registered key's valid signature: not remembered, left to Flower to refuse.
     unknown = _signed_headers(stranger)
