@@ -28,7 +28,7 @@ a minute), and would wait for the round's timeout for the message that process w
 Here the node is taken over, and that message is answered as lost
 (:func:`models.flower_compat.recover_restarted_nodes`). Only the node's private key can do
 that: Flower checks a signature of the request's timestamp by the node's key, and the gate
-accepts each such signature once (:class:`models.flower_compat.SingleUseSignatures`), so
+accepts each signed timestamp once (:class:`models.flower_compat.SingleUseSignatures`), so
 headers seen by the coordinator or a proxy cannot be replayed to activate as the node or pull
 its messages. Every Flower internal the gate uses is in :mod:`models.flower_compat`.
 
