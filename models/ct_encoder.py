@@ -13,7 +13,8 @@ is permuted to ``(B, 1, D, H, W)`` and repeated to 3 channels. The pooled layer4
 
 The frozen prefix: with LoRA confined to the last blocks, every block before the first one
 with a trainable tensor (and the stem) is a fixed function of the volume. The classifier keeps
-each volume's prefix output in memory, keyed by the volume's bytes and the split point, so
+each volume's prefix output (``models.prefix_cache``: in memory, and on disk under
+``$MEDFED_PREFIX_CACHE_DIR``), keyed by the volume's bytes and the split point, so
 every epoch after the first runs only the adapted blocks; that is exact, not an approximation
 (BatchNorm is frozen and the prefix has no dropout). A new model (other base weights, targets
 or preprocessing) starts with an empty cache.
@@ -27,7 +28,6 @@ import os
 import re
 import shutil
 import zipfile
-from collections import OrderedDict
 from functools import cache
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from monai.networks.nets.resnet import ResNet, ResNetBottleneck
 from torch import nn
 
 from models import hashing
+from models.prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
 
@@ -232,13 +233,6 @@ def expand_targets(names: list[str]) -> list[str]:
     return out
 
 
-def volume_digest(volume: torch.Tensor) -> bytes:
-    """Key of one volume in the prefix cache: SHA-256 of its dtype, shape and bytes."""
-    digest = hashlib.sha256(f"{volume.dtype}:{tuple(volume.shape)}:".encode())
-    digest.update(volume.detach().cpu().contiguous().numpy().tobytes())
-    return digest.digest()
-
-
 class _Captured(Exception):
     """Stops a forward pass once the BatchNorm being estimated has seen its input."""
 
@@ -416,14 +410,38 @@ class CTVolumeClassifier(nn.Module):
         super().__init__()
         self.net = net
         self.weights_id = weights_id
-        self.cache_bytes = cache_bytes
         env = os.environ.get(PREFIX_CACHE_ENV, "")
-        self.cache_dir = cache_dir or (Path(env) if env and weights_id else None)
-        self._cache: OrderedDict[tuple[int, bytes], torch.Tensor] = OrderedDict()
-        self._cached_bytes = 0
-        self.prefix_hits = 0
-        self.prefix_misses = 0
+        folder = cache_dir or (Path(env) if env and weights_id else None)
+        self.prefix_cache = PrefixCache(cache_bytes, folder, f"{weights_id}:{INPUT_CONVENTION}")
         self.train(self.training)  # BatchNorm frozen from the start, not only after train()
+
+    @property
+    def cache_bytes(self) -> int:
+        """Most bytes of prefix activations kept in memory; 0 turns the cache off."""
+        return self.prefix_cache.max_bytes
+
+    @cache_bytes.setter
+    def cache_bytes(self, value: int) -> None:
+        self.prefix_cache.max_bytes = value
+
+    @property
+    def cache_dir(self) -> Path | None:
+        """Folder of prefix activations on disk (None: memory only)."""
+        return self.prefix_cache.folder
+
+    @cache_dir.setter
+    def cache_dir(self, folder: Path | None) -> None:
+        self.prefix_cache.folder = folder
+
+    @property
+    def prefix_hits(self) -> int:
+        """Prefix activations read from the cache (memory or disk) so far."""
+        return self.prefix_cache.hits
+
+    @property
+    def prefix_misses(self) -> int:
+        """Prefix activations computed so far."""
+        return self.prefix_cache.misses
 
     @staticmethod
     def to_encoder_input(volumes: torch.Tensor) -> torch.Tensor:
@@ -474,64 +492,12 @@ class CTVolumeClassifier(nn.Module):
         if (self.cache_bytes <= 0 or self._prefix_trainable() or len(volumes) == 0
                 or self._batch_statistics()):
             return self.features(volumes, split)
-        keys = [(split, volume_digest(v)) for v in volumes]
-        missing = [i for i, key in enumerate(keys)
-                   if key not in self._cache and not self._load(key)]
-        if missing:
-            with torch.no_grad():
-                fresh = self.features(volumes[missing], split)
-            for i, activation in zip(missing, fresh, strict=True):
-                self._store(keys[i], activation.clone())
-                self._save(keys[i], activation)
-        self.prefix_misses += len(missing)
-        self.prefix_hits += len(keys) - len(missing)
-        out = torch.stack([self._cache[key] for key in keys])
-        for key in keys:
-            self._cache.move_to_end(key)
-        return out
-
-    def _store(self, key: tuple[int, bytes], activation: torch.Tensor) -> None:
-        size = activation.numel() * activation.element_size()
-        self._cache[key] = activation
-        self._cached_bytes += size
-        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
-            _, old = self._cache.popitem(last=False)
-            self._cached_bytes -= old.numel() * old.element_size()
-
-    def _disk_path(self, key: tuple[int, bytes]) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        scope = hashlib.sha256(
-            f"{self.weights_id}:{INPUT_CONVENTION}:split={key[0]}:{torch.__version__}".encode()
-        ).hexdigest()[:24]
-        return self.cache_dir / scope / f"{key[1].hex()}.npy"
-
-    def _load(self, key: tuple[int, bytes]) -> bool:
-        """Fill the memory cache from disk; False when the disk has no (readable) entry."""
-        path = self._disk_path(key)
-        if path is None or not path.is_file():
-            return False
-        try:
-            activation = torch.from_numpy(np.load(path, allow_pickle=False))
-        except (OSError, ValueError) as err:  # a torn or foreign file: recompute it
-            logger.warning("prefix cache entry %s unreadable (%s); recomputing", path, err)
-            return False
-        self._store(key, activation)
-        return True
-
-    def _save(self, key: tuple[int, bytes], activation: torch.Tensor) -> None:
-        path = self._disk_path(key)
-        if path is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.stem}.{os.getpid()}.part.npy")
-        np.save(partial, activation.detach().cpu().numpy(), allow_pickle=False)
-        partial.replace(path)  # atomic: readers see a whole file or none
+        return self.prefix_cache.activations(volumes, split,
+                                             lambda v: self.features(v, split))
 
     def clear_prefix_cache(self) -> None:
-        """Forget every cached prefix activation."""
-        self._cache.clear()
-        self._cached_bytes = 0
+        """Forget every prefix activation held in memory (files on disk stay)."""
+        self.prefix_cache.clear()
 
     def forward(self, volumes: torch.Tensor) -> torch.Tensor:
         """``(B, 1, H, W, D)`` volumes in [0, 1] -> ``(B, K)`` logits."""

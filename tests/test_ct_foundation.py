@@ -208,7 +208,8 @@ def test_scenario_and_3d_dataset_feed_the_encoder():
     from simulations.scenarios import load_scenario
 
     config = load_scenario("ct-foundation")
-    assert config.model.backbone == CT_BACKBONE and config.data.dataset == "adrenalmnist3d"
+    assert config.model.backbone == CT_BACKBONE and config.data.dataset == "adrenalmnist3d-tissue"
+    assert config.train.optimizer == "sgd" and config.model.image_size == 48
     assert config.model.lora_targets == ["layer4"]
     volumes = load_medmnist("adrenalmnist3d", 20)
     assert tuple(volumes.splits["test"].images.shape) == (298, 1, 20, 20, 20)

@@ -71,17 +71,17 @@ def test_sgd_moves_a_single_class_hospital_little_where_adamw_moves_it_fully(
 
 def test_foundation_bench_settings_reach_the_scenario(tmp_path):
     """The bench's optimiser and intensity options become the study's settings; by default
-    it keeps the scenario's (AdamW on the binary masks)."""
+    it keeps the scenario's (SGD on the masks read as tissue)."""
     from simulations.bench.foundation import _overrides, build_parser
 
     default = build_parser().parse_args([])
-    default.intensity = "binary"  # what main() infers from the scenario's dataset
+    default.intensity = "tissue"  # what main() infers from the scenario's dataset
     config = load_scenario("ct-foundation", _overrides(default, tmp_path))
-    assert config.train.optimizer == "adamw" and config.data.dataset == "adrenalmnist3d"
+    assert config.train.optimizer == "sgd" and config.data.dataset == "adrenalmnist3d-tissue"
     assert config.train.local_steps == 0
-    args = build_parser().parse_args(["--optimizer", "sgd", "--lr", "0.01", "--local-steps",
-                                      "4", "--intensity", "tissue"])
+    args = build_parser().parse_args(["--optimizer", "adamw", "--lr", "0.001", "--local-steps",
+                                      "4", "--intensity", "binary"])
     config = load_scenario("ct-foundation", _overrides(args, tmp_path))
     assert (config.train.optimizer, config.train.lr, config.train.local_steps) == (
-        "sgd", 0.01, 4)
-    assert config.data.dataset == "adrenalmnist3d-tissue"
+        "adamw", 0.001, 4)
+    assert config.data.dataset == "adrenalmnist3d"

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+import pytest
 import torch
 
 from client.training import train_local
 from models.adapters import adapter_state
 from models.config import TrainConfig
 from models.lora import build_lora_model, freeze_batchnorm
-from models.prefix_cache import PrefixCache
+from models.prefix_cache import PrefixCache, input_digest
 
 
 def _classifier(model):
@@ -105,3 +107,30 @@ def test_cache_stays_within_its_budget_and_recomputes_what_it_dropped():
     assert calls == [10, 2]
     cache.activations(images[:2], 2, prefix)  # another split is another key
     assert calls == [10, 2, 2]
+
+
+def test_prefix_on_disk_is_read_back_scoped_and_a_torn_file_is_computed_again(tmp_path):
+    calls = []
+
+    def square(inputs):
+        calls.append(len(inputs))
+        return inputs**2
+
+    inputs = torch.arange(12.0).view(3, 4)
+    PrefixCache(1 << 20, tmp_path, "net-a").activations(inputs, 1, square)
+    assert len(list(tmp_path.rglob("*.npy"))) == 3
+    calls.clear()
+    # Another process (an empty memory) reads the files; another network or split does not.
+    again = PrefixCache(0, tmp_path, "net-a")
+    assert torch.equal(again.activations(inputs, 1, square), inputs**2) and calls == []
+    PrefixCache(0, tmp_path, "net-b").activations(inputs, 1, square)
+    PrefixCache(0, tmp_path, "net-a").activations(inputs, 2, square)
+    assert calls == [3, 3]
+    calls.clear()
+    torn = again.path((1, input_digest(inputs[0])))
+    torn.write_bytes(torn.read_bytes()[:20])
+    assert torch.equal(PrefixCache(0, tmp_path, "net-a").activations(inputs, 1, square), inputs**2)
+    assert calls == [2]  # the torn one, computed as a pair
+    assert torch.equal(torch.from_numpy(np.load(torn)), inputs[0] ** 2)  # and written whole again
+    with pytest.raises(ValueError, match="scope"):
+        PrefixCache(0, tmp_path)

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="SGD momentum (default: the scenario's)")
     parser.add_argument("--public-start-lr", type=float, default=3e-4,
                         help="AdamW learning rate of the public start")
-    parser.add_argument("--public-start", type=int, default=0, metavar="EPOCHS",
+    parser.add_argument("--public-start", type=int, default=5, metavar="EPOCHS",
                         help="start each federation (and the pooled baseline) from an adapter "
                              "trained this many epochs on the public val split (0: from "
                              "scratch); the random-init control gets its own")
@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-test", type=int, default=0, help="test volumes (0: all)")
     parser.add_argument("--epsilon", type=float, default=8.0,
                         help="DP-SGD target epsilon per hospital over the run (0: skip)")
+    parser.add_argument("--dp-lr", type=float, default=0.0,
+                        help="learning rate of the DP-SGD run (0: the run's --lr)")
+    parser.add_argument("--dp-max-grad-norm", type=float, default=1.0,
+                        help="per-example gradient clipping norm of the DP-SGD run")
     parser.add_argument("--skip-2d", action="store_true", help="skip the 2D backbone's run")
     parser.add_argument("--skip-random", action="store_true",
                         help="skip the random-init control")
@@ -227,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             train = load_scenario(SCENARIO, _overrides(args, root)).train
             private, _ = _study(args, root, f"dp-eps{args.epsilon:g}", console, {
                 "privacy": {"dpsgd": True, "dp_target_epsilon": args.epsilon,
-                            "dp_optimizer": train.optimizer, "dp_momentum": train.momentum},
+                            "dp_optimizer": train.optimizer, "dp_momentum": train.momentum,
+                            "dp_lr": args.dp_lr, "dp_max_grad_norm": args.dp_max_grad_norm},
                 "model": {"backbone": backbones["pretrained"]},
                 "federation": starts["pretrained"]})
             figures[f"auc drop at eps={args.epsilon:g}"] = (
