@@ -85,3 +85,18 @@ def test_foundation_bench_settings_reach_the_scenario(tmp_path):
     assert (config.train.optimizer, config.train.lr, config.train.local_steps) == (
         "adamw", 0.001, 4)
     assert config.data.dataset == "adrenalmnist3d"
+
+
+def test_foundation_bench_trains_its_2d_comparison_with_the_2d_defaults(tmp_path):
+    """The 2D backbone runs at its own default training settings, not the CT scenario's."""
+    from simulations.bench.foundation import FLAT_DEFAULT, _overrides, build_parser
+
+    overrides = _overrides(build_parser().parse_args(["--intensity", "tissue"]), tmp_path)
+    for table, values in FLAT_DEFAULT.items():
+        overrides[table] = overrides.get(table, {}) | values
+    config = load_scenario("ct-foundation", overrides)
+    default = TrainConfig()
+    assert config.model.backbone == "efficientnet-lite0-imagenet"
+    assert (config.train.optimizer, config.train.lr, config.train.batch_size) == (
+        default.optimizer, default.lr, default.batch_size)
+    assert load_scenario("ct-foundation").train.optimizer != default.optimizer

@@ -31,7 +31,7 @@ from typing import Any
 
 from rich.console import Console
 
-from models.config import OPTIMIZERS
+from models.config import OPTIMIZERS, TrainConfig
 from models.ct_encoder import BATCHNORM_DIR_ENV, PREFIX_CACHE_ENV
 from simulations import runner
 from simulations.bench.foundation_probe import add_setting_options
@@ -40,6 +40,16 @@ from simulations.scenarios import load_scenario
 logger = logging.getLogger(__name__)
 
 SCENARIO = "ct-foundation"
+FLAT_DEFAULT: dict[str, Any] = {
+    "data": {"dataset": "adrenalmnist3d-midslices"},
+    "model": {"backbone": "efficientnet-lite0-imagenet", "image_size": 64, "lora_targets": []},
+    # The 2D default's own training, not the CT scenario's (its SGD rate collapses this
+    # backbone to a constant output).
+    "train": {name: getattr(TrainConfig(), name) for name in (
+        "optimizer", "lr", "momentum", "batch_size", "local_epochs", "local_steps")},
+}
+"""Overrides of the comparison run: the 2D default backbone and its default settings on each
+volume's three orthogonal middle slices."""
 
 
 def _overrides(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
@@ -215,10 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_pooled:
             figures["pooled auc"] = pretrained["pooled"]["auc"]
         if not args.skip_2d:
-            flat, _ = _study(args, root, "2d-default", console, {
-                "data": {"dataset": "adrenalmnist3d-midslices"},
-                "model": {"backbone": "efficientnet-lite0-imagenet", "image_size": 64,
-                          "lora_targets": []}})
+            flat, _ = _study(args, root, "2d-default", console, FLAT_DEFAULT)
             figures["2d default federated auc"] = flat["federated"]["auc"]
         sizes = pretrained["bytes"]
         figures["full/adapter bytes"] = sizes["full_model"] / sizes["adapter"]
