@@ -37,7 +37,7 @@ class ModelConfig:
     """
 
     backbone: str = DEFAULT_BACKBONE
-    image_size: int = setting(64, ge=8)
+    image_size: int = setting(48, ge=8)
     num_classes: int = setting(2, ge=2)
     lora_r: int = setting(8, ge=1)
     lora_alpha: int = setting(16, ge=1)

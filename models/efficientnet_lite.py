@@ -35,7 +35,7 @@ POINTWISE_CONVS = ["_expand_conv", "_project_conv", "_conv_head"]
 # The default adapts the 1x1 convolutions from this stage on: the stem and the stages before it
 # (most of the compute at small inputs) stay frozen, so ImageClassifier computes them once per
 # image (docs/decisions/013-late-stage-lora.md).
-FIRST_ADAPTED_STAGE = 3
+FIRST_ADAPTED_STAGE = 2
 
 
 def pointwise_targets(first_stage: int) -> list[str]:

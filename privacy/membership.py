@@ -4,7 +4,9 @@ The attacker holds a trained model and an example and guesses "member" (the exam
 training data) when the model's loss on it is low. Over equal numbers of members and non-members
 (examples from the same distribution the model never saw) the attack is scored by
 
-- ``auc``: ROC AUC of the score ``-loss`` for "member" (0.5: the attacker learns nothing), and
+- ``auc``: ROC AUC of the score ``-loss`` for "member" (0.5: the attacker learns nothing;
+  examples are ranked by :func:`example_log_odds_against`, which orders them as their loss
+  does without rounding a confident model's losses to ties at 0), and
 - ``advantage``: ``max_t (TPR(t) - FPR(t))`` over thresholds ``t``, Yeom et al.'s membership
   advantage, which an ``(epsilon, 0)``-DP training bounds by ``e^epsilon - 1``.
 
@@ -56,6 +58,26 @@ def example_losses(model: nn.Module, data: ImageSet, batch_size: int = 256) -> n
     return torch.cat(losses).double().numpy()
 
 
+@torch.no_grad()
+def example_log_odds_against(model: nn.Module, data: ImageSet,
+                             batch_size: int = 256) -> np.ndarray:
+    """Per-example ``log sum_{j != y} exp(z_j - z_y)`` from the logits ``z``, shape ``(N,)``.
+
+    Cross-entropy is ``softplus`` of it, so it ranks examples as their loss does; but where a
+    confident model's loss rounds to exactly 0 (a logit margin past about 17 in float32) it
+    still tells the examples apart, so the attack does not score such ties as a coin toss.
+    """
+    model.eval()
+    out = []
+    for i in range(0, len(data), batch_size):
+        logits = model(data.images[i:i + batch_size]).double()
+        labels = data.labels[i:i + batch_size]
+        own = logits.gather(1, labels[:, None])
+        others = logits.scatter(1, labels[:, None], float("-inf"))
+        out.append(torch.logsumexp(others - own, dim=1))
+    return torch.cat(out).numpy()
+
+
 def matched_non_members(members: ImageSet, pool: ImageSet, seed: int,
                         limit: int = 0) -> tuple[ImageSet, ImageSet]:
     """Equal-sized members and non-members with the same label counts.
@@ -104,7 +126,9 @@ def loss_threshold_attack(model: nn.Module, members: ImageSet,
     member_loss = example_losses(model, members)
     other_loss = example_losses(model, non_members)
     truth = np.concatenate([np.ones(len(member_loss)), np.zeros(len(other_loss))])
-    score = -np.concatenate([member_loss, other_loss])
+    # Lower loss, more likely a member; ranked by the loss's unrounded monotone transform.
+    score = -np.concatenate([example_log_odds_against(model, members),
+                             example_log_odds_against(model, non_members)])
     fpr, tpr, _ = roc_curve(truth, score)
     return MembershipResult(
         auc=float(roc_auc_score(truth, score)),

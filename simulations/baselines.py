@@ -79,31 +79,50 @@ def _privacy(events: list[Event], dp: DPConfig | None) -> dict[str, float]:
 
 class _Published:
     """Scores a baseline's adapter after each round as the federated run does (the study's
-    prior put back) and keeps the test metrics of the round its validation data selects."""
+    prior put back) and keeps the test metrics of the round its validation data selects.
+
+    With ``test_each_round`` the test data is scored after every round (``test_auc_per_round``);
+    without, only the selected round's adapter is, once, in :meth:`result` (the same metrics:
+    scoring is deterministic).
+    """
 
     def __init__(self, model, val: ImageSet, test: ImageSet, evaluation: EvaluationConfig,
-                 num_classes: int) -> None:
+                 num_classes: int, test_each_round: bool = True) -> None:
         self.model, self.val, self.test = model, val, test
         self.evaluation, self.num_classes = evaluation, num_classes
+        self.test_each_round = test_each_round
         self.selection = AdapterSelection(evaluation.select_by)
         self.test_metrics: dict[str, float] = {}
         self.test_auc_per_round: list[float] = []
+        self.selected_state: dict | None = None
+        self.rounds = 0
 
     def __call__(self, server_round: int) -> None:
+        self.rounds = server_round
         trained = adapter_state(self.model)
         published = with_prior(ArrayRecord(trained), self.evaluation.prior, self.num_classes)
-        load_adapter_state(self.model, published.to_torch_state_dict())
+        published_state = published.to_torch_state_dict()
+        load_adapter_state(self.model, published_state)
         val = evaluate(self.model, self.val.images, self.val.labels) if len(self.val) else {}
-        test = evaluate(self.model, self.test.images, self.test.labels)
-        load_adapter_state(self.model, trained)  # training goes on from the plain adapter
-        self.test_auc_per_round.append(test["auc"])
         chosen = self.selection.consider(server_round, {f"val_{k}": v for k, v in val.items()})
-        if chosen or self.selection.best_round == 0:  # no validation result yet: the last
-            self.test_metrics = test
+        keep = chosen or self.selection.best_round == 0  # no validation result yet: the last
+        if self.test_each_round:
+            test = evaluate(self.model, self.test.images, self.test.labels)
+            self.test_auc_per_round.append(test["auc"])
+            if keep:
+                self.test_metrics = test
+        elif keep:
+            self.selected_state = published_state
+        load_adapter_state(self.model, trained)  # training goes on from the plain adapter
 
     def result(self) -> dict[str, object]:
-        return self.test_metrics | {"published_round": self.selection.best_round or len(
-            self.test_auc_per_round)}
+        if not self.test_each_round and self.selected_state is not None:
+            trained = adapter_state(self.model)
+            load_adapter_state(self.model, self.selected_state)
+            self.test_metrics = evaluate(self.model, self.test.images, self.test.labels)
+            load_adapter_state(self.model, trained)
+        return self.test_metrics | {"published_round": self.selection.best_round
+                                    or self.rounds}
 
 
 def pooled_baseline(
@@ -140,7 +159,7 @@ def local_baseline(
     for hospital, site in enumerate(sites):
         load_adapter_state(model, start)
         published = _Published(model, site.val, test, evaluation or EvaluationConfig(),
-                               model_config.num_classes)
+                               model_config.num_classes, test_each_round=False)
         events = train_like_federation(model, site.train, train, rounds,
                                        seed=train.seed + hospital, after_round=published, dp=dp)
         per_hospital.append(published.result() | _privacy(events, dp))

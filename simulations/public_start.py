@@ -9,7 +9,7 @@ stays unseen, e.g. as the membership attack's non-members in ``simulations.bench
 
 Usage::
 
-    python -m simulations.public_start --out runs/public-start   # pneumoniamnist, 64 px
+    python -m simulations.public_start --out runs/public-start   # pneumoniamnist, 48 px
 
 writes ``runs/public-start/adapter`` (start a run from it with ``[federation] initial_adapter =
 "runs/public-start/adapter"``) and ``runs/public-start/public_start.json`` (what it was trained

@@ -29,7 +29,7 @@ def test_default_targets_are_the_later_stages_pointwise_convs(small_model_config
     assert {n.rsplit(".", 1)[-1] for n in wrapped} == {"_expand_conv", "_project_conv",
                                                        "_conv_head"}
     stages = {int(n.split("_blocks.")[1].split(".")[0]) for n in wrapped if "_blocks." in n}
-    assert stages == {3, 4, 5, 6}
+    assert stages == {2, 3, 4, 5, 6}
 
 
 def test_unknown_target_is_an_error(small_model_config):

@@ -24,8 +24,8 @@ def test_default_adapter_leaves_a_frozen_prefix_in_inference_mode(small_model_co
     classifier = _classifier(model)
     blocks = classifier._blocks()
     split = classifier.split_index()
-    # The default adapts stages 3-6: the five blocks of stages 0-2 hold nothing trainable.
-    assert split == 5
+    # The default adapts stages 2-6: the three blocks of stages 0-1 hold nothing trainable.
+    assert split == 3
     assert not any(p.requires_grad for b in blocks[:split] for p in b.parameters())
     assert any(p.requires_grad for p in blocks[split].parameters())
     model.train()

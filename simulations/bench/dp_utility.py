@@ -1,6 +1,6 @@
 """What DP-SGD at the hospitals costs in test AUC, and what it buys against membership inference.
 
-Runs the default simulation (``SimulationConfig()``: 5 hospitals, Dirichlet 0.5, 64 px, 4 rounds;
+Runs the default simulation (``SimulationConfig()``: 5 hospitals, Dirichlet 0.5, 48 px, 4 rounds;
 baselines skipped unless ``--pooled``) without DP and with DP-SGD at each hospital for each
 target epsilon (the whole run's epsilon per hospital, ``delta`` from the config), and prints the
 final test AUC of each.

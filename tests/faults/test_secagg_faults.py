@@ -155,8 +155,13 @@ def _run(lc: LoopbackConsortium) -> None:
         assert verify_audit_log(lc.sites[k] / "egress-audit.jsonl").ok
         sent = sorted(r for r, s in _stage_replies(lc, k) if s == "mask")
         assert _charged_rounds(lc, k) == sent
-    # Stopped, the hospital daemons leave nothing either.
+    # Stopped, the hospital daemons leave nothing either. The last one restarted may still be
+    # importing on a loaded machine (a SIGTERM then ends it before it starts anything): each is
+    # stopped once its SuperNode runs, so that stopping it is stopping a running daemon.
     daemons = [lc.procs.pop(f"hospital-{k}") for k in range(HOSPITALS)]
+    for k, proc in enumerate(daemons):
+        wait_for(lambda proc=proc: descendants(proc.pid), f"hospital {k}'s SuperNode",
+                 alive=proc, log=lc.log(f"hospital-{k}"))
     started = [child for proc in daemons for child in descendants(proc.pid)]
     for proc in daemons:  # all at once: each stops its own SuperNode gracefully
         proc.terminate()
