@@ -153,27 +153,51 @@ def train_dpsgd(
         noise: draws the Poisson batches, the gradient noise and the augmentation shifts;
             default a fresh :class:`privacy.noise.SecureNoise`.
     """
-    if getattr(config, "proximal_mu", 0) > 0:
-        # opacus replaces each gradient by its clipped, noised per-example sum: a proximal term
-        # on the parameters would be dropped silently. Say so instead.
-        raise ValueError("train.proximal_mu > 0 (FedProx) is not supported with DP-SGD yet: "
-                         "set proximal_mu = 0 or turn dpsgd off")
-    views = max(1, dp.dp_augmentations)
-    if views > 1 and dp.dp_grad_sample_mode == "ghost":
-        raise ValueError("dp_augmentations > 1 needs per-example gradients to average over the "
-                         "views: set dp_grad_sample_mode = \"einsum\" (ghost clipping never "
-                         "forms them)")
+    _check_supported(config, dp)
     plan = plan_round(len(labels), config)
     noise = noise if noise is not None else SecureNoise()
     model.train()
     freeze_batchnorm(model)
     check_private_model(model)
     torch.manual_seed(seed)
-    loader = DataLoader(TensorDataset(images, labels), batch_size=config.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, config, dp, lr)
+    private_model, private_optimizer, criterion = _make_private(
+        model, DataLoader(TensorDataset(images, labels), batch_size=config.batch_size),
+        make_optimizer(params, config, dp, lr), dp, noise_multiplier)
+    use_noise_source(private_optimizer, noise)
+    try:
+        total, count, steps = _private_steps(private_model, private_optimizer, criterion,
+                                             params, images, labels, plan, dp, noise)
+    finally:
+        _unwrap(private_model, params)
+        model.eval()
+    logger.debug("DP-SGD round: %d steps at q=%.4f, z=%.3f", steps, plan.sample_rate,
+                 noise_multiplier)
+    mean = total / max(count, 1)
+    if not math.isfinite(mean):
+        raise FloatingPointError(f"training loss is {mean}: lower the learning rate")
+    return DPTrainResult(loss=mean, noise_multiplier=noise_multiplier, plan=plan)
+
+
+def _check_supported(config: TrainConfig, dp: DPConfig) -> None:
+    """Refuse training settings whose effect DP-SGD would silently drop."""
+    if getattr(config, "proximal_mu", 0) > 0:
+        # opacus replaces each gradient by its clipped, noised per-example sum: a proximal term
+        # on the parameters would be dropped silently. Say so instead.
+        raise ValueError("train.proximal_mu > 0 (FedProx) is not supported with DP-SGD yet: "
+                         "set proximal_mu = 0 or turn dpsgd off")
+    if dp.dp_augmentations > 1 and dp.dp_grad_sample_mode == "ghost":
+        raise ValueError("dp_augmentations > 1 needs per-example gradients to average over the "
+                         "views: set dp_grad_sample_mode = \"einsum\" (ghost clipping never "
+                         "forms them)")
+
+
+def _make_private(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                  dp: DPConfig, noise_multiplier: float
+                  ) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module]:
+    """opacus' wrapped model, DP optimiser (clipping at ``dp.dp_max_grad_norm``, noise
+    ``noise_multiplier`` times it) and criterion (ghost clipping wraps the loss too)."""
     criterion = nn.CrossEntropyLoss()
-    ghost = dp.dp_grad_sample_mode == "ghost"
     with warnings.catch_warnings():
         # opacus warns that secure_mode is off and about full backward hooks; both are known.
         # (Its accountant here is unused: privacy.accounting composes the events instead.)
@@ -185,47 +209,50 @@ def train_dpsgd(
             noise_multiplier=noise_multiplier, max_grad_norm=dp.dp_max_grad_norm,
             poisson_sampling=True, grad_sample_mode=opacus_mode,
         )
-    # opacus' loader only sets the expected batch size; batches are drawn below.
-    if ghost:
+    # opacus' loader only sets the expected batch size; batches are drawn in _private_steps.
+    if dp.dp_grad_sample_mode == "ghost":
         private_model, private_optimizer, criterion, _ = made
     else:
         private_model, private_optimizer, _ = made
-    use_noise_source(private_optimizer, noise)
+    return private_model, private_optimizer, criterion
+
+
+def _private_steps(private_model: nn.Module, private_optimizer: torch.optim.Optimizer,
+                   criterion: nn.Module, params: list[torch.Tensor], images: torch.Tensor,
+                   labels: torch.Tensor, plan: StepPlan, dp: DPConfig, noise: NoiseSource
+                   ) -> tuple[float, int, int]:
+    """The round's ``plan.steps`` DP-SGD steps on Poisson batches drawn from ``noise``.
+
+    Returns:
+        The summed training loss, the examples it sums over, and the steps taken.
+    """
+    views = max(1, dp.dp_augmentations)
     total, count, steps = 0.0, 0, 0
     view_generator = noise.generator()  # shifts protect no one (module docstring of augmult)
-    try:
-        private_model.train()
-        freeze_batchnorm(private_model)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for steps in range(1, plan.steps + 1):  # noqa: B007 (logged below)
-                batch = poisson_batch(len(labels), plan.sample_rate, noise)
-                if len(batch) == 0:
-                    # An empty Poisson batch (probability (1-q)^N, about e^-batch_size) is
-                    # skipped; the accountant is charged for every planned step anyway.
-                    continue
-                batch_images, batch_labels = images[batch], labels[batch]
-                private_optimizer.zero_grad(set_to_none=True)
-                inputs, targets = batch_images, batch_labels
-                if views > 1:
-                    inputs = shifted_views(batch_images, views, view_generator)
-                    targets = batch_labels.repeat_interleave(views)
-                loss = criterion(private_model(inputs), targets)
-                loss.backward()
-                if views > 1:  # clip each example's mean over its views
-                    average_view_gradients(params, views)
-                private_optimizer.step()
-                total += loss.item() * len(batch_labels)
-                count += len(batch_labels)
-    finally:
-        _unwrap(private_model, params)
-        model.eval()
-    logger.debug("DP-SGD round: %d steps at q=%.4f, z=%.3f", steps, plan.sample_rate,
-                 noise_multiplier)
-    mean = total / max(count, 1)
-    if not math.isfinite(mean):
-        raise FloatingPointError(f"training loss is {mean}: lower the learning rate")
-    return DPTrainResult(loss=mean, noise_multiplier=noise_multiplier, plan=plan)
+    private_model.train()
+    freeze_batchnorm(private_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for steps in range(1, plan.steps + 1):  # noqa: B007 (returned)
+            batch = poisson_batch(len(labels), plan.sample_rate, noise)
+            if len(batch) == 0:
+                # An empty Poisson batch (probability (1-q)^N, about e^-batch_size) is
+                # skipped; the accountant is charged for every planned step anyway.
+                continue
+            batch_images, batch_labels = images[batch], labels[batch]
+            private_optimizer.zero_grad(set_to_none=True)
+            inputs, targets = batch_images, batch_labels
+            if views > 1:
+                inputs = shifted_views(batch_images, views, view_generator)
+                targets = batch_labels.repeat_interleave(views)
+            loss = criterion(private_model(inputs), targets)
+            loss.backward()
+            if views > 1:  # clip each example's mean over its views
+                average_view_gradients(params, views)
+            private_optimizer.step()
+            total += loss.item() * len(batch_labels)
+            count += len(batch_labels)
+    return total, count, steps
 
 
 def poisson_batch(num_examples: int, sample_rate: float, noise: NoiseSource) -> torch.Tensor:

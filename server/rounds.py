@@ -88,6 +88,23 @@ def initial_model(model_config: ModelConfig, seed: int, adapter: str = "",
     return model
 
 
+def _round_configs(federation: FederationConfig, model_config: ModelConfig,
+                   train_config: TrainConfig, dp: DPConfig | None, classes: list[str],
+                   run_key: str) -> tuple[ConfigRecord, ConfigRecord]:
+    """The config records every training and every evaluation message carries."""
+    wire_config = to_config_record(model_config, train_config, *([dp] if dp else []))
+    evaluate_config = to_config_record(model_config, train_config)
+    # Declared in every message so that a hospital's run policy can refuse too small
+    # aggregates and tasks it has not agreed to, and can map its labels to the study's classes.
+    for config in (wire_config, evaluate_config):
+        config["min-hospitals"] = federation.min_hospitals
+        config["task"] = federation.task
+        if classes:
+            config["classes"] = classes
+    wire_config["run-key"] = run_key
+    return wire_config, evaluate_config
+
+
 def run_federation(
     grid: Grid,
     federation: FederationConfig,
@@ -185,18 +202,10 @@ def run_federation(
             on_round(server_round, metrics)
         return MetricRecord(metrics) if metrics else None
 
-    wire_config = to_config_record(model_config, train_config, *([dp] if dp else []))
-    evaluate_config = to_config_record(model_config, train_config)
-    # Declared in every message so that a hospital's run policy can refuse too small
-    # aggregates and tasks it has not agreed to, and can map its labels to the study's classes.
-    for config in (wire_config, evaluate_config):
-        config["min-hospitals"] = federation.min_hospitals
-        config["task"] = federation.task
-        if classes:
-            config["classes"] = classes
     # Names the run across restarts: a hospital reports "this run's" epsilon from its ledger.
-    wire_config["run-key"] = hashlib.sha256(
-        f"{records.run_dir.resolve()}\n{fingerprint}".encode()).hexdigest()[:32]
+    run_key = hashlib.sha256(f"{records.run_dir.resolve()}\n{fingerprint}".encode()).hexdigest()
+    wire_config, evaluate_config = _round_configs(federation, model_config, train_config, dp,
+                                                  classes, run_key[:32])
     start = time.monotonic()
     try:
         result = strategy.start(
