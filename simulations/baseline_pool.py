@@ -9,6 +9,7 @@ they share the decoded and resized images already in memory instead of decoding 
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -61,6 +62,12 @@ def run_baselines(jobs: dict[str, BaselineJob], cores: int | None = None,
         return results, seconds
     workers = min(len(jobs), cores)
     _JOBS.update(jobs)
+    # Garbage this process still holds (e.g. a failed import's traceback keeping a Ray client
+    # of the federated run alive) is collected here, where its destructors work; the rest is
+    # frozen so that no worker ever collects it: a destructor that joins a thread (Ray's) waits
+    # forever in a forked child, which has no such thread.
+    gc.collect()
+    gc.freeze()
     try:
         # Fork: the workers inherit the decoded dataset and the jobs' closures. Each uses its
         # share of the cores; single-threaded torch does not touch the parent's OpenMP pool.
@@ -72,6 +79,7 @@ def run_baselines(jobs: dict[str, BaselineJob], cores: int | None = None,
             with waiting():
                 done = {name: future.result() for name, future in futures.items()}
     finally:
+        gc.unfreeze()
         _JOBS.clear()
     return ({name: result for name, (result, _) in done.items()},
             {name: seconds for name, (_, seconds) in done.items()})

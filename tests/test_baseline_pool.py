@@ -40,3 +40,32 @@ def test_one_job_or_one_core_runs_here_and_errors_reach_the_caller():
 
     with pytest.raises(ValueError, match="no data"):
         run_baselines({"pooled": lambda: {}, "local": fails}, cores=2)
+
+
+class _Cycle:
+    """Garbage with a destructor that records which process ran it."""
+
+    def __init__(self, log):
+        self.log, self.me = log, self
+
+    def __del__(self):
+        with open(self.log, "a") as out:
+            out.write(f"{os.getpid()}\n")
+
+
+def test_workers_never_run_the_destructors_of_garbage_they_inherit(tmp_path):
+    """A cycle left uncollected in the parent (as a failed import's traceback holding a Ray
+    client is) is collected in the parent, not in a forked worker, where a destructor that
+    joins a thread the child does not have would hang it."""
+    log = tmp_path / "destructors.log"
+    _Cycle(str(log))  # unreachable at once, but a cycle: only the collector frees it
+
+    def collect():
+        import gc
+
+        gc.collect()  # a worker's own collection must not reach the inherited garbage
+        return {"pid": os.getpid()}
+
+    results, _ = run_baselines({"pooled": collect, "local": collect}, cores=2)
+    assert {results["pooled"]["pid"], results["local"]["pid"]}.isdisjoint({os.getpid()})
+    assert log.read_text().split() == [str(os.getpid())]
