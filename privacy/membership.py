@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 
@@ -46,16 +45,6 @@ class MembershipResult:
     non_members: int
     member_loss: float
     non_member_loss: float
-
-
-@torch.no_grad()
-def example_losses(model: nn.Module, data: ImageSet, batch_size: int = 256) -> np.ndarray:
-    """Per-example cross-entropy (nats), shape ``(N,)``, with the model in eval mode."""
-    model.eval()
-    losses = [F.cross_entropy(model(data.images[i:i + batch_size]),
-                              data.labels[i:i + batch_size], reduction="none")
-              for i in range(0, len(data), batch_size)]
-    return torch.cat(losses).double().numpy()
 
 
 @torch.no_grad()
@@ -123,12 +112,13 @@ def loss_threshold_attack(model: nn.Module, members: ImageSet,
     if len(members) != len(non_members) or len(members) == 0:
         raise ValueError(f"need equal, non-zero numbers of members ({len(members)}) and "
                          f"non-members ({len(non_members)}); see matched_non_members")
-    member_loss = example_losses(model, members)
-    other_loss = example_losses(model, non_members)
-    truth = np.concatenate([np.ones(len(member_loss)), np.zeros(len(other_loss))])
+    member_odds = example_log_odds_against(model, members)
+    other_odds = example_log_odds_against(model, non_members)
+    # Cross-entropy (nats) is softplus of the log-odds against the true class.
+    member_loss, other_loss = np.logaddexp(0.0, member_odds), np.logaddexp(0.0, other_odds)
+    truth = np.concatenate([np.ones(len(member_odds)), np.zeros(len(other_odds))])
     # Lower loss, more likely a member; ranked by the loss's unrounded monotone transform.
-    score = -np.concatenate([example_log_odds_against(model, members),
-                             example_log_odds_against(model, non_members)])
+    score = -np.concatenate([member_odds, other_odds])
     fpr, tpr, _ = roc_curve(truth, score)
     return MembershipResult(
         auc=float(roc_auc_score(truth, score)),
