@@ -26,6 +26,7 @@ from models.lora_parts import (
     kept_keys,
     pad_rank,
     select,
+    set_trainable,
     truncate_rank,
 )
 
@@ -84,10 +85,12 @@ def hospital_model_config(model_config: ModelConfig, config: ConfigRecord,
 
 def receive_adapter(model: PeftModel, arrays: ArrayRecord, config: ConfigRecord,
                     context: Context) -> None:
-    """Load the coordinator's adapter, then (FedSA-LoRA) this hospital's own B over it, and
-    freeze LoRA A for FFA-LoRA."""
+    """Load the coordinator's adapter, then (FedSA-LoRA) this hospital's own B over it; freeze
+    what the round's ``trainable`` leaves out, and LoRA A for FFA-LoRA."""
     mode = exchange_mode(config)
-    freeze_lora_a(model, mode == "ffa")
+    set_trainable(model, str(config.get("trainable", "all")))
+    if mode == "ffa":
+        freeze_lora_a(model, True)
     state = arrays.to_torch_state_dict()
     if mode == "fedsa" and PERSONAL_STATE_KEY in context.state:
         state.update(context.state[PERSONAL_STATE_KEY].to_torch_state_dict())

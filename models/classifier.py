@@ -6,7 +6,7 @@ import torch
 from monai.networks.nets import EfficientNet
 from torch import nn
 
-from models.prefix_cache import PrefixCache
+from models.prefix_cache import PrefixCache, is_fixed
 
 DEFAULT_CACHE_BYTES = 1 << 30
 
@@ -53,13 +53,13 @@ class ImageClassifier(nn.Module):
         return [block for stage in self.net._blocks for block in stage]
 
     def split_index(self) -> int:
-        """Number of blocks in the frozen prefix: those before the first block with a
-        trainable tensor (0 when the stem trains or the backbone is not staged)."""
+        """Number of blocks in the frozen prefix: those before the first block that trains or
+        holds an adapter tensor (0 when the stem does or the backbone is not staged)."""
         blocks = self._blocks()
-        if not blocks or any(p.requires_grad for p in self.net._conv_stem.parameters()):
+        if not blocks or not is_fixed(self.net._conv_stem):
             return 0
         for index, block in enumerate(blocks):
-            if any(p.requires_grad for p in block.parameters()):
+            if not is_fixed(block):
                 return index
         return len(blocks)
 

@@ -17,6 +17,8 @@ T = TypeVar("T", "ModelConfig", "TrainConfig")
 
 DEFAULT_BACKBONE = "efficientnet-lite0-imagenet"
 OPTIMIZERS = ("adamw", "sgd")
+TRAINABLE = ("all", "adapter", "head")
+"""What local training may move (``train.trainable``)."""
 """Local optimisers a hospital trains with (``TrainConfig.optimizer``)."""
 
 
@@ -80,6 +82,13 @@ class TrainConfig:
             ``mu/2 * ||w - w_round_start||^2`` over the trained tensors (0: off). Not a study
             setting: the coordinator's FedProx sends it in each round's config
             (``proximal-mu``, from ``[federation.options] proximal_mu``).
+        trainable: which tensors local training moves: ``all`` (the LoRA factors and the
+            head), ``adapter`` (the LoRA factors; the head stays as the round's global adapter
+            holds it) or ``head`` (the LoRA factors stay). Meant for a federation that starts
+            from a trained adapter, such as a public start. Under DP-SGD every example's
+            gradient is clipped as one vector over the trained tensors and noised in each of
+            their coordinates, so training fewer tensors sends the clipping bound and the
+            noise to those alone.
     """
 
     local_epochs: int = setting(2, ge=1)
@@ -93,6 +102,7 @@ class TrainConfig:
     seed: int = 0
     logit_adjust: bool = True
     proximal_mu: float = setting(0.0, ge=0.0)
+    trainable: str = setting("all", choices=TRAINABLE)
 
 
 def round_lr(config: TrainConfig, server_round: int) -> float:

@@ -9,7 +9,8 @@ Merlin's I3ResNet-152, Stanford MIMI; MIT), shipped on PyPI as the shard package
 Input convention (Merlin's): a volume ``(B, 1, H, W, D)`` in RAS orientation, HU clipped to
 [-1000, 1000] and scaled to [0, 1] (``models.volume_transforms`` does that at the hospital),
 is permuted to ``(B, 1, D, H, W)`` and repeated to 3 channels. The pooled layer4 output has
-2048 channels; a new linear head classifies it.
+2048 channels; a new linear head classifies it after a fixed centre is subtracted
+(``models.feature_centre``: zero until a public start sets it).
 
 The frozen prefix: with LoRA confined to the last blocks, every block before the first one
 with a trainable tensor (and the stem) is a fixed function of the volume. The classifier keeps
@@ -38,7 +39,8 @@ from monai.networks.nets.resnet import ResNet, ResNetBottleneck
 from torch import nn
 
 from models import hashing
-from models.prefix_cache import PrefixCache
+from models.feature_centre import FeatureCentre
+from models.prefix_cache import PrefixCache, is_fixed
 
 logger = logging.getLogger(__name__)
 
@@ -409,6 +411,7 @@ class CTVolumeClassifier(nn.Module):
                  cache_dir: Path | None = None) -> None:
         super().__init__()
         self.net = net
+        self.centre = FeatureCentre(net.fc.in_features)
         self.weights_id = weights_id
         env = os.environ.get(PREFIX_CACHE_ENV, "")
         folder = cache_dir or (Path(env) if env and weights_id else None)
@@ -455,10 +458,10 @@ class CTVolumeClassifier(nn.Module):
         return net.maxpool(net.act(net.bn1(net.conv1(x))))
 
     def split_index(self) -> int:
-        """Number of blocks in the frozen prefix: those before the first block with a
-        trainable tensor (all of them when only the head trains)."""
+        """Number of blocks in the frozen prefix: those before the first block that trains or
+        holds an adapter tensor (all of them when neither does: only the head trains)."""
         for index, (_, block) in enumerate(_blocks(self.net)):
-            if any(p.requires_grad for p in block.parameters()):
+            if not is_fixed(block):
                 return index
         return len(_blocks(self.net))
 
@@ -469,8 +472,7 @@ class CTVolumeClassifier(nn.Module):
                    if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
     def _prefix_trainable(self) -> bool:
-        return any(p.requires_grad for p in self.net.conv1.parameters()) or any(
-            p.requires_grad for p in self.net.bn1.parameters())
+        return not (is_fixed(self.net.conv1) and is_fixed(self.net.bn1))
 
     def features(self, volumes: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         """The encoder's activations after ``upto`` blocks (stem included; default all).
@@ -499,14 +501,19 @@ class CTVolumeClassifier(nn.Module):
         """Forget every prefix activation held in memory (files on disk stay)."""
         self.prefix_cache.clear()
 
-    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, H, W, D)`` volumes in [0, 1] -> ``(B, K)`` logits."""
+    def pooled(self, volumes: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W, D)`` volumes in [0, 1] -> ``(B, 2048)`` pooled layer4 features (the
+        head's input before :attr:`centre`), through the cached prefix."""
         split = self.split_index()
         x = self._prefix(volumes, split)
         for _, block in _blocks(self.net)[split:]:
             x = block(x)
-        x = self.net.avgpool(x).flatten(1)
-        return self.net.fc(x)
+        return self.net.avgpool(x).flatten(1)
+
+    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W, D)`` volumes in [0, 1] -> ``(B, K)`` logits of the head on the
+        centred pooled feature (``models.feature_centre``)."""
+        return self.net.fc(self.centre(self.pooled(volumes)))
 
     def train(self, mode: bool = True) -> CTVolumeClassifier:
         """Train mode for the adapted part; BatchNorm stays on its pretrained statistics

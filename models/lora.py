@@ -51,7 +51,7 @@ def lora_config(config: ModelConfig, model: nn.Module) -> LoraConfig:
         lora_dropout=config.lora_dropout,
         target_modules=resolve_targets(
             model, expand_presets(list(config.lora_targets or spec.default_targets))),
-        modules_to_save=[spec.head],
+        modules_to_save=[spec.head, *spec.saved],
     )
 
 

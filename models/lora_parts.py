@@ -23,6 +23,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from models.config import TRAINABLE
+
 EXCHANGES = ("all", "ffa", "fedsa")
 """Adapter-exchange modes, as sent in the round config under ``adapter-exchange``."""
 
@@ -105,3 +107,17 @@ def freeze_lora_a(model: nn.Module, frozen: bool) -> None:
     for name, param in model.named_parameters():
         if _factor(name) == "lora_A":
             param.requires_grad_(not frozen)
+
+
+def set_trainable(model: nn.Module, trainable: str) -> None:
+    """Let local training move ``trainable`` (``models.config.TRAINABLE``): every adapter
+    tensor, the LoRA factors only, or the head only (peft's ``modules_to_save`` copy). Call
+    before :func:`freeze_lora_a`, which may freeze A on top. Set on every message, as cached
+    models are reused across rounds and runs (this resets what an earlier message froze)."""
+    if trainable not in TRAINABLE:
+        raise ValueError(f"unknown trainable '{trainable}': choose one of {list(TRAINABLE)}")
+    for name, param in model.named_parameters():
+        if ".modules_to_save." in name:
+            param.requires_grad_(trainable in ("all", "head"))
+        elif _factor(name) is not None:
+            param.requires_grad_(trainable in ("all", "adapter"))

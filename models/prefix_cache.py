@@ -27,6 +27,13 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def is_fixed(module: torch.nn.Module) -> bool:
+    """Whether ``module`` may sit in a cached prefix: it trains no tensor and holds no adapter
+    tensor. A LoRA layer that does not train in a round still changes with the round's global
+    adapter, which the cache key (input digest and split) does not hold."""
+    return not any(p.requires_grad or "lora_" in name for name, p in module.named_parameters())
+
+
 def input_digest(example: torch.Tensor) -> bytes:
     """Key of one input (an image or a volume, without the batch axis): SHA-256 of its dtype,
     shape and bytes."""

@@ -26,6 +26,7 @@ from models.efficientnet_lite import (
     file_sha256,
     lite0_weights_path,
 )
+from models.feature_centre import CENTRE_MODULE
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +42,14 @@ class BackboneSpec:
         head: module name of the new task head (trained in full, exchanged with the adapter).
         default_targets: module names LoRA wraps when the run does not say.
         spatial_dims: 2 for images ``(B, C, S, S)``, 3 for volumes ``(B, 1, S, S, S)``.
+        saved: other modules that travel with the adapter untrained (the head's
+            ``models.feature_centre``).
     """
 
     head: str
     default_targets: tuple[str, ...]
     spatial_dims: int = 2
+    saved: tuple[str, ...] = ()
 
 
 EFFICIENTNET_SPEC = BackboneSpec(head="_fc", default_targets=("late-pointwise",))
@@ -54,7 +58,8 @@ CT_BACKBONE = "merlin-i3resnet152-ct"
 CT_RANDOM_BACKBONE = "merlin-i3resnet152-ct-random-init"
 """The same network at a seeded random initialisation: the control that shows what the
 pretrained weights add."""
-CT_SPEC = BackboneSpec(head="fc", default_targets=(ct_encoder.DEFAULT_PRESET,), spatial_dims=3)
+CT_SPEC = BackboneSpec(head="fc", default_targets=(ct_encoder.DEFAULT_PRESET,), spatial_dims=3,
+                       saved=(CENTRE_MODULE,))
 
 
 class UnknownBackboneError(ValueError):

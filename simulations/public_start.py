@@ -14,6 +14,9 @@ Usage::
 writes ``runs/public-start/adapter`` (start a run from it with ``[federation] initial_adapter =
 "runs/public-start/adapter"``) and ``runs/public-start/public_start.json`` (what it was trained
 on, its hash, its test metrics).
+For a backbone whose head has a fixed centre (the CT encoder, ``models.feature_centre``), the
+start also centres the head's input on the public images' mean pooled feature: the same logits,
+in coordinates where DP-SGD's per-example clipping keeps what separates the classes.
 This is training *without* DP on public data: it protects no one and needs no budget, and it is
 only as good a start as the public data is like the hospitals' own.
 """
@@ -33,9 +36,10 @@ from client.training import train_local
 from models.adapters import ADAPTER_FILE, save_adapter
 from models.config import ModelConfig, TrainConfig
 from models.data import ImageSet
+from models.feature_centre import CENTRE_MODULE, centre_on
 from models.hashing import file_sha256
 from models.metrics import evaluate
-from models.registry import weights_sha256
+from models.registry import backbone_spec, weights_sha256
 from server.rounds import initial_model
 from simulations.sites import cached_dataset
 
@@ -104,6 +108,9 @@ def train_public_start(config: PublicStartConfig, model_config: ModelConfig,
     train = TrainConfig(local_epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                         seed=config.seed)
     loss = train_local(model, public.images, public.labels, train, seed=config.seed)
+    spec = backbone_spec(model_config.backbone)
+    if CENTRE_MODULE in spec.saved:  # same logits; DP-SGD's clipping then keeps what separates
+        centre_on(model, public.images, spec.head)
     test = dataset.splits["test"]
     directory = save_adapter(model, Path(out) / "adapter")
     record: dict[str, object] = {
@@ -112,6 +119,7 @@ def train_public_start(config: PublicStartConfig, model_config: ModelConfig,
         "public_images": len(public),
         "model": asdict(model_config),
         "train_loss": loss,
+        "head_centred": CENTRE_MODULE in spec.saved,
         "test": evaluate(model, test.images, test.labels),
         "adapter": str(directory),
         "adapter_sha256": file_sha256(directory / ADAPTER_FILE),

@@ -12,6 +12,7 @@ from torch import nn
 from models import ct_encoder
 from models.adapters import adapter_nbytes, adapter_state, load_adapter_state
 from models.config import ModelConfig, TrainConfig
+from models.feature_centre import centre_on
 from models.lora import build_lora_model
 from models.registry import (
     CT_BACKBONE,
@@ -72,7 +73,8 @@ def test_only_adapter_and_head_train_and_travel(model):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".layer4." in n and "lora_" in n or ".fc." in n for n in trainable)
     state = adapter_state(model)
-    assert all(("layer4" in k and "lora_" in k) or "fc" in k for k in state)
+    assert all(("layer4" in k and "lora_" in k) or "fc" in k for k in state
+               if not k.endswith(".centre.mean"))  # the head's fixed centre travels too
     full = adapter_nbytes(model.get_base_model().state_dict())
     assert full / adapter_nbytes(state) >= 200
     base = model.get_base_model()
@@ -153,7 +155,32 @@ def test_one_dpsgd_round_trains_the_conv3d_adapter(model):
         assert np.isfinite(result.loss)
         moved = [k for k in before if not torch.equal(before[k], after[k])]
         assert any("layer4" in k and "lora_A" in k for k in moved)
+        assert not [k for k in moved if "centre" in k]  # fixed: never trained, never noised
         assert all(torch.isfinite(t).all() for t in after.values())
+    finally:
+        load_adapter_state(model, before)
+
+
+def test_centring_on_public_volumes_keeps_the_logits_and_shrinks_head_gradients(model):
+    """``centre_on`` moves the head's input to the public mean pooled feature and folds the
+    shift into the bias: the same logits, smaller per-example head gradients
+    ``(p - y) (x - c)``, so DP-SGD's clipping keeps more of what separates the classes."""
+    images, _ = _volumes("val", 12, SIZE)  # the public split
+    before = adapter_state(model)
+    base = model.get_base_model()
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits, pooled = model(images), base.pooled(images)
+        uncentred = (pooled - before["base_model.model.centre.mean"]).norm(dim=1)
+        centre_on(model, images, backbone_spec(CT_BACKBONE).head)
+        after = adapter_state(model)
+        torch.testing.assert_close(after["base_model.model.centre.mean"], pooled.mean(0),
+                                   atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(model(images), logits, atol=1e-4, rtol=1e-4)
+        centred = (pooled - after["base_model.model.centre.mean"]).norm(dim=1)
+        assert centred.pow(2).sum() < 0.5 * uncentred.pow(2).sum()
     finally:
         load_adapter_state(model, before)
 

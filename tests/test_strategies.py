@@ -191,6 +191,59 @@ def test_fedsa_lora_hospital_keeps_its_b_between_rounds(site, small_model_config
     assert personal["val-loss"] != shared["val-loss"]
 
 
+def _changed(sent: ArrayRecord, start: ArrayRecord) -> set[str]:
+    return {k for k in sent if not np.array_equal(sent[k].numpy(), start[k].numpy())}
+
+
+@pytest.mark.parametrize("dpsgd", [False, True])
+def test_trainable_moves_only_its_tensors_and_a_later_round_resets_it(site, small_model_config,
+                                                                       dpsgd):
+    """``train.trainable``: a head round leaves every LoRA factor as received (under DP-SGD too:
+    no noise lands on a tensor that does not train), an adapter round leaves the head, and the
+    same cached model trains everything again in a later ``all`` round."""
+    from privacy.config import DPConfig
+
+    app = build_client_app(lambda context, image_size: site)
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
+                      run_config={})
+    arrays, _ = _round(small_model_config, "all")
+    head = {k for k in arrays if "lora_" not in k}
+    moved = {}
+    for trainable in ("head", "adapter", "all"):
+        configs = [small_model_config, TrainConfig(local_steps=2, batch_size=16,
+                                                   trainable=trainable)]
+        if dpsgd:
+            configs.append(DPConfig(dpsgd=True, dp_noise_multiplier=1.0, dp_run_rounds=1))
+        config = to_config_record(*configs)
+        config["server-round"] = 1
+        sent = app(_message("train", arrays, config), context).content["arrays"]
+        moved[trainable] = _changed(sent, arrays)
+    assert moved["head"] == head
+    assert moved["adapter"] and not moved["adapter"] & head
+    assert moved["all"] == moved["adapter"] | head
+
+
+def test_a_frozen_lora_block_stays_out_of_the_cached_prefix(small_model_config, site):
+    """With only the head training, the LoRA blocks are not cached: their output changes with
+    the adapter each round brings, which the cache key does not hold."""
+    from models.lora_parts import set_trainable
+
+    model = build_lora_model(small_model_config)
+    classifier = model.base_model.model
+    split = classifier.split_index()
+    set_trainable(model, "head")
+    assert classifier.split_index() == split
+    batch = site.train.images[:8]
+    model.eval()
+    with torch.no_grad():
+        before = model(batch)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05)
+        assert not torch.allclose(model(batch), before)
+    set_trainable(model, "all")
+
+
 def test_fedprox_term_keeps_the_adapter_nearer_the_round_start(site, small_model_config):
     from client.training import train_local
     from models.adapters import load_adapter_state

@@ -8,7 +8,9 @@ budget:
 - the pooled baseline (every hospital's volumes in one place) of the pretrained run;
 - the 2D default backbone (EfficientNet-Lite0) federated on each volume's three orthogonal
   middle slices (``adrenalmnist3d-midslices``) at its default settings and image size;
-- the pretrained federation with DP-SGD at each hospital at ``--epsilon`` (whole run).
+- the pretrained federation with DP-SGD at each hospital at ``--epsilon`` (whole run), from the
+  same public start; by default it trains only the head (``--dp-trainable``), on the features
+  the public start centred (``models.feature_centre``), at ``--dp-lr``.
 
 Prints ``pretrained federated auc``, ``random-init federated auc``, ``pooled auc``,
 ``2d default federated auc``, ``full/adapter bytes``, ``seconds per round`` (the pretrained
@@ -31,7 +33,7 @@ from typing import Any
 
 from rich.console import Console
 
-from models.config import OPTIMIZERS, TrainConfig
+from models.config import OPTIMIZERS, TRAINABLE, TrainConfig
 from models.ct_encoder import BATCHNORM_DIR_ENV, PREFIX_CACHE_ENV
 from simulations import runner
 from simulations.bench.foundation_probe import add_setting_options
@@ -177,10 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-test", type=int, default=0, help="test volumes (0: all)")
     parser.add_argument("--epsilon", type=float, default=8.0,
                         help="DP-SGD target epsilon per hospital over the run (0: skip)")
-    parser.add_argument("--dp-lr", type=float, default=0.0,
-                        help="learning rate of the DP-SGD run (0: the run's --lr)")
+    parser.add_argument("--dp-lr", type=float, default=0.1,
+                        help="learning rate of the DP-SGD run (0: the run's --lr); its steps are "
+                             "clipped per example, so it wants a larger rate than --lr")
     parser.add_argument("--dp-max-grad-norm", type=float, default=1.0,
                         help="per-example gradient clipping norm of the DP-SGD run")
+    parser.add_argument("--dp-trainable", choices=TRAINABLE, default="head",
+                        help="what the DP-SGD run trains (train.trainable): by default the head "
+                             "only, on the public start's centred features (docs/ct-foundation.md)")
     parser.add_argument("--skip-2d", action="store_true", help="skip the 2D backbone's run")
     parser.add_argument("--skip-random", action="store_true",
                         help="skip the random-init control")
@@ -240,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                 "privacy": {"dpsgd": True, "dp_target_epsilon": args.epsilon,
                             "dp_optimizer": train.optimizer, "dp_momentum": train.momentum,
                             "dp_lr": args.dp_lr, "dp_max_grad_norm": args.dp_max_grad_norm},
+                "train": {"trainable": args.dp_trainable},
                 "model": {"backbone": backbones["pretrained"]},
                 "federation": starts["pretrained"]})
             figures[f"auc drop at eps={args.epsilon:g}"] = (
