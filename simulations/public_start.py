@@ -142,13 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-r", type=int, default=ModelConfig.lora_r,
                         help="LoRA rank (alpha = 2 r): must match the run that starts from it")
     parser.add_argument("--image-size", type=int, default=ModelConfig.image_size)
+    parser.add_argument("--backbone", default=ModelConfig.backbone,
+                        help="registry name, e.g. merlin-i3resnet152-ct (with --dataset "
+                             "adrenalmnist3d-tissue --image-size 48): must match the run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     config = PublicStartConfig(dataset=args.dataset, fraction=args.fraction, epochs=args.epochs,
                                batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    model_config = ModelConfig(image_size=args.image_size, lora_r=args.lora_r,
-                               lora_alpha=2 * args.lora_r)
+    model_config = ModelConfig(backbone=args.backbone, image_size=args.image_size,
+                               lora_r=args.lora_r, lora_alpha=2 * args.lora_r)
     record = train_public_start(config, model_config, args.out)
     test = record["test"]
     logger.info("public start: %d %s images of %s, test AUC %.4f, accuracy %.4f -> %s (sha256 %s)",
