@@ -17,9 +17,9 @@ T = TypeVar("T", "ModelConfig", "TrainConfig")
 
 DEFAULT_BACKBONE = "efficientnet-lite0-imagenet"
 OPTIMIZERS = ("adamw", "sgd")
-TRAINABLE = ("all", "adapter", "head")
-"""What local training may move (``train.trainable``)."""
 """Local optimisers a hospital trains with (``TrainConfig.optimizer``)."""
+TRAINABLE = ("all", "adapter", "head")
+"""What local training may move (``TrainConfig.trainable``)."""
 
 
 @dataclass
