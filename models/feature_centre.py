@@ -21,6 +21,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from models.adapters import adapter_state, load_adapter_state
+
 CENTRE_MODULE = "centre"
 """Module name of the centre in a classifier that has one (``models.ct_encoder``)."""
 
@@ -76,8 +78,6 @@ def centre_on(model: nn.Module, images: torch.Tensor, head: str, batch_size: int
         head: the head's module name.
         batch_size: inputs per forward pass.
     """
-    from models.adapters import adapter_state, load_adapter_state
-
     base = model.get_base_model()
     was_training = model.training
     model.eval()
