@@ -35,24 +35,32 @@ def cmd_coordinator_enroll(args: argparse.Namespace) -> int:
 
     entry = enrol(args.dir, args.name, args.hospital_key)
     console.print(f"enrolled hospital '{entry.name}' ({entry.fingerprint}); {ROSTER_NOTE}")
-    return 0
+    return _sync_running_coordinator(args.dir)
+
+
+def _sync_running_coordinator(folder: Path) -> int:
+    """After an enrolment or a revocation: a running SuperLink's registry follows the
+    enrolment list now (a late joiner can take part in the run under way; a revoked key's
+    next request is refused). Nothing to do when the coordinator is down: the next
+    'coordinator start' syncs before it listens."""
+    from server.daemon import coordinator_running, run_flwr, sync_registry
+
+    if not coordinator_running(folder):
+        return 0
+    lines = sync_registry(folder, run_flwr)
+    for line in lines:
+        console.print(line, markup=False)
+    return 1 if any(line.startswith("error:") for line in lines) else 0
 
 
 @user_errors(CONSORTIUM_ERROR)
 def cmd_coordinator_revoke(args: argparse.Namespace) -> int:
     from server.consortium import revoke
-    from server.daemon import coordinator_running, run_flwr, sync_registry
 
     entry = revoke(args.dir, args.name)
     console.print(f"revoked hospital '{entry.name}' ({entry.fingerprint}) at {entry.revoked_at}; "
                   f"{ROSTER_NOTE}")
-    if not coordinator_running(args.dir):
-        return 0  # the next 'coordinator start' unregisters it before it listens
-    # The running SuperLink forgets the key now: the hospital's next request is refused.
-    lines = sync_registry(args.dir, run_flwr)
-    for line in lines:
-        console.print(line, markup=False)
-    return 1 if any(line.startswith("error:") for line in lines) else 0
+    return _sync_running_coordinator(args.dir)
 
 
 @user_errors(CONSORTIUM_ERROR)
