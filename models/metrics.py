@@ -53,6 +53,26 @@ def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
     return float(np.mean([(predicted[labels == c] == c).mean() for c in present]))
 
 
+def decision_summary(labels: np.ndarray, predicted: np.ndarray,
+                     num_classes: int) -> dict[str, list[float] | float]:
+    """How a decision rule splits a labelled set: each class's share of the labels
+    (``class_shares``), the commonest class's share (``majority_rate``: the accuracy of always
+    answering it), each class's recall (``recall_per_class``, NaN for a class absent from
+    ``labels``) and each class's share of the predictions (``predicted_shares``).
+
+    Args:
+        labels: ``(N,)`` true classes.
+        predicted: ``(N,)`` predicted classes.
+        num_classes: ``K``; each list has ``K`` entries.
+    """
+    shares = np.bincount(labels, minlength=num_classes) / max(len(labels), 1)
+    answered = np.bincount(predicted, minlength=num_classes) / max(len(predicted), 1)
+    recall = [float((predicted[labels == c] == c).mean()) if (labels == c).any() else math.nan
+              for c in range(num_classes)]
+    return {"class_shares": shares.tolist(), "majority_rate": float(shares.max()),
+            "recall_per_class": recall, "predicted_shares": answered.tolist()}
+
+
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """``(N, K)`` logits of ``(N, C, S, S)`` images, in eval mode, in batches."""
