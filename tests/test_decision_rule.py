@@ -57,3 +57,27 @@ def test_a_malformed_prior_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["simulate", "--prior", "half,half"])
     assert "one share per class" in capsys.readouterr().err
+
+
+def test_multi_class_auc_stays_defined_when_a_split_lacks_a_class(recwarn):
+    """A hospital's validation split without one of five classes still has an AUC (the mean
+    one-vs-rest AUC over the classes it holds), with no sklearn warning; with every class
+    present it is sklearn's macro one-vs-rest AUC."""
+    from sklearn.metrics import roc_auc_score
+
+    from models.metrics import classification_metrics
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(5), 8)
+    probs = rng.dirichlet(np.ones(5), len(labels))
+    probs[np.arange(len(labels)), labels] += 0.5
+    probs /= probs.sum(axis=1, keepdims=True)
+    full = classification_metrics(labels, probs)["auc"]
+    assert full == pytest.approx(roc_auc_score(labels, probs, multi_class="ovr"))
+    lacking = labels != 3
+    auc = classification_metrics(labels[lacking], probs[lacking])["auc"]
+    assert np.isfinite(auc)
+    kept, kept_probs = labels[lacking], probs[lacking]
+    assert auc == pytest.approx(np.mean([roc_auc_score(kept == c, kept_probs[:, c])
+                                         for c in (0, 1, 2, 4)]))
+    assert not [w for w in recwarn if "UndefinedMetric" in type(w.message).__name__]
