@@ -1,10 +1,13 @@
 """``python -m simulations.bench segmentation``: LiteMedSAM federated on real MRI (hippocampus).
 
 A fixed split by case (seeded): test, validation and training cases; the training cases are
-shared among hospitals with size skew (``simulations.partition.quantity_partition``, power law).
+shared among hospitals with size skew (:func:`case_counts`: power law, as
+``simulations.partition``'s).
 Each training case contributes ``--slices-per-case`` slices that hold hippocampus (evenly
-spaced); validation and test cases contribute every slice holding hippocampus, and are scored by
-3D Dice over those slices (the two labels merged into one structure). The image encoder runs
+spaced); validation and test cases contribute every ``--eval-stride``-th slice holding
+hippocampus, and are scored by 3D Dice over those slices (the two labels merged into one
+structure; stride 2 halves the encoder's work and estimates the volume's Dice from half its
+slices). The image encoder runs
 once per slice (embeddings cached on disk, ``--cache-dir``).
 
 Compared, all on the test cases, each at the round with the best validation Dice:
@@ -55,7 +58,6 @@ from models.unet_segmentation import (
     unet_targets,
 )
 from simulations.datasets import search_dirs
-from simulations.partition import quantity_partition
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +97,11 @@ def split_cases(data: Path, sizes: dict[str, int], seed: int) -> dict[str, list[
     return out
 
 
-def case_slices(case: SegmentationCase, count: int | None) -> tuple[list[torch.Tensor],
-                                                                     list[torch.Tensor]]:
-    """A case's slices holding foreground (``count`` evenly spaced ones, or all): images in
-    [0, 1] and merged boolean masks, each ``(H, W)``."""
-    index = foreground_slices(case.mask)
+def case_slices(case: SegmentationCase, count: int | None,
+                stride: int = 1) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A case's slices holding foreground (``count`` evenly spaced ones, or every ``stride``-th):
+    images in [0, 1] and merged boolean masks, each ``(H, W)``."""
+    index = foreground_slices(case.mask)[::stride]
     if count is not None and count < len(index):
         index = index[np.linspace(0, len(index) - 1, count).round().astype(int)]
     images = [torch.from_numpy(case.image[k].copy()) for k in index]
@@ -116,11 +118,11 @@ class Split:
 
 
 def build_split(model: litemedsam.LiteMedSAM, cases: list[SegmentationCase],
-                count: int | None, cache) -> Split:
+                count: int | None, cache, stride: int = 1) -> Split:
     """Slices of ``cases`` (case index = position in ``cases``), embedded through ``cache``."""
     images, masks, owners = [], [], []
     for k, case in enumerate(cases):
-        i, m = case_slices(case, count)
+        i, m = case_slices(case, count, stride)
         images += i
         masks += m
         owners += [k] * len(i)
@@ -225,28 +227,44 @@ def unet_dice(net: torch.nn.Module, split: Split) -> list[float]:
     return volume_dice(predict_unet(net, split.images), split.sam.masks, split.sam.cases)
 
 
+def case_counts(num_cases: int, hospitals: int) -> list[int]:
+    """Cases per hospital under power-law size skew: the k-th hospital's share is proportional
+    to ``1 / (k + 1)`` (``simulations.partition``'s ``powerlaw`` at skew 1), at least one case
+    each (that module's 20-example floor does not fit a few volumes)."""
+    if num_cases < hospitals:
+        raise ValueError(f"{num_cases} training cases cannot give {hospitals} hospitals one each")
+    weights = 1.0 / np.arange(1, hospitals + 1)
+    counts = 1 + np.floor(weights / weights.sum() * (num_cases - hospitals)).astype(int)
+    for k in range(num_cases - int(counts.sum())):
+        counts[k % hospitals] += 1
+    return counts.tolist()
+
+
 def hospital_parts(train_cases: torch.Tensor, num_cases: int, hospitals: int,
                    seed: int) -> list[torch.Tensor]:
-    """Slice indices per hospital: training cases dealt by size-skewed partition (power law,
-    skew 1), each hospital holding all slices of its cases."""
-    groups = quantity_partition(num_cases, hospitals, "powerlaw", 1.0, seed)
-    return [torch.cat([(train_cases == c).nonzero().flatten() for c in g.tolist()])
-            for g in groups]
+    """Slice indices per hospital: the training cases dealt in a seeded order by
+    :func:`case_counts`, each hospital holding all slices of its cases."""
+    order = np.random.default_rng(seed).permutation(num_cases)
+    bounds = np.cumsum([0, *case_counts(num_cases, hospitals)])
+    return [torch.cat([(train_cases == int(c)).nonzero().flatten()
+                       for c in order[a:b]]) for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m simulations.bench segmentation",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--train-cases", type=int, default=15)
-    parser.add_argument("--val-cases", type=int, default=3)
-    parser.add_argument("--test-cases", type=int, default=5)
+    parser.add_argument("--train-cases", type=int, default=10)
+    parser.add_argument("--val-cases", type=int, default=2)
+    parser.add_argument("--test-cases", type=int, default=3)
+    parser.add_argument("--eval-stride", type=int, default=2,
+                        help="score every n-th slice holding foreground of val/test volumes")
     parser.add_argument("--hospitals", type=int, default=5)
-    parser.add_argument("--slices-per-case", type=int, default=4,
+    parser.add_argument("--slices-per-case", type=int, default=3,
                         help="training slices per training case (evenly spaced)")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate (AdamW)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="LoRA learning rate (AdamW)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--targets", default="q_proj,k_proj,v_proj,out_proj",
                         help="mask-decoder Linear names LoRA wraps (comma-separated)")
@@ -260,7 +278,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--embed-only", action="store_true",
                         help="only compute (and cache) the embeddings, then stop")
     parser.add_argument("--skip", default="",
-                        help="rows to skip, comma-separated: automatic,pooled,unet")
+                        help="rows to skip, comma-separated: zero-shot, federated, "
+                        "automatic, pooled, unet (to run rows in separate processes)")
     return parser.parse_args(argv)
 
 
@@ -276,7 +295,8 @@ def load_splits(args: argparse.Namespace, model: litemedsam.LiteMedSAM, cache) -
         raise RuntimeError(f"{len(problems)} unusable case(s): {problems[0]}")
     began = time.monotonic()
     splits = {split: build_split(model, [c for c in cases if c.split == split],
-                                 args.slices_per_case if split == "train" else None, cache)
+                                 args.slices_per_case if split == "train" else None, cache,
+                                 1 if split == "train" else args.eval_stride)
               for split in SPLITS}
     spent = time.monotonic() - began
     logger.info("slices train/val/test: %s; encoder ran on %d (%.2f s each, %d threads), "
@@ -318,22 +338,17 @@ def _report(name: str, result: RunResult, model: PeftModel, test: SliceSet, mode
     return dice
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv or [])
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(args.threads)
-    skip = set(filter(None, args.skip.split(",")))
-    base = litemedsam.build_litemedsam()
-    splits = load_splits(args, base, embedding_cache(args.cache_dir))
-    if args.embed_only:
-        return 0
+def _rows(args: argparse.Namespace, splits: dict[str, Split], parts: list[torch.Tensor],
+          base: litemedsam.LiteMedSAM, skip: set[str]) -> dict[str, float]:
+    """The Dice rows that are not skipped, and the federated run's median round time."""
     test = splits["test"].sam
-    parts = hospital_parts(splits["train"].sam.cases, args.train_cases, args.hospitals,
-                           args.seed)
-    logger.info("training slices per hospital: %s", [len(p) for p in parts])
-    lines = {"pretrained zero-shot dice": float(np.mean(test_dice(base, test, "tight")))}
-    fed, model = run_lora(args, splits, parts, "tight")
-    lines["federated dice"] = _report("federated", fed, model, test, "tight")
+    lines: dict[str, float] = {}
+    if "zero-shot" not in skip:
+        lines["pretrained zero-shot dice"] = float(np.mean(test_dice(base, test, "tight")))
+    if "federated" not in skip:
+        fed, model = run_lora(args, splits, parts, "tight")
+        lines["federated dice"] = _report("federated", fed, model, test, "tight")
+        lines["seconds per round"] = float(np.median(fed.round_seconds))
     if "automatic" not in skip:
         auto, auto_model = run_lora(args, splits, parts, "whole")
         lines["federated automatic dice"] = _report("automatic", auto, auto_model, test, "whole")
@@ -343,10 +358,28 @@ def main(argv: list[str] | None = None) -> int:
         lines["pooled dice"] = _report("pooled", pooled, pooled_model, test, "tight")
     if "unet" not in skip:
         lines["unet federated dice"] = run_unet(args, splits, parts)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv or [])
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    base = litemedsam.build_litemedsam()
+    splits = load_splits(args, base, embedding_cache(args.cache_dir))
+    if args.embed_only:
+        return 0
+    parts = hospital_parts(splits["train"].sam.cases, args.train_cases, args.hospitals,
+                           args.seed)
+    logger.info("training slices per hospital: %s", [len(p) for p in parts])
+    lines = _rows(args, splits, parts, base, set(filter(None, args.skip.split(","))))
+    adapter = adapter_nbytes(adapter_state(build_segmenter(
+        rank=args.rank, alpha=2 * args.rank, targets=tuple(args.targets.split(",")))))
     full = sum(v.numel() * v.element_size() for v in base.state_dict().values())
-    lines["full/adapter bytes"] = full / adapter_nbytes(fed.state)
-    lines["seconds per round"] = float(np.median(fed.round_seconds))
-    logger.info("adapter %d bytes, full model %d bytes", adapter_nbytes(fed.state), full)
-    for name, value in lines.items():
-        print(f"{name}: {value:.4f}" if "dice" in name else f"{name}: {value:.1f}")
+    lines["full/adapter bytes"] = full / adapter
+    logger.info("adapter %d bytes, full model %d bytes", adapter, full)
+    order = ["pretrained zero-shot dice", "federated dice", "federated automatic dice",
+             "pooled dice", "unet federated dice", "full/adapter bytes", "seconds per round"]
+    for name in (n for n in order if n in lines):
+        print(f"{name}: {lines[name]:.4f}" if "dice" in name else f"{name}: {lines[name]:.1f}")
     return 0
