@@ -299,9 +299,9 @@ def load_splits(args: argparse.Namespace, model: litemedsam.LiteMedSAM, cache) -
                                  1 if split == "train" else args.eval_stride)
               for split in SPLITS}
     spent = time.monotonic() - began
-    logger.info("slices train/val/test: %s; encoder ran on %d (%.2f s each, %d threads), "
-                "%d from the cache", "/".join(str(len(splits[s].sam)) for s in SPLITS),
-                cache.misses, spent / max(1, cache.misses), torch.get_num_threads(), cache.hits)
+    logger.info("slices train/val/test: %s; encoder ran on %d, %d from the cache (%.1f s, "
+                "%d threads)", "/".join(str(len(splits[s].sam)) for s in SPLITS),
+                cache.misses, cache.hits, spent, torch.get_num_threads())
     return splits
 
 
