@@ -103,7 +103,7 @@ def combine_validation(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
         ``val_<metric>`` for each metric any hospital reported and ``val_examples`` (the sum);
         empty when no hospital evaluated.
     """
-    rows = [r for r in rows if r.get("val_examples") and not r.get("error")]
+    rows = [r for r in rows if r.get("val_examples") and not r.get("evaluation_error")]
     if not rows:
         return {}
     combined: dict[str, float] = {"val_examples": float(sum(r["val_examples"] for r in rows))}

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 METRICS_COLUMNS = [
     "round", "hospital", "node_id", "num_examples", "train_loss", "val_examples",
     *(f"val_{name}" for name in METRIC_NAMES), *(f"test_{name}" for name in METRIC_NAMES),
-    "upload_bytes", "site_fingerprint", "epsilon", "delta", "error",
+    "upload_bytes", "site_fingerprint", "epsilon", "delta", "error", "evaluation_error",
 ]
 GLOBAL = "global"
 
@@ -43,6 +43,12 @@ def _clean(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_clean(v) for v in value]
     return value
+
+
+def trained(row: dict[str, Any]) -> bool:
+    """Whether a hospital's row holds a training update its round could aggregate (whatever
+    became of the round's evaluation: that is an outcome of its own)."""
+    return row.get("num_examples") is not None and not row.get("train_error")
 
 
 def _drop_none(value: Any) -> Any:
@@ -92,6 +98,12 @@ class RunRecords:
             entry = f"{reply.phase}: {reply.error}"
             kept = str(row.get("error") or "")
             row["error"] = entry if not kept else kept if entry in kept else f"{kept}; {entry}"
+            if reply.phase == "evaluate":
+                # Evaluation is an outcome of its own: a hospital that did not evaluate still
+                # trained (``trained``), and the record says why it did not evaluate.
+                row["evaluation_error"] = reply.error
+            else:
+                row["train_error"] = reply.error
             return
         metrics = reply.metrics
         if reply.phase == "train":
@@ -129,6 +141,13 @@ class RunRecords:
             row["hospital"] = new
             self.rows[(server_round, new)] = {**row, **self.rows.get((server_round, new), {})}
 
+    def not_evaluated(self) -> list[dict[str, Any]]:
+        """Every hospital round without an evaluation, and why: ``round``, ``hospital``,
+        ``reason`` (the evaluation refusal or failure as the hospital gave it)."""
+        return [{"round": r["round"], "hospital": r["hospital"],
+                 "reason": r["evaluation_error"]}
+                for r in self.train_rows() if r.get("evaluation_error")]
+
     def add_test(self, server_round: int, metrics: dict[str, float]) -> None:
         """Record the central test metrics of the global adapter after ``server_round``."""
         row = self._row(server_round, GLOBAL)
@@ -156,6 +175,7 @@ class RunRecords:
         return [row for (_, h), row in sorted(self.rows.items()) if h == GLOBAL]
 
     def train_rows(self) -> list[dict[str, Any]]:
+        """Hospitals' rows (every round), in round order."""
         return [r for (_, h), r in sorted(self.rows.items()) if h != GLOBAL]
 
     def privacy_summary(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from server.checkpoint import (
 )
 from server.config import FederationConfig
 from server.evaluation import AdapterSelection, central_evaluator, combine_validation, with_prior
-from server.records import RunRecords
+from server.records import RunRecords, trained
 from server.secure_aggregation import secure_grid
 from server.study import EvaluationConfig, Study
 from strategies import Reply, build_strategy
@@ -53,6 +53,12 @@ SELECTED_FILE = "selected.safetensors"
 """The round to publish so far (``RUN_DIR/selected.safetensors``), kept for a resumed run."""
 ReplyCallback = Callable[[Reply], None]
 """Called with each hospital's reply (or failure) as it is recorded."""
+
+
+RESUME_ADVICE = ("Once the hospitals named can take part (their policy changed, say), start "
+                 "the same study again with the same run directory: it resumes after round "
+                 "{done}, the last round every hospital's update was counted in.")
+"""What a run that ended on hospitals' refusals tells the operator to do."""
 
 
 class FederationError(RuntimeError):
@@ -176,6 +182,7 @@ def run_federation(
     strategy = RoundOffset(strategy, done, resumed.strategy_state if resumed else {})
     num_classes = model_config.num_classes
     selected = records.run_dir / SELECTED_FILE
+    saved = [done]  # the rounds checkpointed so far (a resumed run goes on after the last)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord):
         server_round += done
@@ -189,6 +196,9 @@ def run_federation(
             records.add_test(server_round, test)
             metrics |= test
         if server_round > 0:
+            # A round without enough updates is neither judged nor checkpointed: a resumed
+            # run redoes it.
+            _check_round(records, federation, server_round)
             combined = combine_validation(records.validation_rows(server_round))
             records.add_combined(server_round, combined)
             metrics |= {k.replace("_", "-"): v for k, v in combined.items()}
@@ -198,6 +208,7 @@ def run_federation(
                         {k: round(v, 4) for k, v in combined.items()})
             save_checkpoint(records.run_dir, server_round, arrays, fingerprint,
                             records.rows.values(), strategy)
+            saved.append(server_round)
         if on_round is not None:
             on_round(server_round, metrics)
         return MetricRecord(metrics) if metrics else None
@@ -219,7 +230,9 @@ def run_federation(
         )
     except TooFewUpdates as err:  # end at the round that failed, saying why
         records.write_metrics()
-        raise FederationError(f"{err}. See {records.run_dir / 'metrics.csv'}") from err
+        raise FederationError(f"{err}. See {records.run_dir / 'metrics.csv'}. "
+                              f"{RESUME_ADVICE.format(done=saved[-1])}"
+                              ) from err
     wall_time = time.monotonic() - start
     records.write_metrics()
     _check_rounds(records, federation)
@@ -302,9 +315,36 @@ def run_summary(records: RunRecords, study: Study, outcome: FederationOutcome) -
         "adapter": int(sum(t.numel() * t.element_size()
                            for t in adapter_state(outcome.model).values())),
     }
-    if privacy := records.privacy_summary():
-        summary["privacy"] = privacy
-    return summary
+    return summary | settings_summary(records, study)
+
+
+def settings_summary(records: RunRecords, study: Study) -> dict[str, Any]:
+    """What ``summary.json`` says of the run's privacy and secure aggregation, and of the
+    hospital rounds that were not evaluated.
+
+    ``secure_aggregation``: the study's settings (``enabled`` first); ``privacy_settings``:
+    its ``[privacy]`` settings; ``privacy``: the hospitals' reported epsilons, the largest
+    (``epsilon_max``), the study's target and whether a hospital went past it
+    (``target_exceeded``, also logged as a warning); ``not_evaluated``: each hospital round
+    without an evaluation and why (training counted all the same).
+    """
+    out: dict[str, Any] = {
+        "secure_aggregation": asdict(study.federation.secure_aggregation),
+        "privacy_settings": asdict(study.privacy),
+        "not_evaluated": records.not_evaluated(),
+    }
+    privacy = records.privacy_summary()
+    target = study.privacy.dp_target_epsilon
+    if privacy and target > 0:
+        largest = privacy.get("epsilon_max")
+        privacy["target_epsilon"] = target
+        privacy["target_exceeded"] = largest is not None and largest > target * (1 + 1e-9)
+        if privacy["target_exceeded"]:
+            logger.warning("a hospital reports epsilon %.4g for this run, above the study's "
+                           "target %g (summary.json 'privacy')", largest, target)
+    if privacy:
+        out["privacy"] = privacy
+    return out
 
 
 def _evaluate_as_published(strategy: Strategy, prior: list[float], num_classes: int) -> None:
@@ -328,13 +368,28 @@ def _observe(reply: Reply, records: RunRecords, on_reply: ReplyCallback | None) 
 def _check_rounds(records: RunRecords, federation: FederationConfig) -> None:
     """Flower ends a run normally even when hospitals failed: check each round's updates."""
     for server_round in range(1, federation.rounds + 1):
-        good = [r for r in records.train_rows()
-                if r["round"] == server_round and "train_loss" in r and not r.get("error")]
-        if len(good) < federation.min_hospitals:
-            errors = [f"hospital {r['hospital']}: {r['error']}" for r in records.train_rows()
-                      if r["round"] == server_round and r.get("error")]
-            raise FederationError(
-                f"round {server_round} got {len(good)} valid updates, needs "
-                f"{federation.min_hospitals}; {'; '.join(errors) or 'no hospital answered'}. "
-                f"See {records.run_dir / 'metrics.csv'}"
-            )
+        _check_round(records, federation, server_round)
+
+
+def _check_round(records: RunRecords, federation: FederationConfig, server_round: int) -> None:
+    """Raise when ``server_round`` trained fewer than ``federation.min_hospitals`` updates.
+
+    Only training counts: a hospital that trained but did not evaluate (its run policy's
+    ``min_evaluation_examples``, say) gave the round its update; the records say why it did
+    not evaluate (``evaluation_error``).
+
+    Raises:
+        FederationError: naming every hospital's training failure and what to do.
+    """
+    rows = [r for r in records.train_rows() if r["round"] == server_round]
+    good = [r for r in rows if trained(r)]
+    if len(good) >= federation.min_hospitals:
+        return
+    errors = [f"hospital {r['hospital']}: {r['train_error']}" for r in rows
+              if r.get("train_error")]
+    records.write_metrics()
+    raise FederationError(
+        f"round {server_round} got {len(good)} valid updates, needs "
+        f"{federation.min_hospitals}; {'; '.join(errors) or 'no hospital answered'}. "
+        f"See {records.run_dir / 'metrics.csv'}. {RESUME_ADVICE.format(done=server_round - 1)}"
+    )
