@@ -457,10 +457,14 @@ def run_advice(run_dir: Path, flwr_code: int) -> str:
     from server.checkpoint import CHECKPOINT_FILE
 
     last = last_run_error(run_dir)
+    resumable = (run_dir / CHECKPOINT_FILE).exists()
     if last and any(word in last for word in PERMANENT_REFUSALS):
-        return (f"hospitals refused it ({last}): a restart with the same study will be refused "
-                f"again; change the study (or the hospitals' policies) first")
-    if (run_dir / CHECKPOINT_FILE).exists():
+        then = ("it resumes from its last completed round" if resumable else
+                "it starts over (no round completed)")
+        return (f"hospitals refused it ({last}): the same study is refused again until those "
+                f"hospitals change their policies (or you change the study, which starts a "
+                f"new run). Once they have, run the same command again: {then}")
+    if resumable:
         return "run the same command again to resume from its last completed round"
     if flwr_code != 0:
         return "the run could not be submitted or stopped early (see the lines above)"
@@ -480,7 +484,9 @@ def last_run_error(run_dir: Path) -> str:
         return ""
     with open(path, newline="") as handle:
         errors = [f"round {r.get('round')} {r.get('hospital')}: {r['error']}"
-                  for r in csv.DictReader(handle) if r.get("error")]
+                  for r in csv.DictReader(handle) if r.get("error")
+                  # an evaluation refusal alone never ends a run
+                  and r["error"] != f"evaluate: {r.get('evaluation_error')}"]
     return errors[-1] if errors else ""
 
 
