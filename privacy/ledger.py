@@ -248,6 +248,14 @@ class Ledger:
         with self._connect() as conn:
             return [LedgerRow(*r) for r in conn.execute(query + " ORDER BY id", args)]
 
+    def charged(self, dataset_id: str, run_id: str, server_round: int) -> bool:
+        """Whether round ``server_round`` of run ``run_id`` was charged on the dataset."""
+        with self._connect() as conn:
+            row = conn.execute("SELECT 1 FROM rounds WHERE dataset_id = ? AND run_id = ? AND "
+                               "server_round = ? LIMIT 1",
+                               (str(dataset_id), str(run_id), int(server_round))).fetchone()
+        return row is not None
+
     def run_epsilon(self, dataset_id: str, run_id: str) -> tuple[float, float] | None:
         """``(epsilon, delta)`` of one run's rows on a dataset alone (example level, with the
         accountant and delta they were recorded with); ``None`` if the run has no rows."""
