@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.table import Table
-
 from medfed_cli.common import UsageError, console, exec_daemon, user_errors
 
 
@@ -44,16 +42,18 @@ def cmd_hospital_ledger(args: argparse.Namespace) -> int:
     if not args.db.is_file():
         raise UsageError(f"no ledger at {args.db}: check --db")
     spends = run_spends(Ledger(args.db))
-    table = Table(title=f"privacy ledger {args.db}")
-    for column in ("dataset", "run", "rounds", "mechanisms", "eps run", "eps total", "budget",
-                   "remaining", "delta"):
-        table.add_column(column, justify="left" if column in ("dataset", "run", "mechanisms")
-                         else "right")
+    # Lines, not a table: ids are shown whole at any terminal width (a table cut them at 80).
+    console.print(f"privacy ledger {args.db}: {len(spends)} runs", highlight=False,
+                  soft_wrap=True, markup=False)
     for s in spends:
-        table.add_row(s.dataset_id[:16], s.run_id, str(s.rounds), s.mechanisms,
-                      f"{s.epsilon_run:.3f}", f"{s.epsilon_total:.3f}", f"{s.budget:g}",
-                      f"{s.remaining:.3f}", f"{s.delta:g}")
-    console.print(table)
+        twice = (f" - {s.charges - s.rounds} more charges than rounds: a round was charged "
+                 "more than once" if s.charges > s.rounds else "")
+        console.print(
+            f"dataset {s.dataset_id}  run {s.run_id}\n"
+            f"  rounds {s.rounds}, charges {s.charges}{twice}; mechanisms {s.mechanisms}\n"
+            f"  epsilon: run {s.epsilon_run:.3f}, dataset total {s.epsilon_total:.3f}, budget "
+            f"{s.budget:g}, remaining {s.remaining:.3f} (delta {s.delta:g})",
+            highlight=False, soft_wrap=True, markup=False)
     return 0
 
 

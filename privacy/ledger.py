@@ -362,7 +362,9 @@ class RunSpend:
     Attributes:
         dataset_id: the dataset, as the hospital declared it.
         run_id: the run.
-        rounds: rounds of the run recorded on the dataset.
+        rounds: distinct rounds of the run recorded on the dataset.
+        charges: times a round of the run was charged (more than ``rounds``: a round was
+            charged twice, e.g. trained again after a coordinator restart).
         mechanisms: the mechanisms the run used, comma-separated.
         epsilon_run: the run's own example-level epsilon (its events composed alone).
         epsilon_total: the dataset's composed epsilon after the run's last round (all runs).
@@ -378,6 +380,7 @@ class RunSpend:
     epsilon_total: float
     budget: float
     delta: float
+    charges: int = 0
 
     @property
     def fingerprint(self) -> str:
@@ -404,5 +407,16 @@ def run_spends(ledger: Ledger) -> list[RunSpend]:
             mechanisms=", ".join(sorted({r.mechanism for r in rows})),
             epsilon_run=epsilon([r.example_event for r in rows], last.delta, last.accountant),
             epsilon_total=last.epsilon_total, budget=last.budget, delta=last.delta,
+            charges=round_charges(rows),
         ))
     return spends
+
+
+def round_charges(rows: list[LedgerRow]) -> int:
+    """How many times rounds were charged: per round, the most rows one mechanism has there
+    (a round charged once has one row per mechanism)."""
+    per_round: dict[int, dict[str, int]] = {}
+    for row in rows:
+        counts = per_round.setdefault(row.server_round, {})
+        counts[row.mechanism] = counts.get(row.mechanism, 0) + 1
+    return sum(max(counts.values()) for counts in per_round.values())

@@ -181,10 +181,25 @@ def registry_nodes(listing_json: str) -> dict[str, dict]:
         listing = json.loads(listing_json)
         nodes = listing["nodes"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        detail = listing_json.strip().splitlines()[-1:] or ["no output"]
-        raise ValueError(f"the SuperLink did not answer ({detail[0][:300]}): is the "
-                         f"coordinator running? ('medfed coordinator start')") from err
+        raise ValueError(f"the SuperLink did not answer: {listing_failure(listing_json)}. Is "
+                         f"the coordinator running? ('medfed coordinator start')") from err
     return {n["node-id"]: n for n in nodes if n.get("status") != "unregistered"}
+
+
+def listing_failure(listing_json: str) -> str:
+    """Why ``flwr supernode ls --format json`` gave no node list, in one line: its JSON
+    ``error-message`` when it printed one, else its last line that says something (not a lone
+    brace of a multi-line JSON object)."""
+    try:
+        listing = json.loads(listing_json)
+    except json.JSONDecodeError:
+        listing = None
+    if isinstance(listing, dict) and listing.get("error-message"):
+        text = " ".join(str(listing["error-message"]).split())
+        return text[:300]
+    lines = [line.strip() for line in listing_json.splitlines()
+             if line.strip().strip('{}[](),"')]
+    return lines[-1][:300] if lines else "no output"
 
 
 def registry_listing_command(folder: Path) -> tuple[list[str], dict[str, str]]:

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,10 @@ class RunRecords:
     # list; None when unknown): rows carry that name. Without it (simulations, in-process
     # runs) a hospital's rows carry the id its replies give.
     enrolled_name: Callable[[int], str | None] | None = field(default=None, repr=False)
+    # node id -> (name, when) of a hospital whose enrolment was revoked (the coordinator's
+    # enrolment list; None: not revoked): its failed replies are recorded as a revocation, not
+    # as the SuperLink's "Node Unavailable" for the unregistered node.
+    revoked: Callable[[int], tuple[str, str] | None] | None = field(default=None, repr=False)
     # What the coordinator-held test set was (``server.evaluation.describe_test_set``), for
     # summary.json; None without one.
     test_set: dict[str, Any] | None = None
@@ -85,7 +89,11 @@ class RunRecords:
 
     def add_reply(self, reply: Reply) -> None:
         """Record one hospital's train or evaluate reply (or why it was dropped)."""
-        named = self._name(reply)
+        revocation = self.revoked(reply.node_id) if reply.error and self.revoked else None
+        if revocation is not None:
+            reply = replace(reply, error=f"revoked: hospital '{revocation[0]}' was revoked at "
+                                         f"{revocation[1]}; its node was unregistered")
+        named = revocation[0] if revocation is not None else self._name(reply)
         if named is not None and self.hospital_of.get(reply.node_id) != named:
             self.hospital_of[reply.node_id] = named
             self._rename(reply.node_id, named)

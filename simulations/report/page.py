@@ -219,6 +219,19 @@ img{max-width:100%}figcaption{font-size:.92em;color:#444;margin-top:.4em}
 """
 
 
+def held_out_sentence(runs: list[Run]) -> str:
+    """What the report says of the runs' test sets, true to the runs: a test set is named only
+    where a run was scored on one (``federated`` in its summary)."""
+    held = [run for run in runs if "federated" in run.summary]
+    if len(held) == len(runs):
+        return "the test set is held out from every hospital."
+    if not held:
+        return ("there is no test set: every figure is the hospitals' combined results on "
+                "their own validation splits.")
+    return ("runs with a test set hold it out from every hospital; the others are judged on "
+            "the hospitals' own validation splits only.")
+
+
 def _key_finding(run: Run, scores: TestScores | None) -> str:
     published = run.summary.get("published", {})
     val = run.summary.get("validation", {})
@@ -359,8 +372,8 @@ def build_report(run_dirs: list[Path], out_dir: Path, score_model: bool = True) 
             f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
             f"<h1>{html.escape(title)}</h1><p>Generated {datetime.now():%Y-%m-%d %H:%M} from "
             f"{', '.join(html.escape(str(r.path)) for r in runs)}. AUC: area under the ROC "
-            f"curve, 0.5 is chance and 1 is perfect; the test set is held out from every "
-            f"hospital.</p>" + comparison + "".join(sections) + "</body></html>")
+            f"curve, 0.5 is chance and 1 is perfect; {held_out_sentence(runs)}</p>"
+            + comparison + "".join(sections) + "</body></html>")
     path = out_dir / "report.html"
     path.write_text(page)
     logger.info("report written to %s", path)
