@@ -39,6 +39,7 @@ from client.released_rounds import keep_release, replayed_release
 from client.run_policy import RUN_REFUSAL_CODE, node_run_policy, refuse_run
 from client.secure_aggregation import handle_secagg
 from client.site import SiteLoader, load_site_from_node_config
+from client.study_check import handle_study_check
 from client.wire import packed_wire_mod
 from models.config import ModelConfig, TrainConfig, from_config_record, round_lr
 from models.metrics import evaluate
@@ -204,6 +205,11 @@ def build_client_app(
         setup = msg.content.config_records.get("secagg", {}).get("stage") == "setup"
         return (setup and refuse_run(msg, context)) or handle_secagg(
             msg, context, train_plain, weight_of, load_identity)
+
+    @app.query()
+    def study_check(msg: Message, context: Context) -> Message:
+        # Before round 1: a dry run of the study against this hospital's policies and data.
+        return handle_study_check(msg, context, load_site, load_privacy, hospital_id(context))
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:

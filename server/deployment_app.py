@@ -223,8 +223,9 @@ def _main(grid: Grid, context: Context) -> None:
     wait_for_hospitals(grid)
     started = time.monotonic()
     # Deployment only: packed adapters and prompt polling (server.wire_grid).
+    # Every hospital dry-runs the study against its own policies first (server.preflight).
     outcome = run_study_rounds(PackedWireGrid(grid), run.study, run.records, run.test_set,
-                               on_round=run.on_round, on_reply=run.on_reply)
+                               on_round=run.on_round, on_reply=run.on_reply, study_check=True)
     summary = run_summary(run.records, run.study, outcome)
     summary["wall_time_s"] = {"federated": time.monotonic() - started,
                               "rounds": outcome.wall_time_s}

@@ -137,6 +137,12 @@ class RunRecords:
             return str(int(reply.metrics["hospital-id"]))
         return None
 
+    def hospital_name(self, node_id: int, metrics: dict) -> str:
+        """The name rows of ``node_id`` go under (a reply's ``metrics`` may give its id)."""
+        return (self._name(Reply(server_round=0, phase="query", node_id=node_id,
+                                 metrics=metrics)) or self.hospital_of.get(node_id)
+                or str(node_id))
+
     def _rename(self, node_id: int, new: str) -> None:
         """Move rows filed under ``node_id`` (before its first reply named the hospital: a
         straggler's or a refusing hospital's earlier rounds) to ``new``. A hospital whose name

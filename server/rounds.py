@@ -38,6 +38,7 @@ from server.checkpoint import (
 )
 from server.config import FederationConfig
 from server.evaluation import AdapterSelection, central_evaluator, combine_validation, with_prior
+from server.preflight import CHECK_FILE, check_config, check_study
 from server.records import RunRecords, trained
 from server.secure_aggregation import secure_grid
 from server.study import EvaluationConfig, Study
@@ -124,6 +125,7 @@ def run_federation(
     *,
     classes: Iterable[str] = (),
     evaluation: EvaluationConfig | None = None,
+    study_check: bool = False,
 ) -> FederationOutcome:
     """Run ``federation.rounds`` rounds; write the metrics and the published adapter to
     ``records``.
@@ -135,9 +137,12 @@ def run_federation(
     noise than planned). ``classes`` (the study's class names) travel in every round's config;
     each hospital maps its labels to them. ``evaluation`` chooses the published round and the
     prior it answers for (default: best combined validation AUC, equal priors).
+    ``study_check``: before the first round, ask every hospital a dry run of the study
+    (``server.preflight``) and start nothing if any would refuse it.
 
     Raises:
-        FederationError: a round ended with fewer than ``federation.min_hospitals`` valid updates.
+        FederationError: a round ended with fewer than ``federation.min_hospitals`` valid
+            updates, or (``study_check``) a hospital would refuse the study.
     """
     evaluation = evaluation or EvaluationConfig()
     classes = list(classes)
@@ -160,6 +165,7 @@ def run_federation(
     if evaluation.prior:
         # Hospitals evaluate, and the run publishes, the adapter with the study's prior put back.
         _evaluate_as_published(strategy, evaluation.prior, model_config.num_classes)
+    plain_grid = grid
     if federation.secure_aggregation.enabled:
         # Training rounds then run SecAgg+: the strategy only ever receives the sum.
         grid = secure_grid(grid, federation.secure_aggregation, strategy, dp)
@@ -217,6 +223,8 @@ def run_federation(
     run_key = hashlib.sha256(f"{records.run_dir.resolve()}\n{fingerprint}".encode()).hexdigest()
     wire_config, evaluate_config = _round_configs(federation, model_config, train_config, dp,
                                                   classes, run_key[:32])
+    if study_check:
+        _check_study(plain_grid, records, federation, wire_config, done)
     start = time.monotonic()
     try:
         result = strategy.start(
@@ -254,11 +262,40 @@ def run_federation(
 
 def run_study_rounds(grid: Grid, study: Study, records: RunRecords,
                      test_set: ImageSet | None = None, on_round: RoundCallback | None = None,
-                     on_reply: ReplyCallback | None = None) -> FederationOutcome:
+                     on_reply: ReplyCallback | None = None, study_check: bool = False
+                     ) -> FederationOutcome:
     """:func:`run_federation` for a :class:`~server.study.Study`."""
     return run_federation(grid, study.federation, study.model, study.train, test_set, records,
                           on_round, on_reply, study.privacy, classes=study.classes,
-                          evaluation=study.evaluation)
+                          evaluation=study.evaluation, study_check=study_check)
+
+
+def study_round_config(study: Study) -> ConfigRecord:
+    """The config every training message of ``study`` carries (its run key left empty), as
+    the study check sends it: what ``medfed hospital check --study`` checks at a hospital."""
+    federation = study.federation
+    dp = replace(study.privacy, dp_run_rounds=study.privacy.dp_run_rounds or federation.rounds,
+                 update_hospitals=study.privacy.update_hospitals or federation.min_hospitals)
+    wire, _ = _round_configs(federation, study.model, study.train, dp, study.classes, "")
+    return check_config(wire, federation)
+
+
+def _check_study(grid: Grid, records: RunRecords, federation: FederationConfig,
+                 round_config: ConfigRecord, done: int) -> None:
+    """Ask every hospital a dry run of the rest of the study (``server.preflight``).
+
+    Raises:
+        FederationError: a hospital would refuse it: naming the hospital and the setting.
+    """
+    failed = check_study(grid, check_config(round_config, federation, done),
+                         federation.round_timeout_s, records.hospital_name, records.run_dir)
+    if failed:
+        raise FederationError(
+            f"the study was not started: {len(failed)} of its settings would be refused: "
+            f"{'; '.join(failed)}. Change the setting named (at that hospital, or in the "
+            f"study), then start the study again; each hospital's answers are in "
+            f"{records.run_dir / CHECK_FILE}, and 'medfed hospital check --dir SITE --study "
+            f"STUDY' shows the same items at a hospital.")
 
 
 def _save_arrays(arrays: ArrayRecord, path: Path) -> None:
