@@ -289,6 +289,7 @@ def _check_study(grid: Grid, records: RunRecords, federation: FederationConfig,
     """
     failed = check_study(grid, check_config(round_config, federation, done),
                          federation.round_timeout_s, records.hospital_name, records.run_dir)
+    # Only answered refusals stop the run: an absent hospital is the rounds' business.
     if failed:
         raise FederationError(
             f"the study was not started: {len(failed)} of its settings would be refused: "

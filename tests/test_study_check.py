@@ -17,7 +17,7 @@ from models.config import TrainConfig
 from privacy.config import DPConfig
 from privacy.ledger import Ledger
 from server.config import FederationConfig
-from server.preflight import CHECK_FILE, CHECK_RECORD
+from server.preflight import CHECK_FILE, CHECK_RECORD, refusals
 from server.records import RunRecords
 from server.rounds import FederationError, run_federation, study_round_config
 from server.study import Study
@@ -105,3 +105,9 @@ def test_the_coordinator_starts_nothing_a_hospital_would_refuse(site, small_mode
     assert set(answers["0"].values()) == {"pass"}
     assert not records.train_rows()  # no round was sent
     assert all(Ledger(tmp_path / h / "ledger.sqlite").rows() == [] for h in ("h0", "h1"))
+
+
+def test_a_hospital_that_does_not_answer_is_not_a_refusal():
+    answers = {"st-mary": {"answer": "no answer: Node Unavailable"},
+               "north": {"budget": "pass", "evaluation": "fail: run policy 'x': y"}}
+    assert refusals(answers) == ["hospital north, evaluation: run policy 'x': y"]
