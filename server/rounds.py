@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
@@ -50,6 +51,8 @@ logger = logging.getLogger(__name__)
 RoundCallback = Callable[[int, dict[str, float]], None]
 """Called after each round with ``(round, metrics)``: the combined validation metrics
 (``val-auc``...) and, with a test set, the test metrics (``test-auc``...)."""
+RUN_NONCE_FILE = "run-nonce"
+"""Kept from a run's start to its end (``RUN_DIR/run-nonce``): part of its run key."""
 SELECTED_FILE = "selected.safetensors"
 """The round to publish so far (``RUN_DIR/selected.safetensors``), kept for a resumed run."""
 ReplyCallback = Callable[[Reply], None]
@@ -219,10 +222,9 @@ def run_federation(
             on_round(server_round, metrics)
         return MetricRecord(metrics) if metrics else None
 
-    # Names the run across restarts: a hospital reports "this run's" epsilon from its ledger.
-    run_key = hashlib.sha256(f"{records.run_dir.resolve()}\n{fingerprint}".encode()).hexdigest()
+    run_key = run_key_for(records.run_dir, fingerprint)
     wire_config, evaluate_config = _round_configs(federation, model_config, train_config, dp,
-                                                  classes, run_key[:32])
+                                                  classes, run_key)
     if study_check:
         _check_study(plain_grid, records, federation, wire_config, done)
     start = time.monotonic()
@@ -256,8 +258,27 @@ def run_federation(
     # A finished run starts afresh when run again (the checkpoint is for crashes).
     (records.run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     selected.unlink(missing_ok=True)
+    (records.run_dir / RUN_NONCE_FILE).unlink(missing_ok=True)
     return FederationOutcome(model=model, wall_time_s=wall_time,
                              published_round=published_round, rule=selection.rule())
+
+
+def run_key_for(run_dir: Path, fingerprint: str) -> str:
+    """The run key every round's config carries (32 hex digits): the same for a run and its
+    resumptions after a crash (at any point, round 1 included), new for each run started
+    afresh in the directory and for other settings.
+
+    A hospital keys its ledger entries by it: this run's reported epsilon, and a round it
+    already charged, which a resumed run's replay gets back as released instead of trained and
+    charged again (``client.released_rounds``). A fresh nonce (``RUN_DIR/run-nonce``, removed
+    when the run finishes) keeps a finished study run again in the same directory apart.
+    """
+    nonce_file = Path(run_dir) / RUN_NONCE_FILE
+    if not nonce_file.is_file():
+        nonce_file.write_text(secrets.token_hex(16) + "\n")
+    nonce = nonce_file.read_text().strip()
+    key = f"{Path(run_dir).resolve()}\n{fingerprint}\n{nonce}"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def run_study_rounds(grid: Grid, study: Study, records: RunRecords,

@@ -27,6 +27,7 @@ from privacy.accounting import epsilon
 from privacy.config import DPConfig
 from privacy.ledger import Ledger
 from privacy.policy import SitePolicy
+from server.rounds import RUN_NONCE_FILE, run_key_for
 from simulations.inprocess import coordinator_message
 
 KEY = "3f1c0de5a1b2c3d4e5f60718293a4b5c"
@@ -94,3 +95,15 @@ def test_a_replay_that_cannot_be_answered_as_released_is_refused(site, small_mod
     lost = _send(site, small_model_config, tmp_path, run_id=7)
     assert lost.has_error() and "was not kept" in lost.error.reason
     assert _charged_rounds(tmp_path) == [(KEY, 1)]
+
+
+def test_the_run_key_survives_a_crash_and_changes_for_a_run_started_afresh(tmp_path):
+    """A resumed run (crashed at any point, round 1 included) keeps its run key, so its replays
+    are recognised; a finished study run again in the same directory gets a new one, so its
+    rounds are new releases, charged as such."""
+    first = run_key_for(tmp_path, "settings")
+    assert len(first) == 32
+    assert run_key_for(tmp_path, "settings") == first
+    assert run_key_for(tmp_path, "other settings") != first
+    (tmp_path / RUN_NONCE_FILE).unlink()  # what a finished run does
+    assert run_key_for(tmp_path, "settings") != first
