@@ -84,3 +84,16 @@ def test_the_ledger_command_shows_whole_ids_and_counts_charges(tmp_path, capsys)
     out = capsys.readouterr().out
     assert dataset in out and run in out
     assert "rounds 3, charges 4" in out and "a round was charged more than once" in out
+
+
+def test_the_report_says_whether_the_run_was_secure_and_private(tmp_path):
+    from simulations.report.page import safeguards
+
+    summary = {"secure_aggregation": {"enabled": True}, "privacy_settings": {"dpsgd": True},
+               "privacy": {"epsilon_max": 1.07, "target_epsilon": 1.0, "target_exceeded": True},
+               "not_evaluated": [{"round": 1, "hospital": "st-mary", "reason": "x"}]}
+    text = safeguards(_run(tmp_path, "deployed", summary))
+    assert "secure aggregation on" in text and "differential privacy on" in text
+    assert "largest epsilon at a hospital 1.07, target 1, above the study's target" in text
+    assert "did not evaluate: st-mary" in text
+    assert safeguards(_run(tmp_path, "old", {})) == ""

@@ -55,7 +55,8 @@ def study_line(run: Run) -> str:
                 f"{', '.join(run.config.get('classes', [])) or '(indices)'}; "
                 f"{_plural(_setting(run, 'federation', 'rounds'), 'round')} of "
                 f"{_setting(run, 'federation', 'strategy')}; {model.get('backbone')} at "
-                f"{model.get('image_size')} px, LoRA rank {model.get('lora_r')}")
+                f"{model.get('image_size')} px, LoRA rank {model.get('lora_r')}"
+                + safeguards(run))
     data = run.config.get("data", {})
     partition = data.get("partition", "?")
     if partition == "dirichlet":
@@ -81,6 +82,29 @@ def study_line(run: Run) -> str:
             f"{_setting(run, 'federation', 'strategy')}; {model.get('backbone')} at "
             f"{model.get('image_size')} px, LoRA rank {model.get('lora_r')}; seed "
             f"{run.config.get('seed')}" + ("; " + ", ".join(extras) if extras else ""))
+
+
+def safeguards(run: Run) -> str:
+    """What a run's summary says of secure aggregation and differential privacy (empty for a
+    run recorded before summaries held it)."""
+    secagg = run.summary.get("secure_aggregation")
+    if secagg is None:
+        return ""
+    settings = run.summary.get("privacy_settings", {})
+    dp = settings.get("dpsgd") or settings.get("update_noise_multiplier")
+    text = f"; secure aggregation {'on' if secagg.get('enabled') else 'off'}"
+    text += "; differential privacy " + ("on" if dp else "off")
+    privacy = run.summary.get("privacy", {})
+    if privacy.get("epsilon_max") is not None:
+        text += f" (largest epsilon at a hospital {privacy['epsilon_max']:.3g}"
+        if privacy.get("target_epsilon"):
+            over = ", above the study's target" if privacy.get("target_exceeded") else ""
+            text += f", target {privacy['target_epsilon']:g}{over}"
+        text += ")"
+    skipped = sorted({str(n["hospital"]) for n in run.summary.get("not_evaluated", [])})
+    if skipped:
+        text += f"; did not evaluate: {', '.join(skipped)}"
+    return text
 
 
 def failures_table(run: Run) -> str:
