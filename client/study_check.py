@@ -139,7 +139,7 @@ def study_checks(config: Any, context: Context, load_site: SiteLoader,
     model_config = from_config_record(ModelConfig, config)
     try:
         site = load_site(context, model_config.image_size)
-    except (OSError, ValueError) as err:  # the category only: no path or id leaves
+    except (OSError, ValueError, KeyError) as err:  # the category only: no path or id leaves
         return items + [_item("data", f"the site's data cannot be read "
                                       f"({type(err).__name__}); run 'medfed hospital check' "
                                       "at the hospital")]

@@ -111,3 +111,41 @@ def test_a_hospital_that_does_not_answer_is_not_a_refusal():
     answers = {"st-mary": {"answer": "no answer: Node Unavailable"},
                "north": {"budget": "pass", "evaluation": "fail: run policy 'x': y"}}
     assert refusals(answers) == ["hospital north, evaluation: run policy 'x': y"]
+
+
+def test_hospital_check_study_runs_the_same_items_on_the_site_folder(site, tmp_path):
+    """``medfed hospital check --dir SITE --study FILE``: the site folder's own policies and
+    data (a MedMNIST-format .npz), item by item, and whether the hospital takes part."""
+    import numpy as np
+    import tomli_w
+
+    from client.site_folder import CONFIG_FILE, init_site_folder, load_hospital_config
+    from medfed_cli.hospital import study_check_text
+
+    folder = tmp_path / "st-mary"
+    init_site_folder(folder, "st-mary")
+    pixels = {f"{split}_images": (getattr(site, split).images[:, 0].numpy() * 255).astype(
+        np.uint8) for split in ("train", "val")}
+    np.savez(folder / "site.npz", **pixels, train_labels=site.train.labels.numpy(),
+             val_labels=site.val.labels.numpy())
+    hospital = load_hospital_config(folder).__dict__ | {"data_npz": "site.npz",
+                                                        "dataset_id": ""}
+    (folder / CONFIG_FILE).write_text(tomli_w.dumps({"hospital": hospital}))
+    (folder / "run-policy.toml").write_text(
+        'allowed_backbones = ["efficientnet-lite0-imagenet"]\n'
+        f'allowed_tasks = ["{TASK}"]\nmin_hospitals = 2\n')
+    (folder / hospital["privacy_policy"]).write_text("max_epsilon = 8.0\ndelta = 1e-5\n")
+    study = tmp_path / "lung.toml"
+    study.write_text(f'[model]\nimage_size = 32\nlora_r = 4\nlora_alpha = 8\n'
+                     f'[federation]\nrounds = 3\nmin_hospitals = 2\ntask = "{TASK}"\n'
+                     f'[privacy]\ndpsgd = true\ndp_noise_multiplier = 1.0\n')
+
+    text, passed = study_check_text(folder, study)
+    assert not passed
+    lines = {line.split()[0]: line for line in text.splitlines()[1:-1]}
+    # The policy sets only allow-lists: min_evaluation_examples keeps its default, 50, above
+    # the 32 validation images, and the hospital declared no dataset id.
+    assert "'min_evaluation_examples'" in lines["evaluation"]
+    assert "dataset_id in hospital.toml" in lines["dataset-id"]
+    assert lines["run-policy"].endswith("pass") and lines["data"].endswith("pass")
+    assert "would refuse the study" in text
