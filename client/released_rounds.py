@@ -75,13 +75,13 @@ def keep_release(privacy: SitePrivacy, dataset_id: str, run: str, server_round: 
     if ledger is None or not ledger.charged(dataset_id, run, server_round):
         return
     path = _release_path(ledger, dataset_id, run, server_round)
-    metadata = {
-        "global_sha256": global_digest(received),
-        "keys": json.dumps(list(content["arrays"])),
-        "metrics": json.dumps(dict(content["metrics"])),
-        "site": json.dumps(dict(content["site"]) if "site" in content else None),
-    }
     try:
+        metadata = {
+            "global_sha256": global_digest(received),
+            "keys": json.dumps(list(content["arrays"])),
+            "metrics": json.dumps(dict(content["metrics"])),
+            "site": json.dumps(dict(content["site"]) if "site" in content else None),
+        }
         path.parent.mkdir(mode=0o700, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
@@ -91,7 +91,7 @@ def keep_release(privacy: SitePrivacy, dataset_id: str, run: str, server_round: 
         for older in path.parent.glob(f"{_run_digest(dataset_id, run)}-*.safetensors"):
             if older != path:
                 older.unlink(missing_ok=True)
-    except OSError as err:
+    except (OSError, TypeError, ValueError) as err:
         logger.error("cannot keep round %d's reply in %s (%s): a replay of the round will be "
                      "refused", server_round, path, err)
 
