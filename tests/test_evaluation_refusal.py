@@ -79,3 +79,40 @@ def test_a_hospital_that_refuses_evaluation_still_trains_and_the_run_publishes(t
     assert "min_evaluation_examples" in summary["not_evaluated"][0]["reason"]
     assert summary["secure_aggregation"]["enabled"] is False
     assert set(summary["validation_per_hospital"]) == {"1", "2"}
+
+
+def test_a_run_refused_for_a_policy_resumes_once_the_policy_changed(tmp_path):
+    """Hospital 2's run policy answers no round past 1 (``max_rounds``): round 2 has too few
+    updates, the run ends saying what to do, and after the hospital changed its policy the same
+    call resumes after round 1 and publishes."""
+    from server.rounds import FederationError
+
+    data = DataConfig(num_hospitals=3, max_train_examples=120, max_test_examples=64)
+    configs = {node: {"partition-id": k} | _node_config(tmp_path / f"h{k}", 1)
+               for k, node in enumerate(NODES)}
+    policy = tmp_path / "h2" / "run-policy.toml"
+    policy.write_text(policy.read_text() + "max_rounds = 1\n")
+    model = ModelConfig(image_size=32, lora_r=4, lora_alpha=8,
+                        weights_sha256=weights_sha256("efficientnet-lite0-imagenet"))
+    train = replace(TrainConfig(), local_steps=2)
+    federation = FederationConfig(rounds=2, min_hospitals=3, fraction_evaluate=0.0, task=TASK)
+
+    def run():
+        grid = InProcessGrid(build_client_app(SimulatedSiteLoader(data, 0)), configs)
+        records = RunRecords(tmp_path / "run")
+        return run_federation(grid, federation, model, train, None, records), records
+
+    try:
+        run()
+        raise AssertionError("round 2 should have had too few updates")
+    except FederationError as err:
+        message = str(err)
+    assert "round 2 got 2 valid updates, needs 3" in message and "'max_rounds'" in message
+    assert "start the same study again with the same run directory: it resumes after round 1" \
+        in message
+
+    policy.write_text(policy.read_text().replace("max_rounds = 1\n", "max_rounds = 10\n"))
+    outcome, records = run()
+    assert (tmp_path / "run" / "adapter").is_dir() and outcome.published_round == 2
+    assert sorted(r["hospital"] for r in records.train_rows() if r["round"] == 2) == \
+        ["0", "1", "2"]
