@@ -30,12 +30,15 @@ from client.privacy_round import (  # DP-SGD, update DP, site policy and ledger
     PrivacyRefusal,
     SitePrivacyLoader,
     is_private,
+    ledger_dataset_id,
     site_privacy_from_node_config,
     train_round,
 )
+from client.released_rounds import keep_release, replayed_release
 from client.run_policy import RUN_REFUSAL_CODE, node_run_policy, refuse_run
 from client.secure_aggregation import handle_secagg
 from client.site import SiteLoader, load_site_from_node_config
+from client.study_check import handle_study_check
 from client.wire import packed_wire_mod
 from models.config import ModelConfig, TrainConfig, from_config_record, round_lr
 from models.metrics import evaluate
@@ -84,7 +87,8 @@ def handle_train(
     Without DP the metrics are the example count and the training loss. A private round (DP
     on, or a site privacy policy) withholds the loss and adds ``dp-epsilon`` and ``dp-delta``;
     a round the site's privacy policy refuses gets an error reply whose reason says why
-    (nothing is released).
+    (nothing is released). A private round the ledger has already charged for this run (a
+    resumed coordinator's replay) gets the reply already released, or a refusal.
     """
     model, config, site = _prepare(msg, context, load_site)
     train_config = from_config_record(TrainConfig, config)
@@ -94,13 +98,20 @@ def handle_train(
     # comes from it (a CSPRNG at the hospital, see privacy.noise).
     seed = train_config.seed * 1_000_003 + server_round * 1_009 + hospital
     dp, privacy = _round_dp(msg), load_privacy(context)
+    fingerprint, received = str(site.info.get("fingerprint", "")), msg.content["arrays"]
+    run = str(config.get(RUN_KEY, "")) or str(context.run_id)
+    dataset_id = ledger_dataset_id(privacy, fingerprint, site.train) if privacy.ledger else ""
     # Plain train_local unless the run asks for DP or the site has a privacy policy.
     try:
+        # A round already charged and released (a resumed coordinator sends it again) goes
+        # out again as it was: never trained twice (client.released_rounds).
+        kept = replayed_release(privacy, dataset_id, run, server_round, received)
+        if kept is not None:
+            return Message(content=kept, reply_to=msg)
         loss, dp_metrics = train_round(
             model, site.train, train_config, dp, privacy,
             context, server_round, seed, lr=round_lr(train_config, server_round),
-            data_fingerprint=str(site.info.get("fingerprint", "")),
-            run_key=str(config.get(RUN_KEY, "")),
+            data_fingerprint=fingerprint, run_key=run,
         )
     except PrivacyRefusal as refusal:
         return Message(Error(code=REFUSAL_CODE, reason=str(refusal)), reply_to=msg)
@@ -115,6 +126,7 @@ def handle_train(
     # run records; MetricRecord holds numbers only, so they travel as a ConfigRecord.
     if site.info:
         content["site"] = ConfigRecord(site.info)
+    keep_release(privacy, dataset_id, run, server_round, received, content)
     return Message(content=content, reply_to=msg)
 
 
@@ -193,6 +205,11 @@ def build_client_app(
         setup = msg.content.config_records.get("secagg", {}).get("stage") == "setup"
         return (setup and refuse_run(msg, context)) or handle_secagg(
             msg, context, train_plain, weight_of, load_identity)
+
+    @app.query()
+    def study_check(msg: Message, context: Context) -> Message:
+        # Before round 1: a dry run of the study against this hospital's policies and data.
+        return handle_study_check(msg, context, load_site, load_privacy, hospital_id(context))
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:

@@ -109,6 +109,12 @@ def dataset_fingerprint(data: ImageSet) -> str:
     return digest.hexdigest()
 
 
+def ledger_dataset_id(privacy: SitePrivacy, data_fingerprint: str, train: ImageSet) -> str:
+    """The name a round's charges go under in the ledger: the hospital's ``dataset-id``, else
+    the site's data fingerprint, else a hash of the training data."""
+    return privacy.dataset_id or data_fingerprint or dataset_fingerprint(train)
+
+
 def is_private(dp: DPConfig, privacy: SitePrivacy) -> bool:
     """The round runs a DP mechanism or falls under a site privacy policy: then nothing but
     the noised adapter and counts leaves (the training loss stays at the hospital)."""
@@ -210,7 +216,7 @@ def train_round(
         raise PrivacyRefusal(
             "this hospital declared no dataset id, so it cannot keep a privacy budget: its "
             "operator must set dataset_id in hospital.toml (node config 'dataset-id')")
-    dataset_id = privacy.dataset_id or data_fingerprint or dataset_fingerprint(train)
+    dataset_id = ledger_dataset_id(privacy, data_fingerprint, train)
     check_budget(privacy, dataset_id, charges)
     delta = check_delta(dp, policy, len(train)) if charges else dp.dp_delta
     noise = noise_source(privacy.insecure_replayable_noise, seed)

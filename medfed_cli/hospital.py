@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.table import Table
-
 from medfed_cli.common import UsageError, console, exec_daemon, user_errors
 
 
 @user_errors("client.data.config:SiteDataConfigError", "client.data.problems:ManifestError",
-             "client.site_folder:SiteFolderError", code=2)
+             "client.site_folder:SiteFolderError", "models.settings:SettingsError", code=2)
 def cmd_hospital_check(args: argparse.Namespace) -> int:
     from client.data.check import check_site
     from client.data.config import SiteDataConfig, from_node_config, load_site_data_config
@@ -32,9 +30,42 @@ def cmd_hospital_check(args: argparse.Namespace) -> int:
     flags = {"classes": args.classes, "frames": args.frames,
              "max_error_fraction": args.max_error_fraction, "cache_dir": args.cache_dir}
     config = with_settings({k: v for k, v in flags.items() if v is not None}, "flags", config)
+    if args.study is not None and args.dir is None:
+        raise UsageError("--study needs --dir SITE (the policies and data the daemon uses)")
     text, ready = check_site(args.manifest, config, args.image_size)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
+    if args.study is not None:
+        text, takes_part = study_check_text(args.dir, args.study)
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+        ready = ready and takes_part
     return 0 if ready else 1
+
+
+def study_check_text(site_dir: Path, study_file: Path) -> tuple[str, bool]:
+    """The dry run of ``study_file`` against the site folder's policies and data, as the
+    coordinator asks it before round 1 (``client.study_check``): one line per item, and
+    whether every item passes."""
+    from flwr.app import Context, RecordDict
+
+    from client.privacy_round import site_privacy_from_node_config
+    from client.site import load_site_from_node_config
+    from client.site_folder import load_hospital_config, node_config
+    from client.study_check import study_checks
+    from server.deployment_app import load_study
+    from server.rounds import study_round_config
+
+    values = node_config(site_dir, load_hospital_config(site_dir))
+    context = Context(run_id=0, node_id=0, node_config=dict(values), state=RecordDict(),
+                      run_config={})
+    items = study_checks(study_round_config(load_study(study_file)), context,
+                         load_site_from_node_config, site_privacy_from_node_config)
+    lines = [f"study {study_file}: what this hospital would answer the coordinator's check"]
+    lines += [f"  {item.name:<22} {item.answer}" for item in items]
+    passed = all(item.passed for item in items)
+    lines.append("this hospital takes part in the study" if passed else
+                 "this hospital would refuse the study: change the setting named above (in "
+                 "this site folder) or ask the coordinator to change the study")
+    return "\n".join(lines), passed
 
 
 @user_errors("privacy.ledger:LedgerIntegrityError")
@@ -44,16 +75,18 @@ def cmd_hospital_ledger(args: argparse.Namespace) -> int:
     if not args.db.is_file():
         raise UsageError(f"no ledger at {args.db}: check --db")
     spends = run_spends(Ledger(args.db))
-    table = Table(title=f"privacy ledger {args.db}")
-    for column in ("dataset", "run", "rounds", "mechanisms", "eps run", "eps total", "budget",
-                   "remaining", "delta"):
-        table.add_column(column, justify="left" if column in ("dataset", "run", "mechanisms")
-                         else "right")
+    # Lines, not a table: ids are shown whole at any terminal width (a table cut them at 80).
+    console.print(f"privacy ledger {args.db}: {len(spends)} runs", highlight=False,
+                  soft_wrap=True, markup=False)
     for s in spends:
-        table.add_row(s.dataset_id[:16], s.run_id, str(s.rounds), s.mechanisms,
-                      f"{s.epsilon_run:.3f}", f"{s.epsilon_total:.3f}", f"{s.budget:g}",
-                      f"{s.remaining:.3f}", f"{s.delta:g}")
-    console.print(table)
+        twice = (f" - {s.charges - s.rounds} more charges than rounds: a round was charged "
+                 "more than once" if s.charges > s.rounds else "")
+        console.print(
+            f"dataset {s.dataset_id}  run {s.run_id}\n"
+            f"  rounds {s.rounds}, charges {s.charges}{twice}; mechanisms {s.mechanisms}\n"
+            f"  epsilon: run {s.epsilon_run:.3f}, dataset total {s.epsilon_total:.3f}, budget "
+            f"{s.budget:g}, remaining {s.remaining:.3f} (delta {s.delta:g})",
+            highlight=False, soft_wrap=True, markup=False)
     return 0
 
 
@@ -125,6 +158,9 @@ def add_hospital(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--image-size", type=int, default=64,
                        help="model input side in pixels; the run's, so the check fills the cache")
     check.add_argument("--cache-dir", help="decoded-image cache folder")
+    check.add_argument("--study", type=Path,
+                       help="a study file: also dry-run it against this site's policies and "
+                            "data, item by item, as the coordinator asks before round 1")
     check.set_defaults(func=cmd_hospital_check)
 
     ledger = hospital_sub.add_parser(

@@ -248,6 +248,14 @@ class Ledger:
         with self._connect() as conn:
             return [LedgerRow(*r) for r in conn.execute(query + " ORDER BY id", args)]
 
+    def charged(self, dataset_id: str, run_id: str, server_round: int) -> bool:
+        """Whether round ``server_round`` of run ``run_id`` was charged on the dataset."""
+        with self._connect() as conn:
+            row = conn.execute("SELECT 1 FROM rounds WHERE dataset_id = ? AND run_id = ? AND "
+                               "server_round = ? LIMIT 1",
+                               (str(dataset_id), str(run_id), int(server_round))).fetchone()
+        return row is not None
+
     def run_epsilon(self, dataset_id: str, run_id: str) -> tuple[float, float] | None:
         """``(epsilon, delta)`` of one run's rows on a dataset alone (example level, with the
         accountant and delta they were recorded with); ``None`` if the run has no rows."""
@@ -354,7 +362,9 @@ class RunSpend:
     Attributes:
         dataset_id: the dataset, as the hospital declared it.
         run_id: the run.
-        rounds: rounds of the run recorded on the dataset.
+        rounds: distinct rounds of the run recorded on the dataset.
+        charges: times a round of the run was charged (more than ``rounds``: a round was
+            charged twice, e.g. trained again after a coordinator restart).
         mechanisms: the mechanisms the run used, comma-separated.
         epsilon_run: the run's own example-level epsilon (its events composed alone).
         epsilon_total: the dataset's composed epsilon after the run's last round (all runs).
@@ -370,6 +380,7 @@ class RunSpend:
     epsilon_total: float
     budget: float
     delta: float
+    charges: int = 0
 
     @property
     def fingerprint(self) -> str:
@@ -396,5 +407,16 @@ def run_spends(ledger: Ledger) -> list[RunSpend]:
             mechanisms=", ".join(sorted({r.mechanism for r in rows})),
             epsilon_run=epsilon([r.example_event for r in rows], last.delta, last.accountant),
             epsilon_total=last.epsilon_total, budget=last.budget, delta=last.delta,
+            charges=round_charges(rows),
         ))
     return spends
+
+
+def round_charges(rows: list[LedgerRow]) -> int:
+    """How many times rounds were charged: per round, the most rows one mechanism has there
+    (a round charged once has one row per mechanism)."""
+    per_round: dict[int, dict[str, int]] = {}
+    for row in rows:
+        counts = per_round.setdefault(row.server_round, {})
+        counts[row.mechanism] = counts.get(row.mechanism, 0) + 1
+    return sum(max(counts.values()) for counts in per_round.values())

@@ -181,10 +181,25 @@ def registry_nodes(listing_json: str) -> dict[str, dict]:
         listing = json.loads(listing_json)
         nodes = listing["nodes"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        detail = listing_json.strip().splitlines()[-1:] or ["no output"]
-        raise ValueError(f"the SuperLink did not answer ({detail[0][:300]}): is the "
-                         f"coordinator running? ('medfed coordinator start')") from err
+        raise ValueError(f"the SuperLink did not answer: {listing_failure(listing_json)}. Is "
+                         f"the coordinator running? ('medfed coordinator start')") from err
     return {n["node-id"]: n for n in nodes if n.get("status") != "unregistered"}
+
+
+def listing_failure(listing_json: str) -> str:
+    """Why ``flwr supernode ls --format json`` gave no node list, in one line: its JSON
+    ``error-message`` when it printed one, else its last line that says something (not a lone
+    brace of a multi-line JSON object)."""
+    try:
+        listing = json.loads(listing_json)
+    except json.JSONDecodeError:
+        listing = None
+    if isinstance(listing, dict) and listing.get("error-message"):
+        text = " ".join(str(listing["error-message"]).split())
+        return text[:300]
+    lines = [line.strip() for line in listing_json.splitlines()
+             if line.strip().strip('{}[](),"')]
+    return lines[-1][:300] if lines else "no output"
 
 
 def registry_listing_command(folder: Path) -> tuple[list[str], dict[str, str]]:
@@ -457,10 +472,14 @@ def run_advice(run_dir: Path, flwr_code: int) -> str:
     from server.checkpoint import CHECKPOINT_FILE
 
     last = last_run_error(run_dir)
+    resumable = (run_dir / CHECKPOINT_FILE).exists()
     if last and any(word in last for word in PERMANENT_REFUSALS):
-        return (f"hospitals refused it ({last}): a restart with the same study will be refused "
-                f"again; change the study (or the hospitals' policies) first")
-    if (run_dir / CHECKPOINT_FILE).exists():
+        then = ("it resumes from its last completed round" if resumable else
+                "it starts over (no round completed)")
+        return (f"hospitals refused it ({last}): the same study is refused again until those "
+                f"hospitals change their policies (or you change the study, which starts a "
+                f"new run). Once they have, run the same command again: {then}")
+    if resumable:
         return "run the same command again to resume from its last completed round"
     if flwr_code != 0:
         return "the run could not be submitted or stopped early (see the lines above)"
@@ -480,7 +499,9 @@ def last_run_error(run_dir: Path) -> str:
         return ""
     with open(path, newline="") as handle:
         errors = [f"round {r.get('round')} {r.get('hospital')}: {r['error']}"
-                  for r in csv.DictReader(handle) if r.get("error")]
+                  for r in csv.DictReader(handle) if r.get("error")
+                  # an evaluation refusal alone never ends a run
+                  and r["error"] != f"evaluate: {r.get('evaluation_error')}"]
     return errors[-1] if errors else ""
 
 

@@ -121,6 +121,25 @@ def enrolled_names(folder: Path) -> Callable[[int], str | None]:
     return name_of
 
 
+def revocations(folder: Path) -> Callable[[int], tuple[str, str] | None]:
+    """node id -> ``(name, revoked_at)`` of its revoked enrolment in the consortium folder's
+    list, else None; read when asked (only for a failed reply)."""
+    from server.consortium import load_enrolments
+
+    def revoked(node_id: int) -> tuple[str, str] | None:
+        try:
+            entries = load_enrolments(folder)
+        except (OSError, ValueError) as err:  # a list being rewritten: the plain error
+            logger.warning("cannot read the enrolment list in %s (%s)", folder, err)
+            return None
+        for entry in entries:
+            if not entry.active and entry.node_id == str(node_id):
+                return entry.name, entry.revoked_at
+        return None
+
+    return revoked
+
+
 def load_study(study: Path) -> Study:
     """The study's resolved settings (weights and initial adapter pinned).
 
@@ -154,6 +173,7 @@ def deployment_server_run(context: Context) -> ServerRun:
     records = RunRecords(paths[RUN_DIR_KEY])
     if consortium := str(context.run_config.get(CONSORTIUM_KEY, "")):
         records.enrolled_name = enrolled_names(Path(consortium))
+        records.revoked = revocations(Path(consortium))
     records.write_config(asdict(study))
     # The study's own test set, if it names one; otherwise the coordinator reads no data.
     held = coordinator_test_set(study)
@@ -203,8 +223,9 @@ def _main(grid: Grid, context: Context) -> None:
     wait_for_hospitals(grid)
     started = time.monotonic()
     # Deployment only: packed adapters and prompt polling (server.wire_grid).
+    # Every hospital dry-runs the study against its own policies first (server.preflight).
     outcome = run_study_rounds(PackedWireGrid(grid), run.study, run.records, run.test_set,
-                               on_round=run.on_round, on_reply=run.on_reply)
+                               on_round=run.on_round, on_reply=run.on_reply, study_check=True)
     summary = run_summary(run.records, run.study, outcome)
     summary["wall_time_s"] = {"federated": time.monotonic() - started,
                               "rounds": outcome.wall_time_s}

@@ -97,13 +97,15 @@ def combine_validation(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
     """Hospitals' validation metrics of one round, each weighted by its ``val_examples``.
 
     A metric a hospital could not compute (AUC on a split holding one class: NaN) is left out
-    of that metric's average, with its weight.
+    of that metric's average, with its weight. A row whose evaluation failed is left out; one
+    whose training failed but whose evaluation came back counts (separate outcomes).
 
     Returns:
         ``val_<metric>`` for each metric any hospital reported and ``val_examples`` (the sum);
         empty when no hospital evaluated.
     """
-    rows = [r for r in rows if r.get("val_examples") and not r.get("error")]
+    rows = [r for r in rows if r.get("val_examples") and not r.get("evaluation_error")
+            and "evaluate:" not in str(r.get("error") or "")]
     if not rows:
         return {}
     combined: dict[str, float] = {"val_examples": float(sum(r["val_examples"] for r in rows))}

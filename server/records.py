@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 METRICS_COLUMNS = [
     "round", "hospital", "node_id", "num_examples", "train_loss", "val_examples",
     *(f"val_{name}" for name in METRIC_NAMES), *(f"test_{name}" for name in METRIC_NAMES),
-    "upload_bytes", "site_fingerprint", "epsilon", "delta", "error",
+    "upload_bytes", "site_fingerprint", "epsilon", "delta", "error", "evaluation_error",
 ]
 GLOBAL = "global"
 
@@ -43,6 +43,12 @@ def _clean(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_clean(v) for v in value]
     return value
+
+
+def trained(row: dict[str, Any]) -> bool:
+    """Whether a hospital's row holds a training update its round could aggregate (whatever
+    became of the round's evaluation: that is an outcome of its own)."""
+    return row.get("num_examples") is not None and not row.get("train_error")
 
 
 def _drop_none(value: Any) -> Any:
@@ -64,6 +70,10 @@ class RunRecords:
     # list; None when unknown): rows carry that name. Without it (simulations, in-process
     # runs) a hospital's rows carry the id its replies give.
     enrolled_name: Callable[[int], str | None] | None = field(default=None, repr=False)
+    # node id -> (name, when) of a hospital whose enrolment was revoked (the coordinator's
+    # enrolment list; None: not revoked): its failed replies are recorded as a revocation, not
+    # as the SuperLink's "Node Unavailable" for the unregistered node.
+    revoked: Callable[[int], tuple[str, str] | None] | None = field(default=None, repr=False)
     # What the coordinator-held test set was (``server.evaluation.describe_test_set``), for
     # summary.json; None without one.
     test_set: dict[str, Any] | None = None
@@ -79,7 +89,11 @@ class RunRecords:
 
     def add_reply(self, reply: Reply) -> None:
         """Record one hospital's train or evaluate reply (or why it was dropped)."""
-        named = self._name(reply)
+        revocation = self.revoked(reply.node_id) if reply.error and self.revoked else None
+        if revocation is not None:
+            reply = replace(reply, error=f"revoked: hospital '{revocation[0]}' was revoked at "
+                                         f"{revocation[1]}; its node was unregistered")
+        named = revocation[0] if revocation is not None else self._name(reply)
         if named is not None and self.hospital_of.get(reply.node_id) != named:
             self.hospital_of[reply.node_id] = named
             self._rename(reply.node_id, named)
@@ -92,6 +106,12 @@ class RunRecords:
             entry = f"{reply.phase}: {reply.error}"
             kept = str(row.get("error") or "")
             row["error"] = entry if not kept else kept if entry in kept else f"{kept}; {entry}"
+            if reply.phase == "evaluate":
+                # Evaluation is an outcome of its own: a hospital that did not evaluate still
+                # trained (``trained``), and the record says why it did not evaluate.
+                row["evaluation_error"] = reply.error
+            else:
+                row["train_error"] = reply.error
             return
         metrics = reply.metrics
         if reply.phase == "train":
@@ -117,6 +137,12 @@ class RunRecords:
             return str(int(reply.metrics["hospital-id"]))
         return None
 
+    def hospital_name(self, node_id: int, metrics: dict) -> str:
+        """The name rows of ``node_id`` go under (a reply's ``metrics`` may give its id)."""
+        return (self._name(Reply(server_round=0, phase="query", node_id=node_id,
+                                 metrics=metrics)) or self.hospital_of.get(node_id)
+                or str(node_id))
+
     def _rename(self, node_id: int, new: str) -> None:
         """Move rows filed under ``node_id`` (before its first reply named the hospital: a
         straggler's or a refusing hospital's earlier rounds) to ``new``. A hospital whose name
@@ -128,6 +154,13 @@ class RunRecords:
             row = self.rows.pop(key)
             row["hospital"] = new
             self.rows[(server_round, new)] = {**row, **self.rows.get((server_round, new), {})}
+
+    def not_evaluated(self) -> list[dict[str, Any]]:
+        """Every hospital round without an evaluation, and why: ``round``, ``hospital``,
+        ``reason`` (the evaluation refusal or failure as the hospital gave it)."""
+        return [{"round": r["round"], "hospital": r["hospital"],
+                 "reason": r["evaluation_error"]}
+                for r in self.train_rows() if r.get("evaluation_error")]
 
     def add_test(self, server_round: int, metrics: dict[str, float]) -> None:
         """Record the central test metrics of the global adapter after ``server_round``."""
@@ -156,6 +189,7 @@ class RunRecords:
         return [row for (_, h), row in sorted(self.rows.items()) if h == GLOBAL]
 
     def train_rows(self) -> list[dict[str, Any]]:
+        """Hospitals' rows (every round), in round order."""
         return [r for (_, h), r in sorted(self.rows.items()) if h != GLOBAL]
 
     def privacy_summary(self) -> dict[str, Any]:

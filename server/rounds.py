@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ from server.checkpoint import (
 )
 from server.config import FederationConfig
 from server.evaluation import AdapterSelection, central_evaluator, combine_validation, with_prior
-from server.records import RunRecords
+from server.preflight import CHECK_FILE, check_config, check_study
+from server.records import RunRecords, trained
 from server.secure_aggregation import secure_grid
 from server.study import EvaluationConfig, Study
 from strategies import Reply, build_strategy
@@ -49,10 +51,18 @@ logger = logging.getLogger(__name__)
 RoundCallback = Callable[[int, dict[str, float]], None]
 """Called after each round with ``(round, metrics)``: the combined validation metrics
 (``val-auc``...) and, with a test set, the test metrics (``test-auc``...)."""
+RUN_NONCE_FILE = "run-nonce"
+"""Kept from a run's start to its end (``RUN_DIR/run-nonce``): part of its run key."""
 SELECTED_FILE = "selected.safetensors"
 """The round to publish so far (``RUN_DIR/selected.safetensors``), kept for a resumed run."""
 ReplyCallback = Callable[[Reply], None]
 """Called with each hospital's reply (or failure) as it is recorded."""
+
+
+RESUME_ADVICE = ("Once the hospitals named can take part (their policy changed, say), start "
+                 "the same study again with the same run directory: it resumes after round "
+                 "{done}, the last round every hospital's update was counted in.")
+"""What a run that ended on hospitals' refusals tells the operator to do."""
 
 
 class FederationError(RuntimeError):
@@ -118,6 +128,7 @@ def run_federation(
     *,
     classes: Iterable[str] = (),
     evaluation: EvaluationConfig | None = None,
+    study_check: bool = False,
 ) -> FederationOutcome:
     """Run ``federation.rounds`` rounds; write the metrics and the published adapter to
     ``records``.
@@ -129,9 +140,12 @@ def run_federation(
     noise than planned). ``classes`` (the study's class names) travel in every round's config;
     each hospital maps its labels to them. ``evaluation`` chooses the published round and the
     prior it answers for (default: best combined validation AUC, equal priors).
+    ``study_check``: before the first round, ask every hospital a dry run of the study
+    (``server.preflight``) and start nothing if any would refuse it.
 
     Raises:
-        FederationError: a round ended with fewer than ``federation.min_hospitals`` valid updates.
+        FederationError: a round ended with fewer than ``federation.min_hospitals`` valid
+            updates, or (``study_check``) a hospital would refuse the study.
     """
     evaluation = evaluation or EvaluationConfig()
     classes = list(classes)
@@ -154,6 +168,7 @@ def run_federation(
     if evaluation.prior:
         # Hospitals evaluate, and the run publishes, the adapter with the study's prior put back.
         _evaluate_as_published(strategy, evaluation.prior, model_config.num_classes)
+    plain_grid = grid
     if federation.secure_aggregation.enabled:
         # Training rounds then run SecAgg+: the strategy only ever receives the sum.
         grid = secure_grid(grid, federation.secure_aggregation, strategy, dp)
@@ -176,6 +191,7 @@ def run_federation(
     strategy = RoundOffset(strategy, done, resumed.strategy_state if resumed else {})
     num_classes = model_config.num_classes
     selected = records.run_dir / SELECTED_FILE
+    saved = [done]  # the rounds checkpointed so far (a resumed run goes on after the last)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord):
         server_round += done
@@ -189,6 +205,9 @@ def run_federation(
             records.add_test(server_round, test)
             metrics |= test
         if server_round > 0:
+            # A round without enough updates is neither judged nor checkpointed: a resumed
+            # run redoes it.
+            _check_round(records, federation, server_round)
             combined = combine_validation(records.validation_rows(server_round))
             records.add_combined(server_round, combined)
             metrics |= {k.replace("_", "-"): v for k, v in combined.items()}
@@ -198,14 +217,16 @@ def run_federation(
                         {k: round(v, 4) for k, v in combined.items()})
             save_checkpoint(records.run_dir, server_round, arrays, fingerprint,
                             records.rows.values(), strategy)
+            saved.append(server_round)
         if on_round is not None:
             on_round(server_round, metrics)
         return MetricRecord(metrics) if metrics else None
 
-    # Names the run across restarts: a hospital reports "this run's" epsilon from its ledger.
-    run_key = hashlib.sha256(f"{records.run_dir.resolve()}\n{fingerprint}".encode()).hexdigest()
+    run_key = run_key_for(records.run_dir, fingerprint)
     wire_config, evaluate_config = _round_configs(federation, model_config, train_config, dp,
-                                                  classes, run_key[:32])
+                                                  classes, run_key)
+    if study_check:
+        _check_study(plain_grid, records, federation, wire_config, done)
     start = time.monotonic()
     try:
         result = strategy.start(
@@ -219,7 +240,9 @@ def run_federation(
         )
     except TooFewUpdates as err:  # end at the round that failed, saying why
         records.write_metrics()
-        raise FederationError(f"{err}. See {records.run_dir / 'metrics.csv'}") from err
+        raise FederationError(f"{err}. See {records.run_dir / 'metrics.csv'}. "
+                              f"{RESUME_ADVICE.format(done=saved[-1])}"
+                              ) from err
     wall_time = time.monotonic() - start
     records.write_metrics()
     _check_rounds(records, federation)
@@ -235,17 +258,66 @@ def run_federation(
     # A finished run starts afresh when run again (the checkpoint is for crashes).
     (records.run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     selected.unlink(missing_ok=True)
+    (records.run_dir / RUN_NONCE_FILE).unlink(missing_ok=True)
     return FederationOutcome(model=model, wall_time_s=wall_time,
                              published_round=published_round, rule=selection.rule())
 
 
+def run_key_for(run_dir: Path, fingerprint: str) -> str:
+    """The run key every round's config carries (32 hex digits): the same for a run and its
+    resumptions after a crash (at any point, round 1 included), new for each run started
+    afresh in the directory and for other settings.
+
+    A hospital keys its ledger entries by it: this run's reported epsilon, and a round it
+    already charged, which a resumed run's replay gets back as released instead of trained and
+    charged again (``client.released_rounds``). A fresh nonce (``RUN_DIR/run-nonce``, removed
+    when the run finishes) keeps a finished study run again in the same directory apart.
+    """
+    nonce_file = Path(run_dir) / RUN_NONCE_FILE
+    if not nonce_file.is_file():
+        nonce_file.write_text(secrets.token_hex(16) + "\n")
+    nonce = nonce_file.read_text().strip()
+    key = f"{Path(run_dir).resolve()}\n{fingerprint}\n{nonce}"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
 def run_study_rounds(grid: Grid, study: Study, records: RunRecords,
                      test_set: ImageSet | None = None, on_round: RoundCallback | None = None,
-                     on_reply: ReplyCallback | None = None) -> FederationOutcome:
+                     on_reply: ReplyCallback | None = None, study_check: bool = False
+                     ) -> FederationOutcome:
     """:func:`run_federation` for a :class:`~server.study.Study`."""
     return run_federation(grid, study.federation, study.model, study.train, test_set, records,
                           on_round, on_reply, study.privacy, classes=study.classes,
-                          evaluation=study.evaluation)
+                          evaluation=study.evaluation, study_check=study_check)
+
+
+def study_round_config(study: Study) -> ConfigRecord:
+    """The config every training message of ``study`` carries (its run key left empty), as
+    the study check sends it: what ``medfed hospital check --study`` checks at a hospital."""
+    federation = study.federation
+    dp = replace(study.privacy, dp_run_rounds=study.privacy.dp_run_rounds or federation.rounds,
+                 update_hospitals=study.privacy.update_hospitals or federation.min_hospitals)
+    wire, _ = _round_configs(federation, study.model, study.train, dp, study.classes, "")
+    return check_config(wire, federation)
+
+
+def _check_study(grid: Grid, records: RunRecords, federation: FederationConfig,
+                 round_config: ConfigRecord, done: int) -> None:
+    """Ask every hospital a dry run of the rest of the study (``server.preflight``).
+
+    Raises:
+        FederationError: a hospital would refuse it: naming the hospital and the setting.
+    """
+    failed = check_study(grid, check_config(round_config, federation, done),
+                         federation.round_timeout_s, records.hospital_name, records.run_dir)
+    # Only answered refusals stop the run: an absent hospital is the rounds' business.
+    if failed:
+        raise FederationError(
+            f"the study was not started: {len(failed)} of its settings would be refused: "
+            f"{'; '.join(failed)}. Change the setting named (at that hospital, or in the "
+            f"study), then start the study again; each hospital's answers are in "
+            f"{records.run_dir / CHECK_FILE}, and 'medfed hospital check --dir SITE --study "
+            f"STUDY' shows the same items at a hospital.")
 
 
 def _save_arrays(arrays: ArrayRecord, path: Path) -> None:
@@ -302,9 +374,36 @@ def run_summary(records: RunRecords, study: Study, outcome: FederationOutcome) -
         "adapter": int(sum(t.numel() * t.element_size()
                            for t in adapter_state(outcome.model).values())),
     }
-    if privacy := records.privacy_summary():
-        summary["privacy"] = privacy
-    return summary
+    return summary | settings_summary(records, study)
+
+
+def settings_summary(records: RunRecords, study: Study) -> dict[str, Any]:
+    """What ``summary.json`` says of the run's privacy and secure aggregation, and of the
+    hospital rounds that were not evaluated.
+
+    ``secure_aggregation``: the study's settings (``enabled`` first); ``privacy_settings``:
+    its ``[privacy]`` settings; ``privacy``: the hospitals' reported epsilons, the largest
+    (``epsilon_max``), the study's target and whether a hospital went past it
+    (``target_exceeded``, also logged as a warning); ``not_evaluated``: each hospital round
+    without an evaluation and why (training counted all the same).
+    """
+    out: dict[str, Any] = {
+        "secure_aggregation": asdict(study.federation.secure_aggregation),
+        "privacy_settings": asdict(study.privacy),
+        "not_evaluated": records.not_evaluated(),
+    }
+    privacy = records.privacy_summary()
+    target = study.privacy.dp_target_epsilon
+    if privacy and target > 0:
+        largest = privacy.get("epsilon_max")
+        privacy["target_epsilon"] = target
+        privacy["target_exceeded"] = largest is not None and largest > target * (1 + 1e-9)
+        if privacy["target_exceeded"]:
+            logger.warning("a hospital reports epsilon %.4g for this run, above the study's "
+                           "target %g (summary.json 'privacy')", largest, target)
+    if privacy:
+        out["privacy"] = privacy
+    return out
 
 
 def _evaluate_as_published(strategy: Strategy, prior: list[float], num_classes: int) -> None:
@@ -328,13 +427,28 @@ def _observe(reply: Reply, records: RunRecords, on_reply: ReplyCallback | None) 
 def _check_rounds(records: RunRecords, federation: FederationConfig) -> None:
     """Flower ends a run normally even when hospitals failed: check each round's updates."""
     for server_round in range(1, federation.rounds + 1):
-        good = [r for r in records.train_rows()
-                if r["round"] == server_round and "train_loss" in r and not r.get("error")]
-        if len(good) < federation.min_hospitals:
-            errors = [f"hospital {r['hospital']}: {r['error']}" for r in records.train_rows()
-                      if r["round"] == server_round and r.get("error")]
-            raise FederationError(
-                f"round {server_round} got {len(good)} valid updates, needs "
-                f"{federation.min_hospitals}; {'; '.join(errors) or 'no hospital answered'}. "
-                f"See {records.run_dir / 'metrics.csv'}"
-            )
+        _check_round(records, federation, server_round)
+
+
+def _check_round(records: RunRecords, federation: FederationConfig, server_round: int) -> None:
+    """Raise when ``server_round`` trained fewer than ``federation.min_hospitals`` updates.
+
+    Only training counts: a hospital that trained but did not evaluate (its run policy's
+    ``min_evaluation_examples``, say) gave the round its update; the records say why it did
+    not evaluate (``evaluation_error``).
+
+    Raises:
+        FederationError: naming every hospital's training failure and what to do.
+    """
+    rows = [r for r in records.train_rows() if r["round"] == server_round]
+    good = [r for r in rows if trained(r)]
+    if len(good) >= federation.min_hospitals:
+        return
+    errors = [f"hospital {r['hospital']}: {r['train_error']}" for r in rows
+              if r.get("train_error")]
+    records.write_metrics()
+    raise FederationError(
+        f"round {server_round} got {len(good)} valid updates, needs "
+        f"{federation.min_hospitals}; {'; '.join(errors) or 'no hospital answered'}. "
+        f"See {records.run_dir / 'metrics.csv'}. {RESUME_ADVICE.format(done=server_round - 1)}"
+    )

@@ -9,7 +9,7 @@ import io
 import pytest
 
 from server.checkpoint import CHECKPOINT_FILE
-from server.daemon import copy_once, registry_nodes, run_advice
+from server.daemon import copy_once, last_run_error, registry_nodes, run_advice
 from server.records import RunRecords
 from strategies.replies import Reply
 
@@ -36,7 +36,19 @@ def test_advice_fits_the_failure(tmp_path):
     records.add_reply(_reply("train", "privacy policy refused: budget spent"))
     records.write_metrics()
     advice = run_advice(tmp_path, 1)
-    assert "refused again" in advice and "resume" not in advice
+    assert "refused again until those hospitals change their policies" in advice
+    assert "run the same command again: it resumes from its last completed round" in advice
+    (tmp_path / CHECKPOINT_FILE).unlink()
+    assert "it starts over" in run_advice(tmp_path, 1)
+
+
+def test_an_evaluation_refusal_alone_is_not_why_a_run_ended(tmp_path):
+    records = RunRecords(tmp_path)
+    records.add_reply(_reply("evaluate", "run policy 'min_evaluation_examples': 2 examples"))
+    records.write_metrics()
+    assert last_run_error(tmp_path) == ""
+    (row,) = records.rows.values()
+    assert row["evaluation_error"].startswith("run policy 'min_evaluation_examples'")
 
 
 def test_the_streamed_run_log_prints_each_line_once():

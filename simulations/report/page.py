@@ -55,7 +55,8 @@ def study_line(run: Run) -> str:
                 f"{', '.join(run.config.get('classes', [])) or '(indices)'}; "
                 f"{_plural(_setting(run, 'federation', 'rounds'), 'round')} of "
                 f"{_setting(run, 'federation', 'strategy')}; {model.get('backbone')} at "
-                f"{model.get('image_size')} px, LoRA rank {model.get('lora_r')}")
+                f"{model.get('image_size')} px, LoRA rank {model.get('lora_r')}"
+                + safeguards(run))
     data = run.config.get("data", {})
     partition = data.get("partition", "?")
     if partition == "dirichlet":
@@ -81,6 +82,29 @@ def study_line(run: Run) -> str:
             f"{_setting(run, 'federation', 'strategy')}; {model.get('backbone')} at "
             f"{model.get('image_size')} px, LoRA rank {model.get('lora_r')}; seed "
             f"{run.config.get('seed')}" + ("; " + ", ".join(extras) if extras else ""))
+
+
+def safeguards(run: Run) -> str:
+    """What a run's summary says of secure aggregation and differential privacy (empty for a
+    run recorded before summaries held it)."""
+    secagg = run.summary.get("secure_aggregation")
+    if secagg is None:
+        return ""
+    settings = run.summary.get("privacy_settings", {})
+    dp = settings.get("dpsgd") or settings.get("update_noise_multiplier")
+    text = f"; secure aggregation {'on' if secagg.get('enabled') else 'off'}"
+    text += "; differential privacy " + ("on" if dp else "off")
+    privacy = run.summary.get("privacy", {})
+    if privacy.get("epsilon_max") is not None:
+        text += f" (largest epsilon at a hospital {privacy['epsilon_max']:.3g}"
+        if privacy.get("target_epsilon"):
+            over = ", above the study's target" if privacy.get("target_exceeded") else ""
+            text += f", target {privacy['target_epsilon']:g}{over}"
+        text += ")"
+    skipped = sorted({str(n["hospital"]) for n in run.summary.get("not_evaluated", [])})
+    if skipped:
+        text += f"; did not evaluate: {', '.join(skipped)}"
+    return text
 
 
 def failures_table(run: Run) -> str:
@@ -217,6 +241,19 @@ figure{margin:1.2em 0;padding:.8em;border:1px solid #e3e3e3;border-radius:6px;ba
 img{max-width:100%}figcaption{font-size:.92em;color:#444;margin-top:.4em}
 .key{font-size:1.1em;background:#f3f8ee;border-left:4px solid #2ca02c;padding:.6em 1em}
 """
+
+
+def held_out_sentence(runs: list[Run]) -> str:
+    """What the report says of the runs' test sets, true to the runs: a test set is named only
+    where a run was scored on one (``federated`` in its summary)."""
+    held = [run for run in runs if "federated" in run.summary]
+    if len(held) == len(runs):
+        return "the test set is held out from every hospital."
+    if not held:
+        return ("there is no test set: every figure is the hospitals' combined results on "
+                "their own validation splits.")
+    return ("runs with a test set hold it out from every hospital; the others are judged on "
+            "the hospitals' own validation splits only.")
 
 
 def _key_finding(run: Run, scores: TestScores | None) -> str:
@@ -381,8 +418,8 @@ def build_report(run_dirs: list[Path], out_dir: Path, score_model: bool = True) 
             f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
             f"<h1>{html.escape(title)}</h1><p>Generated {datetime.now():%Y-%m-%d %H:%M} from "
             f"{', '.join(html.escape(str(r.path)) for r in runs)}. AUC: area under the ROC "
-            f"curve, 0.5 is chance and 1 is perfect; the test set is held out from every "
-            f"hospital.</p>" + comparison + "".join(sections) + "</body></html>")
+            f"curve, 0.5 is chance and 1 is perfect; {held_out_sentence(runs)}</p>"
+            + comparison + "".join(sections) + "</body></html>")
     path = out_dir / "report.html"
     path.write_text(page)
     logger.info("report written to %s", path)
