@@ -4,46 +4,20 @@ by the strict reader, which refuses unknown keys, missing keys and bad values.""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
+from published_run import CLASSES
 
-from client.app import build_client_app
 from models.adapters import ADAPTER_FILE
 from models.card import CARD_FILE, CardError, embedded_pins, read_card
-from models.config import ModelConfig, TrainConfig
+from models.config import ModelConfig
 from models.hashing import file_sha256
 from models.registry import weights_sha256
-from server.config import FederationConfig
-from server.records import RunRecords
-from server.rounds import run_federation
-from server.study import EvaluationConfig
-from simulations.config import DataConfig
-from simulations.inprocess import InProcessGrid
-from simulations.sites import SimulatedSiteLoader
-
-CLASSES = ["normal", "pneumonia"]
-
-
-def short_run(run_dir, rounds: int = 1) -> RunRecords:
-    """Three real PneumoniaMNIST hospitals, ``rounds`` rounds of 2 steps, 32 px, in process."""
-    data = DataConfig(num_hospitals=3, max_train_examples=120, max_test_examples=64)
-    grid = InProcessGrid(build_client_app(SimulatedSiteLoader(data, 0)),
-                         {10 + k: {"partition-id": k} for k in range(3)})
-    model = ModelConfig(image_size=32, lora_r=4, lora_alpha=8,
-                        weights_sha256=weights_sha256("efficientnet-lite0-imagenet"))
-    federation = FederationConfig(rounds=rounds, min_hospitals=3, task="pneumonia-cxr")
-    records = RunRecords(run_dir)
-    run_federation(grid, federation, model, replace(TrainConfig(), local_steps=2), None,
-                   records, classes=CLASSES, evaluation=EvaluationConfig(prior=[0.3, 0.7]))
-    return records
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("card") / "pneumonia-study"
-    short_run(path)
-    return path
+def run_dir(published_run):
+    return published_run
 
 
 def test_a_run_publishes_its_card_and_it_reads_back(run_dir):
