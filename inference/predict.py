@@ -109,7 +109,7 @@ def study_probabilities(published: Published, images: list[np.ndarray]) -> np.nd
         batch = torch.from_numpy(np.concatenate(images))
     else:
         batch = stack_images(images, [0] * len(images), images[0].shape[-1]).images
-    probs = published.model(batch.to(published.device)).float().softmax(dim=1).cpu().numpy()
+    probs = published.model(batch.to(published.device)).double().softmax(dim=1).cpu().numpy()
     frames = np.cumsum([0, *(len(i) for i in images)])
     return np.stack([probs[a:b].mean(axis=0) for a, b in zip(frames[:-1], frames[1:],
                                                                strict=True)])
