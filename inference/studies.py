@@ -76,12 +76,13 @@ def folder_studies(folder: Path) -> StudySource:
     if not folder.is_dir():
         raise ManifestError(f"--input {folder}: not a folder of DICOM files")
     root = folder.resolve()
-    studies = []
+    written = []
     for parent, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(f for f in files if not f.startswith(".")):
-            written = (Path(parent) / name).relative_to(root).as_posix()
-            studies.append(_study(written, root, (root,), UNLABELLED, len(studies) + 1))
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        written += [(Path(parent) / f).relative_to(root).as_posix() for f in files
+                    if not f.startswith(".")]
+    studies = [_study(w, root, (root,), UNLABELLED, n)
+               for n, w in enumerate(sorted(written), start=1)]
     if not studies:
         raise ManifestError(f"--input {folder}: holds no file")
     return StudySource(studies, False, (root,), str(folder))

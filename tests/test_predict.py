@@ -182,3 +182,24 @@ def test_the_command_predicts_and_refuses(published_run, dicom_folder, tmp_path,
     code = main(["predict", str(tampered), "--input", str(dicom_folder / "studies"),
                  "--out", str(tmp_path / "refused"), "--device", "cpu"])
     assert code == 1 and not (tmp_path / "refused").exists()
+
+
+def test_studies_outside_the_folder_are_refused_and_unlabelled_manifests_read(tmp_path):
+    from imaging.settings import ReadSettings
+
+    secret = tmp_path / "secret.dcm"
+    secret.write_bytes(b"DICM")
+    folder = tmp_path / "export"
+    (folder / "a").mkdir(parents=True)
+    (folder / "a" / "one.dcm").write_bytes(b"x")
+    (folder / "a" / ".hidden").write_bytes(b"x")
+    (folder / "link.dcm").symlink_to(secret)
+    source = folder_studies(folder)
+    assert [s.identifier for s in source.studies] == ["a/one.dcm", "link.dcm"]
+    assert source.studies[1].entry is None and source.studies[1].problem.startswith("outside")
+    manifest = folder / "studies.csv"
+    manifest.write_text("path;note\na/one.dcm;x\n../secret.dcm;y\n\n")
+    listed = manifest_studies(manifest, ReadSettings(classes=tuple(CLASSES)))
+    assert not listed.labelled
+    assert [(s.identifier, s.entry is None) for s in listed.studies] == [
+        ("a/one.dcm", False), ("../secret.dcm", True)]

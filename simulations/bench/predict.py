@@ -51,6 +51,9 @@ def train_quick_run(run_dir: Path, rounds: int, max_train_examples: int, seed: i
     from simulations.inprocess import InProcessGrid
     from simulations.sites import SimulatedSiteLoader
 
+    flower = logging.getLogger("flwr")  # one line per message otherwise
+    flower.setLevel(logging.WARNING)
+    flower.propagate = False
     data = DataConfig(max_train_examples=max_train_examples)
     grid = InProcessGrid(build_client_app(SimulatedSiteLoader(data, seed)),
                          {100 + k: {"partition-id": k} for k in range(data.num_hospitals)})
