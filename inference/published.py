@@ -119,10 +119,19 @@ def check_embedded(card: AdapterCard, data: bytes, where: Path) -> None:
         raise PinError(f"adapter: {where} carries no published pins (written before adapter "
                        "cards); publish it again with this medfed version")
     for key, value in card.pins().items():
-        if pins.get(key) != value:
-            raise PinError(f"{key}: the card says {value!r} but the adapter file was "
-                           f"published with {pins.get(key)!r}; the card was edited: get the "
+        for name, said, published in _differences(key, value, pins.get(key)):
+            raise PinError(f"{name}: the card says {said!r} but the adapter file was "
+                           f"published with {published!r}; the card was edited: get the "
                            "published adapter folder again")
+
+
+def _differences(name: str, card: object, published: object) -> list[tuple[str, object, object]]:
+    """``(dotted name, card's value, published value)`` of each differing entry, tables
+    compared key by key (so a message names ``preprocessing.image_size``, not the table)."""
+    if isinstance(card, dict) and isinstance(published, dict):
+        return [d for key in sorted(set(card) | set(published))
+                for d in _differences(f"{name}.{key}", card.get(key), published.get(key))]
+    return [] if card == published else [(name, card, published)]
 
 
 def model_config(card: AdapterCard) -> ModelConfig:

@@ -149,7 +149,8 @@ TAMPERED = {
     "classes": (lambda v: v.update(classes=CLASSES[::-1]), None, "classes: the card says"),
     "task": (lambda v: v.update(task="segmentation"), None, "task: "),
     "preprocessing": (lambda v: v["preprocessing"].update(image_size=64), None,
-                      "preprocessing: the card says"),
+                      "preprocessing.image_size: the card says 64 but the adapter file was "
+                      "published with 32"),
 }
 
 

@@ -110,16 +110,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(run_dir: Path, folder: Path, out: Path, batch_size: int, device: str) -> dict:
-    """Predict every file of ``folder`` with the run's adapter; speed and peak memory."""
+def measure(run_dir: Path, folder: Path, out: Path, batch_size: int, device: str,
+            threads: int = 0) -> dict:
+    """Predict every file of ``folder`` with the run's adapter; speed and peak memory
+    (``threads``: torch's CPU threads, 0 = its default)."""
+    import torch
+
     from inference.predict import predict_studies
     from inference.published import load_published
     from inference.studies import folder_studies
 
+    if threads:
+        torch.set_num_threads(threads)
     published = load_published(run_dir, device)
     source = folder_studies(folder)
     outcome = predict_studies(published, source, out, batch_size)
-    return {"device": str(published.device), "studies": outcome.studies,
+    return {"device": str(published.device), "threads": torch.get_num_threads(),
+            "studies": outcome.studies,
             "predicted": outcome.predicted,
             "studies_per_second": outcome.studies / outcome.seconds,
             "peak_rss_mb": peak_rss_mb()}
@@ -182,7 +189,8 @@ def _measure_in_child(run_dir: Path, folder: Path, out: Path, args: argparse.Nam
     """:func:`measure` in a fresh Python process (its peak memory is its own)."""
     done = subprocess.run(
         [sys.executable, "-m", "simulations.bench.predict", "--measure", str(run_dir),
-         str(folder), str(out), "--batch-size", str(args.batch_size), "--device", args.device],
+         str(folder), str(out), "--batch-size", str(args.batch_size), "--device", args.device,
+         "--threads", str(args.threads)],
         capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -209,6 +217,7 @@ def _print(figures: dict) -> None:
     print(f"trained in {figures['train_s']:.0f} s; {figures['studies']} DICOM studies written "
           f"in {figures['write_s']:.0f} s")
     print(f"device: {figures['device']}")
+    print(f"torch threads: {figures['threads']}")
     print(f"studies per second: {figures['studies_per_second']:.1f}")
     print(f"peak rss mb: {figures['peak_rss_mb']:.0f}")
     print(f"refused on a wrong pin: {figures['refused']} of {figures['tried']}")
@@ -226,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="DICOM studies to predict on (default 10,000)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads for the timed prediction (0: torch's default)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-train-examples", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
@@ -235,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.measure:
-        print(json.dumps(measure(*args.measure, args.batch_size, args.device)))
+        print(json.dumps(measure(*args.measure, args.batch_size, args.device, args.threads)))
         return 0
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)
