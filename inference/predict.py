@@ -81,6 +81,7 @@ class Outcome:
 
 
 def _batches(studies: list[Study], size: int) -> Iterator[list[Study]]:
+    """Consecutive slices of at most ``size`` studies."""
     for start in range(0, len(studies), size):
         yield studies[start:start + size]
 
@@ -116,6 +117,7 @@ def study_probabilities(published: Published, images: list[np.ndarray]) -> np.nd
 
 
 def _columns(published: Published, labelled: bool) -> list[str]:
+    """The predictions CSV's header."""
     classes = published.card.classes
     return ["study", *(["label"] if labelled else []),
             *(f"probability_{c}" for c in classes), "predicted", "rule", "error"]

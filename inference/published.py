@@ -155,6 +155,7 @@ def check_preprocessing(card: AdapterCard, config: ModelConfig, model: torch.nn.
 
 
 def _load_state(model: PeftModel, card: AdapterCard, data: bytes, file: Path) -> None:
+    """Load the adapter tensors from the checked bytes; a misfit names the classes."""
     try:
         state = load(data)
     except (SafetensorError, OSError) as err:

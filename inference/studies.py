@@ -89,6 +89,7 @@ def folder_studies(folder: Path) -> StudySource:
 
 
 def _study(written: str, base: Path, roots: tuple[Path, ...], label: int, row: int) -> Study:
+    """A study for a written path, confined to ``roots`` (refused, with why, if outside)."""
     try:
         path = confine(written, base, roots)
     except OutsideRootError as err:
@@ -141,6 +142,7 @@ def manifest_studies(manifest: Path, settings: ReadSettings) -> StudySource:
 
 def _unlabelled(text: str, separator: str, manifest: Path, settings: ReadSettings,
                 roots: tuple[Path, ...]) -> Iterator[Study]:
+    """The rows of a manifest without labels: only the path column is read."""
     reader = csv.DictReader(io.StringIO(text), delimiter=separator)
     base = manifest.resolve().parent
     for number, record in enumerate(reader, start=2):

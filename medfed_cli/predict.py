@@ -23,6 +23,8 @@ def _print_card(published: Published) -> None:
 
     card = published.card
     table = Table(title=f"adapter card: {published.folder}", show_header=False)
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")
     privacy = card.privacy
     rows = [
         ("study", f"{card.study} (declared task: {card.declared_task or '-'})"),
