@@ -51,6 +51,7 @@ def _print_card(published: Published) -> None:
 @user_errors("inference.published:PinError", "models.card:CardError",
              "imaging.problems:ManifestError", "ValueError", "FileNotFoundError")
 def cmd_predict(args: argparse.Namespace) -> int:
+    """Check the adapter's pins, print its card, predict, and write the reports."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from inference.predict import predict_studies, reader_settings, write_reports
@@ -91,6 +92,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
+    """``medfed predict`` and its flags."""
     cmd = sub.add_parser(
         "predict", help="run a published adapter on DICOM studies (offline); a labelled "
                         "manifest also scores it (external validation)")

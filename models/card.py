@@ -66,6 +66,7 @@ def _finite_numbers(values: dict[str, Any], where: str, allow_none: bool = False
 
 
 def _sha256(value: str, where: str) -> None:
+    """Refuse a value that is not a lower-case hex SHA-256."""
     if not _SHA256.match(value):
         raise CardError(f"{where} = {value!r}: expected 64 lower-case hex digits (a SHA-256)")
 
@@ -91,6 +92,7 @@ class ModelPin:
     lora_targets: list[str]
 
     def __post_init__(self) -> None:
+        """Refuse a weights pin that is not a SHA-256."""
         _sha256(self.weights_sha256, "model.weights_sha256")
 
 
@@ -117,6 +119,7 @@ class Preprocessing:
     pixels: dict[str, Any]
 
     def __post_init__(self) -> None:
+        """Refuse a pipeline table of other values, or a normalisation that cannot work."""
         if not isinstance(self.pixels, dict) or not all(
                 isinstance(k, str) and isinstance(v, str | int) and not isinstance(v, bool)
                 for k, v in self.pixels.items()):
@@ -165,6 +168,7 @@ class PrivacyRecord:
     delta: float | None
 
     def __post_init__(self) -> None:
+        """Refuse non-finite or non-numeric privacy figures."""
         _finite_numbers(self.parameters, "privacy.parameters", allow_text=True)
         _finite_numbers({"epsilon_max": self.epsilon_max, "delta": self.delta}, "privacy",
                         allow_none=True)
@@ -216,6 +220,7 @@ class AdapterCard:
     adapter_files: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Refuse bad classes, metrics, prior or file hashes."""
         if len(self.classes) < 2 or len({c.casefold() for c in self.classes}) != len(
                 self.classes) or not all(c.strip() for c in self.classes):
             raise CardError(f"classes = {self.classes}: need two or more distinct, non-empty "

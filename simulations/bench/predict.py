@@ -211,6 +211,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
 
 def _print(figures: dict) -> None:
+    """The bench's figures, one per line (the lines docs/benchmarks.md quotes)."""
     external = figures["external"]
     for pin, reason in figures["reasons"].items():
         print(f"  {pin}: {reason}")
@@ -229,6 +230,7 @@ def _print(figures: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the bench (or, with ``--measure``, only the timed prediction) and print figures."""
     parser = argparse.ArgumentParser(prog="python -m simulations.bench predict",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--studies", type=int, default=10_000,
