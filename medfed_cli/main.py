@@ -11,6 +11,7 @@ from rich.logging import RichHandler
 from medfed_cli.common import console
 from medfed_cli.coordinator import add_coordinator
 from medfed_cli.hospital import add_hospital
+from medfed_cli.predict import add_predict
 from medfed_cli.report import add_report
 from medfed_cli.simulate import add_scenarios, add_simulate
 from medfed_cli.study import add_study
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's own logs")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_simulate, add_scenarios, add_report, add_sweep, add_study, add_hospital,
-                add_coordinator):
+                add_coordinator, add_predict):
         add(sub)
     return parser
 

@@ -30,6 +30,7 @@ from models.data import ImageSet
 from models.lora import build_lora_model
 from models.metrics import METRIC_NAMES
 from privacy.config import DPConfig
+from server.card import publish_card
 from server.checkpoint import (
     CHECKPOINT_FILE,
     RoundOffset,
@@ -253,6 +254,9 @@ def run_federation(
         state = with_prior(result.arrays, evaluation.prior, num_classes).to_torch_state_dict()
     load_adapter_state(model, state)
     save_adapter(model, records.run_dir / "adapter")
+    publish_card(records, federation, model_config, model, classes=classes,
+                 evaluation=evaluation, dp=dp, published_round=published_round,
+                 selection=selection.rule())
     logger.info("published the global adapter of round %d (%s)", published_round,
                 selection.rule())
     # A finished run starts afresh when run again (the checkpoint is for crashes).

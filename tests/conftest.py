@@ -46,3 +46,14 @@ def small_model_config() -> ModelConfig:
         image_size=SMALL_IMAGE, num_classes=2, lora_r=4, lora_alpha=8,
         weights_sha256=weights_sha256("efficientnet-lite0-imagenet"),
     )
+
+
+@pytest.fixture(scope="session")
+def published_run(tmp_path_factory):
+    """A run directory published by a short real run (``tests/published_run.py``): its
+    ``adapter/`` holds the adapter and its card. Read only: copy it to tamper with it."""
+    from published_run import short_run
+
+    path = tmp_path_factory.mktemp("published") / "pneumonia-study"
+    short_run(path)
+    return path

@@ -16,6 +16,7 @@ BENCHES = {
     "faults": "simulations.bench.faults",
     "foundation": "simulations.bench.foundation",
     "foundation-probe": "simulations.bench.foundation_probe",
+    "predict": "simulations.bench.predict",
     "real-study": "simulations.bench.real_study",
     "scale": "simulations.bench.scale",
     "secagg": "simulations.bench.secagg",
