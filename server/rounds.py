@@ -150,11 +150,61 @@ def run_federation(
     """
     evaluation = evaluation or EvaluationConfig()
     classes = list(classes)
-    if dp is not None:
-        dp = replace(dp, dp_run_rounds=dp.dp_run_rounds or federation.rounds,
-                     update_hospitals=dp.update_hospitals or federation.min_hospitals)
+    dp = _run_dp(dp, federation)
     model = initial_model(model_config, train_config.seed, federation.initial_adapter,
                           federation.initial_adapter_sha256)
+    strategy = _strategy(federation, model_config, records, on_reply, dp, evaluation)
+    plain_grid = grid
+    if federation.secure_aggregation.enabled:
+        # Training rounds then run SecAgg+: the strategy only ever receives the sum.
+        grid = secure_grid(grid, federation.secure_aggregation, strategy, dp)
+    # A checkpoint after every round; a run dir holding one (a crashed run with the same
+    # settings) resumes after its round, with its arrays, RNG states and records.
+    fingerprint = settings_fingerprint(federation, model_config, train_config, dp)
+    judge = RoundJudge(records, federation, evaluation, model_config.num_classes, fingerprint,
+                       central_evaluator(model, test_set) if test_set is not None else None,
+                       on_round)
+    initial_arrays = judge.resume(ArrayRecord(adapter_state(model)))
+    # Flower counts from 1: shift to done + 1; FedOpt's moments come back; replies are
+    # aggregated in node order (resumed or not, the same sums).
+    judge.strategy = strategy = RoundOffset(strategy, judge.done, judge.strategy_state)
+    wire_config, evaluate_config = _round_configs(
+        federation, model_config, train_config, dp, classes,
+        run_key_for(records.run_dir, fingerprint))
+    if study_check:
+        _check_study(plain_grid, records, federation, wire_config, judge.done)
+    start = time.monotonic()
+    try:
+        result = strategy.start(
+            grid=grid, initial_arrays=initial_arrays,
+            num_rounds=federation.rounds - judge.done, timeout=federation.round_timeout_s,
+            train_config=wire_config, evaluate_config=evaluate_config, evaluate_fn=judge)
+    except TooFewUpdates as err:  # end at the round that failed, saying why
+        records.write_metrics()
+        raise FederationError(f"{err}. See {records.run_dir / 'metrics.csv'}. "
+                              f"{RESUME_ADVICE.format(done=judge.saved[-1])}") from err
+    wall_time = time.monotonic() - start
+    records.write_metrics()
+    _check_rounds(records, federation)
+    published_round = _publish(model, judge, result.arrays, model_config, classes, dp)
+    return FederationOutcome(model=model, wall_time_s=wall_time,
+                             published_round=published_round, rule=judge.selection.rule())
+
+
+def _run_dp(dp: DPConfig | None, federation: FederationConfig) -> DPConfig | None:
+    """The run's DP settings with the study's defaults filled in: the accountant plans over
+    ``federation.rounds``, and each hospital's noise share assumes ``min_hospitals`` shares."""
+    if dp is None:
+        return None
+    return replace(dp, dp_run_rounds=dp.dp_run_rounds or federation.rounds,
+                   update_hospitals=dp.update_hospitals or federation.min_hospitals)
+
+
+def _strategy(federation: FederationConfig, model_config: ModelConfig, records: RunRecords,
+              on_reply: ReplyCallback | None, dp: DPConfig | None,
+              evaluation: EvaluationConfig):
+    """The study's aggregation rule, observing every reply into ``records``; with a prior,
+    hospitals evaluate the adapter as it will be published."""
     strategy = build_strategy(
         federation.strategy,
         fraction_train=federation.fraction_train,
@@ -167,104 +217,108 @@ def run_federation(
         options=federation.options,  # the strategies' settings
     )
     if evaluation.prior:
-        # Hospitals evaluate, and the run publishes, the adapter with the study's prior put back.
         _evaluate_as_published(strategy, evaluation.prior, model_config.num_classes)
-    plain_grid = grid
-    if federation.secure_aggregation.enabled:
-        # Training rounds then run SecAgg+: the strategy only ever receives the sum.
-        grid = secure_grid(grid, federation.secure_aggregation, strategy, dp)
-    evaluator = central_evaluator(model, test_set) if test_set is not None else None
-    selection = AdapterSelection(evaluation.select_by)
-    # A checkpoint after every round; a run dir holding one (a crashed run with the same
-    # settings) resumes after its round, with its arrays, RNG states and records.
-    fingerprint = settings_fingerprint(federation, model_config, train_config, dp)
-    resumed = load_checkpoint(records.run_dir, fingerprint)
-    done = resumed.server_round if resumed is not None else 0
-    initial_arrays = ArrayRecord(adapter_state(model))
-    if resumed is not None:
-        initial_arrays = ArrayRecord({k: resumed.arrays[k] for k in initial_arrays})
-        records.rows.update({(r["round"], r["hospital"]): r for r in resumed.rows})
-        logger.info("resuming %s after round %d of %d", records.run_dir, done, federation.rounds)
-        for row in records.test_history():  # the rounds judged before the crash
-            selection.consider(row["round"], row)
-    # Flower counts from 1: shift to done + 1; FedOpt's moments come back; replies are
-    # aggregated in node order (resumed or not, the same sums).
-    strategy = RoundOffset(strategy, done, resumed.strategy_state if resumed else {})
-    num_classes = model_config.num_classes
-    selected = records.run_dir / SELECTED_FILE
-    saved = [done]  # the rounds checkpointed so far (a resumed run goes on after the last)
+    return strategy
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord):
-        server_round += done
-        if resumed is not None and server_round == done:
+
+class RoundJudge:
+    """Flower's ``evaluate_fn``: after each round, the global adapter with the study's prior
+    put back is scored on the coordinator's test set (if any), the hospitals' validation
+    results are combined, the best round so far is kept for publication, and a checkpoint is
+    written. :meth:`resume` restores a crashed run's state first.
+
+    Attributes:
+        done: rounds finished before this process (a resumed run goes on after them).
+        saved: the rounds checkpointed so far.
+        selection: the published round's choice.
+        selected: where the best round's published adapter is kept until the end.
+        strategy: the strategy whose state each checkpoint saves (set before the rounds).
+    """
+
+    def __init__(self, records: RunRecords, federation: FederationConfig,
+                 evaluation: EvaluationConfig, num_classes: int, fingerprint: str,
+                 evaluator, on_round: RoundCallback | None) -> None:
+        self.records, self.federation, self.evaluation = records, federation, evaluation
+        self.num_classes, self.fingerprint = num_classes, fingerprint
+        self.evaluator, self.on_round = evaluator, on_round
+        self.selection = AdapterSelection(evaluation.select_by)
+        self.selected = records.run_dir / SELECTED_FILE
+        self.done, self.saved, self.resumed = 0, [0], False
+        self.strategy_state: dict = {}
+        self.strategy = None
+
+    def resume(self, initial_arrays: ArrayRecord) -> ArrayRecord:
+        """The arrays the rounds start from: ``initial_arrays``, or a crashed run's last
+        checkpoint (its records and judged rounds restored with it)."""
+        resumed = load_checkpoint(self.records.run_dir, self.fingerprint)
+        if resumed is None:
+            return initial_arrays
+        self.done, self.saved, self.resumed = resumed.server_round, [resumed.server_round], True
+        self.strategy_state = resumed.strategy_state
+        self.records.rows.update({(r["round"], r["hospital"]): r for r in resumed.rows})
+        logger.info("resuming %s after round %d of %d", self.records.run_dir, self.done,
+                    self.federation.rounds)
+        for row in self.records.test_history():  # the rounds judged before the crash
+            self.selection.consider(row["round"], row)
+        return ArrayRecord({k: resumed.arrays[k] for k in initial_arrays})
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round += self.done
+        if self.resumed and server_round == self.done:
             return None  # evaluated and recorded before the crash
-        published = with_prior(arrays, evaluation.prior, num_classes)
-        records.add_round(server_round)
+        published = with_prior(arrays, self.evaluation.prior, self.num_classes)
+        self.records.add_round(server_round)
         metrics: dict[str, float] = {}
-        if evaluator is not None:
-            test = dict(evaluator(server_round, published))
-            records.add_test(server_round, test)
+        if self.evaluator is not None:
+            test = dict(self.evaluator(server_round, published))
+            self.records.add_test(server_round, test)
             metrics |= test
         if server_round > 0:
-            # A round without enough updates is neither judged nor checkpointed: a resumed
-            # run redoes it.
-            _check_round(records, federation, server_round)
-            combined = combine_validation(records.validation_rows(server_round))
-            records.add_combined(server_round, combined)
-            metrics |= {k.replace("_", "-"): v for k, v in combined.items()}
-            if selection.consider(server_round, combined):
-                _save_arrays(published, selected)
-            logger.debug("round %d: combined validation %s", server_round,
-                        {k: round(v, 4) for k, v in combined.items()})
-            save_checkpoint(records.run_dir, server_round, arrays, fingerprint,
-                            records.rows.values(), strategy)
-            saved.append(server_round)
-        if on_round is not None:
-            on_round(server_round, metrics)
+            metrics |= self._judge(server_round, arrays, published)
+        if self.on_round is not None:
+            self.on_round(server_round, metrics)
         return MetricRecord(metrics) if metrics else None
 
-    run_key = run_key_for(records.run_dir, fingerprint)
-    wire_config, evaluate_config = _round_configs(federation, model_config, train_config, dp,
-                                                  classes, run_key)
-    if study_check:
-        _check_study(plain_grid, records, federation, wire_config, done)
-    start = time.monotonic()
-    try:
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=initial_arrays,
-            num_rounds=federation.rounds - done,
-            timeout=federation.round_timeout_s,
-            train_config=wire_config,
-            evaluate_config=evaluate_config,
-            evaluate_fn=evaluate_fn,
-        )
-    except TooFewUpdates as err:  # end at the round that failed, saying why
-        records.write_metrics()
-        raise FederationError(f"{err}. See {records.run_dir / 'metrics.csv'}. "
-                              f"{RESUME_ADVICE.format(done=saved[-1])}"
-                              ) from err
-    wall_time = time.monotonic() - start
-    records.write_metrics()
-    _check_rounds(records, federation)
-    if selection.best_round and selected.is_file():
-        published_round, state = selection.best_round, load_file(str(selected))
+    def _judge(self, server_round: int, arrays: ArrayRecord,
+               published: ArrayRecord) -> dict[str, float]:
+        """Combine the round's validation results, keep it if best, checkpoint it."""
+        # A round without enough updates is neither judged nor checkpointed: a resumed run
+        # redoes it.
+        _check_round(self.records, self.federation, server_round)
+        combined = combine_validation(self.records.validation_rows(server_round))
+        self.records.add_combined(server_round, combined)
+        if self.selection.consider(server_round, combined):
+            _save_arrays(published, self.selected)
+        logger.debug("round %d: combined validation %s", server_round,
+                     {k: round(v, 4) for k, v in combined.items()})
+        save_checkpoint(self.records.run_dir, server_round, arrays, self.fingerprint,
+                        self.records.rows.values(), self.strategy)
+        self.saved.append(server_round)
+        return {k.replace("_", "-"): v for k, v in combined.items()}
+
+
+def _publish(model: PeftModel, judge: RoundJudge, last: ArrayRecord, model_config: ModelConfig,
+             classes: list[str], dp: DPConfig | None) -> int:
+    """Save the chosen round's adapter and its card; clear the run's crash state. Returns the
+    published round (the last, when no hospital evaluated any)."""
+    records, evaluation = judge.records, judge.evaluation
+    if judge.selection.best_round and judge.selected.is_file():
+        published_round, state = judge.selection.best_round, load_file(str(judge.selected))
     else:  # no hospital evaluated any round: the last one
-        published_round = federation.rounds
-        state = with_prior(result.arrays, evaluation.prior, num_classes).to_torch_state_dict()
+        published_round = judge.federation.rounds
+        state = with_prior(last, evaluation.prior, judge.num_classes).to_torch_state_dict()
     load_adapter_state(model, state)
     save_adapter(model, records.run_dir / "adapter")
-    publish_card(records, federation, model_config, model, classes=classes,
+    publish_card(records, judge.federation, model_config, model, classes=classes,
                  evaluation=evaluation, dp=dp, published_round=published_round,
-                 selection=selection.rule())
+                 selection=judge.selection.rule())
     logger.info("published the global adapter of round %d (%s)", published_round,
-                selection.rule())
+                judge.selection.rule())
     # A finished run starts afresh when run again (the checkpoint is for crashes).
-    (records.run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-    selected.unlink(missing_ok=True)
-    (records.run_dir / RUN_NONCE_FILE).unlink(missing_ok=True)
-    return FederationOutcome(model=model, wall_time_s=wall_time,
-                             published_round=published_round, rule=selection.rule())
+    for name in (CHECKPOINT_FILE, RUN_NONCE_FILE):
+        (records.run_dir / name).unlink(missing_ok=True)
+    judge.selected.unlink(missing_ok=True)
+    return published_round
 
 
 def run_key_for(run_dir: Path, fingerprint: str) -> str:
