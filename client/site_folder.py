@@ -16,6 +16,9 @@
     DIR/ca.pem                  put the consortium's CA certificate here (from the coordinator)
     DIR/roster.toml             and the consortium's CA-signed roster of enrolled hospitals with
                                 it (secure aggregation counts only peers on it)
+    DIR/roster-accepted.toml    the newest roster serial this hospital accepted (older and
+                                expired rosters are refused; privacy.secagg.roster_state)
+    DIR/node.key.<time>.bak     a node key replaced by 'medfed hospital rotate-key' (0600)
 
 The data manifest stays where the hospital keeps its images; ``hospital.toml`` names its path.
 :func:`node_config` turns the config into the SuperNode's ``--node-config`` keys that the
@@ -33,7 +36,8 @@ from client.run_policy import RUN_POLICY_TEMPLATE
 from models.settings import read_settings, read_toml
 from privacy.noise import INSECURE_NOISE_KEY
 from privacy.pki import make_node_key, node_private_openssh, node_public_openssh, write_private
-from privacy.secagg.identity import CA_KEY, NODE_KEY, ROSTER_FILE, ROSTER_KEY
+from privacy.secagg.identity import CA_KEY, NODE_KEY, ROSTER_FILE, ROSTER_KEY, ROSTER_STATE_KEY
+from privacy.secagg.roster_state import ROSTER_STATE_FILE
 
 CONFIG_FILE = "hospital.toml"
 CLIENTAPP_EXECUTORS = ("warm", "subprocess")
@@ -64,6 +68,7 @@ class HospitalConfig:
         ca_cert: the consortium CA certificate (trust anchor for TLS, and of the roster).
         roster: the consortium's CA-signed roster of enrolled hospitals (from the coordinator,
             with ``ca_cert``): secure aggregation counts only peers whose keys are on it.
+        roster_state: where the hospital keeps the newest roster serial it accepted.
         node_key, node_pub: the node-authentication key pair.
         manifest: the CSV data manifest (``""`` until the hospital sets it).
         classes: the class names the manifest's labels use, in label order (e.g.
@@ -94,6 +99,7 @@ class HospitalConfig:
     superlink: str = "localhost:8000"
     ca_cert: str = "ca.pem"
     roster: str = ROSTER_FILE
+    roster_state: str = ROSTER_STATE_FILE
     node_key: str = "node.key"
     node_pub: str = "node.pub"
     manifest: str = ""
@@ -179,6 +185,7 @@ def node_config(folder: Path, config: HospitalConfig) -> dict[str, str]:
         NODE_KEY: str(folder / config.node_key),
         ROSTER_KEY: str(folder / config.roster),
         CA_KEY: str(folder / config.ca_cert),
+        ROSTER_STATE_KEY: str(folder / config.roster_state),
     }
     if config.privacy_policy:
         values["privacy-policy"] = str(folder / config.privacy_policy)
