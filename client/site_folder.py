@@ -27,7 +27,10 @@ ClientApp reads (``manifest``, ``privacy-policy``, ``privacy-ledger``, ``audit-l
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import tomli_w
@@ -35,9 +38,19 @@ import tomli_w
 from client.run_policy import RUN_POLICY_TEMPLATE
 from models.settings import read_settings, read_toml
 from privacy.noise import INSECURE_NOISE_KEY
-from privacy.pki import make_node_key, node_private_openssh, node_public_openssh, write_private
+from privacy.pki import (
+    KeyFileError,
+    load_node_public_key,
+    make_node_key,
+    node_private_openssh,
+    node_public_openssh,
+    public_key_fingerprint,
+    write_private,
+)
 from privacy.secagg.identity import CA_KEY, NODE_KEY, ROSTER_FILE, ROSTER_KEY, ROSTER_STATE_KEY
 from privacy.secagg.roster_state import ROSTER_STATE_FILE
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "hospital.toml"
 CLIENTAPP_EXECUTORS = ("warm", "subprocess")
@@ -139,6 +152,63 @@ def init_site_folder(folder: Path, name: str, superlink: str = "localhost:8000",
         (folder / config.run_policy).write_text(RUN_POLICY_TEMPLATE)
     (folder / CONFIG_FILE).write_text(tomli_w.dumps({"hospital": asdict(config)}))
     return config
+
+
+@dataclass(frozen=True)
+class RotatedKey:
+    """What :func:`rotate_node_key` did.
+
+    Attributes:
+        name: the hospital's name (as enrolled).
+        node_pub: the new public key's file: send it to the coordinator.
+        fingerprint: the new key's ``SHA256:<hex>`` (the coordinator prints the same one).
+        old_fingerprint: the replaced key's.
+        backup_key, backup_pub: where the old key pair is kept (0600 for the private key).
+    """
+
+    name: str
+    node_pub: Path
+    fingerprint: str
+    old_fingerprint: str
+    backup_key: Path
+    backup_pub: Path
+
+
+def rotate_node_key(folder: Path) -> RotatedKey:
+    """Make a new node key pair in the site folder; keep the old one beside it as a backup.
+
+    The new key is used from the daemon's next start; the coordinator swaps it in with
+    ``medfed coordinator enroll DIR --name NAME --hospital-key node.pub --replace``, which
+    revokes the old key (then the running daemon, still on the old key, is refused and stops).
+
+    Raises:
+        SiteFolderError: no site folder, or its node key is unreadable.
+    """
+    folder = Path(folder)
+    config = load_hospital_config(folder)
+    key_path, pub_path = folder / config.node_key, folder / config.node_pub
+    try:
+        old_key = key_path.read_bytes()
+        old_public = load_node_public_key(pub_path)
+    except (OSError, KeyFileError) as err:
+        raise SiteFolderError(f"{key_path} / {pub_path}: cannot read the current key pair "
+                              f"({err})") from err
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    backup_key = key_path.with_name(f"{key_path.name}.{stamp}.bak")
+    backup_pub = pub_path.with_name(f"{pub_path.name}.{stamp}.bak")
+    write_private(backup_key, old_key)
+    backup_pub.write_bytes(pub_path.read_bytes())
+    key = make_node_key()
+    tmp = key_path.with_name(key_path.name + ".new")
+    tmp.unlink(missing_ok=True)  # left by an interrupted rotation
+    write_private(tmp, node_private_openssh(key))
+    pub_tmp = pub_path.with_name(pub_path.name + ".new")
+    pub_tmp.write_bytes(node_public_openssh(key.public_key(), comment=config.name))
+    os.replace(tmp, key_path)
+    os.replace(pub_tmp, pub_path)
+    logger.info("node key rotated in %s; old key kept at %s", folder, backup_key)
+    return RotatedKey(config.name, pub_path, public_key_fingerprint(key.public_key()),
+                      public_key_fingerprint(old_public), backup_key, backup_pub)
 
 
 def load_hospital_config(folder: Path) -> HospitalConfig:

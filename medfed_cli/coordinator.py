@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from medfed_cli.common import UsageError, console, exec_daemon, user_errors
@@ -29,30 +30,71 @@ ROSTER_NOTE = ("give roster.toml (the CA-signed list of enrolled hospitals) and 
                "every hospital: secure aggregation counts only hospitals on the roster")
 
 
+def _roster_outcome(folder: Path) -> int:
+    """Say what became of the roster after an enrolment change: 0 when it was re-signed here,
+    1 (with exactly what to do) when the CA key is offline and it was not."""
+    from server.consortium import ca_key_here, current_roster, roster_offline_message
+
+    if ca_key_here(folder) is None:
+        console.print(f"[red]error:[/] {escape(roster_offline_message(folder))}", highlight=False,
+                      soft_wrap=True)
+        return 1
+    roster = current_roster(folder)
+    if roster is not None:
+        console.print(f"roster serial {roster.serial}, expires {roster.expires_at}; "
+                      f"{ROSTER_NOTE}")
+    return 0
+
+
+def _sync_running(folder: Path) -> int:
+    """Make a running SuperLink's registry match the enrolment list now (0: done or nothing
+    running; 1: an error, printed)."""
+    from server.daemon import coordinator_running, run_flwr, sync_registry
+
+    if not coordinator_running(folder):
+        return 0  # the next 'coordinator start' syncs it before it listens
+    lines = sync_registry(folder, run_flwr)
+    for line in lines:
+        console.print(line, markup=False)
+    return 1 if any(line.startswith("error:") for line in lines) else 0
+
+
 @user_errors(CONSORTIUM_ERROR, KEY_FILE_ERROR)
 def cmd_coordinator_enroll(args: argparse.Namespace) -> int:
-    from server.consortium import enrol
+    from server.consortium import enrol, replace_key
 
+    if args.replace:
+        old, entry = replace_key(args.dir, args.name, args.hospital_key)
+        console.print(f"hospital '{entry.name}': key {entry.fingerprint} enrolled, its old key "
+                      f"{old.fingerprint} revoked")
+        synced = _sync_running(args.dir)  # the old key is refused from now on
+        return max(_roster_outcome(args.dir), synced)
     entry = enrol(args.dir, args.name, args.hospital_key)
-    console.print(f"enrolled hospital '{entry.name}' ({entry.fingerprint}); {ROSTER_NOTE}")
-    return 0
+    console.print(f"enrolled hospital '{entry.name}' ({entry.fingerprint})")
+    return _roster_outcome(args.dir)
 
 
 @user_errors(CONSORTIUM_ERROR)
 def cmd_coordinator_revoke(args: argparse.Namespace) -> int:
     from server.consortium import revoke
-    from server.daemon import coordinator_running, run_flwr, sync_registry
 
     entry = revoke(args.dir, args.name)
-    console.print(f"revoked hospital '{entry.name}' ({entry.fingerprint}) at {entry.revoked_at}; "
-                  f"{ROSTER_NOTE}")
-    if not coordinator_running(args.dir):
-        return 0  # the next 'coordinator start' unregisters it before it listens
+    console.print(f"revoked hospital '{entry.name}' ({entry.fingerprint}) at {entry.revoked_at}")
     # The running SuperLink forgets the key now: the hospital's next request is refused.
-    lines = sync_registry(args.dir, run_flwr)
-    for line in lines:
-        console.print(line, markup=False)
-    return 1 if any(line.startswith("error:") for line in lines) else 0
+    synced = _sync_running(args.dir)
+    return max(_roster_outcome(args.dir), synced)
+
+
+@user_errors(CONSORTIUM_ERROR, KEY_FILE_ERROR)
+def cmd_coordinator_sign_roster(args: argparse.Namespace) -> int:
+    from server.consortium import sign_roster
+
+    roster = sign_roster(args.dir, args.ca_key, args.valid_days)
+    console.print(f"signed {args.dir / 'roster.toml'}: serial {roster.serial}, expires "
+                  f"{roster.expires_at}, hospitals {', '.join(sorted(roster.keys)) or 'none'}; "
+                  f"copy it to the coordinator's consortium folder (if this is a copy) and to "
+                  f"every hospital's site folder")
+    return 0
 
 
 @user_errors(CONSORTIUM_ERROR)
@@ -149,7 +191,23 @@ def add_coordinator(sub: argparse._SubParsersAction) -> None:
     c_enroll.add_argument("--hospital-key", type=Path, required=True,
                           help="the hospital's node.pub (from 'medfed hospital init')")
     c_enroll.add_argument("--name", required=True, help="the hospital's name")
+    c_enroll.add_argument("--replace", action="store_true",
+                          help="swap the hospital's enrolled key for this one (after 'medfed "
+                               "hospital rotate-key'): the old key is revoked")
     c_enroll.set_defaults(func=cmd_coordinator_enroll)
+
+    c_sign = coordinator_sub.add_parser(
+        "sign-roster", help="re-sign roster.toml (serial + 1, new expiry) with the CA key; run "
+                            "it where the CA key is kept")
+    c_sign.add_argument("dir", type=Path,
+                        help="the consortium folder, or a copy of its coordinator.toml, "
+                             "enrolment.toml, ca/ca.pem and roster.toml")
+    c_sign.add_argument("--ca-key", type=Path,
+                        help="the CA private key (default: DIR's ca/ca.key)")
+    c_sign.add_argument("--valid-days", type=float,
+                        help="how long the roster is valid (default: coordinator.toml's "
+                             "roster_valid_days, 30)")
+    c_sign.set_defaults(func=cmd_coordinator_sign_roster)
 
     c_revoke = coordinator_sub.add_parser("revoke", help="revoke a hospital's enrolment")
     c_revoke.add_argument("dir", type=Path, help="the consortium folder")
