@@ -354,3 +354,105 @@ class SingleUseSignatures:
                 self.seen.add(signed[0])
                 self.expiry.append((signed[1], signed[0]))
         await self.app(scope, receive, send)
+
+
+# --- A second live session on one node -----------------------------------------------------------
+# Whoever copies a hospital's node.key can start a second SuperNode with it: its activation takes
+# the node over (as a restarted SuperNode's does, above), and from then on both processes pull
+# the node's messages, each getting about half. Flower's requests carry nothing that tells two
+# processes apart, but their heartbeats do: one SuperNode sends one every 17.5-22.5 s (Flower's
+# HeartbeatSender: (30 - 5) s times 0.7-0.9), starting at its activation; a dead one sends none.
+# Two live ones, each on its own period, keep landing closer together than any one process's
+# period allows.
+
+SECOND_SESSION_GAP_S = 10.0
+"""Two heartbeats of one node closer than this (s) come from two live SuperNodes (one
+SuperNode's are at least 17.5 s apart, barring a retry after a failed call)."""
+SECOND_SESSION_COUNT = 3
+"""How many such close pairs, since the node's last activation, prove a second session (one
+can be a retry after a call that failed on the SuperNode's side)."""
+SECOND_SESSION_WINDOW_S = 600.0
+"""Close pairs older than this (s) are forgotten."""
+
+
+class SecondSessionWatch:
+    """Counts, per node, heartbeats closer together than one SuperNode sends them.
+
+    Counting starts afresh at each activation: the heartbeats of a process that died before a
+    restart never pair with the new process's. ``clock`` is monotonic seconds (tests pass their
+    own).
+    """
+
+    def __init__(self, gap_s: float = SECOND_SESSION_GAP_S, count: int = SECOND_SESSION_COUNT,
+                 window_s: float = SECOND_SESSION_WINDOW_S,
+                 clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self.gap_s, self.count, self.window_s = gap_s, count, window_s
+        self.clock = clock or time.monotonic
+        self.last: dict[int, float] = {}
+        self.close: dict[int, deque[float]] = {}
+        self.flagged: set[int] = set()
+
+    def activated(self, node_id: int) -> None:
+        """Forget the node's heartbeats: a new process holds it from now on."""
+        self.last.pop(node_id, None)
+        self.close.pop(node_id, None)
+
+    def heartbeat(self, node_id: int) -> bool:
+        """Record a heartbeat; ``True`` when the node shows (or showed) a second live session."""
+        if node_id in self.flagged:
+            return True
+        at = self.clock()
+        previous = self.last.get(node_id)
+        self.last[node_id] = at
+        if previous is None or at - previous >= self.gap_s:
+            return False
+        close = self.close.setdefault(node_id, deque())
+        close.append(at)
+        while close and close[0] < at - self.window_s:
+            close.popleft()
+        if len(close) >= self.count:
+            self.flagged.add(node_id)
+            return True
+        return False
+
+
+def refuse_second_sessions(state, on_second_session: Callable[[int], None],  # noqa: ANN001
+                           watch: SecondSessionWatch | None = None) -> SecondSessionWatch:
+    """Make the SuperLink's ``state`` unregister a node whose key runs two live SuperNodes.
+
+    Wraps ``activate_node`` (each activation restarts the count) and
+    ``acknowledge_node_heartbeat``: when :class:`SecondSessionWatch` sees a second session the
+    heartbeat is refused, the node is unregistered (Flower then answers 401 to both processes,
+    which stop) and ``on_second_session(node_id)`` is called (the gate logs it and revokes the
+    enrolment, so a restart of the coordinator does not register the key again).
+    """
+    import threading
+
+    watch = watch or SecondSessionWatch()
+    lock = threading.Lock()
+    activate, acknowledge = state.activate_node, state.acknowledge_node_heartbeat
+
+    def activate_node(node_id: int, heartbeat_interval: float) -> bool:
+        ok = activate(node_id, heartbeat_interval)
+        if ok:
+            with lock:
+                watch.activated(node_id)
+        return ok
+
+    def acknowledge_node_heartbeat(node_id: int, heartbeat_interval: float) -> bool:
+        with lock:
+            known = node_id in watch.flagged
+            second = watch.heartbeat(node_id)
+        if not second:
+            return acknowledge(node_id, heartbeat_interval)
+        if not known:  # the first time: cut the node off, once
+            if node_id in registered_nodes(state):
+                unregister_node(state, node_id)
+            on_second_session(node_id)
+        return False
+
+    state.activate_node = activate_node
+    state.acknowledge_node_heartbeat = acknowledge_node_heartbeat
+    return watch

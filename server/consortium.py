@@ -269,8 +269,11 @@ def replace_key(folder: Path, name: str, public_key_file: Path) -> tuple[Enrolme
     Returns:
         ``(revoked, enrolled)``: the old entry, now revoked, and the new one.
 
+    A hospital whose only entries are revoked (the gate revokes a key seen in two live
+    sessions) gets the new key enrolled under its name.
+
     Raises:
-        ConsortiumError: no active hospital ``name``, or the new key is enrolled or revoked
+        ConsortiumError: no hospital ``name``, or the new key is enrolled or revoked
             already (under any name: a revoked key is never re-enrolled).
         privacy.pki.KeyFileError: the key file is not an OpenSSH EC public key.
     """
@@ -281,7 +284,16 @@ def replace_key(folder: Path, name: str, public_key_file: Path) -> tuple[Enrolme
             raise ConsortiumError(f"the new key ({fingerprint}) is already on the enrolment "
                                   f"list (hospital '{entry.name}'); the hospital makes a new "
                                   f"one with 'medfed hospital rotate-key'")
-    old = revoke(folder, name, publish=False)
+    entries = load_enrolments(folder)
+    if any(e.name == name and e.active for e in entries):
+        old = revoke(folder, name, publish=False)
+    else:  # revoked already (e.g. by the gate, for a second live session on its key)
+        revoked = [e for e in entries if e.name == name]
+        if not revoked:
+            known = sorted(e.name for e in entries)
+            raise ConsortiumError(f"no hospital '{name}' to replace the key of; enrolled: "
+                                  f"{known or 'none'}")
+        old = revoked[-1]
     new = enrol(folder, name, public_key_file, publish=False)
     publish_roster(folder)
     return old, new
