@@ -220,8 +220,6 @@ def main(argv: list[str] | None = None) -> None:
         "node %d reconnected while its previous SuperNode was still counted online (killed or "
         "restarted): taken over; what that process had received and not answered is answered "
         "as lost", node))
-    flower_compat.refuse_second_sessions(
-        state, functools.partial(refuse_stolen_key, args.consortium))
     sockets = [_bind(config.host, config.port), _bind("127.0.0.1", args.admin_port)]
     # The SuperExec retries until the Runtime API answers; it dies with this process.
     subprocess.Popen(superexec_command(args.admin_port, secret, config.ssl_ca_certfile),
@@ -229,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     logger.info("%s: Fleet API on %s:%d; Control and Runtime APIs on 127.0.0.1:%d only",
                 READY_LINE, config.host, config.port, args.admin_port)
     server = uvicorn.Server(uvicorn.Config(
-        FleetOnly(flower_compat.SingleUseSignatures(app, state), config.port),
+        FleetOnly(flower_compat.SingleUseSignatures(
+            app, state, functools.partial(refuse_stolen_key, args.consortium)), config.port),
         log_config=flower_compat.uvicorn_log_config(),
         access_log=False, timeout_graceful_shutdown=3, ssl_keyfile=config.ssl_keyfile,
         ssl_certfile=config.ssl_certfile, workers=1))

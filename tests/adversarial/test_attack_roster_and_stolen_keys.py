@@ -175,84 +175,124 @@ def test_a_key_rotated_away_cannot_authenticate_or_count_as_a_peer(consortium, t
     assert verify_setup(roster, "north", keys, sign_setup(new_key, keys))
 
 
-class Clock:
-    """Monotonic seconds the test moves by hand."""
+def _headers(key, signed_at: dt.datetime) -> list[tuple[bytes, bytes]]:  # noqa: ANN001
+    """Flower's node-authentication headers, the timestamp ``signed_at`` signed by ``key``."""
+    from base64 import b64encode
 
-    def __init__(self) -> None:
-        self.now = 0.0
+    from flwr.common.constant import TIMESTAMP_HEADER
+    from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
 
-    def __call__(self) -> float:
-        return self.now
+    timestamp = signed_at.isoformat()
+    return [(FLEET_HTTP_PUBLIC_KEY_HEADER.encode(),
+             b64encode(public_key_to_bytes(key.public_key()))),
+            (TIMESTAMP_HEADER.encode(), timestamp.encode()),
+            (FLEET_HTTP_SIGNATURE_HEADER.encode(),
+             b64encode(sign_message(key, timestamp.encode())))]
 
 
-def _heartbeats(state, node: int, clock: Clock, times: list[float]) -> list[bool]:  # noqa: ANN001
-    answers = []
-    for at in times:
-        clock.now = at
-        answers.append(state.acknowledge_node_heartbeat(node, 30))
-    return answers
+def _status(app, headers, path: str) -> int:  # noqa: ANN001
+    """The status ``app`` (ASGI) answers a POST to ``path`` with ``headers``."""
+    import asyncio
+
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
+    asyncio.run(app(scope, receive, send))
+    return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+
+async def _flower(scope, receive, send) -> None:  # noqa: ANN001
+    """Stands for Flower's app behind the gate: answers 200 to whatever reaches it."""
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+class Fleet:
+    """The gate's Fleet API middleware on a real SuperLink state; requests signed by a node's
+    key at times the test picks (seconds after a start 290 s ago, inside Flower's window)."""
+
+    def __init__(self, state, on_second_session) -> None:  # noqa: ANN001
+        self.gate = flower_compat.SingleUseSignatures(_flower, state, on_second_session)
+        self.start = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=290)
+
+    def call(self, key, path: str, at: float) -> int:  # noqa: ANN001
+        signed_at = self.start + dt.timedelta(seconds=at)
+        return _status(self.gate, _headers(key, signed_at), f"/v1/fleet/{path}")
+
+    def heartbeats(self, key, times: list[float]) -> list[int]:  # noqa: ANN001
+        return [self.call(key, "send-node-heartbeat", at) for at in times]
+
+
+def _node_of(folder: Path, name: str) -> int:
+    return int(next(e.node_id for e in load_enrolments(folder) if e.name == name))
 
 
 def test_a_second_live_supernode_on_a_stolen_key_is_refused(consortium, tmp_path):
-    folder, _ = consortium
+    folder, sites = consortium
     state = _superlink_state(tmp_path)
     sync_registry_state(state, folder)
-    node = int(next(e.node_id for e in load_enrolments(folder) if e.name == "stolen"))
-    clock = Clock()
-    flower_compat.recover_restarted_nodes(state)
+    node, key = _node_of(folder, "stolen"), _private_key(sites["stolen"])  # the thief's copy
     cut_off: list[str | None] = []
-    flower_compat.refuse_second_sessions(
-        state, lambda n: cut_off.append(refuse_stolen_key(folder, n)),
-        flower_compat.SecondSessionWatch(clock=clock))
+    fleet = Fleet(state, lambda n: cut_off.append(refuse_stolen_key(folder, n)))
 
-    assert state.activate_node(node, 30)  # the hospital's SuperNode
-    assert _heartbeats(state, node, clock, [0.0, 20.0, 40.0]) == [True] * 3
-    clock.now = 53.0
-    assert state.activate_node(node, 30)  # the thief's SuperNode takes the node over
-    # Both keep heartbeating, each on its own 20 s period (thief at 53, 73, ...).
-    times = sorted([53.0, 73.0, 93.0, 113.0, 133.0] + [60.0, 80.0, 100.0, 120.0, 140.0])
-    answers = _heartbeats(state, node, clock, times)
-    assert False in answers and answers[answers.index(False):] == \
-        [False] * (len(answers) - answers.index(False))
+    assert fleet.call(key, "activate-node", 0.0) == 200  # the hospital's SuperNode
+    assert fleet.heartbeats(key, [0.1, 20.0, 40.0]) == [200] * 3
+    assert fleet.call(key, "activate-node", 50.0) == 200  # the thief's: a take-over
+    # Both keep heartbeating, each on its own period (the thief's from 50.1 s): cut off within
+    # about three minutes.
+    thief = [50.1 + 21.0 * k for k in range(11)]
+    hospital = [60.0 + 19.0 * k for k in range(12)]
+    answers = [fleet.call(key, "send-node-heartbeat", at) for at in sorted(thief + hospital)]
+    first = answers.index(401)
+    assert answers[first:] == [401] * (len(answers) - first) and first < len(answers) - 2
     assert cut_off == ["stolen"]
-    assert node not in flower_compat.registered_nodes(state)
-    assert not state.activate_node(node, 30)  # neither process gets back in
+    assert node not in flower_compat.registered_nodes(state)  # Flower refuses both from now on
+    assert fleet.call(key, "activate-node", 280.0) == 401
     entry = next(e for e in load_enrolments(folder) if e.name == "stolen")
     assert entry.revoked_at and "stolen" not in parse_roster(
         (folder / ROSTER_FILE).read_text(), (folder / "ca" / "ca.pem").read_bytes()).keys
 
 
 def test_without_the_watch_both_sessions_are_served(consortium, tmp_path):
-    """The attack on Flower alone (and the take-over medfed adds): both SuperNodes heartbeat
-    and are acknowledged, the node stays registered - what the watch above prevents."""
-    folder, _ = consortium
+    """The same two SuperNodes before the watch: every heartbeat of both passes the gate and
+    the node stays registered - what the test above shows refused."""
+    folder, sites = consortium
     state = _superlink_state(tmp_path)
     sync_registry_state(state, folder)
-    node = int(next(e.node_id for e in load_enrolments(folder) if e.name == "stolen"))
-    flower_compat.recover_restarted_nodes(state)
-    assert state.activate_node(node, 30) and state.activate_node(node, 30)
-    assert all(state.acknowledge_node_heartbeat(node, 30) for _ in range(8))
-    assert node in flower_compat.registered_nodes(state)
+    key = _private_key(sites["stolen"])
+    fleet = Fleet(state, None)  # no on_second_session: the gate as it was
+    thief = [50.1 + 21.0 * k for k in range(11)]
+    hospital = [60.0 + 19.0 * k for k in range(12)]
+    assert set(fleet.heartbeats(key, sorted(thief + hospital))) == {200}
+    assert _node_of(folder, "stolen") in flower_compat.registered_nodes(state)
 
 
-def test_a_restarted_hospital_is_not_taken_for_a_second_session(consortium, tmp_path):
-    """A SuperNode killed and restarted at once: the dead one's last heartbeat and the new
-    one's first are close, but counting restarts at the activation; then one process beats."""
-    folder, _ = consortium
+def test_a_restarted_or_slowed_hospital_is_not_taken_for_a_second_session(consortium,
+                                                                          tmp_path):
+    """One SuperNode at a time: killed 1 s after a heartbeat and restarted 1 s later (the dead
+    one's last heartbeat and the new one's first are close: an activation comes between), and
+    heartbeat calls that time out (5 s) and are retried after 0-1, 0-2, 0-4 s of jitter while
+    the SuperLink still acknowledges each: none is refused."""
+    folder, sites = consortium
     state = _superlink_state(tmp_path)
     sync_registry_state(state, folder)
-    node = int(next(e.node_id for e in load_enrolments(folder) if e.name == "north"))
-    clock = Clock()
-    flower_compat.recover_restarted_nodes(state)
-    flower_compat.refuse_second_sessions(state, pytest.fail,
-                                         flower_compat.SecondSessionWatch(clock=clock))
-    assert state.activate_node(node, 30)
-    for restart in range(5):  # killed 1 s after a heartbeat, back 1 s later, five times
-        start = 200.0 * restart
-        assert all(_heartbeats(state, node, clock, [start + 17.5 * i for i in range(9)]))
-        clock.now = start + 17.5 * 8 + 2
-        assert state.activate_node(node, 30)
-        assert state.acknowledge_node_heartbeat(node, 30)
+    key = _private_key(sites["north"])
+    fleet = Fleet(state, pytest.fail)
+    at = 0.0
+    for _ in range(4):  # four restarts
+        assert fleet.call(key, "activate-node", at) == 200
+        assert fleet.heartbeats(key, [at + 0.1, at + 17.6]) == [200, 200]
+        at += 19.6
+    stalls = [0.0, 5.0, 10.0, 15.0, 20.0]  # each try times out after 5 s, retried at once
+    for start in (at, at + 40.0, at + 80.0, at + 120.0, at + 160.0):
+        assert fleet.heartbeats(key, [start + t for t in stalls]) == [200] * len(stalls)
 
 
 def _private_key(site: Path):  # noqa: ANN202
