@@ -384,7 +384,8 @@ def publish_roster(folder: Path) -> Path | None:
     """
     folder = Path(folder)
     if ca_key_here(folder) is None:
-        logger.warning("%s", roster_offline_message(folder))
+        logger.warning("CA key not in %s: %s not re-signed (see 'medfed coordinator "
+                       "sign-roster')", folder, ROSTER_FILE)
         return None
     sign_roster(folder)
     return folder / ROSTER_FILE
