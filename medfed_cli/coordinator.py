@@ -114,8 +114,12 @@ def cmd_coordinator_hospitals(args: argparse.Namespace) -> int:
 # ValueError covers ConsortiumError and the study's ConfigError (both name the file).
 @user_errors("ValueError", KEY_FILE_ERROR, "FileNotFoundError", "RuntimeError")
 def cmd_coordinator_start(args: argparse.Namespace) -> int:
+    from server.consortium import roster_warning
     from server.daemon import flwr_cli_home, run_coordinator, superlink_command
 
+    warning = roster_warning(args.dir) if (args.dir / "roster.toml").exists() else None
+    if warning is not None:  # secure aggregation refuses such a roster
+        console.print(f"[yellow]roster:[/] {escape(warning)}", soft_wrap=True)
     if args.study is not None and not args.print_command:
         if not args.study.is_file():
             raise UsageError(f"study file {args.study} does not exist")
@@ -145,9 +149,12 @@ def cmd_coordinator_register(args: argparse.Namespace) -> int:
 def cmd_coordinator_status(args: argparse.Namespace) -> int:
     import subprocess
 
+    from server.consortium import roster_warning
     from server.daemon import registry_listing_command
     from server.status import hospital_statuses, run_statuses
 
+    if (warning := roster_warning(args.dir)) is not None:
+        console.print(f"[yellow]roster:[/] {escape(warning)}", soft_wrap=True)
     argv, env = registry_listing_command(args.dir)
     listing = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
     hospitals = hospital_statuses(args.dir, listing.stdout)

@@ -374,6 +374,34 @@ def sign_roster(folder: Path, ca_key: Path | None = None,
     return signed
 
 
+ROSTER_WARN_DAYS = 7.0
+"""``roster_warning`` speaks up this many days before the roster expires."""
+
+
+def roster_warning(folder: Path, now: dt.datetime | None = None) -> str | None:
+    """What is wrong with the consortium folder's roster for secure aggregation, if anything:
+    missing, from before serials, expired, or expiring within :data:`ROSTER_WARN_DAYS`."""
+    folder = Path(folder)
+    try:
+        roster = current_roster(folder)
+    except ConsortiumError as err:
+        return str(err)
+    if roster is None:
+        return (f"{folder / ROSTER_FILE}: missing or from before roster serials; hospitals "
+                f"refuse it: run 'medfed coordinator sign-roster' where the CA key is")
+    now = now or dt.datetime.now(dt.UTC)
+    left = dt.datetime.fromisoformat(roster.expires_at) - now
+    if left <= dt.timedelta(0):
+        return (f"{folder / ROSTER_FILE}: serial {roster.serial} expired at "
+                f"{roster.expires_at}; hospitals refuse it: re-sign it ('medfed coordinator "
+                f"sign-roster') and send it to every hospital")
+    if left < dt.timedelta(days=ROSTER_WARN_DAYS):
+        return (f"{folder / ROSTER_FILE}: serial {roster.serial} expires at "
+                f"{roster.expires_at}; re-sign it before then ('medfed coordinator "
+                f"sign-roster') and send it to every hospital")
+    return None
+
+
 def publish_roster(folder: Path) -> Path | None:
     """Re-sign ``DIR/roster.toml`` (:func:`sign_roster`) when the CA key is in the folder.
 

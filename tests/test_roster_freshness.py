@@ -50,6 +50,19 @@ def test_each_enrolment_change_signs_the_next_serial_with_an_expiry(consortium):
     assert _roster(consortium).serial == 3 and sorted(_roster(consortium).keys) == ["a"]
 
 
+def test_the_coordinator_is_warned_before_its_roster_expires(consortium):
+    import datetime as dt
+
+    from server.consortium import roster_warning
+
+    expires = dt.datetime.fromisoformat(_roster(consortium).expires_at)
+    assert roster_warning(consortium) is None
+    assert "re-sign it before then" in roster_warning(consortium, expires - dt.timedelta(days=2))
+    assert "expired at" in roster_warning(consortium, expires)
+    (consortium / ROSTER_FILE).unlink()
+    assert "missing" in roster_warning(consortium)
+
+
 def test_roster_validity_comes_from_the_coordinators_config(consortium):
     path = consortium / "coordinator.toml"
     text = path.read_text()
