@@ -132,11 +132,14 @@ def accept_roster(path: Path, roster: Roster, where: str) -> AcceptedRoster:
     with _locked(path):
         newest = read_accepted(path)
         if roster.serial < newest.serial:
+            moved = (f" (this roster is consortium '{roster.consortium}', the accepted one "
+                     f"'{newest.consortium}': if this hospital joined another consortium, move "
+                     f"{path.name} away)" if roster.consortium != newest.consortium else "")
             raise SecAggError(
                 f"{where}: serial {roster.serial} is older than serial {newest.serial}, which "
                 f"this hospital accepted at {newest.accepted_at} ({path}); an older roster may "
                 f"still list revoked keys and is refused: copy the current roster.toml from "
-                f"the coordinator")
+                f"the coordinator{moved}")
         if roster.serial == newest.serial:
             if roster.digest != newest.digest:
                 raise SecAggError(
