@@ -193,33 +193,7 @@ def add_coordinator(sub: argparse._SubParsersAction) -> None:
                              "(default: --port + 1)")
     c_init.set_defaults(func=cmd_coordinator_init)
 
-    c_enroll = coordinator_sub.add_parser("enroll", help="enrol a hospital's public key")
-    c_enroll.add_argument("dir", type=Path, help="the consortium folder")
-    c_enroll.add_argument("--hospital-key", type=Path, required=True,
-                          help="the hospital's node.pub (from 'medfed hospital init')")
-    c_enroll.add_argument("--name", required=True, help="the hospital's name")
-    c_enroll.add_argument("--replace", action="store_true",
-                          help="swap the hospital's enrolled key for this one (after 'medfed "
-                               "hospital rotate-key'): the old key is revoked")
-    c_enroll.set_defaults(func=cmd_coordinator_enroll)
-
-    c_sign = coordinator_sub.add_parser(
-        "sign-roster", help="re-sign roster.toml (serial + 1, new expiry) with the CA key; run "
-                            "it where the CA key is kept")
-    c_sign.add_argument("dir", type=Path,
-                        help="the consortium folder, or a copy of its coordinator.toml, "
-                             "enrolment.toml, ca/ca.pem and roster.toml")
-    c_sign.add_argument("--ca-key", type=Path,
-                        help="the CA private key (default: DIR's ca/ca.key)")
-    c_sign.add_argument("--valid-days", type=float,
-                        help="how long the roster is valid (default: coordinator.toml's "
-                             "roster_valid_days, 30)")
-    c_sign.set_defaults(func=cmd_coordinator_sign_roster)
-
-    c_revoke = coordinator_sub.add_parser("revoke", help="revoke a hospital's enrolment")
-    c_revoke.add_argument("dir", type=Path, help="the consortium folder")
-    c_revoke.add_argument("--name", required=True, help="the hospital's name")
-    c_revoke.set_defaults(func=cmd_coordinator_revoke)
+    _add_enrolment_commands(coordinator_sub)
 
     c_list = coordinator_sub.add_parser("hospitals", help="list enrolled and revoked hospitals")
     c_list.add_argument("dir", type=Path, help="the consortium folder")
@@ -250,3 +224,34 @@ def add_coordinator(sub: argparse._SubParsersAction) -> None:
         "status", help="hospitals connected (from the running SuperLink) and runs' last rounds")
     c_status.add_argument("dir", type=Path, help="the consortium folder")
     c_status.set_defaults(func=cmd_coordinator_status)
+
+
+def _add_enrolment_commands(coordinator_sub: argparse._SubParsersAction) -> None:
+    """``enroll``, ``sign-roster`` and ``revoke``: what changes who counts as a hospital."""
+    c_enroll = coordinator_sub.add_parser("enroll", help="enrol a hospital's public key")
+    c_enroll.add_argument("dir", type=Path, help="the consortium folder")
+    c_enroll.add_argument("--hospital-key", type=Path, required=True,
+                          help="the hospital's node.pub (from 'medfed hospital init')")
+    c_enroll.add_argument("--name", required=True, help="the hospital's name")
+    c_enroll.add_argument("--replace", action="store_true",
+                          help="swap the hospital's enrolled key for this one (after 'medfed "
+                               "hospital rotate-key'): the old key is revoked")
+    c_enroll.set_defaults(func=cmd_coordinator_enroll)
+
+    c_sign = coordinator_sub.add_parser(
+        "sign-roster", help="re-sign roster.toml (serial + 1, new expiry) with the CA key; run "
+                            "it where the CA key is kept")
+    c_sign.add_argument("dir", type=Path,
+                        help="the consortium folder, or a copy of its coordinator.toml, "
+                             "enrolment.toml, ca/ca.pem and roster.toml")
+    c_sign.add_argument("--ca-key", type=Path,
+                        help="the CA private key (default: DIR's ca/ca.key)")
+    c_sign.add_argument("--valid-days", type=float,
+                        help="how long the roster is valid (default: coordinator.toml's "
+                             "roster_valid_days, 30)")
+    c_sign.set_defaults(func=cmd_coordinator_sign_roster)
+
+    c_revoke = coordinator_sub.add_parser("revoke", help="revoke a hospital's enrolment")
+    c_revoke.add_argument("dir", type=Path, help="the consortium folder")
+    c_revoke.add_argument("--name", required=True, help="the hospital's name")
+    c_revoke.set_defaults(func=cmd_coordinator_revoke)
