@@ -47,8 +47,10 @@ def _roster_outcome(folder: Path) -> int:
 
 
 def _sync_running(folder: Path) -> int:
-    """Make a running SuperLink's registry match the enrolment list now (0: done or nothing
-    running; 1: an error, printed)."""
+    """After an enrolment change: a running SuperLink's registry follows the enrolment list
+    now (a late joiner can take part in the run under way; a revoked key's next request is
+    refused). 0: done, or nothing running (the next 'coordinator start' syncs before it
+    listens); 1: an error, printed."""
     from server.daemon import coordinator_running, run_flwr, sync_registry
 
     if not coordinator_running(folder):
@@ -71,7 +73,8 @@ def cmd_coordinator_enroll(args: argparse.Namespace) -> int:
         return max(_roster_outcome(args.dir), synced)
     entry = enrol(args.dir, args.name, args.hospital_key)
     console.print(f"enrolled hospital '{entry.name}' ({entry.fingerprint})")
-    return _roster_outcome(args.dir)
+    synced = _sync_running(args.dir)  # a late joiner can take part in the run under way
+    return max(_roster_outcome(args.dir), synced)
 
 
 @user_errors(CONSORTIUM_ERROR)
