@@ -18,9 +18,8 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.clientapp import ClientApp
 
-from client.audit import audited_mod
+from client.audit import AuditedClientApp, audited_mod
 from client.classes import for_study
 from client.evaluation_cap import EvaluationRefusal, released_metrics
 from client.exchange import hospital_model_config, receive_adapter, send_adapter
@@ -162,18 +161,19 @@ def build_client_app(
     load_site: SiteLoader = load_site_from_node_config,
     load_privacy: SitePrivacyLoader = site_privacy_from_node_config,
     load_identity: IdentityLoader = identity_from_node_config,
-) -> ClientApp:
+) -> AuditedClientApp:
     """A ClientApp whose hospitals get their data from ``load_site``, their privacy policy
     and ledger from ``load_privacy``, and their node key and consortium roster for secure
     aggregation from ``load_identity``.
 
     Every reply, whatever the handler and whether or not it raised, passes one egress point:
     ``audited_mod``, the outermost mod, which answers a failure with a category-only error and
-    writes the egress audit line (node config 'audit-log') before the reply leaves.
+    writes the egress audit line (node config 'audit-log') before the reply leaves; a message
+    no handler is registered for is answered and audited the same way (:class:`AuditedClientApp`).
     """
     # The audit mod wraps the wire mod: what it logs is exactly what leaves (a packed adapter
     # is logged packed, its layout names the tensors).
-    app = ClientApp(mods=[audited_mod, packed_wire_mod])
+    app = AuditedClientApp(mods=[audited_mod, packed_wire_mod])
 
     def train_plain(msg: Message, context: Context) -> Message:
         # The hospital's run policy first (node config 'run-policy'), then the work.

@@ -16,8 +16,13 @@ aggregate metrics ever left. Each line describes exactly what the reply carries:
 shape and raw bytes, so the coordinator side can recompute it from what it received
 (:func:`payload_sha256`).
 
-Every reply is written, error or not, by one wrapper at the ClientApp's egress point
-(:func:`audited_mod`), before the reply is returned: the line is flushed and fsynced first.
+Every reply is written, error or not, before it leaves: the line is flushed and fsynced
+first. Three points see to it: :func:`audited_mod` (the ClientApp's outermost mod) for every
+message a handler is registered for; :class:`AuditedClientApp` for a message Flower's dispatch
+refuses before any mod runs (an unregistered message type); and, at a hospital daemon,
+``client.task_guard`` for a reply Flower's own task runtime makes (the app failed to load): it
+writes the line, category only, just before the reply is pushed. A reply whose line cannot be
+written is not sent.
 
 Tamper evidence: each line carries ``prev_sha256``, the sha256 of the previous line's bytes
 (without its newline; 64 zeros on the first line), and ``sha256``, the hash of its own entry
@@ -25,10 +30,11 @@ without that field; a head file beside the log (``<log>.head``) records the line
 last line's hash. :func:`verify_audit_log` (``medfed hospital audit verify --log PATH``) names
 the first line where the chain breaks: an edited line fails its own hash (or, if its hash was
 recomputed, the next line's ``prev_sha256``), a removed line breaks the chain at the line that
-followed it, and lines cut off the end show against the head file. Log and head are created
-0600. The chain has no secret key: it proves the log is the one written unless someone rewrote
-every line after the change (and the head file); send the head hash off the machine (e.g. to
-syslog) to rule that out.
+followed it, and lines cut off the end show against the head file, which must be there (a log
+whose head file was deleted fails: that is how lines cut off the end would be hidden). Log and
+head are created 0600. The chain has no secret key: it proves the log is the one written
+unless someone rewrote every line after the change (and the head file); send the head hash off
+the machine (e.g. to syslog) to rule that out.
 
 Error replies carry a category and counts only (:func:`failure_reply`): file paths, patient
 names and UIDs stay in the hospital's own log.
@@ -51,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.classes import ClassMismatch
@@ -66,6 +73,8 @@ AUDIT_LOG_KEY = "audit-log"
 """Node-config key with the audit log's path."""
 LOCAL_FAILURE_CODE = 500
 """Flower error code of a reply whose local work raised (see :func:`failure_reply`)."""
+_AUDITED = "_medfed_audited"
+"""Attribute set on a reply once its audit line is written (see :func:`is_audited`)."""
 
 
 def failure_reply(request: Message, err: Exception) -> Message:
@@ -124,6 +133,30 @@ def audited_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
         reply = failure_reply(msg, err)
     audit_reply(msg, reply, context)
     return reply
+
+
+class AuditedClientApp(ClientApp):
+    """A ClientApp that answers and audits every message, also one its dispatch refuses.
+
+    Flower's ``ClientApp.__call__`` raises, before any mod runs, for a message type that no
+    handler is registered for (or a malformed one); the mods, :func:`audited_mod` included,
+    never see it. Here that failure is answered like any other (:func:`failure_reply`,
+    category only) and its line written.
+    """
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        try:
+            return super().__call__(message, context)
+        except Exception as err:  # noqa: BLE001 (answered and audited, never lost)
+            reply = failure_reply(message, err)
+            audit_reply(message, reply, context)
+            return reply
+
+
+def is_audited(reply: Message) -> bool:
+    """Whether ``reply`` went through :func:`audit_reply` (its line is written, if the node
+    keeps a log)."""
+    return bool(getattr(reply, _AUDITED, False))
 
 
 def payload_sha256(message: Message) -> str:
@@ -285,30 +318,45 @@ def verify_audit_log(path: Path) -> AuditCheck:
                           "its own hash)" if chain.edited else "does not chain to the line "
                           "before it: lines before it were removed, or the line before it was "
                           "rewritten with a new hash")
-    number, head = chain.records, head_path(path)
-    if head.exists():
-        try:
-            values = json.loads(head.read_text())
-            lines, digest = int(values["lines"]), str(values["sha256"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return AuditCheck(number, number + 1, f"head file {head} is unreadable")
-        mismatch = hash_chain.anchor_mismatch(chain, lines, digest)
-        if mismatch == "cut":
-            return AuditCheck(number, number + 1,
-                              f"the head file {head} records {lines} lines: lines were cut "
-                              f"off the end")
-        if mismatch:
-            return AuditCheck(number, lines, f"differs from the hash the head file {head} "
-                              f"recorded when it was written: the line was edited")
+    return _check_head(chain, head_path(path))
+
+
+def _check_head(chain: hash_chain.ChainWalk, head: Path) -> AuditCheck:
+    """Compare an intact chain of ``chain.records`` lines with the head file ``head``.
+
+    A missing head file fails: deleting it is how lines cut off the end would be hidden (the
+    daemon writes it with the log's first line, so only a crash inside that first write, or
+    someone, leaves a log without one).
+    """
+    number = chain.records
+    if not head.exists():
+        if number == 0:
+            return AuditCheck(0)
+        return AuditCheck(number, number, f"the head file {head} is missing: it was deleted, "
+                          f"so lines cut off the end cannot be ruled out (compare the head hash "
+                          f"sent off this machine, e.g. to syslog, with line {number}'s)")
+    try:
+        values = json.loads(head.read_text())
+        lines, digest = int(values["lines"]), str(values["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return AuditCheck(number, number + 1, f"head file {head} is unreadable")
+    mismatch = hash_chain.anchor_mismatch(chain, lines, digest)
+    if mismatch == "cut":
+        return AuditCheck(number, number + 1,
+                          f"the head file {head} records {lines} lines: lines were cut "
+                          f"off the end")
+    if mismatch:
+        return AuditCheck(number, lines, f"differs from the hash the head file {head} "
+                          f"recorded when it was written: the line was edited")
     return AuditCheck(number)
 
 
 def audit_reply(request: Message, reply: Message, context: Context) -> None:
     """Log ``reply`` (the answer to ``request``) if the node config names an ``audit-log``."""
     path = context.node_config.get(AUDIT_LOG_KEY)
-    if not path:
-        return
-    append_audit_line(Path(str(path)), reply, _request_round(request))
+    if path:
+        append_audit_line(Path(str(path)), reply, _request_round(request))
+    setattr(reply, _AUDITED, True)
 
 
 def _request_round(request: Message) -> int | None:

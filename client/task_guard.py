@@ -13,6 +13,11 @@ reply and the task status) with three of its steps replaced:
   (``allowed_apps`` = FAB id and version, ``allowed_fab_sha256`` = the FAB's sha256, which is
   recomputed from the FAB's bytes here). A run the policy does not allow gets an error reply
   naming the rule, written to the egress audit log like every other reply.
+
+And one step wrapped: pushing the reply. A reply that Flower's runtime made itself (the app
+failed to load, or raised past every guard) carries the exception's text, which may name
+files; it is replaced by a category-only error and written to the audit log before it is
+pushed, so no reply leaves unlogged (:func:`_audited_push`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
-from client.audit import audit_reply
+from client.audit import audit_reply, is_audited
 
 # Kept light: a fresh task process must pull its task from the SuperNode within Flower's
 # launch deadline, so torch and the run policy (which imports the model registry) load after.
@@ -82,12 +87,34 @@ def installed_app_for(fab_id: str, fab_version: str, fab_hash: str, fab_content:
     return app
 
 
+RUNTIME_FAILURE_REASON = ("flower-runtime: the hospital's ClientApp could not answer this "
+                          "message; details in the hospital's log")
+"""What the coordinator learns of a failure in Flower's task runtime (never its text)."""
+
+
 def _pull_task_input_recording(original):
     def pull(client):
         message, context, run, fab = original(client)
-        _task.update(run=run, fab=fab, context=context)
+        _task.update(run=run, fab=fab, context=context, message=message)
         return message, context, run, fab
     return pull
+
+
+def _audited_push(original):
+    """Flower's ``push_message``, but a reply not yet audited (made by Flower's runtime, not
+    by the app) is first reduced to a category-only error and audited; if its line cannot
+    be written, the exception stops the push (Flower logs it; nothing leaves)."""
+    def push(client: Any, message: Message, context: Context) -> None:
+        if not is_audited(message):
+            request = _task.get("message")
+            code = message.error.code if message.has_error() else 0
+            logger.error("a reply made outside the ClientApp (code %s) is sent as a "
+                         "category-only error", code)
+            message = Message(Error(code=code, reason=RUNTIME_FAILURE_REASON),
+                              reply_to=request) if request is not None else message
+            audit_reply(request if request is not None else message, message, context)
+        original(client, message, context)
+    return push
 
 
 def _never_install(*args: Any, **kwargs: Any) -> None:
@@ -113,6 +140,7 @@ def guard_flower_runtime() -> None:
     runtime.pull_task_input = _pull_task_input_recording(runtime.pull_task_input)
     runtime.install_from_fab = _never_install
     runtime.get_load_client_app_fn = _installed_app_loader
+    runtime.push_message = _audited_push(runtime.push_message)
     runtime._medfed_guarded = True
 
 

@@ -36,6 +36,8 @@ def simulate_overrides(args: argparse.Namespace) -> dict[str, Any]:
         if value is None:
             continue
         (overrides.setdefault(section, {}) if section else overrides)[key] = value
+    if args.prior is not None:
+        overrides.setdefault("evaluation", {})["prior"] = args.prior
     if args.no_baselines:
         overrides["baselines"] = []
     if args.as_dicom:
@@ -44,6 +46,19 @@ def simulate_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides.setdefault("federation", {}).setdefault("secure_aggregation", {})[
             "enabled"] = True
     return overrides
+
+
+def parse_prior(text: str) -> list[float]:
+    """``--prior``: ``equal`` (no prior: the class-balanced rule) or one share per class,
+    comma-separated in class order (e.g. ``0.27,0.73``); the study's reader checks the sum."""
+    if text.strip().lower() == "equal":
+        return []
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"--prior {text!r}: give 'equal' or one share per class, comma-separated, in class "
+            f"order (e.g. 0.27,0.73)") from err
 
 
 def base_config(args: argparse.Namespace, overrides: dict[str, Any]):
@@ -58,20 +73,54 @@ def base_config(args: argparse.Namespace, overrides: dict[str, Any]):
     return load_config(args.config, overrides)
 
 
-def print_summary(summary: dict[str, Any], run_dir: str) -> None:
-    """The test-set table of the federated model and its baselines, bytes sent, run folder."""
-    table = Table(title=f"{summary['dataset']}: {summary['hospitals']} hospitals, "
-                        f"{summary['rounds']} rounds (test set)")
-    for column in ("", "AUC", "accuracy", "balanced acc.", "macro-F1"):
-        table.add_column(column, justify="right" if column else "left")
+SUMMARY_METRICS = ("auc", "accuracy", "balanced_accuracy", "macro_f1")
+
+
+def _summary_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The table's rows: federated, pooled, local (mean), the best single hospital, and the
+    rule that always answers the commonest test class."""
+    rows = []
     for name in ("federated", "pooled", "local"):
         if name in summary:
             m = summary[name]
             # Under DP-SGD the baselines are private too: say at what epsilon.
             label = f"{name} (DP-SGD, eps {m['dp_epsilon']:.2f})" if "dp_epsilon" in m else name
-            table.add_row(label, *(f"{m.get(k, float('nan')):.4f}"
-                                   for k in ("auc", "accuracy", "balanced_accuracy", "macro_f1")))
+            rows.append((label, m))
+    if best := summary.get("local", {}).get("best_hospital"):
+        rows.append((f"best hospital alone (#{best['hospital']}, "
+                     f"{best['train_examples']} examples)", best))
+    if rate := summary.get("decision", {}).get("majority_rate"):
+        k = len(summary["decision"]["class_shares"])
+        rows.append(("always the commonest class", {
+            "auc": 0.5, "accuracy": rate, "balanced_accuracy": 1 / k,
+            "macro_f1": 2 * rate / (1 + rate) / k}))
+    return rows
+
+
+def _decision_line(summary: dict[str, Any]) -> str:
+    """The published rule's prior and its per-class recall on the test set, in words."""
+    published = summary.get("published", {})
+    prior = published.get("prior", "")
+    line = f"decision rule: {prior if isinstance(prior, str) else f'class prior {prior}'}"
+    decision, classes = summary.get("decision", {}), summary.get("classes") or []
+    if recall := decision.get("recall_per_class"):
+        names = classes if len(classes) == len(recall) else [str(k) for k in range(len(recall))]
+        line += "; test recall " + ", ".join(f"{n} {r:.3f}" for n, r in zip(names, recall,
+                                                                            strict=True))
+    return line
+
+
+def print_summary(summary: dict[str, Any], run_dir: str) -> None:
+    """The test-set table of the federated model and its baselines, the published rule's
+    prior and recall per class, bytes sent, run folder."""
+    table = Table(title=f"{summary['dataset']}: {summary['hospitals']} hospitals, "
+                        f"{summary['rounds']} rounds (test set)")
+    for column in ("", "AUC", "accuracy", "balanced acc.", "macro-F1"):
+        table.add_column(column, justify="right" if column else "left")
+    for label, m in _summary_rows(summary):
+        table.add_row(label, *(f"{m.get(k, float('nan')):.4f}" for k in SUMMARY_METRICS))
     console.print(table)
+    console.print(_decision_line(summary), markup=False)
     b = summary["bytes"]
     console.print(f"uploaded per hospital per round: {b['upload_per_hospital_per_round']:,.0f} "
                   f"bytes (full model {b['full_model']:,} bytes)")
@@ -128,6 +177,9 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--lr-decay", type=float, help="learning-rate factor per round")
     sim.add_argument("--batch-size", type=int)
     sim.add_argument("--no-baselines", action="store_true", help="skip pooled/local baselines")
+    sim.add_argument("--prior", type=parse_prior,
+                     help="the class prior the published adapter answers for: 'equal' (the "
+                     "class-balanced rule, the default) or shares in class order, e.g. 0.27,0.73")
     sim.add_argument("--as-dicom", action="store_true",
                      help="hospitals read their partition as DICOM files + manifest")
     sim.add_argument("--secure-aggregation", action="store_true",

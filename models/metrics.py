@@ -2,8 +2,11 @@
 
 Names used everywhere (logs, metrics.csv, summary.json): ``loss``, ``auc``, ``accuracy``,
 ``balanced_accuracy``, ``macro_f1``. AUC is ROC AUC (binary: of the positive class; multi-class:
-one-vs-rest macro). Balanced accuracy is the mean recall over the classes present in the labels;
-beside accuracy it shows whether a rule beats always answering the most common class.
+one-vs-rest, averaged over the classes the labels hold: a hospital whose validation split lacks
+a class still scores the others, so its AUC stays defined whenever two classes are present;
+with every class present this is sklearn's macro one-vs-rest AUC). Balanced accuracy is the
+mean recall over the classes present in the labels; beside accuracy it shows whether a rule
+beats always answering the most common class.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
     """AUC, accuracy, balanced accuracy and macro-F1 of ``(N, K)`` class probabilities against
     ``(N,)`` labels.
 
-    AUC is NaN when the labels hold a single class (it is undefined there).
+    AUC is NaN when the labels hold a single class (it is undefined there); see the module
+    docstring for multi-class AUC.
     """
     predicted = probs.argmax(axis=1)
     num_classes = probs.shape[1]
@@ -33,7 +37,7 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
     elif num_classes == 2:
         auc = float(roc_auc_score(labels, probs[:, 1]))
     else:
-        auc = float(roc_auc_score(labels, probs, multi_class="ovr", labels=range(num_classes)))
+        auc = float(np.mean(list(one_vs_rest_auc(labels, probs).values())))
     return {
         "auc": auc,
         "accuracy": float(accuracy_score(labels, predicted)),
@@ -44,6 +48,16 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
     }
 
 
+def one_vs_rest_auc(labels: np.ndarray, probs: np.ndarray) -> dict[int, float]:
+    """ROC AUC of each class against the rest, for every class that ``labels`` hold alongside
+    at least one other (class -> AUC); ``(N,)`` labels, ``(N, K)`` probabilities. Classes the
+    labels lack are left out, so sklearn never warns of an undefined score."""
+    present = np.unique(labels)
+    if len(present) < 2:
+        return {}
+    return {int(c): float(roc_auc_score(labels == c, probs[:, c])) for c in present}
+
+
 def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
     """Mean recall over the classes present in ``labels`` (sklearn's definition, without its
     warning for a split that holds one class); NaN for no labels."""
@@ -51,6 +65,26 @@ def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
     if not len(present):
         return math.nan
     return float(np.mean([(predicted[labels == c] == c).mean() for c in present]))
+
+
+def decision_summary(labels: np.ndarray, predicted: np.ndarray,
+                     num_classes: int) -> dict[str, list[float] | float]:
+    """How a decision rule splits a labelled set: each class's share of the labels
+    (``class_shares``), the commonest class's share (``majority_rate``: the accuracy of always
+    answering it), each class's recall (``recall_per_class``, NaN for a class absent from
+    ``labels``) and each class's share of the predictions (``predicted_shares``).
+
+    Args:
+        labels: ``(N,)`` true classes.
+        predicted: ``(N,)`` predicted classes.
+        num_classes: ``K``; each list has ``K`` entries.
+    """
+    shares = np.bincount(labels, minlength=num_classes) / max(len(labels), 1)
+    answered = np.bincount(predicted, minlength=num_classes) / max(len(predicted), 1)
+    recall = [float((predicted[labels == c] == c).mean()) if (labels == c).any() else math.nan
+              for c in range(num_classes)]
+    return {"class_shares": shares.tolist(), "majority_rate": float(shares.max()),
+            "recall_per_class": recall, "predicted_shares": answered.tolist()}
 
 
 @torch.no_grad()

@@ -8,6 +8,11 @@ best ``evaluation.select_by`` on the validation data it holds (pooled: every hos
 validation split; local: the hospital's own), a tie going to the later round, with the study's
 prior put back (``evaluation.prior``). Its test metrics are that round's.
 
+The local baseline also names the **best single hospital**: the hospital whose own published
+adapter scores highest on every hospital's validation splits together (the data the federated
+run selects on; never the test set), with that adapter's test metrics, so a study shows whether
+the federation beat its strongest member.
+
 In a run with DP-SGD the baselines train with the same DP-SGD settings and the same epsilon per
 data holder (the pooled data as one holder, each hospital alone as itself), so that
 federated-vs-pooled measures federation, not privacy. Client-level DP on updates has no
@@ -115,6 +120,17 @@ class _Published:
             self.selected_state = published_state
         load_adapter_state(self.model, trained)  # training goes on from the plain adapter
 
+    def score_selected(self, data: ImageSet) -> dict[str, float]:
+        """The selected round's published adapter (kept with ``test_each_round=False``)
+        scored on ``data``."""
+        trained = adapter_state(self.model)
+        if self.selected_state is not None:
+            load_adapter_state(self.model, self.selected_state)
+        try:
+            return evaluate(self.model, data.images, data.labels)
+        finally:
+            load_adapter_state(self.model, trained)
+
     def result(self) -> dict[str, object]:
         if not self.test_each_round and self.selected_state is not None:
             trained = adapter_state(self.model)
@@ -152,19 +168,40 @@ def local_baseline(
 ) -> dict[str, object]:
     """Each hospital alone, publishing by the federated run's rule on its own validation split:
     the mean of their test metrics, and each one's; under ``dp.dpsgd`` the epsilon each spent,
-    and the largest as ``dp_epsilon``."""
+    and the largest as ``dp_epsilon``; ``best_hospital``: the one whose adapter scores best on
+    all hospitals' validation splits (:func:`best_hospital`)."""
+    evaluation = evaluation or EvaluationConfig()
     model = initial_model(model_config, train.seed, adapter, adapter_sha256)
     start = adapter_state(model)
-    per_hospital = []
+    all_val = ImageSet.concat([s.val for s in sites])
+    per_hospital, val_scores = [], []
     for hospital, site in enumerate(sites):
         load_adapter_state(model, start)
-        published = _Published(model, site.val, test, evaluation or EvaluationConfig(),
+        published = _Published(model, site.val, test, evaluation,
                                model_config.num_classes, test_each_round=False)
         events = train_like_federation(model, site.train, train, rounds,
                                        seed=train.seed + hospital, after_round=published, dp=dp)
-        per_hospital.append(published.result() | _privacy(events, dp))
+        val_scores.append(published.score_selected(all_val)[evaluation.select_by])
+        per_hospital.append(published.result() | _privacy(events, dp) | {
+            f"all_val_{evaluation.select_by}": val_scores[-1]})
         logger.debug("local baseline, hospital %d: %s", hospital, per_hospital[-1])
     mean = {name: float(np.nanmean([m[name] for m in per_hospital])) for name in METRIC_NAMES}
     if dp is not None and dp.dpsgd:  # the most any hospital alone spent
         mean["dp_epsilon"] = max(m["dp_epsilon"] for m in per_hospital)
-    return mean | {"per_hospital": per_hospital}
+    best = best_hospital(val_scores, evaluation.select_by)
+    return mean | {"per_hospital": per_hospital, "best_hospital": (
+        per_hospital[best] | {"hospital": best, "train_examples": len(sites[best].train)})}
+
+
+def best_hospital(val_scores: list[float], metric: str) -> int:
+    """Index of the hospital whose alone-trained adapter has the highest ``metric`` on every
+    hospital's validation splits together (a tie goes to the earlier hospital; an undefined
+    score never wins).
+
+    Raises:
+        ValueError: no hospital's score is defined.
+    """
+    defined = [(v, -k) for k, v in enumerate(val_scores) if np.isfinite(v)]
+    if not defined:
+        raise ValueError(f"no hospital's adapter has a defined validation {metric}")
+    return -max(defined)[1]

@@ -19,6 +19,8 @@ from rich.console import Console
 
 from client.app import build_client_app
 from models.adapters import adapter_nbytes
+from models.data import ImageSet
+from models.metrics import decision_summary, predict
 from models.registry import build_base_model
 from privacy.secagg.local_consortium import local_consortium
 from server.records import RunRecords
@@ -157,6 +159,15 @@ def _both(first: Callable[[int, dict[str, float]], None],
     return call
 
 
+def published_decision(model, test: ImageSet, num_classes: int) -> dict[str, Any]:
+    """The published adapter's decision rule on the test set, beside always answering the
+    commonest class (:func:`models.metrics.decision_summary`); empty without a test set."""
+    if not len(test):
+        return {}
+    predicted = predict(model, test.images).argmax(dim=1).numpy()
+    return decision_summary(test.labels.numpy(), predicted, num_classes)
+
+
 def run_study(config: SimulationConfig, console: Console | None = None,
               on_round: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Run the federated simulation and the baselines; write and return ``summary.json``'s data.
@@ -190,6 +201,8 @@ def run_study(config: SimulationConfig, console: Console | None = None,
     summary: dict[str, Any] = {"dataset": config.data.dataset} | run_summary(
         records, config.study(), run.outcome)
     summary["hospitals"] = config.data.num_hospitals
+    summary["decision"] = published_decision(run.outcome.model, test,
+                                             config.model.num_classes)
     sites = hospital_sites(config.data, config.model.image_size, config.seed)
     summary["examples_per_hospital"] = [len(s.train) for s in sites]
     names = [n for n in ("pooled", "local") if n in config.baselines]

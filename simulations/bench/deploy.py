@@ -73,11 +73,13 @@ class LoopbackConsortium:
 
     Hospital ``k`` is named ``hospital-k`` and holds simulated hospital ``k``'s train and
     validation split (``simulations.sites.hospital_site``). Without ``config.site_policy`` the
-    hospitals keep no privacy policy (the template requires DP for every round).
+    hospitals keep no privacy policy (the template requires DP for every round). With
+    ``enrolled`` only the first that many hospitals are enrolled; the others have their site
+    folders ready and enrol later (``medfed coordinator enroll``).
     """
 
     def __init__(self, root: Path, config: SimulationConfig, insecure: bool = False,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", enrolled: int | None = None) -> None:
         from simulations.sites import hospital_site
 
         self.root = Path(root).resolve()
@@ -112,7 +114,8 @@ class LoopbackConsortium:
             else:
                 hospital["privacy_policy"] = ""
             (site / HOSPITAL_CONFIG).write_text(tomli_w.dumps({"hospital": hospital}))
-            enrol(self.folder, f"hospital-{k}", site / "node.pub")
+            if enrolled is None or k < enrolled:  # the others enrol later (late joiners)
+                enrol(self.folder, f"hospital-{k}", site / "node.pub")
             self.sites.append(site)
         for site in self.sites:  # the roster of all enrolled hospitals goes with ca.pem
             shutil.copy(self.folder / ROSTER_FILE, site / ROSTER_FILE)

@@ -87,7 +87,7 @@ def _run(args, strategy: str, baselines: list[str], root: Path,
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m simulations.bench strategies")
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
                         help="comma-separated strategy names (default: all)")
@@ -117,61 +117,80 @@ def main(argv: list[str] | None = None) -> int:
                         help="baselines run once with the first strategy ('' for none)")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="keep the runs here (default: a temporary directory)")
+    return parser
+
+
+def _names(text: str) -> list[str]:
+    return [n for n in text.split(",") if n]
+
+
+def _clean_runs(args, names: list[str], root: Path) -> tuple[dict, dict]:
+    """Each strategy once without attack (the baselines with the first); prints progress.
+    Returns the summaries by strategy and the baselines' scores."""
+    results, baseline = {}, {}
+    for i, name in enumerate(names):
+        summary = _run(args, name, _names(args.baselines) if i == 0 else [], root)
+        results[name] = summary
+        baseline = baseline or {k: summary[k] for k in ("pooled", "local") if k in summary}
+        print(f"  ran {name}: test auc {summary['federated']['auc']:.4f}", flush=True)
+    return results, baseline
+
+
+def _print_table(results: dict, baseline: dict) -> None:
+    print()
+    print(f"{'strategy':<14}{'sum only':>9}{'test auc':>10}{'test acc':>10}"
+          f"{'val auc':>9}{'val acc':>9}{'upload B/hosp/round':>21}")
+    for name, summary in results.items():
+        fed = summary["federated"]
+        print(f"{name:<14}{'yes' if STRATEGIES[name].needs_only_sum else 'no':>9}"
+              f"{fed['auc']:>10.4f}{fed['accuracy']:>10.4f}{summary['val_auc']:>9.4f}"
+              f"{summary['val_acc']:>9.4f}"
+              f"{summary['bytes']['upload_per_hospital_per_round']:>21,.0f}")
+    for name, scores in baseline.items():
+        print(f"{name + ' (baseline)':<23}{scores['auc']:>10.4f}{scores['accuracy']:>10.4f}")
+
+
+def _attack_runs(args, results: dict, root: Path) -> None:
+    """One hostile hospital per attack factor, for each rule; prints test AUC and a verdict
+    (survives: within 0.05 AUC of the rule's clean run)."""
+    factors = [float(f) for f in _names(args.attack_factors)]
+    if not factors:
+        return
+    print()
+    claim = (f", claiming {args.attack_claimed_examples} examples"
+             if args.attack_claimed_examples else "")
+    print(f"one hostile hospital (partition 0{claim}) sends global + factor * its update:")
+    print(f"{'strategy':<14}" + "".join(f"{'x' + format(f, 'g'):>10}" for f in factors)
+          + "   (test auc)")
+    clean_auc = {n: results[n]["federated"]["auc"] for n in results}
+    for name in _names(args.attack_strategies):
+        attacks = [UpdateAttack(0, f, args.attack_claimed_examples) for f in factors]
+        aucs = [_run(args, name, [], root, attack)["federated"]["auc"] for attack in attacks]
+        if name in clean_auc:
+            survives = all(a >= clean_auc[name] - 0.05 for a in aucs)
+            verdict = "survives" if survives else "degraded"
+        else:
+            verdict = "(no clean run in this bench to compare)"
+        print(f"{name:<14}" + "".join(f"{a:>10.4f}" for a in aucs) + f"   {verdict}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    names = [n for n in args.strategies.split(",") if n]
-    for name in names + [n for n in args.attack_strategies.split(",") if n]:
+    names = _names(args.strategies)
+    for name in names + _names(args.attack_strategies):
         if name not in STRATEGIES:
             parser.error(f"unknown strategy '{name}': choose from {sorted(STRATEGIES)}")
     logging.getLogger("flwr").setLevel(logging.ERROR)
-
     with tempfile.TemporaryDirectory() as tmp:
         root = args.run_dir or Path(tmp)
         print(f"PneumoniaMNIST, {args.hospitals} hospitals, Dirichlet alpha {args.alpha}, "
               f"{args.rounds} rounds, {args.image_size} px, train subset {args.max_train or 'all'}"
               f", test subset {args.max_test or 'all'}, {args.local_epochs} local epoch(s)"
               f"{f' / {args.local_steps} steps' if args.local_steps else ''}", flush=True)
-        results = {}
-        baseline = {}
-        for i, name in enumerate(names):
-            baselines = [b for b in args.baselines.split(",") if b] if i == 0 else []
-            summary = _run(args, name, baselines, root)
-            results[name] = summary
-            baseline = baseline or {k: summary[k] for k in ("pooled", "local") if k in summary}
-            print(f"  ran {name}: test auc {summary['federated']['auc']:.4f}", flush=True)
-
-        print()
-        print(f"{'strategy':<14}{'sum only':>9}{'test auc':>10}{'test acc':>10}"
-              f"{'val auc':>9}{'val acc':>9}{'upload B/hosp/round':>21}")
-        for name, summary in results.items():
-            fed = summary["federated"]
-            print(f"{name:<14}{'yes' if STRATEGIES[name].needs_only_sum else 'no':>9}"
-                  f"{fed['auc']:>10.4f}{fed['accuracy']:>10.4f}{summary['val_auc']:>9.4f}"
-                  f"{summary['val_acc']:>9.4f}"
-                  f"{summary['bytes']['upload_per_hospital_per_round']:>21,.0f}")
-        for name, scores in baseline.items():
-            print(f"{name + ' (baseline)':<23}{scores['auc']:>10.4f}{scores['accuracy']:>10.4f}")
-
-        factors = [float(f) for f in args.attack_factors.split(",") if f]
-        if factors:
-            print()
-            claim = (f", claiming {args.attack_claimed_examples} examples"
-                     if args.attack_claimed_examples else "")
-            print(f"one hostile hospital (partition 0{claim}) sends global + factor * its "
-                  "update:")
-            print(f"{'strategy':<14}" + "".join(f"{'x' + format(f, 'g'):>10}" for f in factors)
-                  + "   (test auc)")
-            clean_auc = {n: results[n]["federated"]["auc"] for n in results}
-            for name in [n for n in args.attack_strategies.split(",") if n]:
-                attacks = [UpdateAttack(0, f, args.attack_claimed_examples) for f in factors]
-                aucs = [_run(args, name, [], root, attack)["federated"]["auc"]
-                        for attack in attacks]
-                if name in clean_auc:  # survives: within 0.05 AUC of its clean run
-                    survives = all(a >= clean_auc[name] - 0.05 for a in aucs)
-                    verdict = "survives" if survives else "degraded"
-                else:
-                    verdict = "(no clean run in this bench to compare)"
-                print(f"{name:<14}" + "".join(f"{a:>10.4f}" for a in aucs) + f"   {verdict}")
-
+        results, baseline = _clean_runs(args, names, root)
+        _print_table(results, baseline)
+        _attack_runs(args, results, root)
         if results and "pooled" in baseline:
             best = max(s["federated"]["auc"] for s in results.values())
             print()

@@ -248,7 +248,29 @@ def _key_finding(run: Run, scores: TestScores | None) -> str:
     if "local" in run.summary:
         parts.append(f"; a hospital training alone gave {_fmt(run.summary['local']['auc'])} "
                      "on average")
-    return "<p class='key'>" + "".join(parts) + ".</p>" + chosen
+        if best := run.summary["local"].get("best_hospital"):
+            parts.append(f", and the best single hospital (chosen on validation data: hospital "
+                         f"{best['hospital']}, {best['train_examples']} training images) "
+                         f"{_fmt(best.get('auc'))}")
+    return "<p class='key'>" + "".join(parts) + ".</p>" + chosen + decision_paragraph(run)
+
+
+def decision_paragraph(run: Run) -> str:
+    """The published rule's prior, its accuracy beside always answering the commonest test
+    class, and its recall per class ("" without those figures)."""
+    decision = run.summary.get("decision") or {}
+    if not decision.get("recall_per_class"):
+        return ""
+    prior = run.summary.get("published", {}).get("prior", "")
+    recall = decision["recall_per_class"]
+    names = run_class_names(run, len(recall))
+    fed = run.summary.get("federated", {})
+    return (f"<p>Decision rule: {html.escape(str(prior))}. Its test accuracy "
+            f"{_fmt(fed.get('accuracy'))} compares with {_fmt(decision['majority_rate'])} for "
+            f"always answering the commonest class; recall per class: "
+            + ", ".join(f"{html.escape(str(n))} {_fmt(r)}" for n, r in zip(names, recall,
+                                                                         strict=True))
+            + ".</p>")
 
 
 def run_figures(run: Run, scores: TestScores | None, figures: Figures, prefix: str) -> list[str]:

@@ -165,3 +165,94 @@ def test_cli_verify_names_the_broken_line(log, capsys):
     log.write_text("".join(lines))
     assert cli.main(["hospital", "audit", "verify", "--log", str(log)]) == 1
     assert "line 3 does not chain" in " ".join(capsys.readouterr().out.split())
+
+
+def test_deleting_the_head_file_does_not_hide_lines_cut_off_the_end(log):
+    """The attack: cut the last lines, then delete the head file that records the count."""
+    from client.audit import head_path
+
+    log.write_text("".join(_lines(log)[:3]))
+    head_path(log).unlink()
+    check = verify_audit_log(log)
+    assert not check.ok and "head file" in check.reason and "missing" in check.reason
+
+
+def test_a_message_type_no_handler_serves_is_answered_and_logged(tmp_path, site,
+                                                                small_model_config):
+    """The attack: send a message type the ClientApp registers no handler for (Flower's
+    dispatch refuses it before any mod runs) so that its reply leaves no audit line."""
+    path = tmp_path / "egress.jsonl"
+    app = build_client_app(lambda context, image_size: site)
+    context = Context(run_id=4, node_id=7, node_config={"partition-id": 0,
+                                                        "audit-log": str(path)},
+                      state=RecordDict(), run_config={})
+    arrays = ArrayRecord(adapter_state(build_lora_model(small_model_config)))
+    config = to_config_record(small_model_config, TrainConfig())
+    config["server-round"] = 2
+    for kind in ("query", "train.exfiltrate", "evaluate.other"):
+        reply = app(coordinator_message(kind, arrays, config), context)
+        assert reply.has_error() and reply.error.reason.startswith("local-failure: ValueError")
+    entries = read_audit_log(path)
+    assert [e["message_type"] for e in entries] == ["query", "train.exfiltrate",
+                                                    "evaluate.other"]
+    assert all(e["error"] and e["round"] == 2 and e["tensors"] == [] for e in entries)
+    assert verify_audit_log(path).ok
+
+
+def _flower_error_reply(request, reason):
+    """A reply as Flower's task runtime makes it when the app raises past every guard."""
+    from flwr.app import Error, Message
+
+    return Message(Error(code=1, reason=reason), reply_to=request)
+
+
+def test_a_reply_made_by_flowers_runtime_is_reduced_and_logged_before_it_leaves(
+        tmp_path, small_model_config):
+    """A failure outside the ClientApp (e.g. the run policy unreadable while loading the app)
+    makes Flower build the reply itself, with the exception's text (which may name files):
+    the push is where it is caught, reduced to a category and written to the log."""
+    from client import task_guard
+
+    path = tmp_path / "egress.jsonl"
+    context = Context(run_id=4, node_id=7, node_config={"audit-log": str(path)},
+                      state=RecordDict(), run_config={})
+    arrays = ArrayRecord(adapter_state(build_lora_model(small_model_config)))
+    config = to_config_record(small_model_config, TrainConfig())
+    config["server-round"] = 5
+    request = coordinator_message("train", arrays, config)
+    task_guard._task["message"] = request
+    pushed = []
+    push = task_guard._audited_push(lambda client, message, ctx: pushed.append(message))
+    push(None, _flower_error_reply(request, "<class 'OSError'>:<'/data/Jane_Doe/policy'>"),
+         context)
+    [sent] = pushed
+    assert sent.error.reason == task_guard.RUNTIME_FAILURE_REASON
+    [entry] = read_audit_log(path)
+    assert entry["round"] == 5 and entry["error"]["reason"] == sent.error.reason
+    assert "Jane_Doe" not in path.read_text() and verify_audit_log(path).ok
+    # A reply the app already audited is pushed as it is, and not logged twice.
+    app_reply = _flower_error_reply(request, "category")
+    from client.audit import audit_reply
+
+    audit_reply(request, app_reply, context)
+    push(None, app_reply, context)
+    assert pushed[-1] is app_reply and len(read_audit_log(path)) == 2
+
+
+def test_a_reply_whose_line_cannot_be_written_is_not_pushed(tmp_path, small_model_config):
+    from client import task_guard
+
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the log's folder should be")
+    context = Context(run_id=4, node_id=7,
+                      node_config={"audit-log": str(blocked / "egress.jsonl")},
+                      state=RecordDict(), run_config={})
+    arrays = ArrayRecord(adapter_state(build_lora_model(small_model_config)))
+    request = coordinator_message("train", arrays, to_config_record(small_model_config,
+                                                                    TrainConfig()))
+    task_guard._task["message"] = request
+    pushed = []
+    push = task_guard._audited_push(lambda client, message, ctx: pushed.append(message))
+    with pytest.raises(OSError):
+        push(None, _flower_error_reply(request, "boom"), context)
+    assert pushed == []

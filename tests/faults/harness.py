@@ -36,10 +36,12 @@ def tiny_study(hospitals: int = 2, rounds: int = 2, min_hospitals: int = 1) -> S
 
 
 @contextlib.contextmanager
-def consortium(root: Path, config: SimulationConfig) -> Iterator[LoopbackConsortium]:
-    """A :class:`LoopbackConsortium` of ``config`` under ``root``; on leaving the block every
-    daemon it started is stopped and any process of its SuperLink still running is killed."""
-    lc = LoopbackConsortium(root, config)
+def consortium(root: Path, config: SimulationConfig,
+               enrolled: int | None = None) -> Iterator[LoopbackConsortium]:
+    """A :class:`LoopbackConsortium` of ``config`` under ``root`` (``enrolled``: only the first
+    that many hospitals enrolled); on leaving the block every daemon it started is stopped and
+    any process of its SuperLink still running is killed."""
+    lc = LoopbackConsortium(root, config, enrolled=enrolled)
     try:
         yield lc
     finally:
