@@ -16,6 +16,9 @@
     DIR/ca.pem                  put the consortium's CA certificate here (from the coordinator)
     DIR/roster.toml             and the consortium's CA-signed roster of enrolled hospitals with
                                 it (secure aggregation counts only peers on it)
+    DIR/roster-accepted.toml    the newest roster serial this hospital accepted (older and
+                                expired rosters are refused; privacy.secagg.roster_state)
+    DIR/node.key.<time>.bak     a node key replaced by 'medfed hospital rotate-key' (0600)
 
 The data manifest stays where the hospital keeps its images; ``hospital.toml`` names its path.
 :func:`node_config` turns the config into the SuperNode's ``--node-config`` keys that the
@@ -24,7 +27,10 @@ ClientApp reads (``manifest``, ``privacy-policy``, ``privacy-ledger``, ``audit-l
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import tomli_w
@@ -32,8 +38,19 @@ import tomli_w
 from client.run_policy import RUN_POLICY_TEMPLATE
 from models.settings import read_settings, read_toml
 from privacy.noise import INSECURE_NOISE_KEY
-from privacy.pki import make_node_key, node_private_openssh, node_public_openssh, write_private
-from privacy.secagg.identity import CA_KEY, NODE_KEY, ROSTER_FILE, ROSTER_KEY
+from privacy.pki import (
+    KeyFileError,
+    load_node_public_key,
+    make_node_key,
+    node_private_openssh,
+    node_public_openssh,
+    public_key_fingerprint,
+    write_private,
+)
+from privacy.secagg.identity import CA_KEY, NODE_KEY, ROSTER_FILE, ROSTER_KEY, ROSTER_STATE_KEY
+from privacy.secagg.roster_state import ROSTER_STATE_FILE
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "hospital.toml"
 CLIENTAPP_EXECUTORS = ("warm", "subprocess")
@@ -64,6 +81,7 @@ class HospitalConfig:
         ca_cert: the consortium CA certificate (trust anchor for TLS, and of the roster).
         roster: the consortium's CA-signed roster of enrolled hospitals (from the coordinator,
             with ``ca_cert``): secure aggregation counts only peers whose keys are on it.
+        roster_state: where the hospital keeps the newest roster serial it accepted.
         node_key, node_pub: the node-authentication key pair.
         manifest: the CSV data manifest (``""`` until the hospital sets it).
         classes: the class names the manifest's labels use, in label order (e.g.
@@ -94,6 +112,7 @@ class HospitalConfig:
     superlink: str = "localhost:8000"
     ca_cert: str = "ca.pem"
     roster: str = ROSTER_FILE
+    roster_state: str = ROSTER_STATE_FILE
     node_key: str = "node.key"
     node_pub: str = "node.pub"
     manifest: str = ""
@@ -133,6 +152,63 @@ def init_site_folder(folder: Path, name: str, superlink: str = "localhost:8000",
         (folder / config.run_policy).write_text(RUN_POLICY_TEMPLATE)
     (folder / CONFIG_FILE).write_text(tomli_w.dumps({"hospital": asdict(config)}))
     return config
+
+
+@dataclass(frozen=True)
+class RotatedKey:
+    """What :func:`rotate_node_key` did.
+
+    Attributes:
+        name: the hospital's name (as enrolled).
+        node_pub: the new public key's file: send it to the coordinator.
+        fingerprint: the new key's ``SHA256:<hex>`` (the coordinator prints the same one).
+        old_fingerprint: the replaced key's.
+        backup_key, backup_pub: where the old key pair is kept (0600 for the private key).
+    """
+
+    name: str
+    node_pub: Path
+    fingerprint: str
+    old_fingerprint: str
+    backup_key: Path
+    backup_pub: Path
+
+
+def rotate_node_key(folder: Path) -> RotatedKey:
+    """Make a new node key pair in the site folder; keep the old one beside it as a backup.
+
+    The new key is used from the daemon's next start; the coordinator swaps it in with
+    ``medfed coordinator enroll DIR --name NAME --hospital-key node.pub --replace``, which
+    revokes the old key (then the running daemon, still on the old key, is refused and stops).
+
+    Raises:
+        SiteFolderError: no site folder, or its node key is unreadable.
+    """
+    folder = Path(folder)
+    config = load_hospital_config(folder)
+    key_path, pub_path = folder / config.node_key, folder / config.node_pub
+    try:
+        old_key = key_path.read_bytes()
+        old_public = load_node_public_key(pub_path)
+    except (OSError, KeyFileError) as err:
+        raise SiteFolderError(f"{key_path} / {pub_path}: cannot read the current key pair "
+                              f"({err})") from err
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    backup_key = key_path.with_name(f"{key_path.name}.{stamp}.bak")
+    backup_pub = pub_path.with_name(f"{pub_path.name}.{stamp}.bak")
+    write_private(backup_key, old_key)
+    backup_pub.write_bytes(pub_path.read_bytes())
+    key = make_node_key()
+    tmp = key_path.with_name(key_path.name + ".new")
+    tmp.unlink(missing_ok=True)  # left by an interrupted rotation
+    write_private(tmp, node_private_openssh(key))
+    pub_tmp = pub_path.with_name(pub_path.name + ".new")
+    pub_tmp.write_bytes(node_public_openssh(key.public_key(), comment=config.name))
+    os.replace(tmp, key_path)
+    os.replace(pub_tmp, pub_path)
+    logger.info("node key rotated in %s; old key kept at %s", folder, backup_key)
+    return RotatedKey(config.name, pub_path, public_key_fingerprint(key.public_key()),
+                      public_key_fingerprint(old_public), backup_key, backup_pub)
 
 
 def load_hospital_config(folder: Path) -> HospitalConfig:
@@ -179,6 +255,7 @@ def node_config(folder: Path, config: HospitalConfig) -> dict[str, str]:
         NODE_KEY: str(folder / config.node_key),
         ROSTER_KEY: str(folder / config.roster),
         CA_KEY: str(folder / config.ca_cert),
+        ROSTER_STATE_KEY: str(folder / config.roster_state),
     }
     if config.privacy_policy:
         values["privacy-policy"] = str(folder / config.privacy_policy)

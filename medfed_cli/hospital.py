@@ -117,6 +117,25 @@ def cmd_hospital_init(args: argparse.Namespace) -> int:
     return 0
 
 
+@user_errors("client.site_folder:SiteFolderError", "FileExistsError")
+def cmd_hospital_rotate_key(args: argparse.Namespace) -> int:
+    from client.site_folder import rotate_node_key
+
+    rotated = rotate_node_key(args.dir)
+    console.print(
+        f"new node key for '{rotated.name}': {rotated.fingerprint} (old "
+        f"{rotated.old_fingerprint}, kept at {rotated.backup_key}).\n"
+        f"Send {rotated.node_pub} to the coordinator, who runs:\n"
+        f"  medfed coordinator enroll CONSORTIUM --name {rotated.name} --hospital-key "
+        f"{rotated.node_pub.name} --replace\n"
+        f"and checks that it prints {rotated.fingerprint}. That revokes the old key: a daemon "
+        f"still running on it is refused and stops. Then copy the new roster.toml the "
+        f"coordinator sends into this folder and start the daemon again (medfed hospital start "
+        f"--dir {args.dir}). Delete the backup once the new key is enrolled.",
+        markup=False, highlight=False, soft_wrap=True)
+    return 0
+
+
 @user_errors("client.site_folder:SiteFolderError", "FileNotFoundError")
 def cmd_hospital_start(args: argparse.Namespace) -> int:
     import os
@@ -184,6 +203,12 @@ def add_hospital(sub: argparse._SubParsersAction) -> None:
                            help="the coordinator's Fleet API host:port")
     site_init.add_argument("--manifest", help="the CSV data manifest (can be set later)")
     site_init.set_defaults(func=cmd_hospital_init)
+
+    rotate = hospital_sub.add_parser(
+        "rotate-key", help="make a new node key pair (the old one kept as a backup) and say "
+                           "what to send to the coordinator")
+    rotate.add_argument("--dir", type=Path, required=True, help="the site folder")
+    rotate.set_defaults(func=cmd_hospital_rotate_key)
 
     h_start = hospital_sub.add_parser(
         "start", help="run the hospital's SuperNode (TLS, node key, its node config)")

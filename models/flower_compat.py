@@ -282,6 +282,14 @@ def lost_message_reply(message: Message) -> Message:
 # every request (retries included), so a signature seen twice is a replay.
 
 
+async def _refuse(send) -> None:  # noqa: ANN001 (ASGI send)
+    """Answer 401 as Flower answers a bad node signature."""
+    await send({"type": "http.response.start", "status": 401,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body",
+                "body": b'{"detail":"Invalid SuperNode authentication"}'})
+
+
 class SingleUseSignatures:
     """ASGI middleware: a Fleet API request whose node signature the SuperLink has already
     accepted once answers 401, as Flower answers a bad signature.
@@ -292,11 +300,22 @@ class SingleUseSignatures:
     whose signature verifies against a registered node's key are remembered (an attacker
     cannot fill the memory with made-up ones), each until its timestamp leaves Flower's window;
     everything else goes on to Flower's own node authentication, unchanged.
+
+    With ``on_second_session``, a node whose key runs two live SuperNodes
+    (:class:`SecondSessionWatch`, fed the verified signed times of heartbeats) is refused:
+    its node is unregistered (Flower then answers 401 to both processes, which stop), every
+    request claiming its key answers 401 here, and ``on_second_session(node_id)`` is called
+    once, in a worker thread (the gate logs it and revokes the enrolment, so no restart
+    registers the key again).
     """
 
-    def __init__(self, app: Callable, state) -> None:  # noqa: ANN001 (ASGI app, LinkState)
+    def __init__(self, app: Callable, state,  # noqa: ANN001 (ASGI app, LinkState)
+                 on_second_session: Callable[[int], object] | None = None,
+                 watch: SecondSessionWatch | None = None) -> None:
         self.app = app
         self.state = state
+        self.on_second_session = on_second_session
+        self.watch = watch or SecondSessionWatch()
         self.seen: set[tuple[bytes, str]] = set()
         # (forget at, epoch s; (node key, signed timestamp))
         self.expiry: deque[tuple[float, tuple[bytes, str]]] = deque()
@@ -340,17 +359,118 @@ class SingleUseSignatures:
 
             from starlette.concurrency import run_in_threadpool
 
-            signed = await run_in_threadpool(self._key_signed, dict(scope["headers"]))
+            headers = dict(scope["headers"])
+            if self._flagged(headers):  # cut off for a second session: refused for good
+                await _refuse(send)
+                return
+            signed = await run_in_threadpool(self._key_signed, headers)
             if signed is not None:
                 # Check and record with no await between: one event loop, so atomic.
                 while self.expiry and self.expiry[0][0] < time.time():  # about in time order
                     self.seen.discard(self.expiry.popleft()[1])
                 if signed[0] in self.seen:
-                    await send({"type": "http.response.start", "status": 401,
-                                "headers": [(b"content-type", b"application/json")]})
-                    await send({"type": "http.response.body",
-                                "body": b'{"detail":"Invalid SuperNode authentication"}'})
+                    await _refuse(send)
                     return
                 self.seen.add(signed[0])
                 self.expiry.append((signed[1], signed[0]))
+                if await self._second_session(str(scope.get("path", "")), *signed[0]):
+                    await _refuse(send)
+                    return
         await self.app(scope, receive, send)
+
+    def _flagged(self, headers: dict[bytes, bytes]) -> bool:
+        """Whether the request claims a node key cut off for running a second session."""
+        import binascii
+        from base64 import b64decode
+
+        from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER
+
+        if not self.watch.flagged:
+            return False
+        try:
+            claimed = b64decode(headers[FLEET_HTTP_PUBLIC_KEY_HEADER.encode()], validate=True)
+        except (KeyError, ValueError, binascii.Error):
+            return False
+        return claimed in self.watch.flagged
+
+    async def _second_session(self, path: str, key: bytes, timestamp: str) -> bool:
+        """Watch activations and heartbeats; ``True`` (after cutting the node off, once) when
+        ``key`` runs a second live SuperNode."""
+        from datetime import datetime
+
+        from starlette.concurrency import run_in_threadpool
+
+        if self.on_second_session is None:
+            return False
+        if path.endswith("/activate-node"):
+            self.watch.activated(key)
+            return False
+        if not path.endswith("/send-node-heartbeat"):
+            return False
+        first = key not in self.watch.flagged
+        if not self.watch.heartbeat(key, datetime.fromisoformat(timestamp).timestamp()):
+            return False
+        node_id = node_id_of_key(self.state, key)
+        if first and node_id is not None:
+            await run_in_threadpool(unregister_node, self.state, node_id)
+            await run_in_threadpool(self.on_second_session, node_id)
+        return True
+
+
+# --- A second live session on one node -----------------------------------------------------------
+# Whoever copies a hospital's node.key can start a second SuperNode with it: its activation takes
+# the node over (as a restarted SuperNode's does, above), and from then on both processes pull
+# the node's messages, each getting about half. Flower's requests carry nothing that tells two
+# processes apart, but the timestamps a node signs on its heartbeats do: one SuperNode signs one
+# heartbeat every 17.5-22.5 s (Flower's HeartbeatSender: (30 - 5) s times 0.7-0.9), and retries
+# a failed one only after the call failed - a timed-out call after 5 s (HEARTBEAT_CALL_TIMEOUT),
+# so two heartbeats one process signs are never less than 5 s apart, however slow the SuperLink
+# (its arrival times may bunch up; the signed times cannot). Two live SuperNodes, each on its own
+# period, sign heartbeats closer than that about every other period.
+
+SECOND_SESSION_GAP_S = 5.0
+"""Two heartbeats of one node signed less than this (s) apart come from two live SuperNodes
+(Flower's heartbeat call timeout: a retry is signed after the failed call timed out)."""
+SECOND_SESSION_COUNT = 3
+"""How many such close pairs within :data:`SECOND_SESSION_WINDOW_S` prove a second session
+(one could be a retry after a call that failed at once yet reached the SuperLink)."""
+SECOND_SESSION_WINDOW_S = 900.0
+"""Close pairs signed longer ago than this (s) are forgotten."""
+
+
+class SecondSessionWatch:
+    """Counts, per node key, heartbeats signed closer together than one SuperNode signs them.
+
+    An activation forgets the node's last heartbeat (the heartbeats of a process that died
+    before a restart never pair with the new process's) but not the close pairs already seen
+    (a second SuperNode that re-activates does not wipe its trail).
+    """
+
+    def __init__(self, gap_s: float = SECOND_SESSION_GAP_S, count: int = SECOND_SESSION_COUNT,
+                 window_s: float = SECOND_SESSION_WINDOW_S) -> None:
+        self.gap_s, self.count, self.window_s = gap_s, count, window_s
+        self.last: dict[bytes, float] = {}
+        self.close: dict[bytes, deque[float]] = {}
+        self.flagged: set[bytes] = set()
+
+    def activated(self, key: bytes) -> None:
+        """Forget the node's last heartbeat: a new process holds it from now on."""
+        self.last.pop(key, None)
+
+    def heartbeat(self, key: bytes, signed_at: float) -> bool:
+        """Record a heartbeat the node's key signed at ``signed_at`` (epoch s); ``True`` when
+        the node shows (or showed) a second live session."""
+        if key in self.flagged:
+            return True
+        previous = self.last.get(key)
+        self.last[key] = max(signed_at, previous or signed_at)
+        if previous is None or abs(signed_at - previous) >= self.gap_s:
+            return False
+        close = self.close.setdefault(key, deque())
+        close.append(signed_at)
+        while close and close[0] < signed_at - self.window_s:
+            close.popleft()
+        if len(close) >= self.count:
+            self.flagged.add(key)
+            return True
+        return False

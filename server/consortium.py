@@ -45,7 +45,8 @@ from privacy.pki import (
     write_ca,
     write_private,
 )
-from privacy.secagg.identity import ROSTER_FILE, write_roster
+from privacy.secagg.config import SecAggError
+from privacy.secagg.identity import ROSTER_FILE, Roster, parse_roster, write_roster
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class CoordinatorConfig:
         wait_for_hospitals_s: before round 1, how long (s) the run waits for every active
             enrolled hospital to connect; it starts earlier when all have, and with those
             connected (at least the study's ``min_hospitals``) when the wait ends.
+        roster_valid_days: how long each newly signed roster is valid (days); hospitals refuse
+            it afterwards, so re-sign it (``medfed coordinator sign-roster``) before then.
     """
 
     consortium: str
@@ -89,6 +92,7 @@ class CoordinatorConfig:
     enrolment: str = ENROLMENT_FILE
     run_dir: str = "runs"
     wait_for_hospitals_s: float = 120.0
+    roster_valid_days: float = 30.0
 
     @property
     def control_port(self) -> int:
@@ -164,6 +168,9 @@ def load_coordinator_config(folder: Path) -> CoordinatorConfig:
     )
     if "consortium" not in values:
         raise ConsortiumError(f"{path}: set 'consortium' in [coordinator]")
+    if not values.get("roster_valid_days", 30.0) > 0:
+        raise ConsortiumError(f"{path}: roster_valid_days = {values['roster_valid_days']}: "
+                              f"must be > 0")
     return CoordinatorConfig(**values)
 
 
@@ -195,8 +202,9 @@ def _write_enrolments(path: Path, entries: list[Enrolment]) -> None:
     tmp.replace(path)
 
 
-def enrol(folder: Path, name: str, public_key_file: Path) -> Enrolment:
-    """Enrol hospital ``name`` with the public key in ``public_key_file``.
+def enrol(folder: Path, name: str, public_key_file: Path, publish: bool = True) -> Enrolment:
+    """Enrol hospital ``name`` with the public key in ``public_key_file``, then re-sign the
+    roster (``publish``; a no-op with a warning while the CA key is offline).
 
     Raises:
         ConsortiumError: bad name, the name is taken by an active hospital, or the key is
@@ -227,12 +235,14 @@ def enrol(folder: Path, name: str, public_key_file: Path) -> Enrolment:
     (folder / "hospitals").mkdir(exist_ok=True)
     (folder / "hospitals" / f"{name}.pub").write_text(line + "\n")
     _write_enrolments(folder / load_coordinator_config(folder).enrolment, [*entries, entry])
-    publish_roster(folder)
+    if publish:
+        publish_roster(folder)
     return entry
 
 
-def revoke(folder: Path, name: str) -> Enrolment:
-    """Mark hospital ``name``'s active enrolment revoked.
+def revoke(folder: Path, name: str, publish: bool = True) -> Enrolment:
+    """Mark hospital ``name``'s active enrolment revoked, then re-sign the roster (``publish``;
+    a no-op with a warning while the CA key is offline: see :func:`ca_key_here`).
 
     Raises:
         ConsortiumError: no active hospital by that name.
@@ -244,27 +254,168 @@ def revoke(folder: Path, name: str) -> Enrolment:
             entries[i] = Enrolment(**{**asdict(entry), "revoked_at": _utc_now()})
             (folder / "hospitals" / f"{name}.pub").unlink(missing_ok=True)
             _write_enrolments(folder / load_coordinator_config(folder).enrolment, entries)
-            publish_roster(folder)
+            if publish:
+                publish_roster(folder)
             return entries[i]
     known = sorted(e.name for e in entries if e.active)
     raise ConsortiumError(f"no enrolled hospital '{name}'; enrolled: {known or 'none'}")
 
 
-def publish_roster(folder: Path) -> Path | None:
-    """Sign the active hospitals' names and keys with the CA key into ``DIR/roster.toml``.
+def replace_key(folder: Path, name: str, public_key_file: Path) -> tuple[Enrolment, Enrolment]:
+    """Re-enrol hospital ``name`` with a new key (``medfed hospital rotate-key``): its active
+    enrolment is revoked and the new key enrolled under the same name, then the roster is
+    re-signed once (serial + 1: the old key stops counting as a secure-aggregation peer).
 
-    Returns the roster's path, or ``None`` when the CA key is not in the folder (kept offline):
-    then the roster is left as it was - stale until re-signed where the key is, so a newly
-    enrolled hospital does not count yet and a revoked one still does.
+    Returns:
+        ``(revoked, enrolled)``: the old entry, now revoked, and the new one.
+
+    A hospital whose only entries are revoked (the gate revokes a key seen in two live
+    sessions) gets the new key enrolled under its name.
+
+    Raises:
+        ConsortiumError: no hospital ``name``, or the new key is enrolled or revoked
+            already (under any name: a revoked key is never re-enrolled).
+        privacy.pki.KeyFileError: the key file is not an OpenSSH EC public key.
+    """
+    folder = Path(folder)
+    fingerprint = public_key_fingerprint(load_node_public_key(public_key_file))
+    for entry in load_enrolments(folder):
+        if entry.fingerprint == fingerprint:
+            raise ConsortiumError(f"the new key ({fingerprint}) is already on the enrolment "
+                                  f"list (hospital '{entry.name}'); the hospital makes a new "
+                                  f"one with 'medfed hospital rotate-key'")
+    entries = load_enrolments(folder)
+    if any(e.name == name and e.active for e in entries):
+        old = revoke(folder, name, publish=False)
+    else:  # revoked already (e.g. by the gate, for a second live session on its key)
+        revoked = [e for e in entries if e.name == name]
+        if not revoked:
+            known = sorted(e.name for e in entries)
+            raise ConsortiumError(f"no hospital '{name}' to replace the key of; enrolled: "
+                                  f"{known or 'none'}")
+        old = revoked[-1]
+    new = enrol(folder, name, public_key_file, publish=False)
+    publish_roster(folder)
+    return old, new
+
+
+def ca_key_here(folder: Path) -> Path | None:
+    """The CA private key's path if it is in the consortium folder (``None``: kept offline)."""
+    path = Path(folder) / load_coordinator_config(folder).ca_key
+    return path if path.is_file() else None
+
+
+def roster_offline_message(folder: Path) -> str:
+    """What the operator must do when the roster could not be re-signed here (CA key offline):
+    until then hospitals keep counting the hospitals on the old roster, revoked ones included."""
+    folder = Path(folder)
+    key = Path(folder) / load_coordinator_config(folder).ca_key
+    return (f"{ROSTER_FILE} was NOT re-signed: the CA key {key} is not here (kept offline), "
+            f"so hospitals still count the hospitals on the old roster (a revoked key included) "
+            f"until it expires. Where the CA key is, with a copy of {folder} (coordinator.toml, "
+            f"enrolment.toml, ca/ca.pem, {ROSTER_FILE}), run 'medfed coordinator sign-roster "
+            f"COPY --ca-key PATH/TO/ca.key', then copy COPY/{ROSTER_FILE} to "
+            f"{folder / ROSTER_FILE} and to every hospital's site folder")
+
+
+def current_roster(folder: Path) -> Roster | None:
+    """The consortium folder's roster, checked against its CA (expired or not); ``None``: no
+    roster yet, or one from before roster serials (the next one is serial 1).
+
+    Raises:
+        ConsortiumError: the roster does not verify against the CA (edited or foreign).
     """
     folder = Path(folder)
     config = load_coordinator_config(folder)
-    if not (folder / config.ca_key).is_file():
-        logger.warning("CA key %s is not here: %s not re-signed; sign it where the CA key is "
-                       "and give it to every hospital", folder / config.ca_key, ROSTER_FILE)
+    path = folder / ROSTER_FILE
+    if not path.is_file():
         return None
-    ca = load_ca(folder / config.ca_cert, folder / config.ca_key)
-    write_roster(folder / ROSTER_FILE, ca.key, config.consortium, active_keys(folder))
+    try:
+        return parse_roster(path.read_text(), (folder / config.ca_cert).read_bytes(), str(path))
+    except SecAggError as err:
+        if "has no serial" in str(err):
+            return None
+        raise ConsortiumError(f"{err}; move it away to start again at serial 1 (hospitals "
+                              f"that accepted a higher serial will refuse it)") from err
+    except OSError as err:
+        raise ConsortiumError(f"{path}: cannot read it ({err})") from err
+
+
+def sign_roster(folder: Path, ca_key: Path | None = None,
+                valid_days: float | None = None) -> Roster:
+    """Sign the active hospitals' names and keys into ``DIR/roster.toml`` with serial one more
+    than the current roster's, valid ``valid_days`` (default: ``roster_valid_days``).
+
+    Args:
+        folder: the consortium folder (or a copy of it where the CA key is kept).
+        ca_key: the CA private key (default: the config's ``ca_key`` in the folder).
+
+    Raises:
+        ConsortiumError: the CA key is not there (with what to do), or the current roster
+            does not verify.
+    """
+    folder = Path(folder)
+    config = load_coordinator_config(folder)
+    key_path = Path(ca_key) if ca_key is not None else folder / config.ca_key
+    if not key_path.is_file():
+        raise ConsortiumError(roster_offline_message(folder) if ca_key is None else
+                              f"CA key {key_path}: no such file; give the consortium's "
+                              f"ca/ca.key with --ca-key")
+    current = current_roster(folder)
+    serial = (current.serial if current else 0) + 1
+    ca = load_ca(folder / config.ca_cert, key_path)
+    write_roster(folder / ROSTER_FILE, ca.key, config.consortium, active_keys(folder),
+                 serial=serial, valid_days=valid_days or config.roster_valid_days)
+    signed = current_roster(folder)
+    if signed is None:
+        raise ConsortiumError(f"{folder / ROSTER_FILE}: not readable after signing it")
+    logger.info("signed %s serial %d (expires %s): %s", folder / ROSTER_FILE, signed.serial,
+                signed.expires_at, ", ".join(sorted(signed.keys)) or "no hospitals")
+    return signed
+
+
+ROSTER_WARN_DAYS = 7.0
+"""``roster_warning`` speaks up this many days before the roster expires."""
+
+
+def roster_warning(folder: Path, now: dt.datetime | None = None) -> str | None:
+    """What is wrong with the consortium folder's roster for secure aggregation, if anything:
+    missing, from before serials, expired, or expiring within :data:`ROSTER_WARN_DAYS`."""
+    folder = Path(folder)
+    try:
+        roster = current_roster(folder)
+    except ConsortiumError as err:
+        return str(err)
+    if roster is None:
+        return (f"{folder / ROSTER_FILE}: missing or from before roster serials; hospitals "
+                f"refuse it: run 'medfed coordinator sign-roster' where the CA key is")
+    now = now or dt.datetime.now(dt.UTC)
+    left = dt.datetime.fromisoformat(roster.expires_at) - now
+    if left <= dt.timedelta(0):
+        return (f"{folder / ROSTER_FILE}: serial {roster.serial} expired at "
+                f"{roster.expires_at}; hospitals refuse it: re-sign it ('medfed coordinator "
+                f"sign-roster') and send it to every hospital")
+    if left < dt.timedelta(days=ROSTER_WARN_DAYS):
+        return (f"{folder / ROSTER_FILE}: serial {roster.serial} expires at "
+                f"{roster.expires_at}; re-sign it before then ('medfed coordinator "
+                f"sign-roster') and send it to every hospital")
+    return None
+
+
+def publish_roster(folder: Path) -> Path | None:
+    """Re-sign ``DIR/roster.toml`` (:func:`sign_roster`) when the CA key is in the folder.
+
+    Returns the roster's path, or ``None`` when the CA key is not in the folder (kept offline):
+    then the roster is left as it was - stale until re-signed where the key is, so a newly
+    enrolled hospital does not count yet and a revoked one still does (callers say so:
+    :func:`roster_offline_message`).
+    """
+    folder = Path(folder)
+    if ca_key_here(folder) is None:
+        logger.warning("CA key not in %s: %s not re-signed (see 'medfed coordinator "
+                       "sign-roster')", folder, ROSTER_FILE)
+        return None
+    sign_roster(folder)
     return folder / ROSTER_FILE
 
 

@@ -32,12 +32,19 @@ accepts each signed timestamp once (:class:`models.flower_compat.SingleUseSignat
 headers seen by the coordinator or a proxy cannot be replayed to activate as the node or pull
 its messages. Every Flower internal the gate uses is in :mod:`models.flower_compat`.
 
+A node whose key runs two live SuperNodes at once (a copied or stolen ``node.key``: the second
+one's activation takes the node over, and both keep heartbeating) is refused: the gate
+unregisters it, so both processes are refused, and revokes its enrolment
+(:func:`refuse_stolen_key`); the hospital rotates its key and is re-enrolled
+(docs/threat-model.md, "Roster freshness and stolen node keys").
+
     python -m server.superlink_gate --admin-port 9093 --consortium DIR <flower-superlink args>
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import secrets
@@ -124,6 +131,41 @@ def sync_registry_state(state: Any, folder: Path) -> list[str]:
     return lines
 
 
+def refuse_stolen_key(folder: Path, node_id: int) -> str | None:
+    """Revoke the enrolment of ``node_id``, whose key runs two live SuperNodes at once (the
+    SuperLink has unregistered it already), and log what the operators must do.
+
+    Returns:
+        The hospital's enrolled name (``None``: no enrolment holds this node id).
+    """
+    from server.consortium import (
+        ConsortiumError,
+        ca_key_here,
+        load_enrolments,
+        revoke,
+        roster_offline_message,
+    )
+
+    entry = next((e for e in load_enrolments(folder) if e.active and e.node_id == str(node_id)),
+                 None)
+    name = entry.name if entry is not None else None
+    logger.critical(
+        "node %d (hospital %s): its key runs two live SuperNodes at once (a copied or stolen "
+        "node.key); refused: the node is unregistered and its enrolment revoked. The hospital "
+        "runs 'medfed hospital rotate-key --dir SITE' on its own machine and sends the new "
+        "node.pub; then 'medfed coordinator enroll %s --name %s --hospital-key node.pub'",
+        node_id, name or "?", folder, name or "NAME")
+    if entry is None:
+        return None
+    try:
+        revoke(folder, entry.name)
+    except ConsortiumError as err:
+        logger.error("could not revoke %s in %s: %s", entry.name, folder, err)
+    if ca_key_here(folder) is None:
+        logger.error("%s", roster_offline_message(folder))
+    return name
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -185,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     logger.info("%s: Fleet API on %s:%d; Control and Runtime APIs on 127.0.0.1:%d only",
                 READY_LINE, config.host, config.port, args.admin_port)
     server = uvicorn.Server(uvicorn.Config(
-        FleetOnly(flower_compat.SingleUseSignatures(app, state), config.port),
+        FleetOnly(flower_compat.SingleUseSignatures(
+            app, state, functools.partial(refuse_stolen_key, args.consortium)), config.port),
         log_config=flower_compat.uvicorn_log_config(),
         access_log=False, timeout_graceful_shutdown=3, ssl_keyfile=config.ssl_keyfile,
         ssl_certfile=config.ssl_certfile, workers=1))
