@@ -10,9 +10,9 @@ Flower requires TLS for it.
 
 Every process the coordinator starts dies with it, whatever ends it (``kill -9`` included): the
 gate is started with a parent-death signal and starts its SuperExec the same way; the
-ServerApp stops with the coordinator (:func:`stop_with_coordinator`). A restart clears what a
-dead coordinator left (:func:`clear_leftovers`): its pid file, and a SuperLink of this
-consortium still holding the ports.
+ServerApp stops with the coordinator (``server.serverapp_process.stop_with_coordinator``). A
+restart clears what a dead coordinator left (:func:`clear_leftovers`): its pid file, and a
+SuperLink of this consortium still holding the ports.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +38,11 @@ from server.consortium import (
     load_enrolments,
     set_node_id,
 )
+from server.serverapp_process import (  # noqa: F401 (WAITING_LINE: tests wait for it here)
+    COORDINATOR_PID_ENV,
+    WAIT_ENV,
+    WAITING_LINE,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +51,6 @@ STATE_DB = "superlink-state.db"
 restart, so registered hospitals stay registered."""
 PID_FILE = "coordinator.pid"
 """In the consortium folder while ``coordinator start`` runs: its pid and the gate's (JSON)."""
-COORDINATOR_PID_ENV = "MEDFED_COORDINATOR_PID"
-"""Environment variable with the pid of ``medfed coordinator start``; its ServerApp (started by
-Flower's SuperExec in a session of its own) stops when that process is gone."""
-WAIT_ENV = "MEDFED_WAIT_FOR_HOSPITALS"
-"""``"<enrolled>:<seconds>"``: the ServerApp waits that long for that many hospitals before
-round 1 (:func:`wait_for_hospitals`); set by ``coordinator start``."""
-WAITING_LINE = "waiting for the enrolled hospitals"
 GATE_MODULE = "server.superlink_gate"
 
 
@@ -503,53 +500,3 @@ def last_run_error(run_dir: Path) -> str:
                   # an evaluation refusal alone never ends a run
                   and r["error"] != f"evaluate: {r.get('evaluation_error')}"]
     return errors[-1] if errors else ""
-
-
-def wait_for_hospitals(grid, poll_s: float = 1.0) -> int:
-    """In the ServerApp, before round 1: wait until every enrolled hospital is connected, or
-    the consortium's ``wait_for_hospitals_s`` has passed (``MEDFED_WAIT_FOR_HOSPITALS``; no
-    wait outside ``coordinator start``). Returns how many are connected."""
-    expected, _, seconds = os.environ.get(WAIT_ENV, "0:0").partition(":")
-    expected_n, timeout_s = int(expected or 0), float(seconds or 0)
-    end = time.monotonic() + timeout_s
-    connected = len(list(grid.get_node_ids()))
-    if connected < expected_n and timeout_s > 0:
-        logger.info("%s: %d of %d connected; round 1 starts when all are, or in %g s",
-                    WAITING_LINE, connected, expected_n, timeout_s)
-    while connected < expected_n and time.monotonic() < end:
-        time.sleep(poll_s)
-        connected = len(list(grid.get_node_ids()))
-    if expected_n:
-        logger.info("%d of %d enrolled hospitals connected before round 1", connected,
-                    expected_n)
-    return connected
-
-
-def stop_with_coordinator(poll_s: float = 1.0) -> threading.Thread | None:
-    """In the ServerApp process: exit as soon as the ``medfed coordinator start`` process that
-    started the run is gone (killed, crashed).
-
-    Flower's SuperExec starts the ServerApp in a session of its own, so killing the coordinator
-    leaves it running; it would reconnect to the restarted coordinator's SuperLink (the state
-    is on disk) and go on with the old run beside the resumed one, in the same run directory.
-    Returns the watching thread, or None outside a coordinator (no ``MEDFED_COORDINATOR_PID``).
-    """
-    pid = int(os.environ.get(COORDINATOR_PID_ENV, "0") or 0)
-    if pid <= 0:
-        return None
-
-    def watch() -> None:
-        while True:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                logger.error("the coordinator (pid %d) is gone: this ServerApp stops; the "
-                             "restarted coordinator resumes from the last checkpoint", pid)
-                os._exit(1)
-            except PermissionError:  # alive, another user's
-                pass
-            time.sleep(poll_s)
-
-    thread = threading.Thread(target=watch, name="stop-with-coordinator", daemon=True)
-    thread.start()
-    return thread

@@ -209,8 +209,8 @@ server_app = ServerApp()
 
 @server_app.main()
 def _main(grid: Grid, context: Context) -> None:
-    from server.daemon import stop_with_coordinator, wait_for_hospitals
     from server.rounds import run_study_rounds, run_summary
+    from server.serverapp_process import stop_with_coordinator, wait_for_hospitals
     from server.wire_grid import PackedWireGrid
 
     _log_to_stderr()

@@ -116,7 +116,8 @@ def test_the_serverapp_stops_when_its_coordinator_is_gone(tmp_path):
     coordinator must not leave it running the old study beside the resumed one."""
     coordinator = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     serverapp = subprocess.Popen(
-        [sys.executable, "-c", "import time\nfrom server.daemon import stop_with_coordinator\n"
+        [sys.executable, "-c", "import time\n"
+         "from server.serverapp_process import stop_with_coordinator\n"
          "assert stop_with_coordinator(poll_s=0.05) is not None\nprint('watching', flush=True)\n"
          "time.sleep(60)"],
         env=dict(os.environ, **{COORDINATOR_PID_ENV: str(coordinator.pid)}),
