@@ -11,7 +11,7 @@ from medfed_cli.common import UsageError, console, exec_daemon, user_errors
 
 
 @user_errors("client.data.config:SiteDataConfigError", "client.data.problems:ManifestError",
-             "client.site_folder:SiteFolderError", code=2)
+             "client.site_folder:SiteFolderError", "client.data.check:ReportFileError", code=2)
 def cmd_hospital_check(args: argparse.Namespace) -> int:
     from client.data.check import check_site
     from client.data.config import SiteDataConfig, from_node_config, load_site_data_config
@@ -32,9 +32,14 @@ def cmd_hospital_check(args: argparse.Namespace) -> int:
     flags = {"classes": args.classes, "frames": args.frames,
              "max_error_fraction": args.max_error_fraction, "cache_dir": args.cache_dir}
     config = with_settings({k: v for k, v in flags.items() if v is not None}, "flags", config)
-    text, ready = check_site(args.manifest, config, args.image_size)
+    report = args.report or (args.dir / CHECK_REPORT if args.dir is not None else None)
+    text, ready = check_site(args.manifest, config, args.image_size, report)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
     return 0 if ready else 1
+
+
+CHECK_REPORT = "check-report.txt"
+"""The full check report in a site folder (``medfed hospital check --dir``)."""
 
 
 @user_errors("privacy.ledger:LedgerIntegrityError")
@@ -125,6 +130,11 @@ def add_hospital(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--image-size", type=int, default=64,
                        help="model input side in pixels; the run's, so the check fills the cache")
     check.add_argument("--cache-dir", help="decoded-image cache folder")
+    check.add_argument("--report", type=Path,
+                       help="write the full report there: every problem and warning (the "
+                            "terminal lists the first 20 of each kind); default with --dir: "
+                            f"SITE/{CHECK_REPORT}. It names paths and patients: keep it in "
+                            "the hospital")
     check.set_defaults(func=cmd_hospital_check)
 
     ledger = hospital_sub.add_parser(
