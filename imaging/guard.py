@@ -105,6 +105,20 @@ def captured(notes: Notes) -> Iterator[Notes]:
                 _open_notes[-1].add(line)
 
 
+_NOT_THE_FILES = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+"""Warnings about the code rather than the file: not a row's notes (warned as usual)."""
+
+
+def _sort_warnings(caught: list[warnings.WarningMessage], notes: Notes) -> None:
+    """The file's warnings into ``notes``; a library's deprecation warnings go back to the
+    warnings filters (which hide them outside ``__main__``)."""
+    for item in caught:
+        if issubclass(item.category, _NOT_THE_FILES):
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+        else:
+            notes.add(str(item.message))
+
+
 @contextlib.contextmanager
 def _collecting(notes: Notes) -> Iterator[None]:
     """Warnings (all of them, each time) and pydicom's log lines into ``notes``."""
@@ -119,8 +133,7 @@ def _collecting(notes: Notes) -> Iterator[None]:
             try:
                 yield
             finally:  # a file that fails keeps its warnings too
-                for item in caught:
-                    notes.add(str(item.message))
+                _sort_warnings(caught, notes)
     finally:
         pydicom_logger.removeHandler(handler)
         pydicom_logger.propagate = propagate

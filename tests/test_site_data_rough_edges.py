@@ -178,7 +178,7 @@ def test_pydicom_warnings_go_into_the_report_not_the_terminal(tmp_path, capfd):
         assert "Invalid value for VR UI" not in captured.err, captured.err
         out = captured.out
         assert "warnings (1 rows, used all the same):" in out
-        assert f"row 3 ({files[1][0]}): used, but pydicom warned: Invalid value for VR UI" in out
+        assert f"row 3 ({files[1][0]}): used, but reading it warned: Invalid value for VR UI" in out
         assert "ready: all 2 rows usable" in out
 
 
@@ -211,3 +211,19 @@ def test_5000_bad_rows_are_summarised_and_the_full_list_written(tmp_path, capsys
     # A report file that cannot be written is said before the check runs.
     assert main(_check(tmp_path, manifest, "--report", str(tmp_path / "no" / "r.txt"))) == 2
     assert "cannot write the check report" in capsys.readouterr().out
+
+
+def test_captured_warnings_nest_and_leave_library_deprecations_alone():
+    """What an inner block (one file) captures is its row's too; a library's deprecation
+    warning is about the code, not the file: not a row warning, warned as usual."""
+    from imaging.guard import Notes, captured
+
+    row, file = Notes(), Notes()
+    with warnings.catch_warnings(record=True) as outside:
+        warnings.simplefilter("always")
+        with captured(row):
+            with captured(file):
+                warnings.warn("Invalid value for VR UI: '1.2.abc'", UserWarning, stacklevel=1)
+            warnings.warn("x is deprecated", DeprecationWarning, stacklevel=1)
+    assert file.lines == row.lines == ["Invalid value for VR UI: '1.2.abc'"]
+    assert [str(w.message) for w in outside] == ["x is deprecated"]

@@ -107,7 +107,7 @@ def _patient_problem(item: DecodedRow) -> Problem | None:
 def _warning(item: DecodedRow) -> Problem:
     """A usable row's reading warnings as a report line (kind ``warning``)."""
     return Problem(item.entry.row, item.entry.written_path[:SHOW_PATH], "warning",
-                   "used, but pydicom warned: " + "; ".join(item.notes[:3])
+                   "used, but reading it warned: " + "; ".join(item.notes[:3])
                    + (f" (and {len(item.notes) - 3} more)" if len(item.notes) > 3 else ""))
 
 
