@@ -109,14 +109,17 @@ _NOT_THE_FILES = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 """Warnings about the code rather than the file: not a row's notes (warned as usual)."""
 
 
-def _sort_warnings(caught: list[warnings.WarningMessage], notes: Notes) -> None:
-    """The file's warnings into ``notes``; a library's deprecation warnings go back to the
-    warnings filters (which hide them outside ``__main__``)."""
+def _sort_warnings(caught: list[warnings.WarningMessage],
+                   notes: Notes) -> list[warnings.WarningMessage]:
+    """The file's warnings into ``notes``; returns a library's deprecation warnings, to go
+    back to the warnings filters (which hide them outside ``__main__``) once the block ends."""
+    kept = []
     for item in caught:
         if issubclass(item.category, _NOT_THE_FILES):
-            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+            kept.append(item)
         else:
             notes.add(str(item.message))
+    return kept
 
 
 @contextlib.contextmanager
@@ -127,16 +130,19 @@ def _collecting(notes: Notes) -> Iterator[None]:
     propagate = pydicom_logger.propagate
     pydicom_logger.addHandler(handler)
     pydicom_logger.propagate = False
+    deferred: list[warnings.WarningMessage] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
                 yield
             finally:  # a file that fails keeps its warnings too
-                _sort_warnings(caught, notes)
+                deferred = _sort_warnings(list(caught), notes)
     finally:
         pydicom_logger.removeHandler(handler)
         pydicom_logger.propagate = propagate
+    for item in deferred:  # outside the recording block, so that they are not caught again
+        warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 
 
 def guarded(kind: str, what: str, call: Callable[[], T]) -> T:
