@@ -17,12 +17,14 @@ decoder failure is a :class:`DicomReadError` naming what is wrong.
 from __future__ import annotations
 
 import io
+import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, iter_pixels
@@ -54,6 +56,9 @@ NON_IMAGE_MODALITIES = frozenset({
     "SEG", "RTDOSE", "RTSTRUCT", "RTPLAN", "RTRECORD", "RTSEGANN", "SR", "KO", "PR", "REG",
     "FID", "RWV", "DOC", "PLAN", "AU", "ECG", "HD", "EPS", "RESP", "EEG", "EMG", "EOG"})
 """Modalities whose objects hold no picture of the patient (segmentations, dose grids, ...)."""
+
+IMAGE_HEADER = ("Rows", "Columns", "BitsAllocated")
+"""Attributes every image's header holds before its pixel data."""
 
 
 @dataclass
@@ -156,6 +161,9 @@ def _read_inflated(path: Path, limits: ReadLimits) -> Dataset:
 def _open(path: Path, limits: ReadLimits, notes: Notes) -> DicomFile:
     with captured(notes):
         try:
+            if path.stat().st_size == 0:
+                raise DicomReadError("truncated", "the file is empty (0 bytes), e.g. after an "
+                                                  "interrupted copy or export: export it again")
             meta = pydicom.filereader.read_file_meta_info(path)
             deflated = meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
             if deflated:
@@ -178,8 +186,8 @@ def _open(path: Path, limits: ReadLimits, notes: Notes) -> DicomFile:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as err:  # noqa: BLE001 - pydicom raises many types on damaged files
-            kind = "truncated" if isinstance(err, EOFError) or notes.any("End of file") \
-                else "unreadable"
+            kind = "truncated" if isinstance(err, EOFError | struct.error) \
+                or notes.any("End of file") else "unreadable"
             raise DicomReadError(
                 kind, f"{'truncated' if kind == 'truncated' else 'damaged'} DICOM file "
                 f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); export it again "
@@ -224,6 +232,43 @@ def _has_pixel_tag(path: Path) -> bool:
                 return True
             tail = chunk[-3:]
     return False
+
+
+def _where(ds: Dataset) -> str:
+    """The last element a parsed dataset holds, e.g. ``after (0010,0020) PatientID``."""
+    tags = list(ds.keys())
+    if not tags:
+        return "before the first element of its dataset"
+    tag = max(tags)
+    return f"after {tag} {keyword_for_tag(tag) or 'a private element'}"
+
+
+def _refuse_truncated(dicom: DicomFile) -> None:
+    """Refuse a file with no pixel data that was cut short: it ends inside its pixel data, or
+    inside its header (an element runs past the end, an image's header stops before Rows,
+    Columns or Bits Allocated, or no element follows the file meta header).
+
+    Raises:
+        DicomReadError: ``truncated``, saying where the file ends and to export it again.
+    """
+    ds = dicom.ds
+    if "PixelData" in ds:
+        return
+    size = dicom.path.stat().st_size
+    said = f"; pydicom: {dicom.notes.summary(1)}" if dicom.notes.lines else ""
+    if not dicom.in_memory and _has_pixel_tag(dicom.path):
+        raise DicomReadError("truncated", f"the file ends inside its pixel data (it stops after "
+                             f"{size:,} bytes{said}): it is truncated; export it again")
+    name = _sop_name(ds)
+    # An image's header stops before Rows, Columns or Bits Allocated; or nothing at all
+    # follows the file meta header (which may itself be cut: its SOP class UID a stump)
+    incomplete = any(k not in ds for k in IMAGE_HEADER) and (
+        not name or "Image" in name or not len(ds))
+    if dicom.notes.any("End of file") or dicom.cut_short or incomplete:
+        raise DicomReadError(
+            "truncated", f"the file ends inside its header, before its pixel data (it stops "
+            f"after {size:,} bytes, {_where(ds)}{said}): it is truncated, e.g. by an "
+            "interrupted copy or export; export it again")
 
 
 def _check_pixel_data(dicom: DicomFile, shape: Geometry) -> None:
@@ -528,22 +573,13 @@ def open_image(path: Path, frames: str = "middle", limits: ReadLimits | None = N
     limits = limits or ReadLimits()
     dicom = _open(Path(path), limits, Notes())
     ds = dicom.ds
-    _refuse_non_images(ds)
-    if "PixelData" not in ds and (dicom.notes.any("End of file") or dicom.cut_short or (
-            not dicom.in_memory and _has_pixel_tag(dicom.path))):
-        raise DicomReadError("truncated", "the file ends inside its pixel data (or before it): "
-                             f"it is truncated ({dicom.notes.summary(1) or 'no pixel data'}); "
-                             "export it again")
-    if "Rows" not in ds and "PixelData" not in ds:
-        sop = ds.get("SOPClassUID")
-        kind = f" ({UID(sop).name})" if sop else ""
-        raise DicomReadError("no-pixels", f"no pixel data{kind}: this is not an image; "
-                                          "remove the row")
-    shape = geometry(ds, limits)
-    _check_pixel_data(dicom, shape)
-    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    if not dicom.in_memory:
-        _check_decodable(syntax)
+    with captured(dicom.notes):  # reading a header value may warn (e.g. a malformed UID)
+        shape = _checked_header(dicom, limits)
+        syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        if not dicom.in_memory:
+            _check_decodable(syntax)
+        sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+        patient_id = str(ds.get("PatientID", "") or "").strip()
     indices = _frame_indices(shape.frames, frames)
 
     def generate() -> Iterator[DecodedFrame]:
@@ -554,8 +590,27 @@ def open_image(path: Path, frames: str = "middle", limits: ReadLimits | None = N
                 values, invert, rgb_max, value_range = _values(ds, frame, shape, shrink_to)
             yield DecodedFrame(values, invert, rgb_max, value_range)
 
-    return FileFrames(Path(path), str(ds.get("SOPInstanceUID", "") or ""),
-                      str(ds.get("PatientID", "") or "").strip(), generate())
+    return FileFrames(Path(path), sop_uid, patient_id, generate())
+
+
+def _checked_header(dicom: DicomFile, limits: ReadLimits) -> Geometry:
+    """The pixel layout of an image file, after refusing non-images, truncated files, files
+    without pixel data and layouts above ``limits``.
+
+    Raises:
+        DicomReadError: not-image, truncated, no-pixels, too-large or bad-values.
+    """
+    ds = dicom.ds
+    _refuse_non_images(ds)
+    _refuse_truncated(dicom)
+    if "Rows" not in ds and "PixelData" not in ds:
+        name = _sop_name(ds)
+        kind = f" ({name})" if name else ""
+        raise DicomReadError("no-pixels", f"no pixel data{kind}: this is not an image; "
+                                          "remove the row")
+    shape = geometry(ds, limits)
+    _check_pixel_data(dicom, shape)
+    return shape
 
 
 def _sort_key(ds: Dataset) -> tuple[float, float]:

@@ -49,6 +49,10 @@ class ReadLimits:
     max_pixel_bytes: int = 2**30
 
 
+MAX_NOTES = 20
+"""Distinct warnings kept per file or row (a hostile file can make pydicom warn endlessly)."""
+
+
 @dataclass
 class Notes:
     """pydicom's warnings and log lines while one file was read (for its row problem)."""
@@ -56,8 +60,10 @@ class Notes:
     lines: list[str] = field(default_factory=list)
 
     def add(self, text: str) -> None:
+        """Keep ``text`` (whitespace collapsed, 200 characters at most) unless already kept or
+        :data:`MAX_NOTES` are."""
         text = " ".join(str(text).split())[:200]
-        if text and text not in self.lines:
+        if text and text not in self.lines and len(self.lines) < MAX_NOTES:
             self.lines.append(text)
 
     def any(self, *needles: str) -> bool:
@@ -78,23 +84,65 @@ class _Collect(logging.Handler):
             self.notes.add(record.getMessage())
 
 
+_open_notes: list[Notes] = []  # the notes of the captured() blocks now open, innermost last
+
+
 @contextlib.contextmanager
 def captured(notes: Notes) -> Iterator[Notes]:
-    """Collect pydicom's warnings and log lines into ``notes`` instead of printing them."""
+    """Collect pydicom's warnings and log lines into ``notes`` instead of printing them.
+
+    Blocks nest: what an inner block collects is added to the enclosing block's notes too, so a
+    row's notes (:func:`imaging.rows.read_row`) hold every warning of its files.
+    """
+    _open_notes.append(notes)
+    try:
+        with _collecting(notes):
+            yield notes
+    finally:
+        _open_notes.pop()
+        if _open_notes and _open_notes[-1] is not notes:
+            for line in notes.lines:
+                _open_notes[-1].add(line)
+
+
+_NOT_THE_FILES = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+"""Warnings about the code rather than the file: not a row's notes (warned as usual)."""
+
+
+def _sort_warnings(caught: list[warnings.WarningMessage],
+                   notes: Notes) -> list[warnings.WarningMessage]:
+    """The file's warnings into ``notes``; returns a library's deprecation warnings, to go
+    back to the warnings filters (which hide them outside ``__main__``) once the block ends."""
+    kept = []
+    for item in caught:
+        if issubclass(item.category, _NOT_THE_FILES):
+            kept.append(item)
+        else:
+            notes.add(str(item.message))
+    return kept
+
+
+@contextlib.contextmanager
+def _collecting(notes: Notes) -> Iterator[None]:
+    """Warnings (all of them, each time) and pydicom's log lines into ``notes``."""
     pydicom_logger = logging.getLogger("pydicom")
     handler = _Collect(notes)
     propagate = pydicom_logger.propagate
     pydicom_logger.addHandler(handler)
     pydicom_logger.propagate = False
+    deferred: list[warnings.WarningMessage] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            yield notes
-        for item in caught:
-            notes.add(str(item.message))
+            try:
+                yield
+            finally:  # a file that fails keeps its warnings too
+                deferred = _sort_warnings(list(caught), notes)
     finally:
         pydicom_logger.removeHandler(handler)
         pydicom_logger.propagate = propagate
+    for item in deferred:  # outside the recording block, so that they are not caught again
+        warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 
 
 def guarded(kind: str, what: str, call: Callable[[], T]) -> T:

@@ -16,7 +16,7 @@ from pathlib import Path
 from imaging.dicom import DicomReadError
 from imaging.fingerprint import dataset_fingerprint
 from imaging.manifest import SHOW_PATH, read_manifest
-from imaging.problems import ManifestError, Problem
+from imaging.problems import ManifestError, Problem, summarise
 from imaging.rows import DecodedRow, read_row, stack_images
 from imaging.settings import ReadSettings
 from models.data import ImageSet
@@ -96,7 +96,9 @@ def read_labelled_set(manifest: Path, settings: ReadSettings,
         dataset_fingerprint(settings.classes, ((d.entry.written_path, d.entry.label,
                                                 d.entry.patient, "test", d.content_sha256)
                                                for d in kept), settings.frames))
-    for problem in problems:
-        logger.warning("%s: %s", manifest, problem)
+    if problems:  # the first of each kind: 100,000 bad rows must not flood the log
+        lines, _ = summarise(problems)
+        logger.warning("%s: %d of %d rows left out:\n%s", manifest, len(problems), rows,
+                       "\n".join(lines))
     images = stack_images([d.image for d in kept], [d.entry.label for d in kept], image_size)
     return images, report

@@ -4,8 +4,10 @@ Each row names a path (relative to the manifest, confined to the allowed folders
 patient, and optionally a split. Rows are checked one by one with Python's ``csv`` module, so
 that every problem names its line: a bad row becomes a :class:`Problem`, a bad table a
 :class:`ManifestError`. Rows that are entirely empty (a spreadsheet's ``,,,``) are skipped; a
-row with more fields than the header is reported, never shifted into the wrong columns.
-The separator (comma, semicolon, tab or bar) is taken from the header line.
+row with more fields than the header (empty ones included) is reported, never shifted into the
+wrong columns. The separator (comma, semicolon, tab or bar) is taken from the header line. A
+field longer than the CSV reader's limit (:data:`FIELD_LIMIT` characters: a one-line file, or an
+opening quote never closed) refuses the file with its line, never a traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import codecs
 import csv
 import difflib
 import io
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +28,12 @@ from imaging.settings import MAX_INDEX_CLASSES, ReadSettings
 SPLITS = ("train", "val")
 SEPARATORS = (",", ";", "\t", "|")
 MAX_MANIFEST_BYTES = 256 * 2**20
+FIELD_LIMIT = csv.field_size_limit()
+"""Longest field the CSV reader takes (Python's default, 131,072 characters); left as it is, as
+the limit is process-wide. No path, label or patient id comes near it."""
+MAX_COLUMNS = 1000
+"""Most columns a header may have (a manifest needs 3 or 4; a one-line file has thousands)."""
+_SNIFF_CHARS = 4096  # characters of a header line the separator guess looks at
 _SHOW = 60  # characters of a field quoted in a message
 SHOW_PATH = 300  # characters of a path named in a problem
 
@@ -92,6 +102,15 @@ def _text(path: Path, encoding: str) -> str:
                             f"0x{raw[err.start]:02x} on line {line}): {hint}") from err
 
 
+def _too_long(path: Path, line: int, what: str) -> ManifestError:
+    """The error for a field past :data:`FIELD_LIMIT` characters that starts on ``line``."""
+    return ManifestError(
+        f"manifest {path}, line {line}: {what} longer than {FIELD_LIMIT:,} characters, the "
+        "limit for one CSV field. A quote (\") that opens a field and is never closed makes the "
+        "rest of the file one field: close it, or remove the quote. A file with no line breaks "
+        "is not a manifest (one row per image): check that it is the right file")
+
+
 def _columns(line: str, separator: str) -> list[str]:
     return [c.strip() for c in next(csv.reader([line], delimiter=separator), [])]
 
@@ -102,7 +121,8 @@ def _separator(header: str, required: list[str], path: Path) -> str:
             return separator
     found = _columns(header, ",")
     try:
-        sniffed = csv.Sniffer().sniff(header, delimiters="".join(SEPARATORS)).delimiter
+        sniffed = csv.Sniffer().sniff(header[:_SNIFF_CHARS],
+                                      delimiters="".join(SEPARATORS)).delimiter
     except csv.Error:
         sniffed = ","
     names = {",": "comma", ";": "semicolon", "\t": "tab", "|": "bar"}
@@ -115,6 +135,85 @@ def _separator(header: str, required: list[str], path: Path) -> str:
         "that name the manifest")
 
 
+def _header(text: str, config: ReadSettings, path: Path
+            ) -> tuple[Iterator[list[str]], list[str], str]:
+    """The CSV reader (positioned after the header), the header's names and the separator.
+
+    Line breaks are universal (``\n``, ``\r\n`` or an old Mac's ``\r``), as in the line
+    numbers of problems.
+    """
+    stream = io.StringIO(text, newline=None)
+    lines = iter(stream)
+    first, header_line = next(((n, line) for n, line in enumerate(lines)
+                               if line.strip(" ,;\t|\r\n")), (None, ""))
+    if first is None:
+        raise ManifestError(f"manifest {path} is empty: it needs a header row with the columns "
+                            f"{_required(config)} and one row per image")
+    if len(header_line) > FIELD_LIMIT:
+        raise ManifestError(
+            f"manifest {path}, line {first + 1}: the header line is {len(header_line):,} "
+            f"characters long (more than {FIELD_LIMIT:,}): a file whose line breaks were lost, "
+            "or not a manifest. It needs a header line and one line per image: check that it "
+            "is the right file")
+    separator = _separator(header_line, _required(config), path)
+    stream.seek(0)
+    reader = csv.reader(stream, delimiter=separator)
+    try:
+        for _ in range(first + 1):
+            header = [c.strip() for c in next(reader)]
+    except csv.Error as err:
+        if "field limit" in str(err):
+            raise _too_long(path, first + 1, "the header holds a field") from err
+        raise ManifestError(f"manifest {path} is not a readable CSV file ({err})") from err
+    if len(header) > MAX_COLUMNS:
+        raise ManifestError(
+            f"manifest {path}, line {first + 1}: the header has {len(header):,} columns (at most "
+            f"{MAX_COLUMNS:,}): a file whose line breaks were lost is one line; it needs a "
+            "header line and one line per image. Check that it is the right file")
+    counts = Counter(c for c in header if c)
+    duplicated = sorted(c for c, n in counts.items() if n > 1)
+    if duplicated:
+        raise ManifestError(f"manifest {path} names the column(s) {duplicated} twice: keep one")
+    return _records(reader, path), header, separator
+
+
+def _records(reader, path: Path) -> Iterator[tuple[int, list[str]]]:
+    """``(line, fields)`` of each row after the header; a row the CSV reader cannot take
+    refuses the file, naming the line where that row starts."""
+    while True:
+        start = reader.line_num + 1
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            if "field limit" in str(err):
+                raise _too_long(path, start, "the row starting here holds a field") from err
+            raise ManifestError(f"manifest {path}, line {start}: not readable as CSV ({err}); "
+                                "fix the quoting there") from err
+        yield reader.line_num, record
+
+
+def _width_problem(line: int, record: list[str], width: int, path_index: int,
+                   separator: str) -> Problem | None:
+    """A row with more fields than the header (``width``), empty extra fields included: a
+    separator inside an unquoted value moved every field after it one column on, so the row is
+    refused rather than read shifted."""
+    if len(record) <= width:
+        return None
+    written = record[path_index].strip() if path_index < len(record) else "-"
+    name = {",": "comma", ";": "semicolon", "\t": "tab", "|": "bar"}[separator]
+    trailing = (" (the extra ones are empty: if every row ends with a separator, remove it or "
+                "end the header line with one too)") if not any(
+        f.strip() for f in record[width:]) else ""
+    shown = _show(separator.join(record), 120)
+    return Problem(line, _show(written, SHOW_PATH) or "-", "row",
+                   f"{len(record)} fields but the header has {width}{trailing}: a {name} inside "
+                   f"an unquoted value shifts every column after it (the row reads {shown!r}). "
+                   f"Put that value in double quotes (\"a{separator} b\"); the row was not used, "
+                   "so that no column is shifted")
+
+
 def read_manifest(path: Path, config: ReadSettings
                   ) -> tuple[list[Entry], list[Problem], int, ManifestInfo]:
     """Read and check the manifest.
@@ -124,66 +223,32 @@ def read_manifest(path: Path, config: ReadSettings
         counted) and how the file was read.
 
     Raises:
-        ManifestError: the file is missing, not text in the configured encoding, empty, or
-            lacks a required column.
+        ManifestError: the file is missing, not text in the configured encoding, empty, lacks
+            a required column, or holds a field longer than :data:`FIELD_LIMIT` characters.
     """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest {path} does not exist: give the path to the CSV file")
-    text = _text(path, config.manifest_encoding)
-    lines = text.splitlines()
-    first = next((n for n, line in enumerate(lines) if line.strip(" ,;\t|")), None)
-    if first is None:
-        raise ManifestError(f"manifest {path} is empty: it needs a header row with the columns "
-                            f"{_required(config)} and one row per image")
-    separator = _separator(lines[first], _required(config), path)
-    reader = csv.reader(io.StringIO(text), delimiter=separator)
-    try:
-        for _ in range(first + 1):
-            header = [c.strip() for c in next(reader)]
-    except csv.Error as err:
-        raise ManifestError(f"manifest {path} is not a readable CSV file ({err})") from err
-    duplicated = sorted({c for c in header if c and header.count(c) > 1})
-    if duplicated:
-        raise ManifestError(f"manifest {path} names the column(s) {duplicated} twice: keep one")
+    records, header, separator = _header(_text(path, config.manifest_encoding), config, path)
     index = {name: header.index(name) for name in header if name}
-    roots = config.resolved_roots(path)
-    base = path.resolve().parent
+    roots, base = config.resolved_roots(path), path.resolve().parent
     entries: list[Entry] = []
     problems: list[Problem] = []
     rows = skipped = 0
-    has_split = config.split_column in index
-    while True:
-        try:
-            record = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as err:
-            raise ManifestError(f"manifest {path}, line {reader.line_num}: not readable as "
-                                f"CSV ({err}); fix the quoting there") from err
-        line = reader.line_num
+    for line, record in records:
         if not any(field.strip() for field in record):
             skipped += 1  # a spreadsheet's empty ",,," row
             continue
         rows += 1
-        if len(record) > len(header) and any(f.strip() for f in record[len(header):]):
-            written = record[index[config.path_column]].strip() \
-                if index[config.path_column] < len(record) else "-"
-            problems.append(Problem(
-                line, _show(written, SHOW_PATH) or "-", "row",
-                f"{len(record)} fields but the header has {len(header)}: a "
-                f"{'comma' if separator == ',' else 'separator'} inside a value (quote it) or "
-                "an extra field; the row was not used so that no column is shifted"))
-            continue
-        record = record + [""] * (len(header) - len(record))
-
-        def field(name: str, values: list[str] = record) -> str:
-            return values[index[name]].strip() if name in index else ""
-
-        entry, problem = _entry(line, field(config.path_column), field(config.label_column),
-                                field(config.patient_column),
-                                field(config.split_column).lower() if has_split else "",
-                                config, base, roots)
+        problem = _width_problem(line, record, len(header), index[config.path_column],
+                                 separator)
+        if problem is None:
+            values = record + [""] * (len(header) - len(record))
+            field = {name: values[i].strip() for name, i in index.items()}
+            entry, problem = _entry(line, field[config.path_column],
+                                    field[config.label_column], field[config.patient_column],
+                                    field.get(config.split_column, "").lower(), config, base,
+                                    roots)
         if problem is not None:
             problems.append(problem)
         else:

@@ -5,14 +5,15 @@
 one frame at a time under the header bounds, transformed, every failure a
 :class:`~imaging.guard.DicomReadError` naming the row's problem. A caller may pass a
 :class:`RowCache` (the hospital's decoded-image cache) keyed by the file's content hash and the
-transform settings.
+transform settings. Every warning reading a row gives (pydicom's above all) is captured into
+that row's notes (:attr:`DecodedRow.notes`, or the error's reason), never printed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from imaging.dicom import DecodedImage, DicomReadError, iter_decoded
-from imaging.guard import guarded
+from imaging.guard import Notes, captured, guarded
 from imaging.manifest import Entry
 from imaging.paths import OutsideRootError, series_files
 from imaging.settings import ReadSettings
@@ -57,10 +58,10 @@ def cache_key(content_sha256: str, settings: dict[str, object]) -> str:
 class RowCache(Protocol):
     """Decoded images stored by key (``client.data.cache.DecodedCache``)."""
 
-    def get(self, key: str) -> tuple[np.ndarray, list[str], list[str]] | None: ...
+    def get(self, key: str) -> tuple[np.ndarray, list[str], list[str], list[str]] | None: ...
 
     def put(self, key: str, image: np.ndarray, uids: list[str],
-            patients: list[str] | None = None) -> None: ...
+            patients: list[str] | None = None, notes: list[str] | None = None) -> None: ...
 
 
 @dataclass
@@ -75,6 +76,8 @@ class DecodedRow:
         file_patients: the Patient ID of each file read.
         uids: the SOP Instance UIDs of the files read (empty ones left out).
         cached: the cache served the images.
+        notes: the warnings reading the row gave (pydicom's, say, about a malformed value), for
+            the check's report; the row is usable all the same.
     """
 
     entry: Entry
@@ -83,10 +86,12 @@ class DecodedRow:
     file_patients: list[str]
     uids: list[str]
     cached: bool = False
+    notes: list[str] = field(default_factory=list)
 
 
 def _decode(entry: Entry, settings: ReadSettings, image_size: int, cache: RowCache | None,
-            roots: tuple[Path, ...]) -> DecodedRow:
+            roots: tuple[Path, ...]) -> tuple[DecodedRow, str]:
+    """The row's images (from ``cache`` when it holds them) and their cache key."""
     if not entry.path.exists():
         raise DicomReadError("missing", "file not found: fix the path (relative to the "
                                         "manifest's folder) or remove the row")
@@ -104,12 +109,11 @@ def _decode(entry: Entry, settings: ReadSettings, image_size: int, cache: RowCac
                  else transform_settings(image_size, settings.frames))
     key = cache_key(content, transform)
     if cache is not None and (hit := cache.get(key)) is not None:
-        return DecodedRow(entry, hit[0], content, hit[2], hit[1], cached=True)
+        return DecodedRow(entry, hit[0], content, hit[2], hit[1], cached=True,
+                          notes=hit[3]), key
     if volume:
         image = volume_model_input(entry.path, image_size, series)
-        if cache is not None:
-            cache.put(key, image, [], [])
-        return DecodedRow(entry, image, content, [], [])
+        return DecodedRow(entry, image, content, [], []), key
     images, uids, patients, shapes = [], [], [], set()
     for file in iter_decoded(entry.path, settings.frames, settings.limits, series,
                              shrink_to=image_size):
@@ -127,9 +131,7 @@ def _decode(entry: Entry, settings: ReadSettings, image_size: int, cache: RowCac
         raise DicomReadError("no-pixels", "no frames to read: remove the row")
     image = np.concatenate(images)
     uids = [u for u in uids if u]
-    if cache is not None:
-        cache.put(key, image, uids, patients)
-    return DecodedRow(entry, image, content, patients, uids)
+    return DecodedRow(entry, image, content, patients, uids), key
 
 
 def read_row(entry: Entry, settings: ReadSettings, image_size: int, roots: tuple[Path, ...],
@@ -148,8 +150,22 @@ def read_row(entry: Entry, settings: ReadSettings, image_size: int, roots: tuple
             failure of a decoder or transform (Rust panics, MemoryError included) costs the
             row, never the caller.
     """
-    return guarded("unreadable", "the file cannot be read; it is damaged or unsupported",
-                   lambda: _decode(entry, settings, image_size, cache, roots))
+    notes = Notes()
+    try:
+        with captured(notes):
+            row, key = guarded("unreadable", "the file cannot be read; it is damaged or "
+                               "unsupported", lambda: _decode(entry, settings, image_size, cache,
+                                                              roots))
+    except DicomReadError as err:
+        unsaid = [line for line in notes.lines if line not in err.reason]
+        if unsaid:
+            err.reason += f" [pydicom: {'; '.join(unsaid[:2])}]"
+        raise
+    if not row.cached:
+        row.notes = notes.lines
+        if cache is not None:
+            cache.put(key, row.image, row.uids, row.file_patients, row.notes)
+    return row
 
 
 def stack_images(images: list[np.ndarray], labels: list[int], image_size: int) -> ImageSet:

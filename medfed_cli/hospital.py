@@ -9,7 +9,8 @@ from medfed_cli.common import UsageError, console, exec_daemon, user_errors
 
 
 @user_errors("client.data.config:SiteDataConfigError", "client.data.problems:ManifestError",
-             "client.site_folder:SiteFolderError", "models.settings:SettingsError", code=2)
+             "client.site_folder:SiteFolderError", "models.settings:SettingsError",
+             "client.data.check:ReportFileError", code=2)
 def cmd_hospital_check(args: argparse.Namespace) -> int:
     from client.data.check import check_site
     from client.data.config import SiteDataConfig, from_node_config, load_site_data_config
@@ -32,7 +33,8 @@ def cmd_hospital_check(args: argparse.Namespace) -> int:
     config = with_settings({k: v for k, v in flags.items() if v is not None}, "flags", config)
     if args.study is not None and args.dir is None:
         raise UsageError("--study needs --dir SITE (the policies and data the daemon uses)")
-    text, ready = check_site(args.manifest, config, args.image_size)
+    report = args.report or (args.dir / CHECK_REPORT if args.dir is not None else None)
+    text, ready = check_site(args.manifest, config, args.image_size, report)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
     if args.study is not None:
         text, takes_part = study_check_text(args.dir, args.study)
@@ -66,6 +68,10 @@ def study_check_text(site_dir: Path, study_file: Path) -> tuple[str, bool]:
                  "this hospital would refuse the study: change the setting named above (in "
                  "this site folder) or ask the coordinator to change the study")
     return "\n".join(lines), passed
+
+
+CHECK_REPORT = "check-report.txt"
+"""The full check report in a site folder (``medfed hospital check --dir``)."""
 
 
 @user_errors("privacy.ledger:LedgerIntegrityError")
@@ -180,6 +186,11 @@ def add_hospital(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--study", type=Path,
                        help="a study file: also dry-run it against this site's policies and "
                             "data, item by item, as the coordinator asks before round 1")
+    check.add_argument("--report", type=Path,
+                       help="write the full report there: every problem and warning (the "
+                            "terminal lists the first 20 of each kind); default with --dir: "
+                            f"SITE/{CHECK_REPORT}. It names paths and patients: keep it in "
+                            "the hospital")
     check.set_defaults(func=cmd_hospital_check)
 
     ledger = hospital_sub.add_parser(

@@ -25,8 +25,9 @@ logger = logging.getLogger(__name__)
 
 class DecodedCache:
     """Folder of ``<key[:2]>/<key>.npz`` entries: ``image`` (F, C, S, S) float32 and ``ids``, one
-    JSON string with the SOP Instance UIDs and the files' Patient IDs (so a cache hit can still
-    be checked against the manifest; one array, so a hit reads two members, not three)."""
+    JSON string with the SOP Instance UIDs, the files' Patient IDs (so a cache hit can still be
+    checked against the manifest) and the warnings decoding gave (so a hit reports them too;
+    one array, so a hit reads two members, not three)."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -34,9 +35,9 @@ class DecodedCache:
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.npz"
 
-    def get(self, key: str) -> tuple[np.ndarray, list[str], list[str]] | None:
-        """The stored image, SOP Instance UIDs and Patient IDs, or None (missing, or corrupt and
-        deleted)."""
+    def get(self, key: str) -> tuple[np.ndarray, list[str], list[str], list[str]] | None:
+        """The stored image, SOP Instance UIDs, Patient IDs and decoding warnings, or None
+        (missing, or corrupt and deleted)."""
         path = self._path(key)
         if not path.is_file():
             return None
@@ -44,18 +45,19 @@ class DecodedCache:
             with np.load(path, allow_pickle=False) as entry:
                 image, ids = entry["image"], json.loads(str(entry["ids"]))
                 uids, patients = [str(u) for u in ids["uids"]], [str(p) for p in ids["patients"]]
+                notes = [str(n) for n in ids.get("notes", [])]
             if (image.dtype != np.float32 or image.ndim not in (4, 5)
                     or not np.isfinite(image).all()
                     or image.min() < 0.0 or image.max() > 1.0):
                 raise ValueError(f"unexpected content {image.dtype}{list(image.shape)}")
-            return image, uids, patients
+            return image, uids, patients, notes
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as err:
             logger.warning("cache entry %s is corrupt (%s): deleted, decoding again", path, err)
             path.unlink(missing_ok=True)
             return None
 
     def put(self, key: str, image: np.ndarray, uids: list[str],
-            patients: list[str] | None = None) -> None:
+            patients: list[str] | None = None, notes: list[str] | None = None) -> None:
         """Store an entry atomically; a full or read-only disk only costs a warning."""
         path = self._path(key)
         try:
@@ -65,7 +67,8 @@ class DecodedCache:
                 with os.fdopen(fd, "wb") as handle:
                     np.savez(handle, image=image.astype(np.float32, copy=False),
                              ids=np.array(json.dumps({"uids": uids,
-                                                      "patients": patients or []})))
+                                                      "patients": patients or [],
+                                                      "notes": notes or []})))
                 os.replace(tmp, path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)

@@ -44,6 +44,8 @@ class SiteReport:
         fingerprint: see :mod:`imaging.fingerprint`.
         cache_hits: images served from the decoded-image cache.
         manifest_info: the manifest's separator, encoding and skipped empty rows.
+        warnings: usable rows whose reading gave warnings (pydicom's, e.g. a malformed UID),
+            one :class:`Problem` of kind ``warning`` each, in manifest order; they are used.
     """
 
     manifest: Path
@@ -58,6 +60,7 @@ class SiteReport:
     fingerprint: str = ""
     cache_hits: int = 0
     manifest_info: ManifestInfo | None = None
+    warnings: list[Problem] = field(default_factory=list)
 
     @property
     def error_fraction(self) -> float:
@@ -99,6 +102,13 @@ def _patient_problem(item: DecodedRow) -> Problem | None:
                    f"the manifest says patient {item.entry.patient[:40]!r} but the file's "
                    f"Patient ID is {shown}: fix the manifest so one patient never lands in "
                    "two splits (set match_patient_id = false if the manifest uses pseudonyms)")
+
+
+def _warning(item: DecodedRow) -> Problem:
+    """A usable row's reading warnings as a report line (kind ``warning``)."""
+    return Problem(item.entry.row, item.entry.written_path[:SHOW_PATH], "warning",
+                   "used, but reading it warned: " + "; ".join(item.notes[:3])
+                   + (f" (and {len(item.notes) - 3} more)" if len(item.notes) > 3 else ""))
 
 
 def _groups(decoded: list[DecodedRow]) -> list[str]:
@@ -175,7 +185,8 @@ def prepare_site(manifest: Path, config: SiteDataConfig,
                                      range(max((d.entry.label for d in decoded), default=-1) + 1)]
     report = SiteReport(Path(manifest), names, rows, usable_rows=len(decoded),
                         problems=sorted(problems, key=lambda p: p.row),
-                        patients_across_splits=across, cache_hits=hits, manifest_info=info)
+                        patients_across_splits=across, cache_hits=hits, manifest_info=info,
+                        warnings=[_warning(d) for d in decoded if d.notes])
     sets = {}
     for split in SPLITS:
         chosen = [d for d, s in zip(decoded, splits, strict=True) if s == split]
