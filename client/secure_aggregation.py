@@ -40,7 +40,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
 from client.run_policy import RUN_POLICY_KEY, load_run_policy
-from models.finite import check_finite_number, check_finite_tensors
+from models.finite import NonFiniteError, check_finite_number, check_finite_tensors
 from privacy.config import dp_config_from_record
 from privacy.secagg import SecAggError, crypto
 from privacy.secagg.encoding import flatten, quantize
@@ -93,6 +93,8 @@ def handle_secagg(msg: Message, context: Context, train: TrainHandler, weight_of
         if stage == "unmask":
             return _reply(msg, _unmask(request, context, identity_of(context)))
         raise SecAggError(f"unknown secure-aggregation stage '{stage}'")
+    except NonFiniteError:
+        raise  # the egress point answers it with its category (client.audit.failure_category)
     except (SecAggError, KeyError, ValueError, TypeError) as err:
         logger.warning("secure aggregation: refused a stage: %s", err)
         return Message(Error(code=PROTOCOL_ERROR, reason=f"secure aggregation: {err}"),

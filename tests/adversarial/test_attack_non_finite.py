@@ -108,3 +108,97 @@ def test_the_same_round_with_a_finite_adapter_is_clipped_and_charged(tmp_path, s
                           for k in got))
     assert moved <= CLIP * 1.01
     assert len(ledger.rows()) == 1
+
+
+# --- each defence on its own, below the ClientApp ----------------------------------------------
+def test_clipping_refuses_a_non_finite_norm_instead_of_not_clipping():
+    """``min(1, C / nan)`` is 1: the old clipping let a NaN-norm update through unclipped."""
+    from models.finite import NonFiniteError
+    from privacy.noise import SecureNoise
+    from privacy.update_dp import clip_and_noise
+
+    reference = {"head": torch.tensor([0.0, 0.0, -math.inf]), "lora": torch.zeros(4)}
+    new = {"head": torch.tensor([50.0, -50.0, -math.inf]), "lora": torch.full((4,), 50.0)}
+    with pytest.raises(NonFiniteError, match="not finite|non-finite"):
+        clip_and_noise(new, reference, 0.1, 1.0, 1, SecureNoise())
+    finite = {"head": torch.zeros(3), "lora": torch.zeros(4)}
+    for clip, z in ((math.nan, 1.0), (0.1, math.inf), (-0.1, 1.0)):
+        with pytest.raises(ValueError):
+            clip_and_noise(finite, finite, clip, z, 1, SecureNoise())
+
+
+def test_dpsgd_refuses_a_clipped_sum_that_is_not_finite():
+    """opacus clips by ``min(1, C / (norm + 1e-6))``: NaN for a NaN gradient, not a bound."""
+    from models.finite import NonFiniteError
+    from privacy.dpsgd import use_noise_source
+    from privacy.noise import SecureNoise
+
+    class Optimizer:  # what add_noise reads of an opacus DPOptimizer
+        noise_multiplier, max_grad_norm = 1.0, 1.0
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    param.summed_grad = torch.tensor([0.1, math.nan, 0.2])
+    optimizer = Optimizer()
+    optimizer.params = [param]
+    use_noise_source(optimizer, SecureNoise())
+    with pytest.raises(NonFiniteError):
+        optimizer.add_noise()
+    assert param.grad is None  # no step can be taken
+
+
+def test_secure_aggregation_refuses_to_quantise_a_nan():
+    """A NaN has no integer code: cast to uint32 it would become an arbitrary masked value."""
+    from models.finite import NonFiniteError
+    from privacy.secagg.encoding import quantize
+
+    rng = np.random.default_rng(0)
+    with pytest.raises(NonFiniteError):
+        quantize(np.array([0.1, math.nan, -0.2]), 1.0, 20, rng)
+    for clipping_range in (math.inf, math.nan, 0.0):
+        with pytest.raises(ValueError):
+            quantize(np.array([0.1]), clipping_range, 20, rng)
+
+
+@pytest.mark.parametrize("max_weight, bits, modulus", [
+    (math.nan, 20, 32), (math.inf, 20, 32), (0.0, 20, 32), (-1.0, 20, 32), ("1", 20, 32),
+    (1.0, "20", 32), (1.0, 20, 40), (1.0, True, 32), (1.0, 32, 32), (1.0, 20.0, 32),
+])
+def test_secure_aggregation_refuses_hostile_masking_parameters(max_weight, bits, modulus):
+    """A NaN max-weight made every coordinate NaN; a modulus past 32 bits does not fit."""
+    from client.secure_aggregation import masking_bits, weight_ratio
+    from models.finite import NonFiniteError
+    from privacy.secagg import SecAggError
+
+    with pytest.raises((SecAggError, NonFiniteError)):  # a refused stage either way
+        weight_ratio(1.0, max_weight)
+        masking_bits(bits, modulus)
+
+
+def test_a_non_finite_feature_centre_is_refused(small_model_config):
+    """The CT head's centre travels with the adapter; a NaN there would reach every logit."""
+    from models.feature_centre import FeatureCentre, recentred
+    from models.finite import NonFiniteError
+
+    centre = FeatureCentre(4)
+    with pytest.raises(NonFiniteError):
+        centre.load_state_dict({"mean": torch.tensor([0.0, math.nan, 0.0, 0.0])})
+    assert torch.equal(centre.mean, torch.zeros(4))
+    state = {"m.centre.mean": torch.zeros(4), "m.fc.weight": torch.ones(2, 4),
+             "m.fc.bias": torch.zeros(2)}
+    with pytest.raises(NonFiniteError):
+        recentred(state, torch.tensor([0.0, math.inf, 0.0, 0.0]), "fc")
+
+
+def test_the_accountant_refuses_a_non_finite_event_and_caps_a_huge_one():
+    """An infinite or NaN noise multiplier made opacus' accountants loop forever; a huge one
+    is accounted as the cap, an upper bound on its epsilon."""
+    from privacy.accounting import MAX_NOISE_MULTIPLIER, epsilon
+    from privacy.ledger import Charge
+
+    for z in (math.inf, math.nan):  # (checked first: without the defence epsilon spins)
+        with pytest.raises(ValueError):
+            Charge("dpsgd", z, 0.1, 10, 1.0)
+        with pytest.raises(ValueError):
+            epsilon([(z, 0.1, 10)], 1e-5)
+    capped = epsilon([(MAX_NOISE_MULTIPLIER, 0.1, 10)], 1e-5)
+    assert epsilon([(1e12, 0.1, 10)], 1e-5) == pytest.approx(capped)
