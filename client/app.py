@@ -98,7 +98,9 @@ def handle_train(
     Without DP the metrics are the example count and the training loss. A private round (DP
     on, or a site privacy policy) withholds the loss and adds ``dp-epsilon`` and ``dp-delta``;
     a round the site's privacy policy refuses gets an error reply whose reason says why
-    (nothing is released).
+    (nothing is released). A round at or below one this run already answered is refused
+    (``round-replay``); an adapter or update that is not finite is refused (``non-finite``,
+    by the egress point), before the ledger is charged.
     """
     server_round = int(msg.content["config"]["server-round"])
     try:  # a round this run already answered (or an earlier one) is never trained again

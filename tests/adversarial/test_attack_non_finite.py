@@ -96,6 +96,19 @@ def test_dpsgd_refuses_a_non_finite_adapter(tmp_path, site, model_config, value)
     _assert_refused(_train(site, model_config, arrays, DPSGD, ledger), ledger)
 
 
+def test_evaluation_refuses_a_non_finite_adapter(tmp_path, site, model_config):
+    """Scored with a ``-inf`` bias the metrics would look normal: refused all the same."""
+    app = build_client_app(lambda context, image_size: site)
+    context = Context(run_id=4, node_id=7, node_config={"partition-id": 0}, state=RecordDict(),
+                      run_config={})
+    config = to_config_record(model_config, TrainConfig(local_steps=2, batch_size=16))
+    config["server-round"] = 1
+    reply = app(coordinator_message("evaluate", _hostile(model_config, -math.inf), config),
+                context)
+    assert reply.has_error() and reply.error.reason.startswith("non-finite: "), reply
+    assert not reply.has_content()
+
+
 def test_the_same_round_with_a_finite_adapter_is_clipped_and_charged(tmp_path, site,
                                                                       model_config):
     """The control: a finite adapter is trained, its update clipped to ``C`` and charged."""
