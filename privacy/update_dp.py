@@ -87,12 +87,13 @@ def clip_and_noise(
 
 
 def _check_mechanism(clip_norm: float, noise_multiplier: float, hospitals: int) -> None:
-    """Refuse a clip norm or noise multiplier that is not a finite positive number, and a
-    hospital count below 1 (each would make the noise or the clipping meaningless)."""
-    for value, name in ((clip_norm, "update clip norm"),
-                        (noise_multiplier, "update noise multiplier")):
-        if check_finite_number(value, name) <= 0:
-            raise ValueError(f"{name} {value!r} must be above 0")
+    """Refuse a clip norm that is not a finite number above 0, a noise multiplier that is not
+    a finite number at least 0 (0: clipping alone, which ``DPConfig`` never lets a round ask
+    for), and a hospital count below 1."""
+    if check_finite_number(clip_norm, "update clip norm") <= 0:
+        raise ValueError(f"update clip norm {clip_norm!r} must be above 0")
+    if check_finite_number(noise_multiplier, "update noise multiplier") < 0:
+        raise ValueError(f"update noise multiplier {noise_multiplier!r} must be at least 0")
     if isinstance(hospitals, bool) or not isinstance(hospitals, int) or hospitals < 1:
         raise ValueError(f"update hospitals {hospitals!r} must be a whole number >= 1")
 

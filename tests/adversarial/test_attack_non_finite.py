@@ -135,7 +135,7 @@ def test_clipping_refuses_a_non_finite_norm_instead_of_not_clipping():
     with pytest.raises(NonFiniteError, match="not finite|non-finite"):
         clip_and_noise(new, reference, 0.1, 1.0, 1, SecureNoise())
     finite = {"head": torch.zeros(3), "lora": torch.zeros(4)}
-    for clip, z in ((math.nan, 1.0), (0.1, math.inf), (-0.1, 1.0)):
+    for clip, z in ((math.nan, 1.0), (0.1, math.inf), (-0.1, 1.0), (0.1, -1.0)):
         with pytest.raises(ValueError):
             clip_and_noise(finite, finite, clip, z, 1, SecureNoise())
 
