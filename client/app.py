@@ -20,7 +20,7 @@ from flwr.app import (
 )
 
 from client.audit import AuditedClientApp, audited_mod
-from client.classes import for_study
+from client.classes import check_class_count, for_study
 from client.evaluation_cap import EvaluationRefusal, released_metrics
 from client.exchange import hospital_model_config, receive_adapter, send_adapter
 from client.model_cache import lora_model_for
@@ -35,6 +35,13 @@ from client.privacy_round import (  # DP-SGD, update DP, site policy and ledger
     train_round,
 )
 from client.released_rounds import keep_release, replayed_release
+from client.round_config import (
+    ROUND_CONFIG_CODE,
+    RoundReplay,
+    check_fresh_round,
+    record_answered_round,
+    typed_config_mod,
+)
 from client.run_policy import RUN_REFUSAL_CODE, node_run_policy, refuse_run
 from client.secure_aggregation import handle_secagg
 from client.site import SiteLoader, load_site_from_node_config
@@ -55,15 +62,21 @@ def hospital_id(context: Context) -> int:
 
 
 def _prepare(msg: Message, context: Context, load_site: SiteLoader):
+    # The config record is already typed and bounded (client.round_config.typed_config_mod).
     config = msg.content["config"]
     # A hetlora hospital builds its model at its own LoRA rank.
     model_config = hospital_model_config(from_config_record(ModelConfig, config), config, context)
+    # The class count before any head is allocated: at most the hospital's own classes plus
+    # what its run policy allows; then its labels in the study's order, or a refusal.
+    site = load_site(context, model_config.image_size)
+    run_policy = node_run_policy(context)
+    if run_policy is not None:
+        check_class_count(site, model_config.num_classes, run_policy.max_extra_classes)
+    site = for_study(site, list(config.get("classes", [])), model_config.num_classes)
     model = lora_model_for(model_config)
-    # The round's adapter-exchange mode (FFA-LoRA freezes A, FedSA-LoRA adds own B).
+    # The round's adapter-exchange mode (FFA-LoRA freezes A, FedSA-LoRA adds own B); the
+    # adapter is finite or refused.
     receive_adapter(model, msg.content["arrays"], config, context)
-    # The hospital's labels in the study's class order, or a refusal saying why not.
-    site = for_study(load_site(context, model_config.image_size),
-                     list(config.get("classes", [])), model_config.num_classes)
     return model, config, site
 
 
@@ -87,12 +100,19 @@ def handle_train(
     Without DP the metrics are the example count and the training loss. A private round (DP
     on, or a site privacy policy) withholds the loss and adds ``dp-epsilon`` and ``dp-delta``;
     a round the site's privacy policy refuses gets an error reply whose reason says why
-    (nothing is released). A private round the ledger has already charged for this run (a
-    resumed coordinator's replay) gets the reply already released, or a refusal.
+    (nothing is released). A round at or below one this run already answered is refused
+    (``round-replay``); a private round the ledger has already charged for this run (a
+    resumed coordinator's replay, in a new Flower run) gets the reply already released, or a
+    refusal; an adapter or update that is not finite is refused (``non-finite``, by the
+    egress point), before the ledger is charged.
     """
+    server_round = int(msg.content["config"]["server-round"])
+    try:  # a round this run already answered (or an earlier one) is never trained again
+        check_fresh_round(context, server_round)
+    except RoundReplay as replay:
+        return Message(Error(code=ROUND_CONFIG_CODE, reason=str(replay)), reply_to=msg)
     model, config, site = _prepare(msg, context, load_site)
     train_config = from_config_record(TrainConfig, config)
-    server_round = int(config["server-round"])
     hospital = hospital_id(context)
     # Batch order and dropout: distinct per hospital and round, same on replay. DP noise never
     # comes from it (a CSPRNG at the hospital, see privacy.noise).
@@ -127,6 +147,7 @@ def handle_train(
     if site.info:
         content["site"] = ConfigRecord(site.info)
     keep_release(privacy, dataset_id, run, server_round, received, content)
+    record_answered_round(context, server_round)
     return Message(content=content, reply_to=msg)
 
 
@@ -185,7 +206,8 @@ def build_client_app(
     """
     # The audit mod wraps the wire mod: what it logs is exactly what leaves (a packed adapter
     # is logged packed, its layout names the tensors).
-    app = AuditedClientApp(mods=[audited_mod, packed_wire_mod])
+    # Inside both, every coordinator value is typed and bounded before a handler reads it.
+    app = AuditedClientApp(mods=[audited_mod, packed_wire_mod, typed_config_mod])
 
     def train_plain(msg: Message, context: Context) -> Message:
         # The hospital's run policy first (node config 'run-policy'), then the work.

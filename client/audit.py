@@ -62,6 +62,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from client.classes import ClassMismatch
 from client.data.problems import ManifestError, SiteDataError
+from models.finite import NonFiniteError
 from models.registry import WeightsMismatchError
 from privacy import hash_chain
 from privacy.ledger import LedgerIntegrityError
@@ -94,10 +95,11 @@ def failure_reply(request: Message, err: Exception) -> Message:
 def failure_category(err: Exception) -> str:
     """What the coordinator may learn of a local failure: a category, counts, the type.
 
-    Only two messages pass on: :class:`models.registry.WeightsMismatchError` names the
-    backbone and two weight hashes, which the run itself pinned, and
+    Only three messages pass on: :class:`models.registry.WeightsMismatchError` names the
+    backbone and two weight hashes, which the run itself pinned,
     :class:`client.classes.ClassMismatch` names class names the hospital declared in its
-    ``hospital.toml`` and the study's (no row, file or patient).
+    ``hospital.toml`` and the study's (no row, file or patient), and
+    :class:`models.finite.NonFiniteError` names adapter tensors and counts.
     """
     if isinstance(err, WeightsMismatchError):
         return f"model-weights: {err}"[:1000]
@@ -114,6 +116,8 @@ def failure_category(err: Exception) -> str:
     if isinstance(err, LedgerIntegrityError):
         return ("privacy-ledger: the hospital's privacy ledger failed its integrity check; no "
                 "private round until its operator acts (details in the hospital's log)")
+    if isinstance(err, NonFiniteError):  # tensor names and counts only, never data
+        return f"non-finite: {err}"[:1000]
     if isinstance(err, FloatingPointError):
         return "training: the training loss is not finite (lower the learning rate)"
     if isinstance(err, OSError):

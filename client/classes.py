@@ -61,3 +61,26 @@ def for_study(site: SiteData, study_classes: Sequence[str], num_classes: int) ->
                             f"classes{names}: declare the hospital's class names "
                             f"('classes' in hospital.toml) so its labels map by name")
     return site
+
+
+def declared_class_count(site: SiteData) -> int:
+    """The classes this hospital declared: its ``hospital.toml`` class names, else (labels by
+    index) ``max label + 1`` over its splits."""
+    if site.classes:
+        return len(site.classes)
+    return 1 + max((int(s.labels.max()) for s in (site.train, site.val) if len(s)), default=-1)
+
+
+def check_class_count(site: SiteData, num_classes: int, extra_allowed: int) -> None:
+    """Refuse a study with more classes than this hospital declared plus ``extra_allowed``
+    (its run policy's ``max_extra_classes``); call on the site as loaded, before
+    :func:`for_study` and before any model is built.
+
+    Raises:
+        ClassMismatch: too many classes (names counts only).
+    """
+    declared = declared_class_count(site)
+    if num_classes > declared + extra_allowed:
+        raise ClassMismatch(f"the study has {num_classes} classes, this hospital declared "
+                            f"{declared} and its run policy allows {extra_allowed} more "
+                            "('max_extra_classes')")

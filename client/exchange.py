@@ -19,6 +19,7 @@ from peft import PeftModel
 
 from models.adapters import adapter_state, load_adapter_state
 from models.config import ModelConfig
+from models.finite import check_finite_tensors
 from models.lora_parts import (
     check_exchange,
     exchanged_keys,
@@ -92,12 +93,18 @@ def receive_adapter(model: PeftModel, arrays: ArrayRecord, config: ConfigRecord,
     if mode == "ffa":
         freeze_lora_a(model, True)
     state = arrays.to_torch_state_dict()
+    # Finite or refused, before anything uses it: a NaN in a tensor training leaves alone
+    # would otherwise make the update's norm NaN and switch clipping off.
+    check_finite_tensors(state, "the coordinator's adapter")
     if mode == "fedsa" and PERSONAL_STATE_KEY in context.state:
         state.update(context.state[PERSONAL_STATE_KEY].to_torch_state_dict())
     rank = hospital_rank(config, context)
     if rank != int(config["lora-r"]):
         state = truncate_rank(state, rank)
     load_adapter_state(model, state)
+    # The model as it will train and evaluate (a tensor the coordinator did not send keeps
+    # the cached model's value, which must be finite too).
+    check_finite_tensors(adapter_state(model), "the adapter this round starts from")
 
 
 def send_adapter(model: PeftModel, config: ConfigRecord, context: Context) -> ArrayRecord:
@@ -105,6 +112,7 @@ def send_adapter(model: PeftModel, config: ConfigRecord, context: Context) -> Ar
     lower-rank (``hetlora``) hospital's factors are zero-padded to the global rank."""
     mode = exchange_mode(config)
     state = adapter_state(model)
+    check_finite_tensors(state, "the update")  # never released otherwise
     if config.get(HETLORA_KEY, False):
         state = pad_rank(state, int(config["lora-r"]))
     kept = kept_keys(list(state), mode)

@@ -27,6 +27,7 @@ from client.training import train_local
 from models.adapters import adapter_state, load_adapter_state
 from models.config import TrainConfig
 from models.data import ImageSet
+from models.finite import check_finite_tensors
 from privacy.accounting import epsilon, history_from_record, history_to_record
 from privacy.config import DPConfig
 from privacy.dpsgd import plan_round, round_noise_multiplier, train_dpsgd
@@ -234,6 +235,9 @@ def train_round(
         noisy = clip_and_noise(adapter_state(model), reference, dp.update_clip_norm,
                                dp.update_noise_multiplier, dp.update_hospitals, noise)
         load_adapter_state(model, noisy)
+    # Finite or refused, before the ledger: a refused update is never released, so the round
+    # is not charged (the refusal says only that this round's update was not finite).
+    check_finite_tensors(adapter_state(model), "the trained adapter")
 
     run = run_key or str(context.run_id)
     metrics: dict[str, float] = {}

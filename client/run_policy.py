@@ -78,6 +78,7 @@ max_local_steps = 500           # optimiser steps per round (runs set by steps)
 max_local_epochs = 5            # passes per round (runs set by epochs)
 max_batch_size = 256
 max_rounds = 100                # highest round number this hospital answers in a run
+max_extra_classes = 0           # study classes beyond those this hospital declared
 
 max_evaluations_per_run = 5     # evaluate messages answered per run (counted on disk)
 max_evaluations_per_day = 20    # over all runs, in any 24 hours
@@ -116,6 +117,10 @@ class RunPolicy:
         max_local_epochs: most epochs per round when the run trains by epochs.
         max_batch_size: largest ``batch-size``.
         max_rounds: highest ``server-round`` answered in one run.
+        max_extra_classes: classes a study may have beyond those this hospital declared (its
+            ``hospital.toml`` class names, or labels ``0..max`` when it names none); each is
+            a head row the hospital has no example of, sent and returned as the coordinator
+            chose it.
         max_evaluations_per_run: evaluate messages answered per Flower run (0: none).
         max_evaluations_per_day: evaluate messages answered over all runs in any 24 h.
         min_evaluation_examples: under a privacy policy, refuse to evaluate a validation set
@@ -139,6 +144,7 @@ class RunPolicy:
     max_local_epochs: int = setting(5, ge=0)
     max_batch_size: int = setting(256, ge=0)
     max_rounds: int = setting(100, ge=0)
+    max_extra_classes: int = setting(0, ge=0)
     max_evaluations_per_run: int = setting(5, ge=0)
     max_evaluations_per_day: int = setting(20, ge=0)
     min_evaluation_examples: int = setting(50, ge=0)
@@ -236,12 +242,27 @@ def _targets_refusal(policy: RunPolicy, config: Any, backbone: str) -> str:
     return ""
 
 
+class _NotWholeNumber(ValueError):
+    """A bounded setting the coordinator sent as something other than an ``int``."""
+
+
 def _number(config: Any, key: str) -> int:
+    """``config[key]`` (0 when absent) as an ``int``; a string, float or bool raises: a bound
+    must never read a value it cannot compare as 0 (``"1000000"`` past ``max_rounds``)."""
     value = config.get(key, 0)
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _NotWholeNumber(f"'{key}' = {str(value)[:40]!r} is not a whole number")
+    return value
 
 
 def _bounds_refusal(policy: RunPolicy, config: Any) -> str:
+    try:
+        return _bounds_checked(policy, config)
+    except _NotWholeNumber as err:
+        return _refused("bounds", f"{err}; every bounded setting must be a whole number")
+
+
+def _bounds_checked(policy: RunPolicy, config: Any) -> str:
     steps = _number(config, "local-steps")
     checks = [("max_lora_rank", "lora-r", "LoRA rank"),
               ("max_image_size", "image-size", "image size"),
@@ -255,7 +276,10 @@ def _bounds_refusal(policy: RunPolicy, config: Any) -> str:
         if value > bound:
             return _refused(rule, f"{what} {value} is above this hospital's bound {bound}")
     ranks = config.get("hetlora-ranks") or []
-    if any(int(r) > policy.max_lora_rank for r in ranks):
+    if any(isinstance(r, bool) or not isinstance(r, int) for r in ranks):
+        raise _NotWholeNumber(f"'hetlora-ranks' = {str(list(ranks))[:40]} holds a value that "
+                              "is not a whole number")
+    if any(r > policy.max_lora_rank for r in ranks):
         return _refused("max_lora_rank", f"hetlora ranks {list(ranks)} exceed this hospital's "
                         f"bound {policy.max_lora_rank}")
     return ""
@@ -279,7 +303,10 @@ def run_refusal(policy: RunPolicy, config, message_type: str = "") -> str:
         return _refused("allowed_tasks", f"task '{task or '(undeclared)'}' is not allowed "
                         f"(allowed: {policy.allowed_tasks}; the study declares it as "
                         "federation.task)")
-    declared = _number(config, "min-hospitals")
+    try:
+        declared = _number(config, "min-hospitals")
+    except _NotWholeNumber as err:
+        return _refused("min_hospitals", str(err))
     if declared < policy.min_hospitals:
         return _refused("min_hospitals", f"the run declares at least {declared} hospitals per "
                         f"aggregate, the hospital requires {policy.min_hospitals}")

@@ -40,6 +40,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
 from client.run_policy import RUN_POLICY_KEY, load_run_policy
+from models.finite import NonFiniteError, check_finite_number, check_finite_tensors
 from privacy.config import dp_config_from_record
 from privacy.secagg import SecAggError, crypto
 from privacy.secagg.encoding import flatten, quantize
@@ -92,6 +93,8 @@ def handle_secagg(msg: Message, context: Context, train: TrainHandler, weight_of
         if stage == "unmask":
             return _reply(msg, _unmask(request, context, identity_of(context)))
         raise SecAggError(f"unknown secure-aggregation stage '{stage}'")
+    except NonFiniteError:
+        raise  # the egress point answers it with its category (client.audit.failure_category)
     except (SecAggError, KeyError, ValueError, TypeError) as err:
         logger.warning("secure aggregation: refused a stage: %s", err)
         return Message(Error(code=PROTOCOL_ERROR, reason=f"secure aggregation: {err}"),
@@ -288,10 +291,9 @@ def _mask(msg: Message, request: ConfigRecord, context: Context, train: TrainHan
         raise SecAggError("trained tensors differ from the round's declared tensors")
     delta = (flatten({k: new[k].numpy() for k in keys}, keys)
              - flatten({k: start[k].numpy() for k in keys}, keys))
-    weight = float(state["weight"])
-    max_weight = float(request["max-weight"])
-    ratio = min(weight, max_weight) / max_weight
-    bits, modulus_bits = int(request["quantization-bits"]), int(request["modulus-bits"])
+    check_finite_tensors({"update": delta}, "the update to mask")
+    ratio = weight_ratio(float(state["weight"]), request["max-weight"])
+    bits, modulus_bits = masking_bits(request["quantization-bits"], request["modulus-bits"])
     # Rounding noise needs no secrecy; seeding it from the run makes a study replayable.
     run_seed = int(msg.content.config_records["config"].get("seed", 0))
     rng = np.random.default_rng([run_seed, server_round, me % 2**32])
@@ -320,6 +322,29 @@ def _mask(msg: Message, request: ConfigRecord, context: Context, train: TrainHan
     if "site" in reply.content.config_records:
         content["site"] = reply.content.config_records["site"]
     return Message(content, reply_to=msg)
+
+
+def weight_ratio(weight: float, max_weight: object) -> float:
+    """``min(w, w_max) / w_max``, the share of its update a hospital adds to the sum, in
+    [0, 1]; ``w_max`` (the coordinator's) must be a finite number above 0 (a NaN would make
+    every coordinate NaN, an infinity every one 0)."""
+    if isinstance(max_weight, bool) or not isinstance(max_weight, int | float):
+        raise SecAggError(f"max-weight {max_weight!r} is not a number")
+    if check_finite_number(max_weight, "max-weight") <= 0:
+        raise SecAggError(f"max-weight {max_weight!r} must be above 0")
+    return min(weight, float(max_weight)) / float(max_weight)
+
+
+def masking_bits(bits: object, modulus_bits: object) -> tuple[int, int]:
+    """The coordinator's quantisation and modulus bits, as whole numbers with
+    ``1 <= bits < modulus_bits <= 32`` (a modulus past 32 bits does not fit uint32)."""
+    for value in (bits, modulus_bits):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SecAggError(f"masking bits {value!r} are not a whole number")
+    if not 1 <= bits < modulus_bits <= 32:  # type: ignore[operator]
+        raise SecAggError(f"masking bits {bits}/{modulus_bits} outside 1 <= bits < "
+                          "modulus <= 32")
+    return int(bits), int(modulus_bits)  # type: ignore[call-overload]
 
 
 def _train_message(msg: Message, state: ConfigRecord) -> Message:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from models.adapters import adapter_state, load_adapter_state
+from models.finite import check_finite_tensors
 
 CENTRE_MODULE = "centre"
 """Module name of the centre in a classifier that has one (``models.ct_encoder``)."""
@@ -36,6 +37,13 @@ class FeatureCentre(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x - self.mean
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A centre arrives with the coordinator's adapter: finite or refused, however loaded.
+        mean = state_dict.get(prefix + "mean")
+        if mean is not None:
+            check_finite_tensors({prefix + "mean": mean}, "the feature centre")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def _key(state: dict[str, torch.Tensor], name: str) -> str:
@@ -55,7 +63,12 @@ def recentred(state: dict[str, torch.Tensor], centre: torch.Tensor,
             ``*.<head>.weight`` / ``bias`` (a linear head).
         centre: the new centre, e.g. the mean pooled feature of public data.
         head: the head's module name (``models.registry.BackboneSpec.head``).
+
+    Raises:
+        models.finite.NonFiniteError: ``centre`` or an adapter tensor is not finite.
     """
+    check_finite_tensors({"centre": centre}, "the feature centre")
+    check_finite_tensors(state, "the adapter to recentre")
     out = OrderedDict((k, v.clone()) for k, v in state.items())
     mean_key = _key(out, f"{CENTRE_MODULE}.mean")
     weight_key, bias_key = _key(out, f"{head}.weight"), _key(out, f"{head}.bias")

@@ -22,6 +22,12 @@ PRV_MIN_NOISE = 0.25
 the noise shrinks (memory and time: docs/decisions/008-rdp-below-small-noise.md). Below this
 floor the RDP accountant answers instead: a valid upper bound, looser than PRV."""
 
+MAX_NOISE_MULTIPLIER = 1000.0
+"""Largest noise multiplier a hospital takes from a coordinator (``client.round_config``) and
+hands to an accountant: an infinite one makes opacus' accountants spin forever, and past this
+the epsilon no longer falls (the RDP orders' floor). :func:`epsilon` accounts a larger one as
+this (a valid upper bound: epsilon falls as the noise grows)."""
+
 Event = tuple[float, float, int]
 """``(noise_multiplier, sample_rate, steps)`` of one run of the subsampled Gaussian mechanism."""
 
@@ -37,6 +43,12 @@ def epsilon(history: list[Event], delta: float, accountant: str = "rdp") -> floa
     events = [(float(z), float(q), int(n)) for z, q, n in history if n > 0]
     if not events:
         return 0.0
+    if any(not (math.isfinite(z) and math.isfinite(q)) for z, q, _ in events) or not (
+            0 < delta < 1):
+        # A NaN or infinite event would make the accountant spin (inf) or answer NaN.
+        raise ValueError("accounting refused: a noise multiplier, sample rate or delta is "
+                         "not a finite number in range")
+    events = [(min(z, MAX_NOISE_MULTIPLIER), q, n) for z, q, n in events]
     if any(z <= 0 for z, _, _ in events):
         return math.inf
     if accountant == "prv" and any(z < PRV_MIN_NOISE for z, _, _ in events):
@@ -59,6 +71,9 @@ def noise_for_target(
     :data:`PRV_MIN_NOISE` takes RDP's answer (more noise than PRV's, so still within the
     target): PRV's bisection would probe noise levels it cannot handle.
     """
+    for value in (target_epsilon, delta, sample_rate):
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"noise search refused: {value} is not a finite positive number")
     if accountant == "prv":
         rdp_noise = noise_for_target(target_epsilon, delta, sample_rate, steps, "rdp")
         if rdp_noise < 2 * PRV_MIN_NOISE:

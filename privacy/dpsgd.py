@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from models.config import TrainConfig
+from models.finite import NonFiniteError
 from models.lora import freeze_batchnorm
 from privacy.accounting import noise_for_target
 from privacy.augmult import average_view_gradients, shifted_views
@@ -266,11 +267,20 @@ def use_noise_source(optimizer: torch.optim.Optimizer, noise: NoiseSource) -> No
 
     Replaces the optimiser's ``add_noise`` (opacus' own draws from a ``torch.Generator``)
     with the same computation: ``grad = clipped sum + N(0, (z C)^2)`` per parameter.
+
+    A clipped sum that is not finite is refused (:class:`models.finite.NonFiniteError`):
+    opacus clips by ``min(1, C / (norm + 1e-6))``, which for a NaN or infinite per-example
+    gradient is NaN, not a bound, so that example's contribution would not be clipped.
     """
     def add_noise() -> None:
         std = optimizer.noise_multiplier * optimizer.max_grad_norm
+        if not math.isfinite(std) or std < 0:
+            raise NonFiniteError(f"DP-SGD noise std {std}: refused")
         for p in optimizer.params:
             _check_processed_flag(p.summed_grad)
+            if not bool(torch.isfinite(p.summed_grad).all()):
+                raise NonFiniteError("DP-SGD: a clipped per-example gradient sum holds NaN or "
+                                     "an infinity (clipping does not bound it); refused")
             # Drawn and added in float64, rounded once (privacy.noise: no float32 gaps).
             draw = noise.gaussian(tuple(p.summed_grad.shape), std, torch.float64)
             summed = p.summed_grad.to(torch.float64) + draw.to(p.summed_grad.device)

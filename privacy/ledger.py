@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -110,6 +111,15 @@ class Charge:
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
             raise ValueError(f"charge unit '{self.unit}' is not one of {UNITS}")
+        # Finite or refused: a NaN noise multiplier would be charged as nothing, an infinite
+        # one would make the accountant spin.
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise ValueError(f"charge noise multiplier {self.noise_multiplier} must be a "
+                             "finite number, at least 0")
+        if not (math.isfinite(self.sample_rate) and 0 < self.sample_rate <= 1):
+            raise ValueError(f"charge sample rate {self.sample_rate} must be in (0, 1]")
+        if not math.isfinite(self.clip_norm) or self.steps < 0:
+            raise ValueError("charge clip norm must be finite and steps at least 0")
 
     @property
     def event(self) -> Event:

@@ -31,6 +31,7 @@ import math
 
 import torch
 
+from models.finite import NonFiniteError, check_finite_number, check_finite_tensors
 from privacy.ledger import HOSPITAL, Charge
 from privacy.noise import NoiseSource
 
@@ -59,17 +60,42 @@ def clip_and_noise(
         hospitals: ``n``, hospitals whose shares make up the sum.
         noise: the hospital's noise source (``privacy.noise.SecureNoise``: a CSPRNG nobody
             else can replay).
+
+    Raises:
+        NonFiniteError: the update (or either adapter) holds NaN or an infinity, so its norm
+            is not finite: a refusal, never "no clipping" (``min(1, C / nan)`` would let the
+            update through unclipped). Nothing is returned, so nothing can be released.
+        ValueError: ``C`` or ``z`` not finite and positive, or ``n`` below 1.
     """
     if set(new) != set(reference):
         raise ValueError("update and global adapter have different tensor names")
-    scale = min(1.0, clip_norm / max(update_norm(new, reference), 1e-12))
+    _check_mechanism(clip_norm, noise_multiplier, hospitals)
+    norm = update_norm(new, reference)
+    if not math.isfinite(norm):
+        check_finite_tensors(reference, "the global adapter")
+        check_finite_tensors(new, "the trained adapter")
+        raise NonFiniteError(f"the update's norm is {norm}: refused (not clipped)")
+    scale = min(1.0, clip_norm / max(norm, 1e-12))
     std = noise_multiplier * clip_norm / math.sqrt(hospitals)
     out = {}
     for name, tensor in new.items():
         delta = (tensor - reference[name]) * scale
         draw = noise.gaussian(tuple(tensor.shape), std, torch.float64)
         out[name] = (reference[name] + delta + draw.to(tensor.dtype)).to(tensor.dtype)
+    check_finite_tensors(out, "the noised update")
     return out
+
+
+def _check_mechanism(clip_norm: float, noise_multiplier: float, hospitals: int) -> None:
+    """Refuse a clip norm that is not a finite number above 0, a noise multiplier that is not
+    a finite number at least 0 (0: clipping alone, which ``DPConfig`` never lets a round ask
+    for), and a hospital count below 1."""
+    if check_finite_number(clip_norm, "update clip norm") <= 0:
+        raise ValueError(f"update clip norm {clip_norm!r} must be above 0")
+    if check_finite_number(noise_multiplier, "update noise multiplier") < 0:
+        raise ValueError(f"update noise multiplier {noise_multiplier!r} must be at least 0")
+    if isinstance(hospitals, bool) or not isinstance(hospitals, int) or hospitals < 1:
+        raise ValueError(f"update hospitals {hospitals!r} must be a whole number >= 1")
 
 
 def charge_noise_multiplier(noise_multiplier: float, hospitals: int,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from models.finite import check_finite_number, check_finite_tensors
+
 
 def levels(bits: int) -> int:
     """Largest quantised value, ``2**bits - 1``."""
@@ -22,8 +24,18 @@ def quantize(values: np.ndarray, clipping_range: float, bits: int,
 
     Returns:
         ``(quantised, clipped)``: the uint32 vector and how many coordinates were clipped.
+
+    Raises:
+        models.finite.NonFiniteError: a value, or the clipping range, is NaN or infinite (a
+            NaN has no integer code: cast to uint32 it would become an arbitrary one).
+        ValueError: a clipping range not above 0, or ``bits`` outside 1..31.
     """
     flat = np.asarray(values, dtype=np.float64).ravel()
+    check_finite_tensors({"update": flat}, "the update to mask")
+    if check_finite_number(clipping_range, "the clipping range") <= 0:
+        raise ValueError(f"clipping range {clipping_range!r} must be above 0")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 31:
+        raise ValueError(f"quantisation bits {bits!r} must be a whole number in 1..31")
     clipped = int(np.count_nonzero(np.abs(flat) > clipping_range))
     top = levels(bits)
     scaled = (np.clip(flat, -clipping_range, clipping_range) + clipping_range) * (

@@ -406,3 +406,25 @@ def test_a_lie_about_the_others_noise_cannot_make_the_target_undercharge(tmp_pat
     assert charged <= protection + 1e-12
     assert set(ids_in(attack.shares[TARGET]["destinations"])) == {H1, H2}
     _assert_update_safe(attack)
+
+
+# --- (c) a non-finite value to switch clipping off under masking ---------------------------
+def test_a_non_finite_adapter_is_refused_before_anything_is_masked(tmp_path):
+    """The coordinator sets the head bias of a class no hospital has to ``-inf``: training
+    leaves it alone, the update there is NaN, and a NaN has no quantised code (cast to uint32 it
+    becomes an arbitrary one, and the clipping before it was switched off by the NaN norm).
+    Every hospital refuses at the mask stage, naming the category; nothing masked leaves and no
+    ledger is charged."""
+    attack, _ = _attack(tmp_path, dp={n: HONEST for n in NODES})
+    model = replace(_model(), num_classes=3)
+    state = adapter_state(initial_model(model, 0))
+    (bias,) = [k for k, v in state.items() if k.endswith("bias") and v.shape == (3,)]
+    state[bias][2] = -math.inf
+    attack.arrays = ArrayRecord(state)
+    for config in attack.configs.values():
+        config["num-classes"] = 3
+    _honest_start(attack, _complete(NODES))
+    assert attack.vectors == {}  # nothing masked was sent
+    assert sorted(attack.errors) == sorted(NODES)
+    assert all(e.startswith("mask: non-finite: ") for e in attack.errors.values()), attack.errors
+    assert all(_charge(tmp_path, k) == [] for k in range(5))
