@@ -106,6 +106,43 @@ def _daemon_env(flwr_home: Path, exe: str) -> dict[str, str]:
                 PATH=os.pathsep.join([str(Path(exe).parent), os.environ.get("PATH", "")]))
 
 
+def _start(folder: Path, insecure: bool, home: Path,
+           daemon_env: Callable[[Path, str], dict[str, str]] | None,
+           on_admitted: Callable[[], None], current: dict) -> _Attempt:
+    """Start the SuperNode (and its warm SuperExec, filed in ``current``) once."""
+    argv = supernode_command(folder, insecure=insecure)
+    env = (daemon_env or _daemon_env)(home, argv[0]) | thread_env(folder) \
+        | {"PYTHONUNBUFFERED": "1"}
+    attempt = _Attempt(argv, env, on_admitted=on_admitted)
+    current["node"] = attempt.proc
+    warm_argv = warm_exec_command(folder, attempt.proc.pid)
+    if warm_argv is not None:
+        current["warm"] = subprocess.Popen(  # noqa: S603 - our own argv
+            warm_argv, env=env, start_new_session=True,
+            preexec_fn=dies_with_this_process())  # noqa: PLW1509 - prctl only
+    return attempt
+
+
+def _revoked(attempt: _Attempt, code: int, key: str, admitted_file: Path,
+             insecure: bool) -> bool:
+    """The SuperLink refused a key it had admitted before (at activation, 412, or by a 401
+    after admission): the coordinator revoked this hospital."""
+    was_admitted = bool(key) and admitted_file.is_file() \
+        and admitted_file.read_text().strip() == key
+    was_admitted |= attempt.admitted and bool(key) and not insecure
+    refused = attempt.refused or (attempt.admitted and code == 0 and attempt.self_stopped)
+    return refused and was_admitted
+
+
+def _retry_reason(attempt: _Attempt, code: int) -> str:
+    """Why the SuperNode stopped, in words, for the retry line."""
+    if attempt.refused:
+        return ("this key is not registered at the coordinator (not enrolled yet, or revoked "
+                "before this hospital was ever admitted)")
+    return (f"the SuperNode exited with code {code}: "
+            + (attempt.last_lines[-1] if attempt.last_lines else "no output"))
+
+
 def supervise(folder: Path, insecure: bool = False, backoff_s: float = 1.0,
               max_backoff_s: float = 60.0, stop: threading.Event | None = None,
               daemon_env: Callable[[Path, str], dict[str, str]] | None = None) -> int:
@@ -146,39 +183,21 @@ def supervise(folder: Path, insecure: bool = False, backoff_s: float = 1.0,
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
     while not stop.is_set():
-        argv = supernode_command(folder, insecure=insecure)
-        env = (daemon_env or _daemon_env)(home, argv[0]) | thread_env(folder) \
-            | {"PYTHONUNBUFFERED": "1"}
-        attempt = _Attempt(argv, env, on_admitted=record_admission)
-        current["node"] = attempt.proc
-        warm_argv = warm_exec_command(folder, attempt.proc.pid)
-        if warm_argv is not None:
-            current["warm"] = subprocess.Popen(  # noqa: S603 - our own argv
-                warm_argv, env=env, start_new_session=True,
-                preexec_fn=dies_with_this_process())  # noqa: PLW1509 - prctl only
+        attempt = _start(folder, insecure, home, daemon_env, record_admission, current)
         code = attempt.wait()
         _stop(current["warm"])
         current["warm"] = None
         if stop.is_set():
             break
-        was_admitted = bool(key) and admitted_file.is_file() \
-            and admitted_file.read_text().strip() == key
-        was_admitted |= attempt.admitted and bool(key) and not insecure
-        # Refused at activation (412), or stopped by a 401 after being admitted.
-        refused = attempt.refused or (attempt.admitted and code == 0 and attempt.self_stopped)
-        if refused and was_admitted:
+        if _revoked(attempt, code, key, admitted_file, insecure):
             logger.error("hospital %s: %s: the SuperLink no longer accepts this hospital's key; "
                          "stopping (to rejoin, make a new key with 'medfed hospital init' and "
                          "have it enrolled)", name, REVOKED_LINE)
             return REVOKED_EXIT
         if attempt.admitted:
             wait_s = backoff_s  # it ran: start over quickly
-        reason = ("this key is not registered at the coordinator (not enrolled yet, or "
-                  "revoked before this hospital was ever admitted)" if attempt.refused
-                  else f"the SuperNode exited with code {code}: "
-                  + (attempt.last_lines[-1] if attempt.last_lines else "no output"))
-        logger.warning("hospital %s: %s: %s; retrying in %.0f s", name, RETRY_LINE, reason,
-                       wait_s)
+        logger.warning("hospital %s: %s: %s; retrying in %.0f s", name, RETRY_LINE,
+                       _retry_reason(attempt, code), wait_s)
         if stop.wait(wait_s):
             break
         wait_s = min(max_backoff_s, wait_s * 2)
