@@ -53,6 +53,8 @@ ROUNDS_STATE_KEY = "answered-rounds"
 MAX_ROUND = 1_000_000
 MAX_CLASSES = 1000
 """Most classes a study may have: refused before a head is allocated (``(F, classes)``)."""
+STUDY_CHECK_COUNTS = ("study-rounds", "rounds-left", "evaluations")
+"""Whole numbers the study check's query adds to a round config (``server.preflight``)."""
 MAX_NAME = 256
 """Longest class name, task, run key or weights hash (characters)."""
 MAX_LIST = 10_000
@@ -90,7 +92,9 @@ class RoundConfig:
         dp: the run's DP settings, ``None`` when the record carries none.
         server_round: the round number, ``1..MAX_ROUND``.
         extras: the other known keys the record carried, typed (``task``, ``min-hospitals``,
-            ``classes``, ``run-key``, ``adapter-exchange``, ``hetlora``, ``hetlora-ranks``).
+            ``classes``, ``run-key``, ``adapter-exchange``, ``hetlora``, ``hetlora-ranks``;
+            the study check's ``study-rounds``, ``rounds-left``, ``evaluations`` and
+            ``secure-aggregation``).
     """
 
     model: ModelConfig
@@ -172,6 +176,14 @@ def _extras(record: ConfigRecord, model: ModelConfig) -> dict[str, Any]:
     extras: dict[str, Any] = {}
     if "min-hospitals" in record:
         extras["min-hospitals"] = whole_number(record, "min-hospitals", 0, 100_000)
+    for key in STUDY_CHECK_COUNTS:  # the study check's query (client.study_check)
+        if key in record:
+            extras[key] = whole_number(record, key, 0, MAX_ROUND)
+    if "secure-aggregation" in record:
+        if not isinstance(record["secure-aggregation"], bool):
+            raise _refuse("secure-aggregation", record["secure-aggregation"],
+                          "expected true or false")
+        extras["secure-aggregation"] = record["secure-aggregation"]
     for key in ("task", "run-key"):
         if key in record:
             extras[key] = _text(record, key)
@@ -219,7 +231,8 @@ def read_round_config(record: ConfigRecord) -> RoundConfig:
     server_round = whole_number(record, "server-round", 1, MAX_ROUND)
     known = ({f.name.replace("_", "-") for c in (ModelConfig, TrainConfig, DPConfig)
               for f in fields(c)} | {"server-round", "min-hospitals", "task", "run-key",
-                                     "adapter-exchange", "classes", "hetlora", "hetlora-ranks"})
+                                     "adapter-exchange", "classes", "hetlora", "hetlora-ranks",
+                                     "secure-aggregation", *STUDY_CHECK_COUNTS})
     if unknown := sorted(set(record) - known):
         logger.warning("round config: dropped keys this hospital does not know: %s",
                        unknown[:10])

@@ -43,6 +43,7 @@ def check_config(round_config: ConfigRecord, federation: FederationConfig,
     carries) and what the whole study asks of a hospital after round ``done``."""
     config = ConfigRecord(dict(round_config))
     left = federation.rounds - done
+    config["server-round"] = min(done + 1, federation.rounds)  # the next round the run sends
     config["study-rounds"] = federation.rounds
     config["rounds-left"] = left
     config["secure-aggregation"] = federation.secure_aggregation.enabled

@@ -189,11 +189,11 @@ def test_a_message_type_no_handler_serves_is_answered_and_logged(tmp_path, site,
     arrays = ArrayRecord(adapter_state(build_lora_model(small_model_config)))
     config = to_config_record(small_model_config, TrainConfig())
     config["server-round"] = 2
-    for kind in ("query", "train.exfiltrate", "evaluate.other"):
+    for kind in ("query.exfiltrate", "train.exfiltrate", "evaluate.other"):
         reply = app(coordinator_message(kind, arrays, config), context)
         assert reply.has_error() and reply.error.reason.startswith("local-failure: ValueError")
     entries = read_audit_log(path)
-    assert [e["message_type"] for e in entries] == ["query", "train.exfiltrate",
+    assert [e["message_type"] for e in entries] == ["query.exfiltrate", "train.exfiltrate",
                                                     "evaluate.other"]
     assert all(e["error"] and e["round"] == 2 and e["tensors"] == [] for e in entries)
     assert verify_audit_log(path).ok
