@@ -19,6 +19,7 @@ from flwr.app import (
     RecordDict,
 )
 
+from client.admission import refuse_run
 from client.audit import AuditedClientApp, audited_mod
 from client.classes import check_class_count, for_study
 from client.evaluation_cap import EvaluationRefusal, released_metrics
@@ -42,7 +43,7 @@ from client.round_config import (
     record_answered_round,
     typed_config_mod,
 )
-from client.run_policy import RUN_REFUSAL_CODE, node_run_policy, refuse_run
+from client.run_policy import RUN_REFUSAL_CODE, node_run_policy
 from client.secure_aggregation import handle_secagg
 from client.site import SiteLoader, load_site_from_node_config
 from client.study_check import handle_study_check

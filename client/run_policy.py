@@ -13,9 +13,9 @@ Two places consult it:
   run's Flower App (FAB id, version, sha256) against ``allowed_apps`` / ``allowed_fab_sha256``
   (:func:`app_refusal`). Whatever the FAB holds, the hospital runs only the ClientApp of the
   medfed installed here; the allow-list decides whether it takes part at all.
-* the ClientApp, for every message (:func:`refuse_run`): backbone, task, LoRA rank and targets,
-  image size, local steps, round number, aggregate size, secure aggregation, and the number of
-  evaluations (:mod:`client.evaluation_cap`).
+* the ClientApp, for every message (``client.admission.refuse_run``): backbone, task, LoRA
+  rank and targets, image size, local steps, round number, aggregate size, secure
+  aggregation, and the number of evaluations (:mod:`client.evaluation_cap`).
 
 The coordinator declares ``task`` (``federation.task`` of the study) and ``min-hospitals`` in
 every message's config. Without secure aggregation a hospital cannot verify the count, so the
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context
 
 from models.registry import HF_PREFIX, UnknownBackboneError, backbone_spec
 from models.settings import read_settings, setting
@@ -323,23 +323,3 @@ def node_run_policy(context: Context) -> RunPolicy | None:
     """The node config's run policy (``None``: the node has none, as in simulation)."""
     path = context.node_config.get(RUN_POLICY_KEY)
     return load_run_policy(Path(str(path))) if path else None
-
-
-def refuse_run(msg: Message, context: Context) -> Message | None:
-    """An error reply if the node config's run policy refuses ``msg``'s run, else None.
-
-    An ``evaluate`` message the policy allows is also counted against the evaluation caps
-    (:mod:`client.evaluation_cap`) here, before any work, and refused past them.
-    """
-    from client.evaluation_cap import admit_evaluation
-
-    policy = node_run_policy(context)
-    if policy is None or not msg.has_content() or "config" not in msg.content.config_records:
-        return None
-    message_type = msg.metadata.message_type
-    reason = run_refusal(policy, msg.content.config_records["config"], message_type)
-    if not reason and message_type == "evaluate":
-        reason = admit_evaluation(msg, context, policy)
-    if not reason:
-        return None
-    return Message(Error(code=RUN_REFUSAL_CODE, reason=reason), reply_to=msg)
