@@ -176,6 +176,62 @@ def check_delta(dp: DPConfig, policy: SitePolicy | None, num_examples: int) -> f
     return delta
 
 
+def _train_private(model: nn.Module, train: ImageSet, train_config: TrainConfig, dp: DPConfig,
+                   charges: list[Charge], seed: int, lr: float | None, noise) -> float:
+    """DP-SGD or plain local training, then client-level DP on the update; the trained
+    adapter finite or refused (before the ledger: a refused update is never released, so the
+    round is not charged; the refusal says only that this round's update was not finite).
+    Returns the mean training loss."""
+    reference = adapter_state(model) if dp.update_dp else None
+    if dp.dpsgd:
+        loss = train_dpsgd(model, train.images, train.labels, train_config, dp,
+                           charges[0].noise_multiplier, seed, lr=lr, noise=noise).loss
+    else:
+        loss = train_local(model, train.images, train.labels, train_config, seed, lr=lr)
+    if reference is not None:
+        noisy = clip_and_noise(adapter_state(model), reference, dp.update_clip_norm,
+                               dp.update_noise_multiplier, dp.update_hospitals, noise)
+        load_adapter_state(model, noisy)
+    check_finite_tensors(adapter_state(model), "the trained adapter")
+    return loss
+
+
+def _record(privacy: SitePrivacy, context: Context, dataset_id: str, run: str,
+            server_round: int, charges: list[Charge], delta: float,
+            dp: DPConfig) -> dict[str, float]:
+    """Charge the round (the ledger, atomically; else this run's history in
+    ``context.state``) and return the reply's ``dp-epsilon``/``dp-delta`` (and
+    ``update-weight`` under client-level DP).
+
+    Raises:
+        PrivacyRefusal: the ledger refuses the charge (over budget).
+    """
+    policy = privacy.policy
+    metrics: dict[str, float] = {}
+    if privacy.ledger is not None and charges:
+        try:
+            total = privacy.ledger.record_round(
+                dataset_id, run, server_round, charges, delta=delta,
+                accountant=policy.accountant if policy else dp.dp_accountant,
+                budget=policy.max_epsilon if policy else float("inf"),
+            )
+        except BudgetExceeded as err:
+            raise PrivacyRefusal(f"privacy budget: {err}") from err
+        logger.info("ledger: dataset %s at epsilon %.3f after round %d", dataset_id[:24],
+                    total, server_round)
+        spent = privacy.ledger.run_epsilon(dataset_id, run)
+        if spent is not None:
+            metrics = {"dp-epsilon": spent[0], "dp-delta": spent[1]}
+    if not metrics and charges:  # a round without DP has no epsilon to report (not 0)
+        history = history_from_record(context.state.config_records.get(STATE_KEY))
+        history += [c.example_event for c in charges]
+        context.state[STATE_KEY] = history_to_record(history)
+        metrics = {"dp-epsilon": epsilon(history, delta, dp.dp_accountant), "dp-delta": delta}
+    if dp.update_dp:
+        metrics["update-weight"] = 1.0
+    return metrics
+
+
 def train_round(
     model: nn.Module,
     train: ImageSet,
@@ -225,41 +281,9 @@ def train_round(
         logger.warning("DP noise drawn from the run's seed (insecure_replayable_noise): anyone "
                        "who knows the seed can remove it; simulations only")
 
-    reference = adapter_state(model) if dp.update_dp else None
-    if dp.dpsgd:
-        loss = train_dpsgd(model, train.images, train.labels, train_config, dp,
-                           charges[0].noise_multiplier, seed, lr=lr, noise=noise).loss
-    else:
-        loss = train_local(model, train.images, train.labels, train_config, seed, lr=lr)
-    if reference is not None:
-        noisy = clip_and_noise(adapter_state(model), reference, dp.update_clip_norm,
-                               dp.update_noise_multiplier, dp.update_hospitals, noise)
-        load_adapter_state(model, noisy)
-    # Finite or refused, before the ledger: a refused update is never released, so the round
-    # is not charged (the refusal says only that this round's update was not finite).
-    check_finite_tensors(adapter_state(model), "the trained adapter")
-
+    loss = _train_private(model, train, train_config, dp, charges, seed, lr, noise)
     run = run_key or str(context.run_id)
-    metrics: dict[str, float] = {}
-    if privacy.ledger is not None and charges:
-        try:
-            total = privacy.ledger.record_round(
-                dataset_id, run, server_round, charges, delta=delta,
-                accountant=policy.accountant if policy else dp.dp_accountant,
-                budget=policy.max_epsilon if policy else float("inf"),
-            )
-        except BudgetExceeded as err:
-            raise PrivacyRefusal(f"privacy budget: {err}") from err
-        logger.info("ledger: dataset %s at epsilon %.3f after round %d", dataset_id[:24],
-                    total, server_round)
-        spent = privacy.ledger.run_epsilon(dataset_id, run)
-        if spent is not None:
-            metrics = {"dp-epsilon": spent[0], "dp-delta": spent[1]}
-    if not metrics and charges:  # a round without DP has no epsilon to report (not 0)
-        history = history_from_record(context.state.config_records.get(STATE_KEY))
-        history += [c.example_event for c in charges]
-        context.state[STATE_KEY] = history_to_record(history)
-        metrics = {"dp-epsilon": epsilon(history, delta, dp.dp_accountant), "dp-delta": delta}
+    metrics = _record(privacy, context, dataset_id, run, server_round, charges, delta, dp)
     if dp.update_dp:
         metrics["update-weight"] = 1.0
     return loss, metrics

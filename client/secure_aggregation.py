@@ -252,12 +252,36 @@ def _share(request: ConfigRecord, context: Context, identity: SecAggIdentity) ->
 
 
 def _mask(msg: Message, request: ConfigRecord, context: Context, train: TrainHandler) -> Message:
+    """The masked-input stage: keep the neighbours' shares, train, then send the update
+    quantised and masked (with this hospital's own mask and the pairwise masks of every
+    neighbour whose shares arrived intact)."""
     state = _state(context, int(request["round"]))
-    me, server_round = int(state["node"]), int(state["round"])
     if "charge-sum" not in state:
         raise SecAggError("no shares were made this round (the share stage was refused)")
+    held_from, bad = _keep_shares(request, state)
+    reply = train(_train_message(msg, state), context)
+    if reply.has_error():
+        return Message(Error(code=reply.error.code, reason=reply.error.reason), reply_to=msg)
+    codes, clipped = _quantized_update(msg, request, state, reply)
+    masked = _masked(codes, request, state, held_from)
+    content = RecordDict({
+        MASKED: ArrayRecord({VECTOR: Array(masked.astype(np.uint32))}),
+        RECORD: ConfigRecord({"masked-with": ids_out(held_from),
+                              "bad-shares-from": ids_out(bad), "clipped": clipped}),
+    })
+    state["masked"] = True
+    for name, record in reply.content.metric_records.items():
+        content[name] = record
+    if "site" in reply.content.config_records:
+        content["site"] = reply.content.config_records["site"]
+    return Message(content, reply_to=msg)
+
+
+def _keep_shares(request: ConfigRecord, state: ConfigRecord) -> tuple[list[int], list[int]]:
+    """The verified neighbours' shares, relayed: keep (in ``state``) those that decrypt and
+    are addressed to this hospital. Returns who they came from, and who sent bad ones."""
+    me, server_round = int(state["node"]), int(state["round"])
     peers = ids_in(state["peers"])
-    # The verified neighbours' shares, relayed: keep those that decrypt and are addressed to me.
     held_from, held_seed, held_key, bad = [], [], [], []
     for src, ciphertext in zip(ids_in(request["sources"]), request["ciphertexts"], strict=True):
         if src not in peers:  # not verified here: its shares protect nothing of mine
@@ -279,11 +303,14 @@ def _mask(msg: Message, request: ConfigRecord, context: Context, train: TrainHan
         held_key.append(key_share)
     state["held-from"], state["held-seed"], state["held-key"] = (
         ids_out(held_from), held_seed, held_key)
+    return held_from, bad
 
-    reply = train(_train_message(msg, state), context)
-    if reply.has_error():
-        return Message(Error(code=reply.error.code, reason=reply.error.reason), reply_to=msg)
 
+def _quantized_update(msg: Message, request: ConfigRecord, state: ConfigRecord,
+                      reply: Message) -> tuple[np.ndarray, int]:
+    """The trained update (``new - start`` over the round's declared tensors, finite or
+    refused), scaled by the hospital's weight share and quantised: codes and how many values
+    were clipped."""
     keys = [str(k) for k in request["keys"]]
     start = msg.content.array_records["arrays"]
     new = reply.content.array_records["arrays"]
@@ -293,14 +320,23 @@ def _mask(msg: Message, request: ConfigRecord, context: Context, train: TrainHan
              - flatten({k: start[k].numpy() for k in keys}, keys))
     check_finite_tensors({"update": delta}, "the update to mask")
     ratio = weight_ratio(float(state["weight"]), request["max-weight"])
-    bits, modulus_bits = masking_bits(request["quantization-bits"], request["modulus-bits"])
+    bits, _ = masking_bits(request["quantization-bits"], request["modulus-bits"])
     # Rounding noise needs no secrecy; seeding it from the run makes a study replayable.
     run_seed = int(msg.content.config_records["config"].get("seed", 0))
-    rng = np.random.default_rng([run_seed, server_round, me % 2**32])
+    rng = np.random.default_rng([run_seed, int(state["round"]), int(state["node"]) % 2**32])
     codes, clipped = quantize(ratio * delta, float(request["clipping-range"]), bits, rng)
     if clipped:
         logger.warning("secure aggregation: %d of %d update values clipped to +-%g", clipped,
                        codes.size, float(request["clipping-range"]))
+    return codes, clipped
+
+
+def _masked(codes: np.ndarray, request: ConfigRecord, state: ConfigRecord,
+            held_from: list[int]) -> np.ndarray:
+    """``codes`` plus this hospital's own mask and, with each neighbour in ``held_from``, the
+    pairwise mask (added below it, subtracted above), modulo ``2**modulus_bits``."""
+    _, modulus_bits = masking_bits(request["quantization-bits"], request["modulus-bits"])
+    me, peers = int(state["node"]), ids_in(state["peers"])
     masked = codes + crypto.mask(bytes(state["seed"]), codes.size, modulus_bits)
     # Pairwise masks only with neighbours whose shares arrived intact: the coordinator can
     # rebuild exactly those hospitals' keys if they drop out (Bell et al.'s set U2).
@@ -311,17 +347,7 @@ def _mask(msg: Message, request: ConfigRecord, context: Context, train: TrainHan
         masked = masked + pairwise if me < peer else masked - pairwise
     if modulus_bits < 32:
         masked &= np.uint32((1 << modulus_bits) - 1)
-    content = RecordDict({
-        MASKED: ArrayRecord({VECTOR: Array(masked.astype(np.uint32))}),
-        RECORD: ConfigRecord({"masked-with": ids_out(held_from),
-                              "bad-shares-from": ids_out(bad), "clipped": clipped}),
-    })
-    state["masked"] = True
-    for name, record in reply.content.metric_records.items():
-        content[name] = record
-    if "site" in reply.content.config_records:
-        content["site"] = reply.content.config_records["site"]
-    return Message(content, reply_to=msg)
+    return masked
 
 
 def weight_ratio(weight: float, max_weight: object) -> float:

@@ -169,6 +169,12 @@ def cmd_hospital_start(args: argparse.Namespace) -> int:
 def add_hospital(sub: argparse._SubParsersAction) -> None:
     hospital = sub.add_parser("hospital", help="commands a hospital runs next to its images")
     hospital_sub = hospital.add_subparsers(dest="hospital_command", required=True)
+    _add_check(hospital_sub)
+    _add_daemon_commands(hospital_sub)
+
+
+def _add_check(hospital_sub: argparse._SubParsersAction) -> None:
+    """``medfed hospital check``."""
     check = hospital_sub.add_parser(
         "check", help="read a manifest and its DICOM files once and report what is usable")
     check.add_argument("--dir", type=Path,
@@ -193,6 +199,9 @@ def add_hospital(sub: argparse._SubParsersAction) -> None:
                             "the hospital")
     check.set_defaults(func=cmd_hospital_check)
 
+
+def _add_daemon_commands(hospital_sub: argparse._SubParsersAction) -> None:
+    """``medfed hospital ledger | audit verify | init | rotate-key | start``."""
     ledger = hospital_sub.add_parser(
         "ledger", help="the hospital's privacy ledger: runs, rounds, epsilon spent, remaining")
     ledger.add_argument("--db", type=Path, required=True, help="the ledger's SQLite file")

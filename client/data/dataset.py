@@ -131,24 +131,12 @@ def _groups(decoded: list[DecodedRow]) -> list[str]:
     return [find("m:" + d.entry.patient) for d in decoded]
 
 
-def prepare_site(manifest: Path, config: SiteDataConfig,
-                 image_size: int) -> tuple[dict[str, ImageSet], SiteReport]:
-    """Read, check and split a hospital's data.
-
-    Args:
-        manifest: the CSV manifest.
-        config: column names, class list, frames, split and cache settings.
-        image_size: side in pixels of the images the model takes.
-
-    Returns:
-        ``{"train": ImageSet, "val": ImageSet}`` (images ``(N, C, S, S)`` float32 in [0, 1]) and
-        the report. Never raises for a bad row, only for a bad manifest.
-
-    Raises:
-        ManifestError: the manifest is missing, empty or lacks a column.
-    """
-    entries, problems, rows, info = read_manifest(Path(manifest), config)
-    roots = config.resolved_roots(Path(manifest))
+def _decode_rows(entries: list, config: SiteDataConfig, image_size: int, manifest: Path,
+                 problems: list[Problem]) -> tuple[list[DecodedRow], int]:
+    """Each manifest entry read through the guards (or the decoded cache); an unreadable
+    row, an image listed twice or a patient-id mismatch is added to ``problems`` and left out.
+    Returns the decoded rows and how many came from the cache."""
+    roots = config.resolved_roots(manifest)
     cache = DecodedCache(config.resolved_cache_dir()) if config.use_cache else None
     decoded: list[DecodedRow] = []
     seen_uids: dict[str, int] = {}
@@ -175,7 +163,27 @@ def prepare_site(manifest: Path, config: SiteDataConfig,
         decoded.append(item)
         if number % 500 == 0:
             logger.info("site data: %d of %d rows read", number, len(entries))
+    return decoded, hits
 
+
+def prepare_site(manifest: Path, config: SiteDataConfig,
+                 image_size: int) -> tuple[dict[str, ImageSet], SiteReport]:
+    """Read, check and split a hospital's data.
+
+    Args:
+        manifest: the CSV manifest.
+        config: column names, class list, frames, split and cache settings.
+        image_size: side in pixels of the images the model takes.
+
+    Returns:
+        ``{"train": ImageSet, "val": ImageSet}`` (images ``(N, C, S, S)`` float32 in [0, 1]) and
+        the report. Never raises for a bad row, only for a bad manifest.
+
+    Raises:
+        ManifestError: the manifest is missing, empty or lacks a column.
+    """
+    entries, problems, rows, info = read_manifest(Path(manifest), config)
+    decoded, hits = _decode_rows(entries, config, image_size, Path(manifest), problems)
     groups = _groups(decoded)
     splits, across_groups = assign_splits(groups, [d.entry.split for d in decoded],
                                           config.val_fraction, config.seed)
