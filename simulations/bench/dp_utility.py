@@ -36,6 +36,7 @@ import json
 import logging
 import tempfile
 import tomllib
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -231,14 +232,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _start(args: argparse.Namespace, root: Path) -> str:
-    """Train the public start (``--public-start``) under ``root`` and return its adapter path
-    ("" without one); prints its AUC (validation-only: none, it never saw a hospital)."""
+    """Train the public start (``--public-start``) under ``root`` (``--reuse``: take the one
+    there when its settings match) and return its adapter path ("" without one); prints its
+    test AUC unless ``--validation-only``."""
     if not args.public_start:
         return ""
     base = load_config(args.config, _overrides(args, None, root))
-    record = train_public_start(
-        PublicStartConfig(dataset=base.data.dataset, fraction=args.public_start,
-                          seed=args.seed), base.model, root / "public-start")
+    config = PublicStartConfig(dataset=base.data.dataset, fraction=args.public_start,
+                               seed=args.seed)
+    written = root / "public-start" / "public_start.json"
+    record = json.loads(written.read_text()) if args.reuse and written.exists() else None
+    if record is None or record["public_start"] != asdict(config):
+        record = train_public_start(config, base.model, root / "public-start")
     figure = ("" if args.validation_only else
               f", test auc {record['test']['auc']:.4f}  acc {record['test']['accuracy']:.4f}")
     print(f"  public start: {record['public_images']} val images, no DP, centred "
