@@ -8,7 +8,8 @@ features are computed once at the public start, then each round each hospital ru
 recipe written out in torch (Poisson batches at ``q = 1 / ceil(n / batch)``, per-example
 gradients of the cross-entropy clipped to ``C`` (logit adjustment off, as under DP-SGD),
 Gaussian noise ``z C`` with ``z`` from ``privacy.accounting.noise_for_target`` for the whole
-run, divided by the expected batch size, SGD with momentum, dropout 0.2 before the head as in training), and the
+run, divided by the expected batch size, SGD with momentum, dropout 0.2 before the head as
+in training), and the
 coordinator averages the heads by example counts. The round published is the one with the
 best combined validation AUC (all hospitals' validation examples together), as a run does.
 
