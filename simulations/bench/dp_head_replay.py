@@ -31,6 +31,7 @@ import itertools
 import logging
 import math
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -79,14 +80,21 @@ class Setting:
     rounds: int
 
 
+@cache
+def _noise(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """``noise_for_target`` with the PRV accountant, once per setting (bisection is slow)."""
+    return noise_for_target(epsilon, delta, sample_rate, steps, "prv")
+
+
 def _pooled(model, data: ImageSet, batch_size: int = 256) -> ImageSet:
-    """``data`` with each image replaced by its centred pooled feature (the head's input)."""
+    """``data`` with each image replaced by its centred pooled feature (the head's input),
+    shaped ``(N, F, 1, 1)`` so that it stays an ImageSet."""
     base = model.get_base_model()
     model.eval()
     with torch.no_grad():
         out = [base.centre(base.pooled(data.images[i:i + batch_size]))
                for i in range(0, len(data), batch_size)]
-    return ImageSet(torch.cat(out).double(), data.labels)
+    return ImageSet(torch.cat(out).double()[:, :, None, None], data.labels)  # (N, F, 1, 1)
 
 
 def features(config: SimulationConfig, start: Path, fraction: float) -> Features:
@@ -124,7 +132,7 @@ def _local(w: torch.Tensor, b: torch.Tensor, data: ImageSet, s: Setting, rounds_
     velocity = [torch.zeros_like(w), torch.zeros_like(b)]
     for _ in range(s.local_epochs * batches):
         pick = torch.nonzero(torch.rand(n, generator=gen) < 1.0 / batches).view(-1)
-        x, y = data.images[pick], data.labels[pick]
+        x, y = data.images[pick].flatten(1), data.labels[pick]
         keep = (torch.rand(x.shape, generator=gen, dtype=x.dtype) >= DROPOUT) / (1 - DROPOUT)
         gw, gb = _example_grads(w, b, x * keep, y, shift)
         if s.epsilon is None:
@@ -144,7 +152,7 @@ def _local(w: torch.Tensor, b: torch.Tensor, data: ImageSet, s: Setting, rounds_
 
 def _auc(w: torch.Tensor, b: torch.Tensor, data: ImageSet) -> float:
     """AUC of the class-1 probability (binary tasks)."""
-    scores = torch.softmax(data.images @ w.T + b, dim=1)[:, 1]
+    scores = torch.softmax(data.images.flatten(1) @ w.T + b, dim=1)[:, 1]
     return float(roc_auc_score(data.labels.numpy(), scores.numpy()))
 
 
@@ -161,8 +169,8 @@ def replay(feats: Features, s: Setting, config: SimulationConfig,
         for data in feats.train:
             if s.epsilon is not None:
                 batches = math.ceil(len(data) / s.batch_size)
-                noise = noise_for_target(s.epsilon, config.privacy.dp_delta, 1.0 / batches,
-                                         s.local_epochs * batches * s.rounds, "prv")
+                noise = _noise(s.epsilon, config.privacy.dp_delta, 1.0 / batches,
+                               s.local_epochs * batches * s.rounds)
             heads.append(_local(w, b, data, s, noise, gen))
             sizes.append(len(data))
         total = float(sum(sizes))
@@ -183,7 +191,8 @@ def membership_auc(feats: Features, head: tuple[torch.Tensor, torch.Tensor], see
         linear.weight.copy_(head[0])
         linear.bias.copy_(head[1])
     members, others = matched_non_members(ImageSet.concat(feats.train), feats.unseen, seed, limit)
-    return loss_threshold_attack(linear, members, others).auc
+    return loss_threshold_attack(torch.nn.Sequential(torch.nn.Flatten(), linear), members,
+                                 others).auc
 
 
 def _floats(text: str) -> list[float]:
@@ -244,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                if args.mia else [])
         print(f"  eps {eps:g} lr {lr:g} clip {clip:g} batch {int(batch)} rounds {int(rounds)}: "
               f"{np.mean(values):.4f} ({min(values):.4f}-{max(values):.4f})  rounds published "
-              f"{[r['round'] for r in results]}"
+              f"{[r['round'] for r in results]}  val per round "
+              f"{' '.join(f'{v:.4f}' for v in np.mean([r['per_round'] for r in results], 0))}"
               + (f"  attack auc {np.mean(mia):.3f}" if mia else ""), flush=True)
     return 0
