@@ -6,6 +6,7 @@ import torch
 from monai.networks.nets import EfficientNet
 from torch import nn
 
+from models.feature_centre import FeatureCentre
 from models.prefix_cache import PrefixCache, is_fixed
 
 DEFAULT_CACHE_BYTES = 1 << 30
@@ -24,6 +25,9 @@ class ImageClassifier(nn.Module):
         channels_last: run the backbone in channels-last memory format (the backbone is
             converted here).
         cache_bytes: most bytes of frozen-prefix activations kept in memory (0: none).
+        centred: subtract a fixed centre from the pooled feature before the head
+            (:attr:`centre`, ``models.feature_centre``; zero until a public start sets it, so
+            the logits are the uncentred ones). EfficientNet backbones only.
 
     For an EfficientNet whose first blocks hold no trainable tensor (LoRA on later stages only),
     those blocks are a frozen prefix: they run in inference mode (running BatchNorm statistics,
@@ -38,6 +42,7 @@ class ImageClassifier(nn.Module):
         std: tuple[float, ...],
         channels_last: bool = False,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        centred: bool = False,
     ) -> None:
         super().__init__()
         self.channels_last = channels_last
@@ -45,6 +50,9 @@ class ImageClassifier(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.prefix_cache = PrefixCache(cache_bytes)
+        if centred and not isinstance(net, EfficientNet):
+            raise ValueError("a centred head needs an EfficientNet backbone")
+        self.centre = FeatureCentre(net._fc.in_features) if centred else None
 
     def _blocks(self) -> list[nn.Module]:
         """The backbone's blocks in forward order (none for a backbone that is not staged)."""
@@ -88,25 +96,44 @@ class ImageClassifier(nn.Module):
             x = block(x)
         return x
 
-    def _suffix(self, x: torch.Tensor, split: int) -> torch.Tensor:
+    def _features(self, x: torch.Tensor, split: int) -> torch.Tensor:
+        """Blocks ``split`` on and the head convolution, pooled: ``(B, F)``."""
         net = self.net
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         for block in self._blocks()[split:]:
             x = block(x)
         x = net._swish(net._bn1(net._conv_head(net._conv_head_padding(x))))
-        return net._fc(net._dropout(net._avg_pooling(x).flatten(start_dim=1)))
+        return net._avg_pooling(x).flatten(start_dim=1)
+
+    def _head(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The task head on the pooled feature, after the centre when there is one."""
+        if self.centre is not None:
+            pooled = self.centre(pooled)
+        return self.net._fc(self.net._dropout(pooled))
+
+    def _prefix_output(self, images: torch.Tensor, split: int) -> torch.Tensor:
+        """The frozen prefix's activations, from the cache when its modes allow."""
+        if any(m.training for part in self._frozen_prefix(split) for m in part.modules()):
+            return self._prefix(images, split)  # someone trains the prefix's modes: no cache
+        return self.prefix_cache.activations(images, split, lambda x: self._prefix(x, split))
+
+    def pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 1 or 3, H, W)`` images in [0, 1] -> ``(B, F)`` pooled features (the head's
+        input before :attr:`centre`). EfficientNet backbones only."""
+        split = self.split_index()
+        if split == 0:
+            return self._features(self._prefix(images, 0), 0)
+        return self._features(self._prefix_output(images, split), split)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 1 or 3, H, W)`` float images in [0, 1] -> ``(B, K)`` logits."""
         split = self.split_index()
+        if self.centre is not None:
+            return self._head(self.pooled(images))
         if split == 0:
             return self.net(self._normalised(images))
-        if any(m.training for part in self._frozen_prefix(split) for m in part.modules()):
-            x = self._prefix(images, split)  # someone trains the prefix's modes: not cacheable
-        else:
-            x = self.prefix_cache.activations(images, split, lambda x: self._prefix(x, split))
-        return self._suffix(x, split)
+        return self._head(self._features(self._prefix_output(images, split), split))
 
 
 class HFLogits(nn.Module):

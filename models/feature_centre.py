@@ -25,7 +25,8 @@ from models.adapters import adapter_state, load_adapter_state
 from models.finite import check_finite_tensors
 
 CENTRE_MODULE = "centre"
-"""Module name of the centre in a classifier that has one (``models.ct_encoder``)."""
+"""Module name of the centre in a classifier that has one (``models.ct_encoder``, and
+``models.classifier.ImageClassifier`` on EfficientNet-Lite0)."""
 
 
 class FeatureCentre(nn.Module):
@@ -85,7 +86,8 @@ def centre_on(model: nn.Module, images: torch.Tensor, head: str, batch_size: int
 
     Args:
         model: a peft-wrapped classifier whose base has ``pooled`` and a centre
-            (``models.ct_encoder.CTVolumeClassifier``).
+            (``models.ct_encoder.CTVolumeClassifier``, or the 2D
+            ``models.classifier.ImageClassifier`` on EfficientNet-Lite0).
         images: ``(N, ...)`` inputs, as the model takes them: public data only (the centre
             travels to every hospital and the coordinator).
         head: the head's module name.

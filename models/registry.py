@@ -57,7 +57,8 @@ class BackboneSpec:
     task: str = "classification"
 
 
-EFFICIENTNET_SPEC = BackboneSpec(head="_fc", default_targets=("late-pointwise",))
+EFFICIENTNET_SPEC = BackboneSpec(head="_fc", default_targets=("late-pointwise",),
+                                 saved=(CENTRE_MODULE,))
 HF_SPEC = BackboneSpec(head="classifier", default_targets=("q_proj", "v_proj"))
 CT_BACKBONE = "merlin-i3resnet152-ct"
 CT_RANDOM_BACKBONE = "merlin-i3resnet152-ct-random-init"
@@ -183,7 +184,8 @@ def build_base_model(config: ModelConfig) -> ImageClassifier:
     if spec is EFFICIENTNET_SPEC:
         net = build_efficientnet_lite0(image_size=config.image_size, pretrained=True)
         net._fc = nn.Linear(net._fc.in_features, config.num_classes)
-        return ImageClassifier(net, IMAGENET_MEAN, IMAGENET_STD, channels_last=True)
+        return ImageClassifier(net, IMAGENET_MEAN, IMAGENET_STD, channels_last=True,
+                               centred=True)
 
     from transformers import AutoModelForImageClassification
 

@@ -14,9 +14,10 @@ Usage::
 writes ``runs/public-start/adapter`` (start a run from it with ``[federation] initial_adapter =
 "runs/public-start/adapter"``) and ``runs/public-start/public_start.json`` (what it was trained
 on, its hash, its test metrics).
-For a backbone whose head has a fixed centre (the CT encoder, ``models.feature_centre``), the
-start also centres the head's input on the public images' mean pooled feature: the same logits,
-in coordinates where DP-SGD's per-example clipping keeps what separates the classes.
+For a backbone whose head has a fixed centre (the CT encoder and the 2D EfficientNet-Lite0,
+``models.feature_centre``), the start also centres the head's input on the public images'
+mean pooled feature: the same logits, in coordinates where DP-SGD's per-example clipping keeps
+what separates the classes.
 This is training *without* DP on public data: it protects no one and needs no budget, and it is
 only as good a start as the public data is like the hospitals' own.
 """

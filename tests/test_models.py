@@ -17,7 +17,9 @@ def test_only_adapter_and_head_train(small_model_config):
     assert trainable, "nothing to train"
     assert all("lora_" in n or "._fc." in n for n in trainable), trainable
     state = adapter_state(model)
-    assert set(state) and all("lora_" in k or "_fc" in k for k in state)
+    # ... and the head's fixed centre (models.feature_centre) travels with them, untrained.
+    assert set(state) and all("lora_" in k or "_fc" in k or k.endswith(".centre.mean")
+                              for k in state)
     # The frozen backbone is far bigger than what is exchanged.
     full = sum(t.numel() for t in build_base_model(small_model_config).state_dict().values())
     assert sum(t.numel() for t in state.values()) < full / 10

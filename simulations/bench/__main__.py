@@ -11,6 +11,7 @@ BENCHES = {
     "communication": "simulations.bench.communication",
     "default-run": "simulations.bench.default_run",
     "deploy": "simulations.bench.deploy",
+    "dp-head-replay": "simulations.bench.dp_head_replay",
     "dp-overhead": "simulations.bench.dp_overhead",
     "dp-utility": "simulations.bench.dp_utility",
     "faults": "simulations.bench.faults",

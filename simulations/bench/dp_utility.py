@@ -17,6 +17,16 @@ With ``--public-start F`` every run, the reference included, starts from an adap
 without DP on a seeded share ``F`` of the dataset's ``val`` split (``simulations.public_start``:
 public data no hospital holds); its own test AUC is printed first, so what the hospitals add to
 it shows, and the attack's non-members come from the rest of ``val``.
+
+The centred-head recipe (docs/results/2026-12-07-dp-2d-centred-head.md): ``--public-start 0.5
+--dp-trainable head --dp-optimizer sgd --dp-lr <lr> --epsilons 8,2 --draws 3``. The public start
+centres the head's input on the public images' mean pooled feature (``models.feature_centre``)
+and DP-SGD trains the head alone; the reference without DP starts from the same public start
+and trains everything. ``--draws N`` runs each DP setting N times (the noise is a CSPRNG at
+each hospital, so each run is a fresh draw) and ends with each figure's mean (min-max).
+``--validation-only`` prints the hospitals' combined validation AUC of the published round
+(``summary.json`` "validation") instead of any test figure: settings are chosen on it, and the
+test set is scored once per decision afterwards.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import json
 import logging
 import tempfile
 import tomllib
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +44,7 @@ import torch
 from rich.console import Console
 
 from models.adapters import load_adapter_file
-from models.config import TrainConfig
+from models.config import TRAINABLE, TrainConfig
 from models.data import ImageSet
 from models.lora import build_lora_model
 from privacy.config import OPTIMIZERS, DPConfig
@@ -70,6 +81,7 @@ def _overrides(args: argparse.Namespace, epsilon: float | None, run_dir: Path,
                              "dp_momentum": args.dp_momentum,
                              "dp_augmentations": args.dp_augmentations}
         values.setdefault("federation", {})["strategy"] = args.dp_strategy
+        values["train"]["trainable"] = args.dp_trainable
         if args.dp_lora_r:
             values["model"] = {"lora_r": args.dp_lora_r, "lora_alpha": 2 * args.dp_lora_r}
         if args.dp_lora_targets:
@@ -116,7 +128,49 @@ def _reused(config: SimulationConfig) -> dict[str, Any] | None:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def main(argv: list[str] | None = None) -> int:
+
+
+def _draw_dir(root: Path, epsilon: float | None, draw: int) -> Path:
+    """Run directory of one run: ``nodp``, ``eps8``, then ``eps8-d2``, ``eps8-d3``..."""
+    name = "nodp" if epsilon is None else f"eps{epsilon:g}"
+    return root / (name if draw == 0 else f"{name}-d{draw + 1}")
+
+
+def _row(summary: dict[str, Any]) -> dict[str, Any]:
+    """The bench's figures of one finished run's summary."""
+    row: dict[str, Any] = {"auc": summary["federated"]["auc"],
+                           "accuracy": summary["federated"]["accuracy"],
+                           "val_auc": summary["validation"]["auc"],
+                           "time": summary["wall_time_s"]["federated"]}
+    spent = summary.get("privacy", {}).get("epsilon_max")
+    row["epsilon"] = float("nan") if spent is None else float(spent)
+    if "pooled" in summary:
+        row["pooled"] = summary["pooled"]["auc"]
+    return row
+
+
+def _spread(values: list[float]) -> str:
+    """``mean (min-max)`` of ``values``, 4 decimals."""
+    return f"{sum(values) / len(values):.4f} ({min(values):.4f}-{max(values):.4f})"
+
+
+def _headline(runs: dict[float | None, list[dict[str, Any]]], validation: bool) -> None:
+    """The closing lines: the reference's AUC and each epsilon's drop, as mean (min-max) over
+    the draws, and the largest epsilon's mean membership-attack AUC."""
+    key, label = ("val_auc", "validation ") if validation else ("auc", "")
+    reference = [r[key] for r in runs.get(None, [])]
+    if reference:
+        print(f"federated {label}auc, no dp: {_spread(reference)}")
+    base = sum(reference) / len(reference) if reference else None
+    epsilons = sorted((e for e in runs if e is not None), reverse=True)
+    for epsilon in epsilons if base is not None else []:
+        drops = [base - r[key] for r in runs[epsilon]]
+        print(f"{label}auc drop at eps={epsilon:g}: {_spread(drops)}")
+    attacks = [r["mia"].auc for r in runs.get(epsilons[0], []) if "mia" in r] if epsilons else []
+    if attacks:
+        print(f"membership auc at eps={epsilons[0]:g}: {sum(attacks) / len(attacks):.3f}")
+def _parser() -> argparse.ArgumentParser:
+    """The bench's command line."""
     parser = argparse.ArgumentParser(prog="python -m simulations.bench dp-utility")
     parser.add_argument("--epsilons", default="1,3,8", help="target epsilons per run")
     parser.add_argument("--no-dp", action=argparse.BooleanOptionalAction, default=True,
@@ -129,6 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-epochs", type=int, default=defaults.local_epochs,
                         help="local epochs per round of every run")
     parser.add_argument("--dp-strategy", default="fedavg")
+    parser.add_argument("--dp-trainable", choices=TRAINABLE, default="all",
+                        help="what DP-SGD trains (train.trainable; the reference trains all): "
+                             "'head' with --public-start is the centred-head recipe")
+    parser.add_argument("--draws", type=int, default=1,
+                        help="runs of each DP setting (fresh noise each); the closing lines "
+                             "give mean (min-max)")
+    parser.add_argument("--validation-only", action="store_true",
+                        help="print the hospitals' combined validation AUC, no test figure "
+                             "(for choosing settings)")
     parser.add_argument("--dp-lora-r", type=int, default=0, help="LoRA rank (0: the default)")
     parser.add_argument("--dp-lora-targets", default="",
                         help="comma-separated layer names LoRA wraps (empty: the default)")
@@ -165,77 +228,87 @@ def main(argv: list[str] | None = None) -> int:
                         help="simulation TOML the bench's settings override")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="keep the runs here (default: a temporary directory)")
+    return parser
+
+
+def _start(args: argparse.Namespace, root: Path) -> str:
+    """Train the public start (``--public-start``) under ``root`` (``--reuse``: take the one
+    there when its settings match) and return its adapter path ("" without one); prints its
+    test AUC unless ``--validation-only``."""
+    if not args.public_start:
+        return ""
+    base = load_config(args.config, _overrides(args, None, root))
+    config = PublicStartConfig(dataset=base.data.dataset, fraction=args.public_start,
+                               seed=args.seed)
+    written = root / "public-start" / "public_start.json"
+    record = json.loads(written.read_text()) if args.reuse and written.exists() else None
+    if record is None or record["public_start"] != asdict(config):
+        record = train_public_start(config, base.model, root / "public-start")
+    figure = ("" if args.validation_only else
+              f", test auc {record['test']['auc']:.4f}  acc {record['test']['accuracy']:.4f}")
+    print(f"  public start: {record['public_images']} val images, no DP, centred "
+          f"{record['head_centred']}{figure}", flush=True)
+    return str(record["adapter"])
+
+
+def _run(args: argparse.Namespace, epsilon: float | None, run_dir: Path,
+         start: str) -> dict[str, Any]:
+    """One run (or its reused summary), its attack, and its progress line."""
+    config = load_config(args.config, _overrides(args, epsilon, run_dir, start))
+    summary = _reused(config) if args.reuse else None
+    if summary is None:
+        summary = runner.run_study(config, Console(quiet=True))
+    row = _row(summary)
+    if args.mia_examples:
+        row["mia"] = membership(config, args.mia_examples, args.public_start)
+    mia = row.get("mia")
+    name = "no DP" if epsilon is None else f"eps={epsilon:g}"
+    figures = (f"val auc {row['val_auc']:.4f}" if args.validation_only else
+               f"test auc {row['auc']:.4f}  acc {row['accuracy']:.4f}  val auc "
+               f"{row['val_auc']:.4f}")
+    print(f"  {name:<8} {figures}  eps spent {row['epsilon']:.3f}  federated "
+          f"{row['time']:.0f} s"
+          + (f"  attack auc {mia.auc:.3f} adv {mia.advantage:.3f}" if mia else "")
+          + (f"  pooled auc {row['pooled']:.4f}" if "pooled" in row
+             and not args.validation_only else ""), flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.public_start and (args.dp_lora_r or args.dp_lora_targets):
         parser.error("--public-start trains one start for every run: it cannot be combined "
                      "with --dp-lora-r or --dp-lora-targets, which change the private runs' "
                      "adapter")
+    if args.draws < 1:
+        parser.error("--draws must be >= 1")
     logging.getLogger("flwr").setLevel(logging.ERROR)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     epsilons = [float(e) for e in args.epsilons.split(",") if e]
     # The reference and the largest epsilon first: the headline figure arrives soonest.
     settings: list[float | None] = ([None] if args.no_dp else []) + sorted(epsilons,
                                                                           reverse=True)
-
     print(f"default simulation, every run at batch {args.batch_size} (Poisson under DP), "
           f"lr {args.lr:g}, {args.local_epochs} local epochs; DP-SGD at the hospitals with "
-          f"strategy {args.dp_strategy}, "
+          f"strategy {args.dp_strategy}, trains {args.dp_trainable}, "
           f"{args.dp_optimizer} (lr {args.dp_lr or args.lr:g}), "
           f"clip {args.dp_max_grad_norm:g}, {args.dp_augmentations or 1} view(s) per example, "
-          f"{args.accountant} accountant, opacus "
-          f"{args.dp_grad_sample_mode}; membership attack on "
+          f"{args.accountant} accountant, opacus {args.dp_grad_sample_mode}, "
+          f"{args.draws} draw(s); membership attack on "
           f"{args.mia_examples or 'no'} members vs as many unseen examples")
-    results: dict[str, dict[str, Any]] = {}
+    runs: dict[float | None, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = args.run_dir or Path(tmp)
-        start = ""
-        if args.public_start:
-            base = load_config(args.config, _overrides(args, None, root))
-            record = train_public_start(
-                PublicStartConfig(dataset=base.data.dataset, fraction=args.public_start,
-                                  seed=args.seed), base.model, root / "public-start")
-            start = str(record["adapter"])
-            print(f"  public start: {record['public_images']} val images, no DP, test auc "
-                  f"{record['test']['auc']:.4f}  acc {record['test']['accuracy']:.4f}",
-                  flush=True)
+        start = _start(args, root)
         for epsilon in settings:
-            name = "no DP" if epsilon is None else f"eps={epsilon:g}"
-            run_dir = root / ("nodp" if epsilon is None else f"eps{epsilon:g}")
-            config = load_config(args.config, _overrides(args, epsilon, run_dir, start))
-            summary = _reused(config) if args.reuse else None
-            if summary is None:
-                summary = runner.run_study(config, Console(quiet=True))
-            row: dict[str, Any] = {"auc": summary["federated"]["auc"],
-                                   "accuracy": summary["federated"]["accuracy"],
-                                   "time": summary["wall_time_s"]["federated"]}
-            spent = summary.get("privacy", {}).get("epsilon_max")
-            row["epsilon"] = float("nan") if spent is None else float(spent)
-            if "pooled" in summary:
-                row["pooled"] = summary["pooled"]["auc"]
-            if args.mia_examples:
-                row["mia"] = membership(config, args.mia_examples, args.public_start)
-            results[name] = row
-            mia = row.get("mia")
-            print(f"  {name:<8} test auc {row['auc']:.4f}  acc {row['accuracy']:.4f}  "
-                  f"federated {row['time']:.0f} s"
-                  + (f"  attack auc {mia.auc:.3f} adv {mia.advantage:.3f}" if mia else "")
-                  + (f"  pooled auc {row['pooled']:.4f}" if "pooled" in row else ""),
-                  flush=True)
-
+            draws = 1 if epsilon is None else args.draws  # without DP a seed replays the run
+            runs[epsilon] = [_run(args, epsilon, _draw_dir(root, epsilon, d), start)
+                             for d in range(draws)]
     print()
-    print(f"{'run':<10}{'test auc':>10}{'test acc':>10}{'eps spent':>11}{'attack auc':>12}"
-          f"{'advantage':>11}" + (f"{'pooled auc':>12}" if args.pooled else ""))
-    for name, row in results.items():
-        mia = row.get("mia")
-        print(f"{name:<10}{row['auc']:>10.4f}{row['accuracy']:>10.4f}{row['epsilon']:>11.3f}"
-              + (f"{mia.auc:>12.3f}{mia.advantage:>11.3f}" if mia
-                 else f"{'':>23}" if "pooled" in row else "")
-              + (f"{row['pooled']:>12.4f}" if "pooled" in row else ""))
-    if "no DP" in results and epsilons:
+    if not args.validation_only and args.pooled and None in runs and epsilons:
         top = max(epsilons)
-        if args.pooled:
-            pooled_drop = results["no DP"]["pooled"] - results[f"eps={top:g}"]["pooled"]
-            print(f"pooled baseline's auc drop at eps={top:g}: {pooled_drop:.4f}")
-        drop = results["no DP"]["auc"] - results[f"eps={top:g}"]["auc"]
-        print(f"auc drop at eps={top:g}: {drop:.4f}")
+        drop = runs[None][0]["pooled"] - runs[top][0]["pooled"]
+        print(f"pooled baseline's auc drop at eps={top:g}: {drop:.4f}")
+    _headline(runs, args.validation_only)
     return 0
