@@ -17,8 +17,8 @@ import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("client", "imaging", "medfed_cli", "models", "privacy", "server", "simulations",
-            "strategies")
+PACKAGES = ("client", "imaging", "inference", "medfed_cli", "models", "privacy", "server",
+            "simulations", "strategies")
 LIMIT = 60
 
 
