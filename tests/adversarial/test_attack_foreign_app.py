@@ -187,7 +187,7 @@ def test_a_real_fab_on_disk_never_runs_at_the_hospital(tmp_path, impersonate):
     if impersonate:
         # The allowed name gets the installed medfed ClientApp, whose policy refuses the
         # attacker's message; the FAB's own client/app.py never ran.
-        assert guarded["module"] == "flwr.clientapp.client_app"
+        assert guarded["module"] == "client.audit"  # medfed's AuditedClientApp
         assert "run policy 'allowed_backbones'" in guarded["error"]
     else:
         assert guarded["module"] == "client.task_guard"
