@@ -185,10 +185,11 @@ def test_a_real_fab_on_disk_never_runs_at_the_hospital(tmp_path, impersonate):
     assert not (tmp_path / "flwr-home-guarded" / "apps").exists()  # nor even unpacked
     assert guarded["records"] == []
     if impersonate:
-        # The allowed name gets the installed medfed ClientApp, whose policy refuses the
-        # attacker's message; the FAB's own client/app.py never ran.
+        # The allowed name gets the installed medfed ClientApp, which refuses the attacker's
+        # message (its config is no round config: refused before the run policy is even
+        # asked); the FAB's own client/app.py never ran.
         assert guarded["module"] == "client.audit"  # medfed's AuditedClientApp
-        assert "run policy 'allowed_backbones'" in guarded["error"]
+        assert guarded["error"].startswith("round-config: the round config lacks")
     else:
         assert guarded["module"] == "client.task_guard"
         assert "run policy 'allowed_apps'" in guarded["error"]
