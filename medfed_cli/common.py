@@ -46,7 +46,7 @@ def user_errors(*names: str, code: int = 1) -> Callable[[Command], Command]:
             except Exception as err:
                 if not isinstance(err, (UsageError, *(_error_type(n) for n in names))):
                     raise
-                console.print(f"[red]error:[/] {escape(str(err))}")
+                console.print(f"[red]error:[/] {escape(str(err))}", soft_wrap=True)
                 return code
 
         return run
