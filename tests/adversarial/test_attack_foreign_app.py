@@ -274,8 +274,11 @@ def test_flwr_run_of_a_foreign_app_never_runs_its_code_at_the_hospital(tmp_path,
             "default": "target", "target": {"address": f"127.0.0.1:{admin_port}",
                                             "root-certificates": str(site / "ca.pem")}}}))
         audit = site / "egress-audit.jsonl"
-        for n, (impersonate, rule) in enumerate([(False, "allowed_apps"),
-                                                 (True, "allowed_backbones")]):
+        # Impersonating the allowed app name gets the installed ClientApp, which refuses the
+        # attacker's message (no round config) before its run policy is even asked.
+        for n, (impersonate, refusal) in enumerate([
+                (False, "run policy 'allowed_apps'"),
+                (True, "round-config: the round config lacks")]):
             marker, report = tmp_path / f"pwned-{n}", tmp_path / f"report-{n}.json"
             app_dir = write_evil_app(tmp_path / f"evil-{n}", marker, report, impersonate)
             submitted = subprocess.run(
@@ -286,11 +289,11 @@ def test_flwr_run_of_a_foreign_app_never_runs_its_code_at_the_hospital(tmp_path,
             _wait(lambda n=n: audit.exists() and len(read_audit_log(audit)) > n, 600,
                   f"the hospital's answer to attack {n}", [*logs.values(), report])
             entry = read_audit_log(audit)[n]
-            assert f"run policy '{rule}'" in entry["error"]["reason"], entry
+            assert refusal in entry["error"]["reason"], entry
             assert entry["tensors"] == [] and entry["configs"] == {}
             _wait(report.exists, 300, "the attacker's report", list(logs.values()))
             (reply,) = json.loads(report.read_text())
-            assert rule in reply["error"] and reply["records"] == []
+            assert refusal in reply["error"] and reply["records"] == []
             # The attacker's own tools and the coordinator may import it (Flower checks a
             # FAB's components when it is submitted); the hospital never does.
             seen = marker.read_text().splitlines() if marker.exists() else []
