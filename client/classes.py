@@ -17,9 +17,10 @@ import torch
 
 from client.site import SiteData
 from models.data import ImageSet
+from models.errors import MedfedError
 
 
-class ClassMismatch(ValueError):
+class ClassMismatch(MedfedError, ValueError):
     """The hospital cannot map its labels to the study's classes."""
 
 

@@ -27,6 +27,7 @@ from client.training import train_local
 from models.adapters import adapter_state, load_adapter_state
 from models.config import TrainConfig
 from models.data import ImageSet
+from models.errors import MedfedError
 from models.finite import check_finite_tensors
 from privacy.accounting import epsilon, history_from_record, history_to_record
 from privacy.config import DPConfig
@@ -50,7 +51,7 @@ RUN_KEY = "run-key"
 "this run" for the reply's ``dp-epsilon``; every budget is over the whole dataset."""
 
 
-class PrivacyRefusal(RuntimeError):
+class PrivacyRefusal(MedfedError, RuntimeError):
     """The hospital will not run (or release) this round; the message says why."""
 
 

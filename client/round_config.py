@@ -36,6 +36,7 @@ from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from models.config import ModelConfig, TrainConfig, to_config_record
+from models.errors import MedfedError
 from models.lora_parts import EXCHANGES
 from models.settings import SettingsError, load_settings
 from privacy.accounting import MAX_NOISE_MULTIPLIER
@@ -77,7 +78,7 @@ LOWER: dict[str, float] = {"seed": 0, "dp_delta": 1e-12}
 """Lower bounds beyond the fields' own (``seed``: NumPy and torch take non-negative seeds)."""
 
 
-class RoundConfigError(ValueError):
+class RoundConfigError(MedfedError, ValueError):
     """A coordinator value of the wrong type, out of bounds, or inconsistent; the message
     names the key and the value (the coordinator's own), never the hospital's data."""
 
@@ -264,7 +265,7 @@ def typed_config_mod(msg: Message, context: Context, call_next: ClientAppCallabl
     return call_next(msg, context)
 
 
-class RoundReplay(ValueError):
+class RoundReplay(MedfedError, ValueError):
     """A training round this run already answered (or one before it)."""
 
 

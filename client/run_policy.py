@@ -32,6 +32,7 @@ from typing import Any
 
 from flwr.app import Context
 
+from models.errors import MedfedError
 from models.registry import HF_PREFIX, UnknownBackboneError, backbone_spec
 from models.settings import read_settings, setting
 
@@ -87,7 +88,7 @@ evaluation_decimals = 2         # under a privacy policy: metrics are rounded to
 """
 
 
-class RunPolicyError(ValueError):
+class RunPolicyError(MedfedError, ValueError):
     """A run policy file that cannot be used."""
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import tomli_w
 
 from client.run_policy import RUN_POLICY_TEMPLATE
+from models.errors import MedfedError
 from models.settings import read_settings, read_toml
 from privacy.noise import INSECURE_NOISE_KEY
 from privacy.pki import (
@@ -67,7 +68,7 @@ require_dp = true       # refuse any round that is not differentially private
 """
 
 
-class SiteFolderError(ValueError):
+class SiteFolderError(MedfedError, ValueError):
     """A site folder or hospital config that cannot be used as is."""
 
 

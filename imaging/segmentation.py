@@ -32,6 +32,7 @@ import numpy as np
 
 from imaging.paths import OutsideRootError, confine
 from imaging.problems import ManifestError, Problem
+from models.errors import MedfedError
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class SegmentationCase:
     affine: np.ndarray
 
 
-class RowError(ValueError):
+class RowError(MedfedError, ValueError):
     """A row that cannot be used; ``kind`` is one of ``imaging.problems.KINDS``."""
 
     def __init__(self, kind: str, reason: str) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imaging.guard import ReadLimits
+from models.errors import MedfedError
 from models.settings import setting
 
 FRAME_MODES = ("middle", "all", "volume")
@@ -19,7 +20,7 @@ MAX_INDEX_CLASSES = 1000
 """Without a class list, integer labels must be below this (declare ``classes`` to be exact)."""
 
 
-class ReadSettingsError(ValueError):
+class ReadSettingsError(MedfedError, ValueError):
     """A reader setting that cannot work (a repeated class, an unknown encoding)."""
 
 

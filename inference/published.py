@@ -25,16 +25,18 @@ from models.adapters import ADAPTER_FILE, AdapterMismatchError, load_adapter_sta
 from models.card import CARD_FILE, AdapterCard, CardError, embedded_pins, read_card
 from models.classifier import ImageClassifier
 from models.config import ModelConfig
+from models.errors import MedfedError
 from models.lora import build_lora_model
 from models.prefix_cache import PrefixCache
 from models.registry import weights_sha256
+from models.settings import SettingsError
 
 logger = logging.getLogger(__name__)
 
 TASK = "classification"
 
 
-class PinError(ValueError):
+class PinError(MedfedError, ValueError):
     """The adapter, its card, or this machine's copy of what it pins do not agree; the
     message names the pin, both values and what to do."""
 
@@ -172,14 +174,14 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``.
 
     Raises:
-        ValueError: ``cuda`` asked for on a machine without it, or an unknown name.
+        SettingsError: ``cuda`` asked for on a machine without it, or an unknown name.
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device here; use --device cpu or auto")
+        raise SettingsError("--device cuda: no CUDA device here; use --device cpu or auto")
     if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: use auto, cpu or cuda")
+        raise SettingsError(f"--device {name!r}: use auto, cpu or cuda")
     return torch.device(name)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 from safetensors.torch import load, save
 
 from models.adapters import ADAPTER_FILE
+from models.errors import MedfedError
 from models.hashing import file_sha256
 from models.settings import SettingsError, load_settings, setting
 
@@ -47,7 +48,7 @@ _MAX_CARD_BYTES = 1 << 20
 _MAX_HEADER_BYTES = 100 << 20
 
 
-class CardError(ValueError):
+class CardError(MedfedError, ValueError):
     """A card that cannot be used: unreadable, unknown or missing keys, bad values."""
 
 

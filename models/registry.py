@@ -28,6 +28,7 @@ from models.efficientnet_lite import (
     file_sha256,
     lite0_weights_path,
 )
+from models.errors import MedfedError
 from models.feature_centre import CENTRE_MODULE
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ SEGMENTATION_SPEC = BackboneSpec(head="", default_targets=litemedsam.LORA_TARGET
                                  task="segmentation")
 
 
-class UnknownBackboneError(ValueError):
+class UnknownBackboneError(MedfedError, ValueError):
     """The run names a backbone the registry does not know."""
 
 
@@ -140,7 +141,7 @@ def weights_sha256(name: str) -> str:
     return digest.hexdigest()
 
 
-class WeightsMismatchError(RuntimeError):
+class WeightsMismatchError(MedfedError, RuntimeError):
     """This machine's copy of the base weights is not the one the run pinned."""
 
 

@@ -22,12 +22,14 @@ from dataclasses import MISSING, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from models.errors import MedfedError
+
 T = TypeVar("T")
 
 _LIMITS = ("choices", "items", "ge", "gt", "le", "lt")
 
 
-class SettingsError(ValueError):
+class SettingsError(MedfedError, ValueError):
     """A settings file or value that cannot be used; the message names the file and key."""
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import tomli_w
 
+from models.errors import MedfedError
 from models.settings import read_settings
 from privacy.pki import (
     certificate_pem,
@@ -55,7 +56,7 @@ ENROLMENT_FILE = "enrolment.toml"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class ConsortiumError(ValueError):
+class ConsortiumError(MedfedError, ValueError):
     """A consortium folder, config or enrolment request that cannot be used as is."""
 
 

@@ -16,6 +16,7 @@ from client.data.config import SiteDataConfig
 from client.data.dataset import SiteReport, prepare_site
 from imaging.manifest import SPLITS
 from imaging.problems import SHOWN_PER_KIND, summarise
+from models.errors import MedfedError
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def format_report(report: SiteReport, config: SiteDataConfig,
     return "\n".join(lines)
 
 
-class ReportFileError(ValueError):
+class ReportFileError(MedfedError, ValueError):
     """The full check report cannot be written where it was asked for."""
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from models.errors import MedfedError
 from models.settings import check_settings, setting
 
 STAGES = ("setup", "share", "mask", "check", "unmask")
@@ -13,7 +14,7 @@ ACTION = "secagg"
 """Flower message action of the stages: messages are of type ``train.secagg``."""
 
 
-class SecAggError(RuntimeError):
+class SecAggError(MedfedError, RuntimeError):
     """A secure-aggregation round that cannot complete (too few hospitals, failed unmasking)."""
 
 
