@@ -24,14 +24,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
-import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 
 from models.errors import MedfedError
-from models.settings import read_settings
+from models.settings import SettingsError, load_settings, read_settings, read_toml
 from privacy.pki import (
     certificate_pem,
     load_ca,
@@ -189,11 +189,27 @@ def check_consortium(folder: Path) -> CoordinatorConfig:
 def load_enrolments(folder: Path) -> list[Enrolment]:
     """The enrolment list, in enrolment order."""
     path = Path(folder) / load_coordinator_config(folder).enrolment
+    label = f"enrolment list {path}"
+    values = read_toml(path, label, error=ConsortiumError)
+    if set(values) - {"hospital"} or not isinstance(values.get("hospital", []), list):
+        raise ConsortiumError(f"{label}: holds only [[hospital]] entries, found "
+                              f"{sorted(values)}; restore it from a backup")
+    return [_enrolment(entry, f"{label} [[hospital]] {i + 1}")
+            for i, entry in enumerate(values.get("hospital", []))]
+
+
+def _enrolment(entry: Any, where: str) -> Enrolment:
+    """One ``[[hospital]]`` entry, read by the typed reader (an unknown key, a wrong type or a
+    missing key is refused naming the entry)."""
+    if isinstance(entry, dict):
+        missing = [f.name for f in fields(Enrolment)
+                   if f.default is MISSING and f.name not in entry]
+        if missing:
+            raise ConsortiumError(f"{where}: missing {missing}; restore the list from a backup")
     try:
-        entries = tomllib.loads(path.read_text()).get("hospital", [])
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise ConsortiumError(f"{path}: cannot read the enrolment list ({err})") from err
-    return [Enrolment(**entry) for entry in entries]
+        return load_settings(Enrolment, entry, where)
+    except SettingsError as err:
+        raise ConsortiumError(str(err)) from err
 
 
 def _write_enrolments(path: Path, entries: list[Enrolment]) -> None:
