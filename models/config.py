@@ -52,8 +52,8 @@ class ModelConfig:
 class TrainConfig:
     """Local training at each hospital, per round.
 
-    The defaults (2 epochs at batch 64, lr 2e-3) were chosen on the default run
-    (docs/results/2026-11-29-default-run-tuning.md); they are also the training settings of
+    The defaults were chosen on the default run (how, and what the others gave:
+    docs/results/2026-11-29-default-run-tuning.md); they are also the training settings of
     ``simulations.bench dp-utility``.
 
     Attributes:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install (if needed), then ruff and the whole test suite (what CI runs). Arguments go to
-# pytest; the quick loop skips the multi-process tests: bash scripts/test.sh -m "not slow"
+# Install (if needed), then ruff, the layer check (import-linter) and the whole test suite (what
+# CI runs). Arguments go to pytest; the quick loop skips the multi-process tests:
+# bash scripts/test.sh -m "not slow"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
