@@ -16,8 +16,8 @@ from dataclasses import replace
 import torch
 
 from client.site import SiteData
+from core.errors import MedfedError
 from models.data import ImageSet
-from models.errors import MedfedError
 
 
 class ClassMismatch(MedfedError, ValueError):

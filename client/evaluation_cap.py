@@ -20,7 +20,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 
 from client.run_policy import RUN_POLICY_KEY, RunPolicy
-from models.errors import MedfedError
+from core.errors import MedfedError
 
 EVALUATION_COUNT_KEY = "evaluation-count"
 """Node-config key with the evaluation counter's path (SQLite)."""

@@ -24,10 +24,10 @@ from flwr.app import Context
 from torch import nn
 
 from client.training import train_local
+from core.errors import MedfedError
 from models.adapters import adapter_state, load_adapter_state
 from models.config import TrainConfig
 from models.data import ImageSet
-from models.errors import MedfedError
 from models.finite import check_finite_tensors
 from privacy.accounting import epsilon, history_from_record, history_to_record
 from privacy.config import DPConfig

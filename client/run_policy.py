@@ -32,9 +32,9 @@ from typing import Any
 
 from flwr.app import Context
 
-from models.errors import MedfedError
+from core.errors import MedfedError
+from core.settings import read_settings, setting
 from models.registry import HF_PREFIX, UnknownBackboneError, backbone_spec
-from models.settings import read_settings, setting
 
 RUN_POLICY_KEY = "run-policy"
 """Node-config key with the run policy's path."""

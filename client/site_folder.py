@@ -36,8 +36,8 @@ from pathlib import Path
 import tomli_w
 
 from client.run_policy import RUN_POLICY_TEMPLATE
-from models.errors import MedfedError
-from models.settings import read_settings, read_toml
+from core.errors import MedfedError
+from core.settings import read_settings, read_toml
 from privacy.noise import INSECURE_NOISE_KEY
 from privacy.pki import (
     KeyFileError,

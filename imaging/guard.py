@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from models.errors import MedfedError
+from core.errors import MedfedError
 
 T = TypeVar("T")
 

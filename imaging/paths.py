@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.errors import MedfedError
+from core.errors import MedfedError
 
 
 class OutsideRootError(MedfedError, ValueError):

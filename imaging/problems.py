@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from models.errors import MedfedError
+from core.errors import MedfedError
 
 KINDS = ("outside", "missing", "not-dicom", "truncated", "unreadable", "too-large",
          "unsupported", "not-image", "no-pixels", "bad-values", "duplicate", "patient", "label",

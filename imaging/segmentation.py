@@ -30,9 +30,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from core.errors import MedfedError
 from imaging.paths import OutsideRootError, confine
 from imaging.problems import ManifestError, Problem
-from models.errors import MedfedError
 
 logger = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import codecs
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.errors import MedfedError
+from core.settings import setting
 from imaging.guard import ReadLimits
-from models.errors import MedfedError
-from models.settings import setting
 
 FRAME_MODES = ("middle", "all", "volume")
 MAX_INDEX_CLASSES = 1000

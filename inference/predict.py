@@ -28,13 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.settings import SettingsError
 from imaging.guard import DicomReadError
 from imaging.rows import read_row, stack_images
 from imaging.settings import ReadSettings
 from inference.published import Published
 from inference.studies import Study, StudySource
 from inference.validation import external_metrics
-from models.settings import SettingsError
 
 logger = logging.getLogger(__name__)
 

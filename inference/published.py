@@ -20,16 +20,16 @@ from peft import PeftModel
 from safetensors import SafetensorError
 from safetensors.torch import load
 
+from core.errors import MedfedError
+from core.settings import SettingsError
 from imaging.preprocessing import describe_preprocessing
 from models.adapters import ADAPTER_FILE, AdapterMismatchError, load_adapter_state
 from models.card import CARD_FILE, AdapterCard, CardError, embedded_pins, read_card
 from models.classifier import ImageClassifier
 from models.config import ModelConfig
-from models.errors import MedfedError
 from models.lora import build_lora_model
 from models.prefix_cache import PrefixCache
 from models.registry import weights_sha256
-from models.settings import SettingsError
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from models.errors import MedfedError
+from core.errors import MedfedError
 
 console = Console()
 

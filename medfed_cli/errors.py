@@ -1,6 +1,6 @@
 """How an error reaches the user: the one table of the exceptions that are the user's.
 
-An exception whose class is in :data:`USER_ERRORS` (every :class:`~models.errors.MedfedError`,
+An exception whose class is in :data:`USER_ERRORS` (every :class:`~core.errors.MedfedError`,
 a missing or existing file, a daemon that did not answer in time) is printed as one red
 ``error:`` line and the command exits with its code; with ``medfed --verbose`` its traceback
 comes first. Any other exception is a bug in medfed: it is raised on, traceback and all, so
@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 from rich.markup import escape
 
+from core.errors import MedfedError
 from medfed_cli.common import console
-from models.errors import MedfedError
 
 Command = Callable[[argparse.Namespace], int]
 

@@ -11,7 +11,7 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load
 
-from models.errors import MedfedError
+from core.errors import MedfedError
 
 ADAPTER_FILE = "adapter_model.safetensors"
 """The tensors' file in a peft adapter directory (``save_adapter``)."""

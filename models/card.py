@@ -27,10 +27,10 @@ from typing import Any
 
 from safetensors.torch import load, save
 
+from core.errors import MedfedError
+from core.hashing import file_sha256
+from core.settings import SettingsError, load_settings, setting
 from models.adapters import ADAPTER_FILE
-from models.errors import MedfedError
-from models.hashing import file_sha256
-from models.settings import SettingsError, load_settings, setting
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from flwr.app import ConfigRecord
 
-from models.settings import load_settings, setting
+from core.settings import load_settings, setting
 
 T = TypeVar("T", "ModelConfig", "TrainConfig")
 
@@ -133,7 +133,7 @@ def from_config_record(cls: type[T], record: ConfigRecord) -> T:
 
     Raises:
         KeyError: a key is missing (a protocol error: another medfed version's coordinator).
-        models.settings.SettingsError: a value of the wrong type or out of its limits, named
+        core.settings.SettingsError: a value of the wrong type or out of its limits, named
             by its wire key (``lora-r = 0: must be >= 1``).
     """
     values = {}

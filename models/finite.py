@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from models.errors import MedfedError
+from core.errors import MedfedError
 
 
 class NonFiniteError(MedfedError, ValueError):

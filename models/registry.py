@@ -18,6 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
+from core.errors import MedfedError
 from models import ct_encoder, litemedsam
 from models.classifier import HFLogits, ImageClassifier
 from models.config import ModelConfig
@@ -28,7 +29,6 @@ from models.efficientnet_lite import (
     file_sha256,
     lite0_weights_path,
 )
-from models.errors import MedfedError
 from models.feature_centre import CENTRE_MODULE
 
 logger = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from models.errors import MedfedError
+from core.errors import MedfedError
 from privacy import hash_chain
 from privacy.accounting import Event, epsilon
 

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from models.errors import MedfedError
+from core.errors import MedfedError
 
 CURVE = ec.SECP384R1
 """Flower generates SuperNode keys on P-384; the CA and TLS keys use it too."""

@@ -8,7 +8,7 @@ bash scripts/setup.sh
 export FLWR_HOME="${FLWR_HOME:-$PWD/.flwr}"
 .venv/bin/ruff check .
 # The layers (.importlinter): cli > simulations > server | client > strategies | privacy | imaging
-# > models.
+# > models > core.
 .venv/bin/lint-imports
 set +e
 .venv/bin/pytest -q "$@"

@@ -38,7 +38,7 @@ from flwr.serverapp.strategy import Strategy
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from models.errors import MedfedError
+from core.errors import MedfedError
 
 logger = logging.getLogger(__name__)
 

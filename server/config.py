@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from models.settings import setting
+from core.settings import setting
 from privacy.secagg import SecAggConfig
 from strategies import STRATEGIES
 from strategies.config import StrategyOptions

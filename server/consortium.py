@@ -30,8 +30,8 @@ from typing import Any
 
 import tomli_w
 
-from models.errors import MedfedError
-from models.settings import SettingsError, load_settings, read_settings, read_toml
+from core.errors import MedfedError
+from core.settings import SettingsError, load_settings, read_settings, read_toml
 from privacy.pki import (
     certificate_pem,
     load_ca,

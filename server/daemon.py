@@ -30,8 +30,8 @@ from pathlib import Path
 
 import tomli_w
 
-from models.errors import MedfedError
-from models.processes import dies_with_this_process
+from core.errors import MedfedError
+from core.processes import dies_with_this_process
 from server.consortium import (
     CoordinatorConfig,
     check_consortium,
@@ -427,7 +427,7 @@ def run_coordinator(folder: Path, study: Path, run_dir: Path | None = None,
     its last checkpointed round. Returns 0 when the run finished (its final adapter written).
 
     Raises:
-        models.settings.SettingsError: the study file is unreadable or refuses a setting.
+        core.settings.SettingsError: the study file is unreadable or refuses a setting.
         CoordinatorBusy: another coordinator runs this consortium, or a stranger holds a port.
     """
     from server.study import load_study

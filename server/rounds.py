@@ -24,10 +24,10 @@ from flwr.serverapp.strategy import Strategy
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
+from core.errors import MedfedError
 from models.adapters import adapter_state, load_adapter_file, load_adapter_state, save_adapter
 from models.config import ModelConfig, TrainConfig, to_config_record
 from models.data import ImageSet
-from models.errors import MedfedError
 from models.lora import build_lora_model
 from models.metrics import METRIC_NAMES
 from privacy.config import DPConfig

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from models.config import ModelConfig, TrainConfig
-from models.settings import (
+from core.settings import (
     SettingsError,
     allowed,
     default_of,
@@ -35,6 +34,7 @@ from models.settings import (
     setting,
     type_name,
 )
+from models.config import ModelConfig, TrainConfig
 from privacy.config import DPConfig
 from server.config import FederationConfig
 
@@ -223,8 +223,8 @@ def resolve_study(study: Study) -> Study:
     Raises:
         FileNotFoundError: ``federation.initial_adapter`` names a file that does not exist.
     """
+    from core.hashing import file_sha256
     from models.adapters import adapter_file
-    from models.hashing import file_sha256
     from models.registry import weights_sha256
 
     model = replace(study.model, weights_sha256=study.model.weights_sha256

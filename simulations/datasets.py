@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.errors import MedfedError
 from models.data import ImageSet, middle_slices, to_image_tensor, to_volume_tensor
-from models.errors import MedfedError
 
 logger = logging.getLogger(__name__)
 

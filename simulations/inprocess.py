@@ -18,7 +18,7 @@ from flwr.app.metadata import Metadata
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
-from models.flower_compat import set_message_id, set_task_identity
+from core.flower_compat import set_message_id, set_task_identity
 
 
 def message_with_metadata(

@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from models.errors import MedfedError
-from models.flower_compat import set_source_node
+from core.errors import MedfedError
+from core.flower_compat import set_source_node
 from models.lora_parts import check_exchange, exchanged_keys
 from strategies.config import StrategyOptions
 from strategies.replies import Reply, ReplyObserver, split_valid_replies

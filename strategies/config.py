@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models.settings import setting
+from core.settings import setting
 
 
 @dataclass

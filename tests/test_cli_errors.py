@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import MedfedError
 from medfed_cli.main import main as medfed
-from models.errors import MedfedError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ def _setup(tmp_path: Path, layer: str) -> tuple[list[str], str]:
     """A command that fails in ``layer`` on a bad file in ``tmp_path``: (argv, what the one
     line must name)."""
     bad = tmp_path / "bad"
-    if layer == "models":  # a study setting out of range (models.settings.SettingsError)
+    if layer == "models":  # a study setting out of range (core.settings.SettingsError)
         bad.write_text('classes = ["normal", "pneumonia"]\n[model]\nlora_r = 0\n')
         return ["study", "check", str(bad)], "model.lora_r = 0"
     if layer == "imaging":  # a manifest without its columns (imaging.problems.ManifestError)

@@ -1,4 +1,4 @@
-"""One test per assumption medfed makes about Flower's internals (``models.flower_compat`` and
+"""One test per assumption medfed makes about Flower's internals (``core.flower_compat`` and
 the few private imports elsewhere). A Flower upgrade that breaks one fails here first."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import flwr
 import pytest
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 
-from models import flower_compat
+from core import flower_compat
 
 
 @pytest.fixture

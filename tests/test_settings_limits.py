@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord
 
+from core.settings import SettingsError
 from models.config import ModelConfig, TrainConfig, from_config_record, to_config_record
-from models.settings import SettingsError
 from server.study import load_study, study_from_values
 from simulations.config import load_config
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from client.data.config import SiteDataConfig
 from client.data.dataset import SiteReport, prepare_site
+from core.errors import MedfedError
 from imaging.manifest import SPLITS
 from imaging.problems import SHOWN_PER_KIND, summarise
-from models.errors import MedfedError
 
 logger = logging.getLogger(__name__)
 

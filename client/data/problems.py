@@ -3,8 +3,8 @@ and the error that stops training on data the check fails."""
 
 from __future__ import annotations
 
+from core.errors import MedfedError
 from imaging.problems import KINDS, ManifestError, Problem
-from models.errors import MedfedError
 
 __all__ = ["KINDS", "ManifestError", "Problem", "SiteDataError"]
 

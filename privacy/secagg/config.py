@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from models.errors import MedfedError
-from models.settings import check_settings, setting
+from core.errors import MedfedError
+from core.settings import check_settings, setting
 
 STAGES = ("setup", "share", "mask", "check", "unmask")
 """The protocol's message exchanges, in order (one round trip each)."""

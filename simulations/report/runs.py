@@ -12,7 +12,7 @@ import pandas as pd
 
 # MedMNIST's label names (one list, the simulations'), so a clinician reads "pneumonia", not
 # "class 1".
-from models.errors import MedfedError
+from core.errors import MedfedError
 from simulations.datasets import CLASS_NAMES, class_names
 
 __all__ = ["CLASS_NAMES", "ReportError", "Run", "class_names", "is_simulation", "load_run",

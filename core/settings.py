@@ -22,7 +22,7 @@ from dataclasses import MISSING, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from models.errors import MedfedError
+from core.errors import MedfedError
 
 T = TypeVar("T")
 
