@@ -395,3 +395,23 @@ def test_make_message_keeps_the_metadata_given():
     message = flower_compat.make_message(metadata, RecordDict())
     assert (message.metadata.message_id, message.metadata.src_node_id,
             message.metadata.run_id) == ("m-1", 2, 5)
+
+
+def test_importing_any_medfed_package_sets_flowers_environment_defaults_unless_set():
+    """core.flower_env: no telemetry and no runtime dependency installation before Flower
+    loads, in every process medfed runs in; a value the operator set is kept."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from core.flower_env import FLOWER_ENV_DEFAULTS
+
+    env = {k: v for k, v in os.environ.items() if k not in FLOWER_ENV_DEFAULTS}
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "operator's"
+    code = ("import os, json, client; print(json.dumps({k: os.environ.get(k) for k in "
+            f"{sorted(FLOWER_ENV_DEFAULTS)!r}}}))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120, check=True)
+    assert json.loads(done.stdout) == FLOWER_ENV_DEFAULTS | {
+        "FLWR_DISABLE_UPDATE_CHECK": "operator's"}
