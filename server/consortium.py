@@ -31,7 +31,7 @@ from typing import Any
 import tomli_w
 
 from core.errors import MedfedError
-from core.settings import SettingsError, load_settings, read_settings, read_toml
+from core.settings import SettingsError, load_settings, read_settings, read_toml, setting
 from privacy.pki import (
     certificate_pem,
     load_ca,
@@ -83,8 +83,8 @@ class CoordinatorConfig:
 
     consortium: str
     host: str = "0.0.0.0"
-    port: int = 8000
-    admin_port: int = 0
+    port: int = setting(8000, ge=1, le=65535)
+    admin_port: int = setting(0, ge=0, le=65535)
     hostnames: list[str] = field(default_factory=list)
     ca_cert: str = "ca/ca.pem"
     ca_key: str = "ca/ca.key"
@@ -92,8 +92,8 @@ class CoordinatorConfig:
     server_key: str = "tls/server.key"
     enrolment: str = ENROLMENT_FILE
     run_dir: str = "runs"
-    wait_for_hospitals_s: float = 120.0
-    roster_valid_days: float = 30.0
+    wait_for_hospitals_s: float = setting(120.0, ge=0.0)
+    roster_valid_days: float = setting(30.0, gt=0.0)
 
     @property
     def control_port(self) -> int:
@@ -169,9 +169,6 @@ def load_coordinator_config(folder: Path) -> CoordinatorConfig:
     )
     if "consortium" not in values:
         raise ConsortiumError(f"{path}: set 'consortium' in [coordinator]")
-    if not values.get("roster_valid_days", 30.0) > 0:
-        raise ConsortiumError(f"{path}: roster_valid_days = {values['roster_valid_days']}: "
-                              f"must be > 0")
     return CoordinatorConfig(**values)
 
 

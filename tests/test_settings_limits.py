@@ -130,3 +130,22 @@ def test_a_round_config_within_its_limits_reads_back_equal():
         == sent
     with pytest.raises(KeyError, match="no 'image-size'"):
         from_config_record(ModelConfig, ConfigRecord({"backbone": "x"}))
+
+
+@pytest.mark.parametrize(("line", "refusal"), [
+    ("port = 70000", "port = 70000: must be >= 1, <= 65535"),
+    ("admin_port = -1", "admin_port = -1: must be >= 0, <= 65535"),
+    ("wait_for_hospitals_s = -5", "wait_for_hospitals_s = -5.0: must be >= 0"),
+    ("roster_valid_days = 0", "roster_valid_days = 0.0: must be > 0"),
+])
+def test_a_coordinator_setting_out_of_range_is_refused_naming_it(consortium, line, refusal):
+    from server.consortium import ConsortiumError, load_coordinator_config
+
+    path = consortium / "coordinator.toml"
+    key = line.split(" = ")[0]
+    text = "\n".join(other for other in path.read_text().splitlines()
+                     if not other.startswith(f"{key} ="))
+    path.write_text(text.replace("[coordinator]", f"[coordinator]\n{line}"))
+    with pytest.raises(ConsortiumError) as caught:
+        load_coordinator_config(consortium)
+    assert str(caught.value) == f"{path} [coordinator]: {refusal}"
