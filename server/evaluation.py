@@ -101,8 +101,10 @@ def combine_validation(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
     whose training failed but whose evaluation came back counts (separate outcomes).
 
     Returns:
-        ``val_<metric>`` for each metric any hospital reported and ``val_examples`` (the sum);
-        empty when no hospital evaluated.
+        ``val_<metric>`` for each metric any hospital reported, ``val_examples`` (the sum) and
+        ``val_auc_examples`` (the examples the combined AUC rests on: fewer than
+        ``val_examples`` when a hospital's split held one class); empty when no hospital
+        evaluated.
     """
     rows = [r for r in rows if r.get("val_examples") and not r.get("evaluation_error")
             and "evaluate:" not in str(r.get("error") or "")]
@@ -116,6 +118,8 @@ def combine_validation(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
         if pairs:
             weight = sum(w for w, _ in pairs)
             combined[f"val_{name}"] = sum(w * v for w, v in pairs) / weight
+            if name == "auc":
+                combined["val_auc_examples"] = float(weight)
     return combined
 
 

@@ -30,6 +30,7 @@ METRICS_COLUMNS = [
     "round", "hospital", "node_id", "num_examples", "train_loss", "val_examples",
     *(f"val_{name}" for name in METRIC_NAMES), *(f"test_{name}" for name in METRIC_NAMES),
     "upload_bytes", "site_fingerprint", "epsilon", "delta", "error", "evaluation_error",
+    "val_auc_examples",
 ]
 GLOBAL = "global"
 
@@ -181,8 +182,9 @@ class RunRecords:
         """Record the hospitals' validation metrics of ``server_round`` combined (``val_*``)."""
         row = self._row(server_round, GLOBAL)
         row.update({k: v for k, v in combined.items() if k in METRICS_COLUMNS})
-        if "val_examples" in row:
-            row["val_examples"] = int(row["val_examples"])
+        for key in ("val_examples", "val_auc_examples"):
+            if key in row:
+                row[key] = int(row[key])
 
     def test_history(self) -> list[dict[str, Any]]:
         """Global rows in round order."""

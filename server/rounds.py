@@ -385,6 +385,22 @@ def _save_arrays(arrays: ArrayRecord, path: Path) -> None:
     tmp.replace(path)
 
 
+def _examples(combined: dict[str, Any]) -> dict[str, Any]:
+    """The examples a round's combined validation rests on: all evaluated (``examples``) and
+    those of the hospitals whose split held more than one class (``auc_examples``: the AUC's
+    share; a warning when it is smaller)."""
+    if not combined.get("val_examples"):
+        return {}
+    out = {"examples": combined["val_examples"]}
+    if combined.get("val_auc_examples") not in (None, ""):
+        out["auc_examples"] = combined["val_auc_examples"]
+        if out["auc_examples"] < out["examples"]:
+            logger.warning("the published round's validation AUC rests on %s of its %s "
+                           "validation examples: a hospital's split held one class (its "
+                           "AUC is undefined)", out["auc_examples"], out["examples"])
+    return out
+
+
 def run_summary(records: RunRecords, study: Study, outcome: FederationOutcome) -> dict[str, Any]:
     """What ``summary.json`` holds for any run, simulated or deployed.
 
@@ -417,8 +433,7 @@ def run_summary(records: RunRecords, study: Study, outcome: FederationOutcome) -
             "select_by": study.evaluation.select_by,
             "prior": study.evaluation.prior or "equal class priors (the class-balanced rule "
                                                "logit-adjusted training learns)"},
-        "validation": metrics(chosen, "val") | (
-            {"examples": chosen["val_examples"]} if chosen.get("val_examples") else {}),
+        "validation": metrics(chosen, "val") | _examples(chosen),
         "validation_per_hospital": {h: metrics(r, "val") | {"examples": r["val_examples"]}
                                     for h, r in sorted(hospitals.items())},
         "val_auc_per_round": [history[r].get("val_auc") for r in rounds],

@@ -197,6 +197,7 @@ def test_validation_is_combined_by_examples_and_a_tie_goes_to_the_later_round():
     assert combined["val_examples"] == 40
     assert combined["val_accuracy"] == pytest.approx((30 * 0.8 + 10 * 0.4) / 40)
     assert combined["val_auc"] == pytest.approx(0.9)  # the NaN is left out with its weight
+    assert combined["val_auc_examples"] == 30  # ...and the count says what the AUC rests on
     selection = AdapterSelection("auc")
     assert selection.consider(1, {"val_auc": 0.8})
     assert not selection.consider(2, {"val_auc": 0.7})
