@@ -2,8 +2,8 @@
 
 Written with highdicom: one binary segment (the card's structure, e.g. ``hippocampus``,
 SNOMED CT coded when SNOMED has the name, else a private ``99MEDFED`` code), one frame per
-source slice in the series' position order (empty frames kept, so frame ``k`` is slice ``k``),
-the source images referenced per frame and in the Referenced Series Sequence, and the
+source slice (empty frames kept; highdicom orders the frames by position, and each frame names
+its source image and position), the series in the Referenced Series Sequence, and the
 algorithm identified as medfed with the adapter's study, SHA-256 and base model. The SEG
 carries the source's patient and study attributes (a PACS files it with the study); nothing
 else written by ``medfed predict`` does.
@@ -11,6 +11,7 @@ else written by ``medfed predict`` does.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import highdicom as hd
@@ -20,6 +21,9 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from models.card import AdapterCard
+
+# highdicom logs each module it copies from the source at INFO: a dozen lines per study.
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 PRIVATE_SCHEME = "99MEDFED"
 """Coding scheme of a structure SNOMED CT's dictionary has no name for."""

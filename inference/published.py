@@ -28,9 +28,9 @@ from models.adapters import ADAPTER_FILE, AdapterMismatchError, load_adapter_sta
 from models.card import CARD_FILE, AdapterCard, CardError, embedded_pins, read_card
 from models.classifier import ImageClassifier
 from models.config import ModelConfig
+from models.litemedsam import LORA_TARGETS
 from models.lora import build_lora_model
 from models.prefix_cache import PrefixCache
-from models.litemedsam import LORA_TARGETS
 from models.registry import SEGMENTATION_BACKBONE, weights_sha256
 from models.segmentation import build_segmenter
 
