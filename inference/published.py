@@ -78,10 +78,15 @@ def adapter_folder(path: Path) -> Path:
 
 
 def check_task(card: AdapterCard) -> None:
-    """Refuse an adapter for a task, or a segmentation model, this code does not run."""
+    """Refuse an adapter for a task this code does not run."""
     if card.task not in (CLASSIFICATION, SEGMENTATION):
         raise PinError(f"task: the card says this adapter is for {card.task!r}; medfed predict "
                        f"runs {CLASSIFICATION} and {SEGMENTATION} adapters")
+
+
+def check_segmentation_model(card: AdapterCard) -> None:
+    """Refuse a segmentation adapter this code cannot run (checked after the card is known
+    to agree with the adapter file, so that a tampered task is named as such)."""
     if card.task != SEGMENTATION:
         return
     if card.model.backbone != SEGMENTATION_BACKBONE:
@@ -224,6 +229,7 @@ def load_published(path: Path, device: str = "auto") -> Published:
     data = check_adapter_files(card, folder)
     check_weights(card)
     check_embedded(card, data, folder / ADAPTER_FILE)
+    check_segmentation_model(card)
     config = model_config(card)
     model = _build_model(card, config)
     check_preprocessing(card, config, model)

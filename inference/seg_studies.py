@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from imaging.paths import OutsideRootError, confine, series_files
@@ -94,7 +94,9 @@ def folder_segmentation_studies(folder: Path) -> SegSource:
         found += [(where / f).as_posix() for f in visible if is_nifti(Path(f))]
         if any(not is_nifti(Path(f)) for f in visible):
             found.append(where.as_posix())  # a series folder: its other files are the slices
-    studies = [_image_study(w, root, (root,)) for w in sorted(found)]
+    # --input naming a series folder itself: the study is named after the folder
+    studies = [replace(_image_study(w, root, (root,)), identifier=root.name) if w == "."
+               else _image_study(w, root, (root,)) for w in sorted(found)]
     if not studies:
         raise ManifestError(f"--input {folder}: holds no NIfTI file and no DICOM series")
     return SegSource(studies, False, str(folder), (root,))

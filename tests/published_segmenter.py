@@ -1,5 +1,6 @@
 """A published LiteMedSAM segmentation adapter folder, laid out as the coordinator publishes one
-(``server/card.py``: peft's ``save_pretrained`` files, then ``models.card.write_card``), and
+(``server/card.py``: peft's ``save_pretrained`` files, then ``models.card.write_card`` with
+the card ``simulations.bench.predict_segmentation`` writes), and
 small real hippocampus studies (a few consecutive slices of real NIfTI cases and of a real
 DICOM series) for the segmentation predict tests."""
 
@@ -12,15 +13,13 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from imaging.preprocessing import segmentation_preprocessing
 from imaging.volumes import place_series
-from models import litemedsam
 from models.adapters import save_adapter
-from models.card import AdapterCard, Decision, ModelPin, PrivacyRecord, write_card
+from models.card import write_card
 from models.segmentation import build_segmenter
+from simulations.bench.predict_segmentation import segmentation_card
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hippocampus"
-CLASSES = ["background", "hippocampus"]
 RANK, ALPHA = 4, 8
 
 
@@ -34,19 +33,7 @@ def publish_segmenter(folder: Path, seed: int = 0) -> Path:
             if "lora_B" in name:
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.01)
     save_adapter(model, folder)
-    card = AdapterCard(
-        format=1, study="hippocampus-test", declared_task="hippocampus-segmentation",
-        task="segmentation", classes=list(CLASSES),
-        model=ModelPin(backbone="litemedsam", weights_sha256=litemedsam.weights_sha256(),
-                       lora_r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
-                       lora_targets=list(litemedsam.LORA_TARGETS)),
-        preprocessing=segmentation_preprocessing(), rounds=1, published_round=1, hospitals=2,
-        strategy="fedavg", validation={"dice": 0.5, "examples": 4.0},
-        decision=Decision(rule="mask logit > 0 on each slice's own grid", prior=[],
-                          select_by="dice", selection="best validation dice"),
-        privacy=PrivacyRecord(dpsgd=False, update_dp=False, parameters={}, epsilon_max=None,
-                              delta=None),
-        secure_aggregation=False, medfed_version="test", code_commit="unknown")
+    card = segmentation_card(RANK, ALPHA, "hippocampus-test")
     write_card(folder, card)
     return folder
 

@@ -15,7 +15,8 @@ external AUC.
    hospital held (external validation).
 
 Prints ``device``, ``studies per second``, ``peak rss mb``, ``refused on a wrong pin`` and
-``external auc``.
+``external auc``. ``--task segmentation``: a LiteMedSAM adapter on real hippocampus MRI
+instead (``simulations.bench.predict_segmentation``).
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def _tamper(adapter: Path, folder: Path, pin: str) -> Path:
     elif pin == "classes":
         values["classes"] = values["classes"][::-1]
     elif pin == "task":
-        values["task"] = "segmentation"
+        values["task"] = "classification" if values["task"] == "segmentation" else "segmentation"
     elif pin == "preprocessing":
         values["preprocessing"]["image_size"] += 16
     (copy / CARD_FILE).write_text(json.dumps(values))
@@ -235,7 +236,16 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--studies", type=int, default=10_000,
                         help="DICOM studies to predict on (default 10,000)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--task", choices=("classification", "segmentation"),
+                        default="classification")
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="studies (classification, default 64) or slices (segmentation, "
+                             "default 8) at a time")
+    parser.add_argument("--cases", type=int, default=4,
+                        help="segmentation: real hippocampus cases to segment (default 4)")
+    parser.add_argument("--adapter", type=Path,
+                        help="segmentation: a published adapter or run (default: LiteMedSAM "
+                             "with an all-zero LoRA, i.e. the pretrained network)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads for the timed prediction (0: torch's default)")
@@ -247,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.task == "segmentation":
+        return _segmentation(args)
+    args.batch_size = args.batch_size or 64
     if args.measure:
         print(json.dumps(measure(*args.measure, args.batch_size, args.device, args.threads)))
         return 0
@@ -256,6 +269,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="medfed-predict-bench-") as work:
         _print(run(args, Path(work)))
+    return 0
+
+
+def _segmentation(args: argparse.Namespace) -> int:
+    """``--task segmentation``: the bench of ``simulations.bench.predict_segmentation``."""
+    from simulations.bench.predict_segmentation import print_figures
+    from simulations.bench.predict_segmentation import run as run_segmentation
+
+    if args.work:
+        args.work.mkdir(parents=True, exist_ok=True)
+        print_figures(run_segmentation(args, args.work))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="medfed-predict-seg-bench-") as work:
+        print_figures(run_segmentation(args, Path(work)))
     return 0
 
 
