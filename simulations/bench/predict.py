@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+
+from simulations.bench.pin_tampering import peak_rss_mb, refusals
 
 logger = logging.getLogger(__name__)
 
@@ -100,17 +101,6 @@ def write_studies(folder: Path, count: int, labelled: bool = False) -> Path:
     return folder
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MiB (``VmHWM``: of this process image only, not
-    inherited from a parent as ``ru_maxrss`` is)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def measure(run_dir: Path, folder: Path, out: Path, batch_size: int, device: str,
             threads: int = 0) -> dict:
     """Predict every file of ``folder`` with the run's adapter; speed and peak memory
@@ -131,47 +121,6 @@ def measure(run_dir: Path, folder: Path, out: Path, batch_size: int, device: str
             "predicted": outcome.predicted,
             "studies_per_second": outcome.studies / outcome.seconds,
             "peak_rss_mb": peak_rss_mb()}
-
-
-def _tamper(adapter: Path, folder: Path, pin: str) -> Path:
-    """A copy of ``adapter`` under ``folder`` with one pin changed."""
-    from models.adapters import ADAPTER_FILE
-    from models.card import CARD_FILE
-
-    copy = folder / pin
-    shutil.copytree(adapter, copy)
-    if pin == "adapter":
-        data = bytearray((copy / ADAPTER_FILE).read_bytes())
-        data[-1] ^= 1
-        (copy / ADAPTER_FILE).write_bytes(bytes(data))
-        return copy
-    values = json.loads((copy / CARD_FILE).read_text())
-    if pin == "weights":
-        values["model"]["weights_sha256"] = "0" * 64
-    elif pin == "classes":
-        values["classes"] = values["classes"][::-1]
-    elif pin == "task":
-        values["task"] = "classification" if values["task"] == "segmentation" else "segmentation"
-    elif pin == "preprocessing":
-        values["preprocessing"]["image_size"] += 16
-    (copy / CARD_FILE).write_text(json.dumps(values))
-    return copy
-
-
-def refusals(run_dir: Path, folder: Path) -> tuple[int, int, dict[str, str]]:
-    """Each pin tampered in turn: ``(refused, tried, pin -> reason)``."""
-    from inference.published import PinError, load_published
-    from models.card import CardError
-
-    pins = ("weights", "adapter", "classes", "task", "preprocessing")
-    reasons = {}
-    for pin in pins:
-        try:
-            load_published(_tamper(run_dir / "adapter", folder, pin), "cpu")
-            reasons[pin] = "ACCEPTED"
-        except (PinError, CardError) as err:
-            reasons[pin] = str(err).split(";")[0]
-    return sum(r != "ACCEPTED" for r in reasons.values()), len(pins), reasons
 
 
 def external_auc(run_dir: Path, folder: Path, out: Path) -> dict:

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     from inference.published import load_published
     from inference.seg_studies import manifest_segmentation_studies
     from inference.segment import segment_studies, write_segmentation_summary
-    from simulations.bench.predict import peak_rss_mb, refusals
+    from simulations.bench.pin_tampering import peak_rss_mb, refusals
 
     if args.threads:
         torch.set_num_threads(args.threads)
