@@ -289,3 +289,19 @@ def test_the_command_refuses_a_wrong_pin_and_writes_nothing(adapter, site, tmp_p
     code = main(["predict", str(tampered), "--manifest", str(site / "labelled.csv"),
                  "--out", str(tmp_path / "refused"), "--device", "cpu", "--no-progress"])
     assert code == 1 and not (tmp_path / "refused").exists()
+
+
+def test_a_series_slice_declaring_a_huge_frame_is_refused_before_decoding(tmp_path):
+    from imaging.guard import DicomReadError
+    from inference.seg_studies import SegStudy
+    from inference.seg_volumes import read_study
+
+    series = small_series(tmp_path / "series", 2)
+    hostile = sorted(series.iterdir())[0]
+    ds = pydicom.dcmread(hostile)
+    ds.Rows, ds.Columns = 65535, 65535  # 8 GiB declared, 3 KiB of pixel data stored
+    ds.save_as(hostile)
+    study = SegStudy("series", series, tuple(sorted(series.iterdir())))
+    with pytest.raises(DicomReadError, match="one frame would decode to") as refused:
+        read_study(study)
+    assert refused.value.kind == "too-large"
