@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from core.errors import MedfedError
 from models.card import AdapterCard
 
 # highdicom logs each module it copies from the source at INFO: a dozen lines per study.
@@ -35,7 +36,7 @@ TYPE2_ATTRIBUTES = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex"
 """Patient and study attributes a SEG must carry, possibly empty (DICOM Type 2)."""
 
 
-class SegWriteError(ValueError):
+class SegWriteError(MedfedError, ValueError):
     """The source series lacks what a DICOM SEG needs; the message says what."""
 
 

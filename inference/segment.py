@@ -33,6 +33,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from core.settings import SettingsError
 from imaging.guard import DicomReadError
 from inference.dicom_seg import PROMPT, SegWriteError, write_dicom_seg
 from inference.predict import PREDICTIONS_FILE, SUMMARY_FILE, Progress
@@ -162,7 +163,7 @@ def segment_studies(published: Published, source: SegSource, out_dir: Path,
     hospital's data area); None: nothing is kept between slices.
     """
     if batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size}: must be at least 1")
+        raise SettingsError(f"--batch-size {batch_size}: must be at least 1")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = (embedding_cache(cache_dir, published.card.model.weights_sha256, CACHE_BYTES)

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medfed_cli.common import UsageError, console, user_errors
+from medfed_cli.common import UsageError, console
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -52,8 +52,6 @@ def _print_card(published: Published) -> None:
     console.print(table)
 
 
-@user_errors("inference.published:PinError", "models.card:CardError",
-             "imaging.problems:ManifestError", "ValueError", "FileNotFoundError")
 def cmd_predict(args: argparse.Namespace) -> int:
     """Check the adapter's pins, print its card, predict, and write the reports."""
     from inference.predict import predict_studies, reader_settings, write_reports

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from models.config import ModelConfig, TrainConfig
-from models.settings import (
+from core.settings import (
     SettingsError,
     allowed,
     default_of,
@@ -35,6 +34,7 @@ from models.settings import (
     setting,
     type_name,
 )
+from models.config import ModelConfig, TrainConfig
 from privacy.config import DPConfig
 from server.config import FederationConfig
 
@@ -104,6 +104,7 @@ class Study:
 
     def __post_init__(self) -> None:
         check_classes(self)
+        check_ranks(self)
 
     def study(self) -> Study:
         """Only the study's own settings (a subclass's extra settings left out)."""
@@ -134,6 +135,22 @@ def check_classes(study: Study) -> None:
                              f"({study.model.num_classes})")
         if any(p <= 0 for p in prior) or not math.isclose(sum(prior), 1.0, abs_tol=1e-3):
             raise ValueError(f"evaluation.prior = {prior}: shares must be > 0 and sum to 1")
+
+
+def check_ranks(study: Study) -> None:
+    """Refuse HetLoRA ranks above the global LoRA rank when the study is read, not at every
+    hospital in round 1 (a hospital's adapter is a truncation of the global one).
+
+    Raises:
+        ValueError: naming ``federation.options.hetlora_ranks`` and ``model.lora_r`` (the
+            reader adds the file's name).
+    """
+    ranks = study.federation.options.hetlora_ranks
+    above = [r for r in ranks if r > study.model.lora_r]
+    if above:
+        raise ValueError(f"federation.options.hetlora_ranks = {ranks}: {above} above "
+                         f"model.lora_r = {study.model.lora_r}; each hospital's rank must be "
+                         "at most the global rank (lower it, or raise model.lora_r)")
 
 
 SET_ELSEWHERE = {  # their defaults stay accepted (every run's config.toml lists them)
@@ -206,8 +223,8 @@ def resolve_study(study: Study) -> Study:
     Raises:
         FileNotFoundError: ``federation.initial_adapter`` names a file that does not exist.
     """
+    from core.hashing import file_sha256
     from models.adapters import adapter_file
-    from models.hashing import file_sha256
     from models.registry import weights_sha256
 
     model = replace(study.model, weights_sha256=study.model.weights_sha256
