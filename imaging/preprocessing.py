@@ -14,7 +14,9 @@ import json
 
 from torch import nn
 
+from imaging.segmentation import CLIP_PERCENTILES, SLICE_AXIS
 from imaging.transforms import transform_settings
+from models import litemedsam
 from models.card import Preprocessing
 from models.classifier import ImageClassifier
 from models.config import ModelConfig
@@ -60,3 +62,27 @@ def describe_preprocessing(config: ModelConfig, model: nn.Module) -> Preprocessi
         channels=1 if volume else 3, frames=frames,
         mean=_buffer(model, "mean"), std=_buffer(model, "std"),
         pixels={k: _scalar(v) for k, v in pixels.items()})
+
+
+SEGMENTATION_PIPELINE_VERSION = 1
+"""Bump when the segmentation input pipeline changes (adapters trained before are refused)."""
+
+
+def segmentation_preprocessing() -> Preprocessing:
+    """The preprocessing of a LiteMedSAM segmentation adapter (``models.segmentation``).
+
+    Returns:
+        A :class:`models.card.Preprocessing`: 256-pixel square 2D slices, 3 channels (the
+        slice repeated), no mean/std (inputs in [0, 1]), the whole volume read (``frames``
+        ``volume``); ``pixels`` names the volume's intensity scaling
+        (``imaging.segmentation.normalise_intensity``: percentile clip of nonzero voxels, then
+        [0, 1]), the slicing axis of a NIfTI array and MedSAM's per-slice input convention
+        (``models.litemedsam.PREPROCESSING``).
+    """
+    pixels = {"version": SEGMENTATION_PIPELINE_VERSION,
+              "intensity": f"nonzero-percentile-clip-{CLIP_PERCENTILES[0]:g}-"
+                           f"{CLIP_PERCENTILES[1]:g},minmax01",
+              "nifti_slice_axis": SLICE_AXIS, "dicom_slices": "acquired-plane",
+              "slice_input": litemedsam.PREPROCESSING}
+    return Preprocessing(image_size=litemedsam.IMAGE_SIZE, spatial_dims=2, channels=3,
+                         frames="volume", mean=[], std=[], pixels=pixels)

@@ -12,14 +12,17 @@ Both become a MONAI ``MetaTensor`` with a RAS affine, then go through
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
 from imaging.dicom import DicomReadError, read_dataset
+from imaging.guard import ReadLimits, geometry
 from models.volume_transforms import ct_volume_transform
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -41,21 +44,68 @@ def _attribute(ds, name: str, path: Path, count: int) -> np.ndarray:
     return np.asarray([float(v) for v in value])
 
 
-def read_dicom_series(folder: Path,
-                      files: list[Path] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A series folder's voxels in HU and their RAS affine.
+@dataclass(frozen=True)
+class PlacedSeries:
+    """A series folder's slices, headers read and checked, in increasing position.
+
+    Attributes:
+        files: the slice files, in position order.
+        datasets: their headers (pixel data left in the files), same order.
+        row_dir, col_dir, normal: unit vectors (LPS) of the rows, the columns and the normal.
+        gap: distance between consecutive slice positions in millimetres.
+        origin: ``ImagePositionPatient`` (LPS mm) of the first slice.
+        pixel_spacing: ``PixelSpacing`` (between rows, between columns) in millimetres.
+    """
+
+    files: list[Path]
+    datasets: list[Dataset]
+    row_dir: np.ndarray
+    col_dir: np.ndarray
+    normal: np.ndarray
+    gap: float
+    origin: np.ndarray
+    pixel_spacing: np.ndarray
+
+    def affine(self) -> np.ndarray:
+        """``(4, 4)`` RAS affine of the ``(I columns, J rows, K slices)`` voxel grid."""
+        affine = np.eye(4)
+        affine[:3, 0] = self.row_dir * self.pixel_spacing[1]
+        affine[:3, 1] = self.col_dir * self.pixel_spacing[0]
+        affine[:3, 2] = self.normal * self.gap
+        affine[:3, 3] = self.origin
+        return LPS_TO_RAS @ affine  # DICOM patient space is LPS
+
+
+def _headers(folder: Path, files: list[Path], limits: ReadLimits) -> list[tuple[Path, Dataset]]:
+    """Each file's header, its declared pixel layout bounded (one frame each, the series'
+    decoded size under ``limits.max_pixel_bytes``) before anything is decoded."""
+    slices, total = [], 0
+    for path in files:
+        ds = read_dataset(path, limits)
+        shape = geometry(ds, limits)
+        if shape.frames != 1:
+            raise DicomReadError("unsupported", f"{path.name}: {shape.frames} frames; a series "
+                                 "folder holds one single-frame image per slice")
+        total += shape.rows * shape.columns * 4  # decoded as float32
+        if total > limits.max_pixel_bytes:
+            raise DicomReadError("too-large", f"{folder}: its slices would decode to more than "
+                                 f"{limits.max_pixel_bytes >> 20} MiB (max_pixel_bytes): "
+                                 "nothing was decoded")
+        slices.append((path, ds))
+    return slices
+
+
+def place_series(folder: Path, files: list[Path] | None = None,
+                 limits: ReadLimits | None = None) -> PlacedSeries:
+    """Read a series folder's headers and order its slices along the slice normal.
 
     ``files``: the folder's slice files as the caller vetted them (e.g. none outside the site's
     data roots); default: every visible file in the folder.
 
-    Returns:
-        ``(I, J, K)`` float32 HU (I along the rows' direction, J along the columns', K along
-        the slice normal, slices in increasing position) and the ``(4, 4)`` affine mapping voxel
-        indices to RAS millimetres.
-
     Raises:
-        DicomReadError: no files, a file that is not DICOM, slices of different series, size or
-            orientation, two slices at one position, or uneven slice gaps (missing slices).
+        DicomReadError: no files, a file that is not DICOM or declares too many pixels, slices
+            of different series or orientation, two slices at one position, or uneven slice
+            gaps (missing slices).
     """
     folder = Path(folder)
     if files is None:
@@ -64,7 +114,7 @@ def read_dicom_series(folder: Path,
     if len(files) < 2:
         raise DicomReadError("missing", f"series folder {folder} holds {len(files)} files: a "
                              "volume needs at least two slices")
-    slices = [(path, read_dataset(path)) for path in files]
+    slices = _headers(folder, files, limits or ReadLimits())
     series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in slices}
     if len(series) > 1:
         raise DicomReadError("bad-values", f"{folder} mixes {len(series)} series: one folder "
@@ -90,9 +140,21 @@ def read_dicom_series(folder: Path,
         raise DicomReadError("bad-values", f"{folder}: slice gaps range from {gaps.min():.3g} "
                              f"to {gaps.max():.3g} mm: slices are missing; export the whole "
                              "series")
-    pixel_spacing = _attribute(placed[0][3], "PixelSpacing", placed[0][2], 2)
+    return PlacedSeries([p[2] for p in placed], [p[3] for p in placed], row_dir, col_dir,
+                        normal, gap, placed[0][1],
+                        _attribute(placed[0][3], "PixelSpacing", placed[0][2], 2))
+
+
+def series_planes(placed: PlacedSeries) -> np.ndarray:
+    """``(K slices, rows, columns)`` float32 values after the Modality LUT (HU for CT), one
+    decoded plane per file, in position order.
+
+    Raises:
+        DicomReadError: a slice without pixel data, that cannot be decoded, of another size,
+            or with non-finite values.
+    """
     planes = []
-    for _, _, path, ds in placed:
+    for path, ds in zip(placed.files, placed.datasets, strict=True):
         if "PixelData" not in ds:
             raise DicomReadError("no-pixels", f"{path.name}: no pixel data")
         try:
@@ -102,18 +164,33 @@ def read_dicom_series(folder: Path,
                                  f"({type(err).__name__}); export it again") from err
         planes.append(np.asarray(values, dtype=np.float32))
     if len({p.shape for p in planes}) > 1:
-        raise DicomReadError("bad-values", f"{folder}: slices differ in size")
-    # pixel_array is (rows, columns): the column index runs along the row direction.
-    voxels = np.stack(planes, axis=-1).transpose(1, 0, 2)  # (I columns, J rows, K slices)
-    affine = np.eye(4)
-    affine[:3, 0] = row_dir * pixel_spacing[1]
-    affine[:3, 1] = col_dir * pixel_spacing[0]
-    affine[:3, 2] = normal * gap
-    affine[:3, 3] = placed[0][1]
-    if not np.isfinite(voxels).all():
-        raise DicomReadError("bad-values", f"{folder}: values are not finite after Rescale "
-                             "Slope/Intercept: fix them in the export")
-    return np.ascontiguousarray(voxels), LPS_TO_RAS @ affine  # DICOM patient space is LPS
+        raise DicomReadError("bad-values", f"{placed.files[0].parent}: slices differ in size")
+    stacked = np.stack(planes)
+    if not np.isfinite(stacked).all():
+        raise DicomReadError("bad-values", f"{placed.files[0].parent}: values are not finite "
+                             "after Rescale Slope/Intercept: fix them in the export")
+    return stacked
+
+
+def read_dicom_series(folder: Path,
+                      files: list[Path] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A series folder's voxels in HU and their RAS affine.
+
+    ``files``: the folder's slice files as the caller vetted them (e.g. none outside the site's
+    data roots); default: every visible file in the folder.
+
+    Returns:
+        ``(I, J, K)`` float32 HU (I along the rows' direction, J along the columns', K along
+        the slice normal, slices in increasing position) and the ``(4, 4)`` affine mapping voxel
+        indices to RAS millimetres.
+
+    Raises:
+        DicomReadError: see :func:`place_series` and :func:`series_planes`.
+    """
+    placed = place_series(folder, files)
+    # Each plane is (rows, columns): the column index runs along the row direction.
+    voxels = series_planes(placed).transpose(2, 1, 0)  # (I columns, J rows, K slices)
+    return np.ascontiguousarray(voxels), placed.affine()
 
 
 def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:

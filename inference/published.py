@@ -1,11 +1,14 @@
 """A published adapter, checked pin by pin and rebuilt on its pinned base weights.
 
 :func:`load_published` finds the adapter folder (a run directory or the folder itself), reads
-its card strictly, and refuses, naming the pin and what to do, any of: a task other than
-classification; an adapter file whose SHA-256 is not the card's; base weights on this machine
-that are not the ones the card pins; a card whose classes, model or preprocessing disagree with
-what the adapter file itself was published with; preprocessing this code would no longer
-reproduce; a head whose outputs do not match the classes. Only then is the model built.
+its card strictly, and refuses, naming the pin and what to do, any of: a task this code does not
+run (a segmentation adapter must be a LiteMedSAM one with one structure); an adapter file whose
+SHA-256 is not the card's; base weights on this machine that are not the ones the card pins; a
+card whose task, classes, model or preprocessing disagree with what the adapter file itself was
+published with; preprocessing this code would no longer reproduce; adapter tensors that do not
+fit the model the card describes. Only then is the model built: a classifier
+(``models.lora.build_lora_model``) or LiteMedSAM with LoRA on its mask decoder
+(``models.segmentation.build_segmenter``).
 """
 
 from __future__ import annotations
@@ -22,18 +25,20 @@ from safetensors.torch import load
 
 from core.errors import MedfedError
 from core.settings import SettingsError
-from imaging.preprocessing import describe_preprocessing
+from imaging.preprocessing import describe_preprocessing, segmentation_preprocessing
 from models.adapters import ADAPTER_FILE, AdapterMismatchError, load_adapter_state
 from models.card import CARD_FILE, AdapterCard, CardError, embedded_pins, read_card
 from models.classifier import ImageClassifier
 from models.config import ModelConfig
+from models.litemedsam import LORA_TARGETS
 from models.lora import build_lora_model
 from models.prefix_cache import PrefixCache
-from models.registry import weights_sha256
+from models.registry import SEGMENTATION_BACKBONE, weights_sha256
+from models.segmentation import build_segmenter
 
 logger = logging.getLogger(__name__)
 
-TASK = "classification"
+CLASSIFICATION, SEGMENTATION = "classification", "segmentation"
 
 
 class PinError(MedfedError, ValueError):
@@ -75,10 +80,24 @@ def adapter_folder(path: Path) -> Path:
 
 
 def check_task(card: AdapterCard) -> None:
-    """Refuse an adapter that is not for classification."""
-    if card.task != TASK:
+    """Refuse an adapter for a task this code does not run."""
+    if card.task not in (CLASSIFICATION, SEGMENTATION):
         raise PinError(f"task: the card says this adapter is for {card.task!r}; medfed predict "
-                       f"runs {TASK} adapters only")
+                       f"runs {CLASSIFICATION} and {SEGMENTATION} adapters")
+
+
+def check_segmentation_model(card: AdapterCard) -> None:
+    """Refuse a segmentation adapter this code cannot run (checked after the card is known
+    to agree with the adapter file, so that a tampered task is named as such)."""
+    if card.task != SEGMENTATION:
+        return
+    if card.model.backbone != SEGMENTATION_BACKBONE:
+        raise PinError(f"model.backbone: a segmentation adapter on {card.model.backbone!r}; "
+                       f"medfed predict segments with {SEGMENTATION_BACKBONE!r} only")
+    if len(card.classes) != 2:
+        raise PinError(f"classes: {card.classes}: LiteMedSAM's decoder gives one mask per box, "
+                       "so a segmentation card names the background and one structure (e.g. "
+                       "['background', 'hippocampus'])")
 
 
 def check_adapter_files(card: AdapterCard, folder: Path) -> bytes:
@@ -148,7 +167,8 @@ def model_config(card: AdapterCard) -> ModelConfig:
 def check_preprocessing(card: AdapterCard, config: ModelConfig, model: torch.nn.Module) -> None:
     """Refuse an adapter whose preprocessing this code would not reproduce (another pipeline
     version, normalisation or input size)."""
-    local = asdict(describe_preprocessing(config, model))
+    local = asdict(segmentation_preprocessing() if card.task == SEGMENTATION
+                   else describe_preprocessing(config, model))
     for key, value in asdict(card.preprocessing).items():
         if local[key] != value:
             raise PinError(f"preprocessing.{key}: the adapter was trained with {value!r}, this "
@@ -168,6 +188,19 @@ def _load_state(model: PeftModel, card: AdapterCard, data: bytes, file: Path) ->
         raise PinError(f"classes/model: {file} does not fit the model the card describes "
                        f"({len(card.classes)} classes {card.classes}, rank {card.model.lora_r}):"
                        f" {err}") from err
+
+
+def _build_model(card: AdapterCard, config: ModelConfig) -> PeftModel:
+    """The base model with the card's LoRA layout (adapter tensors not loaded yet)."""
+    if card.task == SEGMENTATION:
+        # The encoder stays frozen and unwrapped: LoRA lives on the mask decoder only.
+        return build_segmenter(card.model.lora_r, card.model.lora_alpha,
+                               tuple(card.model.lora_targets) or LORA_TARGETS)
+    model = build_lora_model(config, verify=False)
+    for module in model.modules():
+        if isinstance(module, ImageClassifier):
+            module.prefix_cache = PrefixCache(0)  # bounded memory: nothing kept per image
+    return model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -198,13 +231,11 @@ def load_published(path: Path, device: str = "auto") -> Published:
     data = check_adapter_files(card, folder)
     check_weights(card)
     check_embedded(card, data, folder / ADAPTER_FILE)
+    check_segmentation_model(card)
     config = model_config(card)
-    model = build_lora_model(config, verify=False)
+    model = _build_model(card, config)
     check_preprocessing(card, config, model)
     _load_state(model, card, data, folder / ADAPTER_FILE)
-    for module in model.modules():
-        if isinstance(module, ImageClassifier):
-            module.prefix_cache = PrefixCache(0)  # bounded memory: nothing kept per image
     target = resolve_device(device)
     model.to(target).eval()
     logger.info("adapter %s: every pin holds (%s, %s, %d classes)", folder, card.study,

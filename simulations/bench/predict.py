@@ -15,7 +15,8 @@ external AUC.
    hospital held (external validation).
 
 Prints ``device``, ``studies per second``, ``peak rss mb``, ``refused on a wrong pin`` and
-``external auc``.
+``external auc``. ``--task segmentation``: a LiteMedSAM adapter on real hippocampus MRI
+instead (``simulations.bench.predict_segmentation``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +32,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+
+from simulations.bench.pin_tampering import peak_rss_mb, refusals
 
 logger = logging.getLogger(__name__)
 
@@ -99,17 +101,6 @@ def write_studies(folder: Path, count: int, labelled: bool = False) -> Path:
     return folder
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MiB (``VmHWM``: of this process image only, not
-    inherited from a parent as ``ru_maxrss`` is)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def measure(run_dir: Path, folder: Path, out: Path, batch_size: int, device: str,
             threads: int = 0) -> dict:
     """Predict every file of ``folder`` with the run's adapter; speed and peak memory
@@ -130,47 +121,6 @@ def measure(run_dir: Path, folder: Path, out: Path, batch_size: int, device: str
             "predicted": outcome.predicted,
             "studies_per_second": outcome.studies / outcome.seconds,
             "peak_rss_mb": peak_rss_mb()}
-
-
-def _tamper(adapter: Path, folder: Path, pin: str) -> Path:
-    """A copy of ``adapter`` under ``folder`` with one pin changed."""
-    from models.adapters import ADAPTER_FILE
-    from models.card import CARD_FILE
-
-    copy = folder / pin
-    shutil.copytree(adapter, copy)
-    if pin == "adapter":
-        data = bytearray((copy / ADAPTER_FILE).read_bytes())
-        data[-1] ^= 1
-        (copy / ADAPTER_FILE).write_bytes(bytes(data))
-        return copy
-    values = json.loads((copy / CARD_FILE).read_text())
-    if pin == "weights":
-        values["model"]["weights_sha256"] = "0" * 64
-    elif pin == "classes":
-        values["classes"] = values["classes"][::-1]
-    elif pin == "task":
-        values["task"] = "segmentation"
-    elif pin == "preprocessing":
-        values["preprocessing"]["image_size"] += 16
-    (copy / CARD_FILE).write_text(json.dumps(values))
-    return copy
-
-
-def refusals(run_dir: Path, folder: Path) -> tuple[int, int, dict[str, str]]:
-    """Each pin tampered in turn: ``(refused, tried, pin -> reason)``."""
-    from inference.published import PinError, load_published
-    from models.card import CardError
-
-    pins = ("weights", "adapter", "classes", "task", "preprocessing")
-    reasons = {}
-    for pin in pins:
-        try:
-            load_published(_tamper(run_dir / "adapter", folder, pin), "cpu")
-            reasons[pin] = "ACCEPTED"
-        except (PinError, CardError) as err:
-            reasons[pin] = str(err).split(";")[0]
-    return sum(r != "ACCEPTED" for r in reasons.values()), len(pins), reasons
 
 
 def external_auc(run_dir: Path, folder: Path, out: Path) -> dict:
@@ -235,7 +185,16 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--studies", type=int, default=10_000,
                         help="DICOM studies to predict on (default 10,000)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--task", choices=("classification", "segmentation"),
+                        default="classification")
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="studies (classification, default 64) or slices (segmentation, "
+                             "default 8) at a time")
+    parser.add_argument("--cases", type=int, default=4,
+                        help="segmentation: real hippocampus cases to segment (default 4)")
+    parser.add_argument("--adapter", type=Path,
+                        help="segmentation: a published adapter or run (default: LiteMedSAM "
+                             "with an all-zero LoRA, i.e. the pretrained network)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads for the timed prediction (0: torch's default)")
@@ -247,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.task == "segmentation":
+        return _segmentation(args)
+    args.batch_size = args.batch_size or 64
     if args.measure:
         print(json.dumps(measure(*args.measure, args.batch_size, args.device, args.threads)))
         return 0
@@ -256,6 +218,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="medfed-predict-bench-") as work:
         _print(run(args, Path(work)))
+    return 0
+
+
+def _segmentation(args: argparse.Namespace) -> int:
+    """``--task segmentation``: the bench of ``simulations.bench.predict_segmentation``."""
+    from simulations.bench.predict_segmentation import print_figures
+    from simulations.bench.predict_segmentation import run as run_segmentation
+
+    if args.work:
+        args.work.mkdir(parents=True, exist_ok=True)
+        print_figures(run_segmentation(args, args.work))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="medfed-predict-seg-bench-") as work:
+        print_figures(run_segmentation(args, Path(work)))
     return 0
 
 
