@@ -1,0 +1,158 @@
+"""Segmentation through the real ClientApp and round loop, in process, on real hippocampus MRI:
+two hospitals with NIfTI manifests train LoRA on LiteMedSAM's mask decoder over cached
+embeddings for two rounds; each reports 3D Dice and HD95 in both prompt modes; the coordinator
+publishes the round chosen on validation Dice with a segmentation card; every reply is in the
+hospital's egress audit log. Then what a hostile coordinator or file can send is refused."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from client.app import build_client_app
+from client.round_config import RoundConfigError, read_round_config
+from imaging.segmentation import load_cases
+from models.adapters import adapter_state
+from models.config import ModelConfig, SegmentationConfig, TrainConfig, to_config_record
+from models.registry import SEGMENTATION_BACKBONE, weights_sha256
+from server.config import FederationConfig
+from server.records import RunRecords
+from server.rounds import initial_model, run_federation
+from server.study import EvaluationConfig
+from simulations.inprocess import InProcessGrid
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hippocampus"
+SITES = {0: (["001", "003"], "004"), 1: (["006", "007"], "008")}
+CLASSES = ["background", "hippocampus"]
+SITE_CLASSES = "background,hippocampus-anterior,hippocampus-posterior"
+
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} is not here")
+
+
+def _manifest(folder: Path, train: list[str], val: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [(case, "train") for case in train] + [(val, "val")]
+    lines = ["image,mask,patient_id,split"] + [
+        f"{DATA / 'images' / f'hippocampus_{c}.nii.gz'},"
+        f"{DATA / 'labels' / f'hippocampus_{c}.nii.gz'},p{c},{split}" for c, split in rows]
+    path = folder / "manifest.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _node_configs(root: Path, cache: Path) -> dict[int, dict[str, str]]:
+    return {10 + k: {"partition-id": k, "manifest": str(_manifest(root / f"h{k}", *cases)),
+                     "classes": SITE_CLASSES, "site-allowed-roots": str(DATA),
+                     "embedding-cache": str(cache), "audit-log": str(root / f"audit{k}.jsonl")}
+            for k, cases in SITES.items()}
+
+
+MODEL = ModelConfig(backbone=SEGMENTATION_BACKBONE, image_size=256, lora_r=4, lora_alpha=8)
+TRAIN = TrainConfig(local_steps=2, batch_size=2, lr=3e-3)
+SEGMENTATION = SegmentationConfig(train_slices_per_case=1, eval_slices_per_case=1)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("segmentation-flower")
+    grid = InProcessGrid(build_client_app(), _node_configs(root, root / "cache"))
+    model = replace(MODEL, weights_sha256=weights_sha256(SEGMENTATION_BACKBONE))
+    records = RunRecords(root / "run")
+    run_federation(grid, FederationConfig(rounds=2, min_hospitals=2, task="hippocampus-mri"),
+                   model, TRAIN, None, records, classes=CLASSES,
+                   evaluation=EvaluationConfig(select_by="dice"), segmentation=SEGMENTATION)
+    return root, model
+
+
+def test_two_rounds_train_report_dice_and_publish_a_segmentation_card(run):
+    root, model = run
+    rows = list(csv.DictReader((root / "run" / "metrics.csv").open()))
+    hospitals = [r for r in rows if r["hospital"] != "global"]
+    assert {(r["round"], r["hospital"]) for r in hospitals} == {
+        (str(n), h) for n in (1, 2) for h in ("0", "1")}
+    for row in hospitals:  # per hospital and round: both prompt modes, 3D Dice and HD95
+        assert row["num_examples"] == "2" and row["val_examples"] == "1"  # 2 slices, 1 case
+        for name in ("dice", "dice_whole"):
+            assert 0.0 <= float(row[f"val_{name}"]) <= 1.0
+        for name in ("hd95", "hd95_whole"):
+            assert float(row[f"val_{name}"]) >= 0.0
+        assert row["val_auc"] == ""  # no classification metric is made up
+    # The published round is the one with the best combined validation Dice.
+    combined = {r["round"]: float(r["val_dice"]) for r in rows if r["hospital"] == "global"
+                and r["round"] != "0"}
+    card = json.loads((root / "run" / "adapter" / "card.json").read_text())
+    assert combined[str(card["published_round"])] == max(combined.values())
+    assert card["task"] == "segmentation" and card["classes"] == CLASSES
+    assert card["model"]["backbone"] == SEGMENTATION_BACKBONE
+    assert (card["model"]["lora_r"], card["model"]["lora_alpha"]) == (4, 8)
+    assert card["model"]["lora_targets"] == ["q_proj", "k_proj", "v_proj", "out_proj"]
+    assert card["decision"]["select_by"] == "dice"
+    # The published adapter moved away from the run's initial adapter.
+    published = load_file(str(root / "run" / "adapter" / "adapter_model.safetensors"))
+    start = adapter_state(initial_model(model, TRAIN.seed))
+    assert set(published) == set(start)
+    assert sum(float((published[k] - start[k]).abs().sum()) for k in start) > 0
+
+
+def test_every_reply_is_in_the_hospitals_audit_log(run):
+    root, _ = run
+    for k in SITES:
+        lines = [json.loads(line) for line in (root / f"audit{k}.jsonl").read_text().splitlines()]
+        kinds = [line.get("message_type") for line in lines]
+        assert kinds.count("train") == 2 and kinds.count("evaluate") >= 2, kinds
+
+
+def _record(**changes) -> dict:
+    record = to_config_record(MODEL, TRAIN, SEGMENTATION)
+    record["server-round"] = 1
+    for key, value in changes.items():
+        record[key] = value
+    return record
+
+
+@pytest.mark.parametrize(("key", "value"), [("box-shift", 100_000),
+                                            ("train-slices-per-case", 10**9),
+                                            ("eval-slices-per-case", -1), ("prompt", "oracle"),
+                                            ("lr", 1e6), ("box-shift", 2.5)])
+def test_a_hostile_segmentation_round_config_is_refused(key, value):
+    from flwr.app import ConfigRecord
+
+    assert read_round_config(ConfigRecord(_record())).segmentation == SEGMENTATION
+    with pytest.raises(RoundConfigError, match=key):
+        read_round_config(ConfigRecord(_record(**{key: value})))
+
+
+def _nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> str:
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
+    return str(path)
+
+
+def test_hostile_masks_are_row_problems_not_tracebacks(tmp_path):
+    image = _nifti(tmp_path / "img.nii.gz", np.random.default_rng(0).random((8, 9, 7),
+                                                                             dtype=np.float32))
+    mask = np.zeros((8, 9, 7), np.uint8)
+    mask[3:5, 3:5, 3:5] = 1
+    # A header declaring 32767^3 voxels over 10 MB of zeros, gzipped: about 10 kB on disk.
+    bomb = nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), np.eye(4))
+    bomb.header.set_data_shape((32767, 32767, 32767))
+    raw = bomb.header.binaryblock + b"\0" * 4 + bytes(10_000_000)
+    (tmp_path / "bomb.nii.gz").write_bytes(gzip.compress(raw))
+    rows = [(image, _nifti(tmp_path / "moved.nii.gz", mask, np.diag([1.0, 1.0, 3.0, 1.0]))),
+            (image, str(tmp_path / "bomb.nii.gz")), (str(tmp_path / "bomb.nii.gz"), image)]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,mask,patient_id,split\n" + "".join(
+        f"{a},{b},p{i},train\n" for i, (a, b) in enumerate(rows)))
+    cases, problems = load_cases(manifest, classes=(0, 1))
+    assert cases == []
+    kinds = {p.row: (p.kind, p.reason) for p in problems}
+    assert kinds[2][0] == "bad-values" and "affine" in kinds[2][1]
+    for row in (3, 4):
+        assert kinds[row][0] == "too-large" and "bomb.nii.gz" in kinds[row][1]
