@@ -32,13 +32,14 @@ from peft import PeftModel
 
 from client.classes import ClassMismatch
 from client.data.config import from_node_config as site_data_from_node_config
+from client.site_folder import EMBEDDING_CACHE_KEY
 from imaging.segmentation import SegmentationCase, foreground, foreground_slices, load_cases
 from models.config import SegmentationConfig
 from models.segmentation import SliceSet, embedding_cache, make_slice_set, spread
 
 logger = logging.getLogger(__name__)
 
-CACHE_KEY = "embedding-cache"
+CACHE_KEY = EMBEDDING_CACHE_KEY
 """Node-config key: the folder of this hospital's cached image embeddings."""
 DEFAULT_CACHE = ".medfed-embeddings"
 
@@ -89,7 +90,7 @@ def mask_classes(site_classes: Sequence[str], study_classes: Sequence[str]
     return tuple(range(len(site_classes))), tuple(values)
 
 
-def _slices(cases: list[SegmentationCase], per_case: int, structure: tuple[int, ...]
+def slices_of(cases: list[SegmentationCase], per_case: int, structure: tuple[int, ...]
             ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int], list[float]]:
     """``(H, W)`` images and merged masks of each case's chosen foreground slices, their case
     index and each case's distance between chosen slices (in slices)."""
@@ -139,10 +140,10 @@ def load_segmentation_site(context: Context, model: PeftModel, settings: Segment
                              "mask; see the row problems logged above")
     cache = embedding_cache(Path(str(node_config.get(CACHE_KEY, manifest.parent / DEFAULT_CACHE))))
     base = model.get_base_model()
-    images, masks, index, _ = _slices(by_split["train"], settings.train_slices_per_case,
+    images, masks, index, _ = slices_of(by_split["train"], settings.train_slices_per_case,
                                       structure)
     train = make_slice_set(base, images, masks, index, cache)
-    images, masks, index, gaps = _slices(by_split["val"], settings.eval_slices_per_case,
+    images, masks, index, gaps = slices_of(by_split["val"], settings.eval_slices_per_case,
                                          structure)
     val = make_slice_set(base, images, masks, index, cache)
     spacing = []

@@ -27,7 +27,9 @@ class ModelConfig:
     """The foundation model and its LoRA adapter.
 
     Attributes:
-        backbone: registry name (``efficientnet-lite0-imagenet``) or ``hf:<dir-or-hub-id>``.
+        backbone: registry name (``efficientnet-lite0-imagenet``) or ``hf:<dir-or-hub-id>``;
+            a segmentation backbone (``litemedsam``) makes the study a segmentation study
+            (``[segmentation]``; set ``image_size = 256``, its fixed input).
         image_size: side of the square input in pixels.
         num_classes: output classes of the new task head.
         lora_r: LoRA rank.
