@@ -153,7 +153,7 @@ def load_segmentation_site(context: Context, model: PeftModel, settings: Segment
     patients = len({c.patient_id for c in by_split["train"]})
     info: dict[str, int | str] = {"fingerprint": _fingerprint(train), "train_slices": len(train),
                                   "val_cases": len(by_split["val"])}
-    logger.info("segmentation site: %d training slices of %d patients, %d validation cases",
+    logger.debug("segmentation site: %d training slices of %d patients, %d validation cases",
                 len(train), patients, len(by_split["val"]))
     return SegmentationSite(train, val, patients, spacing, info)
 

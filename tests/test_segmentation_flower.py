@@ -156,3 +156,77 @@ def test_hostile_masks_are_row_problems_not_tracebacks(tmp_path):
     assert kinds[2][0] == "bad-values" and "affine" in kinds[2][1]
     for row in (3, 4):
         assert kinds[row][0] == "too-large" and "bomb.nii.gz" in kinds[row][1]
+
+
+def _train_message(model: ModelConfig, dp, server_round: int = 1):
+    from flwr.app import ArrayRecord
+
+    from simulations.inprocess import coordinator_message
+
+    config = to_config_record(model, TRAIN, SEGMENTATION, dp)
+    config["server-round"] = server_round
+    config["classes"] = CLASSES
+    arrays = ArrayRecord(adapter_state(initial_model(model, TRAIN.seed)))
+    return coordinator_message("train", arrays, config)
+
+
+def _hospital(root: Path, node: int = 10):
+    from flwr.app import Context, RecordDict
+
+    config = _node_configs(root, root / "cache")[node]  # the run's cached embeddings
+    return Context(run_id=3, node_id=node, node_config=config, state=RecordDict(),
+                   run_config={})
+
+
+def test_client_level_dp_clips_and_noises_a_segmentation_update(run):
+    from privacy.config import DPConfig
+
+    root, model = run
+    dp = DPConfig(update_clip_norm=0.05, update_noise_multiplier=1.0, update_hospitals=2)
+    reply = build_client_app()(_train_message(model, dp), _hospital(root))
+    assert not reply.has_error(), reply.error.reason
+    metrics = reply.content.metric_records["metrics"]
+    assert metrics["update-weight"] == 1.0 and metrics["dp-epsilon"] > 0
+    assert "train-loss" not in metrics  # the raw loss is not covered by the accounting
+    sent = reply.content.array_records["arrays"].to_torch_state_dict()
+    start = adapter_state(initial_model(model, TRAIN.seed))
+    # Noise at sigma * clip / sqrt(hospitals) per coordinate: far past the 0.05 clip.
+    norm = sum(float((sent[k] - start[k]).pow(2).sum()) for k in start) ** 0.5
+    assert norm > 0.05 * 10
+
+
+def test_dp_sgd_is_refused_for_segmentation_with_a_reason(run):
+    from client.privacy_round import REFUSAL_CODE
+    from privacy.config import DPConfig
+
+    root, model = run
+    reply = build_client_app()(_train_message(model, DPConfig(dpsgd=True,
+                                                               dp_noise_multiplier=1.0)),
+                               _hospital(root, 11))
+    assert reply.has_error() and reply.error.code == REFUSAL_CODE
+    assert "DP-SGD is not available for segmentation" in reply.error.reason
+
+
+def test_the_scenario_deals_cases_with_size_skew_and_keeps_test_cases_apart(tmp_path):
+    from simulations.scenarios import load_scenario
+    from simulations.segmentation_study import hospital_sites, is_segmentation
+
+    config = replace(load_scenario("hippocampus-segmentation"), run_dir=str(tmp_path / "run"))
+    assert is_segmentation(config) and config.evaluation.select_by == "dice"
+    nodes, test = hospital_sites(config)
+
+    def cases(manifest, split=None):
+        rows = list(csv.DictReader(Path(manifest).open()))
+        return [r["patient_id"] for r in rows if split is None or r["split"] == split]
+
+    train = [cases(n["manifest"], "train") for n in nodes.values()]
+    assert len(train) == 5 and sum(map(len, train)) == config.data.max_train_examples
+    assert len(train[0]) > len(train[-1])  # power-law size skew
+    assert all(cases(n["manifest"], "val") for n in nodes.values())  # each validates
+    held_out = set(cases(test))
+    assert len(held_out) == config.data.max_test_examples
+    everyone = [c for n in nodes.values() for c in cases(n["manifest"])]
+    assert len(set(everyone)) == len(everyone) and not held_out & set(everyone)
+    again, _ = hospital_sites(config)  # the same seed deals the same cases
+    assert [cases(n["manifest"]) for n in again.values()] == [cases(n["manifest"])
+                                                             for n in nodes.values()]
