@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, compute_hausdorff_distance
@@ -255,11 +256,10 @@ def volume_hd95(predictions: list[torch.Tensor], masks: list[torch.Tensor], case
 
 
 def spread(indices: list[int], count: int) -> list[int]:
-    """``count`` evenly spaced entries of ``indices`` (all of them when ``count`` is 0 or at
-    least their number), in order."""
+    """``count`` entries of ``indices`` evenly spaced inside them, ends left out (the first
+    and last foreground slices hold the smallest pieces of a structure; the bench chooses
+    slices the same way); all of them when ``count`` is 0 or at least their number."""
     if count <= 0 or count >= len(indices):
         return list(indices)
-    if count == 1:
-        return [indices[len(indices) // 2]]
-    step = (len(indices) - 1) / (count - 1)
-    return [indices[round(i * step)] for i in range(count)]
+    positions = np.linspace(0, len(indices) - 1, count + 2).round().astype(int)[1:-1]
+    return [indices[int(k)] for k in positions]
