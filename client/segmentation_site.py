@@ -114,9 +114,19 @@ def _fingerprint(data: SliceSet) -> str:
     return digest.hexdigest()
 
 
-def load_segmentation_site(context: Context, model: PeftModel, settings: SegmentationConfig,
-                           study_classes: Sequence[str]) -> SegmentationSite:
-    """The hospital's train and validation slices, embedded by ``model``'s frozen encoder.
+@dataclass(frozen=True)
+class SegmentationCounts:
+    """A segmentation site as the study check sees it, nothing embedded: its usable training
+    patients (the privacy unit) and validation cases."""
+
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+
+
+def usable_cases(context: Context, study_classes: Sequence[str]
+                 ) -> tuple[dict[str, list[SegmentationCase]], tuple[int, ...]]:
+    """The manifest's usable train and validation cases holding the structure, and the mask
+    values that are the structure.
 
     Raises:
         KeyError: the node config names no ``manifest``.
@@ -138,6 +148,26 @@ def load_segmentation_site(context: Context, model: PeftModel, settings: Segment
         if not chosen:
             raise ValueError(f"{manifest}: no usable {split} case with the structure in its "
                              "mask; see the row problems logged above")
+    return by_split, structure
+
+
+def segmentation_counts(context: Context, study_classes: Sequence[str]) -> SegmentationCounts:
+    """:class:`SegmentationCounts` of the hospital's manifest (raises as :func:`usable_cases`)."""
+    by_split, _ = usable_cases(context, study_classes)
+    return SegmentationCounts(tuple(sorted({c.patient_id for c in by_split["train"]})),
+                              tuple(c.patient_id for c in by_split["val"]))
+
+
+def load_segmentation_site(context: Context, model: PeftModel, settings: SegmentationConfig,
+                           study_classes: Sequence[str]) -> SegmentationSite:
+    """The hospital's train and validation slices, embedded by ``model``'s frozen encoder.
+
+    Raises:
+        KeyError, ClassMismatch, ValueError: as :func:`usable_cases`.
+    """
+    by_split, structure = usable_cases(context, study_classes)
+    node_config = context.node_config
+    manifest = Path(str(node_config["manifest"]))
     cache = embedding_cache(Path(str(node_config.get(CACHE_KEY, manifest.parent / DEFAULT_CACHE))))
     base = model.get_base_model()
     images, masks, index, _ = slices_of(by_split["train"], settings.train_slices_per_case,

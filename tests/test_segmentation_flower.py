@@ -259,3 +259,28 @@ def test_a_segmentation_round_under_secure_aggregation_gives_the_plain_rounds_ad
     assert moved > 1e-4  # the round trained
     gap = max(float((adapters[True][k] - adapters[False][k]).abs().max()) for k in start)
     assert gap < moved / 20, (gap, moved)
+
+
+def test_the_study_check_reads_a_segmentation_site_without_embedding_it(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from client.privacy_round import site_privacy_from_node_config
+    from client.study_check import study_checks
+    from privacy.config import DPConfig
+
+    def answers(dp: DPConfig, site_classes: str = SITE_CLASSES) -> dict[str, str]:
+        node = _node_configs(tmp_path, tmp_path / "cache")[10] | {"classes": site_classes}
+        context = Context(run_id=1, node_id=10, node_config=node, state=RecordDict(),
+                          run_config={})
+        config = to_config_record(MODEL, TRAIN, SEGMENTATION, dp)
+        config["classes"] = CLASSES
+        return {i.name: i.answer for i in study_checks(config, context, None,
+                                                       site_privacy_from_node_config)}
+
+    plain = answers(DPConfig(update_clip_norm=0.1, update_noise_multiplier=1.0))
+    assert set(plain.values()) == {"pass"} and {"data", "classes", "dp-sgd"} <= set(plain)
+    assert answers(DPConfig(dpsgd=True, dp_noise_multiplier=1.0))["dp-sgd"].startswith(
+        "fail: DP-SGD is not available for segmentation")
+    refused = answers(DPConfig(), "background,amygdala")["classes"]
+    assert "amygdala" in refused and "hippocampus" in refused
+    assert not (tmp_path / "cache").exists()  # nothing was embedded
