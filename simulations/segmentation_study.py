@@ -82,27 +82,44 @@ def _manifest(path: Path, data: Path, rows: list[tuple[str, str]]) -> Path:
     return path
 
 
-def hospital_sites(config: SimulationConfig) -> tuple[dict[int, dict[str, Any]], Path]:
-    """Each hospital's node config (its manifest written under ``RUN_DIR/sites``) and the
-    coordinator's test manifest. Deterministic in ``config.seed``."""
-    data, run_dir = hippocampus_dir(), Path(config.run_dir)
+def hospital_rows(config: SimulationConfig) -> tuple[list[list[tuple[str, str]]], list[str]]:
+    """Each hospital's manifest rows ``(case id, split)`` and the held-out test case ids.
+    Deterministic in ``config.seed``."""
     hospitals = config.data.num_hospitals
     train_counts = case_counts(config.data.max_train_examples or 2 * hospitals, hospitals)
     val_counts = [max(1, round(config.data.val_fraction * n)) for n in train_counts]
-    splits = split_cases(data, {"test": config.data.max_test_examples or 3,
-                                "val": sum(val_counts), "train": sum(train_counts)}, config.seed)
+    splits = split_cases(hippocampus_dir(), {"test": config.data.max_test_examples or 3,
+                                             "val": sum(val_counts),
+                                             "train": sum(train_counts)}, config.seed)
+    train, val = iter(splits["train"]), iter(splits["val"])
+    rows = [[(next(train), "train") for _ in range(train_counts[k])]
+            + [(next(val), "val") for _ in range(val_counts[k])] for k in range(hospitals)]
+    return rows, splits["test"]
+
+
+def hospital_sites(config: SimulationConfig) -> tuple[dict[int, dict[str, Any]], Path]:
+    """Each hospital's node config (its manifest written under ``RUN_DIR/sites``) and the
+    coordinator's test manifest."""
+    data, run_dir = hippocampus_dir(), Path(config.run_dir)
+    rows, test_ids = hospital_rows(config)
     cache = run_dir.resolve().parent / ".embedding-cache"
     nodes: dict[int, dict[str, Any]] = {}
-    train, val = iter(splits["train"]), iter(splits["val"])
-    for k in range(hospitals):
-        rows = [(next(train), "train") for _ in range(train_counts[k])]
-        rows += [(next(val), "val") for _ in range(val_counts[k])]
-        manifest = _manifest(run_dir / "sites" / f"hospital-{k}" / "manifest.csv", data, rows)
+    for k, chosen in enumerate(rows):
+        manifest = _manifest(run_dir / "sites" / f"hospital-{k}" / "manifest.csv", data, chosen)
         nodes[10 + k] = {"partition-id": k, "manifest": str(manifest), "classes": SITE_CLASSES,
                          "site-allowed-roots": str(data), "embedding-cache": str(cache)}
     test = _manifest(run_dir / "sites" / "test-manifest.csv", data,
-                     [(c, "val") for c in splits["test"]])
+                     [(c, "val") for c in test_ids])
     return nodes, test
+
+
+def loopback_site(config: SimulationConfig, k: int, site: Path) -> dict[str, Any]:
+    """Hospital ``k``'s cases as a segmentation manifest in its site folder, and the
+    ``hospital.toml`` tables that point at it (``simulations.bench.deploy.SiteWriter``)."""
+    data = hippocampus_dir()
+    _manifest(site / "manifest.csv", data, hospital_rows(config)[0][k])
+    return {"hospital": {"manifest": "manifest.csv", "classes": SITE_CLASSES.split(",")},
+            "site_data": {"allowed_roots": [str(data)]}}
 
 
 def score_test_cases(model: PeftModel, manifest: Path, config: SimulationConfig,

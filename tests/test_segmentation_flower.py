@@ -232,6 +232,7 @@ def test_the_scenario_deals_cases_with_size_skew_and_keeps_test_cases_apart(tmp_
                                                              for n in nodes.values()]
 
 
+@pytest.mark.slow  # two more federations and a third hospital's embeddings: minutes on CPU
 def test_a_segmentation_round_under_secure_aggregation_gives_the_plain_rounds_adapter(run):
     """SecAgg+ works unchanged for segmentation: three hospitals' masked updates unmask to
     the sum the plain round averages (to the quantization step)."""
