@@ -28,6 +28,7 @@ from models.adapters import adapter_state, load_adapter_state
 from models.config import TrainConfig
 from models.data import ImageSet
 from models.finite import check_finite_tensors
+from models.segmentation import SliceSet
 from privacy.accounting import epsilon, history_from_record, history_to_record
 from privacy.config import DPConfig
 from privacy.dpsgd import plan_round, round_noise_multiplier, train_dpsgd
@@ -110,7 +111,8 @@ def dataset_fingerprint(data: ImageSet) -> str:
     return digest.hexdigest()
 
 
-def ledger_dataset_id(privacy: SitePrivacy, data_fingerprint: str, train: ImageSet) -> str:
+def ledger_dataset_id(privacy: SitePrivacy, data_fingerprint: str,
+                      train: ImageSet | SliceSet) -> str:
     """The name a round's charges go under in the ledger: the hospital's ``dataset-id``, else
     the site's data fingerprint, else a hash of the training data."""
     return privacy.dataset_id or data_fingerprint or dataset_fingerprint(train)
@@ -181,8 +183,8 @@ LocalTrain = Callable[[nn.Module, TrainConfig, int, float | None], float]
 ``client.segmentation.segmentation_trainer``); it never runs DP-SGD."""
 
 
-def _train_private(model: nn.Module, train: ImageSet, train_config: TrainConfig, dp: DPConfig,
-                   charges: list[Charge], seed: int, lr: float | None, noise,
+def _train_private(model: nn.Module, train: ImageSet | SliceSet, train_config: TrainConfig,
+                   dp: DPConfig, charges: list[Charge], seed: int, lr: float | None, noise,
                    local_train: LocalTrain | None = None) -> float:
     """DP-SGD or plain local training, then client-level DP on the update; the trained
     adapter finite or refused (before the ledger: a refused update is never released, so the
@@ -242,7 +244,7 @@ def _record(privacy: SitePrivacy, context: Context, dataset_id: str, run: str,
 
 def train_round(
     model: nn.Module,
-    train: ImageSet,
+    train: ImageSet | SliceSet,
     train_config: TrainConfig,
     dp: DPConfig,
     privacy: SitePrivacy,

@@ -20,9 +20,10 @@ from safetensors.torch import load_file
 from client.app import build_client_app
 from client.round_config import RoundConfigError, read_round_config
 from imaging.segmentation import load_cases
-from models.adapters import adapter_state
+from models.adapters import adapter_state, load_adapter_file
 from models.config import ModelConfig, SegmentationConfig, TrainConfig, to_config_record
 from models.registry import SEGMENTATION_BACKBONE, weights_sha256
+from models.segmentation import build_segmenter
 from server.config import FederationConfig
 from server.records import RunRecords
 from server.rounds import initial_model, run_federation
@@ -100,6 +101,11 @@ def test_two_rounds_train_report_dice_and_publish_a_segmentation_card(run):
     start = adapter_state(initial_model(model, TRAIN.seed))
     assert set(published) == set(start)
     assert sum(float((published[k] - start[k]).abs().sum()) for k in start) > 0
+    # What 'medfed predict' rebuilds from the card alone, holding the published adapter.
+    rebuilt = build_segmenter(card["model"]["lora_r"], card["model"]["lora_alpha"],
+                              tuple(card["model"]["lora_targets"]))
+    load_adapter_file(rebuilt, root / "run" / "adapter")
+    assert all(adapter_state(rebuilt)[k].equal(published[k]) for k in published)
 
 
 def test_every_reply_is_in_the_hospitals_audit_log(run):
