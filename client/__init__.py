@@ -1,3 +1,3 @@
 """The hospital: ClientApp, local training, site data."""
 
-import models  # noqa: F401  (sets Flower environment defaults before Flower loads)
+import core  # noqa: F401  (sets Flower environment defaults before Flower loads)

@@ -16,10 +16,11 @@ from dataclasses import replace
 import torch
 
 from client.site import SiteData
+from core.errors import MedfedError
 from models.data import ImageSet
 
 
-class ClassMismatch(ValueError):
+class ClassMismatch(MedfedError, ValueError):
     """The hospital cannot map its labels to the study's classes."""
 
 

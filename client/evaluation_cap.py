@@ -20,6 +20,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 
 from client.run_policy import RUN_POLICY_KEY, RunPolicy
+from core.errors import MedfedError
 
 EVALUATION_COUNT_KEY = "evaluation-count"
 """Node-config key with the evaluation counter's path (SQLite)."""
@@ -28,7 +29,7 @@ DEFAULT_COUNT_FILE = "evaluation-count.sqlite"
 DAY_S = 24 * 3600.0
 
 
-class EvaluationRefusal(ValueError):
+class EvaluationRefusal(MedfedError, ValueError):
     """An evaluation the hospital's rules do not allow (the reason names the rule)."""
 
 

@@ -10,6 +10,6 @@ Kept light: only the standard library is loaded before the signal is armed.
 
 from __future__ import annotations
 
-from models.processes import die_with_parent
+from core.processes import die_with_parent
 
 die_with_parent()

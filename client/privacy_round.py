@@ -24,6 +24,7 @@ from flwr.app import Context
 from torch import nn
 
 from client.training import train_local
+from core.errors import MedfedError
 from models.adapters import adapter_state, load_adapter_state
 from models.config import TrainConfig
 from models.data import ImageSet
@@ -51,7 +52,7 @@ RUN_KEY = "run-key"
 "this run" for the reply's ``dp-epsilon``; every budget is over the whole dataset."""
 
 
-class PrivacyRefusal(RuntimeError):
+class PrivacyRefusal(MedfedError, RuntimeError):
     """The hospital will not run (or release) this round; the message says why."""
 
 

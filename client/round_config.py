@@ -12,7 +12,7 @@ What is checked:
 
 * types: a whole number is an ``int`` (never a string, float or bool), a number is an ``int``
   or ``float`` (never a bool), a flag a ``bool``, names strings, lists lists of their type;
-* limits: each field's own (``models.settings.setting``), and the upper bounds in
+* limits: each field's own (``core.settings.setting``), and the upper bounds in
   :data:`UPPER` (a value past them is not a study, it is an attack on the hospital's memory,
   time or privacy accounting); every float finite;
 * consistency: the study's ``classes`` name ``num_classes`` distinct classes; ``hetlora``
@@ -35,10 +35,11 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from core.errors import MedfedError
+from core.settings import SettingsError, load_settings
 from models.config import ModelConfig, SegmentationConfig, TrainConfig, to_config_record
 from models.lora_parts import EXCHANGES
 from models.registry import UnknownBackboneError, backbone_spec
-from models.settings import SettingsError, load_settings
 from privacy.accounting import MAX_NOISE_MULTIPLIER
 from privacy.config import DPConfig
 
@@ -78,7 +79,7 @@ LOWER: dict[str, float] = {"seed": 0, "dp_delta": 1e-12}
 """Lower bounds beyond the fields' own (``seed``: NumPy and torch take non-negative seeds)."""
 
 
-class RoundConfigError(ValueError):
+class RoundConfigError(MedfedError, ValueError):
     """A coordinator value of the wrong type, out of bounds, or inconsistent; the message
     names the key and the value (the coordinator's own), never the hospital's data."""
 
@@ -157,7 +158,7 @@ def check_bounds(settings: Any) -> None:
 
 def _settings(cls: type, record: ConfigRecord, optional: bool = False) -> Any:
     """``cls`` read from ``record``'s dashed keys with the settings reader's types and limits
-    (:func:`models.settings.load_settings`), then :func:`check_bounds`. ``None`` when
+    (:func:`core.settings.load_settings`), then :func:`check_bounds`. ``None`` when
     ``optional`` and no key of ``cls`` is present; a missing key otherwise is refused."""
     keys = {f.name.replace("_", "-"): f.name for f in fields(cls)}
     present = [k for k in keys if k in record]
@@ -283,7 +284,7 @@ def typed_config_mod(msg: Message, context: Context, call_next: ClientAppCallabl
     return call_next(msg, context)
 
 
-class RoundReplay(ValueError):
+class RoundReplay(MedfedError, ValueError):
     """A training round this run already answered (or one before it)."""
 
 

@@ -32,8 +32,9 @@ from typing import Any
 
 from flwr.app import Context
 
+from core.errors import MedfedError
+from core.settings import read_settings, setting
 from models.registry import HF_PREFIX, UnknownBackboneError, backbone_spec
-from models.settings import read_settings, setting
 
 RUN_POLICY_KEY = "run-policy"
 """Node-config key with the run policy's path."""
@@ -87,7 +88,7 @@ evaluation_decimals = 2         # under a privacy policy: metrics are rounded to
 """
 
 
-class RunPolicyError(ValueError):
+class RunPolicyError(MedfedError, ValueError):
     """A run policy file that cannot be used."""
 
 

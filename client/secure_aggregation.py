@@ -375,7 +375,7 @@ def masking_bits(bits: object, modulus_bits: object) -> tuple[int, int]:
 
 def _train_message(msg: Message, state: ConfigRecord) -> Message:
     """The plain ``train`` message inside a masked-input request (same metadata)."""
-    from flwr.app.message.message import make_message
+    from core.flower_compat import make_message
 
     config = ConfigRecord(dict(msg.content.config_records["config"]))
     if "update-clip-norm" in config:

@@ -38,7 +38,8 @@ from pathlib import Path
 import tomli_w
 
 from client.run_policy import RUN_POLICY_TEMPLATE
-from models.settings import read_settings, read_toml
+from core.errors import MedfedError
+from core.settings import read_settings, read_toml
 from privacy.noise import INSECURE_NOISE_KEY
 from privacy.pki import (
     KeyFileError,
@@ -71,7 +72,7 @@ require_dp = true       # refuse any round that is not differentially private
 """
 
 
-class SiteFolderError(ValueError):
+class SiteFolderError(MedfedError, ValueError):
     """A site folder or hospital config that cannot be used as is."""
 
 
@@ -104,12 +105,13 @@ class HospitalConfig:
         runtime_port: the SuperNode's local Runtime API port (127.0.0.1), where its ClientApp
             processes fetch their messages; change it when several SuperNodes share a machine.
         clientapp_executor: ``"warm"`` (default): each message runs in a process forked from
-            one that imported the ClientApp once (:mod:`client.warm_exec`, saves ~10 s of CPU
-            per message); ``"subprocess"``: a fresh Python process per message. Both run the
-            installed medfed ClientApp only, never code from the run's FAB.
+            one that imported the ClientApp once (:mod:`client.warm_exec`: no import of torch,
+            peft and MONAI per message; what it saves: docs/deployment.md); ``"subprocess"``: a
+            fresh Python process per message. Both run the installed medfed ClientApp only,
+            never code from the run's FAB.
         cpu_threads: CPU threads each ClientApp process may use (``OMP_NUM_THREADS``); 0: all
             cores. Set it where the daemon shares a machine: oversubscribed OpenMP threads
-            spin, e.g. three daemons on two cores trained 4x slower with all cores each.
+            spin (measured: docs/deployment.md).
     """
 
     name: str

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from client.daemon import supernode_command, thread_env, warm_exec_command
 from client.site_folder import load_hospital_config
-from models.processes import dies_with_this_process
+from core.processes import dies_with_this_process
 
 logger = logging.getLogger(__name__)
 

@@ -80,7 +80,7 @@ def _poll_local_objects_quickly() -> None:
     exponential backoff (1, 2, 4, 8, 10 s) added 8-17 s to every message on loopback. The
     Runtime API is local, so polling it fast is cheap; ``max_time`` (2 h) still bounds the wait.
     """
-    from models.flower_compat import set_object_pull_backoff
+    from core.flower_compat import set_object_pull_backoff
 
     set_object_pull_backoff(*LOCAL_PULL_BACKOFF_S)
 
@@ -209,7 +209,7 @@ def run_warm_superexec(runtime_api_address: str, secret_file: Path | None,
     """
     from flwr.supercore.superexec import run_superexec as flower_superexec
 
-    from models.flower_compat import use_superexec_executor
+    from core.flower_compat import use_superexec_executor
 
     os.environ.update(OFFLINE_ENV)  # before the forkserver or any task starts
     use_superexec_executor(ColdClientAppExecutor() if cold else WarmClientAppExecutor())

@@ -1,4 +1,4 @@
-"""The hospital's side of ``models.wire``: a ClientApp mod that unpacks the coordinator's
+"""The hospital's side of ``core.wire``: a ClientApp mod that unpacks the coordinator's
 packed adapter before the handlers run and packs the reply's adapter after them.
 
 The handlers see the named tensors; what leaves is the same values concatenated, with their
@@ -11,7 +11,7 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from models.wire import pack_content, unpack_content
+from core.wire import pack_content, unpack_content
 
 
 def packed_wire_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

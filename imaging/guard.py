@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from core.errors import MedfedError
+
 T = TypeVar("T")
 
 MIB = 2**20
@@ -27,7 +29,7 @@ INFLATE_HEADER_ALLOWANCE = MIB
 """A deflated dataset may inflate to its pixel bound plus this much for its other elements."""
 
 
-class DicomReadError(Exception):
+class DicomReadError(MedfedError):
     """A file that gives no image; ``kind`` is a :data:`imaging.problems.KINDS` entry."""
 
     def __init__(self, kind: str, reason: str) -> None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from core.errors import MedfedError
 
-class OutsideRootError(ValueError):
+
+class OutsideRootError(MedfedError, ValueError):
     """A path that resolves outside every allowed root."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from core.errors import MedfedError
+
 KINDS = ("outside", "missing", "not-dicom", "truncated", "unreadable", "too-large",
          "unsupported", "not-image", "no-pixels", "bad-values", "duplicate", "patient", "label",
          "row")
@@ -36,7 +38,7 @@ class Problem:
         return f"row {self.row} ({self.path}): {self.reason}"
 
 
-class ManifestError(ValueError):
+class ManifestError(MedfedError, ValueError):
     """The manifest as a whole cannot be used (missing, empty, lacking a column)."""
 
 

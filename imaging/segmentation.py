@@ -32,6 +32,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from core.errors import MedfedError
 from imaging.paths import OutsideRootError, confine
 from imaging.problems import ManifestError, Problem
 
@@ -76,7 +77,7 @@ class SegmentationCase:
     affine: np.ndarray
 
 
-class RowError(ValueError):
+class RowError(MedfedError, ValueError):
     """A row that cannot be used; ``kind`` is one of ``imaging.problems.KINDS``."""
 
     def __init__(self, kind: str, reason: str) -> None:

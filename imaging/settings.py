@@ -11,15 +11,16 @@ import codecs
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.errors import MedfedError
+from core.settings import setting
 from imaging.guard import ReadLimits
-from models.settings import setting
 
 FRAME_MODES = ("middle", "all", "volume")
 MAX_INDEX_CLASSES = 1000
 """Without a class list, integer labels must be below this (declare ``classes`` to be exact)."""
 
 
-class ReadSettingsError(ValueError):
+class ReadSettingsError(MedfedError, ValueError):
     """A reader setting that cannot work (a repeated class, an unknown encoding)."""
 
 

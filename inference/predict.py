@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.settings import SettingsError
 from imaging.guard import DicomReadError
 from imaging.rows import read_row, stack_images
 from imaging.settings import ReadSettings
@@ -164,7 +165,7 @@ def predict_studies(published: Published, source: StudySource, out_dir: Path,
     studies at a time; ``progress(n)`` after each batch. Returns what it did (the summary
     and metrics files are :func:`write_reports`'s)."""
     if batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size}: must be at least 1")
+        raise SettingsError(f"--batch-size {batch_size}: must be at least 1")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     outcome = Outcome()

@@ -20,6 +20,8 @@ from peft import PeftModel
 from safetensors import SafetensorError
 from safetensors.torch import load
 
+from core.errors import MedfedError
+from core.settings import SettingsError
 from imaging.preprocessing import describe_preprocessing
 from models.adapters import ADAPTER_FILE, AdapterMismatchError, load_adapter_state
 from models.card import CARD_FILE, AdapterCard, CardError, embedded_pins, read_card
@@ -34,7 +36,7 @@ logger = logging.getLogger(__name__)
 TASK = "classification"
 
 
-class PinError(ValueError):
+class PinError(MedfedError, ValueError):
     """The adapter, its card, or this machine's copy of what it pins do not agree; the
     message names the pin, both values and what to do."""
 
@@ -172,14 +174,14 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``.
 
     Raises:
-        ValueError: ``cuda`` asked for on a machine without it, or an unknown name.
+        SettingsError: ``cuda`` asked for on a machine without it, or an unknown name.
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device here; use --device cpu or auto")
+        raise SettingsError("--device cuda: no CUDA device here; use --device cpu or auto")
     if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: use auto, cpu or cuda")
+        raise SettingsError(f"--device {name!r}: use auto, cpu or cuda")
     return torch.device(name)
 
 

@@ -15,6 +15,7 @@ import math
 import numpy as np
 from sklearn.metrics import brier_score_loss, log_loss
 
+from imaging.problems import ManifestError
 from models.metrics import classification_metrics
 
 CALIBRATION_BINS = 10
@@ -56,10 +57,10 @@ def external_metrics(labels: np.ndarray, probs: np.ndarray,
         ``brier``, ``log_loss``, ``ece`` and ``studies_per_class`` (by class name).
 
     Raises:
-        ValueError: no labelled study.
+        ManifestError: no labelled study.
     """
     if len(labels) == 0:
-        raise ValueError("no labelled study could be read: nothing to score")
+        raise ManifestError("no labelled study could be read: nothing to score")
     counts = np.bincount(labels, minlength=len(classes))
     scores = classification_metrics(labels, probs)
     probs = np.clip(probs, 0.0, 1.0)

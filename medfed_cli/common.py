@@ -4,54 +4,22 @@ log level and handing the process over to a Flower daemon."""
 from __future__ import annotations
 
 import argparse
-import builtins
-import functools
-import importlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
-from rich.markup import escape
+
+from core.errors import MedfedError
 
 console = Console()
 
 Command = Callable[[argparse.Namespace], int]
 
 
-class UsageError(Exception):
+class UsageError(MedfedError):
     """A mistake in what the user asked for (a missing file, a wrong flag): one line, no
-    traceback."""
-
-
-def _error_type(name: str) -> type[BaseException]:
-    """``"module.path:ClassName"``, or the name of a built-in exception."""
-    if ":" not in name:
-        return getattr(builtins, name)
-    module, _, attribute = name.partition(":")
-    return getattr(importlib.import_module(module), attribute)
-
-
-def user_errors(*names: str, code: int = 1) -> Callable[[Command], Command]:
-    """Decorate a command so that exceptions of the named types (``"server.consortium:
-    ConsortiumError"``, ``"FileNotFoundError"``) and :class:`UsageError` are the user's: printed
-    as one red ``error:`` line, then exit status ``code``. The names are resolved only when
-    something is raised, so each command's heavy imports stay inside the command."""
-
-    def decorate(command: Command) -> Command:
-        @functools.wraps(command)
-        def run(args: argparse.Namespace) -> int:
-            try:
-                return command(args)
-            except Exception as err:
-                if not isinstance(err, (UsageError, *(_error_type(n) for n in names))):
-                    raise
-                console.print(f"[red]error:[/] {escape(str(err))}", soft_wrap=True)
-                return code
-
-        return run
-
-    return decorate
+    traceback (``medfed_cli.errors``)."""
 
 
 def quiet_flower(verbose: bool) -> None:

@@ -8,13 +8,9 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from medfed_cli.common import UsageError, console, exec_daemon, user_errors
-
-CONSORTIUM_ERROR = "server.consortium:ConsortiumError"
-KEY_FILE_ERROR = "privacy.pki:KeyFileError"
+from medfed_cli.common import UsageError, console, exec_daemon
 
 
-@user_errors(CONSORTIUM_ERROR)
 def cmd_coordinator_init(args: argparse.Namespace) -> int:
     from server.consortium import init_consortium
 
@@ -61,7 +57,6 @@ def _sync_running(folder: Path) -> int:
     return 1 if any(line.startswith("error:") for line in lines) else 0
 
 
-@user_errors(CONSORTIUM_ERROR, KEY_FILE_ERROR)
 def cmd_coordinator_enroll(args: argparse.Namespace) -> int:
     from server.consortium import enrol, replace_key
 
@@ -77,7 +72,6 @@ def cmd_coordinator_enroll(args: argparse.Namespace) -> int:
     return max(_roster_outcome(args.dir), synced)
 
 
-@user_errors(CONSORTIUM_ERROR)
 def cmd_coordinator_revoke(args: argparse.Namespace) -> int:
     from server.consortium import revoke
 
@@ -88,7 +82,6 @@ def cmd_coordinator_revoke(args: argparse.Namespace) -> int:
     return max(_roster_outcome(args.dir), synced)
 
 
-@user_errors(CONSORTIUM_ERROR, KEY_FILE_ERROR)
 def cmd_coordinator_sign_roster(args: argparse.Namespace) -> int:
     from server.consortium import sign_roster
 
@@ -100,7 +93,6 @@ def cmd_coordinator_sign_roster(args: argparse.Namespace) -> int:
     return 0
 
 
-@user_errors(CONSORTIUM_ERROR)
 def cmd_coordinator_hospitals(args: argparse.Namespace) -> int:
     from server.consortium import load_enrolments
 
@@ -114,8 +106,6 @@ def cmd_coordinator_hospitals(args: argparse.Namespace) -> int:
     return 0
 
 
-# ValueError covers ConsortiumError and the study's ConfigError (both name the file).
-@user_errors("ValueError", KEY_FILE_ERROR, "FileNotFoundError", "RuntimeError")
 def cmd_coordinator_start(args: argparse.Namespace) -> int:
     from server.consortium import roster_warning
     from server.daemon import flwr_cli_home, run_coordinator, superlink_command
@@ -132,7 +122,6 @@ def cmd_coordinator_start(args: argparse.Namespace) -> int:
     return exec_daemon(argv, args.print_command, home)
 
 
-@user_errors(CONSORTIUM_ERROR, KEY_FILE_ERROR)
 def cmd_coordinator_register(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -148,7 +137,6 @@ def cmd_coordinator_register(args: argparse.Namespace) -> int:
     return 1 if any(line.startswith("error:") for line in lines) else 0
 
 
-@user_errors(CONSORTIUM_ERROR, "ValueError", "subprocess:TimeoutExpired")
 def cmd_coordinator_status(args: argparse.Namespace) -> int:
     import subprocess
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medfed_cli.common import UsageError, console, exec_daemon, user_errors
+from medfed_cli.common import UsageError, console, exec_daemon
+from medfed_cli.errors import exit_code_on_error
 
 
-@user_errors("client.data.config:SiteDataConfigError", "client.data.problems:ManifestError",
-             "client.site_folder:SiteFolderError", "models.settings:SettingsError",
-             "client.data.check:ReportFileError", code=2)
+@exit_code_on_error(2)
 def cmd_hospital_check(args: argparse.Namespace) -> int:
     from client.data.check import check_site
     from client.data.config import SiteDataConfig, from_node_config, load_site_data_config
@@ -74,7 +73,6 @@ CHECK_REPORT = "check-report.txt"
 """The full check report in a site folder (``medfed hospital check --dir``)."""
 
 
-@user_errors("privacy.ledger:LedgerIntegrityError")
 def cmd_hospital_ledger(args: argparse.Namespace) -> int:
     from privacy.ledger import Ledger, run_spends
 
@@ -96,7 +94,6 @@ def cmd_hospital_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
-@user_errors()
 def cmd_hospital_audit_verify(args: argparse.Namespace) -> int:
     from client.audit import verify_audit_log
 
@@ -111,7 +108,6 @@ def cmd_hospital_audit_verify(args: argparse.Namespace) -> int:
     return 1
 
 
-@user_errors("client.site_folder:SiteFolderError", "FileExistsError")
 def cmd_hospital_init(args: argparse.Namespace) -> int:
     from client.site_folder import init_site_folder
 
@@ -123,7 +119,6 @@ def cmd_hospital_init(args: argparse.Namespace) -> int:
     return 0
 
 
-@user_errors("client.site_folder:SiteFolderError", "FileExistsError")
 def cmd_hospital_rotate_key(args: argparse.Namespace) -> int:
     from client.site_folder import rotate_node_key
 
@@ -142,7 +137,6 @@ def cmd_hospital_rotate_key(args: argparse.Namespace) -> int:
     return 0
 
 
-@user_errors("client.site_folder:SiteFolderError", "FileNotFoundError")
 def cmd_hospital_start(args: argparse.Namespace) -> int:
     import os
     import shlex

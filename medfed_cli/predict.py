@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medfed_cli.common import UsageError, console, user_errors
+from medfed_cli.common import UsageError, console
 
 if TYPE_CHECKING:
     from inference.published import Published
@@ -48,8 +48,6 @@ def _print_card(published: Published) -> None:
     console.print(table)
 
 
-@user_errors("inference.published:PinError", "models.card:CardError",
-             "imaging.problems:ManifestError", "ValueError", "FileNotFoundError")
 def cmd_predict(args: argparse.Namespace) -> int:
     """Check the adapter's pins, print its card, predict, and write the reports."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medfed_cli.common import console, user_errors
+from medfed_cli.common import console
 
 
-@user_errors("simulations.report:ReportError")
 def cmd_report(args: argparse.Namespace) -> int:
     from simulations.report import build_report, default_out_dir
 

@@ -8,13 +8,10 @@ from typing import Any
 
 from rich.table import Table
 
-from medfed_cli.common import console, quiet_flower, user_errors
+from medfed_cli.common import console, quiet_flower
+
 
 # Errors a simulation reports to the user as one line (a bad TOML, a missing dataset).
-SIMULATION_ERRORS = ("server.rounds:FederationError", "simulations.config:ConfigError",
-                     "FileNotFoundError", "ValueError")
-
-
 def simulate_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Flags that were given, nested like the TOML file."""
     table = {
@@ -128,7 +125,6 @@ def print_summary(summary: dict[str, Any], run_dir: str) -> None:
     console.print(f"run directory: {run_dir}")
 
 
-@user_errors(*SIMULATION_ERRORS)
 def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.runner import resolve, run_study
 

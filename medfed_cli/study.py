@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medfed_cli.common import console, user_errors
+from medfed_cli.common import console
 
 
-@user_errors("models.settings:SettingsError")
 def cmd_study_check(args: argparse.Namespace) -> int:
     from server.study import load_study
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medfed_cli.common import console, quiet_flower, user_errors
-from medfed_cli.simulate import SIMULATION_ERRORS, base_config
+from medfed_cli.common import console, quiet_flower
+from medfed_cli.simulate import base_config
 
 
-@user_errors(*SIMULATION_ERRORS)
 def cmd_sweep(args: argparse.Namespace) -> int:
     from simulations.sweep import parse_grid, run_sweep
 

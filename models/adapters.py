@@ -11,6 +11,8 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load
 
+from core.errors import MedfedError
+
 ADAPTER_FILE = "adapter_model.safetensors"
 """The tensors' file in a peft adapter directory (``save_adapter``)."""
 
@@ -21,7 +23,7 @@ def adapter_state(model: PeftModel) -> OrderedDict[str, torch.Tensor]:
     return OrderedDict((k, v.detach().cpu().clone().contiguous()) for k, v in state.items())
 
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(MedfedError, ValueError):
     """Adapter tensors that do not fit the model they are loaded into."""
 
 

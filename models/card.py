@@ -27,9 +27,10 @@ from typing import Any
 
 from safetensors.torch import load, save
 
+from core.errors import MedfedError
+from core.hashing import file_sha256
+from core.settings import SettingsError, load_settings, setting
 from models.adapters import ADAPTER_FILE
-from models.hashing import file_sha256
-from models.settings import SettingsError, load_settings, setting
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ _MAX_CARD_BYTES = 1 << 20
 _MAX_HEADER_BYTES = 100 << 20
 
 
-class CardError(ValueError):
+class CardError(MedfedError, ValueError):
     """A card that cannot be used: unreadable, unknown or missing keys, bad values."""
 
 

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from flwr.app import ConfigRecord
 
-from models.settings import setting
+from core.settings import load_settings, setting
 
 T = TypeVar("T", "ModelConfig", "TrainConfig", "SegmentationConfig")
 
@@ -54,8 +54,8 @@ class ModelConfig:
 class TrainConfig:
     """Local training at each hospital, per round.
 
-    The defaults (2 epochs at batch 64, lr 2e-3) were chosen on the default run
-    (docs/results/2026-11-29-default-run-tuning.md); they are also the training settings of
+    The defaults were chosen on the default run (how, and what the others gave:
+    docs/results/2026-11-29-default-run-tuning.md); they are also the training settings of
     ``simulations.bench dp-utility``.
 
     Attributes:
@@ -159,13 +159,24 @@ def to_config_record(*configs: ModelConfig | TrainConfig | SegmentationConfig) -
     return record
 
 
+WIRE = "the coordinator's message"
+"""How a refused wire value's message names where it came from."""
+
+
 def from_config_record(cls: type[T], record: ConfigRecord) -> T:
-    """Read one config back from a ConfigRecord; a missing key is a protocol error."""
+    """Read one config back from a ConfigRecord, checked by the reader that checks the study
+    file: a message is held to the same types and limits as the file it came from.
+
+    Raises:
+        KeyError: a key is missing (a protocol error: another medfed version's coordinator).
+        core.settings.SettingsError: a value of the wrong type or out of its limits, named
+            by its wire key (``lora-r = 0: must be >= 1``).
+    """
     values = {}
     for f in fields(cls):
         key = _key(f.name)
         if key not in record:
-            raise KeyError(f"the coordinator's message has no '{key}' in its config record")
+            raise KeyError(f"{WIRE} has no '{key}' in its config record")
         value = record[key]
-        values[f.name] = list(value) if isinstance(value, list) else value
-    return cls(**values)
+        values[key] = list(value) if isinstance(value, list) else value
+    return load_settings(cls, values, WIRE)

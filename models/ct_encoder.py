@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from monai.networks.nets.resnet import ResNet, ResNetBottleneck
 from torch import nn
 
-from models import hashing
+from core import hashing
 from models.feature_centre import FeatureCentre
 from models.prefix_cache import PrefixCache, is_fixed
 

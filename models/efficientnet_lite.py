@@ -16,7 +16,7 @@ import torch
 from monai.networks.nets.efficientnet import EfficientNet, MBConvBlock
 from torch import nn
 
-from models import hashing
+from core import hashing
 
 # EfficientNet-B0 stages without the "_se0.25" suffix: Lite drops squeeze-excitation.
 LITE0_BLOCKS = [

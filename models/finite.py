@@ -15,8 +15,10 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from core.errors import MedfedError
 
-class NonFiniteError(ValueError):
+
+class NonFiniteError(MedfedError, ValueError):
     """A tensor or number that must be finite holds NaN or an infinity; nothing is released."""
 
 

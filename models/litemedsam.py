@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import hashing
+from core import hashing
 from models.sam_decoder import MaskDecoder, PromptEncoder
 from models.tinyvit import IMAGE_SIZE, TinyViT
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
+from core.errors import MedfedError
 from models import ct_encoder, litemedsam
 from models.classifier import HFLogits, ImageClassifier
 from models.config import ModelConfig
@@ -74,7 +75,7 @@ SEGMENTATION_SPEC = BackboneSpec(head="", default_targets=litemedsam.LORA_TARGET
                                  task="segmentation")
 
 
-class UnknownBackboneError(ValueError):
+class UnknownBackboneError(MedfedError, ValueError):
     """The run names a backbone the registry does not know."""
 
 
@@ -140,7 +141,7 @@ def weights_sha256(name: str) -> str:
     return digest.hexdigest()
 
 
-class WeightsMismatchError(RuntimeError):
+class WeightsMismatchError(MedfedError, RuntimeError):
     """This machine's copy of the base weights is not the one the run pinned."""
 
 

@@ -1,3 +1,3 @@
 """What protects the patients: differential privacy, accounting, secure aggregation."""
 
-import models  # noqa: F401  (sets Flower environment defaults before Flower loads)
+import core  # noqa: F401  (sets Flower environment defaults before Flower loads)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 from flwr.app import ConfigRecord
 
-from models.settings import check_settings, setting
+from core.settings import check_settings, setting
 
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("einsum", "functorch", "hooks", "ghost")
@@ -92,7 +92,7 @@ class DPConfig:
 
     def validate(self, where: str = "privacy") -> None:
         """Raise ``ValueError`` naming the field, its value and what is allowed: each field's
-        limits (``models.settings.SettingsError``; the typed reader checks the same when a
+        limits (``core.settings.SettingsError``; the typed reader checks the same when a
         study file is read), then the settings that only work together. Runs on every
         construction: a hospital checks the values a coordinator's round config carries."""
         check_settings(self, where)

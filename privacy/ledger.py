@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from core.errors import MedfedError
 from privacy import hash_chain
 from privacy.accounting import Event, epsilon
 
@@ -79,11 +80,11 @@ CREATE INDEX IF NOT EXISTS rounds_by_dataset ON rounds (dataset_id, id);
 """
 
 
-class BudgetExceeded(RuntimeError):
+class BudgetExceeded(MedfedError, RuntimeError):
     """A round would take a dataset's composed epsilon past the site's budget."""
 
 
-class LedgerIntegrityError(RuntimeError):
+class LedgerIntegrityError(MedfedError, RuntimeError):
     """The ledger was deleted, edited or lost its anchor; the message names the file."""
 
 

@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from core.errors import MedfedError
+
 CURVE = ec.SECP384R1
 """Flower generates SuperNode keys on P-384; the CA and TLS keys use it too."""
 
@@ -40,7 +42,7 @@ SERVER_DAYS = 825
 """TLS server certificates: the common maximum lifetime clients accept."""
 
 
-class KeyFileError(ValueError):
+class KeyFileError(MedfedError, ValueError):
     """A key or certificate file that is missing or not in the expected format."""
 
 

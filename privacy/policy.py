@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.settings import check_settings, read_settings, setting
+from core.settings import check_settings, read_settings, setting
 from privacy.config import ACCOUNTANTS
 
 

@@ -17,7 +17,7 @@ import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("client", "imaging", "inference", "medfed_cli", "models", "privacy", "server",
+PACKAGES = ("client", "core", "imaging", "inference", "medfed_cli", "models", "privacy", "server",
             "simulations", "strategies")
 LIMIT = 60
 

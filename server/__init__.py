@@ -1,3 +1,3 @@
 """The coordinator: ServerApp, round loop, central evaluation, run records."""
 
-import models  # noqa: F401  (sets Flower environment defaults before Flower loads)
+import core  # noqa: F401  (sets Flower environment defaults before Flower loads)

@@ -38,6 +38,8 @@ from flwr.serverapp.strategy import Strategy
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from core.errors import MedfedError
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -48,7 +50,7 @@ _STRATEGY_STATE = ("m_t", "v_t")
 """Strategy attributes saved: FedOpt's moments (dicts of name -> array, or None)."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MedfedError, RuntimeError):
     """A checkpoint that does not belong to this run or cannot be read."""
 
 

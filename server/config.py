@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from models.settings import setting
+from core.settings import setting
 from privacy.secagg import SecAggConfig
 from strategies import STRATEGIES
 from strategies.config import StrategyOptions
@@ -53,12 +53,8 @@ class FederationConfig:
     initial_adapter_sha256: str = ""
 
     def __post_init__(self) -> None:
-        # Refuse an unknown strategy when the config is read, not rounds later.
-        if self.rounds < 1:
-            raise ValueError(f"federation.rounds must be at least 1, got {self.rounds}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"federation.strategy: unknown strategy '{self.strategy}': "
-                             f"choose one of {sorted(STRATEGIES)}")
+        # The reader checks each field's limits (rounds >= 1, a known strategy); what is left
+        # is the check across fields, when the file is read, not rounds later.
         if self.secure_aggregation.enabled and not STRATEGIES[self.strategy].needs_only_sum:
             # Refused, not degraded: this rule must see each hospital's update, which secure
             # aggregation exists to hide.

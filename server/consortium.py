@@ -24,13 +24,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
-import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 
-from models.settings import read_settings
+from core.errors import MedfedError
+from core.settings import SettingsError, load_settings, read_settings, read_toml, setting
 from privacy.pki import (
     certificate_pem,
     load_ca,
@@ -55,7 +56,7 @@ ENROLMENT_FILE = "enrolment.toml"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class ConsortiumError(ValueError):
+class ConsortiumError(MedfedError, ValueError):
     """A consortium folder, config or enrolment request that cannot be used as is."""
 
 
@@ -82,8 +83,8 @@ class CoordinatorConfig:
 
     consortium: str
     host: str = "0.0.0.0"
-    port: int = 8000
-    admin_port: int = 0
+    port: int = setting(8000, ge=1, le=65535)
+    admin_port: int = setting(0, ge=0, le=65535)
     hostnames: list[str] = field(default_factory=list)
     ca_cert: str = "ca/ca.pem"
     ca_key: str = "ca/ca.key"
@@ -91,8 +92,8 @@ class CoordinatorConfig:
     server_key: str = "tls/server.key"
     enrolment: str = ENROLMENT_FILE
     run_dir: str = "runs"
-    wait_for_hospitals_s: float = 120.0
-    roster_valid_days: float = 30.0
+    wait_for_hospitals_s: float = setting(120.0, ge=0.0)
+    roster_valid_days: float = setting(30.0, gt=0.0)
 
     @property
     def control_port(self) -> int:
@@ -168,9 +169,6 @@ def load_coordinator_config(folder: Path) -> CoordinatorConfig:
     )
     if "consortium" not in values:
         raise ConsortiumError(f"{path}: set 'consortium' in [coordinator]")
-    if not values.get("roster_valid_days", 30.0) > 0:
-        raise ConsortiumError(f"{path}: roster_valid_days = {values['roster_valid_days']}: "
-                              f"must be > 0")
     return CoordinatorConfig(**values)
 
 
@@ -188,11 +186,27 @@ def check_consortium(folder: Path) -> CoordinatorConfig:
 def load_enrolments(folder: Path) -> list[Enrolment]:
     """The enrolment list, in enrolment order."""
     path = Path(folder) / load_coordinator_config(folder).enrolment
+    label = f"enrolment list {path}"
+    values = read_toml(path, label, error=ConsortiumError)
+    if set(values) - {"hospital"} or not isinstance(values.get("hospital", []), list):
+        raise ConsortiumError(f"{label}: holds only [[hospital]] entries, found "
+                              f"{sorted(values)}; restore it from a backup")
+    return [_enrolment(entry, f"{label} [[hospital]] {i + 1}")
+            for i, entry in enumerate(values.get("hospital", []))]
+
+
+def _enrolment(entry: Any, where: str) -> Enrolment:
+    """One ``[[hospital]]`` entry, read by the typed reader (an unknown key, a wrong type or a
+    missing key is refused naming the entry)."""
+    if isinstance(entry, dict):
+        missing = [f.name for f in fields(Enrolment)
+                   if f.default is MISSING and f.name not in entry]
+        if missing:
+            raise ConsortiumError(f"{where}: missing {missing}; restore the list from a backup")
     try:
-        entries = tomllib.loads(path.read_text()).get("hospital", [])
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise ConsortiumError(f"{path}: cannot read the enrolment list ({err})") from err
-    return [Enrolment(**entry) for entry in entries]
+        return load_settings(Enrolment, entry, where)
+    except SettingsError as err:
+        raise ConsortiumError(str(err)) from err
 
 
 def _write_enrolments(path: Path, entries: list[Enrolment]) -> None:

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import tomli_w
 
-from models.processes import dies_with_this_process
+from core.errors import MedfedError
+from core.processes import dies_with_this_process
 from server.consortium import (
     CoordinatorConfig,
     check_consortium,
@@ -54,8 +55,12 @@ PID_FILE = "coordinator.pid"
 GATE_MODULE = "server.superlink_gate"
 
 
-class CoordinatorBusy(RuntimeError):
+class CoordinatorBusy(MedfedError, RuntimeError):
     """Another live coordinator runs this consortium, or a stranger holds its port."""
+
+
+class SuperLinkError(MedfedError, RuntimeError):
+    """The SuperLink did not start, did not listen, or did not answer a listing."""
 
 
 def superlink_command(folder: Path, insecure: bool = False,
@@ -135,7 +140,7 @@ def sync_registry(folder: Path, run: Callable[[list[str], dict[str, str]], tuple
     code, output = run(registry_listing_command(folder)[0], env)
     try:
         listed = registry_nodes(output)
-    except ValueError as err:
+    except SuperLinkError as err:
         return [f"error: {err}"]
     lines = []
     entries = load_enrolments(folder)
@@ -172,14 +177,14 @@ def registry_nodes(listing_json: str) -> dict[str, dict]:
     """Node id -> node of ``flwr supernode ls --format json`` output, unregistered ones left out.
 
     Raises:
-        ValueError: the output is not a node list (the SuperLink did not answer).
+        SuperLinkError: the output is not a node list (the SuperLink did not answer).
     """
     try:
         listing = json.loads(listing_json)
         nodes = listing["nodes"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"the SuperLink did not answer: {listing_failure(listing_json)}. Is "
-                         f"the coordinator running? ('medfed coordinator start')") from err
+        raise SuperLinkError(f"the SuperLink did not answer: {listing_failure(listing_json)}. "
+                             f"Is the coordinator running? ('medfed coordinator start')") from err
     return {n["node-id"]: n for n in nodes if n.get("status") != "unregistered"}
 
 
@@ -235,17 +240,17 @@ def wait_listening(host: str, port: int, proc: subprocess.Popen, timeout_s: floa
     process that holds the port).
 
     Raises:
-        RuntimeError: ``proc`` exited first, or ``timeout_s`` passed.
+        SuperLinkError: ``proc`` exited first, or ``timeout_s`` passed.
     """
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         if proc.poll() is not None:
-            raise RuntimeError(f"the SuperLink exited with code {proc.returncode} before "
-                               f"listening on {host}:{port}; see its log above")
+            raise SuperLinkError(f"the SuperLink exited with code {proc.returncode} before "
+                                 f"listening on {host}:{port}; see its log above")
         if proc.pid in _listeners(port):
             return
         time.sleep(0.3)
-    raise RuntimeError(f"the SuperLink did not listen on {host}:{port} within {timeout_s:g} s")
+    raise SuperLinkError(f"the SuperLink did not listen on {host}:{port} within {timeout_s:g} s")
 
 
 def _listeners(port: int) -> set[int]:
@@ -422,7 +427,7 @@ def run_coordinator(folder: Path, study: Path, run_dir: Path | None = None,
     its last checkpointed round. Returns 0 when the run finished (its final adapter written).
 
     Raises:
-        models.settings.SettingsError: the study file is unreadable or refuses a setting.
+        core.settings.SettingsError: the study file is unreadable or refuses a setting.
         CoordinatorBusy: another coordinator runs this consortium, or a stranger holds a port.
     """
     from server.study import load_study

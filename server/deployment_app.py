@@ -144,7 +144,7 @@ def load_study(study: Path) -> Study:
     """The study's resolved settings (weights and initial adapter pinned).
 
     Raises:
-        models.settings.SettingsError: the study file is unreadable or refuses a setting.
+        core.settings.SettingsError: the study file is unreadable or refuses a setting.
     """
     from server.study import load_study as read_study
     from server.study import resolve_study

@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import Strategy
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
+from core.errors import MedfedError
 from models.adapters import adapter_state, load_adapter_file, load_adapter_state, save_adapter
 from models.config import ModelConfig, SegmentationConfig, TrainConfig, to_config_record
 from models.data import ImageSet
@@ -67,7 +68,7 @@ RESUME_ADVICE = ("Once the hospitals named can take part (their policy changed, 
 """What a run that ended on hospitals' refusals tells the operator to do."""
 
 
-class FederationError(RuntimeError):
+class FederationError(MedfedError, RuntimeError):
     """A run that did not complete the rounds it was asked for."""
 
 

@@ -25,8 +25,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from models.config import ModelConfig, SegmentationConfig, TrainConfig
-from models.settings import (
+from core.settings import (
     SettingsError,
     allowed,
     default_of,
@@ -36,6 +35,7 @@ from models.settings import (
     setting,
     type_name,
 )
+from models.config import ModelConfig, SegmentationConfig, TrainConfig
 from privacy.config import DPConfig
 from server.config import FederationConfig
 
@@ -113,6 +113,7 @@ class Study:
 
     def __post_init__(self) -> None:
         check_classes(self)
+        check_ranks(self)
         check_segmentation(self)
 
     def study(self) -> Study:
@@ -169,6 +170,22 @@ def check_segmentation(study: Study) -> None:
         raise ValueError(f"evaluation.select_by = '{study.evaluation.select_by}' is a "
                          f"classification metric: a segmentation study chooses its published "
                          f"round by one of {list(SEGMENTATION_SELECT_BY)}")
+
+
+def check_ranks(study: Study) -> None:
+    """Refuse HetLoRA ranks above the global LoRA rank when the study is read, not at every
+    hospital in round 1 (a hospital's adapter is a truncation of the global one).
+
+    Raises:
+        ValueError: naming ``federation.options.hetlora_ranks`` and ``model.lora_r`` (the
+            reader adds the file's name).
+    """
+    ranks = study.federation.options.hetlora_ranks
+    above = [r for r in ranks if r > study.model.lora_r]
+    if above:
+        raise ValueError(f"federation.options.hetlora_ranks = {ranks}: {above} above "
+                         f"model.lora_r = {study.model.lora_r}; each hospital's rank must be "
+                         "at most the global rank (lower it, or raise model.lora_r)")
 
 
 SET_ELSEWHERE = {  # their defaults stay accepted (every run's config.toml lists them)
@@ -241,8 +258,8 @@ def resolve_study(study: Study) -> Study:
     Raises:
         FileNotFoundError: ``federation.initial_adapter`` names a file that does not exist.
     """
+    from core.hashing import file_sha256
     from models.adapters import adapter_file
-    from models.hashing import file_sha256
     from models.registry import weights_sha256
 
     model = replace(study.model, weights_sha256=study.model.weights_sha256

@@ -26,11 +26,11 @@ A hospital restarted at once after its daemon died (``kill -9``, a crash) is tak
 Flower would refuse it while it still counts the dead process online (two missed heartbeats,
 a minute), and would wait for the round's timeout for the message that process was working on.
 Here the node is taken over, and that message is answered as lost
-(:func:`models.flower_compat.recover_restarted_nodes`). Only the node's private key can do
+(:func:`core.flower_compat.recover_restarted_nodes`). Only the node's private key can do
 that: Flower checks a signature of the request's timestamp by the node's key, and the gate
-accepts each signed timestamp once (:class:`models.flower_compat.SingleUseSignatures`), so
+accepts each signed timestamp once (:class:`core.flower_compat.SingleUseSignatures`), so
 headers seen by the coordinator or a proxy cannot be replayed to activate as the node or pull
-its messages. Every Flower internal the gate uses is in :mod:`models.flower_compat`.
+its messages. Every Flower internal the gate uses is in :mod:`core.flower_compat`.
 
 A node whose key runs two live SuperNodes at once (a copied or stolen ``node.key``: the second
 one's activation takes the node over, and both keep heartbeating) is refused: the gate
@@ -55,8 +55,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from models import flower_compat
-from models.processes import dies_with_this_process
+from core import flower_compat
+from core.processes import dies_with_this_process
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def sync_registry_state(state: Any, folder: Path) -> list[str]:
 
     Registers every active enrolment's key that is not registered (recording its node id in
     the enrolment list), unregisters revoked keys and every node whose key is not an active
-    enrolment's. Works on Flower's ``LinkState`` directly (``models.flower_compat``):
+    enrolment's. Works on Flower's ``LinkState`` directly (``core.flower_compat``):
     milliseconds a key, where ``flwr supernode register`` starts a Python CLI per key.
 
     Returns:

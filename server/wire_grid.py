@@ -3,7 +3,7 @@
 Two costs of Flower 1.42's deployment transport that a LoRA round does not need:
 
 - every tensor of a message is its own object and HTTP request at each hop; the adapter goes
-  packed into one array (``models.wire``; the hospital's ``client.wire.packed_wire_mod``
+  packed into one array (``core.wire``; the hospital's ``client.wire.packed_wire_mod``
   unpacks it and packs its reply);
 - ``send_and_receive`` polls the SuperLink for replies every 3 s; here every
   ``poll_interval_s`` (one small request to the SuperLink on loopback or the consortium link).
@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from models.wire import pack_content, unpack_content
+from core.wire import pack_content, unpack_content
 from server.delegating_grid import PollingGrid
 
 logger = logging.getLogger(__name__)

@@ -1,3 +1,3 @@
 """Many simulated hospitals on one machine: data, partitions, runner, baselines, benches."""
 
-import models  # noqa: F401  (sets Flower environment defaults before Flower loads)
+import core  # noqa: F401  (sets Flower environment defaults before Flower loads)

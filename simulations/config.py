@@ -5,7 +5,7 @@ A simulation file is a study file (``classes``, ``[model]``, ``[train]``,
 it: ``[data]`` (which dataset and how it is partitioned), ``[failures]``, ``[tracking]`` and
 top-level ``seed``, ``run_dir``, ``baselines``, ``cpus_per_hospital``, ``site_policy``,
 ``ledger_dir``, ``ray_address``. The coordinator's code receives only the study
-(``SimulationConfig.study()``). Both are read by the one typed reader of ``models.settings``.
+(``SimulationConfig.study()``). Both are read by the one typed reader of ``core.settings``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.settings import SettingsError, load_settings, read_toml, setting
+from core.settings import SettingsError, load_settings, read_toml, setting
 from server.study import Study, check_study_values
 
 

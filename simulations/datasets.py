@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.errors import MedfedError
 from models.data import ImageSet, middle_slices, to_image_tensor, to_volume_tensor
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,10 @@ CLASS_NAMES = {
     "breastmnist": ["malignant", "normal or benign"],
 }
 """Class names of the MedMNIST datasets medfed's simulations name (label order)."""
+
+
+class DatasetError(MedfedError, ValueError):
+    """A dataset file that is not a usable MedMNIST-format archive; the message names it."""
 
 
 def class_names(dataset: str, num_classes: int) -> list[str]:
@@ -137,14 +142,14 @@ def load_medmnist(name: str, image_size: int, path: Path | None = None) -> MedMN
         missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")
                    if f"{s}_{k}" not in archive]
         if missing:
-            raise KeyError(f"{path}: not a MedMNIST-format file, it lacks {missing}")
+            raise DatasetError(f"{path}: not a MedMNIST-format file, it lacks {missing}")
         raw = {s: (archive[f"{s}_images"], archive[f"{s}_labels"]) for s in SPLITS}
     volumes = raw["train"][0].ndim == 4 and raw["train"][0].shape[-1] != 3
     if slices and not volumes:
-        raise ValueError(f"{path}: '{MIDDLE_SLICES}' needs a 3D dataset")
+        raise DatasetError(f"{path}: '{MIDDLE_SLICES}' needs a 3D dataset")
     for split, (_, labels) in raw.items():
         if labels.ndim == 2 and labels.shape[1] > 1:
-            raise ValueError(f"{path}: {split} labels have shape {labels.shape}: multi-label")
+            raise DatasetError(f"{path}: {split} labels have shape {labels.shape}: multi-label")
 
     def convert(x: np.ndarray) -> torch.Tensor:
         if slices:

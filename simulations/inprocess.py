@@ -12,13 +12,11 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
-from flwr.app.message.message import make_message
-from flwr.app.metadata import Metadata
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Metadata, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
-from models.flower_compat import set_message_id, set_task_identity
+from core.flower_compat import make_message, set_message_id, set_task_identity
 
 
 def message_with_metadata(

@@ -34,11 +34,11 @@ import numpy as np
 import torch
 
 from client.training import train_local
+from core.hashing import file_sha256
 from models.adapters import ADAPTER_FILE, save_adapter
 from models.config import ModelConfig, TrainConfig
 from models.data import ImageSet
 from models.feature_centre import CENTRE_MODULE, centre_on
-from models.hashing import file_sha256
 from models.metrics import evaluate
 from models.registry import backbone_spec, weights_sha256
 from server.rounds import initial_model

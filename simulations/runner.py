@@ -29,7 +29,7 @@ from server.simulation_app import ServerRun, build_server_app
 from server.study import resolve_study
 from simulations.baseline_pool import run_baselines
 from simulations.baselines import local_baseline, pooled_baseline
-from simulations.config import SimulationConfig, config_dict
+from simulations.config import ConfigError, SimulationConfig, config_dict
 from simulations.datasets import class_names
 from simulations.progress import RoundProgress
 from simulations.segmentation_study import (
@@ -58,7 +58,7 @@ def resolve(config: SimulationConfig) -> SimulationConfig:
         return resolve_segmentation(config)
     dataset = cached_dataset(config.data.dataset, config.model.image_size)
     if config.classes and len(config.classes) != dataset.num_classes:
-        raise ValueError(f"classes = {config.classes} but {config.data.dataset} has "
+        raise ConfigError(f"classes = {config.classes} but {config.data.dataset} has "
                          f"{dataset.num_classes} classes")
     classes = config.classes or class_names(config.data.dataset, dataset.num_classes)
     study = resolve_study(replace(config.study(), classes=classes))
@@ -66,7 +66,7 @@ def resolve(config: SimulationConfig) -> SimulationConfig:
         Path("runs") / f"{config.data.dataset}-{datetime.now():%Y%m%d-%H%M%S}"
     )
     if config.federation.min_hospitals > config.data.num_hospitals:
-        raise ValueError(
+        raise ConfigError(
             f"federation.min_hospitals={config.federation.min_hospitals} exceeds "
             f"data.num_hospitals={config.data.num_hospitals}"
         )

@@ -5,7 +5,7 @@ whether it needs only the weighted sum of the updates (``needs_only_sum``: it ca
 secure aggregation).
 """
 
-import models  # noqa: F401  (sets Flower environment defaults before Flower loads)
+import core  # noqa: F401  (sets Flower environment defaults before Flower loads)
 from strategies.adapter import AdapterStrategy
 from strategies.config import StrategyOptions
 from strategies.fedavg import AdapterFedAvg

@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from models.flower_compat import set_source_node
+from core.errors import MedfedError
+from core.flower_compat import set_source_node
 from models.lora_parts import check_exchange, exchanged_keys
 from strategies.config import StrategyOptions
 from strategies.replies import Reply, ReplyObserver, split_valid_replies
@@ -26,7 +27,7 @@ LATE = "late: no reply within the round timeout"
 """Why a hospital that was asked but did not answer in time has no update."""
 
 
-class TooFewUpdates(RuntimeError):
+class TooFewUpdates(MedfedError, RuntimeError):
     """A training round left with fewer valid updates than ``min_train_nodes`` (e.g.
     hospitals' privacy-budget refusals); the message names every dropped reply's reason."""
 

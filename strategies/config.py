@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from core.settings import setting
 
 
 @dataclass
@@ -26,15 +28,16 @@ class StrategyOptions:
         hetlora_ranks: ``hetlora``: LoRA rank of each hospital, hospital ``k`` (partition id)
             taking ``hetlora_ranks[k % len]``; a hospital's node config ``lora-rank`` takes
             precedence; empty: every hospital at the global ``lora_r``. Each must be at most
-            the global rank.
+            the global rank (``model.lora_r``, checked when the study is read).
     """
 
-    server_lr: float = 0.01
-    server_tau: float = 1e-3
-    beta_1: float = 0.9
-    beta_2: float = 0.99
-    proximal_mu: float = 0.01
-    trim_fraction: float = 0.2
-    clip_norm: float = 0.0
-    max_update_norm: float = 0.0
-    hetlora_ranks: list[int] = field(default_factory=list)
+    server_lr: float = setting(0.01, gt=0.0)
+    server_tau: float = setting(1e-3, gt=0.0)
+    beta_1: float = setting(0.9, ge=0.0, lt=1.0)
+    beta_2: float = setting(0.99, ge=0.0, lt=1.0)
+    proximal_mu: float = setting(0.01, ge=0.0)
+    # Below one half: a trim of half or more at each end leaves no update to average.
+    trim_fraction: float = setting(0.2, ge=0.0, lt=0.5)
+    clip_norm: float = setting(0.0, ge=0.0)
+    max_update_norm: float = setting(0.0, ge=0.0)
+    hetlora_ranks: list[int] = setting(default_factory=list, ge=1)

@@ -11,7 +11,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
-from models.flower_compat import empty_run, set_message_id, task_identity
+from core.flower_compat import empty_run, set_message_id, task_identity
 
 
 class LoopbackGrid(Grid):

@@ -8,10 +8,10 @@ import json
 import pytest
 from published_run import CLASSES
 
+from core.hashing import file_sha256
 from models.adapters import ADAPTER_FILE
 from models.card import CARD_FILE, CardError, embedded_pins, read_card
 from models.config import ModelConfig
-from models.hashing import file_sha256
 from models.registry import weights_sha256
 
 

@@ -9,7 +9,13 @@ import io
 import pytest
 
 from server.checkpoint import CHECKPOINT_FILE
-from server.daemon import copy_once, last_run_error, registry_nodes, run_advice
+from server.daemon import (
+    SuperLinkError,
+    copy_once,
+    last_run_error,
+    registry_nodes,
+    run_advice,
+)
 from server.records import RunRecords
 from strategies.replies import Reply
 
@@ -63,9 +69,9 @@ def test_the_streamed_run_log_prints_each_line_once():
 
 
 def test_a_superlink_that_does_not_answer_is_not_an_empty_registry():
-    with pytest.raises(ValueError, match="did not answer"):
+    with pytest.raises(SuperLinkError, match="did not answer"):
         registry_nodes('{"success": false, "error-message": "connection refused"}')
-    with pytest.raises(ValueError, match="did not answer"):
+    with pytest.raises(SuperLinkError, match="did not answer"):
         registry_nodes("")
     listing = ('{"success": true, "nodes": [{"node-id": "1", "status": "online"}, '
                '{"node-id": "2", "status": "unregistered"}]}')

@@ -1,4 +1,4 @@
-"""One test per assumption medfed makes about Flower's internals (``models.flower_compat`` and
+"""One test per assumption medfed makes about Flower's internals (``core.flower_compat`` and
 the few private imports elsewhere). A Flower upgrade that breaks one fails here first."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import flwr
 import pytest
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 
-from models import flower_compat
+from core import flower_compat
 
 
 @pytest.fixture
@@ -370,3 +370,48 @@ def test_a_node_signature_is_accepted_once(superlink):
     old = _signed_headers(key, (now() - timedelta(seconds=400)).isoformat())
     assert _status(guard, old) == 200
     assert len(guard.seen) == 2  # the two fresh ones: an expired one is not kept
+
+
+def test_flowers_shamir_and_share_layout_come_through_the_compat_module():
+    """privacy.secagg.crypto shares secrets with Flower's SecAgg+ helpers, reached through
+    core.flower_compat: any 3 of 5 shares give the secret back, and a share's plaintext splits
+    back into what was put in."""
+    secret = bytes(range(32))
+    shares = flower_compat.create_shares(secret, 3, 5)
+    assert len(shares) == 5
+    assert flower_compat.combine_shares(shares[1:4]) == secret
+    assert flower_compat.combine_shares([shares[0], shares[2], shares[4]]) == secret
+    text = flower_compat.share_keys_plaintext_concat(3, 9, b"seed-share", b"key-share")
+    assert flower_compat.share_keys_plaintext_separate(text) == (3, 9, b"seed-share",
+                                                                 b"key-share")
+
+
+def test_make_message_keeps_the_metadata_given():
+    from flwr.app import Metadata, RecordDict
+
+    metadata = Metadata(run_id=5, message_id="m-1", src_node_id=2, dst_node_id=7,
+                        reply_to_message_id="", group_id="g", created_at=1.0, ttl=60.0,
+                        message_type="train")
+    message = flower_compat.make_message(metadata, RecordDict())
+    assert (message.metadata.message_id, message.metadata.src_node_id,
+            message.metadata.run_id) == ("m-1", 2, 5)
+
+
+def test_importing_any_medfed_package_sets_flowers_environment_defaults_unless_set():
+    """core.flower_env: no telemetry and no runtime dependency installation before Flower
+    loads, in every process medfed runs in; a value the operator set is kept."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from core.flower_env import FLOWER_ENV_DEFAULTS
+
+    env = {k: v for k, v in os.environ.items() if k not in FLOWER_ENV_DEFAULTS}
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "operator's"
+    code = ("import os, json, client; print(json.dumps({k: os.environ.get(k) for k in "
+            f"{sorted(FLOWER_ENV_DEFAULTS)!r}}}))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120, check=True)
+    assert json.loads(done.stdout) == FLOWER_ENV_DEFAULTS | {
+        "FLWR_DISABLE_UPDATE_CHECK": "operator's"}

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from client.training import make_local_optimizer, train_local
+from core.settings import SettingsError
 from models.adapters import adapter_state
 from models.config import TrainConfig, from_config_record, to_config_record
 from models.lora import build_lora_model
-from models.settings import SettingsError
 from simulations.scenarios import load_scenario
 
 

@@ -1,7 +1,7 @@
 """An attacker tries to take an enrolled hospital's node over, on real processes on loopback.
 
 The coordinator's SuperLink takes a node back at once when its SuperNode restarts
-(``models.flower_compat.recover_restarted_nodes``): activating a node it still counts online
+(``core.flower_compat.recover_restarted_nodes``): activating a node it still counts online
 pushes the previous process off. Only the holder of the node's private key may do that. Here
 the attacker holds everything the coordinator sees - the node's public key and id, the CA
 certificate, the run's messages and metadata, and the signed headers of a request the

@@ -1,4 +1,4 @@
-"""``models.processes``: a child armed with the parent-death signal ends when its parent is
+"""``core.processes``: a child armed with the parent-death signal ends when its parent is
 killed (``kill -9``), and one whose parent is already gone exits at once. Real processes."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import time
 
 import psutil
 
-from models.processes import die_with_parent
+from core.processes import die_with_parent
 
 # A parent that starts a sleeping child armed to die with it, prints the child's pid, then waits.
 PARENT = textwrap.dedent("""
     import subprocess, sys
-    from models.processes import dies_with_this_process
+    from core.processes import dies_with_this_process
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
                              preexec_fn=dies_with_this_process())
     print(child.pid, flush=True)

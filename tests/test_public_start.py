@@ -10,9 +10,9 @@ from loopback import LoopbackGrid, server_identity
 
 from client.app import build_client_app
 from client.site import SiteData
+from core.hashing import file_sha256
 from models.adapters import AdapterMismatchError, adapter_file, adapter_state
 from models.config import TrainConfig
-from models.hashing import file_sha256
 from models.metrics import evaluate
 from server.config import FederationConfig
 from server.records import RunRecords

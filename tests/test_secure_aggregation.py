@@ -189,7 +189,7 @@ class SuperLinkAnswersGrid(InProcessGrid):
     def pull_messages(self, message_ids):
         from flwr.app import Error
 
-        from models.flower_compat import set_message_id
+        from core.flower_compat import set_message_id
 
         replies = []
         for reply in super().pull_messages(message_ids):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.flower_compat import task_identity
+from core.flower_compat import task_identity
 from simulations.dropouts import drops_out
 from simulations.stragglers import straggles
 

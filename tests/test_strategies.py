@@ -8,9 +8,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from client.app import build_client_app
 from client.exchange import PERSONAL_STATE_KEY
+from core.flower_compat import task_identity
 from models.adapters import adapter_state
 from models.config import TrainConfig, to_config_record
-from models.flower_compat import task_identity
 from models.lora import build_lora_model
 from simulations.inprocess import coordinator_message, message_with_metadata
 from strategies import STRATEGIES, StrategyOptions, build_strategy

@@ -12,7 +12,7 @@ import pandas as pd
 from client.site_folder import init_site_folder
 from privacy.ledger import Charge, Ledger, run_spends
 from server.consortium import enrol, init_consortium, revoke, set_node_id
-from server.daemon import registry_nodes
+from server.daemon import SuperLinkError, registry_nodes
 from server.deployment_app import revocations
 from server.records import RunRecords
 from simulations.report.page import held_out_sentence
@@ -58,13 +58,13 @@ def test_status_with_the_superlink_down_says_why_without_stray_braces():
                           "Is the SuperLink running?"}, indent=2)
     try:
         registry_nodes(printed)
-    except ValueError as err:
+    except SuperLinkError as err:
         message = str(err)
     assert "Connection refused Is the SuperLink running?" in message, message
     assert "}" not in message and "(})" not in message
     try:
         registry_nodes("Traceback ...\nConnectionError: refused\n}\n")
-    except ValueError as err:
+    except SuperLinkError as err:
         assert "ConnectionError: refused" in str(err) and "}" not in str(err)
 
 

@@ -21,9 +21,9 @@ from client.site_folder import (
     load_hospital_config,
     node_config,
 )
+from core.settings import SettingsError
 from models.config import to_config_record
 from models.data import ImageSet
-from models.settings import SettingsError
 from server.evaluation import AdapterSelection, combine_validation, with_prior
 from server.study import load_study, study_reference
 from simulations.config import ConfigError, load_config, with_overrides
@@ -277,7 +277,7 @@ def test_medfed_hospital_check_reads_the_site_folder(tmp_path, capsys):
 def test_a_help_line_that_wraps_after_a_colon_stays_one_entry():
     """A continuation line holding ``word:`` (``(pure\n cryptography: ...``) is not a new
     entry: the reference shows the whole help text."""
-    from models.settings import field_help
+    from core.settings import field_help
     from privacy.secagg import SecAggConfig
 
     text = field_help(SecAggConfig)["stage_timeout_s"]
@@ -290,8 +290,8 @@ def test_the_reference_takes_a_settings_help_from_the_base_class_that_documents_
     from dataclasses import fields
 
     from client.data.config import SiteDataConfig
+    from core.settings import field_help
     from imaging.settings import ReadSettings
-    from models.settings import field_help
     from server.study import settings_help, settings_reference
 
     help_of, base = settings_help(SiteDataConfig), field_help(ReadSettings)

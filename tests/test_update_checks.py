@@ -3,7 +3,7 @@
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from models.flower_compat import set_message_id, set_source_node
+from core.flower_compat import set_message_id, set_source_node
 from strategies.replies import check_update
 
 

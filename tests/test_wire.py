@@ -1,4 +1,4 @@
-"""Packed adapters on the deployment wire (models.wire, server.wire_grid, client.wire)."""
+"""Packed adapters on the deployment wire (core.wire, server.wire_grid, client.wire)."""
 
 import numpy as np
 import pytest
@@ -7,10 +7,10 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from client.app import build_client_app
 from client.site import SiteData
+from core.wire import LAYOUT_KEY, pack_content, unpack_content
 from models.adapters import adapter_state
 from models.config import TrainConfig, to_config_record
 from models.lora import build_lora_model
-from models.wire import LAYOUT_KEY, pack_content, unpack_content
 from server.wire_grid import PackedWireGrid
 from simulations.inprocess import InProcessGrid
 

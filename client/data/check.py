@@ -14,6 +14,7 @@ from pathlib import Path
 
 from client.data.config import SiteDataConfig
 from client.data.dataset import SiteReport, prepare_site
+from core.errors import MedfedError
 from imaging.manifest import SPLITS
 from imaging.problems import SHOWN_PER_KIND, summarise
 
@@ -103,7 +104,7 @@ def format_report(report: SiteReport, config: SiteDataConfig,
     return "\n".join(lines)
 
 
-class ReportFileError(ValueError):
+class ReportFileError(MedfedError, ValueError):
     """The full check report cannot be written where it was asked for."""
 
 

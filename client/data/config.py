@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.settings import SettingsError, check_settings, load_settings, read_toml, setting
 from imaging.settings import FRAME_MODES, MAX_INDEX_CLASSES, ReadSettings, ReadSettingsError
-from models.settings import SettingsError, check_settings, load_settings, read_toml, setting
 
 __all__ = ["FRAME_MODES", "MAX_INDEX_CLASSES", "SiteDataConfig", "SiteDataConfigError",
            "from_node_config", "load_site_data_config", "site_data_config"]
@@ -116,7 +116,7 @@ def site_data_config(values: Mapping[str, Any], where: str = "site data config",
                      base: SiteDataConfig | None = None, text: bool = True) -> SiteDataConfig:
     """``base`` (default: defaults) updated with ``values``; dashed or underscored keys.
 
-    Read by the typed settings reader (``models.settings``): an unknown key, a value of the
+    Read by the typed settings reader (``core.settings``): an unknown key, a value of the
     wrong type or out of range is refused, naming the key, the value and what is allowed.
 
     Args:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from models.settings import check_settings, setting
+from core.errors import MedfedError
+from core.settings import check_settings, setting
 
 STAGES = ("setup", "share", "mask", "check", "unmask")
 """The protocol's message exchanges, in order (one round trip each)."""
@@ -13,7 +14,7 @@ ACTION = "secagg"
 """Flower message action of the stages: messages are of type ``train.secagg``."""
 
 
-class SecAggError(RuntimeError):
+class SecAggError(MedfedError, RuntimeError):
     """A secure-aggregation round that cannot complete (too few hospitals, failed unmasking)."""
 
 

@@ -23,12 +23,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
-from flwr.common.secure_aggregation.secaggplus_utils import (
+
+from core.flower_compat import (
+    combine_shares,
+    create_shares,
     share_keys_plaintext_concat,
     share_keys_plaintext_separate,
 )
-
 from privacy.secagg.config import SecAggError
 
 KEY_BYTES = 32

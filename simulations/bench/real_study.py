@@ -14,10 +14,17 @@ gives it). While the study runs, an audit hook (:func:`sys.addaudithook`) counts
 opened under the MedMNIST folders and the coordinator's data folder, and every outgoing network
 connection; the hospitals read only their own DICOM folders, so the count is the coordinator's.
 It prints ``federated eval auc: <x>`` (the combined validation AUC of the published round) and
-``coordinator data files read: <n>``. The coordinator is set up by the deployed ServerApp's own
-code (``server.deployment_app.deployment_server_run``). ``--test-images N`` gives it a test set
-of its own (``evaluation.test_manifest``: N MedMNIST test images written as DICOM, outside the
-audited folders) and prints ``coordinator test auc: <x>`` too.
+``coordinator data files read: <n>``. The last hospital answers one evaluation per run
+(``max_evaluations_per_run = 1``), so from round 2 it refuses to evaluate: ``rounds lost to an
+evaluation refusal: <n>`` counts the rounds whose training did not count (0: a refusal never
+voids a round's training), beside ``hospital rounds not evaluated: <n>``. Then the hospital and
+coordinator guides are walked as written (:mod:`simulations.bench.guide_walk`: their commands in
+order on a fresh folder with real DICOM files, the study run by real daemons on loopback):
+``guide steps that failed: <n> of <m>`` (``--no-guide`` skips it). The coordinator is set up by
+the deployed ServerApp's own code (``server.deployment_app.deployment_server_run``).
+``--test-images N`` gives it a test set of its own (``evaluation.test_manifest``: N MedMNIST test
+images written as DICOM, outside the audited folders) and prints ``coordinator test auc: <x>``
+too.
 """
 
 from __future__ import annotations
@@ -54,10 +61,12 @@ STUDY = {
 
 
 def prepare_hospitals(root: Path, hospitals: int, train_per_hospital: int, image_size: int,
-                      seed: int = 0) -> list[Path]:
+                      seed: int = 0, evaluations: dict[int, int] | None = None) -> list[Path]:
     """Site folders ``root/hospital-<k>``: DICOM files, a manifest with class names, and a
     ``hospital.toml`` naming the classes (hospital 1 in reverse order) and its decoded-image
-    cache (``[site_data]``). Reads MedMNIST: done before the coordinator starts."""
+    cache (``[site_data]``). ``evaluations``: hospital index -> its run policy's
+    ``max_evaluations_per_run`` (default 10). Reads MedMNIST: done before the coordinator
+    starts."""
     from simulations.dicom_export import export_site
     from simulations.sites import hospital_site
 
@@ -76,7 +85,8 @@ def prepare_hospitals(root: Path, hospitals: int, train_per_hospital: int, image
             "allowed_apps": ["medfed/medfed-app"],
             "allowed_backbones": ["efficientnet-lite0-imagenet"],
             "allowed_tasks": [STUDY["federation"]["task"]],
-            "max_evaluations_per_run": 10, "max_evaluations_per_day": 40}))
+            "max_evaluations_per_run": (evaluations or {}).get(k, 10),
+            "max_evaluations_per_day": 40}))
         (site / CONFIG_FILE).write_text(tomli_w.dumps({
             "hospital": hospital,
             "site_data": {"cache_dir": str(site / "cache"), "max_error_fraction": 0.0}}))
@@ -172,16 +182,17 @@ def write_test_set(folder: Path, images: int, image_size: int, seed: int = 0) ->
 
 
 def run_real_study(root: Path, hospitals: int = 3, rounds: int = 3,
-                   train_per_hospital: int = 80,
-                   test_images: int = 0) -> tuple[dict[str, Any], FileAudit]:
+                   train_per_hospital: int = 80, test_images: int = 0,
+                   evaluations: dict[int, int] | None = None) -> tuple[dict[str, Any], FileAudit]:
     """Prepare the hospitals and the study under ``root``, then run it (``root/run``).
     ``test_images`` > 0: the study names a coordinator-held test set of that many images
-    (``root/coordinator-test-set``); its files are not in the audited folders."""
+    (``root/coordinator-test-set``); its files are not in the audited folders.
+    ``evaluations``: as for :func:`prepare_hospitals`."""
     root = Path(root)
     study = STUDY | {"federation": STUDY["federation"] | {"rounds": rounds,
                                                           "min_hospitals": hospitals}}
     sites = prepare_hospitals(root, hospitals, train_per_hospital,
-                              study["model"]["image_size"])
+                              study["model"]["image_size"], evaluations=evaluations)
     if test_images:
         manifest = write_test_set(root / "coordinator-test-set", test_images,
                                   study["model"]["image_size"])
@@ -194,6 +205,28 @@ def run_real_study(root: Path, hospitals: int = 3, rounds: int = 3,
     return run_coordinator(study_file, sites, root / "run", data_dir)
 
 
+def trained_rounds(metrics_csv: Path) -> set[int]:
+    """The rounds in which at least one hospital's training update counted (a hospital row
+    with examples and no error)."""
+    import csv
+
+    with open(metrics_csv, newline="") as handle:
+        return {int(row["round"]) for row in csv.DictReader(handle)
+                if row["hospital"] != "global" and row["num_examples"] and not row["error"]}
+
+
+def walk_guides_line(root: Path) -> str:
+    """Walk the guides under ``root`` and say how many of their steps failed (each failure
+    is logged with the guide's line)."""
+    from simulations.bench.guide_walk import walk_guides
+
+    outcomes = walk_guides(root)
+    failed = [o for o in outcomes if o.problem]
+    for o in failed:
+        print(f"  {o.step.guide}-guide.md:{o.step.line}: {o.command}: {o.problem}")
+    return f"guide steps that failed: {len(failed)} of {len(outcomes)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.bench real-study")
     parser.add_argument("--hospitals", type=int, default=3)
@@ -204,10 +237,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="give the coordinator a test set of this many MedMNIST test "
                              "images as DICOM files (evaluation.test_manifest; default: none)")
     parser.add_argument("--keep", type=Path, help="keep the folders here (default: temporary)")
+    parser.add_argument("--no-guide", action="store_true",
+                        help="do not walk the hospital and coordinator guides")
     args = parser.parse_args(argv)
     root = args.keep or Path(tempfile.mkdtemp(prefix="medfed-real-study-"))
+    # The last hospital evaluates once: its refusals from round 2 must not void training.
     summary, audit = run_real_study(root, args.hospitals, args.rounds, args.train_per_hospital,
-                                    args.test_images)
+                                    args.test_images, evaluations={args.hospitals - 1: 1})
     print(json.dumps({"published": summary["published"], "validation": summary["validation"],
                       "validation_per_hospital": summary["validation_per_hospital"]}, indent=2))
     print(f"run directory: {root / 'run'}")
@@ -217,4 +253,9 @@ def main(argv: list[str] | None = None) -> int:
               f"({summary['test_set']['usable_rows']} images)")
     print(f"coordinator network connections: {len(audit.connections)}")
     print(f"coordinator data files read: {len(audit.opened)}")
+    lost = set(range(1, args.rounds + 1)) - trained_rounds(root / "run" / "metrics.csv")
+    print(f"hospital rounds not evaluated: {len(summary['not_evaluated'])}")
+    print(f"rounds lost to an evaluation refusal: {len(lost)}")
+    if not args.no_guide:
+        print(walk_guides_line(root / "guide"))
     return 0

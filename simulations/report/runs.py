@@ -12,13 +12,14 @@ import pandas as pd
 
 # MedMNIST's label names (one list, the simulations'), so a clinician reads "pneumonia", not
 # "class 1".
+from core.errors import MedfedError
 from simulations.datasets import CLASS_NAMES, class_names
 
 __all__ = ["CLASS_NAMES", "ReportError", "Run", "class_names", "is_simulation", "load_run",
            "run_class_names"]
 
 
-class ReportError(ValueError):
+class ReportError(MedfedError, ValueError):
     """A run directory that cannot be reported on (missing or unreadable files)."""
 
 

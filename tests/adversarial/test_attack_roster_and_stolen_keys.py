@@ -29,7 +29,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from client.site_folder import init_site_folder, load_hospital_config, node_config, rotate_node_key
-from models import flower_compat
+from core import flower_compat
 from privacy.pki import load_ca
 from privacy.secagg.config import SecAggError
 from privacy.secagg.identity import (

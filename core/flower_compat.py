@@ -6,7 +6,10 @@ identity), or to tune how a SuperNode's ClientApp process polls for objects; nor
 SuperLink application in process, edit the node registry there, or change how the SuperLink
 treats a SuperNode that restarts (``server.superlink_gate``). medfed needs each of these in a
 few places; they live here so that a Flower upgrade that changes one fails in
-``tests/test_flower_compat.py``, one test per assumption, and is fixed here.
+``tests/test_flower_compat.py``, one test per assumption, and is fixed here. Flower's Shamir and
+SecAgg+ helpers (``privacy.secagg.crypto``) come through here too. An import-linter contract
+(``.importlinter``) refuses Flower's internal packages elsewhere; its two listed exceptions,
+``client.warm_exec`` and ``client.task_guard``, subclass and replace parts of Flower's runtime.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import contextlib
 from collections import deque
 from collections.abc import Callable, Iterator
 
-from flwr.app import Message
+from flwr.app import Message, Metadata, RecordDict
 
 FLOWER_SERIES = "1.42"
 """The Flower minor version these assumptions were checked against (pyproject pins it)."""
@@ -249,6 +252,47 @@ def instruction_message(state, message_id: str) -> Message | None:  # noqa: ANN0
         return None
     convert_sint64_values_in_dict_to_uint64(row, ["run_id", "src_node_id", "dst_node_id"])
     return dict_to_message(row)
+
+
+def make_message(metadata: Metadata, content: RecordDict | None = None) -> Message:
+    """A message carrying ``metadata`` as given (ids, source, reply-to), which the public
+    ``Message(...)`` sets itself: Flower's internal factory, for in-process messages."""
+    from flwr.app.message.message import make_message as flower_make_message
+
+    return flower_make_message(metadata, content)
+
+
+def create_shares(secret: bytes, threshold: int, num: int) -> list[bytes]:
+    """Flower's Shamir secret sharing: ``num`` shares of ``secret``, any ``threshold`` of
+    which give it back (SecAgg+'s own, so that medfed's shares match Flower's protocol)."""
+    from flwr.common.secure_aggregation.crypto.shamir import create_shares as flower_create
+
+    return flower_create(secret, threshold, num)
+
+
+def combine_shares(share_list: list[bytes]) -> bytes:
+    """The secret of :func:`create_shares`'s ``share_list`` (at least the threshold)."""
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares as flower_combine
+
+    return flower_combine(share_list)
+
+
+def share_keys_plaintext_concat(src_node_id: int, dst_node_id: int, b_share: bytes,
+                                sk_share: bytes) -> bytes:
+    """SecAgg+'s plaintext of one hospital's shares for another, in Flower's layout."""
+    from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat as f
+
+    return f(src_node_id, dst_node_id, b_share, sk_share)
+
+
+def share_keys_plaintext_separate(plaintext: bytes) -> tuple[int, int, bytes, bytes]:
+    """:func:`share_keys_plaintext_concat`'s parts back: (source, destination, the mask seed's
+    share, the secret key's share)."""
+    from flwr.common.secure_aggregation.secaggplus_utils import (
+        share_keys_plaintext_separate as f,
+    )
+
+    return f(plaintext)
 
 
 def lost_message_reply(message: Message) -> Message:

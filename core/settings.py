@@ -22,12 +22,14 @@ from dataclasses import MISSING, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from core.errors import MedfedError
+
 T = TypeVar("T")
 
 _LIMITS = ("choices", "items", "ge", "gt", "le", "lt")
 
 
-class SettingsError(ValueError):
+class SettingsError(MedfedError, ValueError):
     """A settings file or value that cannot be used; the message names the file and key."""
 
 
@@ -41,7 +43,8 @@ def setting(default: Any = MISSING, *, default_factory: Any = MISSING,
         default, default_factory: as for :func:`dataclasses.field`.
         choices: the values allowed.
         items: the values each item of a list setting may take.
-        ge, gt, le, lt: bounds on a number (``>=``, ``>``, ``<=``, ``<``).
+        ge, gt, le, lt: bounds on a number (``>=``, ``>``, ``<=``, ``<``); on a list of
+            numbers, bounds on each item.
     """
     limits = {name: value for name, value in (("choices", choices), ("items", items),
                                               ("ge", ge), ("gt", gt), ("le", le), ("lt", lt))
@@ -59,10 +62,17 @@ def allowed(f: dataclasses.Field) -> str:
         parts.append("one of " + ", ".join(repr(c) for c in meta["choices"]))
     if "items" in meta:
         parts.append("items from " + ", ".join(repr(c) for c in meta["items"]))
+    each = "each " if _is_list(f) else ""
     for key, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
         if key in meta:
-            parts.append(f"{sign} {meta[key]:g}")
+            parts.append(f"{each}{sign} {meta[key]:g}")
     return ", ".join(parts)
+
+
+def _is_list(f: dataclasses.Field) -> bool:
+    """Whether a field holds a list (its annotation is a string under postponed evaluation)."""
+    hint = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    return hint.startswith(("list", "tuple"))
 
 
 def type_name(hint: Any) -> str:
@@ -124,7 +134,8 @@ def _check_limits(f: dataclasses.Field, value: Any, where: str) -> None:
                 raise SettingsError(_refusal(f"{where} item", item, what, meta["items"]))
     for key, ok in (("ge", lambda v, b: v >= b), ("gt", lambda v, b: v > b),
                     ("le", lambda v, b: v <= b), ("lt", lambda v, b: v < b)):
-        if key in meta and not ok(value, meta[key]):
+        items = value if isinstance(value, list | tuple) else [value]
+        if key in meta and not all(ok(item, meta[key]) for item in items):
             raise SettingsError(f"{where} = {value!r}: must be {allowed(f)}")
 
 
@@ -209,21 +220,6 @@ def read_toml(path: Path, label: str = "", unreadable_hint: str = "",
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise error(f"{label}: not valid TOML ({err})") from err
-
-
-def load_settings_file(path: Path, cls: type[T], table: str | None = None,
-                       label: str = "") -> T:
-    """Read ``[table]`` (or the whole file) of the TOML file ``path`` as ``cls``.
-
-    Raises:
-        SettingsError: unreadable file, invalid TOML, or a setting :func:`load_settings` refuses.
-    """
-    label = label or str(path)
-    values = read_toml(path, label)
-    if table is not None:
-        values = values.get(table, {})
-        label = f"{label} [{table}]"
-    return load_settings(cls, values, label)
 
 
 def read_settings(
