@@ -45,6 +45,13 @@ from client.round_config import (
 )
 from client.run_policy import RUN_REFUSAL_CODE, node_run_policy
 from client.secure_aggregation import handle_secagg
+from client.segmentation import (
+    is_segmentation,
+    prepare_segmentation,
+    segmentation_scores,
+    segmentation_trainer,
+    validation_count,
+)
 from client.site import SiteLoader, load_site_from_node_config
 from client.study_check import handle_study_check
 from client.wire import packed_wire_mod
@@ -90,6 +97,18 @@ def _round_dp(msg: Message) -> DPConfig:
     return dp
 
 
+def _prepare_training(msg: Message, context: Context, load_site: SiteLoader, dp: DPConfig):
+    """The model, typed config and site of a training round, and for a segmentation round its
+    own local training and privacy-unit count (the patients); ``None`` for classification."""
+    config = msg.content["config"]
+    if is_segmentation(config):
+        model, site = prepare_segmentation(config, msg.content["arrays"], context)
+        return (model, config, site, segmentation_trainer(site, config, dp),
+                site.train_patients)
+    model, config, site = _prepare(msg, context, load_site)
+    return model, config, site, None, None
+
+
 def handle_train(
     msg: Message,
     context: Context,
@@ -112,13 +131,16 @@ def handle_train(
         check_fresh_round(context, server_round)
     except RoundReplay as replay:
         return Message(Error(code=ROUND_CONFIG_CODE, reason=str(replay)), reply_to=msg)
-    model, config, site = _prepare(msg, context, load_site)
+    dp, privacy = _round_dp(msg), load_privacy(context)
+    try:
+        model, config, site, local_train, units = _prepare_training(msg, context, load_site, dp)
+    except PrivacyRefusal as refusal:
+        return Message(Error(code=REFUSAL_CODE, reason=str(refusal)), reply_to=msg)
     train_config = from_config_record(TrainConfig, config)
     hospital = hospital_id(context)
     # Batch order and dropout: distinct per hospital and round, same on replay. DP noise never
     # comes from it (a CSPRNG at the hospital, see privacy.noise).
     seed = train_config.seed * 1_000_003 + server_round * 1_009 + hospital
-    dp, privacy = _round_dp(msg), load_privacy(context)
     fingerprint, received = str(site.info.get("fingerprint", "")), msg.content["arrays"]
     run = str(config.get(RUN_KEY, "")) or str(context.run_id)
     dataset_id = ledger_dataset_id(privacy, fingerprint, site.train) if privacy.ledger else ""
@@ -132,7 +154,8 @@ def handle_train(
         loss, dp_metrics = train_round(
             model, site.train, train_config, dp, privacy,
             context, server_round, seed, lr=round_lr(train_config, server_round),
-            data_fingerprint=fingerprint, run_key=run,
+            data_fingerprint=fingerprint, run_key=run, local_train=local_train,
+            privacy_units=units,
         )
     except PrivacyRefusal as refusal:
         return Message(Error(code=REFUSAL_CODE, reason=str(refusal)), reply_to=msg)
@@ -158,22 +181,29 @@ def handle_evaluate(
     load_site: SiteLoader,
     load_privacy: SitePrivacyLoader = site_privacy_from_node_config,
 ) -> Message:
-    """The global adapter on the site's validation split: metrics only.
+    """The global adapter on the site's validation split: metrics only (a segmentation
+    round: Dice and HD95 over its validation cases, ``client.segmentation``).
 
     At a hospital with a run policy and a privacy policy only coarse metrics leave
     (``client.evaluation_cap``): rounded, and none at all for a validation set below the run
     policy's minimum (an error reply). Simulated hospitals have no run policy.
     """
-    model, _, site = _prepare(msg, context, load_site)
-    scores = evaluate(model, site.val.images, site.val.labels)
+    config = msg.content["config"]
+    if is_segmentation(config):
+        model, segmentation_site = prepare_segmentation(config, msg.content["arrays"], context)
+        scores, count = (segmentation_scores(model, segmentation_site),
+                         validation_count(segmentation_site))
+    else:
+        model, _, site = _prepare(msg, context, load_site)
+        scores, count = evaluate(model, site.val.images, site.val.labels), len(site.val)
     run_policy = node_run_policy(context)
     if run_policy is not None and load_privacy(context).policy is not None:
         try:
-            scores = released_metrics(scores, len(site.val), run_policy)
+            scores = released_metrics(scores, count, run_policy)
         except EvaluationRefusal as refusal:
             return Message(Error(code=RUN_REFUSAL_CODE, reason=str(refusal)), reply_to=msg)
     metrics = MetricRecord(
-        {"num-examples": len(site.val), "hospital-id": hospital_id(context)}
+        {"num-examples": count, "hospital-id": hospital_id(context)}
         | {f"val-{name.replace('_', '-')}": value for name, value in scores.items()}
     )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
@@ -185,6 +215,8 @@ def declared_weight(msg: Message, context: Context, key: str, load_site: SiteLoa
     size; ``update-weight``: 1 under client-level DP)."""
     if key == "update-weight":
         return 1.0
+    if key == "num-examples" and is_segmentation(msg.content["config"]):
+        return float(len(prepare_segmentation(msg.content["config"], None, context)[1].train))
     if key == "num-examples":
         image_size = from_config_record(ModelConfig, msg.content["config"]).image_size
         return float(len(load_site(context, image_size).train))

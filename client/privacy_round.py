@@ -29,6 +29,7 @@ from models.adapters import adapter_state, load_adapter_state
 from models.config import TrainConfig
 from models.data import ImageSet
 from models.finite import check_finite_tensors
+from models.segmentation import SliceSet
 from privacy.accounting import epsilon, history_from_record, history_to_record
 from privacy.config import DPConfig
 from privacy.dpsgd import plan_round, round_noise_multiplier, train_dpsgd
@@ -111,7 +112,8 @@ def dataset_fingerprint(data: ImageSet) -> str:
     return digest.hexdigest()
 
 
-def ledger_dataset_id(privacy: SitePrivacy, data_fingerprint: str, train: ImageSet) -> str:
+def ledger_dataset_id(privacy: SitePrivacy, data_fingerprint: str,
+                      train: ImageSet | SliceSet) -> str:
     """The name a round's charges go under in the ledger: the hospital's ``dataset-id``, else
     the site's data fingerprint, else a hash of the training data."""
     return privacy.dataset_id or data_fingerprint or dataset_fingerprint(train)
@@ -177,14 +179,22 @@ def check_delta(dp: DPConfig, policy: SitePolicy | None, num_examples: int) -> f
     return delta
 
 
-def _train_private(model: nn.Module, train: ImageSet, train_config: TrainConfig, dp: DPConfig,
-                   charges: list[Charge], seed: int, lr: float | None, noise) -> float:
+LocalTrain = Callable[[nn.Module, TrainConfig, int, float | None], float]
+"""A task's own local training: ``(model, train_config, seed, lr) -> mean loss`` (e.g.
+``client.segmentation.segmentation_trainer``); it never runs DP-SGD."""
+
+
+def _train_private(model: nn.Module, train: ImageSet | SliceSet, train_config: TrainConfig,
+                   dp: DPConfig, charges: list[Charge], seed: int, lr: float | None, noise,
+                   local_train: LocalTrain | None = None) -> float:
     """DP-SGD or plain local training, then client-level DP on the update; the trained
     adapter finite or refused (before the ledger: a refused update is never released, so the
     round is not charged; the refusal says only that this round's update was not finite).
     Returns the mean training loss."""
     reference = adapter_state(model) if dp.update_dp else None
-    if dp.dpsgd:
+    if local_train is not None:
+        loss = local_train(model, train_config, seed, lr)
+    elif dp.dpsgd:
         loss = train_dpsgd(model, train.images, train.labels, train_config, dp,
                            charges[0].noise_multiplier, seed, lr=lr, noise=noise).loss
     else:
@@ -235,7 +245,7 @@ def _record(privacy: SitePrivacy, context: Context, dataset_id: str, run: str,
 
 def train_round(
     model: nn.Module,
-    train: ImageSet,
+    train: ImageSet | SliceSet,
     train_config: TrainConfig,
     dp: DPConfig,
     privacy: SitePrivacy,
@@ -245,6 +255,8 @@ def train_round(
     lr: float | None = None,
     data_fingerprint: str = "",
     run_key: str = "",
+    local_train: LocalTrain | None = None,
+    privacy_units: int | None = None,
 ) -> tuple[float, dict[str, float]]:
     """One round of local training under the run's DP settings and the site's policy.
 
@@ -254,7 +266,10 @@ def train_round(
     training data). ``seed`` seeds batch order and dropout; the DP noise comes from a CSPRNG at
     the hospital (``privacy.noise``), or from ``seed`` only under
     ``insecure_replayable_noise``. ``run_key`` names this run across coordinator restarts
-    (default: the Flower run id).
+    (default: the Flower run id). ``local_train`` replaces :func:`client.training.train_local`
+    (a task's own loop, which never runs DP-SGD); ``privacy_units`` counts the privacy units
+    of ``train`` for the delta check (default ``len(train)``; a segmentation hospital's
+    patients, not its slices).
 
     Returns:
         The mean training loss (the caller withholds it from a private round's reply) and the
@@ -267,8 +282,11 @@ def train_round(
         PrivacyRefusal: the site policy refuses the round; nothing was released or recorded.
     """
     if not is_private(dp, privacy):
+        if local_train is not None:
+            return local_train(model, train_config, seed, lr), {}
         return train_local(model, train.images, train.labels, train_config, seed, lr=lr), {}
-    charges = plan_charges(dp, len(train), train_config)
+    units = len(train) if privacy_units is None else privacy_units
+    charges = plan_charges(dp, units, train_config)
     policy = privacy.policy
     if policy is not None and charges and not privacy.dataset_id:
         raise PrivacyRefusal(
@@ -276,13 +294,13 @@ def train_round(
             "operator must set dataset_id in hospital.toml (node config 'dataset-id')")
     dataset_id = ledger_dataset_id(privacy, data_fingerprint, train)
     check_budget(privacy, dataset_id, charges)
-    delta = check_delta(dp, policy, len(train)) if charges else dp.dp_delta
+    delta = check_delta(dp, policy, units) if charges else dp.dp_delta
     noise = noise_source(privacy.insecure_replayable_noise, seed)
     if privacy.insecure_replayable_noise:
         logger.warning("DP noise drawn from the run's seed (insecure_replayable_noise): anyone "
                        "who knows the seed can remove it; simulations only")
 
-    loss = _train_private(model, train, train_config, dp, charges, seed, lr, noise)
+    loss = _train_private(model, train, train_config, dp, charges, seed, lr, noise, local_train)
     run = run_key or str(context.run_id)
     metrics = _record(privacy, context, dataset_id, run, server_round, charges, delta, dp)
     if dp.update_dp:

@@ -37,8 +37,9 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from core.errors import MedfedError
 from core.settings import SettingsError, load_settings
-from models.config import ModelConfig, TrainConfig, to_config_record
+from models.config import ModelConfig, SegmentationConfig, TrainConfig, to_config_record
 from models.lora_parts import EXCHANGES
+from models.registry import UnknownBackboneError, backbone_spec
 from privacy.accounting import MAX_NOISE_MULTIPLIER
 from privacy.config import DPConfig
 
@@ -96,6 +97,8 @@ class RoundConfig:
             ``classes``, ``run-key``, ``adapter-exchange``, ``hetlora``, ``hetlora-ranks``;
             the study check's ``study-rounds``, ``rounds-left``, ``evaluations`` and
             ``secure-aggregation``).
+        segmentation: a segmentation run's settings (``box-shift``, slices per case...),
+            ``None`` when the record carries none (the handlers then use the defaults).
     """
 
     model: ModelConfig
@@ -103,6 +106,7 @@ class RoundConfig:
     dp: DPConfig | None
     server_round: int
     extras: dict[str, Any] = field(default_factory=dict)
+    segmentation: SegmentationConfig | None = None
 
 
 def _refuse(key: str, value: Any, why: str) -> RoundConfigError:
@@ -230,20 +234,35 @@ def read_round_config(record: ConfigRecord) -> RoundConfig:
     if "server-round" not in record:
         raise RoundConfigError("the round config lacks 'server-round'")
     server_round = whole_number(record, "server-round", 1, MAX_ROUND)
-    known = ({f.name.replace("_", "-") for c in (ModelConfig, TrainConfig, DPConfig)
+    segmentation = _settings(SegmentationConfig, record, optional=True)
+    known = ({f.name.replace("_", "-") for c in (ModelConfig, TrainConfig, DPConfig,
+                                                 SegmentationConfig)
               for f in fields(c)} | {"server-round", "min-hospitals", "task", "run-key",
                                      "adapter-exchange", "classes", "hetlora", "hetlora-ranks",
                                      "secure-aggregation", *STUDY_CHECK_COUNTS})
     if unknown := sorted(set(record) - known):
         logger.warning("round config: dropped keys this hospital does not know: %s",
                        unknown[:10])
-    return RoundConfig(model, train, dp, server_round, _extras(record, model))
+    return RoundConfig(model, train, dp, server_round, _extras(record, model), segmentation)
+
+
+def backbone_spec_task(backbone: str) -> str:
+    """The task a registered backbone is for (``classification`` for any other name)."""
+    try:
+        return backbone_spec(backbone).task
+    except UnknownBackboneError:
+        return "classification"
 
 
 def to_record(config: RoundConfig) -> ConfigRecord:
     """The ConfigRecord the handlers read: the typed values only, in the wire's key style."""
+    # A segmentation run's settings always reach its handlers: the coordinator's, or defaults.
+    segmentation = config.segmentation
+    if segmentation is None and backbone_spec_task(config.model.backbone) == "segmentation":
+        segmentation = SegmentationConfig()
     record = to_config_record(config.model, config.train,
-                              *([config.dp] if config.dp is not None else []))
+                              *([config.dp] if config.dp is not None else []),
+                              *([segmentation] if segmentation is not None else []))
     record["server-round"] = config.server_round
     for key, value in config.extras.items():
         record[key] = value

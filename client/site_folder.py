@@ -19,6 +19,8 @@
     DIR/roster-accepted.toml    the newest roster serial this hospital accepted (older and
                                 expired rosters are refused; privacy.secagg.roster_state)
     DIR/node.key.<time>.bak     a node key replaced by 'medfed hospital rotate-key' (0600)
+    DIR/embedding-cache/        a segmentation run's cached image embeddings (patient-derived;
+                                never sent)
 
 The data manifest stays where the hospital keeps its images; ``hospital.toml`` names its path.
 :func:`node_config` turns the config into the SuperNode's ``--node-config`` keys that the
@@ -54,6 +56,8 @@ from privacy.secagg.roster_state import ROSTER_STATE_FILE
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "hospital.toml"
+EMBEDDING_CACHE_KEY = "embedding-cache"
+EMBEDDING_CACHE_FOLDER = "embedding-cache"
 CLIENTAPP_EXECUTORS = ("warm", "subprocess")
 
 POLICY_TEMPLATE = """\
@@ -258,6 +262,9 @@ def node_config(folder: Path, config: HospitalConfig) -> dict[str, str]:
         ROSTER_KEY: str(folder / config.roster),
         CA_KEY: str(folder / config.ca_cert),
         ROSTER_STATE_KEY: str(folder / config.roster_state),
+        # A segmentation run's image embeddings: derived from patients' images, so they stay
+        # in the site folder (client.segmentation_site).
+        EMBEDDING_CACHE_KEY: str(folder / EMBEDDING_CACHE_FOLDER),
     }
     if config.privacy_policy:
         values["privacy-policy"] = str(folder / config.privacy_policy)

@@ -32,6 +32,8 @@ from client.privacy_round import (
     plan_charges,
 )
 from client.run_policy import RunPolicy, node_run_policy, run_refusal
+from client.segmentation import is_segmentation
+from client.segmentation_site import SegmentationCounts, segmentation_counts
 from client.site import SiteData, SiteLoader
 from models.config import ModelConfig, TrainConfig, from_config_record
 from privacy.config import dp_config_from_record
@@ -78,8 +80,8 @@ def policy_items(policy: RunPolicy | None, config: Any) -> list[CheckItem]:
             _item("secure-aggregation", secagg)]
 
 
-def evaluation_item(policy: RunPolicy | None, privacy: SitePrivacy, site: SiteData,
-                    config: Any) -> CheckItem:
+def evaluation_item(policy: RunPolicy | None, privacy: SitePrivacy,
+                    site: SiteData | SegmentationCounts, config: Any) -> CheckItem:
     """Whether the hospital will answer the run's evaluations (a refusal voids no training,
     but leaves the hospital out of the judged results)."""
     evaluations = int(config.get("evaluations", 0))
@@ -97,7 +99,8 @@ def evaluation_item(policy: RunPolicy | None, privacy: SitePrivacy, site: SiteDa
     return _item("evaluation", "")
 
 
-def privacy_items(privacy: SitePrivacy, site: SiteData, config: Any) -> list[CheckItem]:
+def privacy_items(privacy: SitePrivacy, site: SiteData | SegmentationCounts,
+                  config: Any) -> list[CheckItem]:
     """The site's privacy policy against the study: dataset id, DP required, delta, and the
     budget left on the dataset for every remaining round."""
     policy = privacy.policy
@@ -137,6 +140,8 @@ def study_checks(config: Any, context: Context, load_site: SiteLoader,
     policy = node_run_policy(context)
     items = policy_items(policy, config)
     model_config = from_config_record(ModelConfig, config)
+    if is_segmentation(config):  # its own manifest and classes; nothing is embedded
+        return items + segmentation_items(policy, config, context, load_privacy)
     try:
         site = load_site(context, model_config.image_size)
     except (OSError, ValueError, KeyError) as err:  # the category only: no path or id leaves
@@ -152,6 +157,25 @@ def study_checks(config: Any, context: Context, load_site: SiteLoader,
     privacy = load_privacy(context)
     return items + [evaluation_item(policy, privacy, site, config)] + privacy_items(
         privacy, site, config)
+
+
+def segmentation_items(policy: RunPolicy | None, config: Any, context: Context,
+                       load_privacy: SitePrivacyLoader) -> list[CheckItem]:
+    """The data, classes, evaluation and privacy items of a segmentation study (privacy
+    counted in patients, evaluation in validation cases)."""
+    try:
+        site = segmentation_counts(context, list(config.get("classes", [])))
+    except ClassMismatch as mismatch:
+        return [_item("data", ""), _item("classes", str(mismatch))]
+    except (OSError, ValueError, KeyError) as err:  # the category only: no path or id leaves
+        return [_item("data", f"the site's data cannot be read ({type(err).__name__}); run "
+                              "'medfed hospital check' at the hospital")]
+    privacy = load_privacy(context)
+    dp = dp_config_from_record(config)
+    dpsgd = ("DP-SGD is not available for segmentation (it would protect a slice, not a "
+             "patient): use client-level DP ([privacy] update_dp)" if dp.dpsgd else "")
+    return [_item("data", ""), _item("classes", ""), _item("dp-sgd", dpsgd),
+            evaluation_item(policy, privacy, site, config)] + privacy_items(privacy, site, config)
 
 
 def handle_study_check(msg: Message, context: Context, load_site: SiteLoader,

@@ -6,7 +6,8 @@ inside the allowed roots (``imaging.paths.confine``). Each row is checked on its
 that cannot be used becomes a :class:`imaging.problems.Problem` naming the file, never an
 exception for the whole site:
 
-- both files exist and nibabel reads them (``missing``, ``unreadable``);
+- both files exist and nibabel reads them (``missing``, ``unreadable``); a header declaring
+  more than :data:`MAX_VOLUME_BYTES` is refused before anything is decoded (``too-large``);
 - image and mask have the same 3D shape and the same affine (to 1e-3 mm), and the image's values
   are finite (``bad-values``);
 - every mask value is one of the declared class indices (``label``; 0 is background).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,8 @@ SPLITS = ("train", "val", "test")
 SLICE_AXIS = 0
 AFFINE_TOLERANCE_MM = 1e-3
 CLIP_PERCENTILES = (0.5, 99.5)
+MAX_VOLUME_BYTES = 256 * 2**20
+"""Largest volume a header may declare, as float32 (a 512^3 CT is 512 MiB: crop it first)."""
 
 
 @dataclass(frozen=True)
@@ -110,12 +114,23 @@ def _read(written: str, base: Path, roots: tuple[Path, ...]) -> nib.Nifti1Image:
     if not path.is_file():
         raise RowError("missing", f"{written}: no such file")
     try:
-        image = nib.load(path)
-        image.get_fdata(dtype=np.float32)  # decode now: a truncated file fails here
+        image = nib.load(path)  # the header only: nothing is decoded yet
     except Exception as err:  # nibabel raises many types for a bad file
         raise RowError("unreadable", f"{written}: not a readable NIfTI file ({err})") from err
     if len(image.shape) != 3:
         raise RowError("unsupported", f"{written}: shape {image.shape} is not a 3D volume")
+    # A hostile header declares any size: bound it before anything is allocated or inflated
+    # (nibabel then reads exactly the declared bytes, so a gzip bomb stops there too).
+    declared = math.prod(int(n) for n in image.shape) * 4  # decoded as float32
+    if declared > MAX_VOLUME_BYTES:
+        raise RowError("too-large", f"{written}: its header declares {image.shape} voxels "
+                       f"({declared / 2**20:,.0f} MiB as float32), above "
+                       f"{MAX_VOLUME_BYTES / 2**20:,.0f} MiB: nothing was decoded; export a "
+                       "cropped volume")
+    try:
+        image.get_fdata(dtype=np.float32)  # decode now: a truncated file fails here
+    except Exception as err:  # nibabel raises many types for a bad file
+        raise RowError("unreadable", f"{written}: not a readable NIfTI file ({err})") from err
     return image
 
 

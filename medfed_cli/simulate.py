@@ -26,6 +26,7 @@ def simulate_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "local_epochs": ("train", "local_epochs"), "lr": ("train", "lr"),
         "lr_decay": ("train", "lr_decay"), "local_steps": ("train", "local_steps"),
         "batch_size": ("train", "batch_size"),
+        "slices_per_case": ("segmentation", "train_slices_per_case"),
     }
     overrides: dict[str, Any] = {}
     for flag, (section, key) in table.items():
@@ -130,6 +131,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     quiet_flower(args.verbose)
     config = resolve(base_config(args, simulate_overrides(args)))  # names the run directory
     summary = run_study(config, console)
+    if summary.get("task_type") == "segmentation":
+        from simulations.segmentation_study import summary_lines
+
+        for line in summary_lines(summary):
+            console.print(line, markup=False)
+        console.print(f"run directory: {config.run_dir}")
+        return 0
     print_summary(summary, config.run_dir)
     return 0
 
@@ -154,7 +162,8 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--seed", type=int)
     sim.add_argument("--ray-address",
                      help="attach to a running Ray cluster (HOST:PORT of its head, or auto)")
-    sim.add_argument("--dataset", help="MedMNIST-format .npz stem, e.g. pneumoniamnist")
+    sim.add_argument("--dataset", help="MedMNIST-format .npz stem, e.g. pneumoniamnist "
+                     "(hippocampus: the segmentation scenario's MRI cases)")
     sim.add_argument("--hospitals", type=int, help="number of simulated hospitals")
     sim.add_argument("--partition", choices=["iid", "dirichlet", "quantity"])
     sim.add_argument("--alpha", type=float, help="Dirichlet label-skew concentration")
@@ -172,6 +181,8 @@ def add_simulate(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--lr", type=float)
     sim.add_argument("--lr-decay", type=float, help="learning-rate factor per round")
     sim.add_argument("--batch-size", type=int)
+    sim.add_argument("--slices-per-case", type=int,
+                     help="segmentation: foreground slices per training case (0: all)")
     sim.add_argument("--no-baselines", action="store_true", help="skip pooled/local baselines")
     sim.add_argument("--prior", type=parse_prior,
                      help="the class prior the published adapter answers for: 'equal' (the "

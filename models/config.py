@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord
 
 from core.settings import load_settings, setting
 
-T = TypeVar("T", "ModelConfig", "TrainConfig")
+T = TypeVar("T", "ModelConfig", "TrainConfig", "SegmentationConfig")
 
 DEFAULT_BACKBONE = "efficientnet-lite0-imagenet"
 OPTIMIZERS = ("adamw", "sgd")
@@ -27,7 +27,9 @@ class ModelConfig:
     """The foundation model and its LoRA adapter.
 
     Attributes:
-        backbone: registry name (``efficientnet-lite0-imagenet``) or ``hf:<dir-or-hub-id>``.
+        backbone: registry name (``efficientnet-lite0-imagenet``) or ``hf:<dir-or-hub-id>``;
+            a segmentation backbone (``litemedsam``) makes the study a segmentation study
+            (``[segmentation]``; set ``image_size = 256``, its fixed input).
         image_size: side of the square input in pixels.
         num_classes: output classes of the new task head.
         lora_r: LoRA rank.
@@ -105,6 +107,40 @@ class TrainConfig:
     trainable: str = setting("all", choices=TRAINABLE)
 
 
+PROMPTS = ("tight", "whole")
+"""Box prompts segmentation trains with (``SegmentationConfig.prompt``); see
+``models.segmentation.BOX_MODES``."""
+MAX_BOX_SHIFT = 128
+"""Largest training box jitter (pixels of the 256 grid): half the grid."""
+MAX_SLICES_PER_CASE = 512
+"""Most slices per case a segmentation round may ask a hospital to embed and train on."""
+
+
+@dataclass
+class SegmentationConfig:
+    """How hospitals train and score a segmentation backbone (``litemedsam``); ignored for a
+    classifier. The backbone decides the task type: a study whose ``model.backbone`` is a
+    segmentation backbone is a segmentation study (``models.registry.BackboneSpec.task``).
+
+    Attributes:
+        prompt: the box prompts training uses: ``tight`` (the box around each slice's
+            foreground, jittered by up to ``box_shift`` pixels a side) or ``whole`` (the whole
+            slice: the automatic mode, no human prompt). Evaluation reports both.
+        box_shift: training jitter, in pixels of the 256 x 256 model grid: each box side moves
+            outward by a uniform 0..box_shift (MedSAM's ``bbox_shift`` is 20).
+        train_slices_per_case: foreground slices per training case (evenly spaced; 0: every
+            slice holding foreground). Each new slice costs one image-encoder run at the
+            hospital the first time (then it is cached).
+        eval_slices_per_case: foreground slices per validation case scored in 3D Dice and
+            HD95 (evenly spaced; 0: every slice holding foreground).
+    """
+
+    prompt: str = setting("tight", choices=PROMPTS)
+    box_shift: int = setting(20, ge=0, le=MAX_BOX_SHIFT)
+    train_slices_per_case: int = setting(0, ge=0, le=MAX_SLICES_PER_CASE)
+    eval_slices_per_case: int = setting(0, ge=0, le=MAX_SLICES_PER_CASE)
+
+
 def round_lr(config: TrainConfig, server_round: int) -> float:
     """Learning rate of round ``server_round`` (1-based) under the per-round decay."""
     return config.lr * config.lr_decay ** max(0, server_round - 1)
@@ -114,7 +150,7 @@ def _key(name: str) -> str:
     return name.replace("_", "-")
 
 
-def to_config_record(*configs: ModelConfig | TrainConfig) -> ConfigRecord:
+def to_config_record(*configs: ModelConfig | TrainConfig | SegmentationConfig) -> ConfigRecord:
     """Flatten configs into one ConfigRecord (``lora_r`` -> ``"lora-r"``)."""
     record = ConfigRecord()
     for config in configs:

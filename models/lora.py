@@ -5,10 +5,17 @@ from __future__ import annotations
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from models import litemedsam
 from models.config import ModelConfig
 from models.ct_encoder import expand_targets
 from models.efficientnet_lite import LITE0_PRESETS
-from models.registry import backbone_spec, build_base_model, verify_weights
+from models.registry import (
+    SEGMENTATION_BACKBONE,
+    backbone_spec,
+    build_base_model,
+    verify_weights,
+)
+from models.segmentation import build_segmenter
 
 LORA_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -58,12 +65,20 @@ def lora_config(config: ModelConfig, model: nn.Module) -> LoraConfig:
 def build_lora_model(config: ModelConfig, verify: bool = True) -> PeftModel:
     """Pretrained backbone + new head, wrapped by peft; the frozen backbone never trains.
 
+    A segmentation backbone (``litemedsam``) gets LoRA on its mask decoder
+    (``models.segmentation.build_segmenter``): no head, ``lora_dropout`` unused.
+
     Args:
         config: the run's model settings.
         verify: check the local base weights against ``config.weights_sha256`` first.
     """
     if verify:
         verify_weights(config)
+    if backbone_spec(config.backbone).task == "segmentation":
+        # Box-prompted segmentation: LoRA on the mask decoder only (no head, no dropout).
+        return build_segmenter(config.lora_r, config.lora_alpha,
+                               tuple(config.lora_targets) or litemedsam.LORA_TARGETS,
+                               pretrained=config.backbone == SEGMENTATION_BACKBONE)
     base = build_base_model(config)
     return get_peft_model(base, lora_config(config, base))
 

@@ -21,6 +21,13 @@ from torch import nn
 
 METRIC_NAMES = ("loss", "auc", "accuracy", "balanced_accuracy", "macro_f1")
 """What :func:`evaluate` returns, in the order reports show them."""
+SEGMENTATION_METRIC_NAMES = ("dice", "hd95", "dice_whole", "hd95_whole")
+"""What a hospital reports for a segmentation adapter (``client.segmentation``): the mean over
+its validation cases of 3D Dice and 95 % Hausdorff distance (millimetres, lower is better)
+with tight box prompts, and the same with the whole slice as the box (automatic mode)."""
+RECORDED_METRIC_NAMES = METRIC_NAMES + SEGMENTATION_METRIC_NAMES
+"""Every metric the run records (``metrics.csv``, ``summary.json``, the card); a task fills
+its own and leaves the others empty."""
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:

@@ -19,9 +19,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from monai.losses import DiceCELoss
-from monai.metrics import DiceMetric
+from monai.metrics import DiceMetric, compute_hausdorff_distance
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from models import litemedsam
@@ -158,7 +159,7 @@ def segmentation_loss() -> DiceCELoss:
 
 
 def train_segmenter(model: PeftModel, data: SliceSet, steps: int, batch_size: int, lr: float,
-                    seed: int, mode: str = "tight") -> float:
+                    seed: int, mode: str = "tight", max_shift: int = MAX_BOX_SHIFT) -> float:
     """Train the model's trainable tensors (the LoRA factors) in place; mean training loss.
 
     Args:
@@ -169,6 +170,7 @@ def train_segmenter(model: PeftModel, data: SliceSet, steps: int, batch_size: in
         lr: AdamW learning rate (no weight decay).
         seed: seeds the batch order and the box jitter.
         mode: ``tight`` (jittered boxes around the foreground) or ``whole`` (the whole slice).
+        max_shift: the tight boxes' jitter, pixels of the 256 grid per side.
     """
     if len(data) == 0:
         raise ValueError("no training slices at this hospital")
@@ -182,7 +184,7 @@ def train_segmenter(model: PeftModel, data: SliceSet, steps: int, batch_size: in
         if len(order) < min(batch_size, len(data)):
             order = torch.cat([order, torch.randperm(len(data), generator=generator)])
         index, order = order[:batch_size], order[batch_size:]
-        boxes = (jitter_boxes(data.boxes[index], generator) if mode == "tight"
+        boxes = (jitter_boxes(data.boxes[index], generator, max_shift) if mode == "tight"
                  else data.whole[index])
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(net.decode(data.embeddings[index], boxes), data.targets[index][:, None])
@@ -225,3 +227,39 @@ def volume_dice(predictions: list[torch.Tensor], masks: list[torch.Tensor],
         true = torch.stack([masks[i] for i in index]).float()[None, None]
         scores.append(float(metric(pred, true).item()))
     return scores
+
+
+def volume_hd95(predictions: list[torch.Tensor], masks: list[torch.Tensor], cases: torch.Tensor,
+                spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> list[float]:
+    """95 % Hausdorff distance per case in millimetres (MONAI ``compute_hausdorff_distance``,
+    ``percentile=95``), in case order, over each case's stacked ``(H, W)`` slices.
+
+    ``spacing``: millimetres between stacked slices and along ``H`` and ``W``. A case whose
+    prediction is empty gets the diagonal of its stacked grid (the largest distance the grid
+    holds) rather than an infinite or undefined distance, so that a mean stays finite and an
+    empty prediction scores as the worst, not as missing.
+    """
+    scores = []
+    for case in torch.unique(cases).tolist():
+        index = (cases == case).nonzero().flatten().tolist()
+        pred = torch.stack([predictions[i] for i in index]).float()[None, None]
+        true = torch.stack([masks[i] for i in index]).float()[None, None]
+        worst = math.dist([0.0] * 3, [n * s for n, s in zip(pred.shape[2:], spacing,
+                                                            strict=True)])
+        if not pred.any() or not true.any():
+            scores.append(worst)
+            continue
+        value = float(compute_hausdorff_distance(pred, true, percentile=95.0,
+                                                 spacing=list(spacing)).item())
+        scores.append(value if math.isfinite(value) else worst)
+    return scores
+
+
+def spread(indices: list[int], count: int) -> list[int]:
+    """``count`` entries of ``indices`` evenly spaced inside them, ends left out (the first
+    and last foreground slices hold the smallest pieces of a structure; the bench chooses
+    slices the same way); all of them when ``count`` is 0 or at least their number."""
+    if count <= 0 or count >= len(indices):
+        return list(indices)
+    positions = np.linspace(0, len(indices) - 1, count + 2).round().astype(int)[1:-1]
+    return [indices[int(k)] for k in positions]

@@ -18,8 +18,8 @@ from peft import PeftModel
 from imaging.preprocessing import describe_preprocessing
 from models.card import AdapterCard, Decision, ModelPin, PrivacyRecord, write_card
 from models.config import ModelConfig
-from models.metrics import METRIC_NAMES
-from models.registry import weights_sha256
+from models.metrics import RECORDED_METRIC_NAMES
+from models.registry import backbone_spec, weights_sha256
 from privacy.config import DPConfig
 from server.config import FederationConfig
 from server.records import RunRecords
@@ -28,6 +28,8 @@ from server.study import EvaluationConfig
 logger = logging.getLogger(__name__)
 
 DECISION_RULE = "argmax of the class probabilities (softmax of the published adapter's logits)"
+SEGMENTATION_RULE = ("mask logit > 0 on each slice's own grid (sigmoid 0.5), per box prompt: the "
+                     "structure's tight box, or the whole slice (automatic mode)")
 
 
 def medfed_version() -> str:
@@ -64,9 +66,17 @@ def _privacy(dp: DPConfig | None, records: RunRecords) -> PrivacyRecord:
 def _validation(records: RunRecords, published_round: int) -> dict[str, float]:
     """The combined validation metrics of the published round (``examples`` included)."""
     row = next((r for r in records.test_history() if r["round"] == published_round), {})
-    values = {name: row.get(f"val_{name}") for name in METRIC_NAMES}
+    values = {name: row.get(f"val_{name}") for name in RECORDED_METRIC_NAMES}
     values["examples"] = row.get("val_examples")
     return {k: float(v) for k, v in values.items() if v is not None and v == v}
+
+
+def _targets(model_config: ModelConfig, task: str) -> list[str]:
+    """The LoRA targets the card pins: the run's; a segmentation run's defaults named, so that
+    the adapter is rebuilt with ``models.segmentation.build_segmenter(targets=...)``."""
+    if model_config.lora_targets or task != "segmentation":
+        return list(model_config.lora_targets)
+    return list(backbone_spec(model_config.backbone).default_targets)
 
 
 def publish_card(records: RunRecords, federation: FederationConfig, model_config: ModelConfig,
@@ -86,21 +96,23 @@ def publish_card(records: RunRecords, federation: FederationConfig, model_config
         The card's path.
     """
     names = list(classes) or [str(i) for i in range(model_config.num_classes)]
+    task = backbone_spec(model_config.backbone).task
     trained = {r["hospital"] for r in records.train_rows() if r.get("num_examples")}
     card = AdapterCard(
         format=1, study=records.run_dir.name, declared_task=federation.task,
-        task="classification", classes=names,
+        task=task, classes=names,
         model=ModelPin(backbone=model_config.backbone,
                        weights_sha256=(model_config.weights_sha256
                                        or weights_sha256(model_config.backbone)),
                        lora_r=model_config.lora_r, lora_alpha=model_config.lora_alpha,
                        lora_dropout=model_config.lora_dropout,
-                       lora_targets=list(model_config.lora_targets)),
+                       lora_targets=_targets(model_config, task)),
         preprocessing=describe_preprocessing(model_config, model),
         rounds=federation.rounds, published_round=published_round, hospitals=len(trained),
         strategy=federation.strategy, validation=_validation(records, published_round),
-        decision=Decision(rule=DECISION_RULE, prior=list(evaluation.prior),
-                          select_by=evaluation.select_by, selection=selection),
+        decision=Decision(rule=SEGMENTATION_RULE if task == "segmentation" else DECISION_RULE,
+                          prior=list(evaluation.prior), select_by=evaluation.select_by,
+                          selection=selection),
         privacy=_privacy(dp, records),
         secure_aggregation=federation.secure_aggregation.enabled,
         medfed_version=medfed_version(), code_commit=code_commit())

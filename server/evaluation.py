@@ -27,7 +27,7 @@ from imaging.labelled_set import LabelledSetReport, read_labelled_set
 from imaging.settings import ReadSettings
 from models.adapters import load_adapter_state
 from models.data import ImageSet
-from models.metrics import METRIC_NAMES, evaluate
+from models.metrics import RECORDED_METRIC_NAMES, evaluate
 
 if TYPE_CHECKING:
     from server.study import Study
@@ -111,7 +111,7 @@ def combine_validation(rows: Iterable[dict[str, Any]]) -> dict[str, float]:
     if not rows:
         return {}
     combined: dict[str, float] = {"val_examples": float(sum(r["val_examples"] for r in rows))}
-    for name in METRIC_NAMES:
+    for name in RECORDED_METRIC_NAMES:
         pairs = [(r["val_examples"], r[f"val_{name}"]) for r in rows
                  if isinstance(r.get(f"val_{name}"), int | float)
                  and math.isfinite(r[f"val_{name}"])]

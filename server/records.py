@@ -21,14 +21,15 @@ from typing import Any
 
 import tomli_w
 
-from models.metrics import METRIC_NAMES
+from models.metrics import RECORDED_METRIC_NAMES
 from strategies.replies import Reply
 
 logger = logging.getLogger(__name__)
 
 METRICS_COLUMNS = [
     "round", "hospital", "node_id", "num_examples", "train_loss", "val_examples",
-    *(f"val_{name}" for name in METRIC_NAMES), *(f"test_{name}" for name in METRIC_NAMES),
+    *(f"val_{name}" for name in RECORDED_METRIC_NAMES),
+    *(f"test_{name}" for name in RECORDED_METRIC_NAMES),
     "upload_bytes", "site_fingerprint", "epsilon", "delta", "error", "evaluation_error",
     "val_auc_examples",
 ]
@@ -126,7 +127,7 @@ class RunRecords:
             row["delta"] = metrics.get("dp-delta")
         else:
             row["val_examples"] = int(metrics["num-examples"])
-            for name in METRIC_NAMES:
+            for name in RECORDED_METRIC_NAMES:
                 row[f"val_{name}"] = metrics.get(f"val-{name.replace('_', '-')}")
 
     def _name(self, reply: Reply) -> str | None:
@@ -166,7 +167,7 @@ class RunRecords:
     def add_test(self, server_round: int, metrics: dict[str, float]) -> None:
         """Record the central test metrics of the global adapter after ``server_round``."""
         row = self._row(server_round, GLOBAL)
-        for name in METRIC_NAMES:
+        for name in RECORDED_METRIC_NAMES:
             row[f"test_{name}"] = metrics.get(f"test-{name.replace('_', '-')}")
 
     def add_round(self, server_round: int) -> dict[str, Any]:

@@ -26,10 +26,11 @@ from safetensors.torch import load_file, save_file
 
 from core.errors import MedfedError
 from models.adapters import adapter_state, load_adapter_file, load_adapter_state, save_adapter
-from models.config import ModelConfig, TrainConfig, to_config_record
+from models.config import ModelConfig, SegmentationConfig, TrainConfig, to_config_record
 from models.data import ImageSet
 from models.lora import build_lora_model
-from models.metrics import METRIC_NAMES
+from models.metrics import RECORDED_METRIC_NAMES
+from models.registry import backbone_spec
 from privacy.config import DPConfig
 from server.card import publish_card
 from server.checkpoint import (
@@ -102,10 +103,14 @@ def initial_model(model_config: ModelConfig, seed: int, adapter: str = "",
 
 def _round_configs(federation: FederationConfig, model_config: ModelConfig,
                    train_config: TrainConfig, dp: DPConfig | None, classes: list[str],
-                   run_key: str) -> tuple[ConfigRecord, ConfigRecord]:
-    """The config records every training and every evaluation message carries."""
-    wire_config = to_config_record(model_config, train_config, *([dp] if dp else []))
-    evaluate_config = to_config_record(model_config, train_config)
+                   run_key: str, segmentation: SegmentationConfig | None = None
+                   ) -> tuple[ConfigRecord, ConfigRecord]:
+    """The config records every training and every evaluation message carries (a
+    segmentation backbone's: its ``segmentation`` settings too)."""
+    task = ([segmentation or SegmentationConfig()]
+            if backbone_spec(model_config.backbone).task == "segmentation" else [])
+    wire_config = to_config_record(model_config, train_config, *([dp] if dp else []), *task)
+    evaluate_config = to_config_record(model_config, train_config, *task)
     # Declared in every message so that a hospital's run policy can refuse too small
     # aggregates and tasks it has not agreed to, and can map its labels to the study's classes.
     for config in (wire_config, evaluate_config):
@@ -131,6 +136,7 @@ def run_federation(
     classes: Iterable[str] = (),
     evaluation: EvaluationConfig | None = None,
     study_check: bool = False,
+    segmentation: SegmentationConfig | None = None,
 ) -> FederationOutcome:
     """Run ``federation.rounds`` rounds; write the metrics and the published adapter to
     ``records``.
@@ -143,7 +149,8 @@ def run_federation(
     each hospital maps its labels to them. ``evaluation`` chooses the published round and the
     prior it answers for (default: best combined validation AUC, equal priors).
     ``study_check``: before the first round, ask every hospital a dry run of the study
-    (``server.preflight``) and start nothing if any would refuse it.
+    (``server.preflight``) and start nothing if any would refuse it. ``segmentation``: a
+    segmentation backbone's settings, sent in every round's config (default: their defaults).
 
     Raises:
         FederationError: a round ended with fewer than ``federation.min_hospitals`` valid
@@ -171,7 +178,7 @@ def run_federation(
     judge.strategy = strategy = RoundOffset(strategy, judge.done, judge.strategy_state)
     wire_config, evaluate_config = _round_configs(
         federation, model_config, train_config, dp, classes,
-        run_key_for(records.run_dir, fingerprint))
+        run_key_for(records.run_dir, fingerprint), segmentation)
     if study_check:
         _check_study(plain_grid, records, federation, wire_config, judge.done)
     start = time.monotonic()
@@ -347,7 +354,8 @@ def run_study_rounds(grid: Grid, study: Study, records: RunRecords,
     """:func:`run_federation` for a :class:`~server.study.Study`."""
     return run_federation(grid, study.federation, study.model, study.train, test_set, records,
                           on_round, on_reply, study.privacy, classes=study.classes,
-                          evaluation=study.evaluation, study_check=study_check)
+                          evaluation=study.evaluation, study_check=study_check,
+                          segmentation=study.segmentation)
 
 
 def study_round_config(study: Study) -> ConfigRecord:
@@ -356,7 +364,8 @@ def study_round_config(study: Study) -> ConfigRecord:
     federation = study.federation
     dp = replace(study.privacy, dp_run_rounds=study.privacy.dp_run_rounds or federation.rounds,
                  update_hospitals=study.privacy.update_hospitals or federation.min_hospitals)
-    wire, _ = _round_configs(federation, study.model, study.train, dp, study.classes, "")
+    wire, _ = _round_configs(federation, study.model, study.train, dp, study.classes, "",
+                             study.segmentation)
     return check_config(wire, federation)
 
 
@@ -414,7 +423,7 @@ def run_summary(records: RunRecords, study: Study, outcome: FederationOutcome) -
                  if r["round"] == outcome.published_round and r.get("val_examples")}
 
     def metrics(row: dict[str, Any], prefix: str) -> dict[str, Any]:
-        return {name: row.get(f"{prefix}_{name}") for name in METRIC_NAMES
+        return {name: row.get(f"{prefix}_{name}") for name in RECORDED_METRIC_NAMES
                 if row.get(f"{prefix}_{name}") is not None}
 
     rounds = sorted(r for r in history if r > 0)
@@ -438,6 +447,9 @@ def run_summary(records: RunRecords, study: Study, outcome: FederationOutcome) -
                                     for h, r in sorted(hospitals.items())},
         "val_auc_per_round": [history[r].get("val_auc") for r in rounds],
     }
+    if study.evaluation.select_by != "auc":  # e.g. a segmentation study's Dice
+        key = f"val_{study.evaluation.select_by}"
+        summary[f"{key}_per_round"] = [history[r].get(key) for r in rounds]
     if any(row.get("test_auc") is not None for row in history.values()):
         summary["federated"] = metrics(chosen, "test")
         summary["test_auc_per_round"] = [history[r].get("test_auc")

@@ -9,6 +9,7 @@ how rounds run, the privacy mechanisms and how the published adapter is chosen::
     [federation]  rounds, strategy, min_hospitals, task   (server.config.FederationConfig)
     [privacy]     dpsgd, update_clip_norm, ...            (privacy.config.DPConfig)
     [evaluation]  select_by, prior, test_manifest         (EvaluationConfig)
+    [segmentation] prompt, box_shift, slices per case      (models.config.SegmentationConfig)
 
 A simulation's settings (``simulations.config.SimulationConfig``) are a study plus where its
 simulated hospitals' data comes from; a coordinator reads only the study, holds no data and
@@ -34,12 +35,14 @@ from core.settings import (
     setting,
     type_name,
 )
-from models.config import ModelConfig, TrainConfig
+from models.config import ModelConfig, SegmentationConfig, TrainConfig
 from privacy.config import DPConfig
 from server.config import FederationConfig
 
-SELECT_BY = ("auc", "balanced_accuracy", "accuracy", "macro_f1")
-"""Combined validation metrics the published adapter can be chosen by (higher is better)."""
+SELECT_BY = ("auc", "balanced_accuracy", "accuracy", "macro_f1", "dice", "dice_whole")
+"""Combined validation metrics the published adapter can be chosen by (higher is better);
+``dice`` and ``dice_whole`` are a segmentation study's (tight-box and automatic prompts)."""
+SEGMENTATION_SELECT_BY = ("dice", "dice_whole")
 
 
 @dataclass
@@ -53,8 +56,10 @@ class EvaluationConfig:
     Attributes:
         select_by: the combined validation metric that chooses the published adapter: the run
             publishes the global adapter of the round where it is highest (a tie goes to the
-            later round). Rounds no hospital evaluated are not candidates; with none at all the
-            last round's adapter is published.
+            later round). A segmentation study (``model.backbone = "litemedsam"``) must choose
+            ``dice`` (mean 3D Dice over the hospitals' validation cases, tight box prompts) or
+            ``dice_whole`` (the whole slice as the box). Rounds no hospital evaluated are not
+            candidates; with none at all the last round's adapter is published.
         prior: the class prior (one share per class, in ``classes`` order, summing to 1) of the
             population the published adapter will see. Hospitals train on logits shifted by
             their own class prior (``train.logit_adjust``), which learns a class-balanced rule;
@@ -73,7 +78,7 @@ class EvaluationConfig:
             held-out test split instead).
     """
 
-    select_by: str = setting("auc", choices=SELECT_BY)
+    select_by: str = setting("auc", choices=SELECT_BY)  # a segmentation study: "dice"
     prior: list[float] = field(default_factory=list)
     test_manifest: str = ""
 
@@ -93,6 +98,9 @@ class Study:
         privacy: the run's differential-privacy mechanisms (``[privacy]``).
         evaluation: federated evaluation and the choice of the published adapter
             (``[evaluation]``).
+        segmentation: how hospitals train and score a segmentation backbone
+            (``[segmentation]``; read only when ``model.backbone`` is one, e.g.
+            ``litemedsam``: the backbone makes the study a segmentation study).
     """
 
     classes: list[str] = field(default_factory=list)
@@ -101,10 +109,12 @@ class Study:
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: DPConfig = field(default_factory=DPConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
 
     def __post_init__(self) -> None:
         check_classes(self)
         check_ranks(self)
+        check_segmentation(self)
 
     def study(self) -> Study:
         """Only the study's own settings (a subclass's extra settings left out)."""
@@ -135,6 +145,31 @@ def check_classes(study: Study) -> None:
                              f"({study.model.num_classes})")
         if any(p <= 0 for p in prior) or not math.isclose(sum(prior), 1.0, abs_tol=1e-3):
             raise ValueError(f"evaluation.prior = {prior}: shares must be > 0 and sum to 1")
+
+
+def check_segmentation(study: Study) -> None:
+    """A segmentation backbone's study: two classes (the background and one structure) and a
+    Dice to choose the published round by.
+
+    Raises:
+        ValueError: naming the setting and what to write.
+    """
+    from models.registry import UnknownBackboneError, backbone_spec
+
+    try:
+        task = backbone_spec(study.model.backbone).task
+    except UnknownBackboneError:
+        return  # an hf: name or a typo: the registry refuses it where the model is built
+    if task != "segmentation":
+        return
+    if study.model.num_classes != 2:
+        raise ValueError(f"model.backbone = '{study.model.backbone}' segments one structure: "
+                         f"classes names the background and it, e.g. [\"background\", "
+                         f"\"hippocampus\"] (got {study.classes or study.model.num_classes})")
+    if study.evaluation.select_by not in SEGMENTATION_SELECT_BY:
+        raise ValueError(f"evaluation.select_by = '{study.evaluation.select_by}' is a "
+                         f"classification metric: a segmentation study chooses its published "
+                         f"round by one of {list(SEGMENTATION_SELECT_BY)}")
 
 
 def check_ranks(study: Study) -> None:

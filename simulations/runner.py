@@ -32,6 +32,11 @@ from simulations.baselines import local_baseline, pooled_baseline
 from simulations.config import ConfigError, SimulationConfig, config_dict
 from simulations.datasets import class_names
 from simulations.progress import RoundProgress
+from simulations.segmentation_study import (
+    is_segmentation,
+    resolve_segmentation,
+    run_segmentation_study,
+)
 from simulations.site_privacy import simulated_site_privacy
 from simulations.sites import (
     cached_dataset,
@@ -47,7 +52,10 @@ BASELINES = {"pooled": pooled_baseline, "local": local_baseline}
 
 def resolve(config: SimulationConfig) -> SimulationConfig:
     """Fill in what defaults leave open: the classes from the data (names where the dataset has
-    them), the weights and initial-adapter pins, the run dir, the DP calibration."""
+    them), the weights and initial-adapter pins, the run dir, the DP calibration. A
+    segmentation backbone's simulation: ``simulations.segmentation_study``."""
+    if is_segmentation(config):
+        return resolve_segmentation(config)
     dataset = cached_dataset(config.data.dataset, config.model.image_size)
     if config.classes and len(config.classes) != dataset.num_classes:
         raise ConfigError(f"classes = {config.classes} but {config.data.dataset} has "
@@ -179,6 +187,8 @@ def run_study(config: SimulationConfig, console: Console | None = None,
     Raises:
         FederationError: the federated run did not complete every round with enough hospitals.
     """
+    if is_segmentation(config):  # hippocampus MRI through the ClientApp, in process
+        return run_segmentation_study(config)
     console = console or Console()
     config = resolve(config)
     records = RunRecords(Path(config.run_dir))

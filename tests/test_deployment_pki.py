@@ -146,7 +146,7 @@ def test_site_folder_policy_template_and_node_config(tmp_path):
     assert keys["audit-log"].endswith("egress-audit.jsonl")
     assert set(keys) == {"manifest", "privacy-policy", "run-policy", "privacy-ledger",
                          "audit-log", "node-key", "secagg-roster", "ca-cert",
-                         "secagg-roster-state"}
+                         "secagg-roster-state", "embedding-cache"}
     (site / "hospital.toml").write_text('[hospital]\nname = "x"\nsuperlnk = "typo"\n')
     with pytest.raises(SiteFolderError, match="superlnk"):
         load_hospital_config(site)

@@ -22,8 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tomli_w
@@ -62,8 +64,26 @@ def study_run_policy(config: SimulationConfig) -> str:
     return tomli_w.dumps({
         "allowed_apps": ["medfed/medfed-app"], "allowed_backbones": [config.model.backbone],
         "allowed_tasks": [config.federation.task],
+        "max_image_size": max(224, config.model.image_size),  # LiteMedSAM takes 256
         "max_evaluations_per_run": config.federation.rounds + 1,
         "max_evaluations_per_day": 2 * (config.federation.rounds + 1)})
+
+
+SiteWriter = Callable[[SimulationConfig, int, Path], dict[str, Any]]
+"""Writes hospital ``k``'s data into its site folder; returns the ``hospital.toml`` tables to
+add (``hospital``: its data keys, e.g. ``data_npz`` or ``manifest`` and ``classes``; others such
+as ``site_data``)."""
+
+
+def npz_site(config: SimulationConfig, k: int, site: Path) -> dict[str, Any]:
+    """Simulated hospital ``k``'s train and validation split as ``site.npz``."""
+    from simulations.sites import hospital_site
+
+    data = hospital_site(config.data, config.model.image_size, config.seed, k)
+    np.savez(site / "site.npz", train_images=_uint8(data.train.images),
+             train_labels=data.train.labels.numpy(), val_images=_uint8(data.val.images),
+             val_labels=data.val.labels.numpy())
+    return {"hospital": {"data_npz": "site.npz"}}
 
 
 class LoopbackConsortium:
@@ -72,15 +92,17 @@ class LoopbackConsortium:
     ``root/logs/NAME.log``).
 
     Hospital ``k`` is named ``hospital-k`` and holds simulated hospital ``k``'s train and
-    validation split (``simulations.sites.hospital_site``). Without ``config.site_policy`` the
-    hospitals keep no privacy policy (the template requires DP for every round). With
+    validation split (``simulations.sites.hospital_site``), or what ``site_writer`` writes
+    (e.g. ``simulations.segmentation_study.loopback_site``: NIfTI cases). Without
+    ``config.site_policy`` the hospitals keep no privacy policy (the template requires DP for
+    every round). With
     ``enrolled`` only the first that many hospitals are enrolled; the others have their site
     folders ready and enrol later (``medfed coordinator enroll``).
     """
 
     def __init__(self, root: Path, config: SimulationConfig, insecure: bool = False,
-                 host: str = "127.0.0.1", enrolled: int | None = None) -> None:
-        from simulations.sites import hospital_site
+                 host: str = "127.0.0.1", enrolled: int | None = None,
+                 site_writer: SiteWriter | None = None) -> None:
 
         self.root = Path(root).resolve()
         self.insecure = insecure
@@ -100,12 +122,9 @@ class LoopbackConsortium:
             init_site_folder(site, f"hospital-{k}", superlink=f"localhost:{self.port}")
             (site / "run-policy.toml").write_text(study_run_policy(config))
             shutil.copy(self.folder / "ca" / "ca.pem", site / "ca.pem")
-            data = hospital_site(config.data, config.model.image_size, config.seed, k)
-            np.savez(site / "site.npz", train_images=_uint8(data.train.images),
-                     train_labels=data.train.labels.numpy(), val_images=_uint8(data.val.images),
-                     val_labels=data.val.labels.numpy())
-            hospital = load_hospital_config(site).__dict__ | {
-                "data_npz": "site.npz", "runtime_port": free_port(),
+            tables = (site_writer or npz_site)(config, k, site)
+            hospital = load_hospital_config(site).__dict__ | tables.pop("hospital") | {
+                "runtime_port": free_port(),
                 # All daemons share this machine: one thread each, as the simulation gives
                 # each hospital one CPU (cpus_per_hospital).
                 "cpu_threads": config.cpus_per_hospital}
@@ -113,7 +132,7 @@ class LoopbackConsortium:
                 shutil.copy(config.site_policy, site / "privacy-policy.toml")
             else:
                 hospital["privacy_policy"] = ""
-            (site / HOSPITAL_CONFIG).write_text(tomli_w.dumps({"hospital": hospital}))
+            (site / HOSPITAL_CONFIG).write_text(tomli_w.dumps({"hospital": hospital} | tables))
             if enrolled is None or k < enrolled:  # the others enrol later (late joiners)
                 enrol(self.folder, f"hospital-{k}", site / "node.pub")
             self.sites.append(site)

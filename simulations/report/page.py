@@ -381,8 +381,11 @@ def build_report(run_dirs: list[Path], out_dir: Path, score_model: bool = True) 
     scores: dict[str, TestScores | None] = {}
     sections = []
     for run, name in zip(runs, names, strict=True):
-        # A deployed run is reported from its own files: nothing is re-scored on MedMNIST.
-        score = score_final_model(run) if score_model and is_simulation(run) else None
+        # A deployed run is reported from its own files: nothing is re-scored on MedMNIST; nor
+        # is a segmentation run (its summary holds its test Dice and HD95 already).
+        segmentation = run.summary.get("task_type") == "segmentation"
+        score = (score_final_model(run) if score_model and is_simulation(run)
+                 and not segmentation else None)
         scores[name] = score
         prefix = f"{name}-" if len(runs) > 1 else ""
         stems = run_figures(run, score, figures, prefix)
