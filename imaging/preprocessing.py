@@ -45,18 +45,6 @@ def _buffer(model: nn.Module, name: str) -> list[float]:
     return []
 
 
-def segmentation_preprocessing() -> Preprocessing:
-    """A segmentation backbone's input (``litemedsam``): every slice along
-    ``imaging.segmentation.SLICE_AXIS`` of a volume clipped to its nonzero voxels' percentiles
-    and scaled to [0, 1], then MedSAM's 256 x 256 convention (``litemedsam.PREPROCESSING``);
-    no mean/std (the encoder takes [0, 1])."""
-    return Preprocessing(
-        image_size=litemedsam.IMAGE_SIZE, spatial_dims=2, channels=3, frames="all", mean=[],
-        std=[], pixels={"slices": litemedsam.PREPROCESSING, "slice_axis": SLICE_AXIS,
-                        "clip_percentiles": _scalar(list(CLIP_PERCENTILES)),
-                        "reader": "imaging.segmentation (NIfTI image and mask)"})
-
-
 def describe_preprocessing(config: ModelConfig, model: nn.Module) -> Preprocessing:
     """The preprocessing of ``model`` (a base model or its peft wrapper) built from ``config``.
 

@@ -106,6 +106,11 @@ def test_two_rounds_train_report_dice_and_publish_a_segmentation_card(run):
                               tuple(card["model"]["lora_targets"]))
     load_adapter_file(rebuilt, root / "run" / "adapter")
     assert all(adapter_state(rebuilt)[k].equal(published[k]) for k in published)
+    # 'medfed predict' itself accepts it: every pin on the card matches this code's.
+    from inference.published import load_published
+
+    loaded = load_published(root / "run" / "adapter", device="cpu")
+    assert loaded.card.task == "segmentation"
 
 
 def test_every_reply_is_in_the_hospitals_audit_log(run):
