@@ -30,7 +30,8 @@ from pathlib import Path
 
 import tomli_w
 
-from models.settings import read_settings
+from models.flower_compat import SECOND_SESSION_GAP_S
+from models.settings import read_settings, setting
 from privacy.pki import (
     certificate_pem,
     load_ca,
@@ -78,6 +79,13 @@ class CoordinatorConfig:
             connected (at least the study's ``min_hospitals``) when the wait ends.
         roster_valid_days: how long each newly signed roster is valid (days); hospitals refuse
             it afterwards, so re-sign it (``medfed coordinator sign-roster``) before then.
+        second_session_gap_s: two heartbeats one node key signed less than this many seconds
+            apart count as a sign of two live SuperNodes on that key (a stolen ``node.key``;
+            three such pairs get the key revoked). The default, Flower's heartbeat call
+            timeout, is the smallest gap one SuperNode's retries can leave; up to 15 s (below
+            one SuperNode's shortest heartbeat period, 17.5 s) a second session is caught
+            sooner, at the cost of counting quick retries after a failed heartbeat call as
+            close pairs. Loopback tests raise it; keep the default in a consortium.
     """
 
     consortium: str
@@ -93,6 +101,10 @@ class CoordinatorConfig:
     run_dir: str = "runs"
     wait_for_hospitals_s: float = 120.0
     roster_valid_days: float = 30.0
+    # Bounds: a gap below the call timeout would miss real second sessions; one above a
+    # SuperNode's shortest period (17.5 s) would flag every single SuperNode.
+    second_session_gap_s: float = setting(SECOND_SESSION_GAP_S, ge=SECOND_SESSION_GAP_S,
+                                          le=15.0)
 
     @property
     def control_port(self) -> int:

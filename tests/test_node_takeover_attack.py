@@ -35,7 +35,7 @@ import pytest
 import tomli_w
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from faults.harness import consortium, start_hospital, tiny_study, wait_for
+from faults.harness import consortium, start_hospital, tiny_study
 from flwr.common.constant import TIMESTAMP_HEADER
 from flwr.proto.fleet_pb2 import (  # pylint: disable=E0611
     ActivateNodeRequest,
@@ -49,6 +49,7 @@ from flwr.supercore.date import now
 from flwr.supercore.interceptors.http.utils import add_headers
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
 from flwr.supernode.fleet_http_client import FleetHttpClient
+from helpers import wait_for
 
 from client.audit import read_audit_log
 from client.daemon import supernode_command

@@ -12,17 +12,11 @@ import sys
 
 import pytest
 import tomli_w
+from helpers import wait_for
 
 from client.site_folder import CONFIG_FILE, init_site_folder, load_hospital_config
 from client.supervisor import ADMITTED_LINE, RETRY_LINE
-from faults.harness import (
-    all_gone,
-    descendants,
-    kill9,
-    log_has,
-    start_hospital,
-    wait_for,
-)
+from faults.harness import all_gone, descendants, kill9, log_has, start_hospital
 from server.consortium import enrol
 from simulations.processes import free_port
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from helpers import TIMEOUT_S, wait_for
 
-from faults.harness import TIMEOUT_S, consortium, log_has, start_hospital, tiny_study, wait_for
+from faults.harness import consortium, log_has, start_hospital, tiny_study
 from medfed_cli.main import main as medfed
 from server.consortium import load_enrolments
 from server.daemon import coordinator_running

@@ -19,6 +19,7 @@ import pandas as pd
 import psutil
 import pytest
 import torch
+from helpers import wait_for
 from safetensors.torch import load_file
 
 from client.audit import read_audit_log
@@ -33,7 +34,6 @@ from faults.harness import (
     log_has,
     start_hospital,
     tiny_study,
-    wait_for,
 )
 from server.checkpoint import CHECKPOINT_FILE
 from server.consortium import load_enrolments

@@ -15,16 +15,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import wait_for
 
 from client.audit import read_audit_log
-from faults.harness import (
-    all_gone,
-    consortium,
-    kill9,
-    start_hospital,
-    tiny_study,
-    wait_for,
-)
+from faults.harness import all_gone, consortium, kill9, start_hospital, tiny_study
 from faults.test_run_faults import _adapter, _finish, _trained
 from faults.test_secagg_faults import STAGE_FIELD
 from server.checkpoint import CHECKPOINT_FILE

@@ -20,6 +20,7 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 import tomli_w
+from helpers import wait_for
 
 from client.audit import read_audit_log, verify_audit_log
 from client.site_folder import CONFIG_FILE as HOSPITAL_CONFIG
@@ -32,7 +33,6 @@ from faults.harness import (
     kill9,
     start_hospital,
     tiny_study,
-    wait_for,
 )
 from faults.test_run_faults import ADAPTER
 from privacy.ledger import Ledger
