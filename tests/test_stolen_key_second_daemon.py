@@ -23,7 +23,7 @@ import tomllib
 
 import pytest
 import tomli_w
-from faults.harness import consortium, log_has, start_hospital, tiny_study
+from faults.harness import consortium, log_has, tiny_study
 from helpers import wait_for
 
 from client.site_folder import CONFIG_FILE, load_hospital_config
@@ -66,8 +66,8 @@ def test_a_second_daemon_on_a_copied_node_key_is_refused(tmp_path):
         _set_gap(lc.folder, GAP_S)
         lc._start("coordinator", [sys.executable, "-m", "medfed_cli.main", "coordinator",
                                   "start", str(lc.folder)])  # the SuperLink alone
-        victim = start_hospital(lc, 0, backoff_s=0.5)
-        start_hospital(lc, 1, backoff_s=0.5)
+        victim = lc.start_hospital(0, retry_backoff_s=0.5)
+        lc.start_hospital(1, retry_backoff_s=0.5)
         for k in (0, 1):
             wait_for(log_has(lc, f"hospital-{k}", ADMITTED_LINE), f"hospital-{k} admitted")
 
@@ -77,7 +77,7 @@ def test_a_second_daemon_on_a_copied_node_key_is_refused(tmp_path):
         config = load_hospital_config(thief_site).__dict__ | {"runtime_port": free_port()}
         (thief_site / CONFIG_FILE).write_text(tomli_w.dumps({"hospital": config}))
         lc.sites.append(thief_site)
-        start_hospital(lc, 2, backoff_s=0.5)
+        lc.start_hospital(2, retry_backoff_s=0.5)
 
         wait_for(log_has(lc, "coordinator", SECOND_SESSION_LINE), "the second session refused",
                  timeout_s=900)

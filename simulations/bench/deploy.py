@@ -145,11 +145,13 @@ class LoopbackConsortium:
         path.write_text(self.study.read_text())
         return path
 
-    def start_hospital(self, k: int) -> subprocess.Popen:
-        """``medfed hospital start --dir hospital-k`` (a SuperNode; runs until stopped)."""
+    def start_hospital(self, k: int, retry_backoff_s: float | None = None) -> subprocess.Popen:
+        """``medfed hospital start --dir hospital-k`` (a SuperNode; runs until stopped), with
+        ``--retry-backoff retry_backoff_s`` (seconds) when given."""
+        backoff = [] if retry_backoff_s is None else ["--retry-backoff", str(retry_backoff_s)]
         return self._start(f"hospital-{k}", [
             sys.executable, "-m", "medfed_cli.main", "hospital", "start", "--dir",
-            str(self.sites[k]), *(["--insecure"] if self.insecure else [])])
+            str(self.sites[k]), *backoff, *(["--insecure"] if self.insecure else [])])
 
     def wait_for_log(self, name: str, text: str, timeout_s: float) -> bool:
         """Wait until ``text`` appears in daemon ``name``'s log."""

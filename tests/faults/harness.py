@@ -1,12 +1,12 @@
-"""What the fault-injection tests share: a tiny loopback consortium (and its clean-up), waits on
-conditions (never on the clock), and a check that no process a daemon started outlives it."""
+"""What the fault-injection tests share: a tiny loopback consortium (and its clean-up), a check
+that no process a daemon started outlives it, and ``kill -9``. Waits go through the tests' one
+polling helper, ``tests/helpers.py:wait_for``."""
 
 from __future__ import annotations
 
 import contextlib
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -83,13 +83,6 @@ def kill9(proc: subprocess.Popen) -> list[psutil.Process]:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return started
-
-
-def start_hospital(lc: LoopbackConsortium, k: int, backoff_s: float = 1.0) -> subprocess.Popen:
-    """The hospital daemon (``medfed hospital start``) of hospital ``k``."""
-    return lc._start(f"hospital-{k}", [
-        sys.executable, "-m", "medfed_cli.main", "hospital", "start", "--dir", str(lc.sites[k]),
-        "--retry-backoff", str(backoff_s), *(["--insecure"] if lc.insecure else [])])
 
 
 def consortium_processes(folder: Path) -> list[psutil.Process]:
