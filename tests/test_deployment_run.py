@@ -61,7 +61,7 @@ def test_hospital_and_coordinator_crashes_do_not_stop_the_study(consortium):
     for k in range(3):
         lc.start_hospital(k)
 
-    # Hospital 2 dies while its round-1 ClientApp is running: nothing of it left the hospital.
+    # Hospital 2 dies while its first ClientApp is running: nothing of it left the hospital.
     wait_for(lambda: log_contains(lc.log("hospital-2"), TASK_STARTED),
              "hospital 2's first task", 300, log=lc.log("hospital-2"))
     # That first task is the study check before round 1: its reply cannot leave either, so the
