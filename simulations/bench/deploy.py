@@ -8,8 +8,9 @@ each hospital holding the very partition the simulation gives it (as a MedMNIST-
 in its site folder). It prints both wall times and ends with
 ``deployment/simulation wall time: <ratio>``.
 
-:class:`LoopbackConsortium` is the deployment half; the multi-process tests
-(``tests/test_deployment_run.py``) use it too.
+:class:`LoopbackConsortium` is the deployment half: this bench needs it, so it lives here, and
+the multi-process tests (``tests/faults/harness.py`` and the deployment and attack tests)
+build their consortia with it rather than with a copy.
 """
 
 from __future__ import annotations
