@@ -79,6 +79,13 @@ class CoordinatorConfig:
             connected (at least the study's ``min_hospitals``) when the wait ends.
         roster_valid_days: how long each newly signed roster is valid (days); hospitals refuse
             it afterwards, so re-sign it (``medfed coordinator sign-roster``) before then.
+        second_session_gap_s: two heartbeats one node key signed less than this many seconds
+            apart count as a sign of two live SuperNodes on that key (a stolen ``node.key``;
+            three such pairs get the key revoked). The default, Flower's heartbeat call
+            timeout, is the smallest gap one SuperNode's retries can leave; up to 15 s (below
+            one SuperNode's shortest heartbeat period, 17.5 s) a second session is caught
+            sooner, at the cost of counting quick retries after a failed heartbeat call as
+            close pairs. Loopback tests raise it; keep the default in a consortium.
     """
 
     consortium: str
@@ -94,6 +101,11 @@ class CoordinatorConfig:
     run_dir: str = "runs"
     wait_for_hospitals_s: float = setting(120.0, ge=0.0)
     roster_valid_days: float = setting(30.0, gt=0.0)
+    # core.flower_compat.SECOND_SESSION_GAP_S (Flower's heartbeat call timeout), written out
+    # so that reading this file does not import Flower; a test keeps the two equal. Bounds: a
+    # gap below the call timeout would miss real second sessions; one above a SuperNode's
+    # shortest period (17.5 s) would flag every single SuperNode.
+    second_session_gap_s: float = setting(5.0, ge=5.0, le=15.0)
 
     @property
     def control_port(self) -> int:

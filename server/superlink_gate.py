@@ -216,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     state = flower_compat.superlink_state(app)
     for line in sync_registry_state(state, args.consortium):
         logger.info("registry: %s", line)
+    from server.consortium import load_coordinator_config
+
+    gap_s = load_coordinator_config(args.consortium).second_session_gap_s
     flower_compat.recover_restarted_nodes(state, on_take_over=lambda node: logger.warning(
         "node %d reconnected while its previous SuperNode was still counted online (killed or "
         "restarted): taken over; what that process had received and not answered is answered "
@@ -228,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
                 READY_LINE, config.host, config.port, args.admin_port)
     server = uvicorn.Server(uvicorn.Config(
         FleetOnly(flower_compat.SingleUseSignatures(
-            app, state, functools.partial(refuse_stolen_key, args.consortium)), config.port),
+            app, state, functools.partial(refuse_stolen_key, args.consortium),
+            watch=flower_compat.SecondSessionWatch(gap_s=gap_s)), config.port),
         log_config=flower_compat.uvicorn_log_config(),
         access_log=False, timeout_graceful_shutdown=3, ssl_keyfile=config.ssl_keyfile,
         ssl_certfile=config.ssl_certfile, workers=1))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+from helpers import wait_for
 
 from client.daemon import supernode_command
 from client.site_folder import CONFIG_FILE as HOSPITAL_CONFIG
@@ -19,7 +20,7 @@ from server.consortium import enrol, init_consortium, load_enrolments, revoke
 from server.daemon import registry_listing_command, superlink_command
 from server.status import hospital_statuses
 from server.superlink_gate import READY_LINE
-from simulations.processes import free_port, stop_process_group, wait_for_log
+from simulations.processes import free_port, log_contains, stop_process_group
 
 
 def _free_runtime_port(site: Path) -> None:
@@ -61,7 +62,8 @@ def test_tls_superlink_admits_only_enrolled_hospitals(tmp_path):
                                 env=env, start_new_session=True)
     node = None
     try:
-        assert wait_for_log(link_log, READY_LINE, 300), link_log.read_text()
+        wait_for(lambda: log_contains(link_log, READY_LINE), "the SuperLink serving", 300,
+                 log=link_log)
         assert medfed(["coordinator", "register", str(consortium)]) == 0
         assert [bool(e.node_id) for e in load_enrolments(consortium)] == [True]
         assert _refused(sites["stranger"], env, tmp_path / "stranger.log")
@@ -70,7 +72,8 @@ def test_tls_superlink_admits_only_enrolled_hospitals(tmp_path):
         with open(node_log, "w") as out:
             node = subprocess.Popen(supernode_command(sites["enrolled"]), stdout=out,
                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        assert wait_for_log(link_log, "Activated node_id", 60), node_log.read_text()
+        wait_for(lambda: log_contains(link_log, "Activated node_id"), "the SuperNode's activation",
+                 60, log=[link_log, node_log])
         assert node.poll() is None  # connected and waiting for work
         argv, cli_env = registry_listing_command(consortium)
         listing = subprocess.run(argv, env=cli_env, capture_output=True, text=True, timeout=60)

@@ -72,10 +72,11 @@ def test_sgd_moves_a_single_class_hospital_little_where_adamw_moves_it_fully(
 def test_foundation_bench_settings_reach_the_scenario(tmp_path):
     """The bench's optimiser and intensity options become the study's settings; by default
     it keeps the scenario's (SGD on the masks read as tissue)."""
-    from simulations.bench.foundation import _overrides, build_parser
+    from simulations.bench.foundation import _overrides, build_parser, scenario_intensity
 
     default = build_parser().parse_args([])
-    default.intensity = "tissue"  # what main() infers from the scenario's dataset
+    assert default.intensity is None  # main() fills it in from the scenario's dataset
+    default.intensity = scenario_intensity()
     config = load_scenario("ct-foundation", _overrides(default, tmp_path))
     assert config.train.optimizer == "sgd" and config.data.dataset == "adrenalmnist3d-tissue"
     assert config.train.local_steps == 0
@@ -89,12 +90,10 @@ def test_foundation_bench_settings_reach_the_scenario(tmp_path):
 
 def test_foundation_bench_trains_its_2d_comparison_with_the_2d_defaults(tmp_path):
     """The 2D backbone runs at its own default training settings, not the CT scenario's."""
-    from simulations.bench.foundation import FLAT_DEFAULT, _overrides, build_parser
+    from simulations.bench.foundation import FLAT_DEFAULT, build_parser, variant_overrides
 
-    overrides = _overrides(build_parser().parse_args(["--intensity", "tissue"]), tmp_path)
-    for table, values in FLAT_DEFAULT.items():
-        overrides[table] = overrides.get(table, {}) | values
-    config = load_scenario("ct-foundation", overrides)
+    args = build_parser().parse_args(["--intensity", "tissue"])
+    config = load_scenario("ct-foundation", variant_overrides(args, tmp_path, FLAT_DEFAULT))
     default = TrainConfig()
     assert config.model.backbone == "efficientnet-lite0-imagenet"
     assert (config.train.optimizer, config.train.lr, config.train.batch_size) == (

@@ -35,7 +35,7 @@ import pytest
 import tomli_w
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from faults.harness import consortium, start_hospital, tiny_study, wait_for
+from faults.harness import consortium, tiny_study
 from flwr.common.constant import TIMESTAMP_HEADER
 from flwr.proto.fleet_pb2 import (  # pylint: disable=E0611
     ActivateNodeRequest,
@@ -49,6 +49,7 @@ from flwr.supercore.date import now
 from flwr.supercore.interceptors.http.utils import add_headers
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
 from flwr.supernode.fleet_http_client import FleetHttpClient
+from helpers import wait_for
 
 from client.audit import read_audit_log
 from client.daemon import supernode_command
@@ -141,7 +142,7 @@ def _attack(lc: LoopbackConsortium, tmp_path: Path) -> None:
     victim_pk = public_key_to_bytes(victim)
     fellow = _private_key(fellow_site)
     for k in range(2):  # they retry until the coordinator serves
-        start_hospital(lc, k)
+        lc.start_hospital(k)
     coordinator = lc.start_coordinator()
     # The victim is online and has trained round 1: its node is active, counted online.
     wait_for(lambda: 1 in _replied(lc, 0), "hospital-0's round-1 reply", alive=coordinator,

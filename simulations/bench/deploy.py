@@ -8,8 +8,9 @@ each hospital holding the very partition the simulation gives it (as a MedMNIST-
 in its site folder). It prints both wall times and ends with
 ``deployment/simulation wall time: <ratio>``.
 
-:class:`LoopbackConsortium` is the deployment half; the multi-process tests
-(``tests/test_deployment_run.py``) use it too.
+:class:`LoopbackConsortium` is the deployment half: this bench needs it, so it lives here, and
+the multi-process tests (``tests/faults/harness.py`` and the deployment and attack tests)
+build their consortia with it rather than with a copy.
 """
 
 from __future__ import annotations
@@ -164,11 +165,13 @@ class LoopbackConsortium:
         path.write_text(self.study.read_text())
         return path
 
-    def start_hospital(self, k: int) -> subprocess.Popen:
-        """``medfed hospital start --dir hospital-k`` (a SuperNode; runs until stopped)."""
+    def start_hospital(self, k: int, retry_backoff_s: float | None = None) -> subprocess.Popen:
+        """``medfed hospital start --dir hospital-k`` (a SuperNode; runs until stopped), with
+        ``--retry-backoff retry_backoff_s`` (seconds) when given."""
+        backoff = [] if retry_backoff_s is None else ["--retry-backoff", str(retry_backoff_s)]
         return self._start(f"hospital-{k}", [
             sys.executable, "-m", "medfed_cli.main", "hospital", "start", "--dir",
-            str(self.sites[k]), *(["--insecure"] if self.insecure else [])])
+            str(self.sites[k]), *backoff, *(["--insecure"] if self.insecure else [])])
 
     def wait_for_log(self, name: str, text: str, timeout_s: float) -> bool:
         """Wait until ``text`` appears in daemon ``name``'s log."""

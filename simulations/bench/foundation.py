@@ -91,16 +91,30 @@ def _overrides(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     return values
 
 
-def _study(args: argparse.Namespace, root: Path, name: str, console: Console,
-           extra: dict[str, Any]) -> tuple[dict[str, Any], list[float]]:
-    """Run one variant of the scenario; returns its summary and each round's seconds."""
-    overrides = _overrides(args, root / name)
+def variant_overrides(args: argparse.Namespace, run_dir: Path,
+                      extra: dict[str, Any]) -> dict[str, Any]:
+    """The scenario overrides of one variant: the options' (:func:`_overrides`), then
+    ``extra``'s, table by table (a table in ``extra`` updates the options' table of that
+    name; any other value replaces it)."""
+    overrides = _overrides(args, run_dir)
     for table, values in extra.items():
         if isinstance(values, dict):
             overrides[table] = overrides.get(table, {}) | values
         else:
             overrides[table] = values
-    config = load_scenario(SCENARIO, overrides)
+    return overrides
+
+
+def scenario_intensity() -> str:
+    """The intensity of the scenario's dataset: ``tissue`` or ``binary`` (the default of
+    ``--intensity``)."""
+    return "tissue" if load_scenario(SCENARIO).data.dataset.endswith("-tissue") else "binary"
+
+
+def _study(args: argparse.Namespace, root: Path, name: str, console: Console,
+           extra: dict[str, Any]) -> tuple[dict[str, Any], list[float]]:
+    """Run one variant of the scenario; returns its summary and each round's seconds."""
+    config = load_scenario(SCENARIO, variant_overrides(args, root / name, extra))
     stamps = [time.monotonic()]
     summary = runner.run_study(config, console,
                                on_round=lambda *_: stamps.append(time.monotonic()))
@@ -201,8 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.intensity is None:
-        dataset = load_scenario(SCENARIO).data.dataset
-        args.intensity = "tissue" if dataset.endswith("-tissue") else "binary"
+        args.intensity = scenario_intensity()
     if args.quick:
         args.max_train = args.max_train or 300
         args.max_test = args.max_test or 100

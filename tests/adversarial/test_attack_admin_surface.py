@@ -22,6 +22,7 @@ import urllib.request
 
 import psutil
 import pytest
+from helpers import wait_for
 
 from privacy.pki import make_node_key, node_public_openssh
 from server.daemon import GATE_MODULE, flwr_cli_home
@@ -32,17 +33,6 @@ pytestmark = pytest.mark.slow
 
 ADMIN_PATHS = ("/v1/control/register-node", "/v1/control/start-run", "/v1/control/list-nodes",
                "/v1/runtime/get-nodes", "/docs", "/openapi.json")
-
-
-def _wait(condition, timeout_s: float = 900):
-    import time
-
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.3)
-    raise AssertionError("timed out")
 
 
 def _medfed(*args: str) -> subprocess.CompletedProcess:
@@ -57,8 +47,9 @@ def coordinator(tmp_path):
 
     lc = LoopbackConsortium(tmp_path, tiny_study(), host="0.0.0.0")
     proc = lc.start_coordinator()
-    _wait(lambda: READY_LINE in lc.log("coordinator").read_text(errors="replace")
-          or proc.poll() is not None)
+    wait_for(lambda: READY_LINE in lc.log("coordinator").read_text(errors="replace")
+             or proc.poll() is not None, "the coordinator's SuperLink serving",
+             log=lc.log("coordinator"))
     assert proc.poll() is None, lc.log("coordinator").read_text()[-3000:]
     yield lc, proc
     lc.stop_all()

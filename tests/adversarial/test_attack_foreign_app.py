@@ -26,11 +26,11 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import tomli_w
+from helpers import wait_for
 
 from client.audit import read_audit_log
 
@@ -203,17 +203,6 @@ def test_a_real_fab_on_disk_never_runs_at_the_hospital(tmp_path, impersonate):
     assert unguarded["records"] == ["loot"]
 
 
-def _wait(condition, timeout_s: float, what: str, logs: list[Path]) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.5)
-    tails = "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}"
-                      for p in logs if p.exists())
-    raise AssertionError(f"timed out waiting for {what}\n{tails}")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", ["warm", "subprocess"])
 def test_flwr_run_of_a_foreign_app_never_runs_its_code_at_the_hospital(tmp_path, executor):
@@ -260,9 +249,9 @@ def test_flwr_run_of_a_foreign_app_never_runs_its_code_at_the_hospital(tmp_path,
         daemon = start("hospital", [sys.executable, "-m", "medfed_cli.main", "hospital",
                                     "start", "--dir", str(site)],
                        dict(os.environ, PYTHONUNBUFFERED="1"))
-        _wait(lambda: daemon.poll() is not None or "Activated node_id" in
-              logs["superlink"].read_text(errors="replace"), 300, "the hospital to connect",
-              list(logs.values()))
+        wait_for(lambda: daemon.poll() is not None or "Activated node_id" in
+                 logs["superlink"].read_text(errors="replace"), "the hospital to connect",
+                 300, log=list(logs.values()))
         assert daemon.poll() is None, logs["hospital"].read_text()
 
         # The attacker holds the coordinator itself: the Control API answers on loopback only
@@ -286,12 +275,13 @@ def test_flwr_run_of_a_foreign_app_never_runs_its_code_at_the_hospital(tmp_path,
                 env=os.environ | {"FLWR_HOME": str(attacker_home)}, capture_output=True,
                 text=True, timeout=300, cwd=tmp_path)
             assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-            _wait(lambda n=n: audit.exists() and len(read_audit_log(audit)) > n, 600,
-                  f"the hospital's answer to attack {n}", [*logs.values(), report])
+            wait_for(lambda n=n: audit.exists() and len(read_audit_log(audit)) > n,
+                     f"the hospital's answer to attack {n}", 600,
+                     log=[*logs.values(), report])
             entry = read_audit_log(audit)[n]
             assert refusal in entry["error"]["reason"], entry
             assert entry["tensors"] == [] and entry["configs"] == {}
-            _wait(report.exists, 300, "the attacker's report", list(logs.values()))
+            wait_for(report.exists, "the attacker's report", 300, log=list(logs.values()))
             (reply,) = json.loads(report.read_text())
             assert refusal in reply["error"] and reply["records"] == []
             # The attacker's own tools and the coordinator may import it (Flower checks a

@@ -1,25 +1,21 @@
-"""What the fault-injection tests share: a tiny loopback consortium (and its clean-up), waits on
-conditions (never on the clock), and a check that no process a daemon started outlives it."""
+"""What the fault-injection tests share: a tiny loopback consortium (and its clean-up), a check
+that no process a daemon started outlives it, and ``kill -9``. Waits go through the tests' one
+polling helper, ``tests/helpers.py:wait_for``."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import psutil
+from helpers import wait_for
 
 from simulations.bench.deploy import LoopbackConsortium, default_study
 from simulations.config import SimulationConfig
-
-TIMEOUT_S = float(os.environ.get("MEDFED_FAULT_TIMEOUT_S", "900"))
-"""The longest any one awaited event may take (a busy 2-core machine is slow, not stuck)."""
 
 
 def tiny_study(hospitals: int = 2, rounds: int = 2, min_hospitals: int = 1) -> SimulationConfig:
@@ -50,22 +46,6 @@ def consortium(root: Path, config: SimulationConfig,
             proc.kill()
 
 
-def wait_for(condition: Callable[[], object], what: str, timeout_s: float = TIMEOUT_S,
-             poll_s: float = 0.3, alive: subprocess.Popen | None = None, log: Path | None = None):
-    """Poll ``condition`` until it returns something truthy (returned); fail naming ``what``,
-    at once if process ``alive`` ends first (with the tail of ``log``)."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        value = condition()
-        if value:
-            return value
-        if alive is not None and alive.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-            raise AssertionError(f"exited with {alive.returncode} before {what}:\n{tail}")
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-
-
 def log_has(lc: LoopbackConsortium, name: str, text: str, count: int = 1) -> Callable[[], bool]:
     def check() -> bool:
         path = lc.log(name)
@@ -91,10 +71,10 @@ def all_gone(procs: list[psutil.Process], timeout_s: float = 60) -> None:
             except psutil.NoSuchProcess:
                 pass
         return out
-    end = time.monotonic() + timeout_s
-    while alive() and time.monotonic() < end:
-        time.sleep(0.3)
-    assert not alive(), f"still running: {alive()}"
+    try:
+        wait_for(lambda: not alive(), "every process to end", timeout_s=timeout_s)
+    except AssertionError:
+        raise AssertionError(f"still running: {alive()}") from None
 
 
 def kill9(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -103,13 +83,6 @@ def kill9(proc: subprocess.Popen) -> list[psutil.Process]:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return started
-
-
-def start_hospital(lc: LoopbackConsortium, k: int, backoff_s: float = 1.0) -> subprocess.Popen:
-    """The hospital daemon (``medfed hospital start``) of hospital ``k``."""
-    return lc._start(f"hospital-{k}", [
-        sys.executable, "-m", "medfed_cli.main", "hospital", "start", "--dir", str(lc.sites[k]),
-        "--retry-backoff", str(backoff_s), *(["--insecure"] if lc.insecure else [])])
 
 
 def consortium_processes(folder: Path) -> list[psutil.Process]:

@@ -12,15 +12,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers import wait_for
 
-from faults.harness import (
-    all_gone,
-    consortium_processes,
-    descendants,
-    kill9,
-    log_has,
-    wait_for,
-)
+from faults.harness import all_gone, consortium_processes, descendants, kill9, log_has
 from medfed_cli.main import main as medfed
 from server.daemon import PID_FILE, WAITING_LINE, daemon_env, flwr_cli_home, superlink_command
 from server.superlink_gate import READY_LINE

@@ -12,17 +12,11 @@ import sys
 
 import pytest
 import tomli_w
+from helpers import wait_for
 
 from client.site_folder import CONFIG_FILE, init_site_folder, load_hospital_config
 from client.supervisor import ADMITTED_LINE, RETRY_LINE
-from faults.harness import (
-    all_gone,
-    descendants,
-    kill9,
-    log_has,
-    start_hospital,
-    wait_for,
-)
+from faults.harness import all_gone, descendants, kill9, log_has
 from server.consortium import enrol
 from simulations.processes import free_port
 
@@ -32,7 +26,7 @@ WARM_STARTED = "warm SuperExec for"
 
 
 def test_hospital_started_before_the_coordinator_is_admitted_when_it_starts(lc):
-    hospital = start_hospital(lc, 0, backoff_s=0.5)
+    hospital = lc.start_hospital(0, retry_backoff_s=0.5)
     wait_for(log_has(lc, "hospital-0", WARM_STARTED), "the hospital daemon's warm SuperExec")
     lc.start_coordinator()
     wait_for(log_has(lc, "hospital-0", ADMITTED_LINE), "hospital-0 admitted")
@@ -49,7 +43,7 @@ def test_a_hospital_enrolled_after_it_started_is_admitted(lc, tmp_path):
     lc.sites.append(site)
     lc.start_coordinator()
     wait_for(log_has(lc, "coordinator", "registered hospital-1"), "the SuperLink's registry")
-    hospital = start_hospital(lc, 2, backoff_s=0.5)
+    hospital = lc.start_hospital(2, retry_backoff_s=0.5)
     # Refused (412: key not registered): the daemon says so and keeps trying.
     wait_for(log_has(lc, "hospital-2", RETRY_LINE), "the refusal logged")
     assert "not registered at the coordinator" in lc.log("hospital-2").read_text()
@@ -67,7 +61,7 @@ def test_a_supernode_that_dies_at_start_up_takes_its_warm_superexec_along(lc):
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", load_hospital_config(lc.sites[0]).runtime_port))
         squatter.listen()
-        hospital = start_hospital(lc, 0, backoff_s=3600)
+        hospital = lc.start_hospital(0, retry_backoff_s=3600)
         wait_for(log_has(lc, "hospital-0", RETRY_LINE), "the SuperNode's start-up failure")
     log = lc.log("hospital-0").read_text(errors="replace")
     assert "the SuperNode exited with code" in log
@@ -77,7 +71,7 @@ def test_a_supernode_that_dies_at_start_up_takes_its_warm_superexec_along(lc):
 
 
 def test_kill9_of_a_hospital_daemon_leaves_nothing(lc):
-    hospital = start_hospital(lc, 0)
+    hospital = lc.start_hospital(0)
     wait_for(log_has(lc, "hospital-0", WARM_STARTED), "the warm SuperExec")
     # The SuperNode, the warm SuperExec and its forkserver.
     wait_for(lambda: len(descendants(hospital.pid)) >= 3, "the daemon's helper processes")

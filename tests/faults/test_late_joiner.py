@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from helpers import TIMEOUT_S, wait_for
 
-from faults.harness import TIMEOUT_S, consortium, log_has, start_hospital, tiny_study, wait_for
+from faults.harness import consortium, log_has, tiny_study
 from medfed_cli.main import main as medfed
 from server.consortium import load_enrolments
 from server.daemon import coordinator_running
@@ -29,14 +30,14 @@ def test_a_hospital_enrolled_during_a_run_trains_in_it(tmp_path):
         wait_for(log_has(lc, "coordinator", "registered hospital-1"), "the coordinator's "
                  "registry sync", alive=coordinator, log=lc.log("coordinator"))
         for k in (0, 1):
-            start_hospital(lc, k)
+            lc.start_hospital(k)
         wait_for(lambda: coordinator_running(lc.folder), "the coordinator's pid file",
                  alive=coordinator, log=lc.log("coordinator"))
         # The late joiner: enrolled while the run waits for its third hospital.
         assert medfed(["coordinator", "enroll", str(lc.folder), "--name", "hospital-2",
                        "--hospital-key", str(lc.sites[2] / "node.pub")]) == 0
         assert load_enrolments(lc.folder)[-1].node_id  # registered with the running SuperLink
-        start_hospital(lc, 2)
+        lc.start_hospital(2)
         code = coordinator.wait(timeout=TIMEOUT_S)
         log = lc.log("coordinator").read_text(errors="replace")
         assert code == 0, log[-4000:]

@@ -19,6 +19,7 @@ import pandas as pd
 import psutil
 import pytest
 import torch
+from helpers import wait_for
 from safetensors.torch import load_file
 
 from client.audit import read_audit_log
@@ -31,9 +32,7 @@ from faults.harness import (
     descendants,
     kill9,
     log_has,
-    start_hospital,
     tiny_study,
-    wait_for,
 )
 from server.checkpoint import CHECKPOINT_FILE
 from server.consortium import load_enrolments
@@ -94,7 +93,7 @@ def _ensure_hospitals(lc: LoopbackConsortium) -> None:
     lc.hospitals = getattr(lc, "hospitals", {})
     for k in range(2):
         if k not in lc.hospitals or lc.hospitals[k].poll() is not None:
-            lc.hospitals[k] = start_hospital(lc, k)
+            lc.hospitals[k] = lc.start_hospital(k)
 
 
 def test_hospitals_started_long_after_the_coordinator_join_round_1(lc):
@@ -105,7 +104,7 @@ def test_hospitals_started_long_after_the_coordinator_join_round_1(lc):
     wait_for(log_has(lc, "coordinator", WAITING_LINE), "the ServerApp waiting for hospitals",
              alive=coordinator, log=lc.log("coordinator"))
     for k in range(2):
-        lc.hospitals = getattr(lc, "hospitals", {}) | {k: start_hospital(lc, k)}
+        lc.hospitals = getattr(lc, "hospitals", {}) | {k: lc.start_hospital(k)}
     _finish(lc, coordinator, "reference")
     assert _trained(lc, "reference") == {1: {"0", "1"}, 2: {"0", "1"}}
     for k in range(2):
@@ -180,7 +179,7 @@ def test_kill9_of_a_hospital_mid_round_then_restart(lc):
     checkpoint = lc.folder / "runs" / "hospital-killed" / CHECKPOINT_FILE
     wait_for(checkpoint.exists, "round 1's checkpoint", alive=coordinator,
              log=lc.log("coordinator"))
-    lc.hospitals[1] = start_hospital(lc, 1)
+    lc.hospitals[1] = lc.start_hospital(1)
     _finish(lc, coordinator, "hospital-killed")
     trained = _trained(lc, "hospital-killed")
     assert "0" in trained[1] and "0" in trained[2], trained

@@ -15,16 +15,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import wait_for
 
 from client.audit import read_audit_log
-from faults.harness import (
-    all_gone,
-    consortium,
-    kill9,
-    start_hospital,
-    tiny_study,
-    wait_for,
-)
+from faults.harness import all_gone, consortium, kill9, tiny_study
 from faults.test_run_faults import _adapter, _finish, _trained
 from faults.test_secagg_faults import STAGE_FIELD
 from server.checkpoint import CHECKPOINT_FILE
@@ -90,16 +84,24 @@ def _kill_at(lc: LoopbackConsortium, coordinator, server_round: int, kind: str) 
     lc.procs.pop("coordinator", None)
 
 
-def test_uninterrupted_reference_run(lc):
+@pytest.fixture(scope="module")
+def reference(lc) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """The uninterrupted run's final adapter (run ``reference``, once per module): what every
+    interrupted run of the same study must end with."""
     # The hospitals first: they retry until the coordinator serves (start-ups overlap).
-    lc.hospitals = {k: start_hospital(lc, k) for k in range(HOSPITALS)}
+    lc.hospitals = {k: lc.start_hospital(k) for k in range(HOSPITALS)}
     coordinator = lc.start_coordinator(lc.study_copy("reference"))
     _finish(lc, coordinator, "reference")
+    return _adapter(lc, "reference")
+
+
+def test_uninterrupted_reference_run(lc, reference):
     every = {str(k) for k in range(HOSPITALS)}
     assert _trained(lc, "reference") == {r: every for r in range(1, ROUNDS + 1)}
+    assert reference  # a published adapter
 
 
-def test_kill9_of_the_coordinator_in_secagg_and_in_evaluation_then_restart(lc):
+def test_kill9_of_the_coordinator_in_secagg_and_in_evaluation_then_restart(lc, reference):
     study = lc.study_copy("coordinator-killed")
     checkpoint = lc.folder / "runs" / "coordinator-killed" / CHECKPOINT_FILE
     # 1. In round 2's consistency check (SecAgg+ stage 4): round 1 is checkpointed.
@@ -116,7 +118,7 @@ def test_kill9_of_the_coordinator_in_secagg_and_in_evaluation_then_restart(lc):
     assert log.count(f"after round 1 of {ROUNDS}") == 2, log[-4000:]
     every = {str(k) for k in range(HOSPITALS)}
     assert _trained(lc, "coordinator-killed") == {r: every for r in range(1, ROUNDS + 1)}
-    reference, resumed = _adapter(lc, "reference"), _adapter(lc, "coordinator-killed")
+    resumed = _adapter(lc, "coordinator-killed")
     assert reference.keys() == resumed.keys()
     worst = max(float((reference[k] - resumed[k]).abs().max()) for k in reference)
     assert all(torch.equal(reference[k], resumed[k]) for k in reference), \

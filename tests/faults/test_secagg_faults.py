@@ -20,6 +20,7 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 import tomli_w
+from helpers import wait_for
 
 from client.audit import read_audit_log, verify_audit_log
 from client.site_folder import CONFIG_FILE as HOSPITAL_CONFIG
@@ -30,9 +31,7 @@ from faults.harness import (
     consortium_processes,
     descendants,
     kill9,
-    start_hospital,
     tiny_study,
-    wait_for,
 )
 from faults.test_run_faults import ADAPTER
 from privacy.ledger import Ledger
@@ -107,7 +106,7 @@ def _run(lc: LoopbackConsortium) -> None:
     # The hospitals first: they retry until the coordinator serves, so their start-up and the
     # coordinator's overlap (round 1 waits for all of them either way).
     for k in range(HOSPITALS):
-        start_hospital(lc, k)
+        lc.start_hospital(k)
     coordinator = lc.start_coordinator()
     victims: dict[int, int] = {}
     for server_round, stage in enumerate(STAGES, start=1):
@@ -124,7 +123,7 @@ def _run(lc: LoopbackConsortium) -> None:
         assert check.ok, check.reason
         sent = sorted(r for r, s in _stage_replies(lc, k) if s == "mask")
         assert _charged_rounds(lc, k) == sent, (name, sent)
-        start_hospital(lc, k)
+        lc.start_hospital(k)
 
     code = coordinator.wait(timeout=1800)
     log = lc.log("coordinator").read_text(errors="replace")
