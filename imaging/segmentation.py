@@ -171,7 +171,8 @@ def load_case(row: SegmentationRow, base: Path, roots: tuple[Path, ...],
     labels = np.asarray(mask.dataobj)
     values = np.unique(labels)
     if (extra := sorted(set(values.tolist()) - set(classes))):
-        raise RowError("label", f"{row.mask}: mask values {extra} are not among the declared "
+        shown = ", ".join(f"{float(v):g}" for v in extra)  # 7, not 7.0 from a float mask
+        raise RowError("label", f"{row.mask}: mask values {shown} are not among the declared "
                        f"classes {list(classes)}")
     return SegmentationCase(patient_id=row.patient_id, split=row.split,
                             image=normalise_intensity(voxels), mask=labels.astype(np.uint8),

@@ -14,6 +14,7 @@ def cmd_hospital_check(args: argparse.Namespace) -> int:
     from client.data.check import check_site
     from client.data.config import SiteDataConfig, from_node_config, load_site_data_config
     from client.data.config import site_data_config as with_settings
+    from client.data.segmentation_check import check_segmentation_site, is_segmentation_manifest
 
     if (args.dir is None) == (args.manifest is None):
         raise UsageError("give --dir SITE (its hospital.toml) or --manifest FILE")
@@ -33,7 +34,10 @@ def cmd_hospital_check(args: argparse.Namespace) -> int:
     if args.study is not None and args.dir is None:
         raise UsageError("--study needs --dir SITE (the policies and data the daemon uses)")
     report = args.report or (args.dir / CHECK_REPORT if args.dir is not None else None)
-    text, ready = check_site(args.manifest, config, args.image_size, report)
+    if is_segmentation_manifest(args.manifest):  # image + mask columns: NIfTI volumes
+        text, ready = check_segmentation_site(args.manifest, config, report)
+    else:
+        text, ready = check_site(args.manifest, config, args.image_size, report)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
     if args.study is not None:
         text, takes_part = study_check_text(args.dir, args.study)

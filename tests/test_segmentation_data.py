@@ -67,7 +67,7 @@ def test_each_bad_row_is_a_problem_naming_its_file(tmp_path):
     by_row = {p.row: p for p in problems}
     assert by_row[3].kind == "bad-values" and "small.nii.gz" in by_row[3].reason
     assert by_row[4].kind == "bad-values" and "affine" in by_row[4].reason
-    assert by_row[5].kind == "label" and "[3]" in by_row[5].reason
+    assert by_row[5].kind == "label" and "mask values 3 are" in by_row[5].reason
     assert by_row[6].kind == "missing" and "absent.nii.gz" in by_row[6].reason
     assert by_row[7].kind == "row" and "holdout" in by_row[7].reason
     assert by_row[8].kind == "outside"  # a real file, but outside the allowed folder
