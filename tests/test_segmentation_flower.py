@@ -111,6 +111,17 @@ def test_two_rounds_train_report_dice_and_publish_a_segmentation_card(run):
 
     loaded = load_published(root / "run" / "adapter", device="cpu")
     assert loaded.card.task == "segmentation"
+    # The report plots each hospital's validation Dice and HD95 per round from metrics.csv.
+    import pandas as pd
+
+    from simulations.report.figures import Figures
+    from simulations.report.page import run_figures
+    from simulations.report.runs import Run
+
+    figures = Figures()
+    run_metrics = Run(root / "run", {}, pd.read_csv(root / "run" / "metrics.csv"), {})
+    assert "hospital-dice" in run_figures(run_metrics, None, figures, "")
+    assert figures.items["hospital-dice"][2][:4] == b"\x89PNG"
 
 
 def test_every_reply_is_in_the_hospitals_audit_log(run):

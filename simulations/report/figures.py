@@ -76,27 +76,44 @@ def fig_test_curves(runs: list[Run], split: str = "test") -> Figure:
     return fig
 
 
-def fig_hospital_validation(run: Run) -> Figure:
-    """Each hospital's validation AUC and loss of the global model per round."""
-    fig, (ax_auc, ax_loss) = _figure(2, 5.0)
-    rows = run.hospitals.dropna(subset=["val_auc"])
+def _per_hospital(run: Run, panels: list[tuple[str, str, str]]) -> Figure:
+    """One panel per ``(column, title, ylabel)`` of ``metrics.csv``: each hospital's value of
+    the global model per round."""
+    fig, axes = _figure(len(panels), 5.0)
+    axes = list(axes) if len(panels) > 1 else [axes]
+    rows = run.hospitals.dropna(subset=[panels[0][0]])
     many = rows.hospital.nunique() > 10
     for hospital, group in sorted(rows.groupby("hospital"), key=lambda g: int(g[0])
-                                  if g[0].isdigit() else 0):
+                                  if str(g[0]).isdigit() else 0):
         kwargs = {"linewidth": 0.8, "alpha": 0.5} if many else {"marker": "o"}
-        ax_auc.plot(group["round"], group["val_auc"], label=f"hospital {hospital}", **kwargs)
-        ax_loss.plot(group["round"], group["val_loss"], label=f"hospital {hospital}", **kwargs)
-    ax_auc.set(title="Validation AUC at each hospital", xlabel="round",
-               ylabel="ROC AUC on the hospital's own held-out data")
-    ax_loss.set(title="Validation loss at each hospital", xlabel="round",
-                ylabel="cross-entropy (lower is better)")
-    for ax in (ax_auc, ax_loss):
+        for ax, (column, _, _) in zip(axes, panels, strict=True):
+            ax.plot(group["round"], group[column], label=f"hospital {hospital}", **kwargs)
+    for ax, (_, title, ylabel) in zip(axes, panels, strict=True):
+        ax.set(title=title, xlabel="round", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     if not many:
-        ax_auc.legend(fontsize=8)
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def fig_hospital_validation(run: Run) -> Figure:
+    """Each hospital's validation AUC and loss of the global model per round."""
+    return _per_hospital(run, [
+        ("val_auc", "Validation AUC at each hospital",
+         "ROC AUC on the hospital's own held-out data"),
+        ("val_loss", "Validation loss at each hospital", "cross-entropy (lower is better)")])
+
+
+def fig_hospital_dice(run: Run) -> Figure:
+    """Each hospital's validation Dice and HD95 (tight-box prompts) of the global adapter per
+    round (a segmentation run)."""
+    return _per_hospital(run, [
+        ("val_dice", "Validation Dice at each hospital",
+         "mean 3D Dice over the hospital's own validation cases"),
+        ("val_hd95", "Validation HD95 at each hospital",
+         "95% Hausdorff distance, mm (lower is better)")])
 
 
 def fig_baselines(run: Run, scores: TestScores | None) -> Figure:

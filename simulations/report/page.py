@@ -21,6 +21,7 @@ from simulations.report.figures import (
     fig_calibration,
     fig_confusion,
     fig_epsilon,
+    fig_hospital_dice,
     fig_hospital_validation,
     fig_roc,
     fig_test_curves,
@@ -334,7 +335,12 @@ def run_figures(run: Run, scores: TestScores | None, figures: Figures, prefix: s
         add("hospital-validation", "Validation metrics at each hospital",
             "the shared model scored on each hospital's own held-out images; hospitals whose "
             "lines sit apart have data the model serves less well.", fig_hospital_validation(run))
-    if "federated" in run.summary:
+    if "val_dice" in run.hospitals and run.hospitals["val_dice"].notna().any():
+        add("hospital-dice", "Validation Dice and HD95 at each hospital",
+            "the shared segmentation adapter scored by each hospital on its own validation "
+            "cases after each round (box prompts around the true structure); the run publishes "
+            "the round with the highest combined Dice.", fig_hospital_dice(run))
+    if "federated" in run.summary and "auc" in run.summary["federated"]:
         add("baselines", "Federated vs pooled vs local",
             "test scores of the same model trained three ways: federated, on all data pooled "
             "(usually not allowed, the upper reference), and by each hospital alone (dots: "
