@@ -32,7 +32,7 @@ from core.settings import SettingsError
 from imaging.guard import DicomReadError
 from imaging.rows import read_row, stack_images
 from imaging.settings import ReadSettings
-from inference.published import Published
+from inference.published import Published, adapter_summary
 from inference.studies import Study, StudySource
 from inference.validation import external_metrics
 
@@ -189,11 +189,7 @@ def write_reports(published: Published, source: StudySource, outcome: Outcome,
     summary, with the metrics under ``external_validation`` when there are any."""
     card = published.card
     summary: dict[str, Any] = {
-        "adapter": {"folder": str(published.folder), "study": card.study, "task": card.task,
-                    "classes": card.classes, "backbone": card.model.backbone,
-                    "weights_sha256": card.model.weights_sha256,
-                    "adapter_sha256": card.adapter_files.get("adapter_model.safetensors"),
-                    "published_round": card.published_round},
+        "adapter": adapter_summary(published),
         "input": source.description, "labelled": source.labelled,
         "studies": outcome.studies, "predicted": outcome.predicted,
         "failed": dict(outcome.failed), "predicted_per_class": dict(outcome.per_class),

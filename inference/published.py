@@ -17,6 +17,7 @@ import hashlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -245,3 +246,14 @@ def load_published(path: Path, device: str = "auto") -> Published:
 
 __all__ = ["CardError", "PinError", "Published", "adapter_folder", "load_published",
            "resolve_device"]
+
+
+def adapter_summary(published: Published) -> dict[str, Any]:
+    """What a prediction's ``summary.json`` says of the adapter it ran: its folder, study,
+    task, classes, base model and pins, and the round it was published from."""
+    card = published.card
+    return {"folder": str(published.folder), "study": card.study, "task": card.task,
+            "classes": card.classes, "backbone": card.model.backbone,
+            "weights_sha256": card.model.weights_sha256,
+            "adapter_sha256": card.adapter_files.get("adapter_model.safetensors"),
+            "published_round": card.published_round}

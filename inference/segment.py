@@ -37,7 +37,7 @@ from core.settings import SettingsError
 from imaging.guard import DicomReadError
 from inference.dicom_seg import PROMPT, SegWriteError, write_dicom_seg
 from inference.predict import PREDICTIONS_FILE, SUMMARY_FILE, Progress
-from inference.published import Published
+from inference.published import Published, adapter_summary
 from inference.seg_metrics import dice_and_hd95, mean_of
 from inference.seg_studies import SegSource, SegStudy
 from inference.seg_volumes import StudyVolume, read_study
@@ -196,11 +196,7 @@ def write_segmentation_summary(published: Published, source: SegSource, outcome:
     """Write ``summary.json``; returns it (with ``external_validation`` for a mask column)."""
     card = published.card
     summary: dict[str, Any] = {
-        "adapter": {"folder": str(published.folder), "study": card.study, "task": card.task,
-                    "classes": card.classes, "backbone": card.model.backbone,
-                    "weights_sha256": card.model.weights_sha256,
-                    "adapter_sha256": card.adapter_files.get("adapter_model.safetensors"),
-                    "published_round": card.published_round},
+        "adapter": adapter_summary(published),
         "input": source.description, "labelled": source.labelled, "prompt": PROMPT,
         "studies": outcome.studies, "segmented": outcome.segmented, "slices": outcome.slices,
         "failed": dict(outcome.failed), "device": str(published.device),
