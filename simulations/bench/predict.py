@@ -212,13 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure:
         print(json.dumps(measure(*args.measure, args.batch_size, args.device, args.threads)))
         return 0
-    if args.work:
-        args.work.mkdir(parents=True, exist_ok=True)
-        _print(run(args, args.work))
-        return 0
-    with tempfile.TemporaryDirectory(prefix="medfed-predict-bench-") as work:
-        _print(run(args, Path(work)))
-    return 0
+    return _in_work(args, run, _print, "medfed-predict-bench-")
 
 
 def _segmentation(args: argparse.Namespace) -> int:
@@ -226,12 +220,17 @@ def _segmentation(args: argparse.Namespace) -> int:
     from simulations.bench.predict_segmentation import print_figures
     from simulations.bench.predict_segmentation import run as run_segmentation
 
+    return _in_work(args, run_segmentation, print_figures, "medfed-predict-seg-bench-")
+
+
+def _in_work(args: argparse.Namespace, run_bench, print_lines, prefix: str) -> int:
+    """Run a bench in ``--work`` (kept) or a temporary folder, then print its lines."""
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)
-        print_figures(run_segmentation(args, args.work))
+        print_lines(run_bench(args, args.work))
         return 0
-    with tempfile.TemporaryDirectory(prefix="medfed-predict-seg-bench-") as work:
-        print_figures(run_segmentation(args, Path(work)))
+    with tempfile.TemporaryDirectory(prefix=prefix) as work:
+        print_lines(run_bench(args, Path(work)))
     return 0
 
 
