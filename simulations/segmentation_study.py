@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+import numpy as np
+import torch
 from peft import PeftModel
 
 from client.app import build_client_app
@@ -33,7 +35,7 @@ from client.segmentation import segmentation_scores
 from client.segmentation_site import SegmentationSite, mask_classes, slices_of
 from imaging.segmentation import foreground, load_cases
 from models.registry import backbone_spec
-from models.segmentation import embedding_cache, make_slice_set
+from models.segmentation import SliceSet, embedding_cache, make_slice_set, predict_masks
 from privacy.secagg.local_consortium import local_consortium
 from server.records import RunRecords
 from server.rounds import initial_model, run_study_rounds, run_summary
@@ -41,6 +43,7 @@ from server.study import resolve_study
 from simulations.bench.segmentation import case_counts, hippocampus_dir, split_cases
 from simulations.config import SimulationConfig, config_dict
 from simulations.inprocess import InProcessGrid
+from simulations.report.runs import OVERLAY_FILE
 from simulations.site_privacy import simulated_site_privacy
 
 logger = logging.getLogger(__name__)
@@ -122,9 +125,27 @@ def loopback_site(config: SimulationConfig, k: int, site: Path) -> dict[str, Any
             "site_data": {"allowed_roots": [str(data)]}}
 
 
+OVERLAY_CASES = 3
+
+
+def save_overlays(path: Path, model: PeftModel, test: SliceSet, images: list[torch.Tensor],
+                  index: list[int], cases: int = OVERLAY_CASES) -> None:
+    """For up to ``cases`` test cases, the middle chosen slice ``(H, W)``, its true mask and
+    ``model``'s tight-box prediction, as ``image_<k>``, ``truth_<k>``, ``predicted_<k>``."""
+    predicted = predict_masks(model, test, "tight")
+    arrays: dict[str, np.ndarray] = {}
+    for k, number in enumerate(sorted(set(index))[:cases]):
+        rows = [i for i, n in enumerate(index) if n == number]
+        i = rows[len(rows) // 2]
+        arrays |= {f"image_{k}": images[i].numpy(), f"truth_{k}": test.masks[i].numpy(),
+                   f"predicted_{k}": predicted[i].numpy()}
+    np.savez_compressed(path, **arrays)
+
+
 def score_test_cases(model: PeftModel, manifest: Path, config: SimulationConfig,
-                cache: Path) -> dict[str, float]:
-    """Mean 3D Dice and HD95 (both prompt modes) of ``model`` over the test cases."""
+                     cache: Path, overlays: Path | None = None) -> dict[str, float]:
+    """Mean 3D Dice and HD95 (both prompt modes) of ``model`` over the test cases;
+    ``overlays``: also save a few test slices with their masks there (:func:`save_overlays`)."""
     declared, structure = mask_classes(SITE_CLASSES.split(","), config.classes)
     cases, _ = load_cases(manifest, declared, (hippocampus_dir(),))
     cases = [c for c in cases if foreground(c.mask, structure).any()]
@@ -135,6 +156,8 @@ def score_test_cases(model: PeftModel, manifest: Path, config: SimulationConfig,
         (nib.affines.voxel_sizes(c.affine) for c in cases), gaps, strict=True)]
     site = SegmentationSite(train=test, val=test, train_patients=len(cases),
                             val_spacing=spacing)
+    if overlays is not None:
+        save_overlays(overlays, model, test, images, index)
     return segmentation_scores(model, site)
 
 
@@ -168,7 +191,8 @@ def run_segmentation_study(config: SimulationConfig) -> dict[str, Any]:
     cache = Path(next(iter(nodes.values()))["embedding-cache"])
     summary = {"dataset": DATASET, "task_type": "segmentation"} | run_summary(records, study,
                                                                             outcome)
-    summary["federated"] = score_test_cases(outcome.model, test_manifest, config, cache)
+    summary["federated"] = score_test_cases(outcome.model, test_manifest, config, cache,
+                                            Path(config.run_dir) / OVERLAY_FILE)
     pretrained = initial_model(study.model, study.train.seed)
     summary["pretrained"] = score_test_cases(pretrained, test_manifest, config, cache)
     summary["dice_per_hospital"] = _per_hospital(records)

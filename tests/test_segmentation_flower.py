@@ -307,3 +307,30 @@ def test_the_study_check_reads_a_segmentation_site_without_embedding_it(tmp_path
     refused = answers(DPConfig(), "background,amygdala")["classes"]
     assert "amygdala" in refused and "hippocampus" in refused
     assert not (tmp_path / "cache").exists()  # nothing was embedded
+
+
+def test_a_simulated_run_keeps_test_overlays_and_the_report_draws_them(tmp_path):
+    from simulations.report.figures import fig_overlays
+    from simulations.report.runs import OVERLAY_FILE
+    from simulations.scenarios import load_scenario
+    from simulations.segmentation_study import (
+        hospital_sites,
+        resolve_segmentation,
+        score_test_cases,
+    )
+
+    config = replace(load_scenario("hippocampus-segmentation"), run_dir=str(tmp_path / "run"))
+    config = resolve_segmentation(replace(
+        config, data=replace(config.data, max_test_examples=1),
+        segmentation=replace(config.segmentation, eval_slices_per_case=1)))
+    _, test = hospital_sites(config)
+    model = initial_model(config.study().model, 0)  # the pretrained network, LoRA at zero
+    overlays = tmp_path / "run" / OVERLAY_FILE
+    scores = score_test_cases(model, test, config, tmp_path / "cache", overlays)
+    assert 0.0 <= scores["dice"] <= 1.0
+    with np.load(overlays) as data:
+        assert sorted(data.files) == ["image_0", "predicted_0", "truth_0"]
+        assert data["image_0"].shape == data["truth_0"].shape == data["predicted_0"].shape
+        assert data["truth_0"].any()  # a slice that holds the structure
+    fig = fig_overlays(overlays)
+    assert len(fig.axes) == 1 and fig.axes[0].get_title() == "test case 1"

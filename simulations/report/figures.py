@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -232,5 +233,30 @@ def fig_bytes(runs: list[Run]) -> Figure:
     ax.grid(alpha=0.3)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def fig_overlays(overlays: Path) -> Figure:
+    """Test slices of a simulated segmentation run (``test-overlays.npz``): the image with the
+    true structure's outline (green) and the published adapter's prediction (red)."""
+    from scipy.ndimage import binary_erosion
+
+    def outline(mask: np.ndarray) -> np.ndarray:
+        mask = mask.astype(bool)
+        return mask & ~binary_erosion(mask)
+
+    with np.load(overlays) as data:
+        count = len([k for k in data.files if k.startswith("image_")])
+        fig, axes = _figure(count, 3.2)
+        axes = list(np.atleast_1d(axes))
+        for k, ax in enumerate(axes):
+            image, truth, predicted = (data[f"{name}_{k}"] for name in
+                                       ("image", "truth", "predicted"))
+            rgb = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=2)
+            rgb[outline(truth)] = (0.1, 0.9, 0.1)
+            rgb[outline(predicted)] = (0.95, 0.1, 0.1)
+            ax.imshow(rgb, interpolation="nearest")
+            ax.set(title=f"test case {k + 1}", xticks=[], yticks=[])
     fig.tight_layout()
     return fig

@@ -23,10 +23,17 @@ from simulations.report.figures import (
     fig_epsilon,
     fig_hospital_dice,
     fig_hospital_validation,
+    fig_overlays,
     fig_roc,
     fig_test_curves,
 )
-from simulations.report.runs import Run, is_simulation, load_run, run_class_names
+from simulations.report.runs import (
+    OVERLAY_FILE,
+    Run,
+    is_simulation,
+    load_run,
+    run_class_names,
+)
 from simulations.report.scoring import TestScores, score_final_model
 
 logger = logging.getLogger(__name__)
@@ -340,6 +347,11 @@ def run_figures(run: Run, scores: TestScores | None, figures: Figures, prefix: s
             "the shared segmentation adapter scored by each hospital on its own validation "
             "cases after each round (box prompts around the true structure); the run publishes "
             "the round with the highest combined Dice.", fig_hospital_dice(run))
+    if (run.path / OVERLAY_FILE).is_file():
+        add("overlays", "Test slices: true and predicted outlines",
+            "the middle chosen slice of a few held-out test cases (a simulation's; a deployed "
+            "coordinator holds no image): the true structure outlined in green, the published "
+            "adapter's prediction (box prompt) in red.", fig_overlays(run.path / OVERLAY_FILE))
     if "federated" in run.summary and "auc" in run.summary["federated"]:
         add("baselines", "Federated vs pooled vs local",
             "test scores of the same model trained three ways: federated, on all data pooled "

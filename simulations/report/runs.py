@@ -23,6 +23,11 @@ class ReportError(MedfedError, ValueError):
     """A run directory that cannot be reported on (missing or unreadable files)."""
 
 
+OVERLAY_FILE = "test-overlays.npz"
+"""In a simulated segmentation run's directory: a few test slices with their true and predicted
+masks, for the report's overlay figure (simulation only: a deployed coordinator holds no
+image)."""
+
 @dataclass
 class Run:
     """One run directory, read.
