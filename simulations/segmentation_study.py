@@ -44,6 +44,7 @@ from simulations.bench.segmentation import case_counts, hippocampus_dir, split_c
 from simulations.config import SimulationConfig, config_dict
 from simulations.inprocess import InProcessGrid
 from simulations.report.runs import OVERLAY_FILE
+from simulations.segmentation_baselines import segmentation_baselines
 from simulations.site_privacy import simulated_site_privacy
 
 logger = logging.getLogger(__name__)
@@ -195,6 +196,9 @@ def run_segmentation_study(config: SimulationConfig) -> dict[str, Any]:
                                             Path(config.run_dir) / OVERLAY_FILE)
     pretrained = initial_model(study.model, study.train.seed)
     summary["pretrained"] = score_test_cases(pretrained, test_manifest, config, cache)
+    summary |= segmentation_baselines(
+        study, nodes, lambda model: score_test_cases(model, test_manifest, config, cache),
+        list(config.baselines))
     summary["dice_per_hospital"] = _per_hospital(records)
     summary["cases_per_hospital"] = [sum(1 for line in Path(n["manifest"]).read_text()
                                          .splitlines() if line.endswith(",train"))
@@ -213,7 +217,13 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
 
     lines = [f"{summary['dataset']}: {summary['hospitals']} hospitals, {summary['rounds']} "
              f"rounds, published round {summary['published']['round']} (test cases)",
-             row("federated"), row("pretrained"), "validation Dice per hospital and round:"]
+             row("federated"), row("pretrained"),
+             *(row(name) for name in ("pooled", "local") if name in summary)]
+    if "best_hospital" in summary:
+        best = summary["best_hospital"]
+        lines.append(f"best hospital alone (#{best['hospital']}, chosen on all validation "
+                     f"cases): dice {best['dice']:.4f}  hd95 {best['hd95']:.2f} mm")
+    lines.append("validation Dice per hospital and round:")
     for hospital, values in summary["dice_per_hospital"].items():
         shown = ", ".join("-" if v is None or (isinstance(v, float) and math.isnan(v))
                           else f"{v:.3f}" for v in values)

@@ -15,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from client.app import build_client_app
@@ -23,7 +24,7 @@ from imaging.segmentation import load_cases
 from models.adapters import adapter_state, load_adapter_file
 from models.config import ModelConfig, SegmentationConfig, TrainConfig, to_config_record
 from models.registry import SEGMENTATION_BACKBONE, weights_sha256
-from models.segmentation import build_segmenter
+from models.segmentation import SliceSet, build_segmenter
 from server.config import FederationConfig
 from server.records import RunRecords
 from server.rounds import initial_model, run_federation
@@ -334,3 +335,39 @@ def test_a_simulated_run_keeps_test_overlays_and_the_report_draws_them(tmp_path)
         assert data["truth_0"].any()  # a slice that holds the structure
     fig = fig_overlays(overlays)
     assert len(fig.axes) == 1 and fig.axes[0].get_title() == "test case 1"
+
+
+def test_pooled_slices_keep_each_hospitals_cases_apart():
+    from simulations.segmentation_baselines import pool_slices
+
+    def slices(cases: list[int]) -> SliceSet:
+        n = len(cases)
+        return SliceSet(torch.zeros(n, 1), torch.zeros(n, 2), [torch.zeros(2, 2)] * n,
+                        torch.zeros(n, 4), torch.zeros(n, 4), torch.tensor(cases))
+
+    pooled = pool_slices([slices([0, 0, 1]), slices([0, 1, 1])])
+    assert pooled.cases.tolist() == [0, 0, 1, 2, 3, 3] and len(pooled) == 6
+
+
+@pytest.mark.slow  # a whole tiny scenario in process: federation, baselines, test scoring
+def test_the_scenario_runs_with_its_baselines_chosen_on_validation(tmp_path):
+    from simulations.report.runs import OVERLAY_FILE
+    from simulations.scenarios import load_scenario
+    from simulations.segmentation_study import run_segmentation_study
+
+    config = load_scenario("hippocampus-segmentation")
+    config = replace(config, run_dir=str(tmp_path / "run"),
+                     data=replace(config.data, num_hospitals=3, max_train_examples=3,
+                                  max_test_examples=1),
+                     segmentation=replace(config.segmentation, train_slices_per_case=1,
+                                          eval_slices_per_case=1),
+                     federation=replace(config.federation, rounds=2, min_hospitals=3))
+    summary = run_segmentation_study(config)
+    for name in ("federated", "pretrained", "pooled", "local"):
+        assert 0.0 <= summary[name]["dice"] <= 1.0 and summary[name]["hd95"] >= 0.0
+    assert len(summary["local_per_hospital"]) == 3
+    best = summary["best_hospital"]
+    assert best["dice"] == summary["local_per_hospital"][best["hospital"]]["dice"]
+    assert summary["local"]["dice"] == pytest.approx(
+        np.mean([s["dice"] for s in summary["local_per_hospital"]]))
+    assert (tmp_path / "run" / OVERLAY_FILE).is_file()
