@@ -173,6 +173,7 @@ def for_hospital(text: str, letter: str, index: int) -> str:
 
 _TIMESTAMP = re.compile(r"\[\d\d/\d\d/\d\d \d\d:\d\d:\d\d\]")
 _HEX = re.compile(r"\b(?=[0-9]*[a-f])[0-9a-f]{8,}\b")  # a hash (has a letter), not a number
+_PYTHON = re.compile(r"\bpython3(\.\d+)?\b")
 _NUMBER = re.compile(r"-?\d+(\.\d+)?(e-?\d+)?")
 
 
@@ -181,6 +182,7 @@ def normalise(line: str, roots: tuple[tuple[str, str], ...]) -> str:
     log timestamps, hashes and numbers as placeholders and runs of spaces as one."""
     for root, placeholder in roots:
         line = line.replace(root, placeholder)
+    line = _PYTHON.sub("python", line)  # python, python3 or python3.11: the same interpreter
     line = _NUMBER.sub("N", _HEX.sub("H", _TIMESTAMP.sub("", line)))
     return " ".join(line.split())
 
@@ -214,8 +216,7 @@ class Walk:
         self.runtime_ports = [str(free_port()) for _ in HOSPITALS]
         self.env = env
         # The guides' demo folder and virtual environment, and this walk's.
-        self.roots = ((str(root), "ROOT"), ("/tmp/guide", "ROOT"), (sys.executable, "PYTHON"),
-                      ("/work/main/.venv/bin/python", "PYTHON"),
+        self.roots = ((str(root), "ROOT"), ("/tmp/guide", "ROOT"),
                       (str(Path(sys.executable).parent), "BIN"), ("/work/main/.venv/bin", "BIN"))
 
     def localise(self, text: str, hospital: int = 0) -> str:
