@@ -18,13 +18,13 @@ study pointing outside becomes a refused study (kind ``outside``), not an error 
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from imaging.paths import OutsideRootError, confine, series_files
 from imaging.problems import ManifestError
 from imaging.volumes import is_nifti
+from inference.studies import visible_files
 
 IMAGE_COLUMN, MASK_COLUMN = "image", "mask"
 
@@ -87,10 +87,7 @@ def folder_segmentation_studies(folder: Path) -> SegSource:
         raise ManifestError(f"--input {folder}: not a folder of NIfTI files or DICOM series")
     root = folder.resolve()
     found: list[str] = []
-    for parent, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        visible = [f for f in files if not f.startswith(".")]
-        where = Path(parent).relative_to(root)
+    for where, visible in visible_files(root):
         found += [(where / f).as_posix() for f in visible if is_nifti(Path(f))]
         if any(not is_nifti(Path(f)) for f in visible):
             found.append(where.as_posix())  # a series folder: its other files are the slices

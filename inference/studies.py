@@ -65,6 +65,14 @@ class StudySource:
     description: str
 
 
+def visible_files(root: Path) -> Iterator[tuple[Path, list[str]]]:
+    """Each folder under ``root`` (relative to it, in path order) and its file names, hidden
+    files and folders skipped; links to folders are not followed (``os.walk``'s default)."""
+    for parent, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        yield Path(parent).relative_to(root), sorted(f for f in files if not f.startswith("."))
+
+
 def folder_studies(folder: Path) -> StudySource:
     """Every file under ``folder`` (recursively, hidden files and folders skipped, symbolic
     links to folders not followed), in path order; a link pointing outside is refused.
@@ -76,11 +84,7 @@ def folder_studies(folder: Path) -> StudySource:
     if not folder.is_dir():
         raise ManifestError(f"--input {folder}: not a folder of DICOM files")
     root = folder.resolve()
-    written = []
-    for parent, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        written += [(Path(parent) / f).relative_to(root).as_posix() for f in files
-                    if not f.startswith(".")]
+    written = [(where / f).as_posix() for where, files in visible_files(root) for f in files]
     studies = [_study(w, root, (root,), UNLABELLED, n)
                for n, w in enumerate(sorted(written), start=1)]
     if not studies:
